@@ -1,0 +1,39 @@
+"""Test settings shared by the whole suite.
+
+Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter, so
+TRITON_INTERPRET=1 is set here, before anything imports triton. With a GPU the same tests run on
+CUDA at real sizes as well (the ``real_size`` shapes).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastmlstm  # noqa: E402
+from fastmlstm.ops import common  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+# Backends that can run on this machine's test device ("reference" always; "triton" through the
+# interpreter on CPU; "cuda" once the extension builds).
+BACKENDS = fastmlstm.available_backends(DEVICE)
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _poison_buffers(monkeypatch):
+    """Every buffer a kernel must fill starts as NaN, so an unwritten element fails a test."""
+    monkeypatch.setattr(common, "POISON_BUFFERS", True)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
