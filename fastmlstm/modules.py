@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .backends import BACKENDS
-from .functional import multiplicative_lstm
+from .functional import SUPPORTED_DTYPES, multiplicative_lstm
 
 __all__ = ["FastMLSTM", "MLSTMWeights", "weight_norm"]
 
@@ -86,6 +86,8 @@ class FastMLSTM(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"unsupported dtype {dtype}; fastmlstm supports {[str(d) for d in SUPPORTED_DTYPES]}")
         factory = {"device": device, "dtype": dtype}
         self.input_size = input_size
         self.hidden_size = hidden_size

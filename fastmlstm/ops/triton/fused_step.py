@@ -61,17 +61,20 @@ def _cast(x, dtype: tl.constexpr, INTERPRET_BF16: tl.constexpr):
 
 
 @triton.jit
+def _tile(B, H, BB: tl.constexpr, BN: tl.constexpr):
+    """The rows and hidden units this program owns (grid: hidden blocks x batch blocks), with masks."""
+    o_b = tl.program_id(1) * BB + tl.arange(0, BB)
+    o_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    return o_b, o_n, o_b < B, o_n < H
+
+
+@triton.jit
 def fwd_m_kernel(
     p_h, p_w_hm, p_proj, p_m, p_act, B, H,
     SAVE: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_b = tl.program_id(1)
-    o_b = i_b * BB + tl.arange(0, BB)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_b = o_b < B
-    m_n = o_n < H
+    o_b, o_n, m_b, m_n = _tile(B, H, BB, BN)
 
     b_hm = tl.zeros([BB, BN], dtype=tl.float32)
     for k0 in range(0, H, BK):
@@ -98,12 +101,7 @@ def fwd_z_kernel(
     SAVE: tl.constexpr, HAS_LEN: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_b = tl.program_id(1)
-    o_b = i_b * BB + tl.arange(0, BB)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_b = o_b < B
-    m_n = o_n < H
+    o_b, o_n, m_b, m_n = _tile(B, H, BB, BN)
     # Offset between gate blocks of w_hh; the driver keeps 4 H^2 below 2^31.
     gate_stride = H * H
 
@@ -162,12 +160,7 @@ def bwd_h_kernel(
     HAS_REC is false at t = T-1 (nothing comes from the future); DO_CELL is false for the extra
     launch at t = -1 that only produces the gradient of h0 (left in p_dh).
     """
-    i_n = tl.program_id(0)
-    i_b = tl.program_id(1)
-    o_b = i_b * BB + tl.arange(0, BB)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_b = o_b < B
-    m_n = o_n < H
+    o_b, o_n, m_b, m_n = _tile(B, H, BB, BN)
     m_bn = m_b[:, None] & m_n[None, :]
     o_state = o_b[:, None] * H + o_n[None, :]
 
@@ -240,12 +233,7 @@ def bwd_m_kernel(
     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):
     """dm = dz_t Wh over K = 4H, then dxm = dm * hm (into dproj) and dhm = dm * xm."""
-    i_n = tl.program_id(0)
-    i_b = tl.program_id(1)
-    o_b = i_b * BB + tl.arange(0, BB)
-    o_n = i_n * BN + tl.arange(0, BN)
-    m_b = o_b < B
-    m_n = o_n < H
+    o_b, o_n, m_b, m_n = _tile(B, H, BB, BN)
 
     b_dm = tl.zeros([BB, BN], dtype=tl.float32)
     for k0 in range(0, 4 * H, BK):
