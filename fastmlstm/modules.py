@@ -27,6 +27,19 @@ class MLSTMWeights(NamedTuple):
     bias: Tensor | None  # [4H]
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast would run matmuls in on ``device_type``, or None when it is off.
+
+    Autocast does not reach inside the custom op, so layers cast their inputs and effective weights
+    to this dtype themselves.
+    """
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def cast_weights(weights: MLSTMWeights, dtype: torch.dtype) -> MLSTMWeights:
+    return MLSTMWeights(*(None if w is None else w.to(dtype) for w in weights))
+
+
 def weight_norm(direction: Tensor, gain: Tensor) -> Tensor:
     """``gain[r] * direction[r] / ||direction[r]||`` for every row r (norm over the input axis).
 
@@ -194,20 +207,13 @@ class FastMLSTM(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} features per step but input_size is {self.input_size}")
         initial_state = self._initial_state(hx, batched)
 
-        if torch.is_autocast_enabled(x.device.type):
-            # Autocast does not reach inside the op: cast inputs and weights to the autocast dtype here.
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = autocast_dtype(x.device.type)
+        if dtype is not None:
             x = x.to(dtype)
-            weights = MLSTMWeights(*(None if w is None else w.to(dtype) for w in weights))
-            with torch.autocast(x.device.type, enabled=False):
-                result = multiplicative_lstm(x, *weights, initial_state=initial_state, lengths=lengths,
-                                             batch_first=batch_first, return_cell_states=return_cell_states,
-                                             backend=self.backend)
-        else:
-            result = multiplicative_lstm(x, *weights, initial_state=initial_state, lengths=lengths,
-                                         batch_first=batch_first, return_cell_states=return_cell_states,
-                                         backend=self.backend)
-        output, (h_n, c_n), *cells = result
+            weights = cast_weights(weights, dtype)
+        output, (h_n, c_n), *cells = multiplicative_lstm(
+            x, *weights, initial_state=initial_state, lengths=lengths, batch_first=batch_first,
+            return_cell_states=return_cell_states, backend=self.backend)
 
         if packed:
             output = _repack(output, lengths, input)

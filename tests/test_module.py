@@ -136,6 +136,10 @@ def test_autocast_runs_in_the_autocast_dtype():
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out, (h, c) = rnn(x)
     assert out.dtype == torch.bfloat16 and c.dtype == torch.float32
+    # Same numbers as running in bf16 explicitly: autocast must not downcast the float32 math inside.
+    weights = [None if w is None else w.bfloat16() for w in rnn.effective_weights()]
+    out2, (h2, c2) = multiplicative_lstm(x.bfloat16(), *weights)
+    assert torch.equal(out, out2) and torch.equal(c[0], c2)
     out.float().sum().backward()
     assert rnn.weight_hm_v.grad.dtype == torch.float32
 

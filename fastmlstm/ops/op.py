@@ -26,14 +26,21 @@ def _backend(name: str):
         raise ValueError(f"unknown recurrence backend {name!r}") from None
 
 
+def _no_autocast(ref: Tensor):
+    """Backends choose their own precisions: float32 math on stored activations. Autocast, still on
+    while a custom op's implementation runs, would downcast their float32 products."""
+    return torch.autocast(ref.device.type, enabled=False)
+
+
 @torch.library.custom_op("fastmlstm::recurrence_forward", mutates_args=())
 def recurrence_forward(
     proj: Tensor, weight_hh: Tensor, weight_hm: Tensor, h0: Tensor, c0: Tensor, lengths: Optional[Tensor],
     backend: str, save_for_backward: bool, return_cell_states: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(output [T,B,H], c_n [B,H] fp32, cell_states [T,B,H] fp32 or [0], act [T,B,6H] or [0])."""
-    return _backend(backend).forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward,
-                                     return_cell_states)
+    with _no_autocast(proj):
+        return _backend(backend).forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward,
+                                         return_cell_states)
 
 
 @recurrence_forward.register_fake
@@ -55,8 +62,9 @@ def recurrence_backward(
     output: Tensor, cell_states: Tensor, act: Tensor, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_proj [T,B,5H], grad_weight_hh [4H,H], grad_weight_hm [H,H], grad_h0, grad_c0 [B,H] fp32)."""
-    return _backend(backend).backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0,
-                                      lengths, output, cell_states, act)
+    with _no_autocast(output):
+        return _backend(backend).backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0,
+                                          lengths, output, cell_states, act)
 
 
 @recurrence_backward.register_fake
