@@ -1,0 +1,224 @@
+"""Finds, builds and loads the C++/CUDA extension compiled from ``csrc/``.
+
+The extension registers two operators, ``torch.ops.fastmlstm_cuda.forward`` and ``.backward``
+(``TORCH_LIBRARY`` in ``csrc/mlstm.cpp``). It comes from one of two places, tried in order:
+
+1. an ahead-of-time build, ``fastmlstm/ops/cuda/_C.<python tag>.so``, made at install time with
+   ``FASTMLSTM_BUILD_CUDA=1 pip install --no-build-isolation .`` (see ``setup.py``); skipped when the
+   sources beside it are newer (an editable checkout that changed since);
+2. a build on first use with :func:`torch.utils.cpp_extension.load` (ninja), cached in
+   ``$TORCH_EXTENSIONS_DIR/fastmlstm_cuda/<python>-<torch>-<cuda>-<archs>/`` (default root
+   ``~/.cache/torch_extensions``). The architectures are those of the visible GPUs, or
+   ``TORCH_CUDA_ARCH_LIST`` when it is set; each combination gets its own directory, so switching
+   GPUs never loads a library built for another one.
+
+The sources are ``fastmlstm/ops/cuda/csrc/`` in an installed wheel (``setup.py`` copies them there)
+and ``csrc/`` at the top of the repository in an editable install or a checkout.
+
+A build that fails raises :class:`ExtensionUnavailable` with the compiler's error and how to fix
+it; :func:`status` turns that into ``(False, reason)`` so that ``backend="auto"`` falls back.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "AOT_ENV",
+    "LIBRARY",
+    "ExtensionUnavailable",
+    "build_directory",
+    "load_library",
+    "source_dir",
+    "sources",
+    "status",
+]
+
+logger = logging.getLogger("fastmlstm")
+
+# The TORCH_LIBRARY namespace of csrc/mlstm.cpp, and the name of the JIT-built library.
+LIBRARY = "fastmlstm_cuda"
+# The ahead-of-time build: fastmlstm/ops/cuda/_C<suffix> (setup.py builds it under this name).
+AOT_MODULE = "_C"
+AOT_ENV = "FASTMLSTM_BUILD_CUDA"
+SOURCE_SUFFIXES = (".cpp", ".cu")
+# Compiler flags on top of torch.utils.cpp_extension's own (C++ standard, -fPIC, the half/bfloat16
+# defines, -gencode per architecture). setup.py passes the same to the ahead-of-time build.
+EXTRA_CFLAGS = ["-O3"]
+EXTRA_CUDA_CFLAGS = ["-O3"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The extension cannot be loaded or built here; the message says why and what to do."""
+
+
+def source_dir() -> Path:
+    """The directory holding the extension's sources: the wheel's copy, else the checkout's csrc/."""
+    for candidate in (_PACKAGE_DIR / "csrc", _PACKAGE_DIR.parents[2] / "csrc"):
+        if (candidate / "mlstm.cpp").is_file():
+            return candidate
+    raise ExtensionUnavailable(
+        f"the extension's sources are not installed (looked in {_PACKAGE_DIR / 'csrc'} and "
+        f"{_PACKAGE_DIR.parents[2] / 'csrc'}); reinstall fastmlstm from a wheel or a checkout that has csrc/"
+    )
+
+
+def sources(directory: Path | None = None) -> list[Path]:
+    """Every translation unit of the extension (the .cpp and .cu files), sorted."""
+    directory = source_dir() if directory is None else directory
+    return sorted(p for p in directory.iterdir() if p.suffix in SOURCE_SUFFIXES)
+
+
+def _arch_tag() -> str:
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if archs and archs != "native":
+        return "arch-" + re.sub(r"[^0-9A-Za-z.+]+", "_", archs)
+    capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return "sm" + "_".join(f"{major}{minor}" for major, minor in capabilities)
+
+
+def build_directory() -> Path:
+    """Where the first-use build goes (one directory per Python, torch, CUDA and GPU architectures)."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    key = f"{python}-torch{torch.__version__}-cu{torch.version.cuda}-{_arch_tag()}"
+    return Path(root) / LIBRARY / re.sub(r"[^0-9A-Za-z.+_-]+", "_", key)
+
+
+def _newest_source_mtime(directory: Path) -> float:
+    files = [p for p in directory.iterdir() if p.suffix in SOURCE_SUFFIXES + (".h", ".cuh")]
+    return max(p.stat().st_mtime for p in files)
+
+
+def _is_stale(library: Path, src_dir: Path) -> bool:
+    return not library.is_file() or library.stat().st_mtime < _newest_source_mtime(src_dir)
+
+
+def _aot_library() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = _PACKAGE_DIR / f"{AOT_MODULE}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _preflight() -> None:
+    """Reasons the extension cannot work here at all, found without compiling anything."""
+    if torch.version.cuda is None:
+        raise ExtensionUnavailable(
+            f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build of PyTorch"
+        )
+    if not torch.cuda.is_available():
+        raise ExtensionUnavailable("no CUDA device is visible (torch.cuda.is_available() is False)")
+
+
+def _build_failure(error: BaseException, build_dir: Path) -> str:
+    """The reason shown for a failed build: the compiler's own error lines, then the fix."""
+    from torch.utils import cpp_extension
+
+    lines = [line.rstrip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"\berror\b|Error", line)]
+    excerpt = "\n".join((errors or lines)[:12]) or f"{type(error).__name__}"
+    return (
+        f"building the CUDA extension failed:\n{excerpt}\n"
+        f"Fix: use an nvcc whose CUDA version matches PyTorch's (torch.version.cuda = {torch.version.cuda}; "
+        f"nvcc found under CUDA_HOME = {cpp_extension.CUDA_HOME}), with a host compiler that nvcc supports "
+        "(set CC to choose one), ninja installed (pip install ninja), and TORCH_CUDA_ARCH_LIST either unset or "
+        f"naming your GPU (e.g. '9.0'); then delete {build_dir} and retry. Meanwhile backend='auto' uses the "
+        "other backends."
+    )
+
+
+def _jit_build() -> str:
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise ExtensionUnavailable("ninja is not installed; install it with `pip install ninja`")
+    if cpp_extension.CUDA_HOME is None:
+        raise ExtensionUnavailable(
+            f"nvcc was not found; install the CUDA toolkit {torch.version.cuda} and set CUDA_HOME to it"
+        )
+    src_dir = source_dir()
+    build_dir = build_directory()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{LIBRARY}.so"
+    if _is_stale(library, src_dir):
+        logger.warning("fastmlstm: compiling the CUDA extension from %s into %s (first use; takes a minute or two)",
+                       src_dir, build_dir)
+    try:
+        path = cpp_extension.load(
+            name=LIBRARY,
+            sources=[str(p) for p in sources(src_dir)],
+            extra_cflags=EXTRA_CFLAGS,
+            extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
+            extra_include_paths=[str(src_dir)],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:
+        reason = _build_failure(exc, build_dir)
+        logger.warning("fastmlstm: %s\nFull compiler output:\n%s", reason, exc)
+        raise ExtensionUnavailable(reason) from exc
+    return str(path)
+
+
+def _load() -> str:
+    _preflight()
+    aot = _aot_library()
+    if aot is not None:
+        try:
+            fresh = not _is_stale(aot, source_dir())
+        except ExtensionUnavailable:  # a wheel without sources: the prebuilt library is all there is
+            fresh = True
+        if fresh:
+            try:
+                torch.ops.load_library(str(aot))
+                return str(aot)
+            except Exception as exc:  # built against another torch, say
+                logger.warning("fastmlstm: the prebuilt CUDA extension %s does not load (%s); building it again",
+                               aot, exc)
+        else:
+            logger.warning("fastmlstm: the prebuilt CUDA extension %s is older than its sources; building it again",
+                           aot)
+    return _jit_build()
+
+
+@functools.lru_cache(maxsize=None)
+def _outcome() -> tuple[str | None, str]:
+    """(path, "") or (None, reason), computed once per process: a failed build is not retried."""
+    try:
+        return _load(), ""
+    except ExtensionUnavailable as exc:
+        return None, str(exc)
+    except Exception as exc:  # anything unexpected still must not break backend="auto"
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def load_library() -> str:
+    """Load the extension (building it on first use) and return the path of the loaded library.
+
+    Raises :class:`ExtensionUnavailable` with the reason and the fix.
+    """
+    path, reason = _outcome()
+    if path is None:
+        raise ExtensionUnavailable(reason)
+    return path
+
+
+def status() -> tuple[bool, str]:
+    """``(True, "")`` once the extension is loaded, else ``(False, reason)``."""
+    path, reason = _outcome()
+    return path is not None, reason
