@@ -6,6 +6,7 @@ CUDA at real sizes as well (the ``real_size`` shapes).
 """
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,9 @@ ON_GPU = DEVICE.type == "cuda"
 BACKENDS = fastmlstm.available_backends(DEVICE)
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REPO = Path(__file__).resolve().parent.parent
+# The shared corpora: FASTMLSTM_DATA, else ../shared/data beside this checkout (as in CI).
+DATA_DIR = Path(os.environ.get("FASTMLSTM_DATA", REPO.parent / "shared" / "data"))
 
 
 @pytest.fixture(autouse=True)
