@@ -1,0 +1,280 @@
+"""Fetch the evaluation sets from their canonical URLs into the data folder, with checksums.
+
+``download(name)`` downloads each of the dataset's files into ``<data>/downloads/`` (``<data>`` is
+``$FASTMLSTM_DATA`` or ``~/.cache/fastmlstm/data``), checks it, and extracts the members the loaders
+read into ``<data>/<folder>/`` in the layout :mod:`fastmlstm.datasets` expects. A dataset already
+in place is not fetched again (``force=True`` does).
+
+Checksums: where a published checksum exists it is pinned below (MD5s published with torchtext's
+dataset definitions for aclImdb_v1.tar.gz and the MSRP files). For the others the SHA-256 of the
+first download is recorded in ``<data>/downloads/SHA256SUMS`` and every later download of that
+file must match it (trust on first use); ``checksums=`` pins any file by hand. A mismatch deletes
+the download and raises :class:`ChecksumError`.
+
+``mirror=`` fetches every file from ``<mirror>/<filename>`` instead of its canonical URL (for a
+local copy, or where a canonical host has gone offline: the SemEval 2014 SICK host is old).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .datasets import DATASETS, data_dir
+
+__all__ = ["ChecksumError", "Remote", "SOURCES", "download", "fetch", "file_digest"]
+
+
+class ChecksumError(ValueError):
+    """A downloaded file does not match its expected checksum."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One file to fetch.
+
+    Attributes:
+        url: canonical http(s) URL.
+        filename: name in ``<data>/downloads/`` (and under a mirror).
+        members: for archives, ``(pattern, destination)`` pairs: every archive member whose path
+            matches the regular expression ``pattern`` is written to the dataset folder at
+            ``destination`` (a ``re.sub`` template, so groups can carry parts of the path). None
+            for a plain file, which is copied to ``destination_file``.
+        destination_file: where a plain file goes in the dataset folder.
+        checksum: ``"md5:<hex>"`` or ``"sha256:<hex>"``, or None (trust on first use).
+    """
+
+    url: str
+    filename: str
+    members: tuple[tuple[str, str], ...] | None = None
+    destination_file: str | None = None
+    checksum: str | None = None
+
+
+_SST = "https://raw.githubusercontent.com/openai/generating-reviews-discovering-sentiment/master/data/"
+_SENTEVAL = "https://dl.fbaipublicfiles.com/senteval/senteval_data/"
+_NB_ACL12 = _SENTEVAL + "datasmall_NB_ACL12.zip"  # Wang & Manning's MR/CR/SUBJ/MPQA, as SentEval fetches it
+_SICK = "http://alt.qcri.org/semeval2014/task1/data/uploads/"
+
+SOURCES: dict[str, tuple[Remote, ...]] = {
+    "sst2": tuple(Remote(_SST + f"{s}_binary_sent.csv", f"{s}_binary_sent.csv",
+                         destination_file=f"{s}_binary_sent.csv") for s in ("train", "dev", "test")),
+    "imdb": (Remote("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz", "aclImdb_v1.tar.gz",
+                    members=((r"^(?:.*/)?aclImdb/((?:train|test)/(?:pos|neg)/\d+_\d+\.txt)$", r"aclImdb/\1"),
+                             (r"^(?:.*/)?aclImdb/README$", "aclImdb/README")),
+                    checksum="md5:7c2ac02c03563afcf9b574c7e56c153a"),),
+    "mr": (Remote(_NB_ACL12, "datasmall_NB_ACL12.zip",
+                  members=((r"^(?:.*/)?rt-polarity\.(pos|neg)$", r"rt-polarity.\1"),)),),
+    "cr": (Remote(_NB_ACL12, "datasmall_NB_ACL12.zip",
+                  members=((r"^(?:.*/)?custrev\.(pos|neg)$", r"custrev.\1"),)),),
+    "subj": (Remote(_NB_ACL12, "datasmall_NB_ACL12.zip",
+                    members=((r"^(?:.*/)?subj\.(subjective|objective)$", r"subj.\1"),)),),
+    "mpqa": (Remote(_NB_ACL12, "datasmall_NB_ACL12.zip",
+                    members=((r"^(?:.*/)?mpqa\.(pos|neg)$", r"mpqa.\1"),)),),
+    "msrp": (Remote(_SENTEVAL + "msr_paraphrase_train.txt", "msr_paraphrase_train.txt",
+                    destination_file="msr_paraphrase_train.txt", checksum="md5:793daf7b6224281e75fe61c1f80afe35"),
+             Remote(_SENTEVAL + "msr_paraphrase_test.txt", "msr_paraphrase_test.txt",
+                    destination_file="msr_paraphrase_test.txt", checksum="md5:e437fdddb92535b820fe8852e2df8a49")),
+    "sick": tuple(Remote(_SICK + f"sick_{s}.zip", f"sick_{s}.zip",
+                         members=((rf"^(?:.*/)?SICK_{s}\.txt$", f"SICK_{s}.txt"),))
+                  for s in ("train", "trial", "test_annotated")),
+    "yelp": (Remote("https://s3.amazonaws.com/fast-ai-nlp/yelp_review_polarity_csv.tgz",
+                    "yelp_review_polarity_csv.tgz",
+                    members=((r"^(?:.*/)?yelp_review_polarity_csv/(train|test)\.csv$", r"\1.csv"),)),),
+}
+
+_MANIFEST = "SHA256SUMS"
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _parse_checksum(checksum: str) -> tuple[str, str]:
+    algorithm, _, value = checksum.partition(":")
+    if algorithm not in ("md5", "sha256") or not re.fullmatch(r"[0-9a-f]+", value or "x"):
+        raise ValueError(f"a checksum is 'md5:<hex>' or 'sha256:<hex>', got {checksum!r}")
+    return algorithm, value
+
+
+def _read_manifest(folder: Path) -> dict[str, str]:
+    path = folder / _MANIFEST
+    if not path.is_file():
+        return {}
+    entries = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if digest and name:
+            entries[name] = digest
+    return entries
+
+
+def _write_manifest(folder: Path, entries: dict[str, str]) -> None:
+    tmp = folder / f".{_MANIFEST}.tmp"
+    tmp.write_text("".join(f"{d}  {n}\n" for n, d in sorted(entries.items())))
+    os.replace(tmp, folder / _MANIFEST)
+
+
+def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = None, timeout: float = 60.0,
+          progress: bool = True) -> str:
+    """Download ``url`` to ``destination`` atomically and return the file's SHA-256.
+
+    The body streams into a temporary file beside ``destination``; it is checked against
+    ``checksum`` (``"md5:<hex>"`` / ``"sha256:<hex>"``) when given and renamed into place only if it
+    matches. Only http and https URLs are fetched.
+    """
+    if not re.match(r"^https?://", url):
+        raise ValueError(f"only http(s) URLs are fetched, got {url!r}")
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    algorithm, expected = _parse_checksum(checksum) if checksum else ("sha256", None)
+    digest, sha256 = hashlib.new(algorithm), hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "fastmlstm-download"})
+        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
+            total = response.headers.get("Content-Length")
+            with tqdm(total=int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
+                      desc=destination.name, disable=not progress, leave=False) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    digest.update(block)
+                    sha256.update(block)
+                    bar.update(len(block))
+        if expected is not None and digest.hexdigest() != expected:
+            raise ChecksumError(f"{url}: {algorithm} is {digest.hexdigest()}, expected {expected}; "
+                                "the download was deleted")
+        os.replace(tmp, destination)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return sha256.hexdigest()
+
+
+def _safe_target(folder: Path, relative: str) -> Path:
+    target = (folder / relative).resolve()
+    if folder.resolve() not in target.parents:
+        raise ValueError(f"archive member would be written outside {folder}: {relative!r}")
+    return target
+
+
+def _extract(archive: Path, members: tuple[tuple[str, str], ...], folder: Path) -> list[Path]:
+    patterns = [(re.compile(p), dest) for p, dest in members]
+    written = []
+
+    def place(name: str, read) -> None:
+        for pattern, dest in patterns:
+            if pattern.search(name):
+                target = _safe_target(folder, pattern.sub(dest, name))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.part")
+                with open(tmp, "wb") as out:
+                    shutil.copyfileobj(read(), out)
+                os.replace(tmp, target)
+                written.append(target)
+                return
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                if not info.is_dir():
+                    place(info.filename, lambda info=info: z.open(info))
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive, "r:*") as t:
+            for member in t:
+                if member.isfile():
+                    place(member.name, lambda member=member: t.extractfile(member))
+    else:
+        raise ValueError(f"{archive} is neither a zip nor a tar archive")
+    return written
+
+
+def download(
+    name: str,
+    *,
+    root: str | os.PathLike | None = None,
+    mirror: str | None = None,
+    force: bool = False,
+    checksums: dict[str, str] | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+) -> Path:
+    """Fetch dataset ``name`` (see :data:`SOURCES`) and lay it out for :func:`fastmlstm.datasets.load`.
+
+    Args:
+        name: ``sst2``, ``imdb``, ``mr``, ``cr``, ``subj``, ``mpqa``, ``msrp``, ``sick`` or ``yelp``.
+        root: the data folder (default ``$FASTMLSTM_DATA`` or ``~/.cache/fastmlstm/data``).
+        mirror: base URL to fetch ``<mirror>/<filename>`` from instead of the canonical URLs.
+        force: fetch again even if the dataset already loads.
+        checksums: ``{filename: "sha256:<hex>" | "md5:<hex>"}`` overriding the pinned/recorded ones.
+        progress: show download progress bars.
+        timeout: socket timeout in seconds.
+
+    Returns:
+        The dataset's folder, ``<root>/<folder>``.
+
+    Example::
+
+        >>> fastmlstm.download.download("sst2")                 # doctest: +SKIP
+        PosixPath('/home/me/.cache/fastmlstm/data/sst2')
+    """
+    if name not in SOURCES:
+        known = ", ".join(SOURCES)
+        raise ValueError(f"no download source for {name!r}; downloadable: {known}")
+    base = Path(root).expanduser() if root is not None else data_dir()
+    folder = base / DATASETS[name].folder
+    if not force:
+        try:
+            DATASETS[name].loader(folder)
+            return folder
+        except FileNotFoundError:
+            pass
+    cache = base / "downloads"
+    cache.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(cache)
+    for remote in SOURCES[name]:
+        archive = cache / remote.filename
+        pinned = (checksums or {}).get(remote.filename) or remote.checksum
+        recorded = manifest.get(remote.filename)
+        if force or not archive.is_file():
+            url = f"{mirror.rstrip('/')}/{remote.filename}" if mirror else remote.url
+            checksum = pinned or (f"sha256:{recorded}" if recorded else None)
+            sha = fetch(url, archive, checksum=checksum, timeout=timeout, progress=progress)
+        else:  # an earlier download: check it again before use
+            sha = file_digest(archive)
+            if pinned:
+                algorithm, expected = _parse_checksum(pinned)
+                got = sha if algorithm == "sha256" else file_digest(archive, algorithm)
+                if got != expected:
+                    raise ChecksumError(f"{archive}: {algorithm} is {got}, expected {expected}; delete it and retry")
+            elif recorded and sha != recorded:
+                raise ChecksumError(f"{archive}: sha256 is {sha}, but {recorded} was recorded when it was first "
+                                    f"downloaded ({cache / _MANIFEST}); delete it and retry")
+        manifest[remote.filename] = sha
+        _write_manifest(cache, manifest)
+        if remote.members is None:
+            shutil.copyfile(archive, _safe_target(folder, remote.destination_file or remote.filename))
+        elif not _extract(archive, remote.members, folder):
+            raise ValueError(f"{archive} holds none of the files {name} needs "
+                             f"({', '.join(p for p, _ in remote.members)})")
+    DATASETS[name].loader(folder)  # what was fetched must load
+    return folder

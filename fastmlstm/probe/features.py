@@ -1,0 +1,247 @@
+"""Featurization with the fused forward: the paper's text features and per-byte cell traces.
+
+Dimension letters: N texts, B batch rows, T bytes (time steps), H hidden units, U chosen units.
+
+The paper's feature of a text (``docs/MODEL.md``): HTML-unescape, replace newlines with spaces,
+strip, prepend ``"\\n "`` and append ``" "``, encode as UTF-8, run the model from a zero state and take
+the final cell state c_T, with tanh applied.
+
+:func:`featurize` sorts the texts by length (longest first) and runs them in batches through
+:meth:`ByteLM.hidden` with per-row ``lengths``, so rows of different lengths share one fused pass
+and each row's final state is its own. Long batches are cut into time chunks that carry the state
+from one call to the next; rows that have ended leave the batch (the sort makes the active rows a
+prefix), so no step is spent on padding beyond a chunk's tail.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..lm import pad_bytes
+
+__all__ = ["preprocess", "featurize", "cell_trace", "encode_texts"]
+
+START = "\n "  # the paper's start token ("\n") and a space
+END = " "
+
+# Show a progress bar by default once a job holds this many bytes.
+PROGRESS_MIN_BYTES = 1_000_000
+
+
+def preprocess(text: str | bytes) -> bytes:
+    """The paper's preprocessing of one text, returning the bytes the model reads.
+
+    ``html.unescape``, ``"\\n"`` -> ``" "``, strip surrounding whitespace, then ``"\\n " + text + " "``,
+    encoded as UTF-8. ``bytes`` input is read as UTF-8 with invalid sequences kept as the original
+    bytes (the model reads bytes, so nothing is lost or replaced); control characters pass through
+    as their bytes. An empty text becomes ``b"\\n  "`` (start token, space, end space).
+
+    Example::
+
+        >>> preprocess("Great&amp;cheap\\nphone ")
+        b'\\n Great&cheap phone '
+    """
+    if isinstance(text, (bytes, bytearray)):
+        s = bytes(text).decode("utf-8", errors="surrogateescape")
+    elif isinstance(text, str):
+        s = text
+    else:
+        raise TypeError(f"a text must be str or bytes, got {type(text).__name__}")
+    s = START + html.unescape(s).replace("\n", " ").strip() + END
+    try:
+        return s.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError as exc:
+        bad = s[exc.start]
+        raise ValueError(f"text holds a lone surrogate U+{ord(bad):04X} at character {exc.start - len(START)}, "
+                         "which has no UTF-8 encoding; pass the raw bytes instead of a str to keep "
+                         "undecodable input as bytes") from None
+
+
+def encode_texts(texts: Sequence[str | bytes], *, preprocess_texts: bool = True) -> list[bytes]:
+    """Check ``texts`` and turn each into the bytes the model reads (see :func:`preprocess`).
+
+    Without ``preprocess_texts`` a ``str`` is encoded as UTF-8 as it is and ``bytes`` pass unchanged.
+    """
+    if isinstance(texts, (str, bytes, bytearray)):
+        raise TypeError("texts must be a list of texts, not a single str or bytes; wrap it: [text]")
+    if isinstance(texts, np.ndarray):
+        texts = texts.tolist()
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"texts must be a sequence of str or bytes, got {type(texts).__name__}") from None
+    out = []
+    for i, t in enumerate(texts):
+        if not isinstance(t, (str, bytes, bytearray)):
+            raise TypeError(f"texts[{i}] is {type(t).__name__}; every text must be str or bytes")
+        try:
+            if preprocess_texts:
+                out.append(preprocess(t))
+            else:
+                out.append(bytes(t) if not isinstance(t, str) else t.encode("utf-8", errors="surrogateescape"))
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise ValueError(f"texts[{i}]: {exc}") from None
+    return out
+
+
+def _model_device(model) -> torch.device:
+    return model.readout.weight.device
+
+
+def _chunk_steps(model, rows: int, chunk_size: int | None) -> int:
+    """Time steps per call: bounded so the call's [T, B, 5H] projections and [T, B, H] outputs
+    stay within a memory budget (512 MB on CPU, 2 GB on a GPU)."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return chunk_size
+    device = _model_device(model)
+    budget = (2 << 30) if device.type == "cuda" else (512 << 20)
+    per_step = rows * 6 * model.hidden_size * model.readout.weight.element_size()
+    return int(min(4096, max(16, budget // max(per_step, 1))))
+
+
+def _run_sorted(model, seqs: list[bytes], weights, chunk: int, units: torch.Tensor | None = None):
+    """Final (h, c) [B, H] float32 of byte strings sorted longest first, and, with ``units``, the
+    cell states of those units at every step of the first row (used by :func:`cell_trace`)."""
+    device = _model_device(model)
+    B, H = len(seqs), model.hidden_size
+    lengths = [len(s) for s in seqs]
+    batch, _ = pad_bytes(seqs, device)
+    h = torch.zeros(B, H, dtype=torch.float32, device=device)
+    c = torch.zeros(B, H, dtype=torch.float32, device=device)
+    trace = []
+    T = lengths[0] if lengths else 0
+    for start in range(0, T, chunk):
+        active = sum(1 for n in lengths if n > start)  # a prefix: lengths are sorted longest first
+        steps = min(chunk, lengths[0] - start)
+        seg_lengths = [min(n - start, steps) for n in lengths[:active]]
+        segment = batch[:active, start : start + steps]
+        ragged = seg_lengths[-1] != steps
+        out, (h_a, c_a), *cells = model.hidden(
+            segment, (h[:active], c[:active]), lengths=seg_lengths if ragged else None,
+            return_cell_states=units is not None, weights=weights)
+        h[:active], c[:active] = h_a, c_a
+        if units is not None:
+            trace.append(cells[0][0, :, units])
+    return h, c, trace
+
+
+def _weights(model):
+    return model.rnn.effective_weights()
+
+
+def featurize(
+    model,
+    texts: Sequence[str | bytes],
+    *,
+    batch_size: int | None = None,
+    preprocess: bool = True,
+    activation: str | None = "tanh",
+    progress: bool | None = None,
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """The paper's features of each text: the final cell state after the text, tanh applied.
+
+    Args:
+        model: a :class:`~fastmlstm.ByteLM` (any device and dtype; runs where its parameters are).
+        texts: N texts, ``str`` or ``bytes`` (see :func:`preprocess` for invalid UTF-8, control
+            characters and empty texts; an empty list gives a [0, H] array).
+        batch_size: texts per fused pass (default 512 on a GPU, 128 on CPU).
+        preprocess: apply the paper's preprocessing (:func:`preprocess`); without it the bytes of
+            each text are read as they are (an empty text then gives the zero state).
+        activation: ``"tanh"`` (the paper's features, values in [-1, 1]) or ``None`` for the raw
+            final cell state (what the released ``encoder.py`` returns).
+        progress: show a tqdm bar with characters/s (default: when the job holds >= 1 MB of text).
+        chunk_size: time steps per call (default: sized to a memory budget).
+
+    Returns:
+        ``np.ndarray`` [N, H] float32, row i for ``texts[i]``, whatever the model's dtype.
+
+    Example::
+
+        >>> model = fastmlstm.ByteLM(hidden_size=64, embed_size=16)
+        >>> featurize(model, ["great phone", "awful", ""]).shape
+        (3, 64)
+    """
+    if activation not in ("tanh", None):
+        raise ValueError(f"activation must be 'tanh' or None, got {activation!r}")
+    seqs = encode_texts(texts, preprocess_texts=preprocess)
+    H = model.hidden_size
+    features = np.zeros((len(seqs), H), dtype=np.float32)
+    if not seqs:
+        return features
+    device = _model_device(model)
+    if batch_size is None:
+        batch_size = 512 if device.type == "cuda" else 128
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    total = sum(len(s) for s in seqs)
+    show = total >= PROGRESS_MIN_BYTES if progress is None else progress
+    with torch.no_grad(), tqdm(total=total, unit="char", unit_scale=True, disable=not show,
+                               desc="featurize", leave=False) as bar:
+        weights = _weights(model)
+        for first in range(0, len(order), batch_size):
+            idx = order[first : first + batch_size]
+            batch = [seqs[i] for i in idx]
+            if not batch[0]:  # only empty texts are left (possible without preprocessing)
+                break
+            _, c, _ = _run_sorted(model, batch, weights, _chunk_steps(model, len(batch), chunk_size))
+            if activation == "tanh":
+                c = torch.tanh(c)
+            features[idx] = c.cpu().numpy()
+            bar.update(sum(len(s) for s in batch))
+    return features
+
+
+def cell_trace(
+    model,
+    text: str | bytes,
+    units: int | Sequence[int] | None = None,
+    *,
+    preprocess: bool = True,
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """The cell state after every byte of one text, for visualization.
+
+    Args:
+        model: a :class:`~fastmlstm.ByteLM`.
+        text: one text (``str`` or ``bytes``).
+        units: a unit index, a list of them, or None for all H.
+        preprocess: apply the paper's preprocessing first, so row j is the state after byte j of
+            ``preprocess(text)`` and ``tanh(trace[-1])`` equals ``featurize(model, [text])[0]``.
+        chunk_size: time steps per call (default: sized to a memory budget).
+
+    Returns:
+        ``np.ndarray`` [len(bytes), U] float32 raw cell values (no tanh), U = H, ``len(units)``,
+        or 1 for a single int.
+
+    Example::
+
+        >>> model = fastmlstm.ByteLM(hidden_size=64, embed_size=16)
+        >>> cell_trace(model, "so good", units=[3, 5]).shape   # "\\n so good " is 10 bytes
+        (10, 2)
+    """
+    seq = encode_texts([text], preprocess_texts=preprocess)[0]
+    H = model.hidden_size
+    if units is None:
+        index = list(range(H))
+    elif isinstance(units, (int, np.integer)) and not isinstance(units, bool):
+        index = [int(units)]
+    else:
+        index = [int(u) for u in units]
+    if not index or min(index) < 0 or max(index) >= H:
+        raise ValueError(f"units must be indices in [0, {H}), got {units!r}")
+    if not seq:
+        return np.zeros((0, len(index)), dtype=np.float32)
+    device = _model_device(model)
+    with torch.no_grad():
+        unit_index = torch.tensor(index, dtype=torch.long, device=device)
+        _, _, trace = _run_sorted(model, [seq], _weights(model), _chunk_steps(model, 1, chunk_size), unit_index)
+    return torch.cat(trace).cpu().numpy().astype(np.float32, copy=False)

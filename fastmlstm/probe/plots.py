@@ -1,0 +1,221 @@
+"""Pictures: the sentiment unit's histogram by class (paper Fig. 3), the data-efficiency curve
+(Fig. 2), and a text coloured character by character by a unit's value (Fig. 4), as a
+self-contained HTML page and a PNG.
+
+matplotlib is imported inside the functions with the non-interactive Agg backend, so importing
+this module opens no window and needs no display.
+"""
+
+from __future__ import annotations
+
+import codecs
+import html
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .features import END, START, cell_trace, encode_texts
+from .linear import DataEfficiency
+
+__all__ = ["plot_unit_histogram", "plot_data_efficiency", "text_values", "text_html", "text_png", "visualize_text"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_unit_histogram(values, labels, path, *, unit: int | None = None, class_names: Sequence[str] | None = None,
+                        title: str | None = None, bins: int = 50) -> Path:
+    """Histogram of one unit's feature values, one colour per class (paper Fig. 3); writes a PNG.
+
+    Args:
+        values: [N] the unit's feature values (e.g. ``features[:, unit]``).
+        labels: [N] class labels.
+        path: where the PNG goes.
+        unit: the unit's index, for the title.
+        class_names: names of the sorted classes (default "negative", "positive" for two classes).
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    labels = np.asarray(labels).ravel()
+    if values.shape != labels.shape or values.size == 0:
+        raise ValueError(f"values and labels must be two non-empty [N] arrays of one length, "
+                         f"got {values.shape} and {labels.shape}")
+    classes = np.unique(labels)
+    if class_names is None:
+        class_names = ("negative", "positive") if len(classes) == 2 else [str(c) for c in classes]
+    if len(class_names) != len(classes):
+        raise ValueError(f"{len(class_names)} class names for {len(classes)} classes")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    edges = np.histogram_bin_edges(values, bins=bins)
+    for c, name, colour in zip(classes, class_names, ("tab:red", "tab:blue", "tab:green", "tab:orange")):
+        ax.hist(values[labels == c], bins=edges, alpha=0.55, color=colour, label=f"{name} ({np.sum(labels == c)})")
+    ax.set_xlabel("feature value" if unit is None else f"unit {unit} value")
+    ax.set_ylabel("count")
+    ax.set_title(title or ("sentiment unit by class" if unit is None else f"unit {unit} by class"))
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_data_efficiency(curve: DataEfficiency, path, *, title: str | None = None,
+                         reference: dict[str, float] | None = None) -> Path:
+    """Accuracy against labelled examples, median with the 10th-90th percentile band (paper Fig. 2).
+
+    ``reference``: optional ``{label: accuracy in percent}`` drawn as horizontal lines.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = curve.sizes
+    ax.fill_between(sizes, 100 * curve.p10, 100 * curve.p90, alpha=0.25, color="tab:blue", label="10th-90th percentile")
+    ax.plot(sizes, 100 * curve.median, "o-", color="tab:blue", label="median")
+    for name, value in (reference or {}).items():
+        ax.axhline(value, linestyle="--", linewidth=1, color="gray")
+        ax.annotate(name, (sizes[0], value), fontsize=8, va="bottom", color="gray")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training examples")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title or "data efficiency of the L1 linear probe")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def text_values(data: bytes, values: np.ndarray, *, skip_padding: bool = True) -> list[tuple[str, float]]:
+    """Pair each character of the UTF-8 bytes ``data`` with ``values[j]``, the value after the
+    character's last byte j. Invalid bytes become U+FFFD. With ``skip_padding`` the paper's start
+    token (``"\\n "``) and end space are left out when ``data`` has them."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if len(values) != len(data):
+        raise ValueError(f"{len(values)} values for {len(data)} bytes")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = []
+    for j in range(len(data)):
+        for ch in decoder.decode(data[j : j + 1]):
+            out.append((ch, float(values[j])))
+    for ch in decoder.decode(b"", final=True):  # a truncated sequence at the end
+        out.append((ch, float(values[-1])))
+    if skip_padding and data.startswith(START.encode()) and data.endswith(END.encode()):
+        out = out[len(START) : len(out) - len(END)]
+    return out
+
+
+def _colour(value: float, scale: float) -> tuple[float, float, float]:
+    """Diverging red (negative) - white - green (positive), value clipped to [-scale, scale]."""
+    t = float(np.clip(value / scale, -1.0, 1.0)) if scale > 0 else 0.0
+    if t >= 0:
+        return (1 - 0.75 * t, 1 - 0.25 * t, 1 - 0.75 * t)
+    t = -t
+    return (1 - 0.15 * t, 1 - 0.75 * t, 1 - 0.75 * t)
+
+
+def _visible(ch: str) -> str:
+    code = ord(ch)
+    if code < 32 and ch not in "\n\t":
+        return chr(0x2400 + code)  # the Control Pictures block: U+241A for 0x1A, etc.
+    if code == 127:
+        return "\u2421"
+    return ch
+
+
+def text_html(chars: Sequence[tuple[str, float]], path=None, *, unit: int | None = None, scale: float | None = None,
+              title: str | None = None) -> str:
+    """A self-contained HTML page colouring each character by its value (paper Fig. 4).
+
+    ``chars``: (character, value) pairs (:func:`text_values`). ``scale``: the value shown at full
+    colour (default the largest absolute value). Hovering a character shows its value. Returns the
+    page and writes it to ``path`` if given.
+    """
+    vals = np.array([v for _, v in chars], dtype=np.float64)
+    scale = float(np.max(np.abs(vals))) if scale is None and len(vals) else (scale or 1.0)
+    heading = title or ("cell value of unit %d" % unit if unit is not None else "cell value")
+    spans = []
+    for ch, v in chars:
+        r, g, b = (int(round(255 * x)) for x in _colour(v, scale))
+        text = "<br>" if ch == "\n" else html.escape(_visible(ch))
+        spans.append(f'<span style="background:rgb({r},{g},{b})" title="{v:+.4f}">{text}</span>')
+    page = (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(heading) + "</title>\n"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        ".text{font-family:monospace;font-size:15px;line-height:1.7;white-space:pre-wrap;word-wrap:break-word}"
+        ".legend span{padding:0 .6em;font-family:monospace}</style></head>\n<body>\n"
+        f"<h3>{html.escape(heading)}</h3>\n"
+        f'<p class="legend">scale: <span style="background:rgb(217,64,64)">{-scale:+.3f}</span>'
+        f'<span style="background:#fff">0</span><span style="background:rgb(64,191,64)">{scale:+.3f}</span></p>\n'
+        '<div class="text">' + "".join(spans) + "</div>\n</body></html>\n"
+    )
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    return page
+
+
+def text_png(chars: Sequence[tuple[str, float]], path, *, unit: int | None = None, scale: float | None = None,
+             width: int = 80, title: str | None = None) -> Path:
+    """The same colouring as :func:`text_html` drawn as a PNG, ``width`` characters per line."""
+    vals = np.array([v for _, v in chars], dtype=np.float64)
+    scale = float(np.max(np.abs(vals))) if scale is None and len(vals) else (scale or 1.0)
+    lines: list[list[tuple[str, float]]] = [[]]
+    for ch, v in chars:  # wrap at spaces where possible
+        if ch == "\n":
+            lines.append([])
+            continue
+        lines[-1].append((ch, v))
+        if len(lines[-1]) >= width:
+            row = lines[-1]
+            cut = max((i for i, (c, _) in enumerate(row) if c == " "), default=-1)
+            if 0 < cut < len(row) - 1:
+                lines[-1], rest = row[: cut + 1], row[cut + 1 :]
+                lines.append(rest)
+            else:
+                lines.append([])
+    plt = _pyplot()
+    cw, lh = 0.105, 0.24  # character width and line height in inches at fontsize 10
+    n_cols = max([len(line) for line in lines] + [1])
+    fig = plt.figure(figsize=(max(2.0, n_cols * cw + 0.4), len(lines) * lh + 0.7))
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_xlim(0, n_cols)
+    ax.set_ylim(len(lines) + 1.4, 0)
+    ax.axis("off")
+    ax.text(0, 0.6, title or ("cell value of unit %d (scale ±%.3f)" % (unit, scale) if unit is not None
+                              else "cell value (scale ±%.3f)" % scale), fontsize=9, va="center")
+    for row, line in enumerate(lines, start=1):
+        for col, (ch, v) in enumerate(line):
+            ax.add_patch(plt.Rectangle((col, row), 1, 1, color=_colour(v, scale), linewidth=0))
+            ax.text(col + 0.5, row + 0.55, _visible(ch), fontsize=10, family="monospace", ha="center", va="center")
+    return _save(fig, path)
+
+
+def visualize_text(model, text: str | bytes, unit: int, *, html_path=None, png_path=None,
+                   scale: float | None = None, width: int = 80) -> list[tuple[str, float]]:
+    """Run ``text`` through the model and colour it by ``unit``'s cell value (paper Fig. 4).
+
+    Writes the HTML page to ``html_path`` and/or the PNG to ``png_path``; returns the
+    (character, value) pairs.
+
+    Example::
+
+        >>> visualize_text(model, "Great product, awful box.", unit=2388,
+        ...                html_path="fig4.html", png_path="fig4.png")   # doctest: +SKIP
+    """
+    data = encode_texts([text])[0]
+    values = cell_trace(model, text, units=[unit])[:, 0]
+    chars = text_values(data, values)
+    if html_path is not None:
+        text_html(chars, html_path, unit=unit, scale=scale)
+    if png_path is not None:
+        text_png(chars, png_path, unit=unit, scale=scale, width=width)
+    return chars

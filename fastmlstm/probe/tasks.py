@@ -1,0 +1,307 @@
+"""The paper's evaluations, one protocol per task.
+
+============ ================================================================================
+protocol     tasks and what is measured
+============ ================================================================================
+splits       sst2, imdb, yelp: train on train, choose C on dev, accuracy on test
+cv10         mr, cr, subj, mpqa (and the Blitzer multidomain set): 10-fold stratified
+             cross-validation; in each fold C is chosen on a 10% holdout of the training folds
+pair         msrp: pair features [|u - v|, u * v] of the two sentences' features u, v;
+             accuracy and F1 (paraphrase = positive)
+relatedness  sick: the same pair features; a multinomial logistic regression on the score's
+             two nearest integers as soft targets (Tai et al. 2015), prediction = expected score;
+             Pearson r, Spearman rho, MSE
+============ ================================================================================
+
+Splits that are not distributed are replaced honestly, and the result says so
+(``evaluated_on``, ``c_selection``): without a test split the dev split becomes the evaluation
+split and C is chosen on a stratified 10% holdout of train; without either, 20% of train is held
+out for evaluation. The paper's numbers are in :data:`PAPER` for comparison.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import datasets
+from ..datasets import PairSplit, TextSplit
+from .features import featurize
+from .linear import (
+    C_GRID,
+    DataEfficiency,
+    LinearProbe,
+    check_features,
+    data_efficiency,
+    stratified_holdout,
+    train_probe,
+)
+
+__all__ = ["PAPER", "TASKS", "TaskResult", "evaluate", "pair_features", "fit_relatedness"]
+
+TASKS = ("sst2", "imdb", "yelp", "mr", "cr", "subj", "mpqa", "msrp", "sick", "multidomain")
+
+# The paper's results (MODEL.md), percent accuracy.
+PAPER = {
+    "sst2": {"accuracy": 91.8},
+    "mr": {"accuracy": 86.9},
+    "cr": {"accuracy": 91.4},
+    "subj": {"accuracy": 94.6},
+    "mpqa": {"accuracy": 88.5},
+    "imdb": {"accuracy": 92.88, "unit_accuracy": 92.30},
+    "yelp": {"accuracy": 95.22},
+}
+
+C_RELATEDNESS = tuple(float(c) for c in 2.0 ** np.arange(-6, 7, 2))
+
+
+@dataclass
+class TaskResult:
+    """``metrics``: the JSON-able results. The rest is kept for pictures: the probe trained on the
+    training split, and the features/labels of the training and evaluation splits."""
+
+    metrics: dict
+    probe: LinearProbe | None = None
+    train_features: np.ndarray | None = field(default=None, repr=False)
+    train_labels: np.ndarray | None = field(default=None, repr=False)
+    eval_features: np.ndarray | None = field(default=None, repr=False)
+    eval_labels: np.ndarray | None = field(default=None, repr=False)
+    curve: DataEfficiency | None = None
+
+
+def _featurizer(model, batch_size, progress):
+    if isinstance(model, torch.nn.Module):
+        return lambda texts: featurize(model, texts, batch_size=batch_size, progress=progress)
+    if callable(model):
+        return model
+    raise TypeError(f"model must be a ByteLM or a callable texts -> features [N, F], got {type(model).__name__}")
+
+
+def pair_features(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """[N, 2F] = [|u - v|, u * v] of two [N, F] feature matrices (the skip-thought pair features)."""
+    return np.concatenate([np.abs(u - v), u * v], axis=1).astype(np.float32, copy=False)
+
+
+def _pair_featurize(featurize_fn, split: PairSplit) -> np.ndarray:
+    unique = list(dict.fromkeys(split.first + split.second))  # SICK repeats sentences a lot
+    feats = np.asarray(featurize_fn(unique), dtype=np.float32)
+    row = {t: i for i, t in enumerate(unique)}
+    u = feats[[row[t] for t in split.first]]
+    v = feats[[row[t] for t in split.second]]
+    return pair_features(u, v)
+
+
+def _limit(split, limit: int | None, seed: int):
+    if limit is None or len(split) <= limit:
+        return split
+    if limit < 2:
+        raise ValueError(f"limit must be >= 2, got {limit}")
+    labels = split.labels
+    if labels.dtype.kind in "iub" and len(np.unique(labels)) > 1:
+        _, index = stratified_holdout(labels, limit / len(labels), seed)
+        index = index[:limit]
+    else:
+        index = np.sort(np.random.default_rng(seed).choice(len(split), size=limit, replace=False))
+    return split.subset(index)
+
+
+def _holdout(split, fraction: float, seed: int):
+    labels = split.labels
+    if labels.dtype.kind in "iub":
+        kept, held = stratified_holdout(labels, fraction, seed)
+    else:
+        perm = np.random.default_rng(seed).permutation(len(split))
+        k = max(1, int(round(fraction * len(split))))
+        held, kept = np.sort(perm[:k]), np.sort(perm[k:])
+    return split.subset(kept), split.subset(held)
+
+
+def _plan(splits: dict, seed: int):
+    """(train, selection split, evaluation split, notes) from whatever splits are present."""
+    train, dev, test = splits["train"], splits.get("dev"), splits.get("test")
+    notes = {}
+    if test is not None:
+        evaluation, notes["evaluated_on"] = test, "test"
+    elif dev is not None:
+        evaluation, dev, notes["evaluated_on"] = dev, None, "dev (no test split here)"
+    else:
+        train, evaluation = _holdout(train, 0.2, seed)
+        notes["evaluated_on"] = "20% of train held out (no dev or test split here)"
+    if dev is not None:
+        notes["c_selection"] = "dev"
+    else:
+        train, dev = _holdout(train, 0.1, seed + 1)
+        notes["c_selection"] = "10% of train held out"
+    return train, dev, evaluation, notes
+
+
+def _classification(featurize_fn, task, splits, *, Cs, seed, curve, curve_draws, curve_sizes) -> TaskResult:
+    train, dev, evaluation, notes = _plan(splits, seed)
+    if isinstance(train, PairSplit):
+        fx = lambda s: _pair_featurize(featurize_fn, s)  # noqa: E731
+    else:
+        fx = lambda s: np.asarray(featurize_fn(s.texts), dtype=np.float32)  # noqa: E731
+    tx, dx, ex = fx(train), fx(dev), fx(evaluation)
+    probe = train_probe(tx, train.labels, dx, dev.labels, Cs=Cs, seed=seed)
+    metrics = {"accuracy": 100 * probe.score(ex, evaluation.labels), "C": probe.C,
+               "features_used": probe.features_used}
+    if isinstance(train, PairSplit):
+        from sklearn.metrics import f1_score
+
+        metrics["f1"] = 100 * float(f1_score(evaluation.labels, probe.predict(ex), pos_label=probe.classes[1]))
+    else:
+        metrics.update({"sentiment_unit": probe.sentiment_unit, "unit_sign": probe.unit_sign,
+                        "unit_threshold": probe.unit_threshold,
+                        "unit_accuracy": None if probe.sentiment_unit is None
+                        else 100 * probe.unit_score(ex, evaluation.labels)})
+    metrics.update(notes)
+    metrics.update({"n_train": len(train), "n_dev": len(dev), "n_eval": len(evaluation)})
+    de = None
+    if curve:
+        de = data_efficiency(tx, train.labels, ex, evaluation.labels, dev_x=dx, dev_y=dev.labels,
+                             sizes=curve_sizes, draws=curve_draws, Cs=Cs, seed=seed)
+        metrics["data_efficiency"] = {k: (np.round(np.asarray(v) * 100, 3).tolist() if k in ("median", "p10", "p90")
+                                          else v) for k, v in de.to_dict().items()}
+    return TaskResult(metrics, probe, tx, train.labels, ex, evaluation.labels, de)
+
+
+def _cross_validation(featurize_fn, task, split: TextSplit, *, Cs, seed, folds: int = 10) -> TaskResult:
+    from sklearn.model_selection import StratifiedKFold
+
+    x = np.asarray(featurize_fn(split.texts), dtype=np.float32)
+    y = split.labels
+    check_features(x, y)
+    k = min(folds, int(np.min(np.unique(y, return_counts=True)[1])))
+    if k < 2:
+        raise ValueError(f"{task}: 10-fold cross-validation needs at least 2 examples of each class")
+    accs, unit_accs, chosen, used, units = [], [], [], [], []
+    for f, (fit_idx, test_idx) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y)):
+        kept, held = stratified_holdout(y[fit_idx], 0.1, seed + f)
+        probe = train_probe(x[fit_idx][kept], y[fit_idx][kept], x[fit_idx][held], y[fit_idx][held], Cs=Cs, seed=seed)
+        # refit on all training folds with the chosen C
+        probe = train_probe(x[fit_idx], y[fit_idx], Cs=[probe.C], seed=seed)
+        accs.append(probe.score(x[test_idx], y[test_idx]))
+        if probe.sentiment_unit is not None:
+            unit_accs.append(probe.unit_score(x[test_idx], y[test_idx]))
+        chosen.append(probe.C)
+        used.append(probe.features_used)
+        units.append(probe.sentiment_unit)
+    C = Counter(chosen).most_common(1)[0][0]
+    full = train_probe(x, y, Cs=[C], seed=seed)  # for the pictures and the reported unit
+    metrics = {
+        "accuracy": 100 * float(np.mean(accs)), "accuracy_std": 100 * float(np.std(accs)),
+        "C": C, "features_used": float(np.mean(used)),
+        "sentiment_unit": full.sentiment_unit, "unit_sign": full.unit_sign, "unit_threshold": full.unit_threshold,
+        "unit_accuracy": 100 * float(np.mean(unit_accs)) if unit_accs else None,
+        "unit_folds": len(unit_accs),
+        "fold_units": units, "evaluated_on": f"{k}-fold cross-validation",
+        "c_selection": "10% holdout of the training folds, per fold", "n_train": len(y),
+    }
+    return TaskResult(metrics, full, x, y, x, y)
+
+
+def fit_relatedness(x: np.ndarray, scores: np.ndarray, C: float, seed: int = 0):
+    """Fit the SICK relatedness model; returns ``predict(x) -> expected score``.
+
+    A score s in [1, 5] becomes the distribution with mass ``floor(s) + 1 - s`` on ``floor(s)`` and
+    ``s - floor(s)`` on ``floor(s) + 1``; a multinomial logistic regression is fit to those soft
+    targets through sample weights (cross-entropy with soft targets equals weighted cross-entropy
+    over both classes), and predicts the expected score.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    scores = np.asarray(scores, dtype=np.float64)
+    low = np.clip(np.floor(scores), 1, 4).astype(int)
+    w_high = scores - low
+    rows = np.concatenate([np.arange(len(scores)), np.arange(len(scores))])
+    targets = np.concatenate([low, low + 1])
+    weights = np.concatenate([1 - w_high, w_high])
+    keep = weights > 0
+    clf = LogisticRegression(C=C, max_iter=2000, random_state=seed)
+    clf.fit(x[rows[keep]], targets[keep], sample_weight=weights[keep])
+    classes = clf.classes_.astype(np.float64)
+    return lambda z: clf.predict_proba(z) @ classes
+
+
+def _relatedness(featurize_fn, task, splits, *, seed) -> TaskResult:
+    from scipy.stats import pearsonr, spearmanr
+
+    train, dev, evaluation, notes = _plan(splits, seed)
+    tx, dx, ex = (_pair_featurize(featurize_fn, s) for s in (train, dev, evaluation))
+    best = None
+    for C in C_RELATEDNESS:
+        r = pearsonr(fit_relatedness(tx, train.labels, C, seed)(dx), dev.labels)[0]
+        if best is None or r > best[0]:
+            best = (r, C)
+    C = best[1]
+    pred = fit_relatedness(tx, train.labels, C, seed)(ex)
+    y = evaluation.labels
+    metrics = {"pearson": float(pearsonr(pred, y)[0]), "spearman": float(spearmanr(pred, y)[0]),
+               "mse": float(np.mean((pred - y) ** 2)), "C": C, **notes,
+               "n_train": len(train), "n_dev": len(dev), "n_eval": len(evaluation)}
+    return TaskResult(metrics, None, tx, train.labels, ex, y)
+
+
+def evaluate(
+    model,
+    task: str,
+    *,
+    root=None,
+    splits: dict | None = None,
+    limit: int | None = None,
+    Cs=C_GRID,
+    seed: int = 0,
+    curve: bool = False,
+    curve_draws: int = 10,
+    curve_sizes=None,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+) -> TaskResult:
+    """Run one of the paper's evaluations.
+
+    Args:
+        model: a :class:`~fastmlstm.ByteLM` (features from :func:`featurize`) or any callable
+            ``texts -> [N, F]`` array.
+        task: one of :data:`TASKS`.
+        root: the dataset's folder (default ``$FASTMLSTM_DATA/<folder>``); or pass ``splits``, a
+            dict like a loader returns.
+        limit: use at most this many examples of each split (a stratified random subset), for a
+            quick run.
+        Cs: the C grid of the probe.
+        seed: for holdouts, folds, subsets and the solver.
+        curve: also compute the data-efficiency curve (``splits`` tasks), ``curve_draws`` random
+            draws per size in ``curve_sizes`` (default 10, 20, 50, ..., all).
+        batch_size, progress: passed to :func:`featurize`.
+
+    Returns:
+        :class:`TaskResult`; ``metrics`` holds ``task``, ``accuracy`` (percent; Pearson/Spearman/MSE
+        for SICK), ``C``, ``features_used``, ``sentiment_unit``, ``unit_accuracy``, how C was chosen
+        and what was evaluated on, and ``paper`` (the paper's number) where there is one.
+
+    Example::
+
+        >>> result = evaluate(fastmlstm.load_openai("model/"), "sst2")    # doctest: +SKIP
+        >>> result.metrics["accuracy"], result.metrics["sentiment_unit"]   # doctest: +SKIP
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    featurize_fn = _featurizer(model, batch_size, progress)
+    splits = datasets.load(task, root) if splits is None else dict(splits)
+    splits = {name: _limit(s, limit, seed) for name, s in splits.items()}
+    protocol = datasets.DATASETS[task].protocol
+    if protocol == "cv10":
+        result = _cross_validation(featurize_fn, task, splits["all"], Cs=Cs, seed=seed)
+    elif protocol == "relatedness":
+        result = _relatedness(featurize_fn, task, splits, seed=seed)
+    else:
+        result = _classification(featurize_fn, task, splits, Cs=Cs, seed=seed, curve=curve,
+                                 curve_draws=curve_draws, curve_sizes=curve_sizes)
+    result.metrics = {"task": task, "protocol": protocol, **result.metrics}
+    if limit is not None:
+        result.metrics["limit"] = limit
+    if task in PAPER:
+        result.metrics["paper"] = PAPER[task]
+    return result
