@@ -82,10 +82,12 @@ Tensor new_buffer(at::IntArrayRef shape, const at::TensorOptions& options, bool 
 // out (f32) = a @ b with float32 accumulation, for dtype operands.
 class Float32Gemm {
  public:
-  explicit Float32Gemm(at::ScalarType dtype)
-      // fp16 x fp16 -> fp32 is refused by ATen when fp16 accumulation is switched on
-      // (torch.backends.cuda.matmul.allow_fp16_accumulation); the operands are upcast then.
-      : upcast_(dtype == at::kHalf && at::globalContext().allowFP16AccumulationCuBLAS()),
+  Float32Gemm(at::ScalarType dtype, const at::Device& device)
+      // The operands are upcast where ATen has no 16-bit x 16-bit -> float32 GEMM: with fp16
+      // accumulation switched on (torch.backends.cuda.matmul.allow_fp16_accumulation) it refuses
+      // fp16 -> fp32, and on the CPU (the tests' host build) there is none.
+      : upcast_(dtype != at::kFloat &&
+                (!device.is_cuda() || (dtype == at::kHalf && at::globalContext().allowFP16AccumulationCuBLAS()))),
         same_dtype_(dtype == at::kFloat) {}
 
   // Weights are prepared once per call, not once per step.
@@ -112,7 +114,8 @@ struct Sizes {
 
 Sizes check_proj(const Tensor& proj) {
   TORCH_CHECK(proj.defined(), "fastmlstm cuda backend: proj is missing");
-  TORCH_CHECK(proj.is_cuda(), "fastmlstm cuda backend: proj must be a CUDA tensor, got one on ", proj.device(),
+  TORCH_CHECK(proj.device().type() == kernels::device_type(), "fastmlstm cuda backend: proj must be a ",
+              kernels::device_type(), " tensor, got one on ", proj.device(),
               " (the 'cuda' backend runs on CUDA tensors only; use backend='reference' on the CPU)");
   TORCH_CHECK(is_activation_dtype(proj.scalar_type()),
               "fastmlstm cuda backend: proj must be float32, float16 or bfloat16, got ", proj.scalar_type());
@@ -163,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Ten
   Tensor hm = at::empty({B, H}, f32);
   Tensor m = at::empty({B, H}, options);
   Tensor z = at::empty({B, kGates * H}, f32);
-  const Float32Gemm gemm(dtype);
+  const Float32Gemm gemm(dtype, device);
   const Tensor w_hm_t = gemm.prepare_weight(weight_hm).t();
   const Tensor w_hh_t = gemm.prepare_weight(weight_hh).t();
   const Tensor len = defined_lengths(lengths);
@@ -185,7 +188,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     const std::optional<Tensor>& grad_cell_states, const Tensor& weight_hh, const Tensor& weight_hm,
     const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths, const Tensor& output,
     const Tensor& cell_states, const Tensor& act, bool poison_buffers) {
-  TORCH_CHECK(output.defined() && output.is_cuda(), "fastmlstm cuda backend: output must be a CUDA tensor");
+  TORCH_CHECK(output.defined() && output.device().type() == kernels::device_type(),
+              "fastmlstm cuda backend: output must be a ", kernels::device_type(), " tensor");
   TORCH_CHECK(output.dim() == 3, "fastmlstm cuda backend: output must be 3-D [T, B, H], got shape ", output.sizes());
   TORCH_CHECK(is_activation_dtype(output.scalar_type()),
               "fastmlstm cuda backend: output must be float32, float16 or bfloat16, got ", output.scalar_type());
@@ -221,7 +225,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   const Tensor len = defined_lengths(lengths);
   Tensor rec = at::empty({B, H}, f32);
   Tensor dm = at::empty({B, H}, f32);
-  const Float32Gemm gemm(dtype);
+  const Float32Gemm gemm(dtype, device);
   const Tensor w_hm = gemm.prepare_weight(weight_hm);
   const Tensor w_hh = gemm.prepare_weight(weight_hh);
 
@@ -280,8 +284,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
 }  // namespace fastmlstm
 
 // The namespace is fixed (not TORCH_EXTENSION_NAME): the JIT build and the ahead-of-time build
-// register the same operators, and only one of them is ever loaded into a process.
-TORCH_LIBRARY(fastmlstm_cuda, m) {
+// register the same operators, and only one of them is ever loaded into a process. The tests' host
+// build defines another one, so that it can share a process with the real extension.
+#ifndef FASTMLSTM_OPS_NAMESPACE
+#define FASTMLSTM_OPS_NAMESPACE fastmlstm_cuda
+#endif
+// One more macro level, so that FASTMLSTM_OPS_NAMESPACE is expanded before torch pastes it.
+#define FASTMLSTM_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define FASTMLSTM_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+FASTMLSTM_LIBRARY(FASTMLSTM_OPS_NAMESPACE, m) {
   m.def(
       "forward(Tensor proj, Tensor weight_hh, Tensor weight_hm, Tensor h0, Tensor c0, Tensor? lengths, "
       "bool save_for_backward, bool return_cell_states, bool poison_buffers=False) "
@@ -294,7 +306,7 @@ TORCH_LIBRARY(fastmlstm_cuda, m) {
 
 // One kernel for every backend key, so that a CPU tensor reaches the checks above and gets their
 // message instead of the dispatcher's.
-TORCH_LIBRARY_IMPL(fastmlstm_cuda, CompositeExplicitAutograd, m) {
+FASTMLSTM_LIBRARY_IMPL(FASTMLSTM_OPS_NAMESPACE, CompositeExplicitAutograd, m) {
   m.impl("forward", &fastmlstm::forward);
   m.impl("backward", &fastmlstm::backward);
 }

@@ -13,14 +13,20 @@
 //
 // The driver (mlstm.cpp) runs the GEMMs with cuBLAS through ATen; every function here launches one
 // kernel on the current CUDA stream of the current device. An undefined at::Tensor means "absent".
+// The math of each kernel is in mlstm_pointwise.h.
 #pragma once
 
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
 
 namespace fastmlstm {
 namespace kernels {
+
+// The device type these kernels run on: CUDA (mlstm_kernels.cu). The tests link the same driver
+// against host loops over the same pointwise functions (tests/csrc_host/), which answer CPU.
+at::DeviceType device_type();
 
 // hm = h_{t-1} Wmh^T (f32, from the GEMM) -> m = xm * hm (dtype); with act_t, saves xm and hm.
 void forward_m(const at::Tensor& hm, const at::Tensor& proj_t, const at::Tensor& m, const at::Tensor& act_t);

@@ -1,14 +1,13 @@
-// Fused pointwise CUDA kernels of the multiplicative LSTM, forward and backward (see mlstm.h).
+// Fused pointwise CUDA kernels of the multiplicative LSTM, forward and backward (see mlstm.h), and
+// their launchers: grid-stride loops over the element functions of mlstm_pointwise.h.
 //
 // Legend: T time, B batch rows, H hidden units, G = 4 gates (i, f, o, u); idx = b * H + n runs over
 // one step's [B, H] elements, b the batch row and n the hidden unit. One thread owns one (b, n) and
-// all four gates of it, so every pointwise value of a unit is computed in registers, once.
-//
-// Numerics (the contract of fastmlstm/ops/common.py): loads widen to float32, all arithmetic is
-// float32, stores round to the activation dtype (round to nearest even); c, dh and dc stay float32.
-// The formulas and their evaluation order follow fastmlstm/ops/reference.py.
+// all four gates of it, so every pointwise value of a unit is computed in registers, once, and each
+// step's pointwise work is one launch after each of its two GEMMs.
 
 #include "mlstm.h"
+#include "mlstm_pointwise.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -38,35 +37,10 @@ constexpr int64_t kMaxBlocks = 65535;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; \
        idx < (n); idx += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
-// exp(-x) overflows to inf for very negative x, giving 1 / inf = 0: no NaN either way. The same
-// expression as torch.sigmoid's CUDA kernel; tanhf saturates cleanly to +-1.
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-
-template <typename scalar_t>
-__device__ __forceinline__ float widen(scalar_t x) {
-  return static_cast<float>(x);
-}
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t narrow(float x) {
-  return static_cast<scalar_t>(x);
-}
-
 template <typename scalar_t>
 __global__ void forward_m_kernel(const float* __restrict__ hm, const scalar_t* __restrict__ proj,
                                  scalar_t* __restrict__ m, scalar_t* __restrict__ act, int64_t B, int64_t H) {
-  FASTMLSTM_GRID_STRIDE_LOOP(idx, B * H) {
-    const int64_t b = idx / H;
-    const int64_t n = idx - b * H;
-    const scalar_t xm = proj[b * 5 * H + 4 * H + n];
-    const float hm_v = hm[idx];
-    m[idx] = narrow<scalar_t>(widen(xm) * hm_v);
-    if (act != nullptr) {
-      scalar_t* a = act + b * 6 * H + n;
-      a[4 * H] = xm;
-      a[5 * H] = narrow<scalar_t>(hm_v);
-    }
-  }
+  FASTMLSTM_GRID_STRIDE_LOOP(idx, B * H) { pointwise::forward_m(idx, H, hm, proj, m, act); }
 }
 
 template <typename scalar_t>
@@ -74,37 +48,7 @@ __global__ void forward_cell_kernel(const float* __restrict__ z, const scalar_t*
                                     scalar_t* __restrict__ h, float* __restrict__ c, scalar_t* __restrict__ out,
                                     float* __restrict__ cell, scalar_t* __restrict__ act,
                                     const int64_t* __restrict__ lengths, int64_t t, int64_t B, int64_t H) {
-  FASTMLSTM_GRID_STRIDE_LOOP(idx, B * H) {
-    const int64_t b = idx / H;
-    const int64_t n = idx - b * H;
-    const float* zb = z + b * 4 * H + n;
-    const scalar_t* x = proj + b * 5 * H + n;
-    const float i = sigmoid(zb[0] + widen(x[0]));
-    const float f = sigmoid(zb[H] + widen(x[H]));
-    const float o = sigmoid(zb[2 * H] + widen(x[2 * H]));
-    const float u = tanhf(zb[3 * H] + widen(x[3 * H]));
-    const float c_prev = c[idx];
-    float c_new = f * c_prev + i * u;
-    scalar_t h_new = narrow<scalar_t>(o * tanhf(c_new));
-    if (lengths != nullptr && t >= lengths[b]) {
-      // Past its length a row keeps its state: h and c are carried through unchanged.
-      c_new = c_prev;
-      h_new = h[idx];
-    }
-    c[idx] = c_new;
-    h[idx] = h_new;
-    out[idx] = h_new;
-    if (cell != nullptr) {
-      cell[idx] = c_new;
-    }
-    if (act != nullptr) {
-      scalar_t* a = act + b * 6 * H + n;
-      a[0] = narrow<scalar_t>(i);
-      a[H] = narrow<scalar_t>(f);
-      a[2 * H] = narrow<scalar_t>(o);
-      a[3 * H] = narrow<scalar_t>(u);
-    }
-  }
+  FASTMLSTM_GRID_STRIDE_LOOP(idx, B * H) { pointwise::forward_cell(idx, H, z, proj, h, c, out, cell, act, lengths, t); }
 }
 
 template <typename scalar_t>
@@ -114,86 +58,26 @@ __global__ void backward_cell_kernel(const float* __restrict__ rec, float* __res
                                      const float* __restrict__ c_prev, scalar_t* __restrict__ dproj,
                                      const int64_t* __restrict__ lengths, int64_t t, int64_t B, int64_t H) {
   FASTMLSTM_GRID_STRIDE_LOOP(idx, B * H) {
-    const int64_t b = idx / H;
-    const int64_t n = idx - b * H;
-    const bool has_len = lengths != nullptr;
-    const int64_t len = has_len ? lengths[b] : 0;
-    float dh_v = dh[idx];
-    if (rec != nullptr) {
-      // dh reaches h_t through hm_{t+1}; a row that was padding at t+1 passed h_t through
-      // unchanged, so the gradient that reached h_{t+1} passes straight back as well.
-      dh_v = (has_len && t + 1 >= len) ? rec[idx] + dh_v : rec[idx];
-    }
-    if (dout != nullptr) {
-      dh_v += widen(dout[idx]);
-    }
-    dh[idx] = dh_v;
-
-    float dc_v = dc[idx];
-    if (dcells != nullptr) {
-      dc_v += dcells[idx];
-    }
-    const scalar_t* a = act + b * 6 * H + n;
-    const float i = widen(a[0]);
-    const float f = widen(a[H]);
-    const float o = widen(a[2 * H]);
-    const float u = widen(a[3 * H]);
-    const float c_v = c[idx];
-    const float c_prev_v = c_prev[idx];
-    const float tanh_c = tanhf(c_v);
-    const bool active = !has_len || t < len;
-
-    float dzi = 0.0f, dzf = 0.0f, dzo = 0.0f, dzu = 0.0f;
-    if (active) {
-      dc_v += dh_v * o * (1.0f - tanh_c * tanh_c);
-      dzi = dc_v * u * i * (1.0f - i);
-      dzf = dc_v * c_prev_v * f * (1.0f - f);
-      dzo = dh_v * tanh_c * o * (1.0f - o);
-      dzu = dc_v * i * (1.0f - u * u);
-      dc[idx] = dc_v * f;
-    } else {
-      // A padded step is the identity on c: its gradient passes through, its gates get none.
-      dc[idx] = dc_v;
-    }
-    scalar_t* dz = dproj + b * 5 * H + n;
-    dz[0] = narrow<scalar_t>(dzi);
-    dz[H] = narrow<scalar_t>(dzf);
-    dz[2 * H] = narrow<scalar_t>(dzo);
-    dz[3 * H] = narrow<scalar_t>(dzu);
+    pointwise::backward_cell(idx, H, rec, dh, dc, dout, dcells, act, c, c_prev, dproj, lengths, t);
   }
 }
 
 template <typename scalar_t>
 __global__ void backward_m_kernel(const float* __restrict__ dm, const scalar_t* __restrict__ act,
                                   scalar_t* __restrict__ dproj, scalar_t* __restrict__ dhm, int64_t B, int64_t H) {
-  FASTMLSTM_GRID_STRIDE_LOOP(idx, B * H) {
-    const int64_t b = idx / H;
-    const int64_t n = idx - b * H;
-    const scalar_t* a = act + b * 6 * H + n;
-    const float dm_v = dm[idx];
-    dproj[b * 5 * H + 4 * H + n] = narrow<scalar_t>(dm_v * widen(a[5 * H]));
-    dhm[idx] = narrow<scalar_t>(dm_v * widen(a[4 * H]));
-  }
+  FASTMLSTM_GRID_STRIDE_LOOP(idx, B * H) { pointwise::backward_m(idx, H, dm, act, dproj, dhm); }
 }
 
 __global__ void carry_hidden_gradient_kernel(const float* __restrict__ rec, const float* __restrict__ dh,
                                              float* __restrict__ out, const int64_t* __restrict__ lengths,
                                              int64_t t_next, int64_t B, int64_t H) {
-  FASTMLSTM_GRID_STRIDE_LOOP(idx, B * H) {
-    const int64_t b = idx / H;
-    out[idx] = t_next >= lengths[b] ? rec[idx] + dh[idx] : rec[idx];
-  }
+  FASTMLSTM_GRID_STRIDE_LOOP(idx, B * H) { pointwise::carry_hidden_gradient(idx, H, rec, dh, out, lengths, t_next); }
 }
 
 template <typename scalar_t>
 __global__ void recompute_m_kernel(const scalar_t* __restrict__ act, scalar_t* __restrict__ m, int64_t rows,
                                    int64_t H) {
-  FASTMLSTM_GRID_STRIDE_LOOP(idx, rows * H) {
-    const int64_t r = idx / H;
-    const int64_t n = idx - r * H;
-    const scalar_t* a = act + r * 6 * H + n;
-    m[idx] = narrow<scalar_t>(widen(a[4 * H]) * widen(a[5 * H]));
-  }
+  FASTMLSTM_GRID_STRIDE_LOOP(idx, rows * H) { pointwise::recompute_m(idx, H, act, m); }
 }
 
 unsigned int blocks_for(int64_t elements) {
@@ -206,6 +90,8 @@ T* ptr_or_null(const at::Tensor& tensor) {
 }
 
 }  // namespace
+
+at::DeviceType device_type() { return at::kCUDA; }
 
 void forward_m(const at::Tensor& hm, const at::Tensor& proj_t, const at::Tensor& m, const at::Tensor& act_t) {
   const int64_t B = m.size(0), H = m.size(1);

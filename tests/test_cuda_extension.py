@@ -1,9 +1,11 @@
 """The CUDA extension built from csrc/ (the ``cuda`` backend).
 
 Without a GPU (CI): every translation unit of csrc/ compiles with nvcc against this PyTorch's
-headers (compile only), so a broken extension cannot land; a real failed build reports the
-compiler's error and the fix and leaves ``backend="auto"`` to fall back; the sources ship in the
-wheel. With a GPU as well: the extension builds and loads, checks its inputs, runs inside a CUDA
+headers (compile only), so a broken extension cannot land; the driver (csrc/mlstm.cpp) and the
+kernels' pointwise math (csrc/mlstm_pointwise.h) also run on CPU tensors, linked with host loops
+in place of the CUDA launches (tests/csrc_host/), and must match the float64 truth as closely as
+the reference does; a real failed build reports the compiler's error and the fix and leaves
+``backend="auto"`` to fall back; the sources ship in the wheel. With a GPU as well: the extension builds and loads, checks its inputs, runs inside a CUDA
 graph (so it uses the current stream and never synchronizes with the host), and matches the float64
 truth as closely as the reference does (and as the Triton backend does) on outputs, states and
 every gradient, in float32, float16 and bfloat16, at awkward shapes and at H = 4096. The parity
@@ -231,6 +233,103 @@ def test_wheel_ships_the_sources(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# The host build: the real driver and pointwise math on CPU tensors, no GPU needed.
+
+HOST_KERNELS = Path(__file__).resolve().parent / "csrc_host" / "mlstm_host_kernels.cpp"
+HOST_SHAPES = [(1, 1, 5), (6, 5, 19), (5, 9, 33), (0, 3, 8), (3, 37, 257)]
+
+
+@pytest.fixture(scope="module")
+def host_ops(tmp_path_factory):
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("ninja is not installed")
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler (c++) on PATH")
+    cpp_extension.load(
+        name="fastmlstm_host",
+        sources=[str(CSRC / "mlstm.cpp"), str(HOST_KERNELS)],
+        # Its own operator namespace, so that it can share a process with the real extension.
+        extra_cflags=[*build.EXTRA_CFLAGS, "-DFASTMLSTM_OPS_NAMESPACE=fastmlstm_host"],
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(tmp_path_factory.mktemp("host_build")),
+        is_python_module=False,
+    )
+    return torch.ops.fastmlstm_host
+
+
+@pytest.fixture
+def host_backend(host_ops, monkeypatch):
+    """The ``cuda`` backend module (its Python layer included) running on the host build."""
+    from fastmlstm.ops.cuda import recurrence
+
+    monkeypatch.setattr(recurrence, "_ops", lambda: host_ops)
+    return fastmlstm.ops.cuda
+
+
+GRADIENT_SUBSETS = {"all": (0, 1, 2), "output": (0,), "c_n": (1,), "cells": (2,), "none": ()}
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
+@pytest.mark.parametrize("shape", HOST_SHAPES, ids=lambda s: "T{}-B{}-H{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_host_build_matches_the_float64_truth_like_reference(host_backend, dtype, shape, ragged):
+    proj, w_hh, w_hm, h0, c0, lengths, grads = _inputs(*shape, dtype, ragged=ragged, device="cpu")
+    failures = []
+    for subset, keep in GRADIENT_SUBSETS.items():
+        some = tuple(g if k in keep else None for k, g in enumerate(grads))
+        inputs = (proj, w_hh, w_hm, h0, c0, lengths, some)
+        truth = _truth_f64(*inputs)
+        ref, got = _run_backend("reference", *inputs), _run_backend("cuda", *inputs)
+        for key, expected in truth.items():
+            err_ref, err = rel_err(ref[key], expected), rel_err(got[key], expected)
+            if err > FACTOR * err_ref + ABS[dtype]:
+                failures.append(f"gradients {subset}, {key}: error {err:.2e} > {FACTOR} x reference {err_ref:.2e}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_host_build_save_modes_and_chunks_agree_bit_for_bit(host_backend, dtype):
+    """Inference (nothing saved), cell states only and training compute the same values; carrying
+    (h_n, c_n) from one call into the next reproduces one long call exactly."""
+    T, B, H = 7, 3, 12
+    proj, w_hh, w_hm, h0, c0, lengths, _ = _inputs(T, B, H, dtype, ragged=True, device="cpu")
+    runs = {(s, r): host_backend.forward(proj, w_hh, w_hm, h0, c0, lengths, s, r)
+            for s in (False, True) for r in (False, True)}
+    output, c_n, cells, act = runs[True, True]
+    assert act.shape == (T, B, 6 * H) and cells.shape == (T, B, H)
+    for (save, cells_too), (o, c, cs, a) in runs.items():
+        assert torch.equal(o, output) and torch.equal(c, c_n)
+        assert torch.equal(cs, cells) if save or cells_too else cs.numel() == 0
+        assert a.numel() == (T * B * 6 * H if save else 0)
+    pieces, h, c = [], h0, c0
+    for start, stop in ((0, 3), (3, 4), (4, 7)):
+        piece, c, _, _ = host_backend.forward(proj[start:stop], w_hh, w_hm, h, c, None, False, False)
+        pieces.append(piece)
+        h = piece[-1].float()
+    whole, c_whole, _, _ = host_backend.forward(proj, w_hh, w_hm, h0, c0, None, False, False)
+    assert torch.equal(torch.cat(pieces), whole) and torch.equal(c, c_whole)
+
+
+def test_host_build_checks_its_inputs(host_ops):
+    _check_input_messages(host_ops, "cpu")
+
+
+def test_host_build_passes_opcheck(host_backend):
+    """The custom op on the cuda backend: schema (no aliasing, no mutation), fake impl, autograd."""
+    T, B, H = 3, 2, 5
+    args = (
+        torch.randn(T, B, 5 * H, requires_grad=True),
+        torch.randn(4 * H, H, requires_grad=True) / H,
+        torch.randn(H, H, requires_grad=True) / H,
+        torch.randn(B, H, requires_grad=True),
+        torch.randn(B, H, requires_grad=True),
+        torch.tensor([3, 1]),
+        "cuda", True, True,
+    )
+    torch.library.opcheck(op.recurrence_forward, args)
+
+
+# ---------------------------------------------------------------------------------------------
 # On a GPU: build, checks, stream discipline, parity.
 
 
@@ -291,8 +390,11 @@ def _truth_f64(proj, w_hh, w_hm, h0, c0, lengths, grads):
         cells.append(c)
     out = torch.stack(outs) if T else proj.new_zeros(0, B, H)
     cells = torch.stack(cells) if T else proj.new_zeros(0, B, H)
-    g_out, g_cn, g_cells = (g.double() for g in grads)
-    loss = (out * g_out).sum() + (c * g_cn).sum() + (cells * g_cells).sum()
+    # proj.sum() * 0 keeps the loss differentiable when no gradient reaches anything (or T = 0).
+    loss = proj.sum() * 0.0
+    for value, g in zip((out, c, cells), grads):
+        if g is not None:
+            loss = loss + (value * g.double()).sum()
     d = torch.autograd.grad(loss, leaves, allow_unused=True)
     d = [torch.zeros_like(x) if dx is None else dx for x, dx in zip(leaves, d)]
     return dict(output=out, c_n=c, cell_states=cells, grad_proj=d[0], grad_weight_hh=d[1], grad_weight_hm=d[2],
@@ -350,37 +452,48 @@ def test_outputs_have_the_contract_shapes_and_dtypes(extension):
     assert torch.count_nonzero(grad_proj) == 0 and torch.count_nonzero(g_c0) == 0  # nothing reached it
 
 
-@needs_gpu
-def test_inputs_are_checked_with_clear_messages(extension):
+def _check_input_messages(ops, device):
+    """Every malformed input of the operators is refused with a message that names it."""
     T, B, H = 2, 3, 4
-    proj, w_hh, w_hm, h0, c0, _, _ = _inputs(T, B, H, torch.float32)
+    proj, w_hh, w_hm, h0, c0, _, _ = _inputs(T, B, H, torch.float32, device=device)
     ok = dict(proj=proj, weight_hh=w_hh, weight_hm=w_hm, h0=h0, c0=c0, lengths=None)
 
     def call(**changes):
         args = {**ok, **changes}
-        return extension.forward(args["proj"], args["weight_hh"], args["weight_hm"], args["h0"], args["c0"],
-                                 args["lengths"], True, False)
+        return ops.forward(args["proj"], args["weight_hh"], args["weight_hm"], args["h0"], args["c0"],
+                           args["lengths"], True, False)
 
     cases = [
-        (dict(proj=proj.cpu()), r"proj must be a CUDA tensor"),
         (dict(proj=proj.double()), r"proj must be float32, float16 or bfloat16"),
         (dict(proj=proj[..., :-1]), r"5 \* hidden_size"),
         (dict(proj=proj.transpose(0, 1).contiguous().transpose(0, 1)), r"proj must be contiguous"),
-        (dict(weight_hh=w_hh.half()), r"weight_hh must have dtype"),
-        (dict(weight_hh=w_hh[:-1]), r"weight_hh must have shape"),
+        (dict(weight_hh=w_hh.half()), r"weight_hh must have dtype Float"),
+        (dict(weight_hh=w_hh[:-1]), r"weight_hh must have shape \[16, 4\], got \[15, 4\]"),
         (dict(weight_hm=w_hm.t()), r"weight_hm must be contiguous"),
-        (dict(weight_hm=w_hm.cpu()), r"weight_hm is on cpu"),
         (dict(h0=h0.half()), r"h0 must have dtype Float"),
         (dict(c0=c0[:1]), r"c0 must have shape"),
-        (dict(lengths=torch.tensor([1, 2, 2], dtype=torch.int32, device="cuda")), r"lengths must have dtype Long"),
-        (dict(lengths=torch.tensor([1, 2, 2])), r"lengths is on cpu"),
+        (dict(lengths=torch.tensor([1, 2, 2], dtype=torch.int32, device=device)), r"lengths must have dtype Long"),
+        (dict(lengths=torch.tensor([1, 2], device=device)), r"lengths must have shape \[3\]"),
     ]
+    if torch.device(device).type == "cuda":
+        cases += [
+            (dict(proj=proj.cpu()), r"proj must be a cuda tensor, got one on cpu"),
+            (dict(weight_hm=w_hm.cpu()), r"weight_hm is on cpu"),
+            (dict(lengths=torch.tensor([1, 2, 2])), r"lengths is on cpu"),
+        ]
     for changes, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call(**changes)
     output, _, cells, act = call()
     with pytest.raises(RuntimeError, match=r"saved by forward\(save_for_backward=True\)"):
-        extension.backward(None, None, None, w_hh, w_hm, h0, c0, None, output, cells, act.new_empty(0))
+        ops.backward(None, None, None, w_hh, w_hm, h0, c0, None, output, cells, act.new_empty(0))
+    with pytest.raises(RuntimeError, match=r"grad_output must have shape"):
+        ops.backward(output[:1], None, None, w_hh, w_hm, h0, c0, None, output, cells, act)
+
+
+@needs_gpu
+def test_inputs_are_checked_with_clear_messages(extension):
+    _check_input_messages(extension, "cuda")
 
 
 @needs_gpu
