@@ -129,8 +129,11 @@ def _build_failure(error: BaseException, build_dir: Path) -> str:
     from torch.utils import cpp_extension
 
     lines = [line.rstrip() for line in str(error).splitlines() if line.strip()]
-    errors = [line for line in lines if re.search(r"\berror\b|Error", line)]
-    excerpt = "\n".join((errors or lines)[:12]) or f"{type(error).__name__}"
+    # The diagnostics ("file:line: error: ..."), not ninja's echo of every command line.
+    errors = [line for line in lines if re.search(r"\berror\b", line, re.IGNORECASE)
+              and not line.startswith("Error building extension") and not line.lstrip().startswith("/usr")
+              and " -c " not in line]
+    excerpt = "\n".join((errors or lines[-12:])[:12]) or type(error).__name__
     return (
         f"building the CUDA extension failed:\n{excerpt}\n"
         f"Fix: use an nvcc whose CUDA version matches PyTorch's (torch.version.cuda = {torch.version.cuda}; "
