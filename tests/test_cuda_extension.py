@@ -5,10 +5,11 @@ headers (compile only), so a broken extension cannot land; the driver (csrc/mlst
 kernels' pointwise math (csrc/mlstm_pointwise.h) also run on CPU tensors, linked with host loops
 in place of the CUDA launches (tests/csrc_host/), and must match the float64 truth as closely as
 the reference does; a real failed build reports the compiler's error and the fix and leaves
-``backend="auto"`` to fall back; the sources ship in the wheel. With a GPU as well: the extension builds and loads, checks its inputs, runs inside a CUDA
-graph (so it uses the current stream and never synchronizes with the host), and matches the float64
-truth as closely as the reference does (and as the Triton backend does) on outputs, states and
-every gradient, in float32, float16 and bfloat16, at awkward shapes and at H = 4096. The parity
+``backend="auto"`` to fall back; the sources ship in the wheel. With a GPU as well: the extension
+builds and loads, checks its inputs, runs inside a CUDA graph (so it uses the current stream and
+never synchronizes with the host), and matches the float64 truth as closely as the reference does
+(and as the Triton backend does) on outputs, states and every gradient, in float32, float16 and
+bfloat16, at awkward shapes and at H = 4096. The parity
 tests of test_recurrence.py, test_module.py and test_compile.py run the ``cuda`` backend too,
 since conftest's BACKENDS lists it once it builds.
 """
@@ -430,7 +431,8 @@ def test_cuda_matches_the_float64_truth_like_reference_and_triton(extension, dty
         for name in names[1:]:
             err = rel_err(results[name][key], expected)
             if err > FACTOR * err_ref + ABS[dtype]:
-                failures.append(f"{name} {key}: error {err:.2e} > {FACTOR} x reference {err_ref:.2e} + {ABS[dtype]:.0e}")
+                failures.append(f"{name} {key}: error {err:.2e} > {FACTOR} x reference {err_ref:.2e} "
+                                f"+ {ABS[dtype]:.0e}")
     assert not failures, "\n".join(failures)
 
 
