@@ -1,0 +1,157 @@
+"""The probe toolkit's CLI end to end on a small randomly-initialized model saved with
+fastmlstm.save (and the same model in the released layout): featurize, probe, visualize,
+generate, and clear one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fastmlstm
+from fastmlstm.cli import main
+from fastmlstm.probe import featurize
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    model = fastmlstm.ByteLM(hidden_size=16, embed_size=8)
+    fastmlstm.save(model, path / "small.pt")
+    fastmlstm.save_openai(model, path / "released")
+    return model, path / "small.pt", path / "released"
+
+
+@pytest.fixture(scope="module")
+def sst(tmp_path_factory):
+    """A small SST-2 folder in the released CSV format."""
+    folder = tmp_path_factory.mktemp("data") / "sst2"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60), ("dev", 30)):
+        rows = ["label,sentence"]
+        for i in range(n):
+            label = int(rng.integers(0, 2))
+            word = rng.choice(["great", "lovely", "superb"] if label else ["awful", "dull", "poor"])
+            rows.append(f'{label},"A {word} film, number {i}"')
+        (folder / f"{split}_binary_sent.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_featurize_texts_file_and_dataset(models, sst, tmp_path, capsys):
+    model, small, released = models
+    inp = tmp_path / "texts.txt"
+    inp.write_bytes(b"Great phone\n\ncaf\xe9 in Windows-1252\nlast line")
+    code, out, err = run(capsys, "featurize", "--model", small, "--input", inp, "-o", tmp_path / "f.npy")
+    assert code == 0, err
+    summary = json.loads(out)
+    feats = np.load(tmp_path / "f.npy")
+    assert summary["shape"] == [4, 16] and feats.dtype == np.float32
+    expected = featurize(model, ["Great phone", "", "caf\u00e9 in Windows-1252", "last line"])
+    np.testing.assert_allclose(feats, expected, rtol=1e-6, atol=1e-7)
+    # the released-layout directory is the same model
+    code, out, _ = run(capsys, "featurize", "--model", released, "--text", "Great phone", "--text", "",
+                       "-o", tmp_path / "g.npy")
+    assert code == 0
+    np.testing.assert_allclose(np.load(tmp_path / "g.npy"), expected[:2], rtol=1e-5, atol=1e-6)
+    code, out, err = run(capsys, "featurize", "--model", small, "--dataset", "sst2:dev", "--data-dir", sst,
+                         "--raw", "-o", tmp_path / "d.npy")
+    assert code == 0, err
+    assert np.load(tmp_path / "d.npy").shape == (30, 16) and np.abs(np.load(tmp_path / "d.npy")).max() > 0
+
+
+def test_probe_prints_one_json_object_and_writes_plots(models, sst, tmp_path, capsys):
+    _, small, _ = models
+    code, out, err = run(capsys, "probe", "--model", small, "--task", "sst2", "--data-dir", sst, "--plots",
+                         tmp_path / "plots", "--curve", "--draws", "2", "--output", tmp_path / "r.json", "--no-progress")
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 1
+    result = json.loads(out)
+    for key in ("task", "accuracy", "C", "features_used", "sentiment_unit", "unit_accuracy"):
+        assert key in result
+    assert result["task"] == "sst2" and result["evaluated_on"].startswith("dev") and 0 <= result["accuracy"] <= 100
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert (tmp_path / "plots" / "sst2_data_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    if result["sentiment_unit"] is not None:
+        assert (tmp_path / "plots" / "sst2_unit_histogram.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_probe_reads_fastmlstm_data(models, sst, capsys, monkeypatch):
+    _, small, released = models
+    monkeypatch.setenv("FASTMLSTM_DATA", str(sst.parent))
+    code, out, err = run(capsys, "probe", "--model", released, "--task", "sst2", "--limit", "20")
+    assert code == 0, err
+    assert json.loads(out)["n_eval"] == 20
+
+
+def test_visualize_and_generate(models, tmp_path, capsys):
+    _, small, released = models
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"task": "sst2", "sentiment_unit": 3, "unit_sign": -1}))
+    code, out, err = run(capsys, "visualize", "--model", small, "--probe", probe, "--text", "Loved it &amp; more",
+                         "--html", tmp_path / "v.html", "--png", tmp_path / "v.png")
+    assert code == 0, err
+    assert json.loads(out)["unit"] == 3 and json.loads(out)["chars"] == len("Loved it & more")
+    assert "<span" in (tmp_path / "v.html").read_text(encoding="utf-8")
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+
+    code, out, err = run(capsys, "generate", "--model", small, "--prefix", "The", "--n-bytes", "20",
+                         "--num-samples", "2", "--fix", "3=1.0", "--fix", "4=-1", "--seed", "0", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["fixed_units"] == {"3": 1.0, "4": -1.0} and len(record["samples"]) == 2
+    code, out, err = run(capsys, "generate", "--model", released, "--probe", probe, "--n-bytes", "10", "--seed", "0")
+    assert code == 0, err
+    assert out.count("--- positive") == 1 and out.count("--- negative") == 1
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["featurize", "--model", "{tmp}/missing.pt", "--text", "a", "-o", "{tmp}/x.npy"], "no model file"),
+        (["featurize", "--model", "{small}", "-o", "{tmp}/x.npy"], "no texts"),
+        (["featurize", "--model", "{small}", "--dataset", "sst2:test", "--data-dir", "{sst}", "-o", "{tmp}/x.npy"],
+         "not 'test'"),
+        (["probe", "--model", "{small}", "--task", "mr", "--data-dir", "{tmp}"], "rt-polarity.pos"),
+        (["probe", "--model", "{small}", "--task", "mpqa", "--data-dir", "{onecls}"], "one class"),
+        (["visualize", "--model", "{small}", "--text", "a", "--html", "{tmp}/v.html"], "which unit"),
+        (["visualize", "--model", "{small}", "--unit", "99", "--text", "a", "--html", "{tmp}/v.html"], "outside"),
+        (["visualize", "--model", "{small}", "--unit", "1", "--text", "a"], "where to write"),
+        (["generate", "--model", "{small}", "--fix", "3:1"], "UNIT=VALUE"),
+        (["generate", "--model", "{small}", "--fix", "99=1"], "fixed_units"),
+        (["featurize", "--model", "{small}", "--text", "\ud800", "-o", "{tmp}/x.npy"], "surrogate"),
+    ],
+)
+def test_bad_input_gives_one_line_errors(models, sst, tmp_path, capsys, argv, match):
+    _, small, _ = models
+    onecls = tmp_path / "mpqa"
+    onecls.mkdir()
+    (onecls / "mpqa.pos").write_text("good\nfine\nnice\n")
+    (onecls / "mpqa.neg").write_text("\n")  # only blank lines: no negative example
+    argv = [a.format(tmp=tmp_path, small=small, sst=sst, onecls=onecls) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and match in err and "Traceback" not in err
+    assert err.startswith(f"fastmlstm {argv[0]}: error:")
+
+
+def test_info_still_works(capsys):
+    code, out, _ = run(capsys, "info", "--json", "--no-check")
+    assert code == 0 and "backends" in json.loads(out)
+
+
+def test_console_entry_point_end_to_end(models, sst, tmp_path):
+    _, small, _ = models
+    proc = subprocess.run([sys.executable, "-m", "fastmlstm", "probe", "--model", str(small), "--task", "sst2",
+                           "--data-dir", str(sst), "--limit", "20", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["task"] == "sst2"
