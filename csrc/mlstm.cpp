@@ -50,7 +50,7 @@ void check_input(const Tensor& tensor, const char* name, const at::Device& devic
                  at::IntArrayRef shape) {
   TORCH_CHECK(tensor.defined(), "fastmlstm cuda backend: ", name, " is missing");
   TORCH_CHECK(tensor.device() == device, "fastmlstm cuda backend: ", name, " is on ", tensor.device(),
-              " but proj is on ", device, "; every tensor must be on the same CUDA device");
+              " but the recurrence runs on ", device, "; every tensor must be on that device");
   TORCH_CHECK(tensor.scalar_type() == dtype, "fastmlstm cuda backend: ", name, " must have dtype ", dtype,
               ", got ", tensor.scalar_type());
   TORCH_CHECK(tensor.sizes() == shape, "fastmlstm cuda backend: ", name, " must have shape ", shape, ", got ",
