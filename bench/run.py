@@ -1,0 +1,279 @@
+"""Benchmark fastmlstm against torch.nn.LSTM (cuDNN) and plain / compiled PyTorch loops, in one run.
+
+    python bench/run.py --preset cpu                      # what this CPU can measure, a few minutes
+    python bench/run.py --preset gpu-targets              # the cases of issue 6's target table
+    python bench/run.py --preset gpu --modes fwd+bwd --H 4096 --B 128 --dtypes bfloat16
+    python bench/run.py --list                            # presets and implementations
+
+Every measured mLSTM implementation first passes a correctness gate (bench/suite.py: ``check``);
+one that fails is refused: listed under ``refused`` and never timed. Then for every case, every
+implementation in turn: build, warm up, time (median of many calls, rotating input sets), one more
+call for peak memory. Results go to ``bench/results/<device>-<date>.json`` with a Markdown table and
+PNG plots beside it (bench/report.py); ``python bench/report.py <json> --readme README.md``
+regenerates the README's benchmark section from it. Exit status 2 when an implementation was refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import measure  # noqa: E402
+import report  # noqa: E402
+import suite  # noqa: E402
+
+SCHEMA_VERSION = 1
+
+
+def _csv(kind):
+    def parse(text):
+        return [kind(v) for v in text.split(",") if v.strip()]
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, choices=sorted(suite.PRESETS),
+                   help="shape grid, dtypes and implementations (default: gpu on CUDA machines, else cpu)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
+    p.add_argument("--impls", type=_csv(str), help=f"comma-separated subset of {', '.join(suite.IMPLS)}")
+    p.add_argument("--modes", type=_csv(str), help=f"comma-separated subset of {', '.join(suite.MODES)}")
+    p.add_argument("--dtypes", type=_csv(str), help=f"comma-separated subset of {', '.join(suite.DTYPES)}")
+    p.add_argument("--H", type=_csv(int), help="hidden sizes (replaces the preset grid, crossed with --B)")
+    p.add_argument("--B", type=_csv(int), help="batch sizes (texts per batch for featurize)")
+    p.add_argument("--T", type=int, help="time steps (fwd, fwd+bwd, train)")
+    p.add_argument("--I", type=int, help="input size (byte-embedding size for featurize and train)")
+    p.add_argument("--featurize-texts", type=int, help="number of SST-2 sentences featurized per call")
+    p.add_argument("--tf32", choices=("default", "on", "off"), default="default",
+                   help="TF32 for float32 matmuls and cuDNN on CUDA (default: leave PyTorch's settings)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: the preset's; cpu presets use 1 because the cores are shared)")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
+    p.add_argument("--warmup-ms", type=float)
+    p.add_argument("--rep-ms", type=float, help="time budget of the timed calls per case")
+    p.add_argument("--min-runs", type=int, help="timed calls per case, at least")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                   help="folder for <device>-<date>.json, .md and plots")
+    p.add_argument("--name", help="file stem instead of <device>-<date>")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--list", action="store_true", help="print the presets and implementations and exit")
+    return p
+
+
+def list_registry() -> None:
+    print("implementations:")
+    for name, impl in suite.IMPLS.items():
+        print(f"  {name:<24} modes {','.join(impl.modes)}")
+    for name, preset in suite.PRESETS.items():
+        cases = suite.expand(preset)
+        print(f"preset {name}: device {preset['device']}, T={preset['T']}, I={preset['I']}, "
+              f"dtypes {','.join(preset['dtypes'])}, {len(cases)} cases x {len(preset['impls'])} implementations")
+        for mode, grid in preset["grid"].items():
+            print(f"    {mode:<10} (H, B): {grid}")
+
+
+def tf32_settings(choice: str, device: torch.device) -> dict:
+    if choice != "default":
+        torch.backends.cuda.matmul.allow_tf32 = choice == "on"
+        torch.backends.cudnn.allow_tf32 = choice == "on"
+    return {"matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "applies": device.type == "cuda",
+            "note": "fastmlstm's Triton kernels follow torch.backends.cuda.matmul.allow_tf32; cuDNN's LSTM "
+                    "follows torch.backends.cudnn.allow_tf32 (PyTorch's default: on)"}
+
+
+def roofline(record: dict, family: str, ceilings: dict, elem_bytes: int, batches, params: int) -> dict:
+    flops, nbytes = suite.cost(family, record["mode"], record["hidden_size"], record["B"], record["T"],
+                               record["I"], elem_bytes, batches, params)
+    seconds = record["median_ms"] * 1e-3
+    rate = ceilings["matmul_TFLOPs"].get(record["dtype"]) or ceilings["matmul_TFLOPs"].get("float32")
+    t_bytes = nbytes / (ceilings["copy_GBps"] * 1e9)
+    t_flops = flops / (rate * 1e12)
+    return {"flops": flops, "bytes": nbytes, "floor_ms": max(t_bytes, t_flops) * 1e3,
+            "bound": "memory" if t_bytes >= t_flops else "compute",
+            "frac_bandwidth": t_bytes / seconds, "frac_compute": t_flops / seconds,
+            "frac_roofline": max(t_bytes, t_flops) / seconds}
+
+
+def run_case(impl: suite.Impl, case: suite.Case, device: torch.device, ctx: dict, ceilings: dict,
+             timing: dict) -> dict:
+    built = impl.build(case, device, ctx)
+    t_first = time.perf_counter()
+    built.call()  # first call outside the timing: compilation, autotuning, lazy init
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first_call_ms = (time.perf_counter() - t_first) * 1e3
+    t = measure.time_calls(built.call, device, **timing)
+    activation = measure.activation_memory_mb(built.call, device)
+    static = measure.tensor_bytes(built.held()) / measure.MiB
+    record = {
+        "impl": impl.label(device), "mode": case.mode, "dtype": case.dtype, "H": case.H, "B": case.B, "T": case.T,
+        "I": case.I, "median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms, "min_ms": t.min_ms,
+        "n_runs": t.n_runs, "chars": built.chars, "chars_per_s": built.chars / (t.median_ms * 1e-3),
+        "peak_mem_mb": None if activation is None else static + activation,
+        "activation_mem_mb": activation, "static_mem_mb": static,
+        "hidden_size": built.hidden_size, "params": built.params, "first_call_ms": first_call_ms,
+        "kernel": suite.kernel_description(impl, device),
+    }
+    if case.mode == "featurize":
+        record["T"] = max(t for _, t in built.batches)
+        record["texts"] = built.texts
+        record["texts_per_s"] = built.texts / (t.median_ms * 1e-3)
+        record["n_batches"] = len(built.batches)
+    if case.mode == "step":
+        record["T"] = 1
+    record.update(built.notes)
+    elem = suite.DTYPES[case.dtype].itemsize
+    record["roofline"] = roofline(record, impl.family, ceilings, elem, built.batches, built.params)
+    del built
+    return record
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        list_registry()
+        return 0
+    preset_name = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    preset = suite.PRESETS[preset_name]
+    device = torch.device(args.device or preset["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("run.py: CUDA is not available here; use --preset cpu (or --device cpu)", file=sys.stderr)
+        return 1
+    for kind, values, known in (("mode", args.modes, suite.MODES), ("dtype", args.dtypes, suite.DTYPES)):
+        bad = [v for v in values or () if v not in known]
+        if bad:
+            print(f"run.py: unknown {kind} {bad}; choose from {list(known)}", file=sys.stderr)
+            return 1
+    impl_names = [suite.ALIASES.get(n, n) for n in (args.impls or preset["impls"])]
+    bad = [n for n in impl_names if n not in suite.IMPLS]
+    if bad:
+        print(f"run.py: unknown implementation {bad}; choose from {list(suite.IMPLS)}", file=sys.stderr)
+        return 1
+    impls = [suite.IMPLS[n] for n in impl_names]
+    cases = suite.expand(preset, args.modes, args.dtypes, args.H, args.B, args.T, args.I)
+    timing = dict(preset["timing"])
+    for key, value in (("warmup_ms", args.warmup_ms), ("rep_ms", args.rep_ms), ("min_runs", args.min_runs)):
+        if value is not None:
+            timing[key] = value
+
+    threads = args.threads or preset.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    if device.type == "cpu":
+        measure.prepare_cpu_memory_accounting()
+    tf32 = tf32_settings(args.tf32, device)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    name = measure.device_name(device)
+    doc = {
+        "schema": SCHEMA_VERSION, "device": name, "device_type": device.type, **measure.versions(),
+        **measure.git_commit(), "date": started.date().isoformat(), "started": started.isoformat(timespec="seconds"),
+        "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "preset": preset_name, "torch_threads": torch.get_num_threads(), "tf32": tf32,
+        "load_average_start": measure.load_average(),
+        "timing_method": ("CUDA events per call, L2 flushed between calls" if device.type == "cuda"
+                          else "time.perf_counter per call") + f"; median of >= {timing['min_runs']} calls "
+                          f"after warm-up, inputs rotated among several sets; {timing}",
+        "memory_method": ("peak_mem_mb = static_mem_mb (parameters, optimizer state, one input set) + "
+                          "activation_mem_mb (growth during one call: " +
+                          ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                           "peak resident set via /proc VmHWM reset, page-granular, includes library scratch")
+                          + ")"),
+    }
+    ctx = {"compile_backend": args.compile_backend or preset.get("compile_backend", "inductor")}
+    doc["compile_backend"] = ctx["compile_backend"]
+    print(f"== {name} | torch {doc['torch']} | triton {doc['triton']} | cuda {doc['cuda']} | "
+          f"commit {str(doc['commit'])[:10]}{' (dirty)' if doc['dirty'] else ''}", flush=True)
+
+    ceil_cfg = preset["ceilings"]
+    dtypes_used = sorted({c.dtype for c in cases} | {"float32"}, key=list(suite.DTYPES).index)
+    ceilings = measure.measure_ceilings(device, [suite.DTYPES[d] for d in dtypes_used], **ceil_cfg)
+    doc["ceilings"] = ceilings
+    print(f"   copy {ceilings['copy_GBps']:.1f} GB/s; matmul " +
+          ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in ceilings["matmul_TFLOPs"].items()), flush=True)
+
+    if any(c.mode == "featurize" for c in cases):
+        n = args.featurize_texts or preset["featurize_texts"]
+        ctx["texts"], doc["featurize_data"] = suite.load_texts(n)
+
+    # ---- which implementations run, and the correctness gate
+    skipped, refused, checks, active = [], [], [], []
+    for impl in impls:
+        ok, why = impl.status(device)
+        if not ok:
+            skipped.append({"impl": impl.label(device), "reason": why})
+            print(f"   skip {impl.label(device)}: {why}", flush=True)
+            continue
+        if impl.family == "mlstm":
+            passed = True
+            for dt in sorted({c.dtype for c in cases if c.mode in impl.modes}):
+                result = suite.check(impl, suite.DTYPES[dt], device, ctx)
+                checks.append(result)
+                state = "pass" if result["passed"] else "FAIL"
+                detail = result.get("error") or f"max rel err {result['max_rel_err']:.2e} ({result['worst']})"
+                print(f"   check {impl.label(device)} {dt}: {state}, {detail}, tolerance {result['tolerance']:.0e}",
+                      flush=True)
+                passed &= result["passed"]
+            if not passed:
+                refused.append({"impl": impl.label(device), "reason": "failed the correctness gate (see checks)"})
+                continue
+        active.append(impl)
+
+    # ---- the cases, every implementation in turn within a case (same load, same minute)
+    results, errors = [], []
+    for case in cases:
+        for impl in active:
+            if case.mode not in impl.modes:
+                continue
+            label = f"{impl.label(device):<22} {case.mode:<9} {case.dtype:<8} H={case.H:<5} B={case.B:<4}"
+            try:
+                record = run_case(impl, case, device, ctx, ceilings, timing)
+            except Exception as exc:
+                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                errors.append({"impl": impl.label(device), **case.__dict__, "error": message})
+                print(f"   {label} ERROR {message}", flush=True)
+                if os.environ.get("BENCH_TRACEBACK"):
+                    traceback.print_exc()
+                continue
+            finally:
+                if device.type == "cuda":
+                    gc.collect()
+                    torch.cuda.empty_cache()
+            results.append(record)
+            mem = "n/a" if record["peak_mem_mb"] is None else f"{record['peak_mem_mb']:.1f} MiB"
+            print(f"   {label} {record['median_ms']:10.3f} ms  {record['chars_per_s']:12.0f} chars/s  "
+                  f"peak {mem}  roofline {record['roofline']['frac_roofline']:.1%}", flush=True)
+
+    doc.update(checks=checks, refused=refused, skipped=skipped, errors=errors, results=results,
+               load_average_end=measure.load_average(),
+               finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    stem = args.name or f"{measure.slug(('cpu-' if device.type == 'cpu' else '') + name)}-{doc['date']}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{stem}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(report.markdown(doc, path.name))
+    written = [path, args.out / f"{stem}.md"]
+    if not args.no_plots:
+        written += report.plots(doc, args.out / stem)
+    print("== wrote " + ", ".join(str(p) for p in written), flush=True)
+    if refused:
+        print("== refused (not reported): " + ", ".join(r["impl"] for r in refused), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
