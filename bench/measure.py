@@ -12,12 +12,12 @@ Peak memory (``peak_mem_mb`` = ``static_mem_mb`` + ``activation_mem_mb``)
     call over what was held before it. CUDA: ``torch.cuda.max_memory_allocated`` after
     ``reset_peak_memory_stats`` minus ``memory_allocated`` before the call. CPU: torch has no CPU
     allocator statistics (and tracemalloc does not see its allocations), so the process's peak
-    resident set is used: the kernel's high-water mark (VmHWM) is reset through
-    /proc/self/clear_refs before the call and read after it, minus the resident set (VmRSS) before.
-    glibc's mmap threshold is fixed at 64 KiB first (mallopt) so freed tensors leave the resident
-    set at once instead of lingering in malloc's heap. It is page-granular and includes any
-    allocator or library scratch memory (oneDNN, MKL): an upper bound of torch's own peak, never a
-    lower one. Where /proc/self/clear_refs cannot be written the CPU value is null.
+    resident set is used: free heap memory is handed back to the OS first (glibc ``malloc_trim``),
+    then the kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, the call runs,
+    and the mark is read, minus the resident set (VmRSS) before the call. The allocator is left as
+    it is (changing its settings would change the timings too). The value is page-granular and
+    includes allocator fragmentation and library scratch memory (oneDNN, MKL): an upper bound of
+    torch's own peak. Where /proc/self/clear_refs cannot be written the CPU value is null.
 """
 
 from __future__ import annotations
@@ -136,16 +136,11 @@ def _time_cuda(fn, warmup_ms, rep_ms, min_runs, max_runs) -> Timing:
 
 # ----------------------------------------------------------------------------------------- memory
 
-_M_MMAP_THRESHOLD = -3
-
-
-def prepare_cpu_memory_accounting() -> bool:
-    """Fix glibc's mmap threshold so freed tensors are returned to the OS (see module doc)."""
+def _trim_heap() -> None:
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024))
-    except (OSError, AttributeError):
-        return False
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline may include cached heap memory
+        pass
 
 
 def _status_kb(field: str) -> int:
@@ -184,6 +179,7 @@ def activation_memory_mb(fn, device: torch.device) -> float | None:
         return (peak - before) / MiB
     if not cpu_peak_memory_supported():
         return None
+    _trim_heap()
     before = _status_kb("VmRSS")
     _reset_peak_rss()
     result = fn()

@@ -173,8 +173,6 @@ def main(argv=None) -> int:
     threads = args.threads or preset.get("threads")
     if threads:
         torch.set_num_threads(threads)
-    if device.type == "cpu":
-        measure.prepare_cpu_memory_accounting()
     tf32 = tf32_settings(args.tf32, device)
     started = datetime.datetime.now(datetime.timezone.utc)
     name = measure.device_name(device)
@@ -190,7 +188,8 @@ def main(argv=None) -> int:
         "memory_method": ("peak_mem_mb = static_mem_mb (parameters, optimizer state, one input set) + "
                           "activation_mem_mb (growth during one call: " +
                           ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                           "peak resident set via /proc VmHWM reset, page-granular, includes library scratch")
+                           "peak resident set after malloc_trim, via a /proc VmHWM reset; page-granular, includes "
+                           "allocator fragmentation and library scratch")
                           + ")"),
     }
     ctx = {"compile_backend": args.compile_backend or preset.get("compile_backend", "inductor")}
