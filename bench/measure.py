@@ -259,10 +259,10 @@ def slug(text: str) -> str:
 
 def git_commit() -> dict:
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout
 
     try:
-        commit = git("rev-parse", "HEAD")
+        commit = git("rev-parse", "HEAD").strip()
         # Only the code that is measured: the package, its extension sources and the benchmark.
         status = git("status", "--porcelain", "--", "fastmlstm", "bench", "csrc").splitlines()
     except (OSError, subprocess.SubprocessError):

@@ -85,8 +85,12 @@ def _fastest_fastmlstm(row: dict):
 
 
 def _commit(doc: dict) -> str:
-    c = doc.get("commit") or "unknown"
-    return c[:10] + (" + uncommitted changes" if doc.get("dirty") else "")
+    c = (doc.get("commit") or "unknown")[:10]
+    if not doc.get("dirty"):
+        return c
+    modified = doc.get("modified") or []
+    shown = ", ".join(modified[:3]) + (f" and {len(modified) - 3} more" if len(modified) > 3 else "")
+    return f"{c} + uncommitted changes" + (f" to {shown}" if shown else "")
 
 
 def _device_line(doc: dict) -> str:

@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", type=int, help="time steps (fwd, fwd+bwd, train)")
     p.add_argument("--I", type=int, help="input size (byte-embedding size for featurize and train)")
     p.add_argument("--featurize-texts", type=int, help="number of SST-2 sentences featurized per call")
-    p.add_argument("--tf32", choices=("default", "on", "off"), default="default",
-                   help="TF32 for float32 matmuls and cuDNN on CUDA (default: leave PyTorch's settings)")
+    p.add_argument("--tf32", choices=("default", "on", "off"), default=None,
+                   help="TF32 for float32 matmuls and cuDNN on CUDA: 'default' leaves PyTorch's settings (matmul "
+                        "off, cuDNN on); the GPU presets say 'off' so float32 rows compare IEEE float32 with itself")
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: the preset's; cpu presets use 1 because the cores are shared)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     threads = args.threads or preset.get("threads")
     if threads:
         torch.set_num_threads(threads)
-    tf32 = tf32_settings(args.tf32, device)
+    tf32 = tf32_settings(args.tf32 or preset.get("tf32", "default"), device)
     started = datetime.datetime.now(datetime.timezone.utc)
     name = measure.device_name(device)
     doc = {
