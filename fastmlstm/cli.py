@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="NAME[:SPLIT] of an evaluation set, e.g. sst2:dev")
     p.add_argument("--data-dir", help="the dataset's folder (default $FASTMLSTM_DATA/<folder>)")
     p.add_argument("--output", "-o", required=True, help="where the .npy goes")
-    p.add_argument("--batch-size", type=int, default=None, help="texts per fused pass (default 512 GPU, 128 CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="texts per fused pass (default 512)")
     p.add_argument("--raw", action="store_true", help="the raw final cell state, without tanh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_featurize)
