@@ -211,7 +211,8 @@ def test_evaluate_relatedness():
               "dev": PairSplit(first[250:320], second[250:320], scores[250:320]),
               "test": PairSplit(first[320:], second[320:], scores[320:])}
     m = evaluate(fake_featurizer, "sick", splits=splits).metrics
-    assert m["protocol"] == "relatedness" and m["pearson"] > 0.9 and m["spearman"] > 0.85 and m["mse"] < 0.3
+    assert m["protocol"] == "relatedness" and m["pearson"] > 0.9 and m["spearman"] > 0.85
+    assert m["mse"] < 0.2 * np.var(scores[320:])  # explains over 80% of the variance
 
 
 def test_evaluate_rejects_unknown_tasks_and_one_class_data():
