@@ -282,6 +282,10 @@ def readme_section(doc: dict, json_path: str) -> str:
              f"with `{doc['command']}`; every cell below comes from `{json_path}`. Full table with spreads, "
              f"memory and roofline fractions: [`{stem}.md`]({stem}.md). Regenerate this section with "
              f"`python bench/report.py {json_path} --readme README.md`."]
+    load = doc.get("load_average_start")
+    lines += ["", f"{doc['torch_threads']} torch thread(s); 1-minute load average {load[0] if load else 'n/a'} at "
+                  f"the start and {(doc.get('load_average_end') or ['n/a'])[0]} at the end of the run (the machine "
+                  "may be shared: the full table gives each median's 10th-90th percentile spread)."]
     if not gpu:
         lines += ["", "These are CPU numbers: no GPU results file has been committed yet, so the GPU targets "
                       "below are not measured. On CPU fastmlstm runs its `reference` backend (a PyTorch loop); "
@@ -322,6 +326,13 @@ def update_readme(readme: Path, doc: dict, json_path: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ plots
 
+def _color(impl: str) -> str:
+    """One color per implementation in every plot (nn-lstm shares cudnn-lstm's)."""
+    if impl.startswith("nn-lstm"):
+        impl = "cudnn-" + impl.removeprefix("nn-")
+    return f"C{IMPL_ORDER.index(impl) % 10}" if impl in IMPL_ORDER else "C9"
+
+
 def plots(doc: dict, stem: Path) -> list[Path]:
     """PNG plots beside the results: time vs H, time vs B, speed-up over the nn.LSTM baseline."""
     import matplotlib
@@ -359,7 +370,7 @@ def plots(doc: dict, stem: Path) -> list[Path]:
         for ax, (mode, dtype, value, lines) in zip(axes.flat, series):
             for impl in _order(lines, IMPL_ORDER):
                 pts = sorted(lines[impl])
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl, color=_color(impl))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel(axis)
@@ -378,29 +389,35 @@ def plots(doc: dict, stem: Path) -> list[Path]:
 
     base = baseline_name(doc)
     table = index(doc)
-    keys = [k for m in MODE_ORDER for k in _cases(doc, m) if base in table[k]]
+    rows = [(m, [k for k in _cases(doc, m) if base in table[k]]) for m in MODE_ORDER]
+    rows = [(m, keys) for m, keys in rows if keys]
     impls = [i for i in _impls(doc) if i != base]
-    if keys and impls:
-        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(keys) * max(1, len(impls)) / 2), 4.5))
+    if rows and impls:
+        widest = max(len(keys) for _, keys in rows)
+        fig, axes = plt.subplots(len(rows), 1, figsize=(max(7.0, 0.25 * widest * len(impls) + 2), 2.6 * len(rows)),
+                                 squeeze=False)
         width = 0.8 / len(impls)
-        for j, impl in enumerate(impls):
-            xs, ys = [], []
-            for i, k in enumerate(keys):
-                if impl in table[k]:
-                    xs.append(i + (j - (len(impls) - 1) / 2) * width)
-                    ys.append(table[k][base]["median_ms"] / table[k][impl]["median_ms"])
-            ax.bar(xs, ys, width, label=impl)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(keys)))
-        ax.set_xticklabels([f"{m} {d[:4]}\nH={h} B={b}" for m, d, h, b in keys], fontsize=6, rotation=90)
-        ax.set_ylabel(f"speed-up over {base} (x)")
-        ax.set_title(f"speed-up over {base} at the same case - {title}", fontsize=10)
-        ax.legend(fontsize=7)
-        ax.grid(True, axis="y", which="both", alpha=0.3)
+        short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+        for ax, (mode, keys) in zip(axes[:, 0], rows):
+            for j, impl in enumerate(impls):
+                xs, ys = [], []
+                for i, k in enumerate(keys):
+                    if impl in table[k]:
+                        xs.append(i + (j - (len(impls) - 1) / 2) * width)
+                        ys.append(table[k][base]["median_ms"] / table[k][impl]["median_ms"])
+                ax.bar(xs, ys, width, label=impl, color=_color(impl))
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set_yscale("log")
+            ax.set_xticks(range(len(keys)))
+            ax.set_xticklabels([f"{short.get(d, d)} H={h} B={b}" for _, d, h, b in keys], fontsize=7)
+            ax.set_ylabel(f"x {base}", fontsize=8)
+            ax.set_title(mode, fontsize=9, loc="left")
+            ax.grid(True, axis="y", which="both", alpha=0.3)
+        axes[0, 0].legend(fontsize=7, ncol=len(impls), loc="upper left", bbox_to_anchor=(0, 1.45))
+        fig.suptitle(f"speed-up over {base} at the same case (> 1: faster) - {title}", fontsize=10, y=1.0)
         fig.tight_layout()
         path = stem.with_name(f"{stem.name}-speedup.png")
-        fig.savefig(path, dpi=90)
+        fig.savefig(path, dpi=90, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written

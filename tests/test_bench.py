@@ -1,0 +1,253 @@
+"""The benchmark suite (bench/) cannot rot: the runner works end to end on CPU at a tiny shape and
+writes the documented schema, its correctness gate refuses a wrong implementation, its baselines
+compute the same cell as fastmlstm, and the README's benchmark section is what bench/report.py
+generates from the committed results file it names."""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmlstm
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+sys.path.insert(0, str(BENCH))
+
+import measure  # noqa: E402
+import mlstm_eager  # noqa: E402
+import report  # noqa: E402
+import run as bench_run  # noqa: E402
+import suite  # noqa: E402
+
+TOP_LEVEL = {"device": str, "device_type": str, "torch": str, "triton": str, "date": str, "command": str,
+             "results": list, "checks": list, "refused": list, "skipped": list, "ceilings": dict, "tf32": dict}
+RECORD = {"impl": str, "mode": str, "dtype": str, "H": int, "B": int, "T": int, "I": int, "median_ms": float,
+          "chars_per_s": float, "p10_ms": float, "p90_ms": float, "n_runs": int, "hidden_size": int,
+          "params": int, "static_mem_mb": float, "roofline": dict}
+TINY_IMPLS = ["fastmlstm-reference", "mlstm-eager", "mlstm-compile", "nn-lstm", "nn-lstm-matched"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One subprocess run of the runner at the tiny preset, as a user would type it."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--preset", "tiny", "--out", str(out),
+                           "--name", "tiny"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "tiny.json").read_text())
+
+
+def test_runner_writes_the_documented_schema(tiny_run):
+    out, doc = tiny_run
+    for key, kind in TOP_LEVEL.items():
+        assert isinstance(doc[key], kind), key
+    assert "commit" in doc and "cuda" in doc
+    assert doc["device_type"] == "cpu" and doc["device"] == measure.cpu_name()
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", doc["date"])
+    assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"]["float32"] > 0
+    assert all(c["passed"] for c in doc["checks"]) and not doc["refused"] and not doc["errors"]
+    assert {c["impl"] for c in doc["checks"]} == {"fastmlstm-reference", "mlstm-eager", "mlstm-compile"}
+    assert any(s["impl"] == "fastmlstm-triton" for s in doc["skipped"])  # never timed on CPU
+
+    seen = set()
+    for r in doc["results"]:
+        for key, kind in RECORD.items():
+            assert isinstance(r[key], kind) and not isinstance(r[key], bool), (key, r)
+        assert r["peak_mem_mb"] is None or r["peak_mem_mb"] >= r["static_mem_mb"] > 0
+        assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert math.isclose(r["chars_per_s"], r["chars"] / (r["median_ms"] * 1e-3), rel_tol=1e-9)
+        assert r["roofline"]["flops"] > 0 and r["roofline"]["bytes"] > 0 and r["roofline"]["frac_roofline"] > 0
+        seen.add((r["impl"], r["mode"]))
+    assert seen == {(i, m) for i in TINY_IMPLS for m in suite.MODES}
+    by = {(r["impl"], r["mode"]): r for r in doc["results"]}
+    assert by[("mlstm-eager", "fwd")]["chars"] == 2 * 8  # B x T
+    assert by[("mlstm-eager", "step")]["chars"] == 2 and by[("mlstm-eager", "step")]["T"] == 1
+    feat = by[("fastmlstm-reference", "featurize")]
+    assert feat["texts"] == doc["featurize_data"]["n_texts"] == 6 and feat["chars"] == doc["featurize_data"]["bytes"]
+    assert by[("nn-lstm-matched", "fwd")]["hidden_size"] == mlstm_eager.matched_lstm_hidden_size(16, 8)
+
+    md = (out / "tiny.md").read_text()
+    assert all(i in md for i in TINY_IMPLS) and doc["device"] in md
+    assert (out / "tiny-speedup.png").stat().st_size > 1000
+
+
+def _section(text):
+    begin = text.index(report.BEGIN)
+    return text[text.index("\n", begin) + 1 : text.index(report.END)]
+
+
+def test_report_rewrites_only_the_readme_section(tiny_run, tmp_path):
+    out, doc = tiny_run
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    original = readme.read_text()
+    cmd = [sys.executable, str(BENCH / "report.py"), str(out / "tiny.json"), "--readme", str(readme)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    new = readme.read_text()
+    assert new.count(report.BEGIN) == 1 and new.count(report.END) == 1
+    before, after = original.split(report.BEGIN), new.split(report.BEGIN)
+    assert before[0] == after[0]  # everything above the section, and the marker itself
+    assert original.split(report.END)[1] == new.split(report.END)[1]  # everything below
+    assert original.splitlines()[len(before[0].splitlines())] == new.splitlines()[len(after[0].splitlines())]
+    section = _section(new)
+    assert doc["command"] in section and doc["device"] in section and "tiny.json" in section
+    for impl in TINY_IMPLS:
+        assert impl in section
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    assert readme.read_text() == new  # a pure function of the results file
+
+
+def test_committed_readme_section_is_generated_from_the_committed_results(tmp_path):
+    text = (REPO / "README.md").read_text()
+    named = re.findall(r"bench/results/[\w.+-]+\.json", _section(text))
+    assert named, "the README's benchmark section must be generated by bench/report.py from a results file"
+    results = REPO / named[0]
+    assert results.is_file(), f"{named[0]} is named by the README but missing"
+    copy = tmp_path / "README.md"
+    copy.write_text(text)
+    report.update_readme(copy, json.loads(results.read_text()), named[0])
+    assert copy.read_text() == text, "README benchmark section is stale: run python bench/report.py " + named[0] + \
+        " --readme README.md"
+
+
+class _SwappedGates(suite.EagerImpl):
+    """A plausible bug: forget and input gates swapped."""
+
+    name = "mlstm-swapped"
+
+    def __init__(self):
+        super().__init__(None)
+        self.name = "mlstm-swapped"
+
+    def gate_runner(self, ctx):
+        def cell(xz, xm, h, c, w_hh, w_hm):
+            i, f, o, u = xz.chunk(4, 1)
+            return mlstm_eager.mlstm_cell(torch.cat([f, i, o, u], 1), xm, h, c, w_hh, w_hm)
+        return lambda x, h0, c0, w: suite._flat(mlstm_eager.mlstm_sequence(x, h0, c0, *w, cell=cell))
+
+
+def test_the_gate_refuses_a_wrong_implementation(monkeypatch, tmp_path):
+    result = suite.check(_SwappedGates(), torch.float32, torch.device("cpu"), {"compile_backend": "eager"})
+    assert not result["passed"] and result["max_rel_err"] > 1e-2
+    monkeypatch.setitem(suite.IMPLS, "mlstm-swapped", _SwappedGates())
+    threads = torch.get_num_threads()
+    try:
+        code = bench_run.main(["--preset", "tiny", "--impls", "mlstm-swapped,nn-lstm", "--modes", "fwd",
+                               "--out", str(tmp_path), "--name", "refused", "--no-plots"])
+    finally:
+        torch.set_num_threads(threads)  # the tiny preset runs on one thread
+    doc = json.loads((tmp_path / "refused.json").read_text())
+    assert code == 2
+    assert [r["impl"] for r in doc["refused"]] == ["mlstm-swapped"]
+    assert {r["impl"] for r in doc["results"]} == {"nn-lstm"}  # timed nothing of the refused one
+
+
+def test_the_eager_baseline_is_fastmlstms_cell():
+    torch.manual_seed(0)
+    T, B, I, H = 6, 4, 5, 12
+    fast = fastmlstm.FastMLSTM(I, H, weight_norm=True, backend="reference")
+    eager = mlstm_eager.EagerMLSTM(I, H)
+    eager.load_state_dict(fast.state_dict())  # same parameter names and meaning
+    x, h0, c0 = torch.randn(T, B, I), torch.randn(B, H), torch.randn(B, H)
+    out_f, (h_f, c_f) = fast(x, (h0[None], c0[None]))
+    out_e, (h_e, c_e) = eager(x, (h0, c0))
+    torch.testing.assert_close(out_e, out_f, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_e, c_f[0], rtol=1e-5, atol=1e-6)
+    # the masked loop (featurize) stops each row after its length, like fastmlstm's lengths=
+    lengths = [6, 1, 3, 0]
+    _, (h_f, c_f) = fast(x, (h0[None], c0[None]), lengths=lengths)
+    _, (h_e, c_e) = eager(x, (h0, c0), lengths=torch.tensor(lengths))
+    torch.testing.assert_close(c_e, c_f[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h_e, h_f[0], rtol=1e-5, atol=1e-6)
+
+
+def test_matched_lstm_has_the_multiplicative_lstms_parameter_count():
+    for H, I in ((1024, 64), (4096, 64), (256, 64)):
+        Hm = suite.IMPLS["cudnn-lstm-matched"].hidden_size(H, I)
+        lstm = torch.nn.LSTM(I, Hm, device="meta")
+        n = sum(p.numel() for p in lstm.parameters())
+        assert Hm % 8 == 0 and abs(n / mlstm_eager.mlstm_weight_count(H, I) - 1) < 0.01
+
+
+def test_cost_arithmetic_matches_model_md():
+    # MODEL.md: H = 4096, bf16: a step reads 5 H^2 = 83.9 M values = 168 MB; 21.5 GFLOP per step at B = 128.
+    # (plus the small input projection: 5 H I weights)
+    _, nbytes = suite.cost("mlstm", "step", 4096, 1, 1, 64, 2)
+    flops, _ = suite.cost("mlstm", "step", 4096, 128, 1, 64, 2)
+    assert 167.7e6 < nbytes < 171e6 and 21.4e9 < flops < 21.9e9
+    _, lstm_bytes = suite.cost("lstm", "fwd", 4096, 128, 256, 64, 2)
+    _, mlstm_bytes = suite.cost("mlstm", "fwd", 4096, 128, 256, 64, 2)
+    assert 1.24 < mlstm_bytes / lstm_bytes < 1.26  # "1.25x the recurrent work"
+
+
+def test_cpu_peak_memory_sees_an_allocation():
+    if not measure.cpu_peak_memory_supported():
+        pytest.skip("/proc/self/clear_refs is not writable here: the CPU peak is reported as null")
+    for _ in range(2):  # the same twice: freed heap memory from the first call must not hide the second
+        mb = measure.activation_memory_mb(lambda: torch.ones(64 * measure.MiB // 4), torch.device("cpu"))
+        assert 60 < mb < 80
+
+
+def test_featurize_baselines_compute_the_probe_toolkits_features():
+    texts, info = suite.load_texts(20)
+    assert len(texts) == info["n_texts"] == 20 and info["bytes"] == sum(len(suite.preprocess(t)) for t in texts)
+    assert [b for b, _ in suite.batch_shapes(texts, 8)] == [8, 8, 4]
+    torch.manual_seed(0)
+    model = fastmlstm.ByteLM(hidden_size=12, embed_size=6, backend="reference")
+    eager = mlstm_eager.EagerByteLM(12, 6)
+    eager.load_state_dict(model.state_dict())  # same names: embedding, rnn.<weight>_v/_g, bias, readout
+    texts = texts[:5] + ["A &amp; B\nline "]
+    ours = suite.IMPLS["mlstm-eager"].featurize(eager, texts, 4)
+    theirs = torch.as_tensor(suite.IMPLS["fastmlstm-reference"].featurize(model, texts, 4))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def _record(impl, mode, dtype, H, B, ms, act=100.0, T=256):
+    chars = B * (1 if mode == "step" else T)
+    return {"impl": impl, "mode": mode, "dtype": dtype, "H": H, "B": B, "T": T, "I": 64, "median_ms": ms,
+            "p10_ms": ms, "p90_ms": ms, "min_ms": ms, "n_runs": 10, "chars": chars, "chars_per_s": chars / ms * 1e3,
+            "peak_mem_mb": act + 1, "activation_mem_mb": act, "static_mem_mb": 1.0, "hidden_size": H,
+            "params": 1, "roofline": {"frac_roofline": 0.5, "frac_bandwidth": 0.5, "frac_compute": 0.1}}
+
+
+def test_gpu_targets_are_judged_from_the_right_records(tmp_path):
+    """The report's GPU paths (targets, tables, plots) on a synthetic document: no GPU here, and
+    the logic must be right before one is lent. These numbers are test inputs, never results."""
+    rs = [_record("fastmlstm-triton", "fwd+bwd", "bfloat16", 4096, 128, 100.0, act=140.0),
+          _record("cudnn-lstm", "fwd+bwd", "bfloat16", 4096, 128, 110.0, act=100.0),
+          _record("mlstm-eager", "fwd+bwd", "bfloat16", 4096, 128, 400.0),
+          _record("mlstm-compile", "fwd+bwd", "bfloat16", 4096, 128, 250.0),
+          _record("fastmlstm-triton", "fwd+bwd", "bfloat16", 1024, 64, 10.0),
+          _record("cudnn-lstm", "fwd+bwd", "float16", 1024, 64, 9.0),
+          _record("fastmlstm-triton", "fwd+bwd", "bfloat16", 2048, 128, 40.0),
+          _record("cudnn-lstm", "fwd+bwd", "bfloat16", 2048, 128, 45.0),
+          _record("fastmlstm-triton", "step", "bfloat16", 4096, 1, 0.060),
+          _record("fastmlstm-triton", "train", "bfloat16", 4096, 128, 70.0),
+          _record("fastmlstm-cuda", "train", "bfloat16", 4096, 128, 60.0)]
+    doc = {"device": "a GPU", "device_type": "cuda", "date": "2000-01-01", "commit": "0" * 40, "dirty": False,
+           "torch": "t", "triton": "t", "cuda": "c", "command": "python bench/run.py", "torch_threads": 1,
+           "tf32": {"matmul_allow_tf32": False, "cudnn_allow_tf32": True, "applies": True},
+           "ceilings": {"copy_GBps": 1.0, "matmul_TFLOPs": {"bfloat16": 1.0}}, "timing_method": "-",
+           "memory_method": "-", "checks": [], "refused": [], "skipped": [], "errors": [], "results": rs}
+    status = {t: s for t, _, s in report.targets(doc)}
+    assert status[report.GPU_TARGETS[0]] == "met"  # 100 <= 110
+    assert status[report.GPU_TARGETS[1]] == "missed"  # 4x < 5x
+    assert status[report.GPU_TARGETS[2]] == "met"  # 2.5x
+    assert status[report.GPU_TARGETS[3]] == "missed"  # 10 > 9 (fp16 cuDNN)
+    assert status[report.GPU_TARGETS[4]] == "not measured"
+    assert status[report.GPU_TARGETS[5]] == "met"  # 60 us
+    assert status[report.GPU_TARGETS[6]] == "met"  # the faster backend: 32768 chars / 60 ms = 546k (70 ms: 468k)
+    assert status[report.GPU_TARGETS[7]] == "met"  # 1.4x
+    assert status[report.CPU_TARGET] == "not measured"
+    section = report.readme_section(doc, "bench/results/x.json")
+    assert "cudnn-lstm ms" in section and "1.10x" in section and "GPU" in section
+    assert "fwd+bwd" in report.markdown(doc, "x.json")
+    names = [p.name for p in report.plots(doc, tmp_path / "x")]
+    assert names == ["x-time-vs-H.png", "x-speedup.png"]
