@@ -123,11 +123,13 @@ def load_model(path: str, *, device: str | None = None, dtype: str | None = None
 
 def _read_texts(args) -> list:
     """Texts from --text (repeatable) or --input (one text per line, '-' for stdin)."""
+    from pathlib import Path
+
     texts = list(args.text or [])
     if args.input is not None:
         from .datasets import decode
 
-        data = sys.stdin.buffer.read() if args.input == "-" else open(args.input, "rb").read()
+        data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
         lines = decode(data).split("\n")
         if lines and lines[-1] == "":
             lines.pop()  # the final line ending

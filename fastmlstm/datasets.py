@@ -56,8 +56,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "ENV_DATA",
     "DATASETS",
+    "ENV_DATA",
     "DatasetNotFoundError",
     "PairSplit",
     "TextSplit",
@@ -194,8 +194,7 @@ def decode(data: bytes) -> str:
         >>> decode(b"caf\\xe9 ok\\nna\\xc3\\xafve")   # a Windows-1252 line and a UTF-8 line
         'café ok\\nnaïve'
     """
-    if data.startswith(_BOM):
-        data = data[len(_BOM) :]
+    data = data.removeprefix(_BOM)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

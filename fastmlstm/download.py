@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .datasets import DATASETS, data_dir
 
-__all__ = ["ChecksumError", "Remote", "SOURCES", "download", "fetch", "file_digest"]
+__all__ = ["SOURCES", "ChecksumError", "Remote", "download", "fetch", "file_digest"]
 
 
 class ChecksumError(ValueError):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["load_openai", "save_openai", "is_openai_dir", "NUM_FILES", "SENTIMENT_UNIT"]
+__all__ = ["NUM_FILES", "SENTIMENT_UNIT", "is_openai_dir", "load_openai", "save_openai"]
 
 NUM_FILES = 15
 SENTIMENT_UNIT = 2388  # the released model's sentiment unit (paper, Fig. 3-4)
@@ -96,7 +96,7 @@ def load_openai(path: str | os.PathLike, *, device=None, dtype: torch.dtype | No
     arrays = _read_arrays(path)
     H, E = _check_shapes(arrays, path)
     wh = np.concatenate(arrays[2:6], axis=1)  # [H, 4H]
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     state = {
         "embedding.weight": t(arrays[0]),
         "rnn.weight_ih_v": t(arrays[1].T), "rnn.weight_ih_g": t(arrays[9]),
@@ -134,14 +134,14 @@ def save_openai(model, path: str | os.PathLike) -> None:
         else:
             v = getattr(rnn, name)
             g = v.float().norm(dim=1)
-        as_np = lambda x: x.detach().to(device="cpu", dtype=torch.float32).numpy()  # noqa: E731
+        as_np = lambda x: x.detach().to(device="cpu", dtype=torch.float32).numpy()
         return as_np(v).T, as_np(g)  # [in, out] and [out]
 
     wx, gx = direction_and_gain("weight_ih")
     wh, gh = direction_and_gain("weight_hh")
     wmx, gmx = direction_and_gain("weight_im")
     wmh, gmh = direction_and_gain("weight_hm")
-    f32 = lambda x: np.ascontiguousarray(x.detach().to(device="cpu", dtype=torch.float32).numpy())  # noqa: E731
+    f32 = lambda x: np.ascontiguousarray(x.detach().to(device="cpu", dtype=torch.float32).numpy())
     arrays = [f32(model.embedding.weight), wx, *np.split(wh, 4, axis=1), wmx, wmh, f32(rnn.bias),
               gx, gh, gmx, gmh, f32(model.readout.weight).T, f32(model.readout.bias)]
     assert len(arrays) == NUM_FILES and arrays[2].shape == (H, H)

@@ -86,7 +86,7 @@ def test_probe_prints_one_json_object_and_writes_plots(models, sst, tmp_path, ca
 
 
 def test_probe_reads_fastmlstm_data(models, sst, capsys, monkeypatch):
-    _, small, released = models
+    _, _, released = models
     monkeypatch.setenv("FASTMLSTM_DATA", str(sst.parent))
     code, out, err = run(capsys, "probe", "--model", released, "--task", "sst2", "--limit", "20")
     assert code == 0, err
@@ -138,7 +138,7 @@ def test_bad_input_gives_one_line_errors(models, sst, tmp_path, capsys, argv, ma
     (onecls / "mpqa.pos").write_text("good\nfine\nnice\n")
     (onecls / "mpqa.neg").write_text("\n")  # only blank lines: no negative example
     argv = [a.format(tmp=tmp_path, small=small, sst=sst, onecls=onecls) for a in argv]
-    code, out, err = run(capsys, *argv)
+    code, _, err = run(capsys, *argv)
     assert code == 2 and match in err and "Traceback" not in err
     assert err.startswith(f"fastmlstm {argv[0]}: error:")
 
@@ -152,6 +152,6 @@ def test_console_entry_point_end_to_end(models, sst, tmp_path):
     _, small, _ = models
     proc = subprocess.run([sys.executable, "-m", "fastmlstm", "probe", "--model", str(small), "--task", "sst2",
                            "--data-dir", str(sst), "--limit", "20", "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["task"] == "sst2"

@@ -2,6 +2,8 @@
 files in the original formats and encodings; the downloader against a local HTTP server on
 127.0.0.1 (never the internet)."""
 
+from __future__ import annotations
+
 import functools
 import gzip
 import hashlib

@@ -17,7 +17,7 @@ def write_released(path, seed=0, H=H, E=E):
     """Random weights in the released layout, with gains far from the directions' norms so that
     weight normalization matters."""
     rng = np.random.default_rng(seed)
-    f = lambda *shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+    f = lambda *shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(np.float32)
     arrays = [f(256, E), f(E, 4 * H), f(H, H), f(H, H), f(H, H), f(H, H), f(E, H), f(H, H), f(4 * H, scale=0.5),
               rng.uniform(0.5, 2.0, 4 * H).astype(np.float32), rng.uniform(0.5, 2.0, 4 * H).astype(np.float32),
               rng.uniform(0.5, 2.0, H).astype(np.float32), rng.uniform(0.5, 2.0, H).astype(np.float32),
@@ -38,7 +38,7 @@ def released_numpy(arrays, data: bytes):
         return w / np.sqrt(np.maximum((w ** 2).sum(axis=0, keepdims=True), 1e-12))
 
     wx, wh, wmx, wmh = l2n(p[1]) * p[9], l2n(wh) * p[10], l2n(p[6]) * p[11], l2n(p[7]) * p[12]
-    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))
     nh = p[7].shape[0]
     h = np.zeros(nh)
     c = np.zeros(nh)
@@ -128,7 +128,7 @@ def test_load_options(released):
 
 
 def test_load_errors(tmp_path, released):
-    path, arrays = released
+    path, _ = released
     with pytest.raises(FileNotFoundError, match="no released-weights directory"):
         fastmlstm.load_openai(tmp_path / "nowhere")
     (tmp_path / "file.npy").write_bytes(b"")

@@ -19,10 +19,10 @@ from .tasks import PAPER, TASKS, TaskResult, evaluate, fit_relatedness, pair_fea
 
 __all__ = [
     "C_GRID",
-    "DataEfficiency",
-    "LinearProbe",
     "PAPER",
     "TASKS",
+    "DataEfficiency",
+    "LinearProbe",
     "TaskResult",
     "cell_trace",
     "data_efficiency",

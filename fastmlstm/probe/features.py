@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..lm import pad_bytes
 
-__all__ = ["preprocess", "featurize", "cell_trace", "encode_texts"]
+__all__ = ["cell_trace", "encode_texts", "featurize", "preprocess"]
 
 START = "\n "  # the paper's start token ("\n") and a space
 END = " "
@@ -130,7 +130,7 @@ def _run_sorted(model, seqs: list[bytes], weights, chunk: int, units: torch.Tens
         seg_lengths = [min(n - start, steps) for n in lengths[:active]]
         segment = batch[:active, start : start + steps]
         ragged = seg_lengths[-1] != steps
-        out, (h_a, c_a), *cells = model.hidden(
+        _, (h_a, c_a), *cells = model.hidden(
             segment, (h[:active], c[:active]), lengths=seg_lengths if ragged else None,
             return_cell_states=units is not None, weights=weights)
         h[:active], c[:active] = h_a, c_a

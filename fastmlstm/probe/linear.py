@@ -106,7 +106,7 @@ def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
         idx = np.flatnonzero(y == c)
         if len(idx) < 2:
             raise ValueError(f"class {c!r} has {len(idx)} example; holding some out needs at least 2 per class")
-        k = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
         held.append(rng.choice(idx, size=k, replace=False))
     held = np.sort(np.concatenate(held))
     kept = np.setdiff1d(np.arange(len(y)), held)
@@ -267,7 +267,7 @@ def train_probe(
         dev_x, dev_y = check_features(dev_x, dev_y, name="dev features", binary=False)
         if dev_x.shape[1] != train_x.shape[1]:
             raise ValueError(f"dev features have {dev_x.shape[1]} columns, train features {train_x.shape[1]}")
-    Cs = [float(c) for c in (Cs if isinstance(Cs, Sequence) or isinstance(Cs, np.ndarray) else [Cs])]
+    Cs = [float(c) for c in (Cs if isinstance(Cs, (Sequence, np.ndarray)) else [Cs])]
     if not Cs:
         raise ValueError("Cs is empty")
     if len(Cs) == 1:

@@ -18,7 +18,7 @@ import numpy as np
 from .features import END, START, cell_trace, encode_texts
 from .linear import DataEfficiency
 
-__all__ = ["plot_unit_histogram", "plot_data_efficiency", "text_values", "text_html", "text_png", "visualize_text"]
+__all__ = ["plot_data_efficiency", "plot_unit_histogram", "text_html", "text_png", "text_values", "visualize_text"]
 
 
 def _pyplot():
@@ -140,10 +140,10 @@ def text_html(chars: Sequence[tuple[str, float]], path=None, *, unit: int | None
     """
     vals = np.array([v for _, v in chars], dtype=np.float64)
     scale = float(np.max(np.abs(vals))) if scale is None and len(vals) else (scale or 1.0)
-    heading = title or ("cell value of unit %d" % unit if unit is not None else "cell value")
+    heading = title or (f"cell value of unit {unit}" if unit is not None else "cell value")
     spans = []
     for ch, v in chars:
-        r, g, b = (int(round(255 * x)) for x in _colour(v, scale))
+        r, g, b = (round(255 * x) for x in _colour(v, scale))
         text = "<br>" if ch == "\n" else html.escape(_visible(ch))
         spans.append(f'<span style="background:rgb({r},{g},{b})" title="{v:+.4f}">{text}</span>')
     page = (
@@ -190,8 +190,8 @@ def text_png(chars: Sequence[tuple[str, float]], path, *, unit: int | None = Non
     ax.set_xlim(0, n_cols)
     ax.set_ylim(len(lines) + 1.4, 0)
     ax.axis("off")
-    ax.text(0, 0.6, title or ("cell value of unit %d (scale ±%.3f)" % (unit, scale) if unit is not None
-                              else "cell value (scale ±%.3f)" % scale), fontsize=9, va="center")
+    heading = f"cell value of unit {unit}" if unit is not None else "cell value"
+    ax.text(0, 0.6, title or f"{heading} (scale ±{scale:.3f})", fontsize=9, va="center")
     for row, line in enumerate(lines, start=1):
         for col, (ch, v) in enumerate(line):
             ax.add_patch(plt.Rectangle((col, row), 1, 1, color=_colour(v, scale), linewidth=0))

@@ -32,16 +32,16 @@ from ..datasets import PairSplit, TextSplit
 from .features import featurize
 from .linear import (
     C_GRID,
-    _fit,
     DataEfficiency,
     LinearProbe,
+    _fit,
     check_features,
     data_efficiency,
     stratified_holdout,
     train_probe,
 )
 
-__all__ = ["PAPER", "TASKS", "TaskResult", "evaluate", "pair_features", "fit_relatedness"]
+__all__ = ["PAPER", "TASKS", "TaskResult", "evaluate", "fit_relatedness", "pair_features"]
 
 TASKS = ("sst2", "imdb", "yelp", "mr", "cr", "subj", "mpqa", "msrp", "sick", "multidomain")
 
@@ -115,7 +115,7 @@ def _holdout(split, fraction: float, seed: int):
         kept, held = stratified_holdout(labels, fraction, seed)
     else:
         perm = np.random.default_rng(seed).permutation(len(split))
-        k = max(1, int(round(fraction * len(split))))
+        k = max(1, round(fraction * len(split)))
         held, kept = np.sort(perm[:k]), np.sort(perm[k:])
     return split.subset(kept), split.subset(held)
 
@@ -142,9 +142,9 @@ def _plan(splits: dict, seed: int):
 def _classification(featurize_fn, task, splits, *, Cs, seed, curve, curve_draws, curve_sizes) -> TaskResult:
     train, dev, evaluation, notes = _plan(splits, seed)
     if isinstance(train, PairSplit):
-        fx = lambda s: _pair_featurize(featurize_fn, s)  # noqa: E731
+        fx = lambda s: _pair_featurize(featurize_fn, s)
     else:
-        fx = lambda s: np.asarray(featurize_fn(s.texts), dtype=np.float32)  # noqa: E731
+        fx = lambda s: np.asarray(featurize_fn(s.texts), dtype=np.float32)
     tx, dx, ex = fx(train), fx(dev), fx(evaluation)
     probe = train_probe(tx, train.labels, dx, dev.labels, Cs=Cs, seed=seed)
     metrics = {"accuracy": 100 * probe.score(ex, evaluation.labels), "C": probe.C,
