@@ -97,9 +97,11 @@ def _chunk_steps(model, rows: int, chunk_size: int | None) -> int:
     """Time steps per call.
 
     Rows that have ended leave the batch only between calls, so shorter calls waste fewer steps on
-    padding; each call costs a little fixed work (the input table, Python), so a call should hold
-    enough arithmetic to hide it: about 2^28 multiply-adds, at least 16 steps. The call's [T, B, 5H]
-    projections and [T, B, H] outputs must also fit a memory budget (512 MB on CPU, 2 GB on a GPU).
+    padding; each call costs a little fixed work (the input table, Python, launches), so a call
+    should hold enough work to hide it. On CPU that is about 2^28 multiply-adds and at least 16
+    steps. On a GPU a step of the memory-bound recurrence costs nearly the same with fewer rows, so
+    padding is cheap there and calls are long (256 steps). The call's [T, B, 5H] projections and
+    [T, B, H] outputs must also fit a memory budget (512 MB on CPU, 2 GB on a GPU).
     """
     if chunk_size is not None:
         if chunk_size < 1:
@@ -109,6 +111,8 @@ def _chunk_steps(model, rows: int, chunk_size: int | None) -> int:
     device = _model_device(model)
     budget = (2 << 30) if device.type == "cuda" else (512 << 20)
     memory_steps = budget // max(rows * 6 * H * model.readout.weight.element_size(), 1)
+    if device.type == "cuda":
+        return int(max(1, min(memory_steps, 256)))
     work_steps = (1 << 28) // max(rows * 5 * H * H, 1)
     return int(max(1, min(memory_steps, max(16, min(256, work_steps)))))
 
