@@ -240,3 +240,22 @@ def test_poisoned_buffers_are_detected():
     assert torch.isnan(buf).all()
     with pytest.raises(AssertionError, match="non-finite"):
         rel_err(buf, torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_weight_caches_see_in_place_updates(dtype):
+    """The reference caches float32 copies and oneDNN layouts of weights reused across calls (a
+    generation loop); an in-place change of a weight must invalidate them."""
+    T, B, H = 2, 16, 512  # large enough for the prepacked path
+    proj = torch.randn(T, B, 5 * H).to(dtype)
+    w_hh = (torch.randn(4 * H, H) / H ** 0.5).to(dtype)
+    w_hm = (torch.randn(H, H) / H ** 0.5).to(dtype)
+    first, _ = multiplicative_lstm_recurrence(proj, w_hh, w_hm, backend="reference")
+    again, _ = multiplicative_lstm_recurrence(proj, w_hh, w_hm, backend="reference")
+    assert torch.equal(first, again)
+    with torch.no_grad():
+        w_hh.mul_(-1.0)
+        w_hm.mul_(0.5)
+    changed, _ = multiplicative_lstm_recurrence(proj, w_hh, w_hm, backend="reference")
+    fresh, _ = multiplicative_lstm_recurrence(proj, w_hh.clone(), w_hm.clone(), backend="reference")
+    assert torch.equal(changed, fresh) and not torch.equal(changed, first)
