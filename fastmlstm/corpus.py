@@ -1,10 +1,11 @@
 """Byte streams for language-model training, memory-mapped so corpora larger than RAM stay flat.
 
-Sources are text files, gzip text files, or columns of CSV/TSV files (plain or gzip), given as
-``path`` or ``path.csv.gz#column``. They are turned into one byte stream on disk: text files are
-copied as they are (any bytes: it is a byte model), each CSV row's field becomes one record with
-its internal newlines replaced by spaces, and sources and records are joined with a newline, as in
-the paper's corpus of one review per line.
+Sources are text files, gzip text files, columns of CSV/TSV files (plain or gzip), given as
+``path`` or ``path.csv.gz#column``, or directories of one-document files (e.g. IMDB's
+``aclImdb/train/unsup``). They are turned into one byte stream on disk: text files are copied as
+they are (any bytes: it is a byte model); each CSV row's field and each file of a directory becomes
+one record with its internal newlines replaced by spaces; sources and records are joined with a
+newline, as in the paper's corpus of one review per line.
 
 Layout of a training run (:class:`RowBatcher`): the stream is cut into ``rows`` contiguous regions
 of equal length, one per batch row of the *global* batch; update ``s`` gives every row the next
@@ -36,7 +37,8 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class Source:
-    """One corpus file: ``path`` (text, .gz, .csv, .tsv, .csv.gz, .tsv.gz) and, for tables, a column."""
+    """One corpus source: a file (text, .gz, .csv, .tsv, .csv.gz, .tsv.gz; for tables, a column) or
+    a directory whose files (recursively, in sorted order) are one record each."""
 
     path: Path
     column: str | None = None
@@ -50,12 +52,21 @@ class Source:
             if not column:
                 raise ValueError(f"empty column name in corpus source {spec + '#'!r}")
         source = cls(Path(spec).expanduser(), column)
+        if source.path.is_dir():
+            if column is not None:
+                raise ValueError(f"{source.path}: a #column applies to .csv/.tsv files only")
+            if not source.files():
+                raise ValueError(f"corpus directory {source.path} holds no files")
+            return source
         if not source.path.is_file():
-            what = "is a directory, not a file" if source.path.is_dir() else "does not exist"
-            raise FileNotFoundError(f"corpus file {source.path} {what}")
+            raise FileNotFoundError(f"corpus file {source.path} does not exist")
         if column is not None and source.delimiter is None:
             raise ValueError(f"{source.path}: a #column applies to .csv/.tsv files only")
         return source
+
+    def files(self) -> list[Path]:
+        """A directory's files, sorted (hidden files skipped)."""
+        return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
 
     @property
     def compressed(self) -> bool:
@@ -70,10 +81,26 @@ class Source:
         return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
 
     def describe(self) -> dict:
+        if self.path.is_dir():
+            files = self.files()
+            return {"directory": self.path.name, "files": len(files), "size": sum(f.stat().st_size for f in files)}
         return {"file": self.path.name, "column": self.column, "size": self.path.stat().st_size}
 
     def write_records(self, out) -> int:
         """Append this source's bytes to the binary file ``out``; return the number of bytes written."""
+        if self.path.is_dir():
+            written = 0
+            for path in self.files():
+                opener = gzip.open if path.suffix == ".gz" else open
+                try:
+                    with opener(path, "rb") as f:
+                        record = f.read().replace(b"\r\n", b" ").replace(b"\n", b" ").replace(b"\r", b" ")
+                except (OSError, EOFError) as exc:
+                    raise ValueError(f"cannot read corpus file {path}: {exc}") from exc
+                if record:
+                    out.write(record + b"\n")
+                    written += len(record) + 1
+            return written
         written = 0
         try:
             with self.open_binary() as f:

@@ -70,7 +70,8 @@ SOURCES: dict[str, tuple[Remote, ...]] = {
     "sst2": tuple(Remote(_SST + f"{s}_binary_sent.csv", f"{s}_binary_sent.csv",
                          destination_file=f"{s}_binary_sent.csv") for s in ("train", "dev", "test")),
     "imdb": (Remote("https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz", "aclImdb_v1.tar.gz",
-                    members=((r"^(?:.*/)?aclImdb/((?:train|test)/(?:pos|neg)/\d+_\d+\.txt)$", r"aclImdb/\1"),
+                    members=((r"^(?:.*/)?aclImdb/((?:train/(?:pos|neg|unsup)|test/(?:pos|neg))/\d+_\d+\.txt)$",
+                              r"aclImdb/\1"),  # train/unsup: 50,000 unlabelled reviews, language-model text
                              (r"^(?:.*/)?aclImdb/README$", "aclImdb/README")),
                     checksum="md5:7c2ac02c03563afcf9b574c7e56c153a"),),
     "mr": (Remote(_NB_ACL12, "datasmall_NB_ACL12.zip",

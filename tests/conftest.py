@@ -26,8 +26,10 @@ BACKENDS = fastmlstm.available_backends(DEVICE)
 KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REPO = Path(__file__).resolve().parent.parent
-# The shared corpora: FASTMLSTM_DATA, else ../shared/data beside this checkout (as in CI).
-DATA_DIR = Path(os.environ.get("FASTMLSTM_DATA", REPO.parent / "shared" / "data"))
+# The shared corpora: FASTMLSTM_DATA, else ../shared/data beside this checkout (as in CI), so that
+# the package's loaders (which read FASTMLSTM_DATA) and the tests agree on one folder.
+os.environ.setdefault("FASTMLSTM_DATA", str(REPO.parent / "shared" / "data"))
+DATA_DIR = Path(os.environ["FASTMLSTM_DATA"])
 
 
 @pytest.fixture(autouse=True)

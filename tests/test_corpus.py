@@ -36,8 +36,9 @@ def test_sources_are_joined_one_record_per_line(tmp_path):
 def test_bad_sources_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Source.parse(tmp_path / "missing.txt")
-    with pytest.raises(FileNotFoundError, match="directory"):
-        Source.parse(tmp_path)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="holds no files"):
+        Source.parse(tmp_path / "nothing")
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(ValueError, match="applies to .csv/.tsv"):
         Source.parse(f"{tmp_path / 'x.txt'}#text")
@@ -51,6 +52,18 @@ def test_bad_sources_give_clear_errors(tmp_path):
     (tmp_path / "bad.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="cannot read corpus file"):
         build_stream([Source.parse(tmp_path / "bad.gz")], tmp_path / "o.bin")
+
+
+def test_a_directory_of_documents_is_one_record_per_file(tmp_path):
+    docs = tmp_path / "aclImdb" / "train" / "unsup"
+    docs.mkdir(parents=True)
+    (docs / "1_0.txt").write_bytes(b"first review<br />with a\nnewline")
+    (docs / "0_0.txt").write_bytes(b"second \xe9 review")
+    (docs / ".hidden").write_bytes(b"skipped")
+    (docs / "empty.txt").write_bytes(b"")
+    meta = build_stream([Source.parse(tmp_path / "aclImdb" / "train")], tmp_path / "c.bin")
+    assert bytes(open_stream(tmp_path / "c.bin")) == b"second \xe9 review\nfirst review<br />with a newline\n"
+    assert meta["sources"] == [{"directory": "train", "files": 3, "size": 47}]  # 31 + 16 + 0 bytes
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
