@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fastmlstm
+from fastmlstm._atomic import atomic_write
 from fastmlstm.checkpoint import atomic_save, model_record
 from fastmlstm.corpus import RowBatcher, Source, build_stream, open_stream
 
@@ -226,9 +227,8 @@ class Metrics:
             # Drop what was logged after the checkpoint we resume from: those steps are redone.
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            with atomic_write(path, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
         self.file = open(path, "a", buffering=1)
 
     def write(self, record: dict) -> None:

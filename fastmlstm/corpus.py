@@ -23,12 +23,13 @@ import io
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ._atomic import atomic_write
 
 __all__ = ["Source", "build_stream", "open_stream", "RowBatcher"]
 
@@ -163,23 +164,13 @@ def build_stream(sources: list[Source], path: str | os.PathLike) -> dict:
         if meta.get("fingerprint") == fp and path.stat().st_size == meta.get("bytes"):
             return meta
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            total = sum(source.write_records(out) for source in sources)
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_write(path) as out:
+        total = sum(source.write_records(out) for source in sources)
         if total == 0:
             raise ValueError(f"the corpus is empty: {', '.join(str(s.path) for s in sources)} hold no bytes")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     meta = {"fingerprint": fp, "bytes": total, "sources": [s.describe() for s in sources]}
-    tmp_meta = meta_path.with_suffix(".json.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_meta, meta_path)
+    with atomic_write(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
     return meta
 
 

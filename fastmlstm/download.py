@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ._atomic import atomic_write
 from .datasets import DATASETS, data_dir
 
 __all__ = ["SOURCES", "ChecksumError", "Remote", "download", "fetch", "file_digest"]
@@ -126,9 +126,8 @@ def _read_manifest(folder: Path) -> dict[str, str]:
 
 
 def _write_manifest(folder: Path, entries: dict[str, str]) -> None:
-    tmp = folder / f".{_MANIFEST}.tmp"
-    tmp.write_text("".join(f"{d}  {n}\n" for n, d in sorted(entries.items())))
-    os.replace(tmp, folder / _MANIFEST)
+    with atomic_write(folder / _MANIFEST, "w") as f:
+        f.write("".join(f"{d}  {n}\n" for n, d in sorted(entries.items())))
 
 
 def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = None, timeout: float = 60.0,
@@ -145,10 +144,9 @@ def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = No
     destination.parent.mkdir(parents=True, exist_ok=True)
     algorithm, expected = _parse_checksum(checksum) if checksum else ("sha256", None)
     digest, sha256 = hashlib.new(algorithm), hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
-    try:
+    with atomic_write(destination, suffix=".part") as out:
         request = urllib.request.Request(url, headers={"User-Agent": "fastmlstm-download"})
-        with urllib.request.urlopen(request, timeout=timeout) as response, os.fdopen(fd, "wb") as out:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             total = response.headers.get("Content-Length")
             with tqdm(total=int(total) if total and total.isdigit() else None, unit="B", unit_scale=True,
                       desc=destination.name, disable=not progress, leave=False) as bar:
@@ -160,13 +158,6 @@ def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = No
         if expected is not None and digest.hexdigest() != expected:
             raise ChecksumError(f"{url}: {algorithm} is {digest.hexdigest()}, expected {expected}; "
                                 "the download was deleted")
-        os.replace(tmp, destination)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return sha256.hexdigest()
 
 
@@ -186,10 +177,8 @@ def _extract(archive: Path, members: tuple[tuple[str, str], ...], folder: Path) 
             if pattern.search(name):
                 target = _safe_target(folder, pattern.sub(dest, name))
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.part")
-                with open(tmp, "wb") as out:
+                with atomic_write(target, suffix=".part") as out:
                     shutil.copyfileobj(read(), out)
-                os.replace(tmp, target)
                 written.append(target)
                 return
 

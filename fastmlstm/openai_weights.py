@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._atomic import atomic_write
+
 __all__ = ["NUM_FILES", "SENTIMENT_UNIT", "is_openai_dir", "load_openai", "save_openai"]
 
 NUM_FILES = 15
@@ -148,7 +150,5 @@ def save_openai(model, path: str | os.PathLike) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for i, a in enumerate(arrays):
-        tmp = path / f".{i}.npy.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(path / f"{i}.npy") as f:
             np.save(f, np.ascontiguousarray(a, dtype=np.float32))
-        os.replace(tmp, path / f"{i}.npy")

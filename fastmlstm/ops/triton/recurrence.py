@@ -15,7 +15,7 @@ import os
 import torch
 import triton
 
-from ..common import GATES, empty_like_none, new_buffer, recurrent_weight_grads
+from ..common import empty_like_none, new_buffer, recurrent_weight_grads
 from .fused_step import bwd_h_kernel, bwd_m_kernel, fwd_m_kernel, fwd_z_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
