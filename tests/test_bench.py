@@ -76,6 +76,11 @@ def test_runner_writes_the_documented_schema(tiny_run):
     md = (out / "tiny.md").read_text()
     assert all(i in md for i in TINY_IMPLS) and doc["device"] in md
     assert (out / "tiny-speedup.png").stat().st_size > 1000
+    # Every derived file carries where it was measured (Markdown comment, PNG text chunk).
+    provenance = json.dumps(report.provenance(doc, "tiny.json"))
+    assert md.startswith(f"<!-- provenance: {provenance} -->")
+    for png in out.glob("tiny-*.png"):
+        assert provenance.encode() in png.read_bytes(), png.name
 
 
 def _section(text):
