@@ -471,6 +471,7 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
                 if ctx.main:
                     print(f"train.py: interrupted at update {step}; checkpoint written. Re-run the same "
                           f"command to resume.", file=sys.stderr, flush=True)
+                ctx.barrier()
                 return 130
     finally:
         for s, handler in previous.items():
@@ -483,6 +484,9 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
     if ctx.main:
         model.save(out / "model.pt")
         print(f"train.py: done, {args.steps} updates; model written to {out / 'model.pt'}", flush=True)
+    # Leave together: a rank that tears its process group down while another still works can make
+    # gloo abort the whole job at exit (seen once in CI: "terminate called without an active exception").
+    ctx.barrier()
     return 0
 
 
