@@ -1,46 +1,54 @@
 """fastmlstm: fused kernels for the weight-normalized multiplicative LSTM of Radford et al. (2017).
 
 Public API:
-    FastMLSTM                       drop-in for torch.nn.LSTM (num_layers=1)
+    FastMLSTM                       drop-in for torch.nn.LSTM
     ByteLM                          the byte-level language model; load / save model files
     multiplicative_lstm             functional form over a whole sequence
     multiplicative_lstm_recurrence  the fused recurrence on precomputed input projections
     available_backends, resolve_backend, BackendUnavailableError
     load_openai, save_openai        the paper's released weights (a directory of 15 .npy files)
-    probe, datasets, download       the probe toolkit, the evaluation sets and their downloader
-                                    (subpackages, imported on first use)
+    self_check                      parity of a backend against the reference, as `fastmlstm info` runs it
+    InputError (and its variants)   what every rejection of bad input raises
+    probe, datasets, download,      the probe toolkit, the evaluation sets, their downloader, and
+    training                        the training job (subpackages, imported on first use)
 """
 
+from ._version import __version__
 from .backends import BACKENDS, BackendUnavailableError, available_backends, backend_status, resolve_backend
+from .diagnostics import self_check
+from .errors import InputError, InputTypeError, MissingInputError, ModelFileError
 from .functional import SUPPORTED_DTYPES, multiplicative_lstm, multiplicative_lstm_recurrence
-from .checkpoint import load, save
 from .lm import ByteLM
 from .modules import FastMLSTM, MLSTMWeights, weight_norm
-from .openai_weights import load_openai, save_openai
-
-__version__ = "0.1.0"
+from .serialization import load, load_openai, save, save_openai
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "ByteLM",
     "FastMLSTM",
+    "InputError",
+    "InputTypeError",
     "MLSTMWeights",
+    "MissingInputError",
+    "ModelFileError",
     "SUPPORTED_DTYPES",
+    "__version__",
     "available_backends",
+    "backend_status",
     "load",
     "load_openai",
-    "backend_status",
     "multiplicative_lstm",
     "multiplicative_lstm_recurrence",
     "resolve_backend",
     "save",
     "save_openai",
+    "self_check",
     "weight_norm",
 ]
 
 
-_SUBMODULES = ("probe", "datasets", "download")
+_SUBMODULES = ("probe", "datasets", "download", "training")
 
 
 def __getattr__(name: str):

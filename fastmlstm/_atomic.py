@@ -3,15 +3,34 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from pathlib import Path
+
+import torch
+
+from .errors import MissingInputError
+
+__all__ = ["atomic_save", "atomic_write"]
+
+
+@functools.lru_cache(maxsize=None)
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less the process umask (read once; the only
+    way to read the umask is to set it, so it is set straight back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", *, suffix: str = ".tmp"):
     """Open a temporary file beside ``path`` for writing; on success fsync it and rename it over
     ``path`` (then fsync the directory); on any error remove it and leave ``path`` untouched.
+
+    The file gets the permissions a plain ``open(path, "w")`` would (the umask applies), not the
+    owner-only mode of a temporary file.
 
     Example::
 
@@ -22,6 +41,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, suffix: str = ".t
     directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=directory)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -37,3 +57,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, suffix: str = ".t
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise MissingInputError(f"cannot save {path}: directory {directory} does not exist")
+    with atomic_write(path) as f:
+        torch.save(obj, f)

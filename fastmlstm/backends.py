@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from .errors import InputError
+
 __all__ = [
     "BACKENDS",
     "ENV_BACKEND",
@@ -82,7 +84,7 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> tu
                 "ninja and a CUDA build of PyTorch (see README, 'CUDA extension')"
             )
         return True, ""
-    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    raise InputError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -97,7 +99,7 @@ def _log_once(message: str, level: int) -> None:
 
 def _check_name(backend: object, origin: str) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"{origin} must be one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"{origin} must be one of {BACKENDS}, got {backend!r}")
     return backend
 
 

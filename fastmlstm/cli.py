@@ -1,6 +1,7 @@
 """The ``fastmlstm`` command line.
 
     fastmlstm info        versions, the backends usable here, and a quick parity self-check
+    fastmlstm train       train the byte language model (the same job as train.py)
     fastmlstm featurize   the paper's features of texts -> a [N, H] float32 .npy file
     fastmlstm probe       one of the paper's evaluations; prints one JSON object, writes plots
     fastmlstm visualize   colour a text by a unit's cell value (HTML and/or PNG)
@@ -14,81 +15,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
+from pathlib import Path
 
 import torch
 
-from . import __version__
-from .backends import BACKENDS, backend_status
-from .modules import FastMLSTM
-
-
-def _versions() -> dict:
-    info = {"fastmlstm": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception as exc:  # not installed, or broken
-        info["triton"] = f"unavailable ({type(exc).__name__})"
-    info["cuda"] = torch.version.cuda
-    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return info
-
-
-def self_check(device: torch.device, backend: str, dtype: torch.dtype = torch.float32) -> float:
-    """Largest relative difference between ``backend`` and the reference on a small problem
-    (output, final states and every gradient)."""
-    torch.manual_seed(0)
-    T, B, I, H = 6, 3, 5, 24
-    x = torch.randn(T, B, I, device=device, dtype=dtype)
-    results = []
-    for name in ("reference", backend):
-        torch.manual_seed(1)
-        rnn = FastMLSTM(I, H, backend=name, device=device, dtype=dtype)
-        xi = x.clone().requires_grad_()
-        out, (h, c) = rnn(xi, lengths=[T, T - 2, 1])
-        loss = out.float().pow(2).sum() + h.sum() + c.sum()
-        grads = torch.autograd.grad(loss, [xi, *rnn.parameters()])
-        results.append([out, h, c, *grads])
-    worst = 0.0
-    for a, b in zip(*results):
-        scale = b.float().abs().max().clamp_min(1.0)
-        worst = max(worst, ((a.float() - b.float()).abs().max() / scale).item())
-    return worst
+from .backends import BACKENDS
+from .diagnostics import backend_report, environment, parity_tolerance
+from .errors import InputError, MissingInputError
 
 
 def cmd_info(args) -> int:
-    info = _versions()
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    ok_all = True
-    info["backends"] = {}
-    for device in devices:
-        for name in BACKENDS[1:]:
-            ok, why = backend_status(name, device)
-            entry = {"available": ok}
-            if not ok:
-                entry["reason"] = why
-            elif name != "reference" and not args.no_check:
-                err = self_check(device, name)
-                entry["max_rel_diff_vs_reference"] = err
-                entry["check"] = "pass" if err < 1e-4 else "FAIL"
-                ok_all &= err < 1e-4
-            info["backends"][f"{name}@{device.type}"] = entry
+    info = environment()
+    info["backends"] = backend_report(check=not args.no_check)
+    info["self_check_tolerance"] = parity_tolerance(torch.float32)
+    ok_all = all(entry.get("check", "pass") == "pass" for entry in info["backends"].values())
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        for key in ("fastmlstm", "python", "torch", "triton", "cuda", "device"):
-            print(f"{key:>10}: {info[key]}")
-        print("  backends:")
-        for key, entry in info["backends"].items():
-            if not entry["available"]:
-                print(f"    {key:<16} unavailable: {entry['reason']}")
-            elif "check" in entry:
-                print(f"    {key:<16} {entry['check']} (max rel. diff vs reference {entry['max_rel_diff_vs_reference']:.1e})")
-            else:
-                print(f"    {key:<16} available")
+        return 0 if ok_all else 1
+    for key in ("fastmlstm", "python", "torch", "triton", "cuda", "device"):
+        print(f"{key:>10}: {info[key]}")
+    print("  backends:")
+    for key, entry in info["backends"].items():
+        if not entry["available"]:
+            print(f"    {key:<16} unavailable: {entry['reason']}")
+        elif "check" in entry:
+            print(f"    {key:<16} {entry['check']} (max rel. diff vs reference "
+                  f"{entry['max_rel_diff_vs_reference']:.1e}, tolerance {info['self_check_tolerance']:.0e})")
+        else:
+            print(f"    {key:<16} available")
     return 0 if ok_all else 1
 
 
@@ -99,36 +54,29 @@ def cmd_info(args) -> int:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CommandError(Exception):
-    """A problem with the command's input, reported as one line without a traceback."""
-
-
 def load_model(path: str, *, device: str | None = None, dtype: str | None = None, backend: str = "auto"):
-    """A ByteLM from a fastmlstm model file / checkpoint, or a released-layout directory."""
-    from pathlib import Path
+    """A ByteLM from what --model names (see :func:`fastmlstm.serialization.load_model`)."""
+    from .serialization import load_model as load
 
-    from .checkpoint import load
-    from .openai_weights import load_openai
+    return load(path, device=device, dtype=_DTYPES[dtype] if dtype else None, backend=backend)
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = _DTYPES[dtype] if dtype else None
-    if Path(path).is_dir():
-        model = load_openai(path, device=device, dtype=torch_dtype, backend=backend)
-    else:
-        model = load(path, map_location=device, backend=backend)
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-    return model.eval()
+
+def _write(path: str, write) -> None:
+    """Run ``write(path)``; an unwritable destination is the user's input, reported in one line."""
+    try:
+        write(path)
+    except OSError as exc:
+        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _read_texts(args) -> list:
     """Texts from --text (repeatable) or --input (one text per line, '-' for stdin)."""
-    from pathlib import Path
-
     texts = list(args.text or [])
     if args.input is not None:
         from .datasets import decode
 
+        if args.input != "-" and not Path(args.input).is_file():
+            raise MissingInputError(f"--input {args.input}: no such file")
         data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
         lines = decode(data).split("\n")
         if lines and lines[-1] == "":
@@ -158,20 +106,20 @@ def cmd_featurize(args) -> int:
         splits = datasets.load(name, args.data_dir)
         split = split or next(iter(splits))
         if split not in splits:
-            raise CommandError(f"{name} has splits {', '.join(splits)}, not {split!r}")
+            raise InputError(f"{name} has splits {', '.join(splits)}, not {split!r}")
         if not hasattr(splits[split], "texts"):
-            raise CommandError(f"{name} is a dataset of text pairs; featurize its sentences with --input")
+            raise InputError(f"{name} is a dataset of text pairs; featurize its sentences with --input")
         texts = splits[split].texts
     else:
         texts = _read_texts(args)
     if not texts:
-        raise CommandError("no texts: give --text, --input FILE (one text per line) or --dataset NAME[:SPLIT]")
+        raise InputError("no texts: give --text, --input FILE (one text per line) or --dataset NAME[:SPLIT]")
     model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     start = time.perf_counter()
     features = featurize(model, texts, batch_size=args.batch_size, activation=None if args.raw else "tanh",
                          progress=False if args.no_progress else None)
     seconds = time.perf_counter() - start
-    np.save(args.output, features)
+    _write(args.output, lambda path: np.save(path, features))
     chars = sum(len(t.encode("utf-8", errors="surrogateescape")) if isinstance(t, str) else len(t) for t in texts)
     print(json.dumps({"output": args.output, "shape": list(features.shape), "dtype": str(features.dtype),
                       "texts": len(texts), "chars": chars, "seconds": round(seconds, 3),
@@ -180,8 +128,6 @@ def cmd_featurize(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from pathlib import Path
-
     from .probe import evaluate, plot_data_efficiency, plot_unit_histogram
 
     model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
@@ -206,22 +152,20 @@ def cmd_probe(args) -> int:
         metrics["plots"] = written
     text = json.dumps(metrics)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        _write(args.output, lambda path: Path(path).write_text(text + "\n"))
     print(text)
     return 0
 
 
 def _unit_from_probe(path: str) -> tuple[int, int]:
-    from pathlib import Path
-
     try:
         record = json.loads(Path(path).read_text())
         unit, sign = record["sentiment_unit"], record.get("unit_sign") or 1
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CommandError(f"--probe {path}: expected the JSON that `fastmlstm probe` prints, with a "
+        raise InputError(f"--probe {path}: expected the JSON that `fastmlstm probe` prints, with a "
                            f"sentiment_unit ({type(exc).__name__}: {exc})") from None
     if unit is None:
-        raise CommandError(f"--probe {path}: that probe found no sentiment unit (it used no feature); give --unit")
+        raise InputError(f"--probe {path}: that probe found no sentiment unit (it used no feature); give --unit")
     return int(unit), int(sign)
 
 
@@ -229,18 +173,21 @@ def cmd_visualize(args) -> int:
     from .probe import visualize_text
 
     if args.unit is None and args.probe is None:
-        raise CommandError("say which unit: --unit U, or --probe RESULTS.json from `fastmlstm probe`")
+        raise InputError("say which unit: --unit U, or --probe RESULTS.json from `fastmlstm probe`")
     unit = args.unit if args.unit is not None else _unit_from_probe(args.probe)[0]
     if not (args.html or args.png):
-        raise CommandError("say where to write: --html FILE and/or --png FILE")
+        raise InputError("say where to write: --html FILE and/or --png FILE")
     texts = _read_texts(args)
     if len(texts) != 1:
-        raise CommandError(f"visualize takes one text (--text or a one-line --input), got {len(texts)}")
+        raise InputError(f"visualize takes one text (--text or a one-line --input), got {len(texts)}")
     model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     if not 0 <= unit < model.hidden_size:
-        raise CommandError(f"unit {unit} is outside [0, {model.hidden_size})")
-    chars = visualize_text(model, texts[0], unit, html_path=args.html, png_path=args.png, scale=args.scale,
-                           width=args.width)
+        raise InputError(f"unit {unit} is outside [0, {model.hidden_size})")
+    try:
+        chars = visualize_text(model, texts[0], unit, html_path=args.html, png_path=args.png, scale=args.scale,
+                               width=args.width)
+    except OSError as exc:  # an --html/--png destination that cannot be written
+        raise InputError(f"cannot write {exc.filename or 'the picture'}: {exc.strerror or exc}") from None
     values = [v for _, v in chars]
     print(json.dumps({"unit": unit, "chars": len(chars), "html": args.html, "png": args.png,
                       "min": min(values, default=None), "max": max(values, default=None),
@@ -255,9 +202,9 @@ def _parse_fixed(items: list[str]) -> dict[int, float]:
         try:
             fixed[int(unit)] = float(value)
         except ValueError:
-            raise CommandError(f"--fix takes UNIT=VALUE (e.g. 2388=1.0), got {item!r}") from None
+            raise InputError(f"--fix takes UNIT=VALUE (e.g. 2388=1.0), got {item!r}") from None
         if not sep:
-            raise CommandError(f"--fix takes UNIT=VALUE (e.g. 2388=1.0), got {item!r}")
+            raise InputError(f"--fix takes UNIT=VALUE (e.g. 2388=1.0), got {item!r}")
     return fixed
 
 
@@ -272,7 +219,7 @@ def cmd_generate(args) -> int:
     common = {"num_samples": args.num_samples, "top_k": args.top_k, "seed": args.seed}
     if steer_unit is not None:
         if fixed:
-            raise CommandError("use either --fix or --steer/--probe, not both")
+            raise InputError("use either --fix or --steer/--probe, not both")
         samples = steer(model, steer_unit, unit_sign=sign, prefix=args.prefix, n_bytes=args.n_bytes,
                         temperature=args.temperature, **common)
     else:
@@ -298,17 +245,36 @@ def cmd_download(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmlstm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_train(args) -> int:
+    from .training import train
+    from .training.config import resolve
+    from .training.distributed import init_context
+
+    args = resolve(args)
+    ctx = init_context()
+    try:
+        return train(args, ctx)
+    finally:
+        ctx.close()
+
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions, usable backends and a parity self-check")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-check", action="store_true", help="skip the parity self-check")
     p.set_defaults(func=cmd_info)
 
-    from .datasets import DATASETS  # light: the task names without importing scikit-learn
 
+def _add_train(sub) -> None:
+    from .training.config import DESCRIPTION, add_arguments
+
+    p = sub.add_parser("train", help="train the byte language model (one CPU, one GPU, or torchrun)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_featurize(sub) -> None:
     p = sub.add_parser("featurize", help="the paper's features of texts -> .npy [N, H] float32",
                        description="Features: tanh of the final cell state after the paper's preprocessing. "
                        "Prints a JSON summary (shape, characters/s).")
@@ -322,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="the raw final cell state, without tanh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_featurize)
+
+
+def _add_probe(sub) -> None:
+    from .datasets import DATASETS  # light: the task names without importing scikit-learn
 
     p = sub.add_parser("probe", help="one of the paper's evaluations; prints one JSON object",
                        description="Featurize a task's data, fit the L1 linear probe (C on dev), and print "
@@ -339,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_probe)
 
+
+def _add_visualize(sub) -> None:
     p = sub.add_parser("visualize", help="colour a text by a unit's cell value (HTML/PNG)")
     _model_args(p)
     p.add_argument("--unit", type=int, help="the unit (e.g. 2388 for the released model)")
@@ -351,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=80, help="characters per line in the PNG")
     p.set_defaults(func=cmd_visualize)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample text; --fix / --steer hold units (steered generation)")
     _model_args(p)
     p.add_argument("--prefix", default="\n ", help="text to continue (default: the paper's start token)")
@@ -366,30 +340,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("download", help="fetch an evaluation set into $FASTMLSTM_DATA (with checksums)")
+
+def _add_download(sub) -> None:
     from .download import SOURCES
 
+    p = sub.add_parser("download", help="fetch an evaluation set into $FASTMLSTM_DATA (with checksums)")
     p.add_argument("name", choices=sorted(SOURCES))
     p.add_argument("--root", help="data folder (default $FASTMLSTM_DATA or ~/.cache/fastmlstm/data)")
     p.add_argument("--mirror", help="fetch <mirror>/<filename> instead of the canonical URLs")
     p.add_argument("--force", action="store_true", help="fetch again even if present")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_download)
+
+
+COMMANDS = (_add_info, _add_train, _add_featurize, _add_probe, _add_visualize, _add_generate, _add_download)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmlstm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        return args.func(args)
-    from urllib.error import URLError
-
+    """Run one command. Bad input (the :class:`~fastmlstm.errors.InputError` family: a missing or
+    foreign file, an unknown split, texts that cannot be encoded, one-class labels...) is reported
+    as one ``fastmlstm <command>: error: ...`` line with exit status 2; anything else is a bug and
+    keeps its traceback."""
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CommandError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, URLError) as exc:
-        # Bad input (a missing file, an unknown split, texts that cannot be encoded, one-class
-        # labels...) is reported in one line; anything else keeps its traceback.
+    except InputError as exc:
         print(f"fastmlstm {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

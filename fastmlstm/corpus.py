@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ._atomic import atomic_write
+from .errors import InputError, MissingInputError
 
 __all__ = ["Source", "build_stream", "open_stream", "RowBatcher"]
 
@@ -51,18 +52,18 @@ class Source:
         if "#" in spec:
             spec, column = spec.rsplit("#", 1)
             if not column:
-                raise ValueError(f"empty column name in corpus source {spec + '#'!r}")
+                raise InputError(f"empty column name in corpus source {spec + '#'!r}")
         source = cls(Path(spec).expanduser(), column)
         if source.path.is_dir():
             if column is not None:
-                raise ValueError(f"{source.path}: a #column applies to .csv/.tsv files only")
+                raise InputError(f"{source.path}: a #column applies to .csv/.tsv files only")
             if not source.files():
-                raise ValueError(f"corpus directory {source.path} holds no files")
+                raise InputError(f"corpus directory {source.path} holds no files")
             return source
         if not source.path.is_file():
-            raise FileNotFoundError(f"corpus file {source.path} does not exist")
+            raise MissingInputError(f"corpus file {source.path} does not exist")
         if column is not None and source.delimiter is None:
-            raise ValueError(f"{source.path}: a #column applies to .csv/.tsv files only")
+            raise InputError(f"{source.path}: a #column applies to .csv/.tsv files only")
         return source
 
     def files(self) -> list[Path]:
@@ -97,7 +98,7 @@ class Source:
                     with opener(path, "rb") as f:
                         record = f.read().replace(b"\r\n", b" ").replace(b"\n", b" ").replace(b"\r", b" ")
                 except (OSError, EOFError) as exc:
-                    raise ValueError(f"cannot read corpus file {path}: {exc}") from exc
+                    raise InputError(f"cannot read corpus file {path}: {exc}") from exc
                 if record:
                     out.write(record + b"\n")
                     written += len(record) + 1
@@ -124,7 +125,7 @@ class Source:
                 header = [h.lstrip("\ufeff") for h in header]
                 column = self.column or "text"
                 if column not in header:
-                    raise ValueError(f"{self.path}: no column {column!r} (columns: {', '.join(header)}); "
+                    raise InputError(f"{self.path}: no column {column!r} (columns: {', '.join(header)}); "
                                      f"name one as {self.path}#COLUMN")
                 index = header.index(column)
                 for row in reader:
@@ -135,9 +136,9 @@ class Source:
                     out.write(data)
                     written += len(data)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise ValueError(f"cannot read corpus file {self.path}: {exc}") from exc
+            raise InputError(f"cannot read corpus file {self.path}: {exc}") from exc
         except csv.Error as exc:
-            raise ValueError(f"{self.path}: malformed {'CSV' if self.delimiter == ',' else 'TSV'}: {exc}") from exc
+            raise InputError(f"{self.path}: malformed {'CSV' if self.delimiter == ',' else 'TSV'}: {exc}") from exc
         return written
 
 
@@ -154,7 +155,7 @@ def build_stream(sources: list[Source], path: str | os.PathLike) -> dict:
     ``{"fingerprint", "bytes", "sources"}``.
     """
     if not sources:
-        raise ValueError("no corpus given: pass at least one --data file")
+        raise InputError("no corpus given: pass at least one --data file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # reviews can be long
     path = Path(path)
     meta_path = path.with_suffix(".json")
@@ -167,7 +168,7 @@ def build_stream(sources: list[Source], path: str | os.PathLike) -> dict:
     with atomic_write(path) as out:
         total = sum(source.write_records(out) for source in sources)
         if total == 0:
-            raise ValueError(f"the corpus is empty: {', '.join(str(s.path) for s in sources)} hold no bytes")
+            raise InputError(f"the corpus is empty: {', '.join(str(s.path) for s in sources)} hold no bytes")
     meta = {"fingerprint": fp, "bytes": total, "sources": [s.describe() for s in sources]}
     with atomic_write(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
@@ -191,13 +192,13 @@ class RowBatcher:
                  what: str = "corpus"):
         row_count = rows - row_start if row_count is None else row_count
         if not (0 <= row_start and row_count > 0 and row_start + row_count <= rows):
-            raise ValueError(f"rows [{row_start}, {row_start + row_count}) do not fit in {rows} rows")
+            raise InputError(f"rows [{row_start}, {row_start + row_count}) do not fit in {rows} rows")
         self.stream = stream
         self.rows, self.seq = rows, seq
         self.region = len(stream) // rows
         self.steps_per_epoch = (self.region - 1) // seq if self.region > 0 else 0
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise InputError(
                 f"the {what} has {len(stream):,} bytes, too few for one batch: {rows} rows of "
                 f"{seq} + 1 bytes need at least {rows * (seq + 1):,}; use a larger corpus, --batch or --seq smaller"
             )

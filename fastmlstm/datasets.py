@@ -55,6 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError, MissingInputError
+
 __all__ = [
     "DATASETS",
     "ENV_DATA",
@@ -81,7 +83,7 @@ ENV_DATA = "FASTMLSTM_DATA"
 DEFAULT_DATA_DIR = Path("~/.cache/fastmlstm/data")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingInputError):
     """A dataset file is missing; the message names it, where it was looked for and how to get it."""
 
 
@@ -135,7 +137,7 @@ def data_dir() -> Path:
 def dataset_dir(name: str, root: str | os.PathLike | None = None) -> Path:
     """The folder a dataset is read from: ``root`` if given, else ``data_dir() / <its folder>``."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise InputError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     return Path(root).expanduser() if root is not None else data_dir() / DATASETS[name].folder
 
 
@@ -230,7 +232,7 @@ def _csv_rows(path: Path, *, header: Sequence[str] | None) -> list[tuple[int, li
     if header is not None:
         if not rows or [c.strip().lower() for c in rows[0][1][: len(header)]] != list(header):
             got = rows[0][1][: len(header)] if rows else "an empty file"
-            raise ValueError(f"{path}: expected a header row {','.join(header)}, got {got}")
+            raise InputError(f"{path}: expected a header row {','.join(header)}, got {got}")
         rows = rows[1:]
     return rows
 
@@ -239,7 +241,7 @@ def _label(value: str, path: Path, line: int, mapping: dict[str, int]) -> int:
     try:
         return mapping[value.strip()]
     except KeyError:
-        raise ValueError(f"{path}, line {line}: label {value!r} is not one of {sorted(mapping)}") from None
+        raise InputError(f"{path}, line {line}: label {value!r} is not one of {sorted(mapping)}") from None
 
 
 def _labelled_csv(path: Path, label_col: int, text_col: int, header: Sequence[str] | None,
@@ -247,7 +249,7 @@ def _labelled_csv(path: Path, label_col: int, text_col: int, header: Sequence[st
     texts, labels = [], []
     for line, row in _csv_rows(path, header=header):
         if len(row) <= max(label_col, text_col):
-            raise ValueError(f"{path}, line {line}: expected at least {max(label_col, text_col) + 1} fields, "
+            raise InputError(f"{path}, line {line}: expected at least {max(label_col, text_col) + 1} fields, "
                              f"got {len(row)}")
         labels.append(_label(row[label_col], path, line, mapping))
         texts.append(clean(row[text_col]))
@@ -375,7 +377,7 @@ def _tsv_rows(path: Path, n_fields: int, header_first: str) -> list[tuple[int, l
         if number == 1 and fields[0].strip() == header_first:
             continue
         if len(fields) < n_fields:
-            raise ValueError(f"{path}, line {number}: expected {n_fields} tab-separated fields, got {len(fields)}")
+            raise InputError(f"{path}, line {number}: expected {n_fields} tab-separated fields, got {len(fields)}")
         rows.append((number, fields))
     return rows
 
@@ -417,9 +419,9 @@ def load_sick(root: str | os.PathLike | None = None) -> dict[str, PairSplit]:
             try:
                 score = float(f[3])
             except ValueError:
-                raise ValueError(f"{path}, line {number}: relatedness {f[3]!r} is not a number") from None
+                raise InputError(f"{path}, line {number}: relatedness {f[3]!r} is not a number") from None
             if not 1.0 <= score <= 5.0:
-                raise ValueError(f"{path}, line {number}: relatedness {score} outside [1, 5]")
+                raise InputError(f"{path}, line {number}: relatedness {score} outside [1, 5]")
             ids.append(f[0])
             first.append(f[1])
             second.append(f[2])
@@ -523,5 +525,5 @@ def load(name: str, root: str | os.PathLike | None = None, **kwargs) -> dict[str
         (6920, array([1, 0, 0]))
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise InputError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     return DATASETS[name].loader(root, **kwargs)

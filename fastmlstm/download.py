@@ -17,11 +17,13 @@ local copy, or where a canonical host has gone offline: the SemEval 2014 SICK ho
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import tarfile
+import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -31,11 +33,16 @@ from tqdm.auto import tqdm
 
 from ._atomic import atomic_write
 from .datasets import DATASETS, data_dir
+from .errors import InputError
 
-__all__ = ["SOURCES", "ChecksumError", "Remote", "download", "fetch", "file_digest"]
+__all__ = ["SOURCES", "ChecksumError", "DownloadError", "Remote", "download", "fetch", "file_digest"]
 
 
-class ChecksumError(ValueError):
+class DownloadError(InputError):
+    """A file could not be fetched (no connection, an HTTP error, a timeout); the message names the URL."""
+
+
+class ChecksumError(InputError):
     """A downloaded file does not match its expected checksum."""
 
 
@@ -109,7 +116,7 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
 def _parse_checksum(checksum: str) -> tuple[str, str]:
     algorithm, _, value = checksum.partition(":")
     if algorithm not in ("md5", "sha256") or not re.fullmatch(r"[0-9a-f]+", value or "x"):
-        raise ValueError(f"a checksum is 'md5:<hex>' or 'sha256:<hex>', got {checksum!r}")
+        raise InputError(f"a checksum is 'md5:<hex>' or 'sha256:<hex>', got {checksum!r}")
     return algorithm, value
 
 
@@ -130,6 +137,18 @@ def _write_manifest(folder: Path, entries: dict[str, str]) -> None:
         f.write("".join(f"{d}  {n}\n" for n, d in sorted(entries.items())))
 
 
+@contextlib.contextmanager
+def _reported(url: str):
+    """Network failures become a DownloadError naming the URL (one line on the command line)."""
+    try:
+        yield
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"could not fetch {url}: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:  # no route, refused, reset, timed out
+        reason = getattr(exc, "reason", None) or exc
+        raise DownloadError(f"could not fetch {url}: {reason}") from exc
+
+
 def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = None, timeout: float = 60.0,
           progress: bool = True) -> str:
     """Download ``url`` to ``destination`` atomically and return the file's SHA-256.
@@ -139,12 +158,12 @@ def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = No
     matches. Only http and https URLs are fetched.
     """
     if not re.match(r"^https?://", url):
-        raise ValueError(f"only http(s) URLs are fetched, got {url!r}")
+        raise InputError(f"only http(s) URLs are fetched, got {url!r}")
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     algorithm, expected = _parse_checksum(checksum) if checksum else ("sha256", None)
     digest, sha256 = hashlib.new(algorithm), hashlib.sha256()
-    with atomic_write(destination, suffix=".part") as out:
+    with atomic_write(destination, suffix=".part") as out, _reported(url):
         request = urllib.request.Request(url, headers={"User-Agent": "fastmlstm-download"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             total = response.headers.get("Content-Length")
@@ -164,7 +183,7 @@ def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = No
 def _safe_target(folder: Path, relative: str) -> Path:
     target = (folder / relative).resolve()
     if folder.resolve() not in target.parents:
-        raise ValueError(f"archive member would be written outside {folder}: {relative!r}")
+        raise InputError(f"archive member would be written outside {folder}: {relative!r}")
     return target
 
 
@@ -193,7 +212,7 @@ def _extract(archive: Path, members: tuple[tuple[str, str], ...], folder: Path) 
                 if member.isfile():
                     place(member.name, lambda member=member: t.extractfile(member))
     else:
-        raise ValueError(f"{archive} is neither a zip nor a tar archive")
+        raise InputError(f"{archive} is neither a zip nor a tar archive")
     return written
 
 
@@ -228,7 +247,7 @@ def download(
     """
     if name not in SOURCES:
         known = ", ".join(SOURCES)
-        raise ValueError(f"no download source for {name!r}; downloadable: {known}")
+        raise InputError(f"no download source for {name!r}; downloadable: {known}")
     base = Path(root).expanduser() if root is not None else data_dir()
     folder = base / DATASETS[name].folder
     if not force:
@@ -264,7 +283,7 @@ def download(
         if remote.members is None:
             shutil.copyfile(archive, _safe_target(folder, remote.destination_file or remote.filename))
         elif not _extract(archive, remote.members, folder):
-            raise ValueError(f"{archive} holds none of the files {name} needs "
+            raise InputError(f"{archive} holds none of the files {name} needs "
                              f"({', '.join(p for p, _ in remote.members)})")
     DATASETS[name].loader(folder)  # what was fetched must load
     return folder

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend
+from .errors import InputError, InputTypeError
 from .ops.common import GATES
 from .ops.op import recurrence_forward
 
@@ -31,18 +32,18 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _tensor(name: str, value) -> Tensor:
     if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
 
 
 def _check_matrix(name: str, w, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     w = _tensor(name, w)
     if tuple(w.shape) != shape:
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(w.shape)}")
+        raise InputError(f"{name} must have shape {list(shape)}, got {list(w.shape)}")
     if w.dtype != dtype:
-        raise TypeError(f"{name} has dtype {w.dtype} but the input has dtype {dtype}; they must match")
+        raise InputTypeError(f"{name} has dtype {w.dtype} but the input has dtype {dtype}; they must match")
     if w.device != device:
-        raise ValueError(f"{name} is on {w.device} but the input is on {device}; move them to one device")
+        raise InputError(f"{name} is on {w.device} but the input is on {device}; move them to one device")
     return w
 
 
@@ -51,16 +52,16 @@ def _check_state(initial_state, B: int, H: int, dtype: torch.dtype, device: torc
         zeros = torch.zeros(B, H, dtype=torch.float32, device=device)
         return zeros, zeros
     if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
-        raise TypeError("initial_state must be a pair (h0, c0) of [B, H] tensors")
+        raise InputTypeError("initial_state must be a pair (h0, c0) of [B, H] tensors")
     state = []
     for name, s in zip(("h0", "c0"), initial_state):
         s = _tensor(f"initial_state {name}", s)
         if tuple(s.shape) != (B, H):
-            raise ValueError(f"initial_state {name} must have shape [B, H] = [{B}, {H}], got {list(s.shape)}")
+            raise InputError(f"initial_state {name} must have shape [B, H] = [{B}, {H}], got {list(s.shape)}")
         if s.dtype not in (torch.float32, dtype):
-            raise TypeError(f"initial_state {name} has dtype {s.dtype}; it must be float32 or the input's {dtype}")
+            raise InputTypeError(f"initial_state {name} has dtype {s.dtype}; it must be float32 or the input's {dtype}")
         if s.device != device:
-            raise ValueError(f"initial_state {name} is on {s.device} but the input is on {device}")
+            raise InputError(f"initial_state {name} is on {s.device} but the input is on {device}")
         state.append(s.float())
     return tuple(state)
 
@@ -73,13 +74,13 @@ def _check_lengths(lengths, T: int, B: int, device: torch.device):
     lengths = _tensor("lengths", lengths)
     if lengths.device.type != "cpu":
         # Checking the values would need a device synchronization; torch's packing API asks the same.
-        raise ValueError(f"lengths must be a CPU tensor or a list of ints, got a tensor on {lengths.device}")
+        raise InputError(f"lengths must be a CPU tensor or a list of ints, got a tensor on {lengths.device}")
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise TypeError(f"lengths must hold integers, got {lengths.dtype}")
+        raise InputTypeError(f"lengths must hold integers, got {lengths.dtype}")
     if tuple(lengths.shape) != (B,):
-        raise ValueError(f"lengths must have shape [B] = [{B}], got {list(lengths.shape)}")
+        raise InputError(f"lengths must have shape [B] = [{B}], got {list(lengths.shape)}")
     if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
-        raise ValueError(f"lengths must lie in [0, T] = [0, {T}], got values in "
+        raise InputError(f"lengths must lie in [0, T] = [0, {T}], got values in "
                          f"[{int(lengths.min())}, {int(lengths.max())}]")
     return lengths.to(device=device, dtype=torch.int64, non_blocking=True)
 
@@ -125,14 +126,14 @@ def multiplicative_lstm_recurrence(
     """
     proj = _tensor("proj", proj)
     if proj.dim() != 3:
-        raise ValueError(f"proj must be 3-D [T, B, 5H], got {proj.dim()}-D with shape {list(proj.shape)}")
+        raise InputError(f"proj must be 3-D [T, B, 5H], got {proj.dim()}-D with shape {list(proj.shape)}")
     if proj.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtype {proj.dtype}; fastmlstm supports {[str(d) for d in SUPPORTED_DTYPES]}")
+        raise InputTypeError(f"unsupported dtype {proj.dtype}; fastmlstm supports {[str(d) for d in SUPPORTED_DTYPES]}")
     T, B, H5 = proj.shape
     if H5 % 5 or H5 == 0:
-        raise ValueError(f"proj's last dimension must be 5 * hidden_size, got {H5}")
+        raise InputError(f"proj's last dimension must be 5 * hidden_size, got {H5}")
     if B == 0:
-        raise ValueError("the batch is empty (B = 0)")
+        raise InputError("the batch is empty (B = 0)")
     H = H5 // 5
     dtype, device = proj.dtype, proj.device
     _check_matrix("weight_hh", weight_hh, (GATES * H, H), dtype, device)
@@ -195,14 +196,15 @@ def multiplicative_lstm(
     input = _tensor("input", input)
     if input.dim() != 3:
         layout = "[B, T, I]" if batch_first else "[T, B, I]"
-        raise ValueError(f"input must be 3-D {layout}, got {input.dim()}-D with shape {list(input.shape)}")
+        raise InputError(f"input must be 3-D {layout}, got {input.dim()}-D with shape {list(input.shape)}")
     if input.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"unsupported dtype {input.dtype}; fastmlstm supports {[str(d) for d in SUPPORTED_DTYPES]}")
+        raise InputTypeError(f"unsupported dtype {input.dtype}; fastmlstm supports "
+                             f"{[str(d) for d in SUPPORTED_DTYPES]}")
     x = input.transpose(0, 1) if batch_first else input
     I = x.shape[2]
     weight_hm = _tensor("weight_hm", weight_hm)
     if weight_hm.dim() != 2:
-        raise ValueError(f"weight_hm must be 2-D [H, H], got shape {list(weight_hm.shape)}")
+        raise InputError(f"weight_hm must be 2-D [H, H], got shape {list(weight_hm.shape)}")
     H = weight_hm.shape[0]
     dtype, device = x.dtype, x.device
     _check_matrix("weight_ih", weight_ih, (GATES * H, I), dtype, device)

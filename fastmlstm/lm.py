@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import InputError, InputTypeError
 from .functional import multiplicative_lstm_recurrence
 from .modules import FastMLSTM, MLSTMWeights, autocast_dtype, cast_weights
+from .serialization import FORMAT, ModelFileMixin
 
 __all__ = ["ByteLM", "pad_bytes", "to_bytes"]
 
@@ -27,10 +29,10 @@ def to_bytes(text: str | bytes | bytearray) -> bytes:
         return bytes(text)
     if isinstance(text, str):
         return text.encode("utf-8")
-    raise TypeError(f"expected str or bytes, got {type(text).__name__}")
+    raise InputTypeError(f"expected str or bytes, got {type(text).__name__}")
 
 
-class ByteLM(nn.Module):
+class ByteLM(ModelFileMixin, nn.Module):
     """Byte-level multiplicative-LSTM language model.
 
     Args:
@@ -51,6 +53,8 @@ class ByteLM(nn.Module):
         >>> logits.shape, c.shape
         (torch.Size([1, 11, 256]), torch.Size([1, 64]))
     """
+
+    FILE_FORMAT = FORMAT
 
     def __init__(self, hidden_size: int = 4096, embed_size: int = 64, weight_norm: bool = True,
                  backend: str = "auto", device=None, dtype=None):
@@ -73,12 +77,6 @@ class ByteLM(nn.Module):
     def backend(self) -> str:
         return self.rnn.backend
 
-    def save(self, path) -> None:
-        """Write the model (config included) atomically; read it back with ``fastmlstm.load``."""
-        from .checkpoint import save
-
-        save(self, path)
-
     def _weights(self, weights: MLSTMWeights | None, device_type: str) -> MLSTMWeights:
         weights = self.rnn.effective_weights() if weights is None else weights
         dtype = autocast_dtype(device_type)
@@ -94,15 +92,15 @@ class ByteLM(nn.Module):
 
     def _check_input(self, input) -> Tensor:
         if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a tensor of bytes [B, T], got {type(input).__name__}")
+            raise InputTypeError(f"input must be a tensor of bytes [B, T], got {type(input).__name__}")
         if input.dim() != 2:
-            raise ValueError(f"input must be 2-D [B, T] (bytes), got shape {list(input.shape)}")
+            raise InputError(f"input must be 2-D [B, T] (bytes), got shape {list(input.shape)}")
         if input.dtype == torch.uint8:
             return input
         if input.dtype.is_floating_point or input.dtype in (torch.bool, torch.complex64, torch.complex128):
-            raise TypeError(f"input must hold byte values (uint8 or an integer dtype), got {input.dtype}")
+            raise InputTypeError(f"input must hold byte values (uint8 or an integer dtype), got {input.dtype}")
         if input.numel() and (int(input.min()) < 0 or int(input.max()) > 255):
-            raise ValueError("input byte values must lie in [0, 255]")
+            raise InputError("input byte values must lie in [0, 255]")
         return input
 
     def hidden(self, input: Tensor, initial_state=None, *, lengths=None, return_cell_states: bool = False,
@@ -164,20 +162,20 @@ class ByteLM(nn.Module):
         """
         prefix = to_bytes(prefix)
         if not prefix:
-            raise ValueError("prefix must hold at least one byte (the paper starts from '\\n')")
+            raise InputError("prefix must hold at least one byte (the paper starts from '\\n')")
         if n_bytes < 0 or num_samples < 1:
-            raise ValueError(f"n_bytes must be >= 0 and num_samples >= 1, got {n_bytes} and {num_samples}")
+            raise InputError(f"n_bytes must be >= 0 and num_samples >= 1, got {n_bytes} and {num_samples}")
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise InputError(f"temperature must be >= 0, got {temperature}")
         if top_k is not None and not 1 <= top_k <= 256:
-            raise ValueError(f"top_k must lie in [1, 256], got {top_k}")
+            raise InputError(f"top_k must lie in [1, 256], got {top_k}")
         device = self.readout.weight.device
         H = self.rnn.hidden_size
         units, values = None, None
         if fixed_units:
             units = torch.tensor(list(fixed_units.keys()), dtype=torch.long, device=device)
             if int(units.min()) < 0 or int(units.max()) >= H:
-                raise ValueError(f"fixed_units must name units in [0, {H}), got {sorted(fixed_units)}")
+                raise InputError(f"fixed_units must name units in [0, {H}), got {sorted(fixed_units)}")
             values = torch.tensor([float(v) for v in fixed_units.values()], device=device)
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .errors import InputError, InputTypeError
 from .backends import BACKENDS
 from .functional import SUPPORTED_DTYPES, multiplicative_lstm
 
@@ -96,11 +97,11 @@ class FastMLSTM(nn.Module):
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise InputError(f"{name} must be a positive int, got {value!r}")
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if dtype is not None and dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"unsupported dtype {dtype}; fastmlstm supports {[str(d) for d in SUPPORTED_DTYPES]}")
+            raise InputTypeError(f"unsupported dtype {dtype}; fastmlstm supports {[str(d) for d in SUPPORTED_DTYPES]}")
         factory = {"device": device, "dtype": dtype}
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -157,15 +158,15 @@ class FastMLSTM(nn.Module):
         if hx is None:
             return None
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError("hx must be a pair (h_0, c_0)")
+            raise InputTypeError("hx must be a pair (h_0, c_0)")
         want = 3 if batched else 2
         state = []
         for name, s in zip(("h_0", "c_0"), hx):
             if not isinstance(s, Tensor):
-                raise TypeError(f"hx {name} must be a tensor, got {type(s).__name__}")
+                raise InputTypeError(f"hx {name} must be a tensor, got {type(s).__name__}")
             if s.dim() != want or s.shape[0] != 1:
                 layout = "[1, B, H]" if batched else "[1, H]"
-                raise ValueError(f"hx {name} must have shape {layout} (num_layers = 1), got {list(s.shape)}")
+                raise InputError(f"hx {name} must have shape {layout} (num_layers = 1), got {list(s.shape)}")
             state.append(s[0] if batched else s)
         return tuple(state)
 
@@ -190,21 +191,21 @@ class FastMLSTM(nn.Module):
         batch_first = self.batch_first
         if packed:
             if lengths is not None:
-                raise ValueError("lengths cannot be given with a PackedSequence (it carries its own)")
+                raise InputError("lengths cannot be given with a PackedSequence (it carries its own)")
             x, lengths = pad_packed_sequence(input, batch_first=False)
             batch_first = False
             batched = True
         else:
             if not isinstance(input, Tensor):
-                raise TypeError(f"input must be a tensor or a PackedSequence, got {type(input).__name__}")
+                raise InputTypeError(f"input must be a tensor or a PackedSequence, got {type(input).__name__}")
             if input.dim() not in (2, 3):
-                raise ValueError(f"input must be 3-D (batched) or 2-D (unbatched), got shape {list(input.shape)}")
+                raise InputError(f"input must be 3-D (batched) or 2-D (unbatched), got shape {list(input.shape)}")
             batched = input.dim() == 3
             x = input if batched else input.unsqueeze(1)
             if not batched:
                 batch_first = False
         if x.shape[-1] != self.input_size:
-            raise ValueError(f"input has {x.shape[-1]} features per step but input_size is {self.input_size}")
+            raise InputError(f"input has {x.shape[-1]} features per step but input_size is {self.input_size}")
         initial_state = self._initial_state(hx, batched)
 
         dtype = autocast_dtype(x.device.type)
@@ -248,9 +249,9 @@ class FastMLSTM(nn.Module):
             >>> out, state = rnn.step(torch.randn(4, 16), state, weights=w)
         """
         if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+            raise InputTypeError(f"input must be a tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
-            raise ValueError(f"step input must be [B, I] or [I], got shape {list(input.shape)}")
+            raise InputError(f"step input must be [B, I] or [I], got shape {list(input.shape)}")
         if input.dim() == 1:
             output, state = self.forward(input.view(1, -1), hx, weights=weights)
             return output[0], state

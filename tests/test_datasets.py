@@ -19,7 +19,7 @@ import pytest
 
 from fastmlstm import datasets
 from fastmlstm.datasets import DatasetNotFoundError, decode, load
-from fastmlstm.download import ChecksumError, download, fetch
+from fastmlstm.download import ChecksumError, DownloadError, download, fetch
 
 REAL = datasets.data_dir()  # $FASTMLSTM_DATA (CI: ../shared/data), else the user cache folder
 
@@ -347,7 +347,7 @@ def test_download_errors(server, tmp_path):
         download("multidomain", root=tmp_path)
     with pytest.raises(ValueError, match="only http"):
         fetch("file:///etc/passwd", tmp_path / "x")
-    with pytest.raises(OSError):  # 404 from the local server
+    with pytest.raises(DownloadError, match=r"could not fetch http://127.0.0.1:\d+/train_binary_sent.csv: HTTP 404"):
         download("sst2", root=tmp_path / "data", mirror=base, progress=False)
     write(www / "datasmall_NB_ACL12.zip", b"not an archive")
     with pytest.raises(ValueError, match="neither a zip nor a tar"):

@@ -100,7 +100,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_load_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model file"):
         fastmlstm.load(tmp_path / "missing.pt")
-    with pytest.raises(IsADirectoryError, match="load_openai"):
+    with pytest.raises(fastmlstm.ModelFileError, match="load_openai"):
         fastmlstm.load(tmp_path)
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a fastmlstm model file"):

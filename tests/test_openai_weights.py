@@ -132,7 +132,7 @@ def test_load_errors(tmp_path, released):
     with pytest.raises(FileNotFoundError, match="no released-weights directory"):
         fastmlstm.load_openai(tmp_path / "nowhere")
     (tmp_path / "file.npy").write_bytes(b"")
-    with pytest.raises(NotADirectoryError, match="fastmlstm.load"):
+    with pytest.raises(fastmlstm.ModelFileError, match="fastmlstm.load"):
         fastmlstm.load_openai(tmp_path / "file.npy")
     partial = tmp_path / "partial"
     write_released(partial)

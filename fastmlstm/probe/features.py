@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InputError, InputTypeError
 from ..lm import pad_bytes
 
 __all__ = ["cell_trace", "encode_texts", "featurize", "preprocess"]
@@ -51,13 +52,13 @@ def preprocess(text: str | bytes) -> bytes:
     elif isinstance(text, str):
         s = text
     else:
-        raise TypeError(f"a text must be str or bytes, got {type(text).__name__}")
+        raise InputTypeError(f"a text must be str or bytes, got {type(text).__name__}")
     s = START + html.unescape(s).replace("\n", " ").strip() + END
     try:
         return s.encode("utf-8", errors="surrogateescape")
     except UnicodeEncodeError as exc:
         bad = s[exc.start]
-        raise ValueError(f"text holds a lone surrogate U+{ord(bad):04X} at character {exc.start - len(START)}, "
+        raise InputError(f"text holds a lone surrogate U+{ord(bad):04X} at character {exc.start - len(START)}, "
                          "which has no UTF-8 encoding; pass the raw bytes instead of a str to keep "
                          "undecodable input as bytes") from None
 
@@ -68,24 +69,24 @@ def encode_texts(texts: Sequence[str | bytes], *, preprocess_texts: bool = True)
     Without ``preprocess_texts`` a ``str`` is encoded as UTF-8 as it is and ``bytes`` pass unchanged.
     """
     if isinstance(texts, (str, bytes, bytearray)):
-        raise TypeError("texts must be a list of texts, not a single str or bytes; wrap it: [text]")
+        raise InputTypeError("texts must be a list of texts, not a single str or bytes; wrap it: [text]")
     if isinstance(texts, np.ndarray):
         texts = texts.tolist()
     try:
         texts = list(texts)
     except TypeError:
-        raise TypeError(f"texts must be a sequence of str or bytes, got {type(texts).__name__}") from None
+        raise InputTypeError(f"texts must be a sequence of str or bytes, got {type(texts).__name__}") from None
     out = []
     for i, t in enumerate(texts):
         if not isinstance(t, (str, bytes, bytearray)):
-            raise TypeError(f"texts[{i}] is {type(t).__name__}; every text must be str or bytes")
+            raise InputTypeError(f"texts[{i}] is {type(t).__name__}; every text must be str or bytes")
         try:
             if preprocess_texts:
                 out.append(preprocess(t))
             else:
                 out.append(bytes(t) if not isinstance(t, str) else t.encode("utf-8", errors="surrogateescape"))
         except (ValueError, UnicodeEncodeError) as exc:
-            raise ValueError(f"texts[{i}]: {exc}") from None
+            raise InputError(f"texts[{i}]: {exc}") from None
     return out
 
 
@@ -105,7 +106,7 @@ def _chunk_steps(model, rows: int, chunk_size: int | None) -> int:
     """
     if chunk_size is not None:
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
     H = model.hidden_size
     device = _model_device(model)
@@ -181,7 +182,7 @@ def featurize(
         (3, 64)
     """
     if activation not in ("tanh", None):
-        raise ValueError(f"activation must be 'tanh' or None, got {activation!r}")
+        raise InputError(f"activation must be 'tanh' or None, got {activation!r}")
     seqs = encode_texts(texts, preprocess_texts=preprocess)
     H = model.hidden_size
     features = np.zeros((len(seqs), H), dtype=np.float32)
@@ -190,7 +191,7 @@ def featurize(
     if batch_size is None:
         batch_size = 512
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     total = sum(len(s) for s in seqs)
     show = total >= PROGRESS_MIN_BYTES if progress is None else progress
@@ -247,7 +248,7 @@ def cell_trace(
     else:
         index = [int(u) for u in units]
     if not index or min(index) < 0 or max(index) >= H:
-        raise ValueError(f"units must be indices in [0, {H}), got {units!r}")
+        raise InputError(f"units must be indices in [0, {H}), got {units!r}")
     if not seq:
         return np.zeros((0, len(index)), dtype=np.float32)
     device = _model_device(model)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..errors import InputError
+
 __all__ = ["steer"]
 
 
@@ -42,10 +44,10 @@ def steer(
         {'positive': ['... is great, I love it ...', ...], 'negative': [...]}
     """
     if unit_sign not in (1, -1):
-        raise ValueError(f"unit_sign must be +1 or -1, got {unit_sign}")
+        raise InputError(f"unit_sign must be +1 or -1, got {unit_sign}")
     values = {"positive": 1.0, "negative": -1.0} if values is None else dict(values)
     if not values:
-        raise ValueError("values is empty")
+        raise InputError("values is empty")
     out = {}
     for name, value in values.items():
         samples = model.generate(prefix, n_bytes, temperature, num_samples=num_samples,

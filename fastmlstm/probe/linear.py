@@ -16,6 +16,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
+from ..errors import InputError
+
 __all__ = [
     "C_GRID",
     "DataEfficiency",
@@ -40,9 +42,9 @@ def logistic_regression(C: float, *, penalty: str = "l1", seed: int = 0, max_ite
     (``penalty=`` was replaced by ``l1_ratio=`` in 1.8).
     """
     if penalty not in ("l1", "l2"):
-        raise ValueError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
+        raise InputError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
     if not C > 0:
-        raise ValueError(f"C must be > 0, got {C}")
+        raise InputError(f"C must be > 0, got {C}")
     kwargs = {"C": C, "random_state": seed, "max_iter": max_iter, "solver": "liblinear"}
     if _PENALTY_DEPRECATED:
         kwargs["l1_ratio"] = 1.0 if penalty == "l1" else 0.0
@@ -75,25 +77,25 @@ def check_features(x, y=None, *, name: str = "features", binary: bool = True):
     """Validate a feature matrix [N, F] (finite floats) and, if given, labels [N] of two classes."""
     x = np.asarray(x)
     if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array [N, F], got shape {x.shape}")
+        raise InputError(f"{name} must be a 2-D array [N, F], got shape {x.shape}")
     if x.shape[0] == 0:
-        raise ValueError(f"{name} hold no examples (N = 0)")
+        raise InputError(f"{name} hold no examples (N = 0)")
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contain NaN or infinite values")
+        raise InputError(f"{name} contain NaN or infinite values")
     if y is None:
         return x
     y = np.asarray(y)
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"labels must be a 1-D array of {x.shape[0]} entries (one per row of {name}), "
+        raise InputError(f"labels must be a 1-D array of {x.shape[0]} entries (one per row of {name}), "
                          f"got shape {y.shape}")
     classes = np.unique(y)
     if binary and len(classes) != 2:
         if len(classes) < 2:
-            raise ValueError(f"the labels hold one class only ({classes.tolist()}); a probe needs examples "
+            raise InputError(f"the labels hold one class only ({classes.tolist()}); a probe needs examples "
                              "of both classes")
-        raise ValueError(f"the probe is binary, but the labels hold {len(classes)} classes: {classes.tolist()[:10]}")
+        raise InputError(f"the probe is binary, but the labels hold {len(classes)} classes: {classes.tolist()[:10]}")
     return x, y
 
 
@@ -105,7 +107,7 @@ def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         if len(idx) < 2:
-            raise ValueError(f"class {c!r} has {len(idx)} example; holding some out needs at least 2 per class")
+            raise InputError(f"class {c!r} has {len(idx)} example; holding some out needs at least 2 per class")
         k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
         held.append(rng.choice(idx, size=k, replace=False))
     held = np.sort(np.concatenate(held))
@@ -182,7 +184,7 @@ class LinearProbe:
         """Labels from thresholding the sentiment unit alone."""
         x = check_features(x)
         if self.sentiment_unit is None:
-            raise ValueError("this probe has no sentiment unit: every weight is zero at the chosen C")
+            raise InputError("this probe has no sentiment unit: every weight is zero at the chosen C")
         above = self.unit_sign * (x[:, self.sentiment_unit] - self.unit_threshold) > 0
         return np.where(above, self.classes[1], self.classes[0])
 
@@ -208,7 +210,7 @@ def _select_C(train_x, train_y, dev_x, dev_y, Cs, penalty, cv, seed) -> tuple[fl
         smallest = int(np.min(np.unique(train_y, return_counts=True)[1]))
         k = min(cv, smallest)
         if k < 2:
-            raise ValueError("choosing C by cross-validation needs at least 2 examples of each class; "
+            raise InputError("choosing C by cross-validation needs at least 2 examples of each class; "
                              "give dev data or a single C")
         folds = list(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(train_x, train_y))
         for i, C in enumerate(Cs):
@@ -263,13 +265,13 @@ def train_probe(
     train_x, train_y = check_features(train_x, train_y, name="train features")
     if dev_x is not None or dev_y is not None:
         if dev_x is None or dev_y is None:
-            raise ValueError("give both dev_x and dev_y, or neither")
+            raise InputError("give both dev_x and dev_y, or neither")
         dev_x, dev_y = check_features(dev_x, dev_y, name="dev features", binary=False)
         if dev_x.shape[1] != train_x.shape[1]:
-            raise ValueError(f"dev features have {dev_x.shape[1]} columns, train features {train_x.shape[1]}")
+            raise InputError(f"dev features have {dev_x.shape[1]} columns, train features {train_x.shape[1]}")
     Cs = [float(c) for c in (Cs if isinstance(Cs, (Sequence, np.ndarray)) else [Cs])]
     if not Cs:
-        raise ValueError("Cs is empty")
+        raise InputError("Cs is empty")
     if len(Cs) == 1:
         C, selection, scores = Cs[0], "fixed", {}
     else:
@@ -363,14 +365,14 @@ def data_efficiency(
     train_x, train_y = check_features(train_x, train_y, name="train features")
     test_x, test_y = check_features(test_x, test_y, name="test features", binary=False)
     if C is None and dev_x is None:
-        raise ValueError("give dev data (dev_x, dev_y) to choose C for each draw, or a fixed C")
+        raise InputError("give dev data (dev_x, dev_y) to choose C for each draw, or a fixed C")
     N = len(train_y)
     sizes = default_sizes(N) if sizes is None else sorted({int(s) for s in sizes})
     n_classes = len(np.unique(train_y))
     if sizes[0] < n_classes or sizes[-1] > N:
-        raise ValueError(f"sizes must lie in [{n_classes}, {N}] (one example per class at least), got {sizes}")
+        raise InputError(f"sizes must lie in [{n_classes}, {N}] (one example per class at least), got {sizes}")
     if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
+        raise InputError(f"draws must be >= 1, got {draws}")
     rng = np.random.default_rng(seed)
     acc = np.full((len(sizes), draws), np.nan)
     chosen = np.full((len(sizes), draws), np.nan)

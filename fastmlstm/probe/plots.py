@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from .features import END, START, cell_trace, encode_texts
 from .linear import DataEfficiency
 
@@ -52,13 +53,13 @@ def plot_unit_histogram(values, labels, path, *, unit: int | None = None, class_
     values = np.asarray(values, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel()
     if values.shape != labels.shape or values.size == 0:
-        raise ValueError(f"values and labels must be two non-empty [N] arrays of one length, "
+        raise InputError(f"values and labels must be two non-empty [N] arrays of one length, "
                          f"got {values.shape} and {labels.shape}")
     classes = np.unique(labels)
     if class_names is None:
         class_names = ("negative", "positive") if len(classes) == 2 else [str(c) for c in classes]
     if len(class_names) != len(classes):
-        raise ValueError(f"{len(class_names)} class names for {len(classes)} classes")
+        raise InputError(f"{len(class_names)} class names for {len(classes)} classes")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     edges = np.histogram_bin_edges(values, bins=bins)
@@ -99,7 +100,7 @@ def text_values(data: bytes, values: np.ndarray, *, skip_padding: bool = True) -
     token (``"\\n "``) and end space are left out when ``data`` has them."""
     values = np.asarray(values, dtype=np.float64).ravel()
     if len(values) != len(data):
-        raise ValueError(f"{len(values)} values for {len(data)} bytes")
+        raise InputError(f"{len(values)} values for {len(data)} bytes")
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = []
     for j in range(len(data)):

@@ -29,6 +29,7 @@ import torch
 
 from .. import datasets
 from ..datasets import PairSplit, TextSplit
+from ..errors import InputError, InputTypeError
 from .features import featurize
 from .linear import (
     C_GRID,
@@ -78,7 +79,7 @@ def _featurizer(model, batch_size, progress):
         return lambda texts: featurize(model, texts, batch_size=batch_size, progress=progress)
     if callable(model):
         return model
-    raise TypeError(f"model must be a ByteLM or a callable texts -> features [N, F], got {type(model).__name__}")
+    raise InputTypeError(f"model must be a ByteLM or a callable texts -> features [N, F], got {type(model).__name__}")
 
 
 def pair_features(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -99,7 +100,7 @@ def _limit(split, limit: int | None, seed: int):
     if limit is None or len(split) <= limit:
         return split
     if limit < 2:
-        raise ValueError(f"limit must be >= 2, got {limit}")
+        raise InputError(f"limit must be >= 2, got {limit}")
     labels = split.labels
     if labels.dtype.kind in "iub" and len(np.unique(labels)) > 1:
         _, index = stratified_holdout(labels, limit / len(labels), seed)
@@ -177,7 +178,7 @@ def _cross_validation(featurize_fn, task, split: TextSplit, *, Cs, seed, folds: 
     check_features(x, y)
     k = min(folds, int(np.min(np.unique(y, return_counts=True)[1])))
     if k < 2:
-        raise ValueError(f"{task}: 10-fold cross-validation needs at least 2 examples of each class")
+        raise InputError(f"{task}: 10-fold cross-validation needs at least 2 examples of each class")
     accs, unit_accs, chosen, used, units = [], [], [], [], []
     for f, (fit_idx, test_idx) in enumerate(StratifiedKFold(k, shuffle=True, random_state=seed).split(x, y)):
         kept, held = stratified_holdout(y[fit_idx], 0.1, seed + f)
@@ -293,7 +294,7 @@ def evaluate(
         >>> result.metrics["accuracy"], result.metrics["sentiment_unit"]   # doctest: +SKIP
     """
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+        raise InputError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     featurize_fn = _featurizer(model, batch_size, progress)
     splits = datasets.load(task, root) if splits is None else dict(splits)
     splits = {name: _limit(s, limit, seed) for name, s in splits.items()}

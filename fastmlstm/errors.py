@@ -1,0 +1,34 @@
+"""The project's input errors: one small family, so that callers can tell bad input from a bug.
+
+Every place that rejects what a user gave (an argument, a tensor's shape or dtype, a path, a file's
+content, a download) raises an :class:`InputError`. It subclasses ``ValueError``, so code that
+catches ``ValueError`` keeps working; the variants also subclass the built-in error a Python
+programmer would expect (``TypeError`` for a wrong type, ``FileNotFoundError`` for a missing file).
+The ``fastmlstm`` command and ``train.py`` turn exactly this family into one ``error:`` line and
+exit status 2; any other exception is a bug and keeps its traceback.
+
+    InputError                      bad input (a ValueError)
+    ├── InputTypeError              ... of the wrong type or dtype (also a TypeError)
+    ├── MissingInputError           ... a file or folder that is not there (also a FileNotFoundError)
+    └── ModelFileError              ... a file that is not a readable model of this library
+"""
+
+from __future__ import annotations
+
+__all__ = ["InputError", "InputTypeError", "MissingInputError", "ModelFileError"]
+
+
+class InputError(ValueError):
+    """Bad input from the user; the message says what was wrong and, where it helps, what to do."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong type, or a tensor of the wrong dtype."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder the user named (or that a default points at) does not exist."""
+
+
+class ModelFileError(InputError):
+    """A file or folder that is not a readable model: empty, truncated, foreign, or unsafe to load."""

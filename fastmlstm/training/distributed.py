@@ -1,0 +1,89 @@
+"""One process or many (torchrun): the rank's place, its device, and collectives that fail together."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Context", "gather_rows", "init_context", "run_collectively"]
+
+
+@dataclass
+class Context:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every rank (so that all ranks fail together, none hangs)."""
+        if not self.distributed:
+            return ok
+        flag = torch.tensor([int(ok)], device=self._collective_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def sum(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
+        if self.distributed:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def close(self) -> None:
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+def init_context() -> Context:
+    """The rank's context from torchrun's environment (one process without it)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Context(rank, world, local_rank, device)
+
+
+def run_collectively(ctx: Context, fn):
+    """Run ``fn`` on every rank; if it fails anywhere, raise on every rank instead of hanging."""
+    error = None
+    try:
+        result = fn()
+    except Exception as exc:  # re-raised below, on this rank, after the others have heard
+        error, result = exc, None
+    if not ctx.all_ok(error is None):
+        raise error if error is not None else RuntimeError("another rank failed (see its error)")
+    return result
+
+
+def gather_rows(ctx: Context, t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (in rank order) on every rank, on the CPU."""
+    if not ctx.distributed:
+        return t.cpu()
+    parts = [torch.empty_like(t) for _ in range(ctx.world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts).cpu()

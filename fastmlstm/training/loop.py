@@ -1,0 +1,130 @@
+"""The training loop: the five stages put together, with signals, checkpoints and the final model."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .checkpoints import check_writable, load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
+from .config import parse_args
+from .data import prepare_data
+from .distributed import Context, init_context, run_collectively
+from .metrics import LogWindow, Reporter, evaluate
+from .state import build_state, check_same_run, run_descriptor
+from .update import autocast_for, learning_rate, train_step
+
+__all__ = ["main", "train"]
+
+
+class StopFlag:
+    """SIGINT / SIGTERM ask the loop to checkpoint and stop; the previous handlers come back after."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __enter__(self) -> StopFlag:
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number (130, 143)."""
+        return 128 + int(self.signal or signal.SIGINT)
+
+
+def _due(every: int, step: int, last: bool) -> bool:
+    return bool(every and step % every == 0) or last
+
+
+def _loop(args: argparse.Namespace, ctx: Context, out: Path, state, data, run: dict, window: LogWindow,
+          reporter: Reporter, stop: StopFlag) -> int | None:
+    """Updates until ``args.steps``; returns an exit code when a signal stopped it, else None."""
+    forward = torch.nn.parallel.DistributedDataParallel(state.model) if ctx.distributed else state.model
+    amp = autocast_for(args, ctx.device)
+    while state.step < args.steps:
+        x, y, new_epoch = data.batcher.batch(state.step)
+        lr = learning_rate(args, state.step)
+        window.add(train_step(state, forward, x, y, new_epoch, lr, amp, args.clip))
+        step, last = state.step, state.step == args.steps
+        if _due(args.log_every, step, last):
+            reporter.log_updates(step, data.batcher.epoch_and_position(step - 1)[0], lr, window)
+        if data.eval_batcher is not None and _due(args.eval_every, step, last):
+            reporter.log_evaluation(step, evaluate(state.model, data.eval_batcher, ctx, amp))
+            window.restart_clock()  # evaluation time is not training throughput
+        reporter.tick()
+        # Ranks agree on stopping through a collective; across ranks it is polled only on log
+        # steps, which synchronize anyway, so the hot loop gains no per-update host sync.
+        stopping = False
+        if not ctx.distributed or step % args.log_every == 0 or last:
+            stopping = not ctx.all_ok(stop.signal is None)
+        if _due(args.ckpt_every, step, last) or stopping:
+            save_checkpoint(ctx, out, state, window, run, data.batcher.epoch_and_position(step)[0], args.keep)
+        if stopping:
+            if ctx.main:
+                print(f"train.py: interrupted at update {step}; checkpoint written. Re-run the same command "
+                      "to resume.", file=sys.stderr, flush=True)
+            return stop.exit_code
+    return None
+
+
+def train(args: argparse.Namespace, ctx: Context) -> int:
+    """Train (or resume) the run ``args`` describes on this rank; returns the process's exit code."""
+    out = Path(args.out)
+    check_writable(out)
+    if ctx.main:
+        remove_stale_temporaries(out)
+    data = prepare_data(args, ctx, out)
+    run = run_descriptor(args, data)
+    ckpt = run_collectively(ctx, lambda: load_latest_checkpoint(out))
+    if ckpt is not None:
+        check_same_run(ckpt["run"], run, out)
+    state = build_state(args, ctx, data, ckpt)
+    window = LogWindow(ctx.device, ckpt and ckpt["log_window"], ctx.world)
+    reporter = Reporter(out, ctx, args.steps, state.step, args.batch * args.seq)
+    if ckpt is not None:
+        reporter.say(f"train.py: resuming {out} at update {state.step} of {args.steps}")
+    try:
+        with StopFlag() as stop:
+            code = _loop(args, ctx, out, state, data, run, window, reporter, stop)
+    finally:
+        reporter.close()
+    if code is None:
+        if ctx.main:
+            state.model.save(out / "model.pt")
+            print(f"train.py: done, {args.steps} updates; model written to {out / 'model.pt'}", flush=True)
+        code = 0
+    # Leave together: a rank that tears its process group down while another still works can make
+    # gloo abort the whole job at exit (seen once in CI: "terminate called without an active exception").
+    ctx.barrier()
+    return code
+
+
+def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+    """Parse the flags, train, and turn bad input into one ``<prog>: error: ...`` line and exit status 2."""
+    try:
+        args = parse_args(argv, prog)
+        ctx = init_context()
+    except InputError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return train(args, ctx)
+    except InputError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ctx.close()

@@ -1,0 +1,131 @@
+"""Stage 4, logging and evaluation: the running log window, ``metrics.jsonl`` records, the progress
+bar, and held-out bits per byte."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .._atomic import atomic_write
+from ..corpus import RowBatcher
+from .distributed import Context
+from .update import LN2, cross_entropy_sum
+
+__all__ = ["LogWindow", "Metrics", "Reporter", "evaluate"]
+
+
+class Metrics:
+    """metrics.jsonl: one JSON object per line, appended as training goes."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            # Drop what was logged after the checkpoint we resume from: those steps are redone.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            with atomic_write(path, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class LogWindow:
+    """The losses of the updates since the last log record (summed on the device: no host sync)."""
+
+    def __init__(self, device: torch.device, saved: dict | None = None, world: int = 1):
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.steps = 0
+        self.start = time.perf_counter()
+        if saved is not None:  # the partial window a checkpoint carried
+            self.loss += saved["loss_sum"] / world  # summed back over ranks when logged
+            self.steps = saved["steps"]
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def snapshot(self, ctx: Context) -> dict:
+        window_sum, = ctx.sum(self.loss.item())
+        return {"loss_sum": window_sum, "steps": self.steps}
+
+    def close(self, ctx: Context) -> tuple[float, float, int]:
+        """(bits per byte averaged over the window and the ranks, seconds, updates); then reset."""
+        mean_loss, = ctx.sum(self.loss.item() / self.steps)
+        elapsed, steps = time.perf_counter() - self.start, self.steps
+        self.loss.zero_()
+        self.steps = 0
+        self.restart_clock()
+        return mean_loss / ctx.world / LN2, elapsed, steps
+
+    def restart_clock(self) -> None:
+        self.start = time.perf_counter()
+
+
+class Reporter:
+    """Rank 0's outputs: metrics.jsonl records and a progress bar (on a terminal) or log lines."""
+
+    def __init__(self, out: Path, ctx: Context, total: int, start: int, chars_per_update: int):
+        self.ctx, self.total, self.chars_per_update = ctx, total, chars_per_update
+        self.metrics = Metrics(out / "metrics.jsonl", start) if ctx.main else None
+        self.progress = None
+        if ctx.main and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=total, initial=start, unit="upd", dynamic_ncols=True)
+
+    def say(self, message: str) -> None:
+        if self.ctx.main:
+            print(message, flush=True) if self.progress is None else self.progress.write(message)
+
+    def log_updates(self, step: int, epoch: int, lr: float, window: LogWindow) -> None:
+        bits_per_byte, elapsed, steps = window.close(self.ctx)
+        record = {"step": step, "epoch": epoch, "bits_per_byte": bits_per_byte, "lr": lr,
+                  "chars_per_s": self.chars_per_update * steps / elapsed}
+        if not self.ctx.main:
+            return
+        self.metrics.write(record)
+        if self.progress is not None:
+            self.progress.set_postfix(bpb=f"{bits_per_byte:.3f}", chars_s=f"{record['chars_per_s']:,.0f}")
+        else:
+            self.say(f"step {step}/{self.total}  bits/byte {bits_per_byte:.4f}  lr {lr:.2e}  "
+                     f"chars/s {record['chars_per_s']:,.0f}")
+
+    def log_evaluation(self, step: int, bits_per_byte: float) -> None:
+        if self.ctx.main:
+            self.metrics.write({"step": step, "eval_bits_per_byte": bits_per_byte})
+            self.say(f"step {step}/{self.total}  held-out bits/byte {bits_per_byte:.4f}")
+
+    def tick(self) -> None:
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+@torch.no_grad()
+def evaluate(model, batcher: RowBatcher, ctx: Context, amp) -> float:
+    """Held-out bits per byte over the whole held-out stream, state carried across updates."""
+    model.eval()
+    state, total, count = None, 0.0, 0
+    for step in range(batcher.steps_per_epoch):
+        x, y, _ = batcher.batch(step)
+        with amp():
+            logits, state = model(x.to(ctx.device), state)
+        total += cross_entropy_sum(logits, y.to(ctx.device)).item()
+        count += y.numel()
+    model.train()
+    total, count = ctx.sum(total, count)
+    return total / count / LN2
