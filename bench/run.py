@@ -5,7 +5,7 @@
     python bench/run.py --preset gpu --modes fwd+bwd --H 4096 --B 128 --dtypes bfloat16
     python bench/run.py --list                            # presets and implementations
 
-Every measured mLSTM implementation first passes a correctness gate (bench/suite.py: ``check``);
+Every measured mLSTM implementation first passes a correctness gate (bench/gate.py: ``check``);
 one that fails is refused: listed under ``refused`` and never timed. Then for every case, every
 implementation in turn: build, warm up, time (median of many calls, rotating input sets), one more
 call for peak memory. Results go to ``bench/results/<device>-<date>.json`` with a Markdown table and
@@ -29,9 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gate  # noqa: E402
+import impls as implementations  # noqa: E402
 import measure  # noqa: E402
+import registry  # noqa: E402
 import report  # noqa: E402
-import suite  # noqa: E402
+import workload  # noqa: E402
 
 SCHEMA_VERSION = 1
 
@@ -45,12 +48,12 @@ def _csv(kind):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, choices=sorted(suite.PRESETS),
+    p.add_argument("--preset", default=None, choices=sorted(registry.PRESETS),
                    help="shape grid, dtypes and implementations (default: gpu on CUDA machines, else cpu)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the preset's)")
-    p.add_argument("--impls", type=_csv(str), help=f"comma-separated subset of {', '.join(suite.IMPLS)}")
-    p.add_argument("--modes", type=_csv(str), help=f"comma-separated subset of {', '.join(suite.MODES)}")
-    p.add_argument("--dtypes", type=_csv(str), help=f"comma-separated subset of {', '.join(suite.DTYPES)}")
+    p.add_argument("--impls", type=_csv(str), help=f"comma-separated subset of {', '.join(implementations.IMPLS)}")
+    p.add_argument("--modes", type=_csv(str), help=f"comma-separated subset of {', '.join(registry.MODES)}")
+    p.add_argument("--dtypes", type=_csv(str), help=f"comma-separated subset of {', '.join(registry.DTYPES)}")
     p.add_argument("--H", type=_csv(int), help="hidden sizes (replaces the preset grid, crossed with --B)")
     p.add_argument("--B", type=_csv(int), help="batch sizes (texts per batch for featurize)")
     p.add_argument("--T", type=int, help="time steps (fwd, fwd+bwd, train)")
@@ -75,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def list_registry() -> None:
     print("implementations:")
-    for name, impl in suite.IMPLS.items():
+    for name, impl in implementations.IMPLS.items():
         print(f"  {name:<24} modes {','.join(impl.modes)}")
-    for name, preset in suite.PRESETS.items():
-        cases = suite.expand(preset)
+    for name, preset in registry.PRESETS.items():
+        cases = registry.expand(preset)
         print(f"preset {name}: device {preset['device']}, T={preset['T']}, I={preset['I']}, "
               f"dtypes {','.join(preset['dtypes'])}, {len(cases)} cases x {len(preset['impls'])} implementations")
         for mode, grid in preset["grid"].items():
@@ -97,7 +100,7 @@ def tf32_settings(choice: str, device: torch.device) -> dict:
 
 
 def roofline(record: dict, family: str, ceilings: dict, elem_bytes: int, batches, params: int) -> dict:
-    flops, nbytes = suite.cost(family, record["mode"], record["hidden_size"], record["B"], record["T"],
+    flops, nbytes = workload.cost(family, record["mode"], record["hidden_size"], record["B"], record["T"],
                                record["I"], elem_bytes, batches, params)
     seconds = record["median_ms"] * 1e-3
     rate = ceilings["matmul_TFLOPs"].get(record["dtype"]) or ceilings["matmul_TFLOPs"].get("float32")
@@ -109,7 +112,7 @@ def roofline(record: dict, family: str, ceilings: dict, elem_bytes: int, batches
             "frac_roofline": max(t_bytes, t_flops) / seconds}
 
 
-def run_case(impl: suite.Impl, case: suite.Case, device: torch.device, ctx: dict, ceilings: dict,
+def run_case(impl: implementations.Impl, case: registry.Case, device: torch.device, ctx: dict, ceilings: dict,
              timing: dict) -> dict:
     built = impl.build(case, device, ctx)
     t_first = time.perf_counter()
@@ -127,7 +130,7 @@ def run_case(impl: suite.Impl, case: suite.Case, device: torch.device, ctx: dict
         "peak_mem_mb": None if activation is None else static + activation,
         "activation_mem_mb": activation, "static_mem_mb": static,
         "hidden_size": built.hidden_size, "params": built.params, "first_call_ms": first_call_ms,
-        "kernel": suite.kernel_description(impl, device),
+        "kernel": implementations.kernel_description(impl, device),
     }
     if case.mode == "featurize":
         record["T"] = max(t for _, t in built.batches)
@@ -137,49 +140,50 @@ def run_case(impl: suite.Impl, case: suite.Case, device: torch.device, ctx: dict
     if case.mode == "step":
         record["T"] = 1
     record.update(built.notes)
-    elem = suite.DTYPES[case.dtype].itemsize
+    elem = registry.DTYPES[case.dtype].itemsize
     record["roofline"] = roofline(record, impl.family, ceilings, elem, built.batches, built.params)
     del built
     return record
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.list:
-        list_registry()
-        return 0
+class UsageError(Exception):
+    """A bad command line: printed as one ``run.py: ...`` line, exit status 1."""
+
+
+def select(args: argparse.Namespace) -> tuple[str, dict, torch.device, list, list, dict]:
+    """(preset name, preset, device, implementations, cases, timing) from the command line."""
     preset_name = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    preset = suite.PRESETS[preset_name]
+    preset = registry.PRESETS[preset_name]
     device = torch.device(args.device or preset["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("run.py: CUDA is not available here; use --preset cpu (or --device cpu)", file=sys.stderr)
-        return 1
-    for kind, values, known in (("mode", args.modes, suite.MODES), ("dtype", args.dtypes, suite.DTYPES)):
+        raise UsageError("CUDA is not available here; use --preset cpu (or --device cpu)")
+    for kind, values, known in (("mode", args.modes, registry.MODES), ("dtype", args.dtypes, registry.DTYPES)):
         bad = [v for v in values or () if v not in known]
         if bad:
-            print(f"run.py: unknown {kind} {bad}; choose from {list(known)}", file=sys.stderr)
-            return 1
-    impl_names = [suite.ALIASES.get(n, n) for n in (args.impls or preset["impls"])]
-    bad = [n for n in impl_names if n not in suite.IMPLS]
+            raise UsageError(f"unknown {kind} {bad}; choose from {list(known)}")
+    names = [implementations.ALIASES.get(n, n) for n in (args.impls or preset["impls"])]
+    bad = [n for n in names if n not in implementations.IMPLS]
     if bad:
-        print(f"run.py: unknown implementation {bad}; choose from {list(suite.IMPLS)}", file=sys.stderr)
-        return 1
-    impls = [suite.IMPLS[n] for n in impl_names]
-    cases = suite.expand(preset, args.modes, args.dtypes, args.H, args.B, args.T, args.I)
+        raise UsageError(f"unknown implementation {bad}; choose from {list(implementations.IMPLS)}")
+    cases = registry.expand(preset, args.modes, args.dtypes, args.H, args.B, args.T, args.I)
     timing = dict(preset["timing"])
     for key, value in (("warmup_ms", args.warmup_ms), ("rep_ms", args.rep_ms), ("min_runs", args.min_runs)):
         if value is not None:
             timing[key] = value
+    return preset_name, preset, device, [implementations.IMPLS[n] for n in names], cases, timing
 
+
+def describe_run(args, argv, preset_name: str, preset: dict, device: torch.device, timing: dict) -> dict:
+    """The results document's header: where, with what, and how it was measured."""
     threads = args.threads or preset.get("threads")
     if threads:
         torch.set_num_threads(threads)
     tf32 = tf32_settings(args.tf32 or preset.get("tf32", "default"), device)
     started = datetime.datetime.now(datetime.timezone.utc)
-    name = measure.device_name(device)
-    doc = {
-        "schema": SCHEMA_VERSION, "device": name, "device_type": device.type, **measure.versions(),
-        **measure.git_commit(), "date": started.date().isoformat(), "started": started.isoformat(timespec="seconds"),
+    return {
+        "schema": SCHEMA_VERSION, "device": measure.device_name(device), "device_type": device.type,
+        **measure.versions(), **measure.git_commit(), "date": started.date().isoformat(),
+        "started": started.isoformat(timespec="seconds"),
         "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "preset": preset_name, "torch_threads": torch.get_num_threads(), "tf32": tf32,
         "load_average_start": measure.load_average(),
@@ -193,23 +197,10 @@ def main(argv=None) -> int:
                            "allocator fragmentation and library scratch")
                           + ")"),
     }
-    ctx = {"compile_backend": args.compile_backend or preset.get("compile_backend", "inductor")}
-    doc["compile_backend"] = ctx["compile_backend"]
-    print(f"== {name} | torch {doc['torch']} | triton {doc['triton']} | cuda {doc['cuda']} | "
-          f"commit {str(doc['commit'])[:10]}{' (dirty)' if doc['dirty'] else ''}", flush=True)
 
-    ceil_cfg = preset["ceilings"]
-    dtypes_used = sorted({c.dtype for c in cases} | {"float32"}, key=list(suite.DTYPES).index)
-    ceilings = measure.measure_ceilings(device, [suite.DTYPES[d] for d in dtypes_used], **ceil_cfg)
-    doc["ceilings"] = ceilings
-    print(f"   copy {ceilings['copy_GBps']:.1f} GB/s; matmul " +
-          ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in ceilings["matmul_TFLOPs"].items()), flush=True)
 
-    if any(c.mode == "featurize" for c in cases):
-        n = args.featurize_texts or preset["featurize_texts"]
-        ctx["texts"], doc["featurize_data"] = suite.load_texts(n)
-
-    # ---- which implementations run, and the correctness gate
+def gate_implementations(impls: list, cases: list, device: torch.device, ctx: dict, doc: dict) -> list:
+    """Skip what cannot run here, refuse what fails the gate; the rest is timed. Fills ``doc``."""
     skipped, refused, checks, active = [], [], [], []
     for impl in impls:
         ok, why = impl.status(device)
@@ -220,7 +211,7 @@ def main(argv=None) -> int:
         if impl.family == "mlstm":
             passed = True
             for dt in sorted({c.dtype for c in cases if c.mode in impl.modes}):
-                result = suite.check(impl, suite.DTYPES[dt], device, ctx)
+                result = gate.check(impl, registry.DTYPES[dt], device, ctx)
                 checks.append(result)
                 state = "pass" if result["passed"] else "FAIL"
                 detail = result.get("error") or f"max rel err {result['max_rel_err']:.2e} ({result['worst']})"
@@ -231,8 +222,13 @@ def main(argv=None) -> int:
                 refused.append({"impl": impl.label(device), "reason": "failed the correctness gate (see checks)"})
                 continue
         active.append(impl)
+    doc.update(checks=checks, refused=refused, skipped=skipped)
+    return active
 
-    # ---- the cases, every implementation in turn within a case (same load, same minute)
+
+def time_cases(active: list, cases: list, device: torch.device, ctx: dict, ceilings: dict,
+               timing: dict) -> tuple[list, list]:
+    """Every case, every implementation in turn within it (same load, same minute): (results, errors)."""
     results, errors = [], []
     for case in cases:
         for impl in active:
@@ -256,11 +252,12 @@ def main(argv=None) -> int:
             mem = "n/a" if record["peak_mem_mb"] is None else f"{record['peak_mem_mb']:.1f} MiB"
             print(f"   {label} {record['median_ms']:10.3f} ms  {record['chars_per_s']:12.0f} chars/s  "
                   f"peak {mem}  roofline {record['roofline']['frac_roofline']:.1%}", flush=True)
+    return results, errors
 
-    doc.update(checks=checks, refused=refused, skipped=skipped, errors=errors, results=results,
-               load_average_end=measure.load_average(),
-               finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    stem = args.name or f"{measure.slug(('cpu-' if device.type == 'cpu' else '') + name)}-{doc['date']}"
+
+def write_results(doc: dict, args, device: torch.device) -> list[Path]:
+    """The JSON, its Markdown table and (unless --no-plots) the PNG plots; returns the paths."""
+    stem = args.name or f"{measure.slug(('cpu-' if device.type == 'cpu' else '') + doc['device'])}-{doc['date']}"
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stem}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
@@ -268,9 +265,41 @@ def main(argv=None) -> int:
     written = [path, args.out / f"{stem}.md"]
     if not args.no_plots:
         written += report.plots(doc, args.out / stem)
+    return written
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        list_registry()
+        return 0
+    try:
+        preset_name, preset, device, impls, cases, timing = select(args)
+    except UsageError as exc:
+        print(f"run.py: {exc}", file=sys.stderr)
+        return 1
+    doc = describe_run(args, argv, preset_name, preset, device, timing)
+    ctx = {"compile_backend": args.compile_backend or preset.get("compile_backend", "inductor")}
+    doc["compile_backend"] = ctx["compile_backend"]
+    print(f"== {doc['device']} | torch {doc['torch']} | triton {doc['triton']} | cuda {doc['cuda']} | "
+          f"commit {str(doc['commit'])[:10]}{' (dirty)' if doc['dirty'] else ''}", flush=True)
+
+    dtypes_used = sorted({c.dtype for c in cases} | {"float32"}, key=list(registry.DTYPES).index)
+    ceilings = measure.measure_ceilings(device, [registry.DTYPES[d] for d in dtypes_used], **preset["ceilings"])
+    doc["ceilings"] = ceilings
+    print(f"   copy {ceilings['copy_GBps']:.1f} GB/s; matmul " +
+          ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in ceilings["matmul_TFLOPs"].items()), flush=True)
+    if any(c.mode == "featurize" for c in cases):
+        ctx["texts"], doc["featurize_data"] = workload.load_texts(args.featurize_texts or preset["featurize_texts"])
+
+    active = gate_implementations(impls, cases, device, ctx, doc)
+    results, errors = time_cases(active, cases, device, ctx, ceilings, timing)
+    doc.update(errors=errors, results=results, load_average_end=measure.load_average(),
+               finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    written = write_results(doc, args, device)
     print("== wrote " + ", ".join(str(p) for p in written), flush=True)
-    if refused:
-        print("== refused (not reported): " + ", ".join(r["impl"] for r in refused), file=sys.stderr)
+    if doc["refused"]:
+        print("== refused (not reported): " + ", ".join(r["impl"] for r in doc["refused"]), file=sys.stderr)
         return 2
     return 0
 

@@ -20,11 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
+import gate  # noqa: E402
+import impls  # noqa: E402
 import measure  # noqa: E402
 import mlstm_eager  # noqa: E402
+import registry  # noqa: E402
 import report  # noqa: E402
 import run as bench_run  # noqa: E402
-import suite  # noqa: E402
+import workload  # noqa: E402
 
 TOP_LEVEL = {"device": str, "device_type": str, "torch": str, "triton": str, "date": str, "command": str,
              "results": list, "checks": list, "refused": list, "skipped": list, "ceilings": dict, "tf32": dict}
@@ -65,7 +68,7 @@ def test_runner_writes_the_documented_schema(tiny_run):
         assert math.isclose(r["chars_per_s"], r["chars"] / (r["median_ms"] * 1e-3), rel_tol=1e-9)
         assert r["roofline"]["flops"] > 0 and r["roofline"]["bytes"] > 0 and r["roofline"]["frac_roofline"] > 0
         seen.add((r["impl"], r["mode"]))
-    assert seen == {(i, m) for i in TINY_IMPLS for m in suite.MODES}
+    assert seen == {(i, m) for i in TINY_IMPLS for m in registry.MODES}
     by = {(r["impl"], r["mode"]): r for r in doc["results"]}
     assert by[("mlstm-eager", "fwd")]["chars"] == 2 * 8  # B x T
     assert by[("mlstm-eager", "step")]["chars"] == 2 and by[("mlstm-eager", "step")]["T"] == 1
@@ -122,7 +125,7 @@ def test_committed_readme_section_is_generated_from_the_committed_results(tmp_pa
         " --readme README.md"
 
 
-class _SwappedGates(suite.EagerImpl):
+class _SwappedGates(impls.EagerImpl):
     """A plausible bug: forget and input gates swapped."""
 
     name = "mlstm-swapped"
@@ -135,13 +138,13 @@ class _SwappedGates(suite.EagerImpl):
         def cell(xz, xm, h, c, w_hh, w_hm):
             i, f, o, u = xz.chunk(4, 1)
             return mlstm_eager.mlstm_cell(torch.cat([f, i, o, u], 1), xm, h, c, w_hh, w_hm)
-        return lambda x, h0, c0, w: suite._flat(mlstm_eager.mlstm_sequence(x, h0, c0, *w, cell=cell))
+        return lambda x, h0, c0, w: impls.flat(mlstm_eager.mlstm_sequence(x, h0, c0, *w, cell=cell))
 
 
 def test_the_gate_refuses_a_wrong_implementation(monkeypatch, tmp_path):
-    result = suite.check(_SwappedGates(), torch.float32, torch.device("cpu"), {"compile_backend": "eager"})
+    result = gate.check(_SwappedGates(), torch.float32, torch.device("cpu"), {"compile_backend": "eager"})
     assert not result["passed"] and result["max_rel_err"] > 1e-2
-    monkeypatch.setitem(suite.IMPLS, "mlstm-swapped", _SwappedGates())
+    monkeypatch.setitem(impls.IMPLS, "mlstm-swapped", _SwappedGates())
     threads = torch.get_num_threads()
     try:
         code = bench_run.main(["--preset", "tiny", "--impls", "mlstm-swapped,nn-lstm", "--modes", "fwd",
@@ -175,7 +178,7 @@ def test_the_eager_baseline_is_fastmlstms_cell():
 
 def test_matched_lstm_has_the_multiplicative_lstms_parameter_count():
     for H, I in ((1024, 64), (4096, 64), (256, 64)):
-        Hm = suite.IMPLS["cudnn-lstm-matched"].hidden_size(H, I)
+        Hm = impls.IMPLS["cudnn-lstm-matched"].hidden_size(H, I)
         lstm = torch.nn.LSTM(I, Hm, device="meta")
         n = sum(p.numel() for p in lstm.parameters())
         assert Hm % 8 == 0 and abs(n / mlstm_eager.mlstm_weight_count(H, I) - 1) < 0.01
@@ -184,11 +187,11 @@ def test_matched_lstm_has_the_multiplicative_lstms_parameter_count():
 def test_cost_arithmetic_matches_model_md():
     # MODEL.md: H = 4096, bf16: a step reads 5 H^2 = 83.9 M values = 168 MB; 21.5 GFLOP per step at B = 128.
     # (plus the small input projection: 5 H I weights)
-    _, nbytes = suite.cost("mlstm", "step", 4096, 1, 1, 64, 2)
-    flops, _ = suite.cost("mlstm", "step", 4096, 128, 1, 64, 2)
+    _, nbytes = workload.cost("mlstm", "step", 4096, 1, 1, 64, 2)
+    flops, _ = workload.cost("mlstm", "step", 4096, 128, 1, 64, 2)
     assert 167.7e6 < nbytes < 171e6 and 21.4e9 < flops < 21.9e9
-    _, lstm_bytes = suite.cost("lstm", "fwd", 4096, 128, 256, 64, 2)
-    _, mlstm_bytes = suite.cost("mlstm", "fwd", 4096, 128, 256, 64, 2)
+    _, lstm_bytes = workload.cost("lstm", "fwd", 4096, 128, 256, 64, 2)
+    _, mlstm_bytes = workload.cost("mlstm", "fwd", 4096, 128, 256, 64, 2)
     assert 1.24 < mlstm_bytes / lstm_bytes < 1.26  # "1.25x the recurrent work"
 
 
@@ -201,16 +204,16 @@ def test_cpu_peak_memory_sees_an_allocation():
 
 
 def test_featurize_baselines_compute_the_probe_toolkits_features():
-    texts, info = suite.load_texts(20)
-    assert len(texts) == info["n_texts"] == 20 and info["bytes"] == sum(len(suite.preprocess(t)) for t in texts)
-    assert [b for b, _ in suite.batch_shapes(texts, 8)] == [8, 8, 4]
+    texts, info = workload.load_texts(20)
+    assert len(texts) == info["n_texts"] == 20 and info["bytes"] == sum(len(workload.preprocess(t)) for t in texts)
+    assert [b for b, _ in workload.batch_shapes(texts, 8)] == [8, 8, 4]
     torch.manual_seed(0)
     model = fastmlstm.ByteLM(hidden_size=12, embed_size=6, backend="reference")
     eager = mlstm_eager.EagerByteLM(12, 6)
     eager.load_state_dict(model.state_dict())  # same names: embedding, rnn.<weight>_v/_g, bias, readout
     texts = texts[:5] + ["A &amp; B\nline "]
-    ours = suite.IMPLS["mlstm-eager"].featurize(eager, texts, 4)
-    theirs = torch.as_tensor(suite.IMPLS["fastmlstm-reference"].featurize(model, texts, 4))
+    ours = impls.IMPLS["mlstm-eager"].featurize(eager, texts, 4)
+    theirs = torch.as_tensor(impls.IMPLS["fastmlstm-reference"].featurize(model, texts, 4))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 

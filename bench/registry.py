@@ -1,0 +1,135 @@
+"""The benchmark's registry: modes, dtypes, presets of shapes and the cases they expand to.
+
+Dimension letters: T time steps, B batch (texts per batch for ``featurize``), I input size (the
+byte-embedding size E for ``featurize`` and ``train``), H hidden size.
+
+Modes (``chars`` is what ``chars_per_s`` counts):
+    fwd        inference forward over [T, B, I] from a given (h0, c0), no autograd.   chars = B*T
+    fwd+bwd    forward, then the gradients of the input and every parameter for a given
+               output gradient (torch.autograd.grad, so nothing accumulates).         chars = B*T
+    step       one time step [B, I] -> (h, c) from a given state, effective weights computed once
+               (generation).                                                           chars = B
+    featurize  the paper's features (tanh of each text's final cell state) of N SST-2 sentences,
+               end to end from the raw strings: preprocessed as MODEL.md says, sorted by length,
+               B at a time, right-padded and run with lengths, features copied to the host.
+               fastmlstm: ``fastmlstm.probe.featurize(model, texts, batch_size=B)``; the baselines
+               do the same steps themselves (``impls.Impl.featurize``).
+                                                        chars = the preprocessed texts' UTF-8 bytes
+    train      one full byte-LM optimizer step: embedding -> recurrence -> readout [H, 256] -> cross
+               entropy, backward, Adam (lr 5e-4) over B rows of T + 1 bytes. float32 parameters;
+               bfloat16/float16 means autocast (mixed precision).                      chars = B*T
+
+The other roles: ``impls`` (the implementations and how each case is built), ``gate`` (the
+correctness gate), ``workload`` (featurize texts and the cost arithmetic), ``measure`` (timing,
+memory, ceilings), ``report`` (Markdown, plots, the README section), ``run`` (the command line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("fwd", "fwd+bwd", "step", "featurize", "train")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# grid: mode -> [(H, B), ...]; extra: [(mode, dtype, H, B), ...] cases outside the dtype x grid product.
+
+_GPU_H = (1024, 2048, 4096)
+PRESETS = {
+    "gpu": {
+        "device": "cuda", "tf32": "off", "T": 256, "I": 64, "dtypes": ("float32", "bfloat16"),
+        "impls": ("fastmlstm-triton", "fastmlstm-cuda", "mlstm-eager", "mlstm-compile", "cudnn-lstm",
+                  "cudnn-lstm-matched"),
+        "grid": {
+            "fwd": [(H, B) for H in _GPU_H for B in (1, 32, 128, 512)],
+            "fwd+bwd": [(H, B) for H in _GPU_H for B in (1, 32, 128, 512)],
+            "step": [(H, B) for H in _GPU_H for B in (1, 32, 128)],
+            "featurize": [(H, 128) for H in _GPU_H],
+            "train": [(H, 128) for H in _GPU_H],
+        },
+        "extra": [("fwd+bwd", "bfloat16", 1024, 64), ("fwd+bwd", "float16", 1024, 64)],
+        "featurize_texts": 2000,
+        "timing": {"warmup_ms": 100, "rep_ms": 500, "min_runs": 10},
+        "ceilings": {"copy_mib": 1024, "matmul_n": 8192, "rep_ms": 300},
+    },
+    # Exactly the cases of issue 6's target table (one H100, bf16, input 64, T = 256).
+    "gpu-targets": {
+        "device": "cuda", "tf32": "off", "T": 256, "I": 64, "dtypes": ("bfloat16",),
+        "impls": ("fastmlstm-triton", "fastmlstm-cuda", "mlstm-eager", "mlstm-compile", "cudnn-lstm",
+                  "cudnn-lstm-matched"),
+        "grid": {"fwd+bwd": [(4096, 128), (1024, 64)], "step": [(4096, 1)], "featurize": [(4096, 128)],
+                 "train": [(4096, 128)]},
+        "extra": [("fwd+bwd", "float16", 1024, 64)],
+        "featurize_texts": 2000,
+        "timing": {"warmup_ms": 100, "rep_ms": 500, "min_runs": 10},
+        "ceilings": {"copy_mib": 1024, "matmul_n": 8192, "rep_ms": 300},
+    },
+    # What a 2-core CPU measures in a few minutes: the same modes at CPU-sized shapes.
+    "cpu": {
+        "device": "cpu", "threads": 1, "T": 64, "I": 64, "dtypes": ("float32", "bfloat16"),
+        "impls": ("fastmlstm-reference", "fastmlstm-triton", "fastmlstm-cuda", "mlstm-eager", "mlstm-compile",
+                  "cudnn-lstm", "cudnn-lstm-matched"),
+        "grid": {
+            "fwd": [(256, 16), (512, 16), (1024, 16), (512, 1), (512, 64)],
+            "fwd+bwd": [(256, 16), (512, 16), (512, 1), (512, 64)],
+            "step": [(256, 1), (512, 1), (1024, 1)],
+            "featurize": [(256, 64)],
+            "train": [(256, 16)],
+        },
+        "extra": [],
+        "featurize_texts": 128,
+        "timing": {"warmup_ms": 100, "rep_ms": 400, "min_runs": 5},
+        "ceilings": {"copy_mib": 256, "matmul_n": 1024, "rep_ms": 300},
+    },
+    # CI: every mode and every CPU implementation at one tiny shape, in seconds.
+    "tiny": {
+        "device": "cpu", "threads": 1, "T": 8, "I": 8, "dtypes": ("float32",),
+        "impls": ("fastmlstm-reference", "fastmlstm-triton", "mlstm-eager", "mlstm-compile", "cudnn-lstm",
+                  "cudnn-lstm-matched"),
+        "grid": {m: [(16, 2)] for m in MODES},
+        "extra": [],
+        "featurize_texts": 6,
+        "compile_backend": "aot_eager",
+        "timing": {"warmup_ms": 0, "rep_ms": 0, "min_runs": 3},
+        "ceilings": {"copy_mib": 8, "matmul_n": 128, "rep_ms": 5},
+    },
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str
+    dtype: str
+    H: int
+    B: int
+    T: int
+    I: int
+
+
+def expand(preset: dict, modes=None, dtypes=None, Hs=None, Bs=None, T=None, I=None) -> list[Case]:
+    """The preset's cases, narrowed by the command-line choices (``Hs``/``Bs`` replace its grid)."""
+    modes = modes or tuple(preset["grid"])
+    chosen_dtypes = dtypes
+    dtypes = dtypes or preset["dtypes"]
+    T = T or preset["T"]
+    I = I or preset["I"]
+    cases = []
+    for mode in modes:
+        grid = preset["grid"].get(mode, [])
+        if Hs or Bs:
+            Hs_ = Hs or sorted({h for h, _ in grid}) or [256]
+            Bs_ = Bs or sorted({b for _, b in grid}) or [1]
+            grid = [(h, b) for h in Hs_ for b in Bs_]
+        cases += [Case(mode, dt, H, B, T, I) for dt in dtypes for H, B in grid]
+    if not (Hs or Bs):
+        cases += [Case(m, dt, H, B, T, I) for m, dt, H, B in preset.get("extra", ())
+                  if m in modes and (chosen_dtypes is None or dt in chosen_dtypes)]
+    seen, unique = set(), []
+    for c in cases:
+        if c not in seen:
+            seen.add(c)
+            unique.append(c)
+    return unique
+
+
