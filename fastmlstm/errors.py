@@ -10,12 +10,14 @@ exit status 2; any other exception is a bug and keeps its traceback.
     InputError                      bad input (a ValueError)
     ├── InputTypeError              ... of the wrong type or dtype (also a TypeError)
     ├── MissingInputError           ... a file or folder that is not there (also a FileNotFoundError)
-    └── ModelFileError              ... a file that is not a readable model of this library
+    ├── ModelFileError              ... a file that is not a readable model of this library
+    └── MissingDependencyError      ... asks for an optional extra that is not installed (also an ImportError)
 """
 
 from __future__ import annotations
 
-__all__ = ["InputError", "InputTypeError", "MissingInputError", "ModelFileError"]
+__all__ = ["InputError", "InputTypeError", "MissingDependencyError", "MissingInputError", "ModelFileError",
+           "require"]
 
 
 class InputError(ValueError):
@@ -32,3 +34,20 @@ class MissingInputError(InputError, FileNotFoundError):
 
 class ModelFileError(InputError):
     """A file or folder that is not a readable model: empty, truncated, foreign, or unsafe to load."""
+
+
+class MissingDependencyError(InputError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message says what to install."""
+
+
+def require(module: str, *, extra: str, feature: str):
+    """Import and return ``module``, or raise :class:`MissingDependencyError` naming the extra
+    (``pip install 'fastmlstm[<extra>]'``) that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"{feature} needs {module.split('.')[0]}, which is not installed: pip install 'fastmlstm[{extra}]' "
+            f"(or pip install {module.split('.')[0]})") from exc

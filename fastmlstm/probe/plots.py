@@ -2,8 +2,9 @@
 (Fig. 2), and a text coloured character by character by a unit's value (Fig. 4), as a
 self-contained HTML page and a PNG.
 
-matplotlib is imported inside the functions with the non-interactive Agg backend, so importing
-this module opens no window and needs no display.
+matplotlib (the ``plots`` extra) is imported inside the functions with the non-interactive Agg
+backend, so importing this module opens no window, needs no display, and works without matplotlib
+(the HTML page needs none; a PNG without it raises MissingDependencyError saying what to install).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, require
 from .features import END, START, cell_trace, encode_texts
 from .linear import DataEfficiency
 
@@ -23,8 +24,7 @@ __all__ = ["plot_data_efficiency", "plot_unit_histogram", "text_html", "text_png
 
 
 def _pyplot():
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="plots", feature="drawing PNG figures")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
