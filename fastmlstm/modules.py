@@ -1,16 +1,20 @@
-"""``FastMLSTM``: a weight-normalized multiplicative LSTM layer, drop-in for ``torch.nn.LSTM``."""
+"""``FastMLSTM``: a weight-normalized multiplicative LSTM, drop-in for ``torch.nn.LSTM``."""
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import numbers
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .errors import InputError, InputTypeError
 from .backends import BACKENDS
+from .errors import InputError, InputTypeError
 from .functional import SUPPORTED_DTYPES, multiplicative_lstm
 
 __all__ = ["FastMLSTM", "MLSTMWeights", "weight_norm"]
@@ -19,13 +23,18 @@ _MATRICES = ("weight_ih", "weight_hh", "weight_im", "weight_hm")
 
 
 class MLSTMWeights(NamedTuple):
-    """Effective weights in torch's [out, in] layout, gate order i, f, o, u."""
+    """Effective weights of one layer and direction in torch's [out, in] layout, gate order i, f, o, u."""
 
     weight_ih: Tensor  # [4H, I]
     weight_hh: Tensor  # [4H, H], applied to m
     weight_im: Tensor  # [H, I]
     weight_hm: Tensor  # [H, H]
     bias: Tensor | None  # [4H]
+
+
+# What ``effective_weights()`` returns and ``weights=`` takes: one MLSTMWeights for a one-layer,
+# one-direction module, else one per layer and direction in nn.LSTM's order (l0, l0_reverse, l1, ...).
+EffectiveWeights = Union[MLSTMWeights, tuple[MLSTMWeights, ...]]
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -51,10 +60,30 @@ def weight_norm(direction: Tensor, gain: Tensor) -> Tensor:
     return (v * scale.unsqueeze(1)).to(direction.dtype)
 
 
-class FastMLSTM(nn.Module):
-    r"""Weight-normalized multiplicative LSTM layer (Krause et al. 2016; Radford et al. 2017).
+def _suffix(layer: int, reverse: bool) -> str:
+    """Parameter-name suffix of a layer and direction. Layer 0's forward direction keeps the bare
+    names (so a one-layer model's state dict is the same as it always was); the others follow
+    nn.LSTM's ``_l<k>`` and ``_reverse``."""
+    if layer == 0 and not reverse:
+        return ""
+    return f"_l{layer}" + ("_reverse" if reverse else "")
 
-    A drop-in for ``torch.nn.LSTM(input_size, hidden_size, num_layers=1, bias, batch_first)``::
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, int)) or isinstance(value, int) and value not in (0, 1):
+        raise InputTypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+class FastMLSTM(nn.Module):
+    r"""Weight-normalized multiplicative LSTM (Krause et al. 2016; Radford et al. 2017), a drop-in for
+    ``torch.nn.LSTM`` with the same constructor words in the same order::
 
         m_t = (x_t W_im^T) * (h_{t-1} W_hm^T)
         z_t = x_t W_ih^T + m_t W_hh^T + b          # gates i, f, o, u
@@ -64,60 +93,94 @@ class FastMLSTM(nn.Module):
     Args:
         input_size: I, features per step.
         hidden_size: H.
-        bias: learn the gate bias b [4H].
-        batch_first: input and output are [B, T, ...] instead of [T, B, ...].
-        weight_norm: parametrize each of the four matrices as gain * direction / ||direction|| per
-            output row (parameters ``<name>_g`` [out] and ``<name>_v`` [out, in]); applied once per
-            forward. Without it the matrices are plain parameters named as below.
-        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
+        num_layers: stacked layers; layer k > 0 reads layer k-1's output (both directions'
+            outputs concatenated when bidirectional). Each layer runs through the fused recurrence.
+        bias: learn the gate bias b [4H] of every layer and direction.
+        batch_first: input and output are [B, T, ...] instead of [T, B, ...] (h and c are not).
+        dropout: as nn.LSTM's: dropout with this probability on the outputs of every layer but
+            the last, in training mode only.
+        bidirectional: add a reverse-direction layer at every level; its run respects ``lengths``
+            and PackedSequence lengths (each row is reversed within its own length).
+        proj_size: must be 0 (nn.LSTM's LSTMP projection has no multiplicative-LSTM counterpart).
         device, dtype: of the parameters. float32, float16 and bfloat16 are supported; the cell
             state and all accumulation stay float32 whatever the dtype.
+        weight_norm: (keyword) parametrize each of the four matrices as gain * direction /
+            ||direction|| per output row (parameters ``<name>_g`` [out] and ``<name>_v`` [out, in]);
+            applied once per forward. Without it the matrices are plain parameters.
+        backend: (keyword) ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
 
-    Attributes (effective weights, torch's [out, in] layout, readable with or without weight norm):
-        weight_ih [4H, I], weight_hh [4H, H] (applied to m), weight_im [H, I], weight_hm [H, H],
-        bias [4H].
+    Parameters are named like nn.LSTM's, with layer 0's forward direction unsuffixed:
+    ``weight_ih``, ``weight_hh`` (applied to m), ``weight_im``, ``weight_hm`` (each as ``_v`` and
+    ``_g`` with weight norm) and ``bias`` for layer 0; ``weight_ih_l1``, ``bias_l1``,
+    ``weight_ih_l0_reverse``, ... for the others. Reading any matrix name (``rnn.weight_hh``,
+    ``rnn.weight_hh_l1``) gives the effective weight, [out, in].
 
     Shapes of ``forward(input, hx=None)``: input [T, B, I] ([B, T, I] with ``batch_first``), [T, I]
-    unbatched, or a ``PackedSequence``; hx = (h_0, c_0), each [1, B, H] ([1, H] unbatched). Returns
-    ``(output, (h_n, c_n))`` like ``nn.LSTM``: output [T, B, H] in the input dtype, h_n and c_n
-    [1, B, H] float32. Feeding (h_n, c_n) back as hx continues the sequence exactly.
+    unbatched, or a ``PackedSequence``; hx = (h_0, c_0), each [L * D, B, H] ([L * D, H] unbatched)
+    with L = num_layers, D = 2 if bidirectional else 1. Returns ``(output, (h_n, c_n))`` like
+    nn.LSTM: output [T, B, D * H] in the input dtype, h_n and c_n [L * D, B, H] float32. B = 0
+    gives empty outputs. Feeding (h_n, c_n) back as hx continues the sequences (see the README for
+    the exactness of that).
 
     Example::
 
-        >>> rnn = FastMLSTM(64, 256)
+        >>> rnn = FastMLSTM(64, 256, 2, dropout=0.1)          # like nn.LSTM(64, 256, 2, dropout=0.1)
         >>> x = torch.randn(100, 8, 64)
         >>> out, (h, c) = rnn(x)
         >>> out2, _ = rnn(torch.randn(50, 8, 64), (h, c))   # carry the state on
         >>> out.shape, h.shape
-        (torch.Size([100, 8, 256]), torch.Size([1, 8, 256]))
+        (torch.Size([100, 8, 256]), torch.Size([2, 8, 256]))
     """
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, batch_first: bool = False,
-                 weight_norm: bool = True, backend: str = "auto", device=None, dtype=None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, weight_norm: bool = True, backend: str = "auto"):
         super().__init__()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise InputError(f"{name} must be a positive int, got {value!r}")
+        self.input_size = _positive_int("input_size", input_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.num_layers = _positive_int("num_layers", num_layers)
+        self.bias_enabled = _flag("bias", bias)
+        self.batch_first = _flag("batch_first", batch_first)
+        self.bidirectional = _flag("bidirectional", bidirectional)
+        self.weight_norm = _flag("weight_norm", weight_norm)
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise InputError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        self.dropout = float(dropout)
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"dropout={dropout} and num_layers=1: dropout is applied between stacked layers only, "
+                          "so it has no effect here (as with nn.LSTM)", stacklevel=2)
+        if proj_size != 0:
+            raise InputError(f"proj_size={proj_size!r}: FastMLSTM has no output projection (nn.LSTM's LSTMP "
+                             "variant); use proj_size=0 and a torch.nn.Linear on the output")
         if backend not in BACKENDS:
             raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if dtype is not None and dtype not in SUPPORTED_DTYPES:
             raise InputTypeError(f"unsupported dtype {dtype}; fastmlstm supports {[str(d) for d in SUPPORTED_DTYPES]}")
-        factory = {"device": device, "dtype": dtype}
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.batch_first = batch_first
-        self.weight_norm = weight_norm
+        self.proj_size = 0
         self.backend = backend
-        H, I = hidden_size, input_size
-        shapes = {"weight_ih": (4 * H, I), "weight_hh": (4 * H, H), "weight_im": (H, I), "weight_hm": (H, H)}
-        for name, shape in shapes.items():
-            if weight_norm:
-                self.register_parameter(f"{name}_v", nn.Parameter(torch.empty(shape, **factory)))
-                self.register_parameter(f"{name}_g", nn.Parameter(torch.empty(shape[0], **factory)))
-            else:
-                self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
-        self.bias = nn.Parameter(torch.empty(4 * H, **factory)) if bias else None
+        factory = {"device": device, "dtype": dtype}
+        H, D = hidden_size, self.num_directions
+        for layer, reverse in self._layers():
+            I = input_size if layer == 0 else D * H
+            suffix = _suffix(layer, reverse)
+            shapes = {"weight_ih": (4 * H, I), "weight_hh": (4 * H, H), "weight_im": (H, I), "weight_hm": (H, H)}
+            for name, shape in shapes.items():
+                if weight_norm:
+                    self.register_parameter(f"{name}{suffix}_v", nn.Parameter(torch.empty(shape, **factory)))
+                    self.register_parameter(f"{name}{suffix}_g", nn.Parameter(torch.empty(shape[0], **factory)))
+                else:
+                    self.register_parameter(f"{name}{suffix}", nn.Parameter(torch.empty(shape, **factory)))
+            self.register_parameter(f"bias{suffix}", nn.Parameter(torch.empty(4 * H, **factory)) if bias else None)
         self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _layers(self) -> list[tuple[int, bool]]:
+        """(layer, reverse) of every layer and direction, in nn.LSTM's order."""
+        return [(layer, reverse) for layer in range(self.num_layers)
+                for reverse in ((False, True) if self.bidirectional else (False,))]
 
     def reset_parameters(self) -> None:
         """nn.LSTM's initialization, U(-1/sqrt(H), 1/sqrt(H)); gains start at the rows' norms."""
@@ -126,120 +189,176 @@ class FastMLSTM(nn.Module):
             for p in self.parameters():
                 nn.init.uniform_(p, -bound, bound)
             if self.weight_norm:
-                for name in _MATRICES:
-                    v = getattr(self, f"{name}_v")
-                    getattr(self, f"{name}_g").copy_(v.float().norm(dim=1))
+                for layer, reverse in self._layers():
+                    for name in _MATRICES:
+                        full = name + _suffix(layer, reverse)
+                        getattr(self, f"{full}_g").copy_(getattr(self, f"{full}_v").float().norm(dim=1))
 
     def __getattr__(self, name: str):
-        if name in _MATRICES:
-            params = self.__dict__.get("_parameters", {})
-            if f"{name}_v" in params:
-                return weight_norm(params[f"{name}_v"], params[f"{name}_g"])
+        params = self.__dict__.get("_parameters", {})
+        if name.startswith(_MATRICES) and f"{name}_v" in params:
+            return weight_norm(params[f"{name}_v"], params[f"{name}_g"])
         return super().__getattr__(name)
 
-    def effective_weights(self) -> MLSTMWeights:
+    def flatten_parameters(self) -> None:
+        """A no-op, for code written for nn.LSTM: the fused kernels read the weights where they are."""
+
+    def _layer_weights(self, layer: int, reverse: bool) -> MLSTMWeights:
+        suffix = _suffix(layer, reverse)
+        return MLSTMWeights(*(getattr(self, name + suffix) for name in _MATRICES), getattr(self, f"bias{suffix}"))
+
+    def effective_weights(self) -> EffectiveWeights:
         """All effective weights, computed once (weight norm applied); pass them to ``forward`` or
-        ``step`` as ``weights=`` to reuse them across calls, e.g. in a generation loop."""
-        return MLSTMWeights(*(getattr(self, name) for name in _MATRICES), self.bias)
+        ``step`` as ``weights=`` to reuse them across calls, e.g. in a generation loop.
+
+        Returns:
+            One :class:`MLSTMWeights` for a one-layer, one-direction module, else a tuple of them
+            in nn.LSTM's order (layer 0, layer 0 reverse, layer 1, ...).
+        """
+        weights = tuple(self._layer_weights(layer, reverse) for layer, reverse in self._layers())
+        return weights[0] if len(weights) == 1 else weights
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
-        if self.bias is None:
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias_enabled:
             s += ", bias=False"
         if self.batch_first:
             s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
         if not self.weight_norm:
             s += ", weight_norm=False"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
 
-    def _initial_state(self, hx, batched: bool):
+    def _initial_state(self, hx, batched: bool, B: int) -> list[tuple[Tensor, Tensor] | None]:
+        """hx -> one (h_0, c_0) pair of [B, H] per layer and direction (None: zeros)."""
+        count = self.num_layers * self.num_directions
         if hx is None:
-            return None
+            return [None] * count
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise InputTypeError("hx must be a pair (h_0, c_0)")
-        want = 3 if batched else 2
-        state = []
+        want = (count, B, self.hidden_size) if batched else (count, self.hidden_size)
         for name, s in zip(("h_0", "c_0"), hx):
             if not isinstance(s, Tensor):
                 raise InputTypeError(f"hx {name} must be a tensor, got {type(s).__name__}")
-            if s.dim() != want or s.shape[0] != 1:
-                layout = "[1, B, H]" if batched else "[1, H]"
-                raise InputError(f"hx {name} must have shape {layout} (num_layers = 1), got {list(s.shape)}")
-            state.append(s[0] if batched else s)
-        return tuple(state)
+            if tuple(s.shape) != want:
+                layout = "[num_layers * num_directions, B, H]" if batched else "[num_layers * num_directions, H]"
+                raise InputError(f"hx {name} must have shape {layout} = {list(want)}, got {list(s.shape)}")
+        h, c = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        return [(h[k], c[k]) for k in range(count)]
+
+    def _check_weights(self, weights) -> tuple[MLSTMWeights, ...]:
+        if weights is None:
+            weights = self.effective_weights()
+        if isinstance(weights, MLSTMWeights):
+            weights = (weights,)
+        count = self.num_layers * self.num_directions
+        if not isinstance(weights, Sequence) or len(weights) != count or \
+                not all(isinstance(w, MLSTMWeights) for w in weights):
+            raise InputTypeError(f"weights must be what effective_weights() returns: {count} MLSTMWeights "
+                                 f"(one per layer and direction), got {type(weights).__name__}")
+        return tuple(weights)
+
+    def _as_time_major(self, input, lengths):
+        """(x [T, B, I], lengths or None, packed, batched) from any accepted input form."""
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise InputError("lengths cannot be given with a PackedSequence (it carries its own)")
+            x, lengths = pad_packed_sequence(input, batch_first=False)
+            return x, lengths, True, True
+        if not isinstance(input, Tensor):
+            raise InputTypeError(f"input must be a tensor or a PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise InputError(f"input must be 3-D (batched) or 2-D (unbatched), got shape {list(input.shape)}")
+        if input.dim() == 2:
+            return input.unsqueeze(1), lengths, False, False
+        return (input.transpose(0, 1) if self.batch_first else input), lengths, False, True
 
     def forward(self, input, hx=None, *, lengths=None, return_cell_states: bool = False,
-                weights: MLSTMWeights | None = None):
-        """Run the layer over a sequence.
+                weights: EffectiveWeights | None = None):
+        """Run the layers over a sequence.
 
         Args:
             input: [T, B, I] ([B, T, I] with ``batch_first``), [T, I] unbatched, or a PackedSequence.
-            hx: optional (h_0, c_0), each [1, B, H] ([1, H] unbatched), float32 or the input dtype.
+            hx: optional (h_0, c_0), each [L * D, B, H] ([L * D, H] unbatched), float32 or the
+                input dtype.
             lengths: optional [B] valid lengths of a padded batch (CPU tensor or list); rows stop
-                updating after their length, so h_n, c_n are each row's state after its last step.
-            return_cell_states: also return every step's cell state c_t (float32), shaped like the
-                output (a PackedSequence for packed input).
-            weights: effective weights from :meth:`effective_weights` to skip recomputing them.
+                updating after their length, so h_n, c_n are each row's state after its last step
+                (the reverse direction starts at each row's last valid step). Past a row's length
+                the output repeats each direction's final h.
+            return_cell_states: also return every step's cell state c_t (float32) of the last
+                layer, shaped like the output (a PackedSequence for packed input).
+            weights: what :meth:`effective_weights` returns, to skip recomputing them.
 
         Returns:
             ``(output, (h_n, c_n))`` or ``(output, (h_n, c_n), cell_states)``.
         """
-        weights = self.effective_weights() if weights is None else weights
-        packed = isinstance(input, PackedSequence)
-        batch_first = self.batch_first
-        if packed:
-            if lengths is not None:
-                raise InputError("lengths cannot be given with a PackedSequence (it carries its own)")
-            x, lengths = pad_packed_sequence(input, batch_first=False)
-            batch_first = False
-            batched = True
-        else:
-            if not isinstance(input, Tensor):
-                raise InputTypeError(f"input must be a tensor or a PackedSequence, got {type(input).__name__}")
-            if input.dim() not in (2, 3):
-                raise InputError(f"input must be 3-D (batched) or 2-D (unbatched), got shape {list(input.shape)}")
-            batched = input.dim() == 3
-            x = input if batched else input.unsqueeze(1)
-            if not batched:
-                batch_first = False
+        weights = self._check_weights(weights)
+        x, lengths, packed, batched = self._as_time_major(input, lengths)
         if x.shape[-1] != self.input_size:
             raise InputError(f"input has {x.shape[-1]} features per step but input_size is {self.input_size}")
-        initial_state = self._initial_state(hx, batched)
-
+        states = self._initial_state(hx, batched, x.shape[1])
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
             x = x.to(dtype)
-            weights = cast_weights(weights, dtype)
-        output, (h_n, c_n), *cells = multiplicative_lstm(
-            x, *weights, initial_state=initial_state, lengths=lengths, batch_first=batch_first,
-            return_cell_states=return_cell_states, backend=self.backend)
+            weights = tuple(cast_weights(w, dtype) for w in weights)
+        output, h_n, c_n, cells = self._run_layers(x, weights, states, lengths, return_cell_states)
 
         if packed:
             output = _repack(output, lengths, input)
-            cells = [_repack(c, lengths, input) for c in cells]
+            cells = _repack(cells, lengths, input) if return_cell_states else None
             # h_n, c_n rows follow the padded tensor's batch order, the original one, as nn.LSTM's do.
         elif not batched:
-            output = output.squeeze(1)
-            cells = [c.squeeze(1) for c in cells]
-        if batched:
-            h_n, c_n = h_n.unsqueeze(0), c_n.unsqueeze(0)
+            output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+            cells = cells.squeeze(1) if return_cell_states else None
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+            cells = cells.transpose(0, 1) if return_cell_states else None
         if return_cell_states:
-            return output, (h_n, c_n), cells[0]
+            return output, (h_n, c_n), cells
         return output, (h_n, c_n)
 
-    def step(self, input: Tensor, hx=None, *, weights: MLSTMWeights | None = None):
+    def _run_layers(self, x: Tensor, weights, states, lengths, return_cell_states: bool):
+        """Every layer and direction over time-major x [T, B, I]: (output [T, B, D H], h_n, c_n
+        [L D, B, H], the last layer's cell states [T, B, D H] or None)."""
+        layer_input, finals = x, []
+        for layer in range(self.num_layers):
+            outputs, cells = [], []
+            for reverse in ((False, True) if self.bidirectional else (False,)):
+                k = layer * self.num_directions + reverse
+                run = _run_reversed if reverse else _run_forward
+                out, state, cell = run(layer_input, weights[k], states[k], lengths, self.backend,
+                                       return_cell_states and layer == self.num_layers - 1)
+                outputs.append(out)
+                cells.append(cell)
+                finals.append(state)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        h_n = torch.stack([h for h, _ in finals])
+        c_n = torch.stack([c for _, c in finals])
+        cell_states = None
+        if return_cell_states:
+            cell_states = cells[0] if len(cells) == 1 else torch.cat(cells, dim=-1)
+        return layer_input, h_n, c_n, cell_states
+
+    def step(self, input: Tensor, hx=None, *, weights: EffectiveWeights | None = None):
         """One time step (for generation); the same fused kernels as :meth:`forward` with T = 1.
 
         Args:
             input: [B, I] (or [I] unbatched), whatever ``batch_first`` says.
-            hx: optional (h, c), each [1, B, H] ([1, H] unbatched).
-            weights: effective weights from :meth:`effective_weights`, to compute them once per
-                generation loop instead of once per step.
+            hx: optional (h, c), each [L * D, B, H] ([L * D, H] unbatched).
+            weights: what :meth:`effective_weights` returns, to compute it once per generation loop
+                instead of once per step.
 
         Returns:
-            ``(output [B, H], (h [1, B, H], c [1, B, H]))``; pass (h, c) to the next step.
+            ``(output [B, D * H], (h [L * D, B, H], c [L * D, B, H]))``; pass (h, c) to the next step.
 
         Example::
 
@@ -258,6 +377,37 @@ class FastMLSTM(nn.Module):
         seq = input.unsqueeze(1) if self.batch_first else input.unsqueeze(0)
         output, state = self.forward(seq, hx, weights=weights)
         return (output[:, 0] if self.batch_first else output[0]), state
+
+
+def _run_forward(x, weights, state, lengths, backend, return_cell_states):
+    out, state, *cells = multiplicative_lstm(x, *weights, initial_state=state, lengths=lengths,
+                                             return_cell_states=return_cell_states, backend=backend)
+    return out, state, (cells[0] if cells else None)
+
+
+def _reverse_index(T: int, lengths, device) -> Tensor | None:
+    """[T, B] time index that reverses each row within its length (positions past it stay put);
+    None when every row is full length (a plain flip)."""
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths, dtype=torch.int64).to(device)
+    t = torch.arange(T, device=device).unsqueeze(1)
+    return torch.where(t < lengths, lengths - 1 - t, t)
+
+
+def _reorder(x: Tensor, index: Tensor | None) -> Tensor:
+    if index is None:
+        return x.flip(0)
+    return x.gather(0, index.unsqueeze(-1).expand_as(x))
+
+
+def _run_reversed(x, weights, state, lengths, backend, return_cell_states):
+    """The reverse direction: each row read backwards from its last valid step. The same
+    permutation (an involution) puts the outputs back in input order."""
+    index = _reverse_index(x.shape[0], lengths, x.device)
+    out, state, cells = _run_forward(_reorder(x, index), weights, state, lengths, backend, return_cell_states)
+    return _reorder(out, index), state, (None if cells is None else _reorder(cells, index))
+
 
 def _repack(padded: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
     """Pack a time-major padded tensor (rows in the original order) with ``like``'s layout."""
