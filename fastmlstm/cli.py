@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,19 +70,53 @@ def _write(path: str, write) -> None:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _read_texts(args) -> list:
-    """Texts from --text (repeatable) or --input (one text per line, '-' for stdin)."""
-    texts = list(args.text or [])
-    if args.input is not None:
-        from .datasets import decode
+# How --input lines become the model's bytes. "bytes" is what the Python API does with bytes: the
+# line exactly as stored, invalid UTF-8 included (a byte model reads any byte).
+INPUT_ENCODINGS = ("bytes", "utf-8", "utf-8-or-cp1252")
 
+
+def _decode_line(line: bytes, number: int, encoding: str, source: str) -> bytes | str:
+    if encoding == "bytes":
+        return line
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if encoding == "utf-8":
+            raise InputError(f"{source}, line {number}: not valid UTF-8 (byte {exc.start}); use "
+                             "--input-encoding bytes to featurize the bytes as they are") from None
+    from .datasets import decode  # the evaluation sets' rule: such a line is Windows-1252
+
+    return decode(line)
+
+
+def _argument_bytes(text: str) -> bytes:
+    """A command-line text as the bytes the shell passed (Python decoded them with surrogateescape)."""
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError as exc:
+        raise InputError(f"--text holds a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}, "
+                         "which no bytes encode") from None
+
+
+def _read_texts(args) -> list:
+    """Texts from --text (repeatable) and --input (one text per line, '-' for stdin).
+
+    Both give the model the bytes the user gave: --text values as the command line's bytes
+    (``os.fsencode``), --input lines per ``--input-encoding`` (default: their bytes as stored).
+    """
+    texts = [_argument_bytes(t) for t in args.text or []]
+    if args.input is not None:
         if args.input != "-" and not Path(args.input).is_file():
             raise MissingInputError(f"--input {args.input}: no such file")
         data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
-        lines = decode(data).split("\n")
-        if lines and lines[-1] == "":
+        if args.input_encoding != "bytes":
+            data = data.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is the file's, not the text's
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
             lines.pop()  # the final line ending
-        texts += [line.rstrip("\r") for line in lines]
+        source = "stdin" if args.input == "-" else args.input
+        texts += [_decode_line(line.removesuffix(b"\r"), n, args.input_encoding, source)
+                  for n, line in enumerate(lines, 1)]
     return texts
 
 
@@ -258,6 +293,13 @@ def cmd_train(args) -> int:
         ctx.close()
 
 
+def _encoding_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-encoding", choices=INPUT_ENCODINGS, default="bytes",
+                   help="bytes (default): each line's bytes as stored, as the Python API treats bytes; utf-8: "
+                        "an invalid line is an error; utf-8-or-cp1252: such a line is read as Windows-1252 "
+                        "(the evaluation sets' rule)")
+
+
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions, usable backends and a parity self-check")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -281,6 +323,7 @@ def _add_featurize(sub) -> None:
     _model_args(p)
     p.add_argument("--text", action="append", help="a text (repeatable)")
     p.add_argument("--input", help="file with one text per line (every line is a row), '-' for stdin")
+    _encoding_arg(p)
     p.add_argument("--dataset", help="NAME[:SPLIT] of an evaluation set, e.g. sst2:dev")
     p.add_argument("--data-dir", help="the dataset's folder (default $FASTMLSTM_DATA/<folder>)")
     p.add_argument("--output", "-o", required=True, help="where the .npy goes")
@@ -317,6 +360,7 @@ def _add_visualize(sub) -> None:
     p.add_argument("--probe", help="JSON from `fastmlstm probe`: use its sentiment unit")
     p.add_argument("--text", action="append", help="the text")
     p.add_argument("--input", help="a file holding the text on one line, '-' for stdin")
+    _encoding_arg(p)
     p.add_argument("--html", help="write the self-contained HTML page here")
     p.add_argument("--png", help="write the PNG here")
     p.add_argument("--scale", type=float, default=None, help="value at full colour (default: largest |value|)")

@@ -56,8 +56,18 @@ def test_featurize_texts_file_and_dataset(models, sst, tmp_path, capsys):
     summary = json.loads(out)
     feats = np.load(tmp_path / "f.npy")
     assert summary["shape"] == [4, 16] and feats.dtype == np.float32
+    # The default --input-encoding hands the model each line's bytes, as the Python API does with bytes.
+    expected = featurize(model, [b"Great phone", b"", b"caf\xe9 in Windows-1252", b"last line"])
+    np.testing.assert_array_equal(feats, expected)
+    code, _, err = run(capsys, "featurize", "--model", small, "--input", inp, "--input-encoding", "utf-8-or-cp1252",
+                       "-o", tmp_path / "c.npy")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy")[2],
+                                  featurize(model, ["caf\u00e9 in Windows-1252"])[0])
+    code, _, err = run(capsys, "featurize", "--model", small, "--input", inp, "--input-encoding", "utf-8",
+                       "-o", tmp_path / "e.npy")
+    assert code == 2 and f"{inp}, line 3: not valid UTF-8" in err
     expected = featurize(model, ["Great phone", "", "caf\u00e9 in Windows-1252", "last line"])
-    np.testing.assert_allclose(feats, expected, rtol=1e-6, atol=1e-7)
     # the released-layout directory is the same model
     code, out, _ = run(capsys, "featurize", "--model", released, "--text", "Great phone", "--text", "",
                        "-o", tmp_path / "g.npy")
@@ -129,6 +139,8 @@ def test_visualize_and_generate(models, tmp_path, capsys):
         (["generate", "--model", "{small}", "--fix", "3:1"], "UNIT=VALUE"),
         (["generate", "--model", "{small}", "--fix", "99=1"], "fixed_units"),
         (["featurize", "--model", "{small}", "--text", "\ud800", "-o", "{tmp}/x.npy"], "surrogate"),
+        (["featurize", "--model", "{small}", "--text", "a", "-o", "{tmp}/no/such/dir/x.npy"], "cannot write"),
+        (["featurize", "--model", "{small}", "--input", "{tmp}/none.txt", "-o", "{tmp}/x.npy"], "no such file"),
     ],
 )
 def test_bad_input_gives_one_line_errors(models, sst, tmp_path, capsys, argv, match):

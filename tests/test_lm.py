@@ -122,3 +122,16 @@ def test_load_errors_are_clear(tmp_path):
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call(ByteLM(hidden_size=24, embed_size=8))
+
+
+def test_continuing_from_the_final_state_is_bit_exact():
+    """The inputs come from a table, so a sequence cut anywhere continues exactly (README)."""
+    model = ByteLM(hidden_size=24, embed_size=8).to(DEVICE)
+    x = torch.randint(0, 256, (3, 17), dtype=torch.uint8, device=DEVICE)
+    with torch.no_grad():
+        whole, (h, c) = model.hidden(x)
+        pieces, state = [], None
+        for cut in ((0, 1), (1, 9), (9, 17)):
+            piece, state = model.hidden(x[:, cut[0]:cut[1]], state)
+            pieces.append(piece)
+    assert torch.equal(torch.cat(pieces, 1), whole) and torch.equal(state[0], h) and torch.equal(state[1], c)

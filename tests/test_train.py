@@ -88,14 +88,15 @@ def uninterrupted(corpus, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill-9", "ctrl-c", "sigterm"])
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(how, corpus, uninterrupted, tmp_path):
     args = [*SMALL, *RESUME_ARGS, "--data", str(corpus), "--out", str(tmp_path)]
     proc = run_script(args)
     wait_for(tmp_path / "ckpt-00000040.pt", proc)
     proc.send_signal(how)
     code = proc.wait()
-    assert code == (-signal.SIGKILL if how == signal.SIGKILL else 130), proc.stdout.read()
+    # The shell's convention: killed by a signal -> 128 + its number (130 Ctrl-C, 143 SIGTERM).
+    assert code == (-signal.SIGKILL if how == signal.SIGKILL else 128 + how), proc.stdout.read()
     interrupted_at = max(int(p.stem.split("-")[1]) for p in tmp_path.glob("ckpt-*.pt"))
     assert 40 <= interrupted_at < 150
     assert len(list(tmp_path.glob("ckpt-*.pt"))) <= 2  # --keep
@@ -179,3 +180,14 @@ def test_checkpoints_are_never_half_written(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_save({"step": 1}, tmp_path / "a.pt")
+        fastmlstm.ByteLM(8, 4).save(tmp_path / "m.pt")
+    finally:
+        os.umask(old)
+    for name in ("a.pt", "m.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name

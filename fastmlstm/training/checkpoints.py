@@ -3,6 +3,7 @@ an exact resume."""
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -16,10 +17,11 @@ from .distributed import Context, gather_rows
 from .metrics import LogWindow
 from .state import TrainState, rng_state
 
-__all__ = ["check_writable", "checkpoint_paths", "load_latest_checkpoint", "remove_stale_temporaries",
-           "save_checkpoint"]
+__all__ = ["check_writable", "checkpoint_paths", "find_latest_checkpoint", "move_aside", "remove_stale_temporaries",
+           "refuse_unreadable", "save_checkpoint"]
 
 VERSION = 1
+CHECKPOINT_KEYS = ("format", "run", "step", "model", "optimizer", "h", "c", "rng", "log_window")
 
 
 def check_writable(out: Path) -> None:
@@ -31,8 +33,15 @@ def check_writable(out: Path) -> None:
         raise InputError(f"cannot write to --out {out}: {exc.strerror or exc}") from exc
 
 
+def _step_of(path: Path) -> int | None:
+    match = re.fullmatch(r"ckpt-(\d+)\.pt", path.name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoint_paths(out: Path) -> list[Path]:
-    return sorted(out.glob("ckpt-*.pt"))
+    """The run's checkpoints, oldest (lowest step) first."""
+    paths = [p for p in out.glob("ckpt-*.pt") if _step_of(p) is not None]
+    return sorted(paths, key=_step_of)
 
 
 def remove_stale_temporaries(out: Path) -> None:
@@ -41,17 +50,50 @@ def remove_stale_temporaries(out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_latest_checkpoint(out: Path) -> dict | None:
+def _read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents; raises ValueError saying why it cannot be used."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # empty, truncated, corrupted, or not a torch file at all
+        raise ValueError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                         ) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or missing:
+        raise ValueError(f"not a complete train.py checkpoint (missing {', '.join(missing) or 'its format'})")
+    return ckpt
+
+
+def find_latest_checkpoint(out: Path) -> tuple[dict | None, list[tuple[Path, str]]]:
+    """(the newest readable checkpoint or None, [(path, why) of every newer one that is unreadable]).
+
+    Reads only: nothing is moved or deleted here, so every rank can call it.
+    """
+    unreadable = []
     for path in reversed(checkpoint_paths(out)):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unreadable: fall back to the one before it
-            print(f"train.py: skipping unreadable checkpoint {path.name}: {exc}", file=sys.stderr)
-            continue
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise InputError(f"{path} is not a train.py checkpoint")
-        return ckpt
-    return None
+            return _read_checkpoint(path), unreadable
+        except ValueError as exc:
+            unreadable.append((path, str(exc)))
+    return None, unreadable
+
+
+def refuse_unreadable(unreadable: list[tuple[Path, str]], *, start_over: bool, out: Path) -> None:
+    """When checkpoints exist and none can be read, stop with an error naming them, unless
+    ``start_over`` (``--start-over``) says to train again from step 0. Called on every rank alike."""
+    if unreadable and not start_over:
+        listing = "; ".join(f"{p.name}: {why}" for p, why in unreadable)
+        raise InputError(f"{out} holds checkpoints but none can be read ({listing}). Nothing was changed. "
+                         "Restore a good checkpoint, or re-run with --start-over to train from step 0 "
+                         "(the unreadable files are then kept aside as <name>.unreadable)")
+
+
+def move_aside(unreadable: list[tuple[Path, str]]) -> None:
+    """Rename unreadable checkpoints to ``<name>.unreadable`` (rank 0, after every rank has read):
+    they are kept for inspection but never resumed from, counted or pruned again."""
+    for path, why in unreadable:
+        target = path.with_name(path.name + ".unreadable")
+        path.replace(target)
+        print(f"train.py: {path.name} cannot be read ({why}); kept aside as {target.name}", file=sys.stderr)
 
 
 def save_checkpoint(ctx: Context, out: Path, state: TrainState, window: LogWindow, run: dict, epoch: int,
@@ -63,9 +105,12 @@ def save_checkpoint(ctx: Context, out: Path, state: TrainState, window: LogWindo
     log_window = window.snapshot(ctx)
     if not ctx.main:
         return
+    written = out / f"ckpt-{state.step:08d}.pt"
     atomic_save({"format": CHECKPOINT_FORMAT, "version": VERSION, "run": run, "step": state.step, "epoch": epoch,
                  "model": state.model.to_record(), "optimizer": state.optimizer.state_dict(), "h": all_h,
-                 "c": all_c, "rng": rng_state(), "log_window": log_window},
-                out / f"ckpt-{state.step:08d}.pt")
-    for old in checkpoint_paths(out)[:-keep]:
+                 "c": all_c, "rng": rng_state(), "log_window": log_window}, written)
+    # Keep the newest `keep` by step, the one just written among them; a file of a later step than
+    # this one cannot belong to this run's past (it was set aside at start) and is left alone.
+    older = [p for p in checkpoint_paths(out) if _step_of(p) < state.step]
+    for old in older[: max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)

@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, help="write a metrics record every N updates")
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
     p.add_argument("--seed", type=int, default=0, help="initialization seed")
+    p.add_argument("--start-over", action="store_true",
+                   help="when --out holds checkpoints and none can be read, train from step 0 anyway (they are "
+                        "kept aside as <name>.unreadable); without it such a run stops with an error")
     p.set_defaults(weight_norm=True)
     return p
 

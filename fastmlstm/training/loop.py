@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .checkpoints import check_writable, load_latest_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoints import (check_writable, find_latest_checkpoint, move_aside, refuse_unreadable,
+                          remove_stale_temporaries, save_checkpoint)
 from .config import parse_args
 from .data import prepare_data
 from .distributed import Context, init_context, run_collectively
@@ -89,9 +90,14 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
         remove_stale_temporaries(out)
     data = prepare_data(args, ctx, out)
     run = run_descriptor(args, data)
-    ckpt = run_collectively(ctx, lambda: load_latest_checkpoint(out))
-    if ckpt is not None:
+    ckpt, unreadable = run_collectively(ctx, lambda: find_latest_checkpoint(out))
+    if ckpt is None:
+        refuse_unreadable(unreadable, start_over=args.start_over, out=out)
+    else:
         check_same_run(ckpt["run"], run, out)
+    ctx.barrier()  # every rank has read its checkpoint before rank 0 renames anything
+    if ctx.main:
+        move_aside(unreadable)
     state = build_state(args, ctx, data, ckpt)
     window = LogWindow(ctx.device, ckpt and ckpt["log_window"], ctx.world)
     reporter = Reporter(out, ctx, args.steps, state.step, args.batch * args.seq)

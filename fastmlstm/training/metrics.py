@@ -18,15 +18,23 @@ from .update import LN2, cross_entropy_sum
 __all__ = ["LogWindow", "Metrics", "Reporter", "evaluate"]
 
 
+def _record_step(line: str) -> int | None:
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return None
+
+
 class Metrics:
     """metrics.jsonl: one JSON object per line, appended as training goes."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():
-            # Drop what was logged after the checkpoint we resume from: those steps are redone.
+            # Drop what was logged after the checkpoint we resume from (those steps are redone) and
+            # a last line cut short by a kill.
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if _record_step(line) is not None and _record_step(line) <= resume_step]
             with atomic_write(path, "w") as f:
                 f.write("".join(line + "\n" for line in kept))
         self.file = open(path, "a", buffering=1)
