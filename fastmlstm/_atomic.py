@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import tempfile
 from pathlib import Path
@@ -15,12 +14,15 @@ from .errors import MissingInputError
 __all__ = ["atomic_save", "atomic_write"]
 
 
-@functools.lru_cache(maxsize=None)
 def _file_mode() -> int:
-    """The mode ``open()`` would give a new file: 0o666 less the process umask (read once; the only
-    way to read the umask is to set it, so it is set straight back)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    """The mode ``open()`` would give a new file now: 0o666 less the process umask. Linux shows the
+    umask in /proc; elsewhere the only way to read it is to set it, so it is set straight back."""
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
