@@ -221,6 +221,32 @@ def _body_range(response, offset: int) -> tuple[int, int | None]:
     return 0, int(length) if length.isdigit() else None
 
 
+def _stream(response, out, *, start: int, total: int | None, size: int | None, progress: bool, label: str):
+    """Copy the body into ``out`` from file offset ``start``: (bytes received, the error that cut it or
+    None, whether it ran past ``size``)."""
+    out.seek(start)
+    out.truncate()
+    received = 0
+    with tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+              disable=not progress, leave=False) as bar:
+        try:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                if size is not None and start + received + len(block) > size:
+                    return received, None, True  # stop early: no point fetching more of a file that cannot match
+                out.write(block)
+                received += len(block)
+                bar.update(len(block))
+        except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, reset, timed out
+            return received, exc, False
+        finally:
+            out.flush()
+            os.fsync(out.fileno())
+    if total is not None and start + received < total:
+        # http.client ends a body that stops short of its Content-Length as if it were complete
+        return received, ConnectionError("the server closed the connection early"), False
+    return received, None, False
+
+
 def _transfer(url: str, part: Path, *, size: int | None, timeout: float, progress: bool, label: str) -> None:
     """Append what the server has beyond ``part``'s current bytes to ``part`` (or start it over)."""
     offset = part.stat().st_size if part.exists() else 0
@@ -231,31 +257,20 @@ def _transfer(url: str, part: Path, *, size: int | None, timeout: float, progres
     response = _open(url, offset, timeout)
     if response is None:
         offset, response = 0, _open(url, 0, timeout)
-    too_long = False
-    with response, open(part, "r+b" if part.exists() else "wb") as out:
+    with response:
         start, total = _body_range(response, offset)
-        out.seek(start)
-        out.truncate()
-        received, cut = 0, None
-        with tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-                  disable=not progress, leave=False) as bar:
-            try:
-                for block in iter(lambda: response.read(1 << 20), b""):
-                    if size is not None and start + received + len(block) > size:
-                        too_long = True  # stop early: no point fetching more of a file that cannot match
-                        break
-                    out.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-            except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, reset, timed out
-                cut = exc
-        out.flush()
-        os.fsync(out.fileno())
+        if size is not None and total is not None and total != size:  # the server says so up front
+            part.unlink(missing_ok=True)
+            raise ChecksumError(f"{label} from {url}: the server has {total} bytes where {size} were expected; "
+                                "nothing was kept")
+        with open(part, "r+b" if part.exists() else "wb") as out:
+            received, cut, too_long = _stream(response, out, start=start, total=total, size=size,
+                                              progress=progress, label=label)
     got = start + received
     if too_long or (cut is None and size is not None and got != size):
         part.unlink()
-        raise ChecksumError(f"{label} from {url}: the server sent {'more than ' if too_long else ''}{got} bytes "
-                            f"where {size} were expected; the download was deleted")
+        raise ChecksumError(f"{label} from {url}: the server sent {f'more than {size}' if too_long else got} "
+                            f"bytes where {size} were expected; the download was deleted")
     if cut is not None:
         what = f"{type(cut).__name__}: {cut}" if str(cut) else type(cut).__name__
         raise _Interrupted(f"the connection broke after {got} of {total if total is not None else '?'} bytes "
