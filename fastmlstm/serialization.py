@@ -8,7 +8,7 @@ Formats:
     released layout        the authors' directory of ``0.npy`` .. ``14.npy`` (:func:`load_openai`,
                            :func:`save_openai`; the array conversion is :mod:`fastmlstm.openai_weights`)
     pretrained folder      ``config.json`` (format, version, config, dtype) + ``model.safetensors`` (the
-                           state dict, no pickle, memory-mapped on load): the Hugging Face Hub layout
+                           state dict: no pickle, read through a memory map): the Hugging Face Hub layout
                            (:meth:`ModelFileMixin.save_pretrained`, :func:`from_pretrained`)
 
 :func:`from_pretrained` (and so every ``--model``) takes any of these paths, a registered name (its
@@ -122,7 +122,7 @@ class ModelFileMixin:
         with tempfile.TemporaryDirectory(prefix="fastmlstm-push-") as tmp:
             self.save_pretrained(tmp, dtype=dtype)
             return upload_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message,
-                                     revision=revision)
+                                 revision=revision)
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:

@@ -106,7 +106,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = Server()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield httpd
@@ -308,6 +308,30 @@ def test_a_rerun_checks_what_is_present_offline_and_refetches_only_a_bad_file(se
     server.requests.clear()
     get(tmp_path, server, published, force=True)
     assert sorted(name for name, _ in server.requests) == sorted(ALL)
+
+
+def test_fetch_partial_file_cases(server, tmp_path):
+    """fetch on its own: a stale partial file longer than the remote one (the server answers 416,
+    the transfer starts over); a complete partial file (verified and renamed, no request); and no
+    checksum, where a partial file is never resumed because nothing would check the result."""
+    data = bytes(range(256)) * 40
+    server.files["f.bin"] = data
+    url, dest = f"{server.url}/f.bin", tmp_path / "f.bin"
+    checksum = f"git-blob:{blob_id(data)}"
+    download.partial_path(dest).write_bytes(b"x" * (len(data) + 10))
+    download.fetch(url, dest, checksum=checksum, progress=False)
+    assert dest.read_bytes() == data and server.requested("f.bin") == [f"bytes={len(data) + 10}-", None]
+    dest.unlink()
+    server.requests.clear()
+    download.partial_path(dest).write_bytes(data)
+    download.fetch(url, dest, checksum=checksum, size=len(data), progress=False)
+    assert dest.read_bytes() == data and server.requests == []
+    download.partial_path(dest).write_bytes(b"junk")
+    download.fetch(url, tmp_path / "f.bin", progress=False)
+    assert dest.read_bytes() == data and server.requested("f.bin") == [None]
+    assert not download.partial_path(dest).exists()
+    with pytest.raises(fastmlstm.InputError, match="'git-blob:<hex>'"):
+        download.fetch(url, dest, checksum="git-blob:123")
 
 
 # ------------------------------------------------------------------------------------------------
