@@ -7,6 +7,8 @@ test-only checksum table. Loading and featurizing use stand-ins for all 15 files
 with the NumPy implementation of the released equations in test_openai_weights.py.
 """
 
+from __future__ import annotations
+
 import hashlib
 import http.server
 import json
