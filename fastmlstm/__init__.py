@@ -7,10 +7,13 @@ Public API:
     multiplicative_lstm_recurrence  the fused recurrence on precomputed input projections
     available_backends, resolve_backend, BackendUnavailableError
     load_openai, save_openai        the paper's released weights (a directory of 15 .npy files)
+    from_pretrained, save_pretrained  a model by path, registered name ("openai-sentiment") or Hub id;
+                                    the config.json + model.safetensors folder (ByteLM.save_pretrained)
     self_check                      parity of a backend against the reference, as `fastmlstm info` runs it
     InputError (and its variants)   what every rejection of bad input raises
-    probe, datasets, download,      the probe toolkit, the evaluation sets, their downloader, and
-    training                        the training job (subpackages, imported on first use)
+    probe, datasets, download,      the probe toolkit, the evaluation sets, the downloader (datasets
+    hub, training                   and pretrained models), the Hugging Face Hub transfer, and the
+                                    training job (submodules, imported on first use)
 """
 
 from ._version import __version__
@@ -20,7 +23,7 @@ from .errors import InputError, InputTypeError, MissingInputError, ModelFileErro
 from .functional import SUPPORTED_DTYPES, multiplicative_lstm, multiplicative_lstm_recurrence
 from .lm import ByteLM
 from .modules import FastMLSTM, MLSTMWeights, weight_norm
-from .serialization import load, load_openai, save, save_openai
+from .serialization import from_pretrained, load, load_openai, save, save_openai, save_pretrained
 
 __all__ = [
     "BACKENDS",
@@ -36,6 +39,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "backend_status",
+    "from_pretrained",
     "load",
     "load_openai",
     "multiplicative_lstm",
@@ -43,12 +47,13 @@ __all__ = [
     "resolve_backend",
     "save",
     "save_openai",
+    "save_pretrained",
     "self_check",
     "weight_norm",
 ]
 
 
-_SUBMODULES = ("probe", "datasets", "download", "training")
+_SUBMODULES = ("probe", "datasets", "download", "hub", "training")
 
 
 def __getattr__(name: str):

@@ -6,9 +6,11 @@
     fastmlstm probe       one of the paper's evaluations; prints one JSON object, writes plots
     fastmlstm visualize   colour a text by a unit's cell value (HTML and/or PNG)
     fastmlstm generate    sample text, optionally with units held fixed (steered generation)
-    fastmlstm download    fetch an evaluation set into $FASTMLSTM_DATA
+    fastmlstm download    fetch an evaluation set into $FASTMLSTM_DATA, or a pretrained model into $FASTMLSTM_MODELS
 
---model takes a fastmlstm model file or checkpoint, or a directory in the released 15-.npy layout.
+--model takes a fastmlstm model file or checkpoint, a model folder (config.json + model.safetensors, or the
+released 15-.npy layout), a registered name (openai-sentiment, downloaded on first use) or a Hugging Face
+Hub id (user/repo, with huggingface_hub installed).
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def _read_texts(args) -> list:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="fastmlstm model file/checkpoint, or a released-layout directory")
+    p.add_argument("--model", required=True,
+                   help="model file/checkpoint, model folder (config.json + model.safetensors, or the released "
+                   "layout), registered name (openai-sentiment) or Hugging Face Hub id (user/repo)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast the model (default: as stored)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="recurrence backend")
@@ -272,8 +276,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .download import download
+    from .download import MODELS, download, download_model, model_files
 
+    if args.name in MODELS:
+        folder = download_model(args.name, root=args.root, mirror=args.mirror, force=args.force,
+                                progress=not args.no_progress)
+        files = [{"file": f.filename, "url": MODELS[args.name].url(f.filename, args.mirror), "size": f.size,
+                  "blob_id": f.blob_id} for f in model_files(args.name)]
+        print(json.dumps({"model": args.name, "folder": str(folder), "files": files}))
+        return 0
     folder = download(args.name, root=args.root, mirror=args.mirror, force=args.force,
                       progress=not args.no_progress)
     print(json.dumps({"dataset": args.name, "folder": str(folder)}))
@@ -386,11 +397,16 @@ def _add_generate(sub) -> None:
 
 
 def _add_download(sub) -> None:
-    from .download import SOURCES
+    from .download import MODELS, SOURCES
 
-    p = sub.add_parser("download", help="fetch an evaluation set into $FASTMLSTM_DATA (with checksums)")
-    p.add_argument("name", choices=sorted(SOURCES))
-    p.add_argument("--root", help="data folder (default $FASTMLSTM_DATA or ~/.cache/fastmlstm/data)")
+    p = sub.add_parser("download", help="fetch an evaluation set or a pretrained model (with checksums)",
+                       description="Datasets go to $FASTMLSTM_DATA (default ~/.cache/fastmlstm/data); models to "
+                       "$FASTMLSTM_MODELS/<name> (default ~/.cache/fastmlstm/models), each file checked against "
+                       "its published git blob id; a re-run re-checks the files present, offline. Models: "
+                       + "; ".join(f"{m.name}: {m.description}" for m in MODELS.values()))
+    p.add_argument("name", choices=sorted(SOURCES) + sorted(MODELS))
+    p.add_argument("--root", help="data folder for a dataset (default $FASTMLSTM_DATA or ~/.cache/fastmlstm/data); "
+                   "models folder for a model (default $FASTMLSTM_MODELS or ~/.cache/fastmlstm/models)")
     p.add_argument("--mirror", help="fetch <mirror>/<filename> instead of the canonical URLs")
     p.add_argument("--force", action="store_true", help="fetch again even if present")
     p.add_argument("--no-progress", action="store_true")

@@ -2,10 +2,12 @@
 released equations (features, per-byte cells, next-byte logits); exporting writes the layout back."""
 
 import html
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import DATA_DIR
 
 import fastmlstm
 from fastmlstm.probe import cell_trace, featurize
@@ -145,3 +147,40 @@ def test_load_errors(tmp_path, released):
     with pytest.raises(ValueError, match=r"6.npy \(wmx\) must have shape \[8, 24\]"):
         fastmlstm.load_openai(bad)
     assert fastmlstm.openai_weights.is_openai_dir(path) and not fastmlstm.openai_weights.is_openai_dir(partial)
+
+
+RELEASE = DATA_DIR / "openai-release"
+REAL_FILES = (0, 6, 8, 9, 10, 11, 12, 14)  # the 8 small released files kept in $FASTMLSTM_DATA/openai-release
+
+
+@pytest.mark.skipif(not all((RELEASE / f"{i}.npy").is_file() for i in REAL_FILES),
+                    reason="the 8 released files are not in $FASTMLSTM_DATA/openai-release")
+def test_the_real_released_files_load_with_their_real_shapes(tmp_path):
+    """The 8 published small files, with zero-filled stand-ins of the real shapes for the 7 large
+    ones (sparse files: a .npy header, then a hole), load as the paper's H = 4096, E = 64 model."""
+    H, E = 4096, 64
+    large = {1: (E, 4 * H), 2: (H, H), 3: (H, H), 4: (H, H), 5: (H, H), 7: (H, H), 13: (H, 256)}
+    for i in REAL_FILES:
+        shutil.copy(RELEASE / f"{i}.npy", tmp_path / f"{i}.npy")
+    for i, shape in large.items():
+        with open(tmp_path / f"{i}.npy", "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            f.truncate(f.tell() + 4 * shape[0] * shape[1])
+    real = {i: np.load(RELEASE / f"{i}.npy") for i in REAL_FILES}
+    expected_shapes = {0: (256, E), 6: (E, H), 8: (4 * H,), 9: (4 * H,), 10: (4 * H,), 11: (H,), 12: (H,), 14: (256,)}
+    assert {i: a.shape for i, a in real.items()} == expected_shapes
+    assert all(a.dtype == np.float32 for a in real.values())
+
+    model = fastmlstm.load_openai(tmp_path)
+    assert model.config == {"hidden_size": H, "embed_size": E, "weight_norm": True}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    rnn = model.rnn
+    assert rnn.weight_ih_v.shape == (4 * H, E) and rnn.weight_hh_v.shape == (4 * H, H)
+    assert rnn.weight_im_v.shape == (H, E) and rnn.weight_hm_v.shape == (H, H)
+    assert model.readout.weight.shape == (256, H)
+    # each real array lands where the released equations use it
+    for tensor, i in [(model.embedding.weight, 0), (rnn.bias, 8), (rnn.weight_ih_g, 9), (rnn.weight_hh_g, 10),
+                      (rnn.weight_im_g, 11), (rnn.weight_hm_g, 12), (model.readout.bias, 14)]:
+        assert np.array_equal(tensor.detach().numpy(), real[i]), i
+    assert np.array_equal(rnn.weight_im_v.detach().numpy(), real[6].T)
+    assert fastmlstm.openai_weights.SENTIMENT_UNIT < H
