@@ -48,7 +48,7 @@ def _bad_files(folder, good):
     torch.save(newer, folder / "newer.pt")
     paths["a file from a newer version"] = (folder / "newer.pt", "written by a newer fastmlstm")
     (folder / "plain_dir").mkdir()
-    paths["a directory that is not the released layout"] = (folder / "plain_dir", "not the released layout")
+    paths["a directory that is not a model folder"] = (folder / "plain_dir", "holds neither a saved model")
     return paths, marker
 
 
