@@ -102,18 +102,27 @@ def k_blocks(kernel: str, H: int, config: KernelConfig) -> int:
     return math.ceil(K_OF[kernel] * H / config.BK)
 
 
-def epilogue_width(kernel: str, config: KernelConfig) -> int | None:
-    """bwd_h's epilogue column chunk: at most 8 float32 values per thread per tile (it keeps about a
-    dozen tiles alive). None for the kernels whose epilogue takes the whole tile at once."""
-    if kernel != "bwd_h":
-        return None
-    # BB * width / (32 * num_warps) <= 8; all three are powers of two, so the width is one too.
-    return max(16, min(config.BN, 8 * 32 * config.num_warps // config.BB))
+# bwd_h's epilogue keeps about a dozen float32 tiles alive: at most this many values per thread
+# per tile, or the tile goes through the workspace and the epilogue runs over column chunks.
+_EPILOGUE_VALUES_PER_THREAD = 8
 
 
 def uses_workspace(kernel: str, config: KernelConfig) -> bool:
-    """Whether a launch writes partial tiles (split-K, or bwd_h's chunked epilogue)."""
-    return config.split > 1 or kernel == "bwd_h"
+    """Whether a launch writes partial tiles: split-K, or bwd_h with a tile too big for its epilogue."""
+    if config.split > 1:
+        return True
+    return kernel == "bwd_h" and config.BB * config.BN > _EPILOGUE_VALUES_PER_THREAD * 32 * config.num_warps
+
+
+def epilogue_width(kernel: str, config: KernelConfig) -> int | None:
+    """bwd_h's epilogue column chunk (the whole tile when it stays in registers); None for the
+    kernels whose epilogue always takes the whole tile."""
+    if kernel != "bwd_h":
+        return None
+    if not uses_workspace(kernel, config):
+        return config.BN
+    # BB * width / (32 * num_warps) <= 8; all three are powers of two, so the width is one too.
+    return max(16, min(config.BN, _EPILOGUE_VALUES_PER_THREAD * 32 * config.num_warps // config.BB))
 
 
 def split_for(kernel: str, B: int, H: int, config: KernelConfig, target_programs: int) -> int:
@@ -127,39 +136,70 @@ def split_for(kernel: str, B: int, H: int, config: KernelConfig, target_programs
 # ------------------------------------------------------------------------------------ the rule
 
 def _batch_tile(B: int, dtype_bytes: int) -> int:
-    # One batch tile up to 128 rows, so each weight tile crosses L2 once per step; float32 operands
-    # take twice the registers and shared memory per element, so their tile stops at 64 rows.
-    return min(128 if dtype_bytes == 2 else 64, max(16, _pow2_at_least(B)))
+    # One batch tile up to 128 rows, so each weight tile crosses L2 once per step. Only three
+    # sizes (16, 64, 128; float32 stops at 64, its operands taking twice the registers and shared
+    # memory): rows past B are masked, so a larger tile costs no memory traffic, and every size
+    # is another compiled variant for the static report and the parity suite to cover.
+    if B <= 16:
+        return 16
+    return 64 if B <= 64 or dtype_bytes == 4 else 128
+
+
+# Shared memory the rule's pipelines may take: under sm_80's 163 KB per block, so the one set of
+# compiled variants also fits an A100 (sm_90 allows 227 KB).
+SMEM_BUDGET = 160 * 1024
 
 
 def rule(kernel: str, B: int, H: int, dtype_bytes: int, device: Device) -> KernelConfig:
     """The model-derived launch config (bench/NOTES.md, "The rule").
 
-    - BN: 64 hidden units (16-bit) or 32 (float32) in the one-gate kernels: each weight row read is
-      128 contiguous bytes in both layouts (forward reads BK along a row, backward BN); the gate
-      kernel takes 32 (16-bit) or 16 (float32) units of each of its four gates, a 128-column tile.
-    - BK: 64 (16-bit) or 32 (float32): 128-byte rows of the forward weight tiles.
-    - split: the grid aims at one program per multiprocessor. Under the cost model, more programs
-      re-read the activation operand [B, K] through L2 more often (once per hidden tile) or write
-      more partials (once per split); one per SM already keeps enough bytes in flight.
-    - num_stages: 4 for 16-bit (three tiles in flight per program), 3 for float32.
+    - BB: 16, 64 or 128 rows (float32: 16 or 64), one batch tile up to 128 rows.
+    - From 64 rows (16-bit): wide output tiles, so the activation operand [B, K] is re-read through
+      L2 by few hidden tiles: BN = 128 units in the one-gate kernels, 32 units of each of the four
+      gates (128 columns) in the gate kernel; and splits for about half a program per SM. The cost
+      model finds L2 delivery, not HBM, binding at B = 128: every further program re-reads the
+      activation (more hidden tiles) or writes partials (more splits), so fewer, wider programs win.
+    - At 16 rows (B <= 16, 16-bit): the activation is negligible and the weights are everything:
+      BN = 64 in the one-gate kernels (each backward weight row read is 128 contiguous bytes; the
+      forward reads BK = 64 values, 128 bytes, along each row), 16 units per gate in the gate
+      kernel; splits for about two programs per SM, for enough bytes in flight.
+    - float32 (not a target of the model): BN = 32 (16 per gate), BK = 32, one program per SM.
+    - num_warps: 8 when the accumulators hold 8192 or more values, else 4; num_stages: 4 for
+      16-bit, 3 for float32, fewer where the pipeline would exceed SMEM_BUDGET.
     - pdl: on Hopper and newer, so the next launch is scheduled while this one finishes.
+    Independent of H (a small H only masks columns), so the compiled variants stay few.
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
     wide = dtype_bytes == 2
+    gate = kernel in GATE_KERNELS
     bb = _batch_tile(B, dtype_bytes)
-    if kernel in GATE_KERNELS:
-        bn = 32 if wide else 16
+    if not wide:
+        bn, per_sm = (16 if gate else 32), 1.0
+    elif bb >= 64:
+        bn, per_sm = (32 if gate else 128), 0.5
     else:
-        bn = 64 if wide else 32
-    bn = min(bn, max(16, _pow2_at_least(H)))
-    bk = 64 if wide else 32
+        bn, per_sm = (16 if gate else 64), 2.0
+    config = _fit(KernelConfig(BB=bb, BN=bn, BK=64 if wide else 32, num_warps=_warps(kernel, bb, bn),
+                               num_stages=4 if wide else 3, pdl=device.capability >= (9, 0)), kernel, dtype_bytes)
+    return dataclasses.replace(config, split=split_for(kernel, B, H, config, int(device.sms * per_sm)))
+
+
+def _warps(kernel: str, bb: int, bn: int) -> int:
     cols = bn * (4 if kernel in GATE_KERNELS else 1)
-    warps = 8 if bb * cols >= 8192 else 4
-    config = KernelConfig(BB=bb, BN=bn, BK=bk, num_warps=warps, num_stages=4 if wide else 3,
-                          pdl=device.capability >= (9, 0))
-    return dataclasses.replace(config, split=split_for(kernel, B, H, config, device.sms))
+    return 8 if bb * cols >= 8192 else 4
+
+
+def pipeline_bytes(kernel: str, config: KernelConfig, dtype_bytes: int) -> int:
+    """Shared memory of the operand pipeline: num_stages x (activation tile + weight tile)."""
+    cols = config.BN * (4 if kernel in GATE_KERNELS else 1)
+    return config.num_stages * (config.BB + cols) * config.BK * dtype_bytes
+
+
+def _fit(config: KernelConfig, kernel: str, dtype_bytes: int) -> KernelConfig:
+    while config.num_stages > 2 and pipeline_bytes(kernel, config, dtype_bytes) > SMEM_BUDGET:
+        config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+    return config
 
 
 def rule_plan(B: int, H: int, dtype_bytes: int, device: Device) -> StepPlan:
@@ -182,29 +222,28 @@ def interpreter_plan(B: int, H: int) -> StepPlan:
 # ------------------------------------------------------------------------- the sweep's candidates
 
 def sweep_candidates(kernel: str, B: int, H: int, dtype_bytes: int, device: Device) -> list[KernelConfig]:
-    """Alternatives to the rule that ``bench/gpu_check.sh`` times at the target shapes: other hidden
-    tiles, pipeline depths, warps, PDL off, and split targets of 1/2, 1 and 2 programs per SM (the
-    cost model's assumption about L2 bandwidth decides between them; the GPU settles it)."""
+    """Alternatives to the rule that ``bench/gpu_check.sh`` times at a target shape: split targets
+    of 1/4 to 2 programs per SM (a runtime argument, so free to try: the cost model's assumption
+    about L2 bandwidth decides between them and the GPU settles it); for 16-bit at 128 rows also
+    half and twice the rule's hidden tile (where the accumulators fit in 64 registers per thread;
+    the gate kernel only narrower), and PDL off."""
     base = rule(kernel, B, H, dtype_bytes, device)
-    gate = kernel in GATE_KERNELS
-    bns = (16, 32, 64) if gate else (32, 64, 128)
-    if dtype_bytes == 4:
-        bns = (16, 32) if gate else (32, 64)
+    shapes = [base]
+    if dtype_bytes == 2 and base.BB == 128:
+        # The gate kernel's epilogue holds four gate tiles: its tile only gets narrower.
+        for bn in (base.BN // 2,) if kernel in GATE_KERNELS else (base.BN // 2, base.BN * 2):
+            cols = bn * (4 if kernel in GATE_KERNELS else 1)
+            if bn >= 16 and base.BB * cols <= 16384:
+                shapes.append(_fit(dataclasses.replace(base, BN=bn, num_warps=_warps(kernel, base.BB, bn)), kernel,
+                                   dtype_bytes))
     out = []
-    for bn in bns:
-        for stages in ((3, 4) if dtype_bytes == 2 else (3,)):
-            for warps in (4, 8):
-                cols = bn * (4 if gate else 1)
-                if base.BB * cols > 16384 or (warps == 4 and base.BB * cols > 8192):
-                    continue  # accumulators alone would take over 128 registers per thread
-                config = dataclasses.replace(base, BN=bn, num_stages=stages, num_warps=warps)
-                for per_sm in (0.5, 1, 2):
-                    split = split_for(kernel, B, H, config, int(device.sms * per_sm))
-                    out.append(dataclasses.replace(config, split=split))
-    if base.pdl:
+    for config in shapes:
+        for per_sm in (1, 0.25, 0.5, 2):
+            out.append(dataclasses.replace(config, split=split_for(kernel, B, H, config, int(device.sms * per_sm))))
+    if base.pdl and dtype_bytes == 2 and base.BB == 128:
         out.append(dataclasses.replace(base, pdl=False))
     unique = []
-    for c in [base] + out:
+    for c in out:
         if c not in unique:
             unique.append(c)
     return unique
@@ -225,8 +264,9 @@ def dispatch_space(dtype_bytes: int, device: Device = REFERENCE_DEVICE) -> dict[
     space: dict[str, list[KernelConfig]] = {k: [] for k in KERNELS}
     for k in KERNELS:
         found = []
-        for B in (1, 16, 32, 64, 128, 512):
-            found.append(rule(k, B, 4096, dtype_bytes, device))
+        for B in (1, 16, 17, 64, 65, 128, 512):
+            for H in (16, 1024, 4096):
+                found.append(rule(k, B, H, dtype_bytes, device))
         for H, B in SWEEP_SHAPES:
             found += sweep_candidates(k, B, H, dtype_bytes, device)
         for c in found:

@@ -172,8 +172,7 @@ def fwd_m_kernel(
         k_k = o_k < H
         b_h = tl.load(p_h + o_b[:, None] * H + o_k[None, :], mask=k_b[:, None] & k_k[None, :], other=0.0)
         # Wmh^T tile: element (k, n) is w_hm[n, k]; each of its BN rows reads BK contiguous values.
-        b_w = tl.load(p_w_hm + o_n[None, :] * H + o_k[:, None], mask=k_k[:, None] & k_n[None, :], other=0.0,
-                      eviction_policy="evict_first")
+        b_w = tl.load(p_w_hm + o_n[None, :] * H + o_k[:, None], mask=k_k[:, None] & k_n[None, :], other=0.0)
         b_hm = _mma(b_h, b_w, b_hm, PRECISION, INTERPRET_BF16)
 
     k_bn = k_b[:, None] & k_n[None, :]
@@ -223,13 +222,13 @@ def fwd_z_kernel(
         b_m = tl.load(p_m + o_b[:, None] * H + o_k[None, :], mask=k_b[:, None] & k_k[None, :], other=0.0)
         p_w = p_w_hh + o_n[None, :] * H + o_k[:, None]
         k_w = k_k[:, None] & k_n[None, :]
-        b_zi = _mma(b_m, tl.load(p_w, mask=k_w, other=0.0, eviction_policy="evict_first"), b_zi,
+        b_zi = _mma(b_m, tl.load(p_w, mask=k_w, other=0.0), b_zi,
                     PRECISION, INTERPRET_BF16)
-        b_zf = _mma(b_m, tl.load(p_w + gate_stride, mask=k_w, other=0.0, eviction_policy="evict_first"), b_zf,
+        b_zf = _mma(b_m, tl.load(p_w + gate_stride, mask=k_w, other=0.0), b_zf,
                     PRECISION, INTERPRET_BF16)
-        b_zo = _mma(b_m, tl.load(p_w + 2 * gate_stride, mask=k_w, other=0.0, eviction_policy="evict_first"), b_zo,
+        b_zo = _mma(b_m, tl.load(p_w + 2 * gate_stride, mask=k_w, other=0.0), b_zo,
                     PRECISION, INTERPRET_BF16)
-        b_zu = _mma(b_m, tl.load(p_w + 3 * gate_stride, mask=k_w, other=0.0, eviction_policy="evict_first"), b_zu,
+        b_zu = _mma(b_m, tl.load(p_w + 3 * gate_stride, mask=k_w, other=0.0), b_zu,
                     PRECISION, INTERPRET_BF16)
 
     k_bn = k_b[:, None] & k_n[None, :]
@@ -283,7 +282,8 @@ def bwd_h_kernel(
     p_dhm_next, p_w_hm, p_dout, p_dh, p_dc, p_dcells, p_act, p_c, p_c_prev, p_dproj, p_len, t, B, H,
     p_ws, p_ticket, n_split,
     HAS_REC: tl.constexpr, DO_CELL: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DCELLS: tl.constexpr,
-    HAS_LEN: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EPI_BN: tl.constexpr, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_LEN: tl.constexpr, SPLIT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    EPI_BN: tl.constexpr, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """dh_t = dhm_{t+1} Wmh (+ dout_t), then the cell derivatives of step t.
 
@@ -292,8 +292,10 @@ def bwd_h_kernel(
     p_dh). Wmh is read as [K, N] = w_hm[k, n]: each of a tile's BK rows reads BN contiguous values.
 
     The epilogue keeps about a dozen float32 tiles alive, too many registers for a whole [BB, BN]
-    tile at BB = 128: the product always goes through the workspace (with one split the ticket is
-    trivially the last) and the epilogue runs over column chunks of EPI_BN.
+    tile at BB = 128. SPLIT here means "through the workspace": the driver sets it for more than one
+    split and also for big tiles (then, with one split, the ticket is trivially the last); the
+    epilogue then runs over column chunks of EPI_BN read back from the workspace. Without SPLIT
+    the product stays in registers and EPI_BN == BN.
     """
     _prologue(USE_PDL)
     o_b, o_n, k_b, k_n, tile = _tile(B, H, BB, BN)
@@ -305,32 +307,38 @@ def bwd_h_kernel(
             o_k = kb * BK + tl.arange(0, BK)
             k_k = o_k < H
             b_g = tl.load(p_dhm_next + o_b[:, None] * H + o_k[None, :], mask=k_b[:, None] & k_k[None, :], other=0.0)
-            b_w = tl.load(p_w_hm + o_k[:, None] * H + o_n[None, :], mask=k_k[:, None] & k_n[None, :], other=0.0,
-                          eviction_policy="evict_first")
+            b_w = tl.load(p_w_hm + o_k[:, None] * H + o_n[None, :], mask=k_k[:, None] & k_n[None, :], other=0.0)
             b_rec = _mma(b_g, b_w, b_rec, PRECISION, INTERPRET_BF16)
-        last = _publish(b_rec, p_ws, o_b[:, None] * H + o_n[None, :], k_b[:, None] & k_n[None, :], B * H,
-                        p_ticket, tile, n_split)
+        if SPLIT:
+            last = _publish(b_rec, p_ws, o_b[:, None] * H + o_n[None, :], k_b[:, None] & k_n[None, :], B * H,
+                            p_ticket, tile, n_split)
+        else:
+            last = True
     else:
         last = True
 
     if last:
-        if HAS_REC:
+        if HAS_REC and SPLIT:
             tl.store(p_ticket + tile, 0)
         if HAS_LEN:
             b_len = tl.load(p_len + o_b, mask=k_b, other=0)
-        for c in tl.static_range(BN // EPI_BN):
+        # A loop, not unrolled: the epilogue is long, and up to 8 copies of it made compiles slow.
+        for c in range(0, BN // EPI_BN):
             o_nc = tl.program_id(1) * BN + c * EPI_BN + tl.arange(0, EPI_BN)
             k_bn = k_b[:, None] & (o_nc < H)[None, :]
             o_state = o_b[:, None] * H + o_nc[None, :]
             # p_dh holds the full gradient that reached h_{t+1}.
             b_dh = tl.load(p_dh + o_state, mask=k_bn, other=0.0)
             if HAS_REC:
-                b_rec = _gather(p_ws, o_state, k_bn, B * H, n_split, BB, EPI_BN)
+                if SPLIT:
+                    b_rec_c = _gather(p_ws, o_state, k_bn, B * H, n_split, BB, EPI_BN)
+                else:
+                    b_rec_c = b_rec
                 if HAS_LEN:
                     # A row that was padding at t+1 passed h_t through, so its gradient passes straight back.
-                    b_dh = b_rec + tl.where((t + 1 < b_len)[:, None], 0.0, b_dh)
+                    b_dh = b_rec_c + tl.where((t + 1 < b_len)[:, None], 0.0, b_dh)
                 else:
-                    b_dh = b_rec
+                    b_dh = b_rec_c
 
             if DO_CELL:
                 if HAS_DOUT:
@@ -396,8 +404,7 @@ def bwd_m_kernel(
         o_k = kb * BK + tl.arange(0, BK)
         k_k = o_k < 4 * H
         b_dz = tl.load(p_dproj + o_b[:, None] * (5 * H) + o_k[None, :], mask=k_b[:, None] & k_k[None, :], other=0.0)
-        b_w = tl.load(p_w_hh + o_k[:, None] * H + o_n[None, :], mask=k_k[:, None] & k_n[None, :], other=0.0,
-                      eviction_policy="evict_first")
+        b_w = tl.load(p_w_hh + o_k[:, None] * H + o_n[None, :], mask=k_k[:, None] & k_n[None, :], other=0.0)
         b_dm = _mma(b_dz, b_w, b_dm, PRECISION, INTERPRET_BF16)
 
     k_bn = k_b[:, None] & k_n[None, :]
