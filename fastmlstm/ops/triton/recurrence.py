@@ -11,6 +11,7 @@ Dimension letters: T time, B batch, H hidden, S splits of a kernel's reduction (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import torch
@@ -104,10 +105,10 @@ class _Launcher:
         if use_pdl:
             options["launch_pdl"] = True
         tickets = self.tickets[self.ticket_offset[kernel_name]:]
+        launched = dataclasses.replace(config, split=n_split)
+        constexprs["SPLIT"] = _configs.uses_workspace(kernel_name, launched)
         if kernel_name == "bwd_h":
-            constexprs["EPI_BN"] = _configs.epilogue_width(kernel_name, config)
-        else:
-            constexprs["SPLIT"] = n_split > 1
+            constexprs["EPI_BN"] = _configs.epilogue_width(kernel_name, launched)
         kernel[grid](*args, self.ws, tickets, n_split, BB=config.BB, BN=config.BN, BK=config.BK, USE_PDL=use_pdl,
                      **self.common, **constexprs, **options)
 
