@@ -37,6 +37,10 @@ import sys
 import time
 from pathlib import Path
 
+# Compiling needs Triton's real JIT functions: under TRITON_INTERPRET (which the test suite sets on
+# machines without a GPU, and subprocesses inherit) they would be interpreter stand-ins.
+os.environ.pop("TRITON_INTERPRET", None)
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
