@@ -234,13 +234,15 @@ def model_rows(gpu_table: dict[str, GPU] | None = None, shapes=MODEL_SHAPES, dty
     return rows
 
 
-def predict(gpu_name: str, mode: str, dtype: str, H: int, B: int, T: int = 1) -> dict | None:
+def predict(gpu_name: str, mode: str, dtype: str, H: int, B: int, T: int = 1,
+            table: dict[str, GPU] | None = None) -> dict | None:
     """Predicted time of a benchmark case (``bench/run.py`` prints it beside the measurement):
     step, fwd (T steps) and fwd+bwd (T steps each way) of the recurrence alone; None for modes the
     model does not cover (featurize, train) or float32."""
-    if gpu_name not in GPUS or dtype not in ("bfloat16", "float16", "bf16", "fp16"):
+    table = table or GPUS
+    if gpu_name not in table or dtype not in ("bfloat16", "float16", "bf16", "fp16"):
         return None
-    gpu = GPUS[gpu_name]
+    gpu = table[gpu_name]
     short = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
     fwd = direction_cost(gpu, "fwd", B, H, short)
     if mode == "step":
@@ -252,6 +254,28 @@ def predict(gpu_name: str, mode: str, dtype: str, H: int, B: int, T: int = 1) ->
         return {"predicted_ms": T * (fwd["predicted_us"] + bwd["predicted_us"]) / 1e3,
                 "ideal_ms": T * (fwd["ideal_us"] + bwd["ideal_us"]) / 1e3}
     return None
+
+
+def annotate(record: dict, device_name: str, ceilings: dict | None = None) -> dict | None:
+    """The model beside one bench/run.py measurement on a GPU: the prediction for fastmlstm's Triton
+    kernels at the record's case (whatever implementation it measured, so every row shows the
+    yardstick), with the table's numbers and, when ``ceilings`` holds the run's measured copy
+    bandwidth, with that in place of the achievable HBM bandwidth. None where the model does not
+    apply (another GPU, featurize and train, float32)."""
+    gpu = gpu_of_device_name(device_name)
+    if gpu is None:
+        return None
+    case = (gpu, record["mode"], record["dtype"], record["H"], record["B"], record.get("T", 1))
+    predicted = predict(*case)
+    if predicted is None:
+        return None
+    out = {"gpu": gpu, **{k: round(v, 4) for k, v in predicted.items()}}
+    if ceilings and ceilings.get("copy_GBps"):
+        measured = gpus(hbm_TBps=ceilings["copy_GBps"] / 1e3, hbm_efficiency=1.0)
+        again = predict(*case, table=measured)
+        out["predicted_ms_measured_hbm"] = round(again["predicted_ms"], 4)
+    out["ratio"] = round(record["median_ms"] / out["predicted_ms"], 3) if record.get("median_ms") else None
+    return out
 
 
 def gpu_of_device_name(name: str) -> str | None:

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import costmodel  # noqa: E402  (bench/costmodel.py: the prediction printed beside each GPU measurement)
 import measure  # noqa: E402
 import report  # noqa: E402
 import suite  # noqa: E402
@@ -254,8 +255,10 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
             results.append(record)
             mem = "n/a" if record["peak_mem_mb"] is None else f"{record['peak_mem_mb']:.1f} MiB"
+            record["model"] = costmodel.annotate(record, name, ceilings) if device.type == "cuda" else None
+            model = "" if not record["model"] else f"  model {record['model']['predicted_ms']:.3f} ms"
             print(f"   {label} {record['median_ms']:10.3f} ms  {record['chars_per_s']:12.0f} chars/s  "
-                  f"peak {mem}  roofline {record['roofline']['frac_roofline']:.1%}", flush=True)
+                  f"peak {mem}  roofline {record['roofline']['frac_roofline']:.1%}{model}", flush=True)
 
     doc.update(checks=checks, refused=refused, skipped=skipped, errors=errors, results=results,
                load_average_end=measure.load_average(),
