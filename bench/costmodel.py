@@ -27,7 +27,8 @@ there), L1 hits, and any overlap of the epilogue of one program with the main lo
 ``ideal_us`` is the issue's yardstick: 5 H^2 weight bytes per direction at the datasheet HBM
 bandwidth; ``cudnn_ideal_us`` the same for a cuDNN LSTM's 4 H^2.
 
-Run ``python bench/costmodel.py`` for the model's rows as a table.
+Run ``python bench/costmodel.py`` for the model's rows as a table (``--before``: the launch shapes
+before issue 15 under the same model; ``--sensitivity``: the rows against the L2 bandwidth).
 """
 
 from __future__ import annotations
@@ -304,7 +305,50 @@ def sources_table() -> str:
     return "\n".join(lines)
 
 
+def legacy_plan(B: int, H: int) -> _configs.StepPlan:
+    """The launch shapes of the kernels before issue 15 (one batch tile of up to 128 rows, 32 hidden
+    units per program, no split, 3 stages, no PDL), for comparing designs under one model. The
+    old bwd_h kept its whole tile in registers; the model charges it the workspace round trip
+    today's bwd_h takes at that tile size, a small overstatement of its time."""
+    bb = min(128, max(16, 1 << max(0, (B - 1).bit_length())))
+    config = _configs.KernelConfig(BB=bb, BN=32 if H >= 1024 else 16, BK=64, num_warps=8 if bb >= 128 else 4,
+                                   num_stages=3)
+    return _configs.StepPlan(**{k: config for k in _configs.KERNELS}, source="legacy")
+
+
+def compare_legacy() -> str:
+    lines = ["| gpu | H | B | before fwd us | before bwd us | now fwd us | now bwd us | ideal us | "
+             "before L2 MB fwd/bwd | now L2 MB fwd/bwd | programs before / now |", "|" + "---|" * 11]
+    for gpu in GPUS.values():
+        for H, B in MODEL_SHAPES:
+            old = [direction_cost(gpu, d, B, H, plan=legacy_plan(B, H)) for d in DIRECTIONS]
+            new = [direction_cost(gpu, d, B, H) for d in DIRECTIONS]
+            lines.append(f"| {gpu.name} | {H} | {B} | {old[0]['predicted_us']:.1f} | {old[1]['predicted_us']:.1f} | "
+                         f"{new[0]['predicted_us']:.1f} | {new[1]['predicted_us']:.1f} | {new[0]['ideal_us']:.1f} | "
+                         f"{old[0]['l2_bytes'] / 1e6:.0f}/{old[1]['l2_bytes'] / 1e6:.0f} | "
+                         f"{new[0]['l2_bytes'] / 1e6:.0f}/{new[1]['l2_bytes'] / 1e6:.0f} | "
+                         f"{old[0]['programs']} / {min(new[0]['programs'], new[1]['programs'])} |")
+    return "\n".join(lines)
+
+
+def sensitivity(l2_values=(5.5, 7.0, 10.0, 14.0)) -> str:
+    """How the rule's predictions move with the L2 bandwidth, the least certain number."""
+    lines = ["| L2 TB/s | gpu | H | B | fwd ratio | bwd ratio |", "|---|---|---|---|---|---|"]
+    for l2 in l2_values:
+        for gpu in gpus(l2_TBps=l2).values():
+            for H, B in MODEL_SHAPES[:2]:
+                r = [direction_cost(gpu, d, B, H)["ratio"] for d in DIRECTIONS]
+                lines.append(f"| {l2} | {gpu.name} | {H} | {B} | {r[0]:.2f} | {r[1]:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(sources_table())
     print()
     print(table(model_rows()))
+    if "--before" in sys.argv:
+        print()
+        print(compare_legacy())
+    if "--sensitivity" in sys.argv:
+        print()
+        print(sensitivity())
