@@ -122,10 +122,10 @@ def ceilings(out: Path) -> dict:
     result = {"device": props.name, "sms": props.multi_processor_count}
 
     n = 256 * 2**20  # 1 GiB of float32
-    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-    ms = time_ms(lambda: dst.copy_(src), reps=20)
+    buffers = [torch.randn(n, device=device), torch.empty(n, device=device)]
+    ms = time_ms(lambda: buffers[1].copy_(buffers[0]), reps=20)
     result["hbm_copy_TBps"] = 2 * 4 * n / (ms * 1e9)
-    del src, dst
+    buffers.clear()
 
     @triton.jit
     def _read(p, n_elem, reps, p_out, BLOCK: tl.constexpr):
@@ -248,6 +248,21 @@ def gate(job: tuple) -> dict:
     return record
 
 
+def _time_direction(recurrence, time_ms, plan, direction, inputs, T, reps) -> float:
+    """Microseconds per step of one direction of the recurrence with ``plan``."""
+    proj, w_hh, w_hm, h0, c0, grads = inputs
+    with configs.override(plan):
+        if direction == "fwd":
+            def fn():
+                return recurrence.forward(proj, w_hh, w_hm, h0, c0, None, True, False)
+        else:
+            out, _, cells, act = recurrence.forward(proj, w_hh, w_hm, h0, c0, None, True, False)
+
+            def fn():
+                return recurrence.backward(*grads, w_hh, w_hm, h0, c0, None, out, cells, act)
+        return time_ms(fn, reps=reps) / T * 1e3
+
+
 def sweep(out: Path, targets=TARGETS, T: int = 8, reps: int = 10, max_candidates: int | None = None,
           table_path: Path | None = TUNED_FILE, workers: int = 1) -> list[dict]:
     import concurrent.futures
@@ -290,14 +305,8 @@ def sweep(out: Path, targets=TARGETS, T: int = 8, reps: int = 10, max_candidates
         best = dict(configs.rule_plan(B, H, e, dev).__dict__)
         best.pop("source")
 
-        def timed(plan, direction):
-            with configs.override(plan):
-                if direction == "fwd":
-                    fn = lambda: recurrence.forward(proj, w_hh, w_hm, h0, c0, None, True, False)  # noqa: E731
-                else:
-                    out_, _, cells, act = recurrence.forward(proj, w_hh, w_hm, h0, c0, None, True, False)
-                    fn = lambda: recurrence.backward(*grads, w_hh, w_hm, h0, c0, None, out_, cells, act)  # noqa: E731
-                return time_ms(fn, reps=reps) / T * 1e3  # microseconds per step
+        def timed(plan, direction, inputs=(proj, w_hh, w_hm, h0, c0, grads)):
+            return _time_direction(recurrence, time_ms, plan, direction, inputs, T, reps)
 
         rule_us = {d: timed(best, d) for d in ("fwd", "bwd")}
         for kernel in configs.KERNELS:
@@ -349,7 +358,9 @@ def _current_entries(path: Path | None) -> list[dict]:
 
 
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
-    key = lambda e: (e["device"], e["dtype"], e["precision"], e["B"], e["H"])  # noqa: E731
+    def key(e):
+        return e["device"], e["dtype"], e["precision"], e["B"], e["H"]
+
     fresh = {key(e) for e in new}
     return [e for e in old if key(e) not in fresh] + list(new)
 

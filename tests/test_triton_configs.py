@@ -52,8 +52,8 @@ def _truth(proj, w_hh, w_hm, h0, c0, lengths, grads):
     out, _, c, cells = recurrence_f64(*leaves, lengths.cpu())
     loss = sum((v * g.double().cpu()).sum() for v, g in zip((out, c, cells), grads))
     d = torch.autograd.grad(loss, leaves)
-    return dict(output=out, c_n=c, cell_states=cells, grad_proj=d[0], grad_weight_hh=d[1], grad_weight_hm=d[2],
-                grad_h0=d[3], grad_c0=d[4])
+    return {"output": out, "c_n": c, "cell_states": cells, "grad_proj": d[0], "grad_weight_hh": d[1],
+            "grad_weight_hm": d[2], "grad_h0": d[3], "grad_c0": d[4]}
 
 
 def _run(backend, proj, w_hh, w_hm, h0, c0, lengths, grads):
@@ -209,9 +209,8 @@ def test_bad_configs_are_refused():
         configs.KernelConfig(BB=16, BN=16, BK=16, num_warps=3, num_stages=2)
     with pytest.raises(ValueError, match="split"):
         configs.KernelConfig(BB=16, BN=16, BK=16, num_warps=4, num_stages=2, split=0)
-    with pytest.raises(ValueError, match="unknown kernels"):
-        with configs.override({"fwd_x": configs.INTERPRETER_CONFIG}):
-            pass
+    with pytest.raises(ValueError, match="unknown kernels"), configs.override({"fwd_x": configs.INTERPRETER_CONFIG}):
+        pass
 
 
 # ------------------------------------------------------------------------------ guards

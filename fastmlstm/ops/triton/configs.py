@@ -59,7 +59,7 @@ class KernelConfig:
         if self.split < 1:
             raise ValueError(f"split must be >= 1, got {self.split}")
 
-    def compiled(self) -> "KernelConfig":
+    def compiled(self) -> KernelConfig:
         """The compile-time part: ``split`` only matters as 1 (no partials) or more."""
         return dataclasses.replace(self, split=1 if self.split == 1 else 2)
 

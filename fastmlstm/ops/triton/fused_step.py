@@ -145,7 +145,7 @@ def _gather(p_ws, o_ws, k_ws, slab, n_split, BB: tl.constexpr, BN: tl.constexpr)
     .cg reads bypass L1: the partials were written by other SMs."""
     acc = tl.zeros([BB, BN], dtype=tl.float32)
     p_s = p_ws + o_ws
-    for _ in range(0, n_split):
+    for _ in range(n_split):
         acc += tl.load(p_s, mask=k_ws, other=0.0, cache_modifier=".cg")
         p_s += slab  # 64-bit pointer arithmetic: S * slab may exceed 2^31 elements
     return acc
@@ -323,7 +323,7 @@ def bwd_h_kernel(
         if HAS_LEN:
             b_len = tl.load(p_len + o_b, mask=k_b, other=0)
         # A loop, not unrolled: the epilogue is long, and up to 8 copies of it made compiles slow.
-        for c in range(0, BN // EPI_BN):
+        for c in range(BN // EPI_BN):
             o_nc = tl.program_id(1) * BN + c * EPI_BN + tl.arange(0, EPI_BN)
             k_bn = k_b[:, None] & (o_nc < H)[None, :]
             o_state = o_b[:, None] * H + o_nc[None, :]

@@ -15,7 +15,6 @@ import dataclasses
 import os
 
 import torch
-import triton
 
 from ..common import empty_like_none, new_buffer, recurrent_weight_grads
 from . import configs as _configs
