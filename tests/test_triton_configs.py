@@ -234,11 +234,13 @@ def test_size_guard_refuses_offsets_past_32_bits():
     out = torch.empty(0, 5592406, 64, device="meta")
     with pytest.raises(ValueError, match="got H=64, B=5592406"):
         triton_backend.backward(None, None, None, None, None, None, None, None, out, None, None)
-    # Just below both limits the guard lets it through (to the T = 0 early end).
+    with pytest.raises(ValueError, match="at most 1048560 rows per call"):
+        triton_backend.forward(*args(1048561, 8))  # within 32 bits, but 65536 batch tiles of 16
+    # Just below the limits the guard lets it through.
     from fastmlstm.ops.triton.recurrence import _check_sizes
 
     _check_sizes(1, 23170)
-    _check_sizes(5592405, 64)
+    _check_sizes(1048560, 64)
 
 
 def test_tensors_on_another_device_are_refused():

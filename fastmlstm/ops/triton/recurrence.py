@@ -28,12 +28,19 @@ _MAX_OFFSET = 2**31 - 1
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+# CUDA grids allow 65535 blocks along their second and third axes (hidden and batch tiles).
+_MAX_BATCH = 65535 * 16
+
+
 def _check_sizes(B: int, H: int) -> None:
     if 4 * H * H > _MAX_OFFSET or 6 * H * B > _MAX_OFFSET:
         raise ValueError(
             f"the triton backend supports 4*H^2 and 6*H*B below 2^31; got H={H}, B={B} "
             "(split the batch, or use backend='reference')"
         )
+    if B > _MAX_BATCH:
+        raise ValueError(f"the triton backend supports at most {_MAX_BATCH} rows per call (65535 batch tiles); "
+                         f"got B={B} (split the batch, or use backend='reference')")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
