@@ -37,10 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-# Compiling needs Triton's real JIT functions: under TRITON_INTERPRET (which the test suite sets on
-# machines without a GPU, and subprocesses inherit) they would be interpreter stand-ins.
-os.environ.pop("TRITON_INTERPRET", None)
-
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -287,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # Compiling needs Triton's real JIT functions: under TRITON_INTERPRET (which the test suite sets on
+    # machines without a GPU, and subprocesses inherit) they would be interpreter stand-ins. Only
+    # here, in the command's own process, before the kernels are imported: never as a side effect
+    # of importing this module.
+    os.environ.pop("TRITON_INTERPRET", None)
     args = build_parser().parse_args(argv)
     import triton
 

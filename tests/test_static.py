@@ -115,3 +115,14 @@ def test_the_gpu_table_has_a_source_for_every_number():
     assert {row[0] for row in costmodel.TABLE} == fields
     for name, h100, h200, source in costmodel.TABLE:
         assert h100 > 0 and h200 > 0 and len(source) > 20, name
+
+
+def test_importing_the_tool_leaves_the_environment_alone():
+    """static.py drops TRITON_INTERPRET in its own process only: importing it (as this file does)
+    must not switch the rest of the test session off the interpreter."""
+    import os
+
+    from conftest import ON_GPU
+
+    if not ON_GPU:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
