@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import costmodel  # noqa: E402  (bench/costmodel.py: the prediction printed beside each GPU measurement)
 import gate  # noqa: E402
 import impls as implementations  # noqa: E402
 import measure  # noqa: E402
@@ -227,7 +228,7 @@ def gate_implementations(impls: list, cases: list, device: torch.device, ctx: di
 
 
 def time_cases(active: list, cases: list, device: torch.device, ctx: dict, ceilings: dict,
-               timing: dict) -> tuple[list, list]:
+               timing: dict, device_name: str) -> tuple[list, list]:
     """Every case, every implementation in turn within it (same load, same minute): (results, errors)."""
     results, errors = [], []
     for case in cases:
@@ -250,8 +251,10 @@ def time_cases(active: list, cases: list, device: torch.device, ctx: dict, ceili
                     torch.cuda.empty_cache()
             results.append(record)
             mem = "n/a" if record["peak_mem_mb"] is None else f"{record['peak_mem_mb']:.1f} MiB"
+            record["model"] = costmodel.annotate(record, device_name, ceilings) if device.type == "cuda" else None
+            model = "" if not record["model"] else f"  model {record['model']['predicted_ms']:.3f} ms"
             print(f"   {label} {record['median_ms']:10.3f} ms  {record['chars_per_s']:12.0f} chars/s  "
-                  f"peak {mem}  roofline {record['roofline']['frac_roofline']:.1%}", flush=True)
+                  f"peak {mem}  roofline {record['roofline']['frac_roofline']:.1%}{model}", flush=True)
     return results, errors
 
 
@@ -293,7 +296,7 @@ def main(argv=None) -> int:
         ctx["texts"], doc["featurize_data"] = workload.load_texts(args.featurize_texts or preset["featurize_texts"])
 
     active = gate_implementations(impls, cases, device, ctx, doc)
-    results, errors = time_cases(active, cases, device, ctx, ceilings, timing)
+    results, errors = time_cases(active, cases, device, ctx, ceilings, timing, doc["device"])
     doc.update(errors=errors, results=results, load_average_end=measure.load_average(),
                finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     written = write_results(doc, args, device)

@@ -1,4 +1,5 @@
-"""Triton backend: fused per-step kernels (:mod:`.fused_step`) driven over time by :mod:`.recurrence`."""
+"""Triton backend: fused per-step kernels (:mod:`.fused_step`) driven over time by :mod:`.recurrence`,
+launched with the configs :mod:`.configs` picks (its rule, or the GPU-measured table :mod:`.tuned`)."""
 
 from __future__ import annotations
 

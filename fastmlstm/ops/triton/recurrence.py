@@ -3,25 +3,33 @@
 Implements the backend contract of :mod:`fastmlstm.ops.common`. The input projections arrive
 already computed for all steps (one GEMM by the caller), and the recurrent weight gradients are two
 large GEMMs after the loop (:func:`~fastmlstm.ops.common.recurrent_weight_grads`); inside the loop
-each step is two fused launches.
+each step is two fused launches, configured once per call by :func:`.configs.plan`.
 
-Dimension letters: T time, B batch, H hidden.
+Dimension letters: T time, B batch, H hidden, S splits of a kernel's reduction (split-K).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 
 import torch
-import triton
 
 from ..common import empty_like_none, new_buffer, recurrent_weight_grads
-from .fused_step import bwd_h_kernel, bwd_m_kernel, fwd_m_kernel, fwd_z_kernel
+from . import configs as _configs
+from .fused_step import HAS_GDC, bwd_h_kernel, bwd_m_kernel, fwd_m_kernel, fwd_z_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
-# Offsets inside the kernels are 32-bit: keep the largest (B * 6H and 4 H^2) below 2^31.
+# Offsets inside the kernels are 32-bit: keep the largest (B * 6H and 4 H^2) below 2^31. The
+# split-K workspace is addressed per split in 64 bits, each split's [B, 4H] slab in 32.
 _MAX_OFFSET = 2**31 - 1
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+# CUDA grids allow 65535 blocks along their second and third axes (hidden and batch tiles).
+_MAX_BATCH = 65535 * 16
 
 
 def _check_sizes(B: int, H: int) -> None:
@@ -30,6 +38,9 @@ def _check_sizes(B: int, H: int) -> None:
             f"the triton backend supports 4*H^2 and 6*H*B below 2^31; got H={H}, B={B} "
             "(split the batch, or use backend='reference')"
         )
+    if B > _MAX_BATCH:
+        raise ValueError(f"the triton backend supports at most {_MAX_BATCH} rows per call (65535 batch tiles); "
+                         f"got B={B} (split the batch, or use backend='reference')")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -42,23 +53,70 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if matmul.allow_tf32 else "ieee"
 
 
-def _launch_config(B: int, H: int, dtype: torch.dtype) -> tuple[tuple[int, int], dict]:
-    """Block shapes and the grid for one step; one program owns BB rows x BN hidden units."""
-    if INTERPRET:
-        # The interpreter runs programs one after another: small tiles keep masks and
-        # multi-program paths exercised at the tiny shapes CI uses.
-        blocks = dict(BB=16, BN=16, BK=16, num_warps=1)
-    else:
-        # Memory-bound regime: cover the whole batch (up to 128) in one program so that each weight
-        # tile is read from HBM once per step, and split H finely enough to occupy every SM.
-        bb = min(128, max(16, triton.next_power_of_2(B)))
-        bn = 32 if H >= 1024 else 16
-        bk = 32 if dtype == torch.float32 else 64
-        blocks = dict(BB=bb, BN=bn, BK=bk, num_warps=8 if bb >= 128 else 4)
-    blocks["PRECISION"] = _dot_precision(dtype)
-    blocks["INTERPRET_BF16"] = INTERPRET and dtype == torch.bfloat16
-    grid = (triton.cdiv(H, blocks["BN"]), triton.cdiv(B, blocks["BB"]))
-    return grid, blocks
+def _device_info(device: torch.device) -> _configs.Device | None:
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return _configs.Device(props.multi_processor_count, (props.major, props.minor), props.name)
+
+
+def _guard(device: torch.device):
+    """Make ``device`` current while launching: Triton launches on the current CUDA device and
+    stream, so tensors on cuda:1 with cuda:0 current would otherwise run on the wrong GPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _check_devices(where: str, device: torch.device, **tensors) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"fastmlstm triton backend ({where}): {name} is on {tensor.device} but the recurrence "
+                             f"runs on {device}; every tensor must be on that device")
+
+
+class _Launcher:
+    """One call's kernel configs, split-K workspace and tickets, and the launch of each kernel."""
+
+    def __init__(self, B: int, H: int, dtype: torch.dtype, device: torch.device):
+        self.B, self.H = B, H
+        info = _device_info(device)
+        self.plan = _configs.plan(B, H, _DTYPE_NAMES[dtype], _dot_precision(dtype), info, INTERPRET)
+        self.pdl_ok = info is not None and info.capability >= (9, 0) and HAS_GDC
+        self.common = {"PRECISION": _dot_precision(dtype),
+                       "INTERPRET_BF16": INTERPRET and dtype == torch.bfloat16}
+        # The partials of the widest split launch (float32; [S, B, 4H] for the gate kernel), and one
+        # ticket per output tile of each kernel. Tickets start at 0 and the last program of each
+        # tile puts its ticket back to 0, so one zeroed buffer serves every step of the call.
+        width = {"fwd_m": H, "fwd_z": 4 * H, "bwd_h": H, "bwd_m": H}
+        ws_elems = max([self.plan[k].split * B * width[k] for k in _configs.KERNELS
+                        if _configs.uses_workspace(k, self.plan[k])] or [0])
+        self.ws = torch.empty(ws_elems, dtype=torch.float32, device=device)
+        n_tiles = {k: _configs.tiles(k, B, H, self.plan[k]) for k in _configs.KERNELS}
+        self.ticket_offset, total = {}, 0
+        for k in _configs.KERNELS:
+            self.ticket_offset[k] = total
+            total += n_tiles[k][0] * n_tiles[k][1]
+        self.tickets = torch.zeros(max(total, 1), dtype=torch.int32, device=device)
+        self.n_tiles = n_tiles
+
+    def __call__(self, kernel_name: str, kernel, *args, split: bool = True, **constexprs):
+        """Launch ``kernel`` with its runtime arguments ``args`` (the workspace, its tickets and the
+        split count are appended) and constexprs, configured by this call's plan."""
+        config = self.plan[kernel_name]
+        n_split = config.split if split else 1
+        grid = (n_split, *self.n_tiles[kernel_name])
+        use_pdl = config.pdl and self.pdl_ok
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        if use_pdl:
+            options["launch_pdl"] = True
+        tickets = self.tickets[self.ticket_offset[kernel_name]:]
+        launched = dataclasses.replace(config, split=n_split)
+        constexprs["SPLIT"] = _configs.uses_workspace(kernel_name, launched)
+        if kernel_name == "bwd_h":
+            constexprs["EPI_BN"] = _configs.epilogue_width(kernel_name, launched)
+        kernel[grid](*args, self.ws, tickets, n_split, BB=config.BB, BN=config.BN, BK=config.BK, USE_PDL=use_pdl,
+                     **self.common, **constexprs, **options)
 
 
 def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, return_cell_states):
@@ -66,6 +124,14 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
     H = H5 // 5
     _check_sizes(B, H)
     dtype, device = proj.dtype, proj.device
+    _check_devices("forward", device, weight_hh=weight_hh, weight_hm=weight_hm, h0=h0, c0=c0, lengths=lengths)
+    with _guard(device):
+        return _forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, return_cell_states,
+                        T, B, H, dtype, device)
+
+
+def _forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, return_cell_states, T, B, H, dtype,
+             device):
     proj = proj.contiguous()
     weight_hh = weight_hh.contiguous()
     weight_hm = weight_hm.contiguous()
@@ -76,21 +142,21 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
     act = new_buffer((T, B, 6 * H), dtype, device) if save_for_backward else empty_like_none(proj)
     m = new_buffer((B, H), dtype, device)
     # Without stored cell states, c is updated in place: each element is read and rewritten by the
-    # one program that owns it.
+    # one program that runs its tile's epilogue.
     c_state = None if keep_cells else c0.float().clone()
 
-    grid, blocks = _launch_config(B, H, dtype)
+    launch = _Launcher(B, H, dtype, device)
     has_len = lengths is not None
     p_len = lengths if has_len else output
     h_prev = h0.to(dtype).contiguous()
     c_prev = c0.float().contiguous() if keep_cells else c_state
     for t in range(T):
         act_t = act[t] if save_for_backward else m
-        fwd_m_kernel[grid](h_prev, weight_hm, proj[t], m, act_t, B, H, SAVE=save_for_backward, **blocks)
+        launch("fwd_m", fwd_m_kernel, h_prev, weight_hm, proj[t], m, act_t, B, H, SAVE=save_for_backward)
         h_out = output[t]
         c_out = cell_states[t] if keep_cells else c_state
-        fwd_z_kernel[grid](m, weight_hh, proj[t], h_prev, c_prev, h_out, c_out, act_t, p_len, t, B, H,
-                           SAVE=save_for_backward, HAS_LEN=has_len, **blocks)
+        launch("fwd_z", fwd_z_kernel, m, weight_hh, proj[t], h_prev, c_prev, h_out, c_out, act_t, p_len, t, B, H,
+               SAVE=save_for_backward, HAS_LEN=has_len)
         h_prev, c_prev = h_out, c_out
     if keep_cells:
         c_n = cell_states[T - 1].clone() if T > 0 else c0.float().clone()
@@ -102,7 +168,19 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
 def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0, lengths,
              output, cell_states, act):
     T, B, H = output.shape
-    dtype, device = output.dtype, output.device
+    _check_sizes(B, H)
+    device = output.device
+    _check_devices("backward", device, grad_output=grad_output, grad_c_n=grad_c_n,
+                   grad_cell_states=grad_cell_states, weight_hh=weight_hh, weight_hm=weight_hm, h0=h0, c0=c0,
+                   lengths=lengths, cell_states=cell_states, act=act)
+    with _guard(device):
+        return _backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0, lengths, output,
+                         cell_states, act, T, B, H, device)
+
+
+def _backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0, lengths, output, cell_states,
+              act, T, B, H, device):
+    dtype = output.dtype
     weight_hh = weight_hh.contiguous()
     weight_hm = weight_hm.contiguous()
     grad_proj = new_buffer((T, B, 5 * H), dtype, device)
@@ -117,22 +195,20 @@ def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, 
     p_len = lengths if has_len else dh
     c0 = c0.float().contiguous()
 
-    grid, blocks = _launch_config(B, H, dtype)
+    launch = _Launcher(B, H, dtype, device)
     for t in range(T - 1, -1, -1):
-        bwd_h_kernel[grid](
-            grad_hm[t + 1] if t < T - 1 else grad_hm[t], weight_hm,
-            grad_output[t] if has_dout else dh, dh, dc,
-            grad_cell_states[t] if has_dcells else dh,
-            act[t], cell_states[t], cell_states[t - 1] if t > 0 else c0, grad_proj[t], p_len, t, B, H,
-            HAS_REC=t < T - 1, DO_CELL=True, HAS_DOUT=has_dout, HAS_DCELLS=has_dcells, HAS_LEN=has_len,
-            **blocks,
-        )
-        bwd_m_kernel[grid](grad_proj[t], weight_hh, act[t], grad_hm[t], B, H, **blocks)
+        # At t = T-1 nothing comes from the future: no product, so one split.
+        launch("bwd_h", bwd_h_kernel,
+               grad_hm[t + 1] if t < T - 1 else grad_hm[t], weight_hm,
+               grad_output[t] if has_dout else dh, dh, dc,
+               grad_cell_states[t] if has_dcells else dh,
+               act[t], cell_states[t], cell_states[t - 1] if t > 0 else c0, grad_proj[t], p_len, t, B, H,
+               split=t < T - 1, HAS_REC=t < T - 1, DO_CELL=True, HAS_DOUT=has_dout, HAS_DCELLS=has_dcells,
+               HAS_LEN=has_len)
+        launch("bwd_m", bwd_m_kernel, grad_proj[t], weight_hh, act[t], grad_hm[t], B, H)
     if T > 0:
         # One more launch at t = -1 turns dhm_0 into the gradient of h0 (left in dh).
-        bwd_h_kernel[grid](
-            grad_hm[0], weight_hm, dh, dh, dc, dh, dh, dh, dh, dh, p_len, -1, B, H,
-            HAS_REC=True, DO_CELL=False, HAS_DOUT=False, HAS_DCELLS=False, HAS_LEN=has_len, **blocks,
-        )
+        launch("bwd_h", bwd_h_kernel, grad_hm[0], weight_hm, dh, dh, dc, dh, dh, dh, dh, dh, p_len, -1, B, H,
+               HAS_REC=True, DO_CELL=False, HAS_DOUT=False, HAS_DCELLS=False, HAS_LEN=has_len)
     grad_weight_hh, grad_weight_hm = recurrent_weight_grads(grad_proj, grad_hm, act, output, h0)
     return grad_proj, grad_weight_hh, grad_weight_hm, dh, dc

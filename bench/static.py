@@ -1,0 +1,334 @@
+"""Static kernel report: every Triton kernel at every configuration the dispatcher can choose,
+compiled ahead of time for sm_90a and sm_80 without a GPU, plus the cost model's predictions.
+
+    python bench/static.py                        # bench/results/static.json and static.md
+    python bench/static.py --json PATH [--md PATH] [--jobs N] [--no-cache]
+
+For each kernel x configuration (``fastmlstm.ops.triton.configs.dispatch_space``) x dtype (bf16,
+fp16, fp32 with IEEE and TF32 dots) x architecture, ``triton.compile`` runs on an ``ASTSource`` for
+``GPUTarget("cuda", 90 | 80, 32)`` (no driver needed), and Triton's bundled ``ptxas -v`` reports
+registers, spills and shared memory. Each kernel is compiled in its heaviest variant (every
+optional input and the saves on: most live registers), with 16-byte-aligned pointers and B, H
+multiples of 16, which is what Triton specializes on at the real sizes. ``mma`` says which matrix
+instruction the PTX uses: wgmma (Hopper's warpgroup MMA), mma.sync, or none (fma).
+
+JSON: {"kernels": [{"kernel", "dtype", "arch", "config", "ok", "registers", "spill_bytes",
+"shared_bytes", "mma", ...}], "model": [bench/costmodel.py rows], "limits", "triton", ...}.
+``tests/test_static.py`` fails on a compile error, a spill in a 16-bit dtype or shared memory over
+the architecture's limit.
+
+Results are cached on disk (``--cache-dir``, default ``~/.cache/fastmlstm/static``), keyed by the
+kernel source, Triton's version and the configuration, so an unchanged kernel is not recompiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import costmodel  # noqa: E402
+
+from fastmlstm.ops.triton import configs as _configs  # noqa: E402
+
+KERNEL_FILE = REPO / "fastmlstm" / "ops" / "triton" / "fused_step.py"
+ARCHS = {"sm_90a": 90, "sm_80": 80}
+# Shared memory one block may use (CUDA programming guide, compute capabilities 9.0 and 8.0).
+SMEM_LIMIT = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}
+# (label, torch dtype name, Triton pointer type, dot precision)
+DTYPES = (("bf16", "bfloat16", "bf16", "ieee"), ("fp16", "float16", "fp16", "ieee"),
+          ("fp32", "float32", "fp32", "ieee"), ("fp32", "float32", "fp32", "tf32"))
+# The heaviest variant of each kernel: every optional input and every save on.
+FLAGS = {
+    "fwd_m": {"SAVE": True},
+    "fwd_z": {"SAVE": True, "HAS_LEN": True},
+    "bwd_h": {"HAS_REC": True, "DO_CELL": True, "HAS_DOUT": True, "HAS_DCELLS": True, "HAS_LEN": True},
+    "bwd_m": {},
+}
+# Pointer arguments that are float32 whatever the activation dtype, and the integer ones.
+FLOAT32_POINTERS = {"p_c", "p_c_prev", "p_dh", "p_dc", "p_dcells", "p_ws"}
+INT_POINTERS = {"p_len": "*i64", "p_ticket": "*i32"}
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastmlstm" / "static"
+
+
+def _kernel_fn(name: str):
+    from fastmlstm.ops.triton import fused_step
+
+    return getattr(fused_step, f"{name}_kernel")
+
+
+def jobs() -> list[dict]:
+    """Every (kernel, dtype, precision, arch, config) to compile, each once."""
+    out, seen = [], set()
+    for label, torch_name, ptr, precision in DTYPES:
+        dtype_bytes = 2 if ptr != "fp32" else 4
+        space = _configs.dispatch_space(dtype_bytes)
+        for kernel, configs in space.items():
+            for config in configs:
+                for arch, cap in ARCHS.items():
+                    # sm_80 has no grid dependency control: the dispatcher never asks for PDL there.
+                    c = config if cap >= 90 else dataclasses.replace(config, pdl=False)
+                    key = (kernel, label, precision, arch, c)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    out.append({"kernel": kernel, "dtype": label, "torch_dtype": torch_name, "ptr": ptr,
+                                "precision": precision, "arch": arch, "config": c.as_dict()})
+    return out
+
+
+def _constexprs(kernel: str, config: _configs.KernelConfig, precision: str) -> dict:
+    const = dict(FLAGS[kernel], BB=config.BB, BN=config.BN, BK=config.BK, PRECISION=precision,
+                 INTERPRET_BF16=False, USE_PDL=config.pdl)
+    const["SPLIT"] = _configs.uses_workspace(kernel, config)
+    if kernel == "bwd_h":
+        const["EPI_BN"] = _configs.epilogue_width(kernel, config)
+    return const
+
+
+def _signature(fn, const: dict, ptr: str) -> tuple[dict, dict]:
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in INT_POINTERS:
+            sig[name] = INT_POINTERS[name]
+        elif name.startswith("p_"):
+            sig[name] = "*fp32" if name in FLOAT32_POINTERS else f"*{ptr}"
+        else:
+            sig[name] = "i32"
+        # What Triton's JIT specializes at real sizes: aligned tensors, and B, H multiples of 16
+        # (t and n_split are never specialized: do_not_specialize in fused_step).
+        if sig[name].startswith("*") or name in ("B", "H"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def _parse_ptxas(log: str) -> dict:
+    regs = re.search(r"Used (\d+) registers", log)
+    spill_st = re.search(r"(\d+) bytes spill stores", log)
+    spill_ld = re.search(r"(\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    if not regs:
+        raise RuntimeError(f"no register count in the ptxas log:\n{log[-2000:]}")
+    return {"registers": int(regs.group(1)),
+            "spill_bytes": int(spill_st.group(1)) + int(spill_ld.group(1)) if spill_st and spill_ld else 0,
+            "spill_store_bytes": int(spill_st.group(1)) if spill_st else 0,
+            "stack_bytes": int(stack.group(1)) if stack else 0}
+
+
+def _mma(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma.sync"
+    return "fma"
+
+
+def compile_one(job: dict) -> dict:
+    """Compile one job in this process (a worker); returns the report entry."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    # ptxas runs (and prints its -v report) only when Triton compiles: never take its cache.
+    knobs.compilation.always_compile = True
+    knobs.nvidia.dump_ptxas_log = True
+    config = _configs.KernelConfig(**job["config"])
+    fn = _kernel_fn(job["kernel"])
+    const = _constexprs(job["kernel"], config, job["precision"])
+    sig, attrs = _signature(fn, const, job["ptr"])
+    entry = {k: job[k] for k in ("kernel", "dtype", "arch")}
+    entry["config"] = {**job["config"], "precision": job["precision"]}
+    if job["kernel"] == "bwd_h":
+        entry["config"]["EPI_BN"] = const["EPI_BN"]
+    start = time.perf_counter()
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", ARCHS[job["arch"]], 32),
+                                      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        entry.update(ok=True, **_parse_ptxas(log.getvalue()), shared_bytes=int(compiled.metadata.shared),
+                     mma=_mma(compiled.asm["ptx"]))
+    except Exception as exc:  # a compile error is a result, reported (and failed by the test)
+        message = str(exc).strip().splitlines()
+        entry.update(ok=False, registers=None, spill_bytes=None, shared_bytes=None, mma=None,
+                     error=f"{type(exc).__name__}: {' | '.join(message[-6:])[:2000]}")
+    entry["compile_s"] = round(time.perf_counter() - start, 2)
+    return entry
+
+
+def source_key() -> str:
+    """What a cached result depends on besides its job: the kernels' source and Triton's version."""
+    import triton
+
+    h = hashlib.sha256(KERNEL_FILE.read_bytes())
+    h.update(triton.__version__.encode())
+    h.update(Path(__file__).read_bytes())  # the signature, flags and parsing above
+    return h.hexdigest()[:16]
+
+
+def _cache_path(cache_dir: Path, src: str, job: dict) -> Path:
+    key = hashlib.sha256(json.dumps([src, job], sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir / f"{key}.json"
+
+
+def _init_worker():
+    # Each worker compiles one kernel at a time: keep LLVM and ptxas to one thread each.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def run(jobs_: list[dict], n_jobs: int, cache_dir: Path | None, progress=None) -> tuple[list[dict], int]:
+    """Results for every job (in order) and how many came from the cache."""
+    src = source_key()
+    results: list[dict | None] = [None] * len(jobs_)
+    todo = []
+    for i, job in enumerate(jobs_):
+        path = _cache_path(cache_dir, src, job) if cache_dir else None
+        if path and path.is_file():
+            results[i] = json.loads(path.read_text())
+        else:
+            todo.append(i)
+    hits = len(jobs_) - len(todo)
+    if todo:
+        if n_jobs > 1:
+            with concurrent.futures.ProcessPoolExecutor(n_jobs, initializer=_init_worker) as pool:
+                futures = {pool.submit(compile_one, jobs_[i]): i for i in todo}
+                for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+                    results[futures[future]] = future.result()
+                    if progress:
+                        progress(done, len(todo))
+        else:
+            for done, i in enumerate(todo, 1):
+                results[i] = compile_one(jobs_[i])
+                if progress:
+                    progress(done, len(todo))
+        if cache_dir:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for i in todo:
+                if results[i]["ok"]:  # failures are recompiled next time, never cached
+                    path = _cache_path(cache_dir, src, jobs_[i])
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_text(json.dumps(results[i]))
+                    tmp.replace(path)
+    return results, hits
+
+
+def violations(doc: dict) -> list[str]:
+    """The bounds the static report must meet: compiles, no spill in 16-bit, shared memory within
+    the architecture's limit."""
+    bad = []
+    for e in doc["kernels"]:
+        name = f"{e['kernel']} {e['dtype']} {e['arch']} {e['config']}"
+        if not e["ok"]:
+            bad.append(f"{name}: compile error: {e.get('error')}")
+            continue
+        if e["dtype"] in ("bf16", "fp16") and e["spill_bytes"]:
+            bad.append(f"{name}: {e['spill_bytes']} bytes of spills")
+        if e["shared_bytes"] > SMEM_LIMIT[e["arch"]]:
+            bad.append(f"{name}: {e['shared_bytes']} bytes of shared memory > {SMEM_LIMIT[e['arch']]}")
+    return bad
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# Static kernel report ({doc['date']}, triton {doc['triton']})", "",
+             f"`{doc['command']}`: {len(doc['kernels'])} compiles ({doc['cache_hits']} from the cache), "
+             f"{doc['seconds']:.0f} s.", ""]
+    bad = violations(doc)
+    lines += [f"**Bounds**: {'all met' if not bad else f'{len(bad)} violations'} (compiles; no spill in 16-bit; "
+              "shared memory within 227 KB on sm_90a, 163 KB on sm_80).", ""]
+    lines += [f"- {b}" for b in bad[:50]]
+    lines += ["", "## Kernels", "",
+              "| kernel | dtype | arch | BB | BN | BK | warps | stages | split | pdl | precision | registers | "
+              "spill B | shared KB | mma |", "|" + "---|" * 15]
+    for e in doc["kernels"]:
+        c = e["config"]
+        shared = "" if e["shared_bytes"] is None else f"{e['shared_bytes'] / 1024:.0f}"
+        lines.append(f"| {e['kernel']} | {e['dtype']} | {e['arch']} | {c['BB']} | {c['BN']} | {c['BK']} | "
+                     f"{c['num_warps']} | {c['num_stages']} | {'>1' if c['split'] > 1 else 1} | {int(c['pdl'])} | "
+                     f"{c['precision']} | {e['registers'] if e['ok'] else 'ERROR'} | {e['spill_bytes']} | {shared} | "
+                     f"{e['mma']} |")
+    lines += ["", "## Cost model (one time step, `bench/costmodel.py`)", "", costmodel.table(doc["model"]), "",
+              "### Its numbers", "", costmodel.sources_table(), ""]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench/static.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "static.json", help="JSON report")
+    p.add_argument("--md", type=Path, default=None, help="Markdown report (default: the JSON path with .md)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="results cache (default %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="compile everything again")
+    p.add_argument("--kernels", help="comma-separated subset of " + ",".join(_configs.KERNELS))
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    # Compiling needs Triton's real JIT functions: under TRITON_INTERPRET (which the test suite sets on
+    # machines without a GPU, and subprocesses inherit) they would be interpreter stand-ins. Only
+    # here, in the command's own process, before the kernels are imported: never as a side effect
+    # of importing this module.
+    os.environ.pop("TRITON_INTERPRET", None)
+    args = build_parser().parse_args(argv)
+    import triton
+
+    all_jobs = jobs()
+    if args.kernels:
+        wanted = set(args.kernels.split(","))
+        unknown = wanted - set(_configs.KERNELS)
+        if unknown:
+            print(f"static.py: unknown kernels {sorted(unknown)}", file=sys.stderr)
+            return 1
+        all_jobs = [j for j in all_jobs if j["kernel"] in wanted]
+    start = time.perf_counter()
+
+    def progress(done, total):
+        if not args.quiet and (done == total or done % 20 == 0):
+            print(f"   compiled {done}/{total} ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    results, hits = run(all_jobs, max(1, args.jobs), None if args.no_cache else args.cache_dir, progress)
+    doc = {
+        "date": datetime.date.today().isoformat(), "triton": triton.__version__,
+        "command": "python bench/static.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "kernel_source": str(KERNEL_FILE.relative_to(REPO)), "source_key": source_key(),
+        "limits": {"shared_bytes": SMEM_LIMIT, "spill_bytes_16bit": 0},
+        "cache_hits": hits, "seconds": round(time.perf_counter() - start, 1),
+        "kernels": results,
+        "model": costmodel.model_rows(),
+        "model_gpus": {name: dataclasses.asdict(g) for name, g in costmodel.GPUS.items()},
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    md = args.md or args.json.with_suffix(".md")
+    md.write_text(markdown(doc))
+    bad = violations(doc)
+    if not args.quiet:
+        ok = sum(e["ok"] for e in results)
+        print(f"== {len(results)} compiles ({hits} cached), {ok} ok, {len(bad)} bound violations, "
+              f"{doc['seconds']:.0f} s; wrote {args.json} and {md}")
+        for b in bad[:20]:
+            print("   " + b)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

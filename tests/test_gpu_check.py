@@ -1,0 +1,78 @@
+"""bench/gpu_check.sh, the one command for the first GPU, works before any GPU has run it: its dry
+run prints the plan, the configurations and the predictions (CI runs it here), it refuses to run
+without a GPU, and its Python stages' code paths (the gated sweep writing the tuned table) run
+under Triton's interpreter at a tiny shape."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ON_GPU
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "gpu_check.sh"
+sys.path.insert(0, str(REPO / "bench"))
+
+import gpu_check  # noqa: E402
+
+from fastmlstm.ops.triton import configs  # noqa: E402
+
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+@needs_bash
+def test_dry_run_prints_the_plan_configurations_and_predictions(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = proc.stdout
+    for stage in ("tests", "ceilings", "sweep", "bench"):
+        assert f"{stage}:" in text
+    assert "tests/test_cuda_extension.py" in text and "--preset gpu-targets" in text
+    assert "-- bfloat16 H=4096 B=128" in text and "fwd_m  rule 128/128/64/8/4/" in text
+    assert "| H100-SXM | bf16 | 4096 | 128 | fwd |" in text and "| H200 | bf16 | 4096 | 1 | bwd |" in text
+    assert (tmp_path / "out" / "plan.txt").read_text() == text
+
+
+@needs_bash
+def test_usage_errors(tmp_path):
+    for args in ([], ["--bogus", str(tmp_path)], [str(tmp_path), str(tmp_path / "b")]):
+        proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+@needs_bash
+@pytest.mark.skipif(ON_GPU, reason="checks the refusal on a machine without a GPU")
+def test_refuses_to_run_without_a_gpu(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 1 and "no CUDA GPU here" in proc.stderr
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter run; a GPU runs the real sweep in gpu_check.sh")
+def test_sweep_writes_a_tuned_table_the_dispatcher_accepts(tmp_path):
+    table = tmp_path / "tuned.py"
+    shutil.copy(REPO / "fastmlstm" / "ops" / "triton" / "tuned.py", table)
+    entries = gpu_check.sweep(tmp_path / "out", targets=(("bfloat16", 24, 3),), T=2, reps=1, max_candidates=2,
+                              table_path=table)
+    assert len(entries) == 1 and entries[0]["H"] == 24 and entries[0]["B"] == 3
+    scope = {}
+    exec(table.read_text(), scope)
+    assert scope["ENTRIES"] == entries and (tmp_path / "out" / "tuned.py").read_text() == table.read_text()
+    assert scope["__doc__"].startswith("Launch configurations measured on GPUs")
+    configs.validate_entry(scope["ENTRIES"][0])
+    # A second sweep of the same shape replaces its entry; others stay.
+    other = dict(entries[0], H=48)
+    merged = gpu_check.merge([other, entries[0]], [dict(entries[0], step_us={"fwd": 1.0, "bwd": 2.0})])
+    assert [e["H"] for e in merged] == [48, 24] and merged[1]["step_us"] == {"fwd": 1.0, "bwd": 2.0}
+
+
+def test_a_refused_candidate_is_never_chosen(monkeypatch):
+    """The gate compares with the reference backend; a wrong kernel fails it."""
+    job = (("float32", 20, 3), 2, "fwd_m", configs.INTERPRETER_CONFIG.as_dict())
+    assert gpu_check.gate(job)["passed"]
+    monkeypatch.setattr(gpu_check, "_rel_diff", lambda values, reference: 1.0)
+    assert not gpu_check.gate(job)["passed"]
+    assert torch.isfinite(torch.tensor(gpu_check.GATE["bfloat16"]))

@@ -1,0 +1,128 @@
+"""The static kernel report (bench/static.py) runs here, as CI runs it, and meets its bounds: every
+kernel compiles for sm_90a and sm_80 at every configuration the dispatcher can choose, in bf16,
+fp16 and fp32 (IEEE and TF32), with no spill in a 16-bit dtype and shared memory within each
+architecture's limit; and its cost-model rows are complete and conservative.
+
+Compiling needs no GPU (Triton's own ptxas); results are cached on disk, keyed by the kernel
+source, so an unchanged kernel costs seconds. A cold run is a few minutes on 2 cores.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+sys.path.insert(0, str(BENCH))
+
+import costmodel  # noqa: E402
+import static  # noqa: E402
+
+from fastmlstm.ops.triton import configs  # noqa: E402
+
+ENTRY = {"kernel": str, "dtype": str, "arch": str, "config": dict, "ok": bool, "registers": int,
+         "spill_bytes": int, "shared_bytes": int, "mma": str}
+MODEL = {"gpu": str, "dtype": str, "H": int, "B": int, "direction": str, "programs": int, "sms": int,
+         "hbm_bytes": int, "l2_bytes": int, "predicted_us": float, "ideal_us": float, "cudnn_ideal_us": float}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static")
+    proc = subprocess.run([sys.executable, str(BENCH / "static.py"), "--json", str(out / "static.json"), "--quiet"],
+                          capture_output=True, text=True, timeout=3000, cwd=REPO)
+    doc = json.loads((out / "static.json").read_text())
+    return proc, doc, (out / "static.md").read_text()
+
+
+def test_every_kernel_compiles_within_the_bounds(report):
+    proc, doc, _ = report
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not static.violations(doc)
+    for e in doc["kernels"]:
+        for key, kind in ENTRY.items():
+            assert isinstance(e[key], kind), (key, e)
+        assert e["dtype"] in ("bf16", "fp16", "fp32") and e["arch"] in ("sm_90a", "sm_80")
+        assert e["mma"] in ("wgmma", "mma.sync", "fma")
+
+
+def test_the_report_covers_the_dispatch_space(report):
+    """Every compiled variant of the space, for each dtype (fp32 in both dot precisions) and arch."""
+    _, doc, _ = report
+    seen = {(e["kernel"], e["dtype"], e["config"]["precision"], e["arch"],
+             configs.KernelConfig(**{k: v for k, v in e["config"].items() if k in configs.KernelConfig.__dataclass_fields__}))
+            for e in doc["kernels"]}
+    for label, _, ptr, precision in static.DTYPES:
+        for kernel, space in configs.dispatch_space(4 if ptr == "fp32" else 2).items():
+            for c in space:
+                assert (kernel, label, precision, "sm_90a", c) in seen, (kernel, label, c)
+                assert (kernel, label, precision, "sm_80", c.__class__(**{**c.as_dict(), "pdl": False})) in seen
+
+
+def test_matrix_units_are_used_where_expected(report):
+    """16-bit and TF32 products run on the tensor cores (wgmma on Hopper from 64 rows, whose
+    warpgroup MMA needs M >= 64), IEEE float32 on FMA."""
+    _, doc, _ = report
+    for e in doc["kernels"]:
+        c = e["config"]
+        if e["dtype"] == "fp32" and c["precision"] == "ieee":
+            assert e["mma"] == "fma"
+        elif e["arch"] == "sm_80" or c["BB"] < 64:
+            assert e["mma"] == "mma.sync"
+        else:
+            assert e["mma"] == "wgmma", e
+
+
+def test_model_rows_cover_the_issue_shapes(report):
+    _, doc, md = report
+    rows = {(r["gpu"], r["dtype"], r["H"], r["B"], r["direction"]): r for r in doc["model"]}
+    for gpu in ("H100-SXM", "H200"):
+        for H, B in ((4096, 128), (2048, 128), (1024, 64), (4096, 1)):
+            for direction in ("fwd", "bwd"):
+                r = rows[(gpu, "bf16", H, B, direction)]
+                for key, kind in MODEL.items():
+                    assert isinstance(r[key], kind), (key, r)
+    assert "| H200 | bf16 | 4096 | 128 | fwd |" in md
+
+
+def test_the_model_is_a_lower_bound_never_below_the_rooflines():
+    """Conservative: no prediction beats the bytes at the datasheet bandwidths, the issue's ideal
+    (5 H^2 weight bytes at full HBM bandwidth), or the host's launches."""
+    for r in costmodel.model_rows():
+        gpu = costmodel.GPUS[r["gpu"]]
+        assert r["predicted_us"] >= r["hbm_bytes"] / (gpu.hbm_TBps * 1e6) - 1e-6
+        assert r["predicted_us"] >= r["l2_bytes"] / (gpu.l2_TBps * 1e6) - 1e-6
+        assert r["predicted_us"] >= r["ideal_us"] and r["ideal_us"] > r["cudnn_ideal_us"]
+        assert r["predicted_us"] >= 2 * gpu.cpu_launch_us
+        assert r["hbm_bytes"] >= 5 * r["H"] ** 2 * 2  # every weight, every step
+        for k in r["kernels"]:
+            assert k["time_us"] >= max(k["terms_us"].values())
+
+
+def test_the_model_sees_the_kernels_the_dispatcher_launches():
+    gpu = costmodel.GPUS["H100-SXM"]
+    row = costmodel.direction_cost(gpu, "fwd", 128, 4096)
+    rule = configs.rule_plan(128, 4096, 2, costmodel.device_of(gpu))
+    assert [k["config"] for k in row["kernels"]] == [rule.fwd_m.as_dict(), rule.fwd_z.as_dict()]
+    assert row["programs"] == min(configs.tiles(k, 128, 4096, rule[k])[0] * rule[k].split for k in ("fwd_m", "fwd_z"))
+
+
+def test_the_gpu_table_has_a_source_for_every_number():
+    fields = {f for f in costmodel.GPU.__dataclass_fields__} - {"name"}
+    assert {row[0] for row in costmodel.TABLE} == fields
+    for name, h100, h200, source in costmodel.TABLE:
+        assert h100 > 0 and h200 > 0 and len(source) > 20, name
+
+
+def test_importing_the_tool_leaves_the_environment_alone():
+    """static.py drops TRITON_INTERPRET in its own process only: importing it (as this file does)
+    must not switch the rest of the test session off the interpreter."""
+    import os
+
+    from conftest import ON_GPU
+
+    if not ON_GPU:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
