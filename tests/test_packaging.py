@@ -48,7 +48,11 @@ def _internal_edges() -> dict[str, set[str]]:
         for module, names, level in _imports(path):
             base = package[: len(package) - level + 1] if level else []
             target = ".".join(base + ([module] if module else [])) if level else module
-            for candidate in [target, *(f"{target}.{n}" for n in names)]:
+            submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+            # `from pkg import sub` depends on the submodule; the package itself only when a name
+            # imported from it is not a submodule (its __init__ must run to provide it).
+            candidates = submodules + ([target] if len(submodules) < len(names) or not names else [])
+            for candidate in candidates:
                 if candidate in MODULES and candidate != name:
                     edges[name].add(candidate)
     return edges

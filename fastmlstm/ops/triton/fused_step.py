@@ -277,6 +277,49 @@ def fwd_z_kernel(
             tl.store(p_a + 3 * H, _cast(b_u, dtype, INTERPRET_BF16), mask=k_bn)
 
 
+@triton.jit
+def _cell_backward(b_dh, o_b, o_nc, o_state, k_b, k_bn, p_len, t, H, p_act, p_c, p_c_prev, p_dc, p_dcells, p_dproj,
+                   HAS_DCELLS: tl.constexpr, HAS_LEN: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """The cell derivatives of step t for one column chunk: from dh_t and the carried dc, the gate
+    gradients dz_t (into dproj's first 4H columns) and dc_{t-1} (back into p_dc)."""
+    p_a = p_act + o_b[:, None] * (6 * H) + o_nc[None, :]
+    b_i = tl.load(p_a, mask=k_bn, other=0.0).to(tl.float32)
+    b_f = tl.load(p_a + H, mask=k_bn, other=0.0).to(tl.float32)
+    b_o = tl.load(p_a + 2 * H, mask=k_bn, other=0.0).to(tl.float32)
+    b_u = tl.load(p_a + 3 * H, mask=k_bn, other=0.0).to(tl.float32)
+    b_c = tl.load(p_c + o_state, mask=k_bn, other=0.0)
+    b_c_prev = tl.load(p_c_prev + o_state, mask=k_bn, other=0.0)
+    b_dc = tl.load(p_dc + o_state, mask=k_bn, other=0.0)
+    if HAS_DCELLS:
+        b_dc += tl.load(p_dcells + o_state, mask=k_bn, other=0.0).to(tl.float32)
+
+    b_tanh_c = _tanh(b_c)
+    b_dc_from_h = b_dh * b_o * (1.0 - b_tanh_c * b_tanh_c)
+    if HAS_LEN:
+        b_active = (t < tl.load(p_len + o_b, mask=k_b, other=0))[:, None]
+        b_dc_from_h = tl.where(b_active, b_dc_from_h, 0.0)
+    b_dc += b_dc_from_h
+    b_dzi = b_dc * b_u * b_i * (1.0 - b_i)
+    b_dzf = b_dc * b_c_prev * b_f * (1.0 - b_f)
+    b_dzo = b_dh * b_tanh_c * b_o * (1.0 - b_o)
+    b_dzu = b_dc * b_i * (1.0 - b_u * b_u)
+    b_dc_prev = b_dc * b_f
+    if HAS_LEN:
+        b_dzi = tl.where(b_active, b_dzi, 0.0)
+        b_dzf = tl.where(b_active, b_dzf, 0.0)
+        b_dzo = tl.where(b_active, b_dzo, 0.0)
+        b_dzu = tl.where(b_active, b_dzu, 0.0)
+        b_dc_prev = tl.where(b_active, b_dc_prev, b_dc)
+    tl.store(p_dc + o_state, b_dc_prev, mask=k_bn)
+
+    p_dz = p_dproj + o_b[:, None] * (5 * H) + o_nc[None, :]
+    dtype = p_dproj.dtype.element_ty
+    tl.store(p_dz, _cast(b_dzi, dtype, INTERPRET_BF16), mask=k_bn)
+    tl.store(p_dz + H, _cast(b_dzf, dtype, INTERPRET_BF16), mask=k_bn)
+    tl.store(p_dz + 2 * H, _cast(b_dzo, dtype, INTERPRET_BF16), mask=k_bn)
+    tl.store(p_dz + 3 * H, _cast(b_dzu, dtype, INTERPRET_BF16), mask=k_bn)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def bwd_h_kernel(
     p_dhm_next, p_w_hm, p_dout, p_dh, p_dc, p_dcells, p_act, p_c, p_c_prev, p_dproj, p_len, t, B, H,
@@ -345,42 +388,8 @@ def bwd_h_kernel(
                     b_dh += tl.load(p_dout + o_state, mask=k_bn, other=0.0).to(tl.float32)
                 tl.store(p_dh + o_state, b_dh, mask=k_bn)
 
-                p_a = p_act + o_b[:, None] * (6 * H) + o_nc[None, :]
-                b_i = tl.load(p_a, mask=k_bn, other=0.0).to(tl.float32)
-                b_f = tl.load(p_a + H, mask=k_bn, other=0.0).to(tl.float32)
-                b_o = tl.load(p_a + 2 * H, mask=k_bn, other=0.0).to(tl.float32)
-                b_u = tl.load(p_a + 3 * H, mask=k_bn, other=0.0).to(tl.float32)
-                b_c = tl.load(p_c + o_state, mask=k_bn, other=0.0)
-                b_c_prev = tl.load(p_c_prev + o_state, mask=k_bn, other=0.0)
-                b_dc = tl.load(p_dc + o_state, mask=k_bn, other=0.0)
-                if HAS_DCELLS:
-                    b_dc += tl.load(p_dcells + o_state, mask=k_bn, other=0.0).to(tl.float32)
-
-                b_tanh_c = _tanh(b_c)
-                b_dc_from_h = b_dh * b_o * (1.0 - b_tanh_c * b_tanh_c)
-                if HAS_LEN:
-                    b_active = (t < b_len)[:, None]
-                    b_dc_from_h = tl.where(b_active, b_dc_from_h, 0.0)
-                b_dc += b_dc_from_h
-                b_dzi = b_dc * b_u * b_i * (1.0 - b_i)
-                b_dzf = b_dc * b_c_prev * b_f * (1.0 - b_f)
-                b_dzo = b_dh * b_tanh_c * b_o * (1.0 - b_o)
-                b_dzu = b_dc * b_i * (1.0 - b_u * b_u)
-                b_dc_prev = b_dc * b_f
-                if HAS_LEN:
-                    b_dzi = tl.where(b_active, b_dzi, 0.0)
-                    b_dzf = tl.where(b_active, b_dzf, 0.0)
-                    b_dzo = tl.where(b_active, b_dzo, 0.0)
-                    b_dzu = tl.where(b_active, b_dzu, 0.0)
-                    b_dc_prev = tl.where(b_active, b_dc_prev, b_dc)
-                tl.store(p_dc + o_state, b_dc_prev, mask=k_bn)
-
-                p_dz = p_dproj + o_b[:, None] * (5 * H) + o_nc[None, :]
-                dtype = p_dproj.dtype.element_ty
-                tl.store(p_dz, _cast(b_dzi, dtype, INTERPRET_BF16), mask=k_bn)
-                tl.store(p_dz + H, _cast(b_dzf, dtype, INTERPRET_BF16), mask=k_bn)
-                tl.store(p_dz + 2 * H, _cast(b_dzo, dtype, INTERPRET_BF16), mask=k_bn)
-                tl.store(p_dz + 3 * H, _cast(b_dzu, dtype, INTERPRET_BF16), mask=k_bn)
+                _cell_backward(b_dh, o_b, o_nc, o_state, k_b, k_bn, p_len, t, H, p_act, p_c, p_c_prev, p_dc,
+                               p_dcells, p_dproj, HAS_DCELLS, HAS_LEN, INTERPRET_BF16)
             else:
                 tl.store(p_dh + o_state, b_dh, mask=k_bn)
 
