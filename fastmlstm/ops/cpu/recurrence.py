@@ -1,0 +1,134 @@
+"""The CPU backend's forward and backward: the contract of :mod:`fastmlstm.ops.common` on top of the
+extension's operators ``torch.ops.fastmlstm_cpu.*`` (``csrc/cpu/mlstm_cpu.cpp``).
+
+The C++ side checks every input strictly and runs the time loops; this layer packs the recurrent
+weights into the blocked layouts the loops read (once per weight: the packed copies are kept while
+the weight tensor lives unchanged, so a generation loop or a featurize pass that reuses one set of
+effective weights packs them once) and chooses the GEMM operand dtype.
+
+GEMM operands: float32 in general (16-bit weights are widened once, when packed; 16-bit
+activations are exact in float32), or bfloat16 itself where the CPU multiplies bfloat16 natively
+(AVX-512-BF16 or AMX, checked numerically once by :func:`native_bf16`). Either way every product
+accumulates in float32: the same numbers, only the summation order differs.
+
+Dimension letters: T time, B batch, H hidden.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+
+import torch
+
+from .. import common
+from .build import load_library
+
+__all__ = ["forward", "backward", "native_bf16", "kernel_isa", "fingerprint"]
+
+logger = logging.getLogger("fastmlstm")
+
+
+def _ops():
+    load_library()
+    return torch.ops.fastmlstm_cpu
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Whether bfloat16 recurrences multiply bfloat16 weights natively (AVX-512-BF16 or AMX, with
+    oneDNN's micro-kernels, checked on a small problem), rather than float32 copies of them."""
+    cpu = torch.cpu
+    has_isa = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        cpu, "_is_amx_tile_supported", lambda: False)()
+    if not (has_isa and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    ok = bool(_ops().native_bf16_gemm_works())
+    if not ok:
+        logger.info("fastmlstm: this CPU has bfloat16 instructions but the native bfloat16 GEMM check failed; "
+                    "bfloat16 recurrences multiply float32 copies of the weights")
+    return ok
+
+
+@functools.lru_cache(maxsize=None)
+def _native_16bit_mm(dtype: torch.dtype) -> bool:
+    """Whether ATen's own 16-bit CPU GEMM (torch.mm) runs at full speed here (oneDNN)."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def kernel_isa() -> str:
+    """The instruction set of the fused epilogues in use: ``"avx2"`` or ``"default"``."""
+    return str(_ops().kernel_isa())
+
+
+def fingerprint(tensor: torch.Tensor) -> int:
+    """A 64-bit fingerprint of a contiguous CPU tensor's bytes (see mlstm_cpu.h)."""
+    return int(_ops().fingerprint(tensor))
+
+
+# Packed copies of a weight, kept while the weight tensor lives with the same version counter.
+_PACKED: dict[tuple[int, str, bool], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _packed(weight: torch.Tensor, kind: str, native: bool) -> torch.Tensor:
+    key = (id(weight), kind, native)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    ops = _ops()
+    with torch.no_grad():
+        if kind == "hh":  # forward z = m Wh^T, gate-interleaved blocks
+            value = ops.pack_weight(weight, True, native)
+        elif kind == "hm":  # forward hm = h Wmh^T
+            value = ops.pack_weight(weight, False, native)
+        else:  # backward: rec = dhm Wmh and dm = dz Wh, i.e. the transposed weights
+            value = ops.pack_weight(weight.t().contiguous(), False, native)
+    _PACKED[key] = (weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)), weight._version, value)
+    return value
+
+
+def _use_native(dtype: torch.dtype, hidden_size: int) -> bool:
+    return dtype == torch.bfloat16 and hidden_size % 2 == 0 and native_bf16()
+
+
+def _optional(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, return_cell_states):
+    ops = _ops()
+    native = _use_native(proj.dtype, weight_hm.shape[0])
+    # The operators have no autograd formula of their own: they run below autograd (op.py's custom
+    # op owns the backward), so they are always called without recording a graph.
+    with torch.no_grad():
+        return tuple(ops.forward(
+            proj.contiguous(), _packed(weight_hh, "hh", native), _packed(weight_hm, "hm", native),
+            h0.float().contiguous(), c0.float().contiguous(), None if lengths is None else lengths.contiguous(),
+            bool(save_for_backward), bool(return_cell_states), common.POISON_BUFFERS,
+        ))
+
+
+def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0, lengths,
+             output, cell_states, act):
+    ops = _ops()
+    dtype = output.dtype
+    native = _use_native(dtype, weight_hm.shape[0])
+    h0 = h0.float().contiguous()
+    with torch.no_grad():
+        grad_proj, grad_hm, grad_h0, grad_c0 = ops.backward(
+            _optional(grad_output, dtype), _optional(grad_c_n, torch.float32),
+            _optional(grad_cell_states, torch.float32),
+            _packed(weight_hh, "hh_t", native), _packed(weight_hm, "hm_t", native), h0, c0.float().contiguous(),
+            None if lengths is None else lengths.contiguous(), output.contiguous(), cell_states.contiguous(),
+            act.contiguous(), common.POISON_BUFFERS,
+        )
+        native_mm = dtype != torch.float32 and _native_16bit_mm(dtype)
+        grad_weight_hh, grad_weight_hm = ops.weight_grads(grad_proj, grad_hm, act.contiguous(),
+                                                          output.contiguous(), h0, native_mm)
+    return grad_proj, grad_weight_hh, grad_weight_hm, grad_h0, grad_c0
