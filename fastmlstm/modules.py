@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -50,6 +51,63 @@ def weight_norm(direction: Tensor, gain: Tensor) -> Tensor:
     return (v * scale.unsqueeze(1)).to(direction.dtype)
 
 
+class _EffectiveWeightCache:
+    """One module's effective weights, kept while its parameters are unchanged.
+
+    Used where no autograd graph through the weights is needed (inference, featurize, generation,
+    step loops, frozen parameters) and the parameters live on the CPU; training recomputes the weight
+    norm on every forward, under autograd. Checked on every use, so it is never stale:
+
+    - every parameter's identity, version counter (in-place updates: optimizer steps,
+      ``load_state_dict``, ``p.mul_()``), storage pointer (``.data`` assignment, ``.to()``), dtype,
+      device, shape and strides (replaced parameters, ``load_state_dict(assign=True)``);
+    - a fingerprint of every parameter's bytes (writes that bypass the version counter:
+      ``p.data.mul_()``, a NumPy view, a ``vector_to_parameters`` buffer written later);
+    - the version counters of the cached tensors themselves (a caller writing into them).
+
+    The fingerprint costs one read of the parameters, about the time of one time step's weight read,
+    and comes from the CPU extension (``fastmlstm.ops.cpu``); without it nothing is cached.
+    """
+
+    __slots__ = ("key", "fingerprints", "weights", "versions", "casts")
+
+    def __init__(self, key, fingerprints, weights: MLSTMWeights):
+        self.key = key
+        self.fingerprints = fingerprints
+        self.weights = weights
+        self.versions = _versions(weights)
+        self.casts: dict[torch.dtype, tuple[MLSTMWeights, tuple]] = {}
+
+    def intact(self) -> bool:
+        return _versions(self.weights) == self.versions
+
+    def cast(self, dtype: torch.dtype) -> MLSTMWeights:
+        hit = self.casts.get(dtype)
+        if hit is None or _versions(hit[0]) != hit[1]:
+            with torch.no_grad(), torch.inference_mode(False):
+                weights = cast_weights(self.weights, dtype)
+            hit = self.casts[dtype] = (weights, _versions(weights))
+        return hit[0]
+
+
+_WEIGHT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _versions(weights: MLSTMWeights) -> tuple:
+    return tuple(None if w is None else w._version for w in weights)
+
+
+def _fingerprint_function():
+    """The CPU extension's fingerprint, or None where it cannot be built (nothing is cached then)."""
+    from .backends import backend_status
+
+    if not backend_status("cpu", "cpu")[0]:
+        return None
+    from .ops.cpu.recurrence import fingerprint
+
+    return fingerprint
+
+
 class FastMLSTM(nn.Module):
     r"""Weight-normalized multiplicative LSTM layer (Krause et al. 2016; Radford et al. 2017).
 
@@ -68,7 +126,7 @@ class FastMLSTM(nn.Module):
         weight_norm: parametrize each of the four matrices as gain * direction / ||direction|| per
             output row (parameters ``<name>_g`` [out] and ``<name>_v`` [out, in]); applied once per
             forward. Without it the matrices are plain parameters named as below.
-        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
         device, dtype: of the parameters. float32, float16 and bfloat16 are supported; the cell
             state and all accumulation stay float32 whatever the dtype.
 
@@ -137,9 +195,51 @@ class FastMLSTM(nn.Module):
         return super().__getattr__(name)
 
     def effective_weights(self) -> MLSTMWeights:
-        """All effective weights, computed once (weight norm applied); pass them to ``forward`` or
-        ``step`` as ``weights=`` to reuse them across calls, e.g. in a generation loop."""
+        """All effective weights (weight norm applied); pass them to ``forward`` or ``step`` as
+        ``weights=`` to reuse them across calls, e.g. in a generation loop.
+
+        Where no autograd graph through the weights is needed (no grad mode, or parameters that do
+        not require grad) and the parameters are on the CPU, the result is cached and reused while
+        the parameters are unchanged, and recomputed as soon as any of them changes (see
+        ``_EffectiveWeightCache``); the returned tensors must not be modified in place (if they are,
+        the next call recomputes them). Under autograd the weight norm is computed afresh, so that
+        it is differentiated.
+        """
+        entry = self._weight_cache_entry()
+        if entry is not None:
+            return entry.weights
+        return self._compute_effective_weights()
+
+    def _compute_effective_weights(self) -> MLSTMWeights:
         return MLSTMWeights(*(getattr(self, name) for name in _MATRICES), self.bias)
+
+    def _weight_cache_entry(self) -> _EffectiveWeightCache | None:
+        """The valid cache entry (refreshed if a parameter changed), or None where caching does not apply."""
+        if not self.weight_norm:
+            return None  # the parameters are the effective weights: nothing to compute
+        params = list(self._parameters.values())
+        if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
+            return None
+        if any(p is not None and p.device.type != "cpu" for p in params):
+            return None
+        fingerprint = _fingerprint_function()
+        if fingerprint is None:
+            return None
+        try:
+            key = tuple(None if p is None else (id(p), p._version, p.data_ptr(), p.dtype, p.device,
+                                                tuple(p.shape), p.stride()) for p in params)
+        except RuntimeError:  # tensors without storage (functorch wrappers, fake tensors)
+            return None
+        with torch.no_grad():
+            fingerprints = tuple(None if p is None else fingerprint(p.detach().contiguous()) for p in params)
+        entry = _WEIGHT_CACHES.get(self)
+        if entry is not None and entry.key == key and entry.fingerprints == fingerprints and entry.intact():
+            return entry
+        with torch.no_grad(), torch.inference_mode(False):
+            weights = self._compute_effective_weights()
+        entry = _WEIGHT_CACHES[self] = _EffectiveWeightCache(key, fingerprints, weights)
+        return entry
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -185,7 +285,10 @@ class FastMLSTM(nn.Module):
         Returns:
             ``(output, (h_n, c_n))`` or ``(output, (h_n, c_n), cell_states)``.
         """
-        weights = self.effective_weights() if weights is None else weights
+        entry = None
+        if weights is None:
+            entry = self._weight_cache_entry()
+            weights = self._compute_effective_weights() if entry is None else entry.weights
         packed = isinstance(input, PackedSequence)
         batch_first = self.batch_first
         if packed:
@@ -210,7 +313,7 @@ class FastMLSTM(nn.Module):
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
             x = x.to(dtype)
-            weights = cast_weights(weights, dtype)
+            weights = cast_weights(weights, dtype) if entry is None else entry.cast(dtype)
         output, (h_n, c_n), *cells = multiplicative_lstm(
             x, *weights, initial_state=initial_state, lengths=lengths, batch_first=batch_first,
             return_cell_states=return_cell_states, backend=self.backend)
