@@ -19,7 +19,7 @@
 // The tile GEMMs are at::native::cpublas::brgemm (oneDNN's batch-reduce GEMM micro-kernels where
 // oneDNN supports the CPU, else ATen's gemm) on weights packed once per weight
 // (fastmlstm/ops/cpu/recurrence.py keeps the packed copies while a weight is unchanged): float32
-// blocks [K, 64] in general, VNNI-packed bfloat16 blocks where the CPU multiplies bfloat16 natively.
+// blocks [K, 32] in general, VNNI-packed bfloat16 blocks where the CPU multiplies bfloat16 natively.
 // Every GEMM accumulates in float32 and writes a float32 tile. A row's result never depends on T,
 // on which rows are computed with it, or on the thread count, so a chunked run repeats the one-shot
 // run bit for bit.
@@ -153,11 +153,11 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ------------------------------------------------------------------------------------------------
 // Packed weights. A weight W [N, K] (torch's [out, in] layout, used as x W^T) becomes column blocks
-// of kColumnBlock output columns each, zero-padded:
-//   float32  [blocks, K, 64]        block j, row k, column c = W[row(j, c), k]
-//   VNNI     [blocks, K/2, 64, 2]   the same, with pairs of consecutive k interleaved (bfloat16)
-// row(j, c) is j * 64 + c for a plain weight. For the gate weight Wh [4H, H] ("gates") a block
-// holds q = 16 hidden units and its columns are [i(q) f(q) o(q) u(q)]: row(j, c) = g * H + j * q + c'
+// of kColumnBlock (32) output columns each, zero-padded:
+//   float32  [blocks, K, 32]        block j, row k, column c = W[row(j, c), k]
+//   VNNI     [blocks, K/2, 32, 2]   the same, with pairs of consecutive k interleaved (bfloat16)
+// row(j, c) is j * 32 + c for a plain weight. For the gate weight Wh [4H, H] ("gates") a block
+// holds q = 8 hidden units and its columns are [i(q) f(q) o(q) u(q)]: row(j, c) = g * H + j * q + c'
 // with g = c / q_j, c' = c % q_j (the last block has q_j = H - j * q units).
 
 struct Packing {
@@ -314,6 +314,23 @@ std::vector<float> tile_buffers() {
   return std::vector<float>(at::get_num_threads() * kRowBlock * kColumnBlock);
 }
 
+// Asks for a [rows, cols] block (row stride ld) to be brought into the cache hierarchy. The forward
+// loop reads proj in narrow column slices of many rows (5H apart): the hardware prefetchers do not
+// follow that pattern, and the reads missed to DRAM, the largest cost of the epilogues.
+template <typename T>
+inline void prefetch_block(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+#if defined(__GNUC__) || defined(__clang__)
+  const int64_t bytes = cols * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(p + r * ld);
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(row + b, 0, 2);
+    }
+    __builtin_prefetch(row + bytes - 1, 0, 2);
+  }
+#endif
+}
+
 struct Sizes {
   int64_t T, B, H;
 };
@@ -399,13 +416,22 @@ void forward_loop(const Tensor& proj, const Tensor& packed_hh, const Tensor& pac
     if (M == 0) {
       continue;
     }
+    const D* proj_next = t + 1 < T ? proj_t + B * 5 * H : nullptr;
     gemm_pass<E>(M, h_p, H, w_hm, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, const float* tile) {
       const int64_t n0 = j * w_hm.p.units;
-      k.forward_m(n_rows, block_width(w_hm.p, j), H, tile, kColumnBlock, proj_t + row0 * 5 * H + n0, 5 * H,
-                  m_p + row0 * H + n0, H, act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H);
+      const int64_t width = block_width(w_hm.p, j);
+      // The gate columns of these units, which the second pass reads.
+      for (int64_t g = 0; g < kGates; ++g) {
+        prefetch_block(proj_t + row0 * 5 * H + g * H + n0, n_rows, width, 5 * H);
+      }
+      k.forward_m(n_rows, width, H, tile, kColumnBlock, proj_t + row0 * 5 * H + n0, 5 * H, m_p + row0 * H + n0, H,
+                  act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H);
     });
     gemm_pass<E>(M, m_p, H, w_hh, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, const float* tile) {
       const int64_t n0 = j * w_hh.p.units;
+      if (proj_next != nullptr) {  // the xm columns of these units, which the next step's first pass reads
+        prefetch_block(proj_next + row0 * 5 * H + 4 * H + n0, n_rows, block_units(w_hh.p, j), 5 * H);
+      }
       k.forward_cell(n_rows, block_units(w_hh.p, j), H, tile, kColumnBlock, proj_t + row0 * 5 * H + n0, 5 * H,
                      h_p + row0 * H + n0, H, c_p + row0 * H + n0, H, out_t + row0 * H + n0, H,
                      cell_t != nullptr ? cell_t + row0 * H + n0 : nullptr, H,

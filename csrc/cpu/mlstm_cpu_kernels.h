@@ -5,8 +5,8 @@
 //
 // Legend and layouts: mlstm_cpu.h. Inner loops run over hidden units, V at a time (V = the vector
 // width in floats), with a partial vector at the tail; the same expressions, in the same order, as
-// the reference loop (sigmoid as 1 / (1 + exp(0 - x)), like torch.sigmoid's CPU kernel; tanh and
-// exp from ATen's vector math).
+// the reference loop (sigmoid as 1 / (1 + exp(0 - x)), like torch.sigmoid's CPU kernel), with
+// sigmoid and tanh built on ATen's fast vector exp (see sigmoid() below).
 //
 // This header must not define static data with dynamic initialization: the AVX2 copy is compiled
 // for AVX2 and its initializers would run when the library loads, on any CPU.
@@ -63,9 +63,19 @@ inline Vec round_to(const Vec& v) {
   }
 }
 
+// sigmoid and tanh from ATen's fast exp (exp_u20: a degree-5 polynomial, relative error under 2e-7,
+// its argument clamped to float's range so it never overflows): about 0.6 ns per element each on a
+// Zen 3 core, against 1.2 ns (sigmoid) and 3 ns (tanh) with the correctly rounded-ish Sleef u10
+// functions, which made up a fifth of a step. Absolute errors: sigmoid 9e-8, tanh 1.8e-7, below
+// the float32 GEMMs' rounding noise (tests/tolerances.py).
 inline Vec sigmoid(const Vec& x) {
-  // exp(-x) overflows to inf for very negative x and 1 / inf = 0: no NaN either way.
-  return (Vec(1.0f) + (Vec(0.0f) - x).exp()).reciprocal();
+  // exp(-x) is at most FLT_MAX (clamped) for very negative x: 1 / (1 + FLT_MAX) ~ 0, no NaN.
+  return (Vec(1.0f) + (Vec(0.0f) - x).exp_u20()).reciprocal();
+}
+
+inline Vec tanh(const Vec& x) {
+  // 1 - 2 / (1 + exp(2x)): +-1 at the ends (exp clamped to [0, FLT_MAX]), no NaN.
+  return Vec(1.0f) - Vec(2.0f) / (Vec(1.0f) + (x + x).exp_u20());
 }
 
 template <typename D, typename E>
@@ -108,10 +118,10 @@ void forward_cell(int64_t rows, int64_t units, int64_t H, const float* z, int64_
       const Vec i = sigmoid(load(z_r + k, n) + load(x_r + k, n));
       const Vec f = sigmoid(load(z_r + q + k, n) + load(x_r + H + k, n));
       const Vec o = sigmoid(load(z_r + 2 * q + k, n) + load(x_r + 2 * H + k, n));
-      const Vec u = (load(z_r + 3 * q + k, n) + load(x_r + 3 * H + k, n)).tanh();
+      const Vec u = tanh(load(z_r + 3 * q + k, n) + load(x_r + 3 * H + k, n));
       const Vec c_prev = load(c_r + k, n);
       Vec c_new = f * c_prev + i * u;
-      Vec h_new = round_to<D>(o * c_new.tanh());
+      Vec h_new = round_to<D>(o * tanh(c_new));
       if (!active) {
         // Past its length a row keeps its state: h and c are carried through unchanged.
         c_new = c_prev;
@@ -189,7 +199,7 @@ void backward_cell(int64_t rows, int64_t width, int64_t H, const float* rec, int
         const Vec f = load(a + H + k, n);
         const Vec o = load(a + 2 * H + k, n);
         const Vec u = load(a + 3 * H + k, n);
-        const Vec tanh_c = load(c_r + k, n).tanh();
+        const Vec tanh_c = tanh(load(c_r + k, n));
         dc_v = dc_v + dh_v * o * (one - tanh_c * tanh_c);
         dzi = dc_v * u * i * (one - i);
         dzf = dc_v * load(cp_r + k, n) * f * (one - f);
