@@ -210,14 +210,26 @@ def multiplicative_lstm(
     if bias is not None:
         _check_matrix("bias", bias, (GATES * H,), dtype, device)
 
-    # All input projections of all steps in one GEMM: [T*B, I] x [I, 5H].
-    weight = torch.cat([weight_ih, weight_im], dim=0)
-    full_bias = None if bias is None else torch.cat([bias, bias.new_zeros(H)])
-    proj = torch.nn.functional.linear(x, weight, full_bias)
-    result = multiplicative_lstm_recurrence(
-        proj, weight_hh, weight_hm, initial_state=initial_state, lengths=lengths,
-        return_cell_states=return_cell_states, backend=backend,
-    )
+    name = resolve_backend(backend, device)
+    if name == "cpu" and H > 0 and I > 0:
+        # The CPU backend computes the input projections inside its time loop (fastmlstm.ops.cpu.layer).
+        from .ops.cpu.layer import multiplicative_lstm as cpu_layer
+
+        _check_matrix("weight_hh", weight_hh, (GATES * H, H), dtype, device)
+        if x.shape[1] == 0:
+            raise ValueError("the batch is empty (B = 0)")
+        h0, c0 = _check_state(initial_state, x.shape[1], H, dtype, device)
+        result = cpu_layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0,
+                           _check_lengths(lengths, x.shape[0], x.shape[1], device), return_cell_states)
+    else:
+        # All input projections of all steps in one GEMM: [T*B, I] x [I, 5H].
+        weight = torch.cat([weight_ih, weight_im], dim=0)
+        full_bias = None if bias is None else torch.cat([bias, bias.new_zeros(H)])
+        proj = torch.nn.functional.linear(x, weight, full_bias)
+        result = multiplicative_lstm_recurrence(
+            proj, weight_hh, weight_hm, initial_state=initial_state, lengths=lengths,
+            return_cell_states=return_cell_states, backend=name,
+        )
     if batch_first:
         result = (result[0].transpose(0, 1), result[1], *(r.transpose(0, 1) for r in result[2:]))
     return result

@@ -1,20 +1,25 @@
 // Host driver of the CPU backend: input checks, weight packing, the time loops with their GEMMs and
-// fused epilogues, the weight gradients, and the operator registration (torch.ops.fastmlstm_cpu.*).
+// fused epilogues, and the operator registration (torch.ops.fastmlstm_cpu.*).
 //
-// Legend: T time, B batch rows, H hidden units, G = 4 gates (i, f, o, u); D the activation dtype,
-// E the GEMM operand dtype (mlstm_cpu.h). The contract, shapes and numerics are those of
-// fastmlstm/ops/common.py; the order of operations follows fastmlstm/ops/reference.py.
+// Legend: T time, B batch rows, H hidden units, I input features, G = 4 gates (i, f, o, u); D the
+// activation dtype, E the GEMM operand dtype (mlstm_cpu.h). The contract, shapes and numerics are
+// those of fastmlstm/ops/common.py; the order of operations follows fastmlstm/ops/reference.py.
 //
 // Per forward step, two GEMMs that depend on each other, each run as one pass over column blocks
 // of a packed weight (at::parallel_for over blocks, the blocks' rows in tiles of at most kRowBlock):
 //   hm = h_{t-1} Wmh^T  -> per tile, forward_m:    m = xm * hm (and save xm, hm)
 //   z  = m Wh^T         -> per tile, forward_cell: gates, c_t, h_t, lengths mask (Wh's rows are
-//                          permuted so that one tile holds the four gates of 16 hidden units)
+//                          permuted so that one tile holds the four gates of 8 hidden units)
 // Per backward step, mirrored:
 //   rec = dhm_{t+1} Wmh -> per tile, backward_cell: dh_t, dz_t, dc_{t-1}
 //   dm  = dz_t Wh       -> per tile, backward_m:    dxm_t, dhm_t
 // A tile's epilogue runs right after its GEMM, while the tile is in L1: z, hm, rec and dm never
-// exist as [B, 4H] or [B, H] arrays. The weight gradients are two large GEMMs after the loop.
+// exist as [B, 4H] or [B, H] arrays. The gradients summed over time are GEMMs over chunks of steps.
+//
+// Two sources of input projections: proj [T, B, 5H] (the contract of fastmlstm/ops/common.py, for
+// the byte model's table-gathered inputs), or x [T, B, I] with the input weights, whose products
+// x_t Wx^T and x_t Wmx^T are two more tile GEMMs per step (forward_input / backward_input, used by
+// fastmlstm.multiplicative_lstm): no [T, B, 5H] tensor is ever allocated, written or read back.
 //
 // The tile GEMMs are at::native::cpublas::brgemm (oneDNN's batch-reduce GEMM micro-kernels where
 // oneDNN supports the CPU, else ATen's gemm) on weights packed once per weight
@@ -25,8 +30,6 @@
 // run bit for bit.
 
 #include "mlstm_cpu.h"
-
-#include <dlfcn.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -45,11 +48,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 namespace fastmlstm {
@@ -87,14 +92,24 @@ const StepKernels<D, E>& kernels() {
   return isa_default::step_kernels<D, E>();
 }
 
-template <typename D, typename Out>
-RecomputeM<D, Out> recompute_m_kernel() {
+template <typename D>
+RecomputeM<D> recompute_m_kernel() {
 #ifdef FASTMLSTM_HAVE_AVX2_KERNELS
   if (use_avx2()) {
-    return isa_avx2::recompute_m<D, Out>();
+    return isa_avx2::recompute_m<D>();
   }
 #endif
-  return isa_default::recompute_m<D, Out>();
+  return isa_default::recompute_m<D>();
+}
+
+template <typename D>
+Widen<D> widen_kernel() {
+#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    return isa_avx2::widen<D>();
+  }
+#endif
+  return isa_default::widen<D>();
 }
 
 Fingerprint fingerprint_kernel() {
@@ -263,55 +278,52 @@ void check_packed(const Tensor& packed, const char* name, at::ScalarType operand
 }
 
 // ------------------------------------------------------------------------------------------------
-// Tile GEMMs: C [M, N] (float32, row stride ldc) = A [M, K] (row stride lda) x block j.
+// Tile GEMMs: C [M, width(j)] (float32, row stride kColumnBlock) (+)= A [M, K] (row stride lda) x block j.
 
 template <typename E>
 struct PackedView {
-  const E* data;
-  Packing p;
+  const E* data = nullptr;
+  Packing p{};
   const E* block(int64_t j) const { return data + j * p.K * kColumnBlock; }
 };
 
 template <typename E>
-void tile_gemm(int64_t M, int64_t N, const E* A, int64_t lda, const PackedView<E>& w, int64_t j, float* C) {
-  if constexpr (std::is_same_v<E, float>) {
-    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, false, A, w.block(j), C, false);
-  } else {
-    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, false, A, w.block(j), C, true);
-  }
+PackedView<E> view_of(const Tensor& packed, int64_t N, int64_t K, bool gates) {
+  return {packed.data_ptr<E>(), packing_of(N, K, gates, !std::is_same_v<E, float>)};
 }
 
 template <typename E>
-void release_gemm() {
-  if constexpr (!std::is_same_v<E, float>) {
-    at::native::cpublas::brgemm_release(true);  // AMX tiles, where the GEMM used them
+void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64_t j, float* C, bool add_C) {
+  const int64_t N = block_width(w.p, j);
+  if constexpr (std::is_same_v<E, float>) {
+    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A, w.block(j), C, false);
+  } else {
+    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A, w.block(j), C, true);
   }
 }
 
-// One GEMM pass of a step over rows [0, M): for every column block and row tile, the GEMM into a
-// per-thread tile buffer, then epilogue(j, row0, rows, tile).
-template <typename E, typename Epilogue>
-void gemm_pass(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, std::vector<float>& tiles,
-               const Epilogue& epilogue) {
-  const int64_t tile_elems = kRowBlock * kColumnBlock;
-  at::parallel_for(0, w.p.blocks, 1, [&](int64_t begin, int64_t end) {
-    float* tile = tiles.data() + at::get_thread_num() * tile_elems;
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t width = block_width(w.p, j);
-      for (int64_t row0 = 0; row0 < M; row0 += kRowBlock) {
-        const int64_t rows = std::min(kRowBlock, M - row0);
-        if (A != nullptr) {
-          tile_gemm(rows, width, A + row0 * lda, lda, w, j, tile);
-        }
-        epilogue(j, row0, rows, A != nullptr ? tile : nullptr);
-      }
-    }
-    release_gemm<E>();
-  });
-}
+constexpr int64_t kTileElems = kRowBlock * kColumnBlock;
+constexpr int64_t kTilesPerThread = 2;
 
 std::vector<float> tile_buffers() {
-  return std::vector<float>(at::get_num_threads() * kRowBlock * kColumnBlock);
+  return std::vector<float>(at::get_num_threads() * kTilesPerThread * kTileElems);
+}
+
+// body(j, row0, rows, tiles) for every column block j < blocks and row tile of rows [0, M), the
+// column blocks spread over threads; tiles: this thread's kTilesPerThread tile buffers.
+template <typename E, typename Body>
+void for_each_tile(int64_t blocks, int64_t M, std::vector<float>& buffers, const Body& body) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    float* tiles = buffers.data() + at::get_thread_num() * kTilesPerThread * kTileElems;
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t row0 = 0; row0 < M; row0 += kRowBlock) {
+        body(j, row0, std::min(kRowBlock, M - row0), tiles);
+      }
+    }
+    if constexpr (!std::is_same_v<E, float>) {
+      at::native::cpublas::brgemm_release(true);  // AMX tiles, where the GEMMs used them
+    }
+  });
 }
 
 // Asks for a [rows, cols] block (row stride ld) to be brought into the cache hierarchy. The forward
@@ -331,31 +343,28 @@ inline void prefetch_block(const T* p, int64_t rows, int64_t cols, int64_t ld) {
 #endif
 }
 
-struct Sizes {
-  int64_t T, B, H;
-};
-
-Sizes check_proj(const Tensor& proj) {
-  TORCH_CHECK(proj.defined(), kWho, "proj is missing");
-  TORCH_CHECK(proj.device().is_cpu(), kWho, "proj must be a CPU tensor, got one on ", proj.device(),
-              " (the 'cpu' backend runs on CPU tensors only; use backend='triton' or 'cuda' on a GPU)");
-  TORCH_CHECK(is_activation_dtype(proj.scalar_type()), kWho, "proj must be float32, float16 or bfloat16, got ",
-              proj.scalar_type());
-  TORCH_CHECK(proj.dim() == 3, kWho, "proj must be 3-D [T, B, 5H], got shape ", proj.sizes());
-  TORCH_CHECK(proj.size(2) > 0 && proj.size(2) % 5 == 0, kWho,
-              "proj's last dimension must be 5 * hidden_size, got ", proj.size(2));
-  TORCH_CHECK(proj.is_contiguous(), kWho, "proj must be contiguous (call .contiguous() first); got strides ",
-              proj.strides());
-  return {proj.size(0), proj.size(1), proj.size(2) / 5};
+Tensor defined_or_undefined(const std::optional<Tensor>& tensor) {
+  return tensor.has_value() && tensor->defined() ? *tensor : Tensor();
 }
 
-// The operand dtype of a packed pair: float32, or the activation dtype itself (native bfloat16).
+// The operand dtype of a packed weight: float32, or the activation dtype itself (native bfloat16).
 at::ScalarType operand_dtype(const Tensor& packed, at::ScalarType dtype) {
   TORCH_CHECK(packed.defined(), kWho, "a packed weight is missing");
   const at::ScalarType e = packed.scalar_type();
   TORCH_CHECK(e == at::kFloat || (e == at::kBFloat16 && dtype == at::kBFloat16), kWho,
               "packed weights must be float32, or bfloat16 for bfloat16 activations; got ", e, " for ", dtype);
   return e;
+}
+
+void check_activations(const Tensor& tensor, const char* name, int64_t dims, const char* layout) {
+  TORCH_CHECK(tensor.defined(), kWho, name, " is missing");
+  TORCH_CHECK(tensor.device().is_cpu(), kWho, name, " must be a CPU tensor, got one on ", tensor.device(),
+              " (the 'cpu' backend runs on CPU tensors only; use backend='triton' or 'cuda' on a GPU)");
+  TORCH_CHECK(is_activation_dtype(tensor.scalar_type()), kWho, name, " must be float32, float16 or bfloat16, got ",
+              tensor.scalar_type());
+  TORCH_CHECK(tensor.dim() == dims, kWho, name, " must be ", dims, "-D ", layout, ", got shape ", tensor.sizes());
+  TORCH_CHECK(tensor.is_contiguous(), kWho, name, " must be contiguous (call .contiguous() first); got strides ",
+              tensor.strides());
 }
 
 // lengths [B] -> for each step, 1 + the last row still running (rows past it are skipped).
@@ -374,30 +383,49 @@ std::vector<int64_t> rows_to_compute(const Tensor& lengths, int64_t T, int64_t B
   return rows;
 }
 
+template <typename E>
+Tensor as_operand(const Tensor& tensor) {
+  // E buffers hold D values: widening them to float32 is exact.
+  return tensor.to(c10::CppTypeToScalarType<E>::value).contiguous();
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward.
 
+// Where the input projections come from: proj [T, B, 5H] (D), or x [T, B, I] with the input weights
+// packed (W_ih gate-interleaved like W_hh, W_im plain like W_hm, both with K = I) and the gate bias,
+// computed tile by tile inside the loop: no [T, B, 5H] tensor is ever written or read.
 template <typename D, typename E>
-void forward_loop(const Tensor& proj, const Tensor& packed_hh, const Tensor& packed_hm, const Tensor& h0,
-                  Tensor& c, const Tensor& lengths, Tensor& output, Tensor& cell_states, Tensor& act,
+struct Inputs {
+  const D* proj = nullptr;
+  const E* x = nullptr;
+  int64_t I = 0;
+  PackedView<E> w_ih{}, w_im{};
+  const D* bias = nullptr;
+};
+
+struct ForwardState {
+  Tensor output, c, cell_states, act;
+};
+
+template <typename D, typename E>
+void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const Tensor& packed_hh,
+                  const Tensor& packed_hm, const Tensor& h0, const Tensor& lengths, ForwardState& st,
                   bool save_for_backward, bool keep_cells) {
-  const int64_t T = proj.size(0), B = proj.size(1), H = proj.size(2) / 5;
   const auto& k = kernels<D, E>();
-  const bool native = !std::is_same_v<E, float>;
-  const PackedView<E> w_hm{packed_hm.data_ptr<E>(), packing_of(H, H, false, native)};
-  const PackedView<E> w_hh{packed_hh.data_ptr<E>(), packing_of(kGates * H, H, true, native)};
+  const PackedView<E> w_hm = view_of<E>(packed_hm, H, H, false);
+  const PackedView<E> w_hh = view_of<E>(packed_hh, kGates * H, H, true);
   // The GEMM operands: h (the running state, rounded to D) and m, in private buffers.
-  const auto e_options = proj.options().dtype(c10::CppTypeToScalarType<E>::value);
-  Tensor h = h0.to(proj.scalar_type()).to(c10::CppTypeToScalarType<E>::value, /*non_blocking=*/false, /*copy=*/true);
-  Tensor m = at::empty({B, H}, e_options);
+  Tensor h = h0.to(st.output.scalar_type()).to(c10::CppTypeToScalarType<E>::value, false, /*copy=*/true);
+  Tensor m = at::empty({B, H}, h.options());
   E* h_p = h.data_ptr<E>();
   E* m_p = m.data_ptr<E>();
-  float* c_p = c.data_ptr<float>();
-  const D* proj_p = proj.data_ptr<D>();
-  D* out_p = output.data_ptr<D>();
-  float* cells_p = keep_cells ? cell_states.data_ptr<float>() : nullptr;
-  D* act_p = save_for_backward ? act.data_ptr<D>() : nullptr;
+  float* c_p = st.c.data_ptr<float>();
+  D* out_p = st.output.data_ptr<D>();
+  float* cells_p = keep_cells ? st.cell_states.data_ptr<float>() : nullptr;
+  D* act_p = save_for_backward ? st.act.data_ptr<D>() : nullptr;
   const int64_t* len_p = ptr_or_null<int64_t>(lengths);
+  const bool fused = in.proj == nullptr;
   // Inference skips the rows past the last running one (featurize sorts texts longest first).
   // Training computes every row: the saved gates of padded rows are part of the contract.
   const std::vector<int64_t> rows = save_for_backward ? std::vector<int64_t>(T, B) : rows_to_compute(lengths, T, B);
@@ -405,7 +433,9 @@ void forward_loop(const Tensor& proj, const Tensor& packed_hh, const Tensor& pac
 
   for (int64_t t = 0; t < T; ++t) {
     const int64_t M = rows[t];
-    const D* proj_t = proj_p + t * B * 5 * H;
+    const D* proj_t = fused ? nullptr : in.proj + t * B * 5 * H;
+    const D* proj_next = !fused && t + 1 < T ? proj_t + B * 5 * H : nullptr;
+    const E* x_t = fused ? in.x + t * B * in.I : nullptr;
     D* out_t = out_p + t * B * H;
     float* cell_t = cells_p != nullptr ? cells_p + t * B * H : nullptr;
     D* act_t = act_p != nullptr ? act_p + t * B * 6 * H : nullptr;
@@ -416,23 +446,37 @@ void forward_loop(const Tensor& proj, const Tensor& packed_hh, const Tensor& pac
     if (M == 0) {
       continue;
     }
-    const D* proj_next = t + 1 < T ? proj_t + B * 5 * H : nullptr;
-    gemm_pass<E>(M, h_p, H, w_hm, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, const float* tile) {
+    for_each_tile<E>(w_hm.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
       const int64_t n0 = j * w_hm.p.units;
       const int64_t width = block_width(w_hm.p, j);
-      // The gate columns of these units, which the second pass reads.
-      for (int64_t g = 0; g < kGates; ++g) {
-        prefetch_block(proj_t + row0 * 5 * H + g * H + n0, n_rows, width, 5 * H);
+      float* xm_tile = tile + kTileElems;
+      tile_gemm(n_rows, h_p + row0 * H, H, w_hm, j, tile, false);
+      if (fused) {
+        tile_gemm(n_rows, x_t + row0 * in.I, in.I, in.w_im, j, xm_tile, false);
+      } else {
+        // The gate columns of these units, which the second pass reads.
+        for (int64_t g = 0; g < kGates; ++g) {
+          prefetch_block(proj_t + row0 * 5 * H + g * H + n0, n_rows, width, 5 * H);
+        }
       }
-      k.forward_m(n_rows, width, H, tile, kColumnBlock, proj_t + row0 * 5 * H + n0, 5 * H, m_p + row0 * H + n0, H,
+      k.forward_m(n_rows, width, H, tile, kColumnBlock, fused ? nullptr : proj_t + row0 * 5 * H + n0, 5 * H,
+                  xm_tile, kColumnBlock, m_p + row0 * H + n0, H,
                   act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H);
     });
-    gemm_pass<E>(M, m_p, H, w_hh, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, const float* tile) {
+    for_each_tile<E>(w_hh.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
       const int64_t n0 = j * w_hh.p.units;
-      if (proj_next != nullptr) {  // the xm columns of these units, which the next step's first pass reads
-        prefetch_block(proj_next + row0 * 5 * H + 4 * H + n0, n_rows, block_units(w_hh.p, j), 5 * H);
+      const int64_t units = block_units(w_hh.p, j);
+      if (fused) {
+        tile_gemm(n_rows, x_t + row0 * in.I, in.I, in.w_ih, j, tile, false);
+        k.input_gates(n_rows, units, H, tile, kColumnBlock, in.bias != nullptr ? in.bias + n0 : nullptr);
+        tile_gemm(n_rows, m_p + row0 * H, H, w_hh, j, tile, true);
+      } else {
+        tile_gemm(n_rows, m_p + row0 * H, H, w_hh, j, tile, false);
+        if (proj_next != nullptr) {  // the xm columns of these units, which the next step's first pass reads
+          prefetch_block(proj_next + row0 * 5 * H + 4 * H + n0, n_rows, units, 5 * H);
+        }
       }
-      k.forward_cell(n_rows, block_units(w_hh.p, j), H, tile, kColumnBlock, proj_t + row0 * 5 * H + n0, 5 * H,
+      k.forward_cell(n_rows, units, H, tile, kColumnBlock, fused ? nullptr : proj_t + row0 * 5 * H + n0, 5 * H,
                      h_p + row0 * H + n0, H, c_p + row0 * H + n0, H, out_t + row0 * H + n0, H,
                      cell_t != nullptr ? cell_t + row0 * H + n0 : nullptr, H,
                      act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H,
@@ -441,125 +485,290 @@ void forward_loop(const Tensor& proj, const Tensor& packed_hh, const Tensor& pac
   }
 }
 
+ForwardState new_forward_state(int64_t T, int64_t B, int64_t H, const at::TensorOptions& options,
+                               const Tensor& c0, bool save_for_backward, bool return_cell_states, bool poison) {
+  const auto f32 = options.dtype(at::kFloat);
+  const bool keep_cells = save_for_backward || return_cell_states;
+  return {new_buffer({T, B, H}, options, poison),
+          c0.clone(),
+          keep_cells ? new_buffer({T, B, H}, f32, poison) : at::empty({0}, f32),
+          save_for_backward ? new_buffer({T, B, 6 * H}, options, poison) : at::empty({0}, options)};
+}
+
+// Runs forward_loop<D, E> for the (activation, operand) dtype pair at hand.
+template <typename Fn>
+void dispatch_dtypes(at::ScalarType dtype, at::ScalarType e, const Fn& fn) {
+  if (dtype == at::kFloat) {
+    fn(float(), float());
+  } else if (dtype == at::kBFloat16 && e == at::kBFloat16) {
+    fn(BFloat16(), BFloat16());
+  } else if (dtype == at::kBFloat16) {
+    fn(BFloat16(), float());
+  } else {
+    fn(Half(), float());
+  }
+}
+
+void check_state(const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths, int64_t B, int64_t H) {
+  check_input(h0, "h0", at::kFloat, {B, H});
+  check_input(c0, "c0", at::kFloat, {B, H});
+  check_optional(lengths, "lengths", at::kLong, {B});
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Tensor& packed_hh,
                                                    const Tensor& packed_hm, const Tensor& h0, const Tensor& c0,
                                                    const std::optional<Tensor>& lengths, bool save_for_backward,
                                                    bool return_cell_states, bool poison_buffers) {
-  const auto [T, B, H] = check_proj(proj);
+  check_activations(proj, "proj", 3, "[T, B, 5H]");
+  TORCH_CHECK(proj.size(2) > 0 && proj.size(2) % 5 == 0, kWho,
+              "proj's last dimension must be 5 * hidden_size, got ", proj.size(2));
+  const int64_t T = proj.size(0), B = proj.size(1), H = proj.size(2) / 5;
   const at::ScalarType dtype = proj.scalar_type();
   const at::ScalarType e = operand_dtype(packed_hh, dtype);
   check_packed(packed_hh, "packed_hh", e, kGates * H, H, true);
   check_packed(packed_hm, "packed_hm", e, H, H, false);
-  check_input(h0, "h0", at::kFloat, {B, H});
-  check_input(c0, "c0", at::kFloat, {B, H});
-  check_optional(lengths, "lengths", at::kLong, {B});
+  check_state(h0, c0, lengths, B, H);
+  ForwardState st = new_forward_state(T, B, H, proj.options(), c0, save_for_backward, return_cell_states,
+                                      poison_buffers);
+  const Tensor len = defined_or_undefined(lengths);
+  dispatch_dtypes(dtype, e, [&](auto d, auto e_) {
+    using D = decltype(d);
+    using E = decltype(e_);
+    Inputs<D, E> in;
+    in.proj = proj.data_ptr<D>();
+    forward_loop<D, E>(T, B, H, in, packed_hh, packed_hm, h0, len, st, save_for_backward,
+                       save_for_backward || return_cell_states);
+  });
+  return {st.output, st.c, st.cell_states, st.act};
+}
 
-  const auto options = proj.options();
-  const auto f32 = options.dtype(at::kFloat);
-  const bool keep_cells = save_for_backward || return_cell_states;
-  Tensor output = new_buffer({T, B, H}, options, poison_buffers);
-  Tensor cell_states = keep_cells ? new_buffer({T, B, H}, f32, poison_buffers) : at::empty({0}, f32);
-  Tensor act = save_for_backward ? new_buffer({T, B, 6 * H}, options, poison_buffers) : at::empty({0}, options);
-  Tensor c = c0.clone();
-  const Tensor len = value_or_undefined(lengths);
-
-  if (dtype == at::kFloat) {
-    forward_loop<float, float>(proj, packed_hh, packed_hm, h0, c, len, output, cell_states, act, save_for_backward,
-                               keep_cells);
-  } else if (dtype == at::kBFloat16 && e == at::kBFloat16) {
-    forward_loop<BFloat16, BFloat16>(proj, packed_hh, packed_hm, h0, c, len, output, cell_states, act,
-                                     save_for_backward, keep_cells);
-  } else if (dtype == at::kBFloat16) {
-    forward_loop<BFloat16, float>(proj, packed_hh, packed_hm, h0, c, len, output, cell_states, act,
-                                  save_for_backward, keep_cells);
-  } else {
-    forward_loop<Half, float>(proj, packed_hh, packed_hm, h0, c, len, output, cell_states, act, save_for_backward,
-                              keep_cells);
-  }
-  return {output, c, cell_states, act};
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
+    const Tensor& x, const Tensor& packed_ih, const Tensor& packed_im, const std::optional<Tensor>& bias,
+    const Tensor& packed_hh, const Tensor& packed_hm, const Tensor& h0, const Tensor& c0,
+    const std::optional<Tensor>& lengths, bool save_for_backward, bool return_cell_states, bool poison_buffers) {
+  check_activations(x, "x", 3, "[T, B, I]");
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+  TORCH_CHECK(I > 0, kWho, "x must have at least one feature, got shape ", x.sizes());
+  TORCH_CHECK(packed_hm.defined() && packed_hm.dim() >= 2, kWho, "packed_hm is missing or malformed");
+  const at::ScalarType dtype = x.scalar_type();
+  const at::ScalarType e = operand_dtype(packed_hh, dtype);
+  // H from packed_hm's blocks is ambiguous at the tail; read it from h0 and check everything else.
+  TORCH_CHECK(h0.defined() && h0.dim() == 2, kWho, "h0 must be a [B, H] tensor");
+  const int64_t H = h0.size(1);
+  TORCH_CHECK(H > 0, kWho, "hidden_size must be positive");
+  check_packed(packed_hh, "packed_hh", e, kGates * H, H, true);
+  check_packed(packed_hm, "packed_hm", e, H, H, false);
+  check_packed(packed_ih, "packed_ih", e, kGates * H, I, true);
+  check_packed(packed_im, "packed_im", e, H, I, false);
+  check_optional(bias, "bias", dtype, {kGates * H});
+  check_state(h0, c0, lengths, B, H);
+  ForwardState st = new_forward_state(T, B, H, x.options(), c0, save_for_backward, return_cell_states,
+                                      poison_buffers);
+  const Tensor len = defined_or_undefined(lengths);
+  const Tensor b = defined_or_undefined(bias);
+  dispatch_dtypes(dtype, e, [&](auto d, auto e_) {
+    using D = decltype(d);
+    using E = decltype(e_);
+    const Tensor x_e = as_operand<E>(x);
+    Inputs<D, E> in;
+    in.x = x_e.data_ptr<E>();
+    in.I = I;
+    in.w_ih = view_of<E>(packed_ih, kGates * H, I, true);
+    in.w_im = view_of<E>(packed_im, H, I, false);
+    in.bias = ptr_or_null<D>(b);
+    forward_loop<D, E>(T, B, H, in, packed_hh, packed_hm, h0, len, st, save_for_backward,
+                       save_for_backward || return_cell_states);
+  });
+  return {st.output, st.c, st.cell_states, st.act};
 }
 
 // ------------------------------------------------------------------------------------------------
 // Backward.
+//
+// The time loop mirrors the forward's two passes per step. The gradients that are sums over time
+// (the recurrent weights' and, with the input projection in the loop, the input weights' and the
+// bias's) are accumulated in float32 every Tc steps, as GEMMs over that chunk's Tc * B rows, while
+// the chunk is still in cache: the [T, B, H] and [T, B, 5H] intermediate gradients are never
+// materialized. 16-bit values are widened chunk by chunk (exactly), so every product accumulates in
+// float32 whatever the dtype; the sums are rounded to the dtype once, at the end.
+
+struct BackwardArgs {
+  Tensor grad_output, grad_cells, packed_hh_t, packed_hm_t, h0, c0, lengths, output, cell_states, act;
+  Tensor dc;            // [B, H] float: the gradient of c_T on entry (grad_c_n or zeros), of c0 on exit
+  Tensor grad_proj;     // [T, B, 5H] D, filled when given (the proj contract); else only chunks exist
+  Tensor x, weight_in;  // the input projection's x [T, B, I] and [5H, I] weight, when computed in the loop
+  bool poison = false;
+};
+
+struct BackwardResult {
+  Tensor grad_weight_hh, grad_weight_hm, grad_h0;  // float32 sums; grad_h0 [B, H]
+  Tensor grad_x, grad_weight_in, grad_bias;        // with the input projection: x's gradient (D) and float32 sums
+};
+
+int64_t chunk_steps(int64_t T, int64_t B, int64_t H) {
+  // About 512 rows per gradient GEMM (deep enough to run at full speed), with the chunk's
+  // [Tc * B, 5H] gradient under 8 MiB of float32.
+  const int64_t by_rows = std::max<int64_t>(1, 512 / B);
+  const int64_t by_memory = std::max<int64_t>(1, (int64_t(8) << 20) / (B * 5 * H * 4));
+  return std::max<int64_t>(1, std::min({T, by_rows, by_memory}));
+}
+
+// rows of a D tensor as float32 [rows, cols]: the tensor itself for float, else widened into scratch.
+template <typename D>
+Tensor widened(const Tensor& in, const Tensor& scratch, int64_t rows, int64_t cols) {
+  if constexpr (std::is_same_v<D, float>) {
+    return in;
+  } else {
+    Tensor out = scratch.narrow(0, 0, rows * cols).view({rows, cols});
+    widen_kernel<D>()(rows, cols, in.data_ptr<D>(), in.stride(0), out.data_ptr<float>());
+    return out;
+  }
+}
 
 template <typename D, typename E>
-void backward_loop(const Tensor& grad_output, const Tensor& grad_cells, const Tensor& packed_hh_t,
-                   const Tensor& packed_hm_t, const Tensor& c0, const Tensor& lengths, const Tensor& cell_states,
-                   const Tensor& act, Tensor& grad_proj, Tensor& grad_hm, Tensor& grad_h0, Tensor& dh, Tensor& dc) {
-  const int64_t T = act.size(0), B = act.size(1), H = act.size(2) / 6;
+BackwardResult backward_loop(const BackwardArgs& a) {
+  const int64_t T = a.act.size(0), B = a.act.size(1), H = a.act.size(2) / 6;
   const auto& k = kernels<D, E>();
-  const bool native = !std::is_same_v<E, float>;
+  const auto options = a.output.options();
+  const auto f32 = options.dtype(at::kFloat);
+  const bool fused = a.x.defined();
+  const bool whole = a.grad_proj.defined();
   // Wmh^T [H, H] and Wh^T [H, 4H], both plain: rec = dhm Wmh, dm = dz Wh.
-  const PackedView<E> w_rec{packed_hm_t.data_ptr<E>(), packing_of(H, H, false, native)};
-  const PackedView<E> w_dm{packed_hh_t.data_ptr<E>(), packing_of(H, kGates * H, false, native)};
-  const auto e_options = act.options().dtype(c10::CppTypeToScalarType<E>::value);
+  const PackedView<E> w_rec = view_of<E>(a.packed_hm_t, H, H, false);
+  const PackedView<E> w_dm = view_of<E>(a.packed_hh_t, H, kGates * H, false);
+  const auto e_options = options.dtype(c10::CppTypeToScalarType<E>::value);
   Tensor dz_op = at::empty({B, kGates * H}, e_options);
   Tensor dhm_op = at::empty({B, H}, e_options);
   E* dz_p = dz_op.data_ptr<E>();
   E* dhm_p = dhm_op.data_ptr<E>();
+  // dh carries the full gradient that reached h_{t+1}; dc the one of c_t.
+  Tensor dh = at::zeros({B, H}, f32);
   float* dh_p = dh.data_ptr<float>();
-  float* dc_p = dc.data_ptr<float>();
-  const D* gout_p = ptr_or_null<D>(grad_output);
-  const float* gcells_p = ptr_or_null<float>(grad_cells);
-  const D* act_p = act.data_ptr<D>();
-  const float* cells_p = cell_states.data_ptr<float>();
-  const float* c0_p = c0.data_ptr<float>();
-  D* dproj_p = grad_proj.data_ptr<D>();
-  D* ghm_p = grad_hm.data_ptr<D>();
-  const int64_t* len_p = ptr_or_null<int64_t>(lengths);
+  float* dc_p = a.dc.data_ptr<float>();
+
+  // Chunk buffers: the D gradients of Tc steps (unless grad_proj is wanted whole) and float32 copies.
+  const int64_t Tc = chunk_steps(T, B, H);
+  constexpr bool wide = std::is_same_v<D, float>;
+  Tensor gproj_chunk = whole ? Tensor() : new_buffer({Tc, B, 5 * H}, options, a.poison);
+  Tensor ghm_chunk = new_buffer({Tc, B, H}, options, a.poison);
+  Tensor scratch_proj = wide ? Tensor() : at::empty({Tc * B * 5 * H}, f32);
+  Tensor scratch_hm = wide ? Tensor() : at::empty({Tc * B * H}, f32);
+  Tensor scratch_h = wide ? Tensor() : at::empty({Tc * B * H}, f32);
+  Tensor m_chunk = at::empty({Tc * B * H}, f32);
+  BackwardResult r;
+  r.grad_weight_hh = at::zeros({kGates * H, H}, f32);
+  r.grad_weight_hm = at::zeros({H, H}, f32);
+  r.grad_h0 = T > 0 ? new_buffer({B, H}, f32, a.poison) : at::zeros({B, H}, f32);
+  Tensor x_f, w_in_f;
+  if (fused) {
+    const int64_t I = a.x.size(2);
+    x_f = a.x.to(at::kFloat).reshape({T * B, I});
+    w_in_f = a.weight_in.to(at::kFloat);
+    r.grad_weight_in = at::zeros({5 * H, I}, f32);
+    r.grad_bias = at::zeros({kGates * H}, f32);
+    r.grad_x = new_buffer({T, B, I}, options, a.poison);
+  }
+
+  const D* gout_p = ptr_or_null<D>(a.grad_output);
+  const float* gcells_p = ptr_or_null<float>(a.grad_cells);
+  const D* act_p = a.act.data_ptr<D>();
+  const float* cells_p = a.cell_states.data_ptr<float>();
+  const float* c0_p = a.c0.data_ptr<float>();
+  const int64_t* len_p = ptr_or_null<int64_t>(a.lengths);
   std::vector<float> tiles = tile_buffers();
 
+  // The sums over the chunk of steps [t0, t1), whose gradients are in the chunk buffers.
+  auto flush = [&](int64_t t0, int64_t t1) {
+    const int64_t steps = t1 - t0, R = steps * B;
+    const Tensor gproj_d =
+        (whole ? a.grad_proj.narrow(0, t0, steps) : gproj_chunk.narrow(0, 0, steps)).view({R, 5 * H});
+    const Tensor gproj = widened<D>(gproj_d, scratch_proj, R, 5 * H);
+    const Tensor dz = gproj.narrow(1, 0, kGates * H);
+    Tensor m = m_chunk.narrow(0, 0, R * H).view({R, H});
+    recompute_m_kernel<D>()(R, H, act_p + t0 * B * 6 * H, m.data_ptr<float>());
+    r.grad_weight_hh.addmm_(dz.t(), m);
+    const Tensor dhm = widened<D>(ghm_chunk.narrow(0, 0, steps).view({R, H}), scratch_hm, R, H);
+    // h_{t-1} is output[t-1] for t >= 1 and h0 at t = 0.
+    int64_t first = 0;
+    if (t0 == 0) {
+      r.grad_weight_hm.addmm_(dhm.narrow(0, 0, B).t(), a.h0);
+      first = B;
+    }
+    if (R > first) {
+      const int64_t n = R - first;
+      const Tensor h_prev_d = a.output.narrow(0, t0 == 0 ? 0 : t0 - 1, n / B).view({n, H});
+      r.grad_weight_hm.addmm_(dhm.narrow(0, first, n).t(), widened<D>(h_prev_d, scratch_h, n, H));
+    }
+    if (fused) {
+      r.grad_weight_in.addmm_(gproj.t(), x_f.narrow(0, t0 * B, R));
+      r.grad_bias.add_(dz.sum(0));
+      r.grad_x.narrow(0, t0, steps).view({R, a.x.size(2)}).copy_(at::mm(gproj, w_in_f));
+    }
+  };
+
+  int64_t t1 = T;  // the open chunk is [t0, t1)
   for (int64_t t = T - 1; t >= 0; --t) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - Tc);
     const bool has_rec = t < T - 1;
     const D* act_t = act_p + t * B * 6 * H;
     const float* cell_t = cells_p + t * B * H;
     const float* cell_prev = t > 0 ? cells_p + (t - 1) * B * H : c0_p;
     const D* gout_t = gout_p != nullptr ? gout_p + t * B * H : nullptr;
     const float* gcells_t = gcells_p != nullptr ? gcells_p + t * B * H : nullptr;
-    D* dproj_t = dproj_p + t * B * 5 * H;
-    gemm_pass<E>(B, has_rec ? dhm_p : nullptr, H, w_rec, tiles,
-                 [&](int64_t j, int64_t row0, int64_t n_rows, const float* tile) {
-                   const int64_t n0 = j * w_rec.p.units;
-                   const int64_t at = row0 * H + n0;
-                   k.backward_cell(n_rows, block_width(w_rec.p, j), H, tile, kColumnBlock, dh_p + at, dc_p + at, H,
-                                   gout_t != nullptr ? gout_t + at : nullptr, H,
-                                   gcells_t != nullptr ? gcells_t + at : nullptr, H, act_t + row0 * 6 * H + n0, 6 * H,
-                                   cell_t + at, cell_prev + at, H, dproj_t + row0 * 5 * H + n0, 5 * H,
-                                   dz_p + row0 * kGates * H + n0, kGates * H,
-                                   len_p != nullptr ? len_p + row0 : nullptr, t);
-                 });
-    gemm_pass<E>(B, dz_p, kGates * H, w_dm, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, const float* tile) {
-      const int64_t n0 = j * w_dm.p.units;
-      k.backward_m(n_rows, block_width(w_dm.p, j), H, tile, kColumnBlock, act_t + row0 * 6 * H + n0, 6 * H,
-                   dproj_t + row0 * 5 * H + n0, 5 * H, ghm_p + t * B * H + row0 * H + n0, H,
-                   dhm_p + row0 * H + n0, H);
+    D* dproj_t = whole ? a.grad_proj.data_ptr<D>() + t * B * 5 * H : gproj_chunk.data_ptr<D>() + (t - t0) * B * 5 * H;
+    D* ghm_t = ghm_chunk.data_ptr<D>() + (t - t0) * B * H;
+    for_each_tile<E>(w_rec.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
+      const int64_t n0 = j * w_rec.p.units;
+      const int64_t at = row0 * H + n0;
+      if (has_rec) {
+        tile_gemm(n_rows, dhm_p + row0 * H, H, w_rec, j, tile, false);
+      }
+      k.backward_cell(n_rows, block_width(w_rec.p, j), H, has_rec ? tile : nullptr, kColumnBlock, dh_p + at,
+                      dc_p + at, H, gout_t != nullptr ? gout_t + at : nullptr, H,
+                      gcells_t != nullptr ? gcells_t + at : nullptr, H, act_t + row0 * 6 * H + n0, 6 * H,
+                      cell_t + at, cell_prev + at, H, dproj_t + row0 * 5 * H + n0, 5 * H,
+                      dz_p + row0 * kGates * H + n0, kGates * H, len_p != nullptr ? len_p + row0 : nullptr, t);
     });
+    for_each_tile<E>(w_dm.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
+      const int64_t n0 = j * w_dm.p.units;
+      tile_gemm(n_rows, dz_p + row0 * kGates * H, kGates * H, w_dm, j, tile, false);
+      k.backward_m(n_rows, block_width(w_dm.p, j), H, tile, kColumnBlock, act_t + row0 * 6 * H + n0, 6 * H,
+                   dproj_t + row0 * 5 * H + n0, 5 * H, ghm_t + row0 * H + n0, H, dhm_p + row0 * H + n0, H);
+    });
+    if (t == t0) {
+      flush(t0, t1);
+      t1 = t0;
+    }
   }
   // The gradient of h0 is one more recurrent product, dhm_0 Wmh, plus (lengths) what rows that never
   // started passed straight through.
   if (T > 0) {
-    float* gh0_p = grad_h0.data_ptr<float>();
-    gemm_pass<E>(B, dhm_p, H, w_rec, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, const float* tile) {
+    float* gh0_p = r.grad_h0.data_ptr<float>();
+    for_each_tile<E>(w_rec.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
       const int64_t at = row0 * H + j * w_rec.p.units;
+      tile_gemm(n_rows, dhm_p + row0 * H, H, w_rec, j, tile, false);
       k.grad_h0(n_rows, block_width(w_rec.p, j), tile, kColumnBlock, dh_p + at, H, gh0_p + at, H,
                 len_p != nullptr ? len_p + row0 : nullptr);
     });
   }
+  return r;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward(
-    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_c_n,
-    const std::optional<Tensor>& grad_cell_states, const Tensor& packed_hh_t, const Tensor& packed_hm_t,
-    const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths, const Tensor& output,
-    const Tensor& cell_states, const Tensor& act, bool poison_buffers) {
-  TORCH_CHECK(output.defined() && output.device().is_cpu(), kWho, "output must be a CPU tensor");
-  TORCH_CHECK(output.dim() == 3, kWho, "output must be 3-D [T, B, H], got shape ", output.sizes());
-  TORCH_CHECK(is_activation_dtype(output.scalar_type()), kWho, "output must be float32, float16 or bfloat16, got ",
-              output.scalar_type());
+struct BackwardInputs {
+  Tensor grad_output, grad_c_n, grad_cells, h0, c0, lengths;
+  at::ScalarType e;
+};
+
+// The checks both backward operators share; returns the optional inputs as (possibly undefined) tensors.
+BackwardInputs check_backward(const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_c_n,
+                              const std::optional<Tensor>& grad_cell_states, const Tensor& packed_hh_t,
+                              const Tensor& packed_hm_t, const Tensor& h0, const Tensor& c0,
+                              const std::optional<Tensor>& lengths, const Tensor& output, const Tensor& cell_states,
+                              const Tensor& act) {
+  check_activations(output, "output", 3, "[T, B, H]");
   const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
   TORCH_CHECK(H > 0 && B > 0, kWho, "output must have B > 0 rows and H > 0 units, got shape ", output.sizes());
   const at::ScalarType dtype = output.scalar_type();
-  check_input(output, "output", dtype, {T, B, H});
   TORCH_CHECK(act.dim() == 3 && cell_states.dim() == 3, kWho,
               "act and cell_states must be the [T, B, 6H] and [T, B, H] tensors saved by "
               "forward(save_for_backward=True), got shapes ",
@@ -569,137 +778,81 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(
   const at::ScalarType e = operand_dtype(packed_hh_t, dtype);
   check_packed(packed_hh_t, "packed_hh_t", e, H, kGates * H, false);
   check_packed(packed_hm_t, "packed_hm_t", e, H, H, false);
-  check_input(h0, "h0", at::kFloat, {B, H});
-  check_input(c0, "c0", at::kFloat, {B, H});
+  check_state(h0, c0, lengths, B, H);
   check_optional(grad_output, "grad_output", dtype, {T, B, H});
   check_optional(grad_c_n, "grad_c_n", at::kFloat, {B, H});
   check_optional(grad_cell_states, "grad_cell_states", at::kFloat, {T, B, H});
-  check_optional(lengths, "lengths", at::kLong, {B});
-
-  const auto options = output.options();
-  const auto f32 = options.dtype(at::kFloat);
-  Tensor grad_proj = new_buffer({T, B, 5 * H}, options, poison_buffers);
-  Tensor grad_hm = new_buffer({T, B, H}, options, poison_buffers);
-  Tensor grad_h0 = T > 0 ? new_buffer({B, H}, f32, poison_buffers) : at::zeros({B, H}, f32);
-  // dh carries the full gradient that reached h_{t+1}; dc the one of c_t. dc ends as grad_c0.
-  Tensor dh = at::zeros({B, H}, f32);
-  const Tensor grad_c_n_ = value_or_undefined(grad_c_n);
-  Tensor dc = grad_c_n_.defined() ? grad_c_n_.clone() : at::zeros({B, H}, f32);
-  const Tensor gout = value_or_undefined(grad_output);
-  const Tensor gcells = value_or_undefined(grad_cell_states);
-  const Tensor len = value_or_undefined(lengths);
-
-  if (dtype == at::kFloat) {
-    backward_loop<float, float>(gout, gcells, packed_hh_t, packed_hm_t, c0, len, cell_states, act, grad_proj,
-                                grad_hm, grad_h0, dh, dc);
-  } else if (dtype == at::kBFloat16 && e == at::kBFloat16) {
-    backward_loop<BFloat16, BFloat16>(gout, gcells, packed_hh_t, packed_hm_t, c0, len, cell_states, act, grad_proj,
-                                      grad_hm, grad_h0, dh, dc);
-  } else if (dtype == at::kBFloat16) {
-    backward_loop<BFloat16, float>(gout, gcells, packed_hh_t, packed_hm_t, c0, len, cell_states, act, grad_proj,
-                                   grad_hm, grad_h0, dh, dc);
-  } else {
-    backward_loop<Half, float>(gout, gcells, packed_hh_t, packed_hm_t, c0, len, cell_states, act, grad_proj,
-                               grad_hm, grad_h0, dh, dc);
-  }
-  return {grad_proj, grad_hm, grad_h0, dc};
+  return {defined_or_undefined(grad_output), defined_or_undefined(grad_c_n), defined_or_undefined(grad_cell_states),
+          h0, c0, defined_or_undefined(lengths), e};
 }
 
-// ------------------------------------------------------------------------------------------------
-// Weight gradients: dWh = sum_t dz_t^T m_t (m_t = xm_t * hm_t recomputed from act) and
-// dWmh = sum_t dhm_t^T h_{t-1}, as GEMMs over all T*B rows, accumulated in float32.
-//
-// float32 and native 16-bit GEMMs (where ATen multiplies 16-bit matrices with float32 accumulation
-// at full speed) use at::mm in the activation dtype, as the reference does. Elsewhere ATen's 16-bit
-// GEMM is a slow portable loop, so the products go to MKL's mixed-precision GEMM (16-bit operands,
-// float32 result) when this PyTorch carries MKL, else to float32 copies of the operands.
-
-using MixedGemm = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha, const void* a,
-                           int lda, const void* b, int ldb, float beta, float* c, int ldc);
-
-MixedGemm mkl_mixed_gemm(at::ScalarType dtype) {
-  static const MixedGemm bf16 = reinterpret_cast<MixedGemm>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
-  static const MixedGemm f16 = reinterpret_cast<MixedGemm>(dlsym(RTLD_DEFAULT, "cblas_gemm_f16f16f32"));
-  return dtype == at::kBFloat16 ? bf16 : f16;
+BackwardArgs backward_args(const BackwardInputs& in, const Tensor& packed_hh_t, const Tensor& packed_hm_t,
+                           const Tensor& output, const Tensor& cell_states, const Tensor& act, bool poison) {
+  BackwardArgs a;
+  a.grad_output = in.grad_output;
+  a.grad_cells = in.grad_cells;
+  a.packed_hh_t = packed_hh_t;
+  a.packed_hm_t = packed_hm_t;
+  a.h0 = in.h0;
+  a.c0 = in.c0;
+  a.lengths = in.lengths;
+  a.output = output;
+  a.cell_states = cell_states;
+  a.act = act;
+  a.dc = in.grad_c_n.defined() ? in.grad_c_n.clone() : at::zeros_like(in.c0);
+  a.poison = poison;
+  return a;
 }
 
-bool fits_int(std::initializer_list<int64_t> values) {
-  for (const int64_t v : values) {
-    if (v > std::numeric_limits<int>::max()) {
-      return false;
-    }
-  }
-  return true;
+BackwardResult run_backward(const BackwardArgs& a, at::ScalarType dtype, at::ScalarType e) {
+  BackwardResult r;
+  dispatch_dtypes(dtype, e, [&](auto d, auto e_) { r = backward_loop<decltype(d), decltype(e_)>(a); });
+  return r;
 }
 
-// out (float32) += a^T b for a [R, M] (row stride lda) and b [R, N] (row stride ldb), both dtype.
-void mixed_gemm_tn(const Tensor& a, const Tensor& b, Tensor& out, bool accumulate) {
-  const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
-  const MixedGemm gemm = mkl_mixed_gemm(a.scalar_type());
-  if (gemm != nullptr && a.stride(1) == 1 && b.stride(1) == 1 && fits_int({R, M, N, a.stride(0), b.stride(0)})) {
-    constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-    gemm(kRowMajor, kTrans, kNoTrans, static_cast<int>(M), static_cast<int>(N), static_cast<int>(R), 1.0f,
-         a.data_ptr(), static_cast<int>(a.stride(0)), b.data_ptr(), static_cast<int>(b.stride(0)),
-         accumulate ? 1.0f : 0.0f, out.data_ptr<float>(), static_cast<int>(N));
-    return;
-  }
-  if (accumulate) {
-    out.addmm_(a.t().to(at::kFloat), b.to(at::kFloat));
-  } else {
-    at::mm_out(out, a.t().to(at::kFloat), b.to(at::kFloat));
-  }
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_c_n,
+    const std::optional<Tensor>& grad_cell_states, const Tensor& packed_hh_t, const Tensor& packed_hm_t,
+    const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths, const Tensor& output,
+    const Tensor& cell_states, const Tensor& act, bool poison_buffers) {
+  const BackwardInputs in = check_backward(grad_output, grad_c_n, grad_cell_states, packed_hh_t, packed_hm_t, h0, c0,
+                                           lengths, output, cell_states, act);
+  BackwardArgs a = backward_args(in, packed_hh_t, packed_hm_t, output, cell_states, act, poison_buffers);
+  const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
+  a.grad_proj = new_buffer({T, B, 5 * H}, output.options(), poison_buffers);
+  const at::ScalarType dtype = output.scalar_type();
+  const BackwardResult r = run_backward(a, dtype, in.e);
+  return {a.grad_proj, r.grad_weight_hh.to(dtype), r.grad_weight_hm.to(dtype), r.grad_h0, a.dc};
 }
 
-std::tuple<Tensor, Tensor> weight_grads(const Tensor& grad_proj, const Tensor& grad_hm, const Tensor& act,
-                                        const Tensor& output, const Tensor& h0, bool native_16bit) {
-  TORCH_CHECK(output.defined() && output.dim() == 3, kWho, "output must be 3-D [T, B, H]");
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_input(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_c_n,
+    const std::optional<Tensor>& grad_cell_states, const Tensor& x, const Tensor& weight_ih,
+    const Tensor& weight_im, const Tensor& packed_hh_t, const Tensor& packed_hm_t, const Tensor& h0,
+    const Tensor& c0, const std::optional<Tensor>& lengths, const Tensor& output, const Tensor& cell_states,
+    const Tensor& act, bool poison_buffers) {
+  const BackwardInputs in = check_backward(grad_output, grad_c_n, grad_cell_states, packed_hh_t, packed_hm_t, h0, c0,
+                                           lengths, output, cell_states, act);
   const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
   const at::ScalarType dtype = output.scalar_type();
-  TORCH_CHECK(is_activation_dtype(dtype), kWho, "output must be float32, float16 or bfloat16, got ", dtype);
-  check_input(output, "output", dtype, {T, B, H});
-  check_input(grad_proj, "grad_proj", dtype, {T, B, 5 * H});
-  check_input(grad_hm, "grad_hm", dtype, {T, B, H});
-  check_input(act, "act", dtype, {T, B, 6 * H});
-  check_input(h0, "h0", at::kFloat, {B, H});
-  const auto options = output.options();
-  if (T == 0) {
-    return {at::zeros({kGates * H, H}, options), at::zeros({H, H}, options)};
-  }
-  const Tensor dz = grad_proj.view({T * B, 5 * H}).narrow(1, 0, kGates * H);
-  const Tensor dhm = grad_hm.view({T * B, H});
-  const Tensor h_prev = output.view({T * B, H}).narrow(0, 0, (T - 1) * B);
-  const int64_t R = T * B;
-  if (dtype == at::kFloat || native_16bit) {
-    Tensor m = at::empty({R, H}, options);
-    if (dtype == at::kFloat) {
-      recompute_m_kernel<float, float>()(R, H, act.data_ptr<float>(), m.data_ptr<float>());
-    } else if (dtype == at::kBFloat16) {
-      recompute_m_kernel<BFloat16, BFloat16>()(R, H, act.data_ptr<BFloat16>(), m.data_ptr<BFloat16>());
-    } else {
-      recompute_m_kernel<Half, Half>()(R, H, act.data_ptr<Half>(), m.data_ptr<Half>());
-    }
-    Tensor grad_weight_hh = at::mm(dz.t(), m);
-    Tensor grad_weight_hm = at::mm(dhm.narrow(0, 0, B).t(), h0.to(dtype));
-    if (T > 1) {
-      grad_weight_hm.addmm_(dhm.narrow(0, B, R - B).t(), h_prev);
-    }
-    return {grad_weight_hh, grad_weight_hm};
-  }
-  Tensor m = at::empty({R, H}, options);
-  if (dtype == at::kBFloat16) {
-    recompute_m_kernel<BFloat16, BFloat16>()(R, H, act.data_ptr<BFloat16>(), m.data_ptr<BFloat16>());
-  } else {
-    recompute_m_kernel<Half, Half>()(R, H, act.data_ptr<Half>(), m.data_ptr<Half>());
-  }
-  const auto f32 = options.dtype(at::kFloat);
-  Tensor gw_hh = at::empty({kGates * H, H}, f32);
-  Tensor gw_hm = at::empty({H, H}, f32);
-  mixed_gemm_tn(dz, m, gw_hh, false);
-  mixed_gemm_tn(dhm.narrow(0, 0, B), h0.to(dtype), gw_hm, false);
-  if (T > 1) {
-    mixed_gemm_tn(dhm.narrow(0, B, R - B), h_prev, gw_hm, true);
-  }
-  return {gw_hh.to(dtype), gw_hm.to(dtype)};
+  check_activations(x, "x", 3, "[T, B, I]");
+  const int64_t I = x.size(2);
+  check_input(x, "x", dtype, {T, B, I});
+  check_input(weight_ih, "weight_ih", dtype, {kGates * H, I});
+  check_input(weight_im, "weight_im", dtype, {H, I});
+  BackwardArgs a = backward_args(in, packed_hh_t, packed_hm_t, output, cell_states, act, poison_buffers);
+  a.x = x;
+  a.weight_in = at::cat({weight_ih, weight_im}, 0);
+  const BackwardResult r = run_backward(a, dtype, in.e);
+  // Two separate tensors (outputs of an operator may not alias each other).
+  return {r.grad_x,
+          r.grad_weight_in.narrow(0, 0, kGates * H).to(dtype, false, /*copy=*/true),
+          r.grad_weight_in.narrow(0, kGates * H, H).to(dtype, false, /*copy=*/true),
+          r.grad_bias.to(dtype),
+          r.grad_weight_hh.to(dtype),
+          r.grad_weight_hm.to(dtype),
+          r.grad_h0,
+          a.dc};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -741,14 +894,13 @@ bool native_bf16_gemm_works() {
     const PackedView<BFloat16> view{packed.data_ptr<BFloat16>(), packing_of(N, K, false, true)};
     Tensor out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
     std::vector<float> tiles = tile_buffers();
-    gemm_pass<BFloat16>(M, a.data_ptr<BFloat16>(), K, view, tiles,
-                        [&](int64_t j, int64_t row0, int64_t rows, const float* tile) {
-                          const int64_t width = block_width(view.p, j);
-                          for (int64_t r = 0; r < rows; ++r) {
-                            std::memcpy(out.data_ptr<float>() + (row0 + r) * N + j * kColumnBlock,
-                                        tile + r * kColumnBlock, width * sizeof(float));
-                          }
-                        });
+    for_each_tile<BFloat16>(view.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t rows, float* tile) {
+      tile_gemm(rows, a.data_ptr<BFloat16>() + row0 * K, K, view, j, tile, false);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(out.data_ptr<float>() + (row0 + r) * N + j * kColumnBlock, tile + r * kColumnBlock,
+                    block_width(view.p, j) * sizeof(float));
+      }
+    });
     const Tensor expected = at::mm(a.to(at::kFloat), w.to(at::kFloat).t());
     return out.sub(expected).abs().max().item<float>() <= 1e-4f * (1.0f + expected.abs().max().item<float>());
   } catch (const std::exception&) {
@@ -769,12 +921,18 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
       "bool save_for_backward, bool return_cell_states, bool poison_buffers=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "backward(Tensor? grad_output, Tensor? grad_c_n, Tensor? grad_cell_states, Tensor packed_hh_t, "
-      "Tensor packed_hm_t, Tensor h0, Tensor c0, Tensor? lengths, Tensor output, Tensor cell_states, Tensor act, "
+      "forward_input(Tensor x, Tensor packed_ih, Tensor packed_im, Tensor? bias, Tensor packed_hh, "
+      "Tensor packed_hm, Tensor h0, Tensor c0, Tensor? lengths, bool save_for_backward, bool return_cell_states, "
       "bool poison_buffers=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "weight_grads(Tensor grad_proj, Tensor grad_hm, Tensor act, Tensor output, Tensor h0, bool native_16bit) "
-      "-> (Tensor, Tensor)");
+      "backward(Tensor? grad_output, Tensor? grad_c_n, Tensor? grad_cell_states, Tensor packed_hh_t, "
+      "Tensor packed_hm_t, Tensor h0, Tensor c0, Tensor? lengths, Tensor output, Tensor cell_states, Tensor act, "
+      "bool poison_buffers=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "backward_input(Tensor? grad_output, Tensor? grad_c_n, Tensor? grad_cell_states, Tensor x, "
+      "Tensor weight_ih, Tensor weight_im, Tensor packed_hh_t, Tensor packed_hm_t, Tensor h0, Tensor c0, "
+      "Tensor? lengths, Tensor output, Tensor cell_states, Tensor act, bool poison_buffers=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("fingerprint(Tensor tensor) -> int");
   m.def("kernel_isa() -> str", &fastmlstm::cpu::kernel_isa);
   m.def("native_bf16_gemm_works() -> bool", &fastmlstm::cpu::native_bf16_gemm_works);
@@ -785,7 +943,8 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
 TORCH_LIBRARY_IMPL(fastmlstm_cpu, CompositeExplicitAutograd, m) {
   m.impl("pack_weight", &fastmlstm::cpu::pack_weight);
   m.impl("forward", &fastmlstm::cpu::forward);
+  m.impl("forward_input", &fastmlstm::cpu::forward_input);
   m.impl("backward", &fastmlstm::cpu::backward);
-  m.impl("weight_grads", &fastmlstm::cpu::weight_grads);
+  m.impl("backward_input", &fastmlstm::cpu::backward_input);
   m.impl("fingerprint", &fastmlstm::cpu::fingerprint);
 }

@@ -43,11 +43,17 @@ constexpr int64_t kRowBlock = 64;
 template <typename D, typename E>
 struct StepKernels {
   // hm (GEMM tile, f32) -> m = xm * hm rounded to D, written as E for the next GEMM; with act,
-  // saves xm and hm (rounded to D).
+  // saves xm and hm (rounded to D). xm comes from proj's last H columns (proj + 4H), or, when proj
+  // is null, from the GEMM tile xm = x Wmx^T (rounded to D first, as if it had been stored in proj).
   void (*forward_m)(int64_t rows, int64_t width, int64_t H, const float* hm, int64_t ld_hm, const D* proj,
-                    int64_t ld_proj, E* m, int64_t ld_m, D* act, int64_t ld_act);
+                    int64_t ld_proj, const float* xm, int64_t ld_xm, E* m, int64_t ld_m, D* act, int64_t ld_act);
 
-  // z (GEMM tile, f32, interleaved [i f o u] x units) + the gate columns of proj -> gates, c_t, h_t.
+  // The input part of a z tile computed in the loop (no proj): tile = round_D(x Wx^T + b), the value
+  // proj's gate columns would hold; bias (nullable) is [4H] in gate order, offset to unit n0.
+  void (*input_gates)(int64_t rows, int64_t units, int64_t H, float* tile, int64_t ld_tile, const D* bias);
+
+  // z (GEMM tile, f32, interleaved [i f o u] x units) + the gate columns of proj (when proj is not
+  // null; else the tile already holds them) -> gates, c_t, h_t.
   // h (E, the next GEMM's operand) and c hold step t-1's state on entry and step t's on exit; rows
   // with t >= lengths[row] keep both. out receives h_t (D), cell c_t, act the gates.
   void (*forward_cell)(int64_t rows, int64_t units, int64_t H, const float* z, int64_t ld_z, const D* proj,
@@ -78,9 +84,13 @@ struct StepKernels {
                   float* out, int64_t ld_out, const int64_t* lengths);
 };
 
-// m = xm * hm of saved rows (act [R, 6H] -> m [R, H]) in D, or in float (exactly the D values).
-template <typename D, typename Out>
-using RecomputeM = void (*)(int64_t rows, int64_t H, const D* act, Out* m);
+// m = xm * hm of saved rows (act [R, 6H] -> m [R, H], float holding the D values).
+template <typename D>
+using RecomputeM = void (*)(int64_t rows, int64_t H, const D* act, float* m);
+
+// Widening copy of a [rows, cols] block (row stride ld_in) into a dense float block.
+template <typename D>
+using Widen = void (*)(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* out);
 
 // 64-bit fingerprint of a byte range: position dependent (a permutation or a one-bit change gives
 // another value), not cryptographic; for the effective-weight cache's "did this parameter change".
@@ -91,8 +101,10 @@ using Fingerprint = uint64_t (*)(const void* data, int64_t bytes);
   namespace isa {                                                                      \
   template <typename D, typename E>                                                    \
   const StepKernels<D, E>& step_kernels();                                             \
-  template <typename D, typename Out>                                                  \
-  RecomputeM<D, Out> recompute_m();                                                    \
+  template <typename D>                                                                \
+  RecomputeM<D> recompute_m();                                                         \
+  template <typename D>                                                                \
+  Widen<D> widen();                                                                    \
   uint64_t fingerprint(const void* data, int64_t bytes);                               \
   }
 

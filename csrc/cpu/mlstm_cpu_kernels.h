@@ -80,20 +80,38 @@ inline Vec tanh(const Vec& x) {
 
 template <typename D, typename E>
 void forward_m(int64_t rows, int64_t width, int64_t H, const float* hm, int64_t ld_hm, const D* proj,
-               int64_t ld_proj, E* m, int64_t ld_m, D* act, int64_t ld_act) {
+               int64_t ld_proj, const float* xm, int64_t ld_xm, E* m, int64_t ld_m, D* act, int64_t ld_act) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* hm_r = hm + r * ld_hm;
-    const D* xm_r = proj + r * ld_proj + 4 * H;
+    const D* xm_proj = proj != nullptr ? proj + r * ld_proj + 4 * H : nullptr;
+    const float* xm_tile = proj != nullptr ? nullptr : xm + r * ld_xm;
     E* m_r = m + r * ld_m;
     D* act_r = act != nullptr ? act + r * ld_act : nullptr;
     for (int64_t k = 0; k < width; k += V) {
       const int64_t n = std::min(V, width - k);
       const Vec hm_v = load(hm_r + k, n);
-      const Vec xm_v = load(xm_r + k, n);
+      const Vec xm_v = xm_proj != nullptr ? load(xm_proj + k, n) : round_to<D>(load(xm_tile + k, n));
       store(m_r + k, round_to<D>(hm_v * xm_v), n);
       if (act_r != nullptr) {
         store(act_r + 4 * H + k, xm_v, n);
         store(act_r + 5 * H + k, hm_v, n);
+      }
+    }
+  }
+}
+
+template <typename D>
+void input_gates(int64_t rows, int64_t units, int64_t H, float* tile, int64_t ld_tile, const D* bias) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* t_r = tile + r * ld_tile;
+    for (int64_t g = 0; g < kGates; ++g) {
+      for (int64_t k = 0; k < units; k += V) {
+        const int64_t n = std::min(V, units - k);
+        Vec v = load(t_r + g * units + k, n);
+        if (bias != nullptr) {
+          v = v + load(bias + g * H + k, n);
+        }
+        store(t_r + g * units + k, round_to<D>(v), n);
       }
     }
   }
@@ -107,7 +125,7 @@ void forward_cell(int64_t rows, int64_t units, int64_t H, const float* z, int64_
   for (int64_t r = 0; r < rows; ++r) {
     const bool active = lengths == nullptr || t < lengths[r];
     const float* z_r = z + r * ld_z;
-    const D* x_r = proj + r * ld_proj;
+    const D* x_r = proj != nullptr ? proj + r * ld_proj : nullptr;
     E* h_r = h + r * ld_h;
     float* c_r = c + r * ld_c;
     D* out_r = out + r * ld_out;
@@ -115,10 +133,18 @@ void forward_cell(int64_t rows, int64_t units, int64_t H, const float* z, int64_
     D* act_r = act != nullptr ? act + r * ld_act : nullptr;
     for (int64_t k = 0; k < q; k += V) {
       const int64_t n = std::min(V, q - k);
-      const Vec i = sigmoid(load(z_r + k, n) + load(x_r + k, n));
-      const Vec f = sigmoid(load(z_r + q + k, n) + load(x_r + H + k, n));
-      const Vec o = sigmoid(load(z_r + 2 * q + k, n) + load(x_r + 2 * H + k, n));
-      const Vec u = tanh(load(z_r + 3 * q + k, n) + load(x_r + 3 * H + k, n));
+      Vec zi = load(z_r + k, n), zf = load(z_r + q + k, n), zo = load(z_r + 2 * q + k, n),
+          zu = load(z_r + 3 * q + k, n);
+      if (x_r != nullptr) {
+        zi = zi + load(x_r + k, n);
+        zf = zf + load(x_r + H + k, n);
+        zo = zo + load(x_r + 2 * H + k, n);
+        zu = zu + load(x_r + 3 * H + k, n);
+      }
+      const Vec i = sigmoid(zi);
+      const Vec f = sigmoid(zf);
+      const Vec o = sigmoid(zo);
+      const Vec u = tanh(zu);
       const Vec c_prev = load(c_r + k, n);
       Vec c_new = f * c_prev + i * u;
       Vec h_new = round_to<D>(o * tanh(c_new));
@@ -251,8 +277,8 @@ void grad_h0(int64_t rows, int64_t width, const float* rec, int64_t ld_rec, cons
   }
 }
 
-template <typename D, typename Out>
-void recompute_m_impl(int64_t rows, int64_t H, const D* act, Out* m) {
+template <typename D>
+void recompute_m_impl(int64_t rows, int64_t H, const D* act, float* m) {
   for (int64_t r = 0; r < rows; ++r) {
     const D* a = act + r * 6 * H;
     for (int64_t k = 0; k < H; k += V) {
@@ -262,19 +288,35 @@ void recompute_m_impl(int64_t rows, int64_t H, const D* act, Out* m) {
   }
 }
 
+template <typename D>
+void widen_impl(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < cols; k += V) {
+      const int64_t n = std::min(V, cols - k);
+      store(out + r * cols + k, load(in + r * ld_in + k, n), n);
+    }
+  }
+}
+
 }  // namespace
 
 template <typename D, typename E>
 const StepKernels<D, E>& step_kernels() {
   // Constant-initialized (function addresses only): no code runs at load time.
-  static constexpr StepKernels<D, E> table{&forward_m<D, E>,     &forward_cell<D, E>, &carry_state<D, E>,
-                                           &backward_cell<D, E>, &backward_m<D, E>,   &grad_h0};
+  static constexpr StepKernels<D, E> table{&forward_m<D, E>,     &input_gates<D>,     &forward_cell<D, E>,
+                                           &carry_state<D, E>,   &backward_cell<D, E>, &backward_m<D, E>,
+                                           &grad_h0};
   return table;
 }
 
-template <typename D, typename Out>
-RecomputeM<D, Out> recompute_m() {
-  return &recompute_m_impl<D, Out>;
+template <typename D>
+RecomputeM<D> recompute_m() {
+  return &recompute_m_impl<D>;
+}
+
+template <typename D>
+Widen<D> widen() {
+  return &widen_impl<D>;
 }
 
 uint64_t fingerprint(const void* data, int64_t bytes) {
@@ -317,11 +359,12 @@ FASTMLSTM_INSTANTIATE(c10::BFloat16, float)
 FASTMLSTM_INSTANTIATE(c10::BFloat16, c10::BFloat16)
 FASTMLSTM_INSTANTIATE(c10::Half, float)
 #undef FASTMLSTM_INSTANTIATE
-template RecomputeM<float, float> recompute_m<float, float>();
-template RecomputeM<c10::BFloat16, c10::BFloat16> recompute_m<c10::BFloat16, c10::BFloat16>();
-template RecomputeM<c10::BFloat16, float> recompute_m<c10::BFloat16, float>();
-template RecomputeM<c10::Half, c10::Half> recompute_m<c10::Half, c10::Half>();
-template RecomputeM<c10::Half, float> recompute_m<c10::Half, float>();
+template RecomputeM<float> recompute_m<float>();
+template RecomputeM<c10::BFloat16> recompute_m<c10::BFloat16>();
+template RecomputeM<c10::Half> recompute_m<c10::Half>();
+template Widen<float> widen<float>();
+template Widen<c10::BFloat16> widen<c10::BFloat16>();
+template Widen<c10::Half> widen<c10::Half>();
 
 }  // namespace FASTMLSTM_ISA
 }  // namespace cpu

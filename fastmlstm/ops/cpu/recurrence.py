@@ -51,17 +51,6 @@ def native_bf16() -> bool:
     return ok
 
 
-@functools.lru_cache(maxsize=None)
-def _native_16bit_mm(dtype: torch.dtype) -> bool:
-    """Whether ATen's own 16-bit CPU GEMM (torch.mm) runs at full speed here (oneDNN)."""
-    try:
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def kernel_isa() -> str:
     """The instruction set of the fused epilogues in use: ``"avx2"`` or ``"default"``."""
     return str(_ops().kernel_isa())
@@ -119,16 +108,11 @@ def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, 
     ops = _ops()
     dtype = output.dtype
     native = _use_native(dtype, weight_hm.shape[0])
-    h0 = h0.float().contiguous()
     with torch.no_grad():
-        grad_proj, grad_hm, grad_h0, grad_c0 = ops.backward(
+        return tuple(ops.backward(
             _optional(grad_output, dtype), _optional(grad_c_n, torch.float32),
             _optional(grad_cell_states, torch.float32),
-            _packed(weight_hh, "hh_t", native), _packed(weight_hm, "hm_t", native), h0, c0.float().contiguous(),
-            None if lengths is None else lengths.contiguous(), output.contiguous(), cell_states.contiguous(),
-            act.contiguous(), common.POISON_BUFFERS,
-        )
-        native_mm = dtype != torch.float32 and _native_16bit_mm(dtype)
-        grad_weight_hh, grad_weight_hm = ops.weight_grads(grad_proj, grad_hm, act.contiguous(),
-                                                          output.contiguous(), h0, native_mm)
-    return grad_proj, grad_weight_hh, grad_weight_hm, grad_h0, grad_c0
+            _packed(weight_hh, "hh_t", native), _packed(weight_hm, "hm_t", native), h0.float().contiguous(),
+            c0.float().contiguous(), None if lengths is None else lengths.contiguous(), output.contiguous(),
+            cell_states.contiguous(), act.contiguous(), common.POISON_BUFFERS,
+        ))
