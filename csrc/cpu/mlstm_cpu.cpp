@@ -392,16 +392,17 @@ Tensor as_operand(const Tensor& tensor) {
 // ------------------------------------------------------------------------------------------------
 // Forward.
 
-// Where the input projections come from: proj [T, B, 5H] (D), or x [T, B, I] with the input weights
-// packed (W_ih gate-interleaved like W_hh, W_im plain like W_hm, both with K = I) and the gate bias,
-// computed tile by tile inside the loop: no [T, B, 5H] tensor is ever written or read.
+// Where the input projections come from: proj [T, B, 5H] (D), or x [T, B, I] multiplied inside the
+// loop. Then the gate GEMM runs on [m_t | x_t] [B, H + I] against [Wh | Wx] packed together (one
+// tile GEMM with K = H + I; the bias is added in the epilogue), and xm = x Wmx^T, which does not
+// depend on the recurrence, is one GEMM per chunk of steps into a small float32 buffer.
 template <typename D, typename E>
 struct Inputs {
   const D* proj = nullptr;
-  const E* x = nullptr;
+  const E* x = nullptr;     // [T, B, I] as E (copied next to m each step)
+  Tensor x_f, w_im_t;       // x as float32 [T * B, I] and Wmx^T [I, H] float32, for the xm GEMMs
   int64_t I = 0;
-  PackedView<E> w_ih{}, w_im{};
-  const D* bias = nullptr;
+  const D* bias = nullptr;  // [4H] or null
 };
 
 struct ForwardState {
@@ -413,32 +414,49 @@ void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const
                   const Tensor& packed_hm, const Tensor& h0, const Tensor& lengths, ForwardState& st,
                   bool save_for_backward, bool keep_cells) {
   const auto& k = kernels<D, E>();
+  const bool fused = in.proj == nullptr;
+  const int64_t I = fused ? in.I : 0;
+  const int64_t ld_m = H + I;  // the gate GEMM's operand: m, then (fused) x_t
   const PackedView<E> w_hm = view_of<E>(packed_hm, H, H, false);
-  const PackedView<E> w_hh = view_of<E>(packed_hh, kGates * H, H, true);
-  // The GEMM operands: h (the running state, rounded to D) and m, in private buffers.
+  const PackedView<E> w_hh = view_of<E>(packed_hh, kGates * H, H + I, true);
+  // The GEMM operands: h (the running state, rounded to D) and [m | x_t], in private buffers.
   Tensor h = h0.to(st.output.scalar_type()).to(c10::CppTypeToScalarType<E>::value, false, /*copy=*/true);
-  Tensor m = at::empty({B, H}, h.options());
+  Tensor mx = at::empty({B, ld_m}, h.options());
   E* h_p = h.data_ptr<E>();
-  E* m_p = m.data_ptr<E>();
+  E* m_p = mx.data_ptr<E>();
   float* c_p = st.c.data_ptr<float>();
   D* out_p = st.output.data_ptr<D>();
   float* cells_p = keep_cells ? st.cell_states.data_ptr<float>() : nullptr;
   D* act_p = save_for_backward ? st.act.data_ptr<D>() : nullptr;
   const int64_t* len_p = ptr_or_null<int64_t>(lengths);
-  const bool fused = in.proj == nullptr;
   // Inference skips the rows past the last running one (featurize sorts texts longest first).
   // Training computes every row: the saved gates of padded rows are part of the contract.
   const std::vector<int64_t> rows = save_for_backward ? std::vector<int64_t>(T, B) : rows_to_compute(lengths, T, B);
   std::vector<float> tiles = tile_buffers();
+  // xm for a chunk of steps at a time (fused inputs): [Tc * B, H] float32.
+  const int64_t Tc = fused ? std::max<int64_t>(1, std::min<int64_t>(T, 512 / B)) : 0;
+  Tensor xm_chunk = fused ? at::empty({Tc * B, H}, st.c.options()) : Tensor();
 
   for (int64_t t = 0; t < T; ++t) {
     const int64_t M = rows[t];
     const D* proj_t = fused ? nullptr : in.proj + t * B * 5 * H;
     const D* proj_next = !fused && t + 1 < T ? proj_t + B * 5 * H : nullptr;
-    const E* x_t = fused ? in.x + t * B * in.I : nullptr;
     D* out_t = out_p + t * B * H;
     float* cell_t = cells_p != nullptr ? cells_p + t * B * H : nullptr;
     D* act_t = act_p != nullptr ? act_p + t * B * 6 * H : nullptr;
+    const float* xm_t = nullptr;
+    if (fused) {
+      if (t % Tc == 0) {
+        const int64_t steps = std::min(Tc, T - t);
+        Tensor out = xm_chunk.narrow(0, 0, steps * B);
+        at::mm_out(out, in.x_f.narrow(0, t * B, steps * B), in.w_im_t);
+      }
+      xm_t = xm_chunk.data_ptr<float>() + (t % Tc) * B * H;
+      const E* x_t = in.x + t * B * I;
+      for (int64_t b = 0; b < M; ++b) {
+        std::memcpy(m_p + b * ld_m + H, x_t + b * I, I * sizeof(E));
+      }
+    }
     if (M < B) {
       k.carry_state(B - M, H, h_p + M * H, H, c_p + M * H, H, out_t + M * H, H,
                     cell_t != nullptr ? cell_t + M * H : nullptr, H);
@@ -449,35 +467,28 @@ void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const
     for_each_tile<E>(w_hm.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
       const int64_t n0 = j * w_hm.p.units;
       const int64_t width = block_width(w_hm.p, j);
-      float* xm_tile = tile + kTileElems;
       tile_gemm(n_rows, h_p + row0 * H, H, w_hm, j, tile, false);
-      if (fused) {
-        tile_gemm(n_rows, x_t + row0 * in.I, in.I, in.w_im, j, xm_tile, false);
-      } else {
+      if (!fused) {
         // The gate columns of these units, which the second pass reads.
         for (int64_t g = 0; g < kGates; ++g) {
           prefetch_block(proj_t + row0 * 5 * H + g * H + n0, n_rows, width, 5 * H);
         }
       }
       k.forward_m(n_rows, width, H, tile, kColumnBlock, fused ? nullptr : proj_t + row0 * 5 * H + n0, 5 * H,
-                  xm_tile, kColumnBlock, m_p + row0 * H + n0, H,
+                  fused ? xm_t + row0 * H + n0 : nullptr, H, m_p + row0 * ld_m + n0, ld_m,
                   act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H);
     });
     for_each_tile<E>(w_hh.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
       const int64_t n0 = j * w_hh.p.units;
       const int64_t units = block_units(w_hh.p, j);
-      if (fused) {
-        tile_gemm(n_rows, x_t + row0 * in.I, in.I, in.w_ih, j, tile, false);
-        k.input_gates(n_rows, units, H, tile, kColumnBlock, in.bias != nullptr ? in.bias + n0 : nullptr);
-        tile_gemm(n_rows, m_p + row0 * H, H, w_hh, j, tile, true);
-      } else {
-        tile_gemm(n_rows, m_p + row0 * H, H, w_hh, j, tile, false);
-        if (proj_next != nullptr) {  // the xm columns of these units, which the next step's first pass reads
-          prefetch_block(proj_next + row0 * 5 * H + 4 * H + n0, n_rows, units, 5 * H);
-        }
+      tile_gemm(n_rows, m_p + row0 * ld_m, ld_m, w_hh, j, tile, false);
+      if (proj_next != nullptr) {  // the xm columns of these units, which the next step's first pass reads
+        prefetch_block(proj_next + row0 * 5 * H + 4 * H + n0, n_rows, units, 5 * H);
       }
-      k.forward_cell(n_rows, units, H, tile, kColumnBlock, fused ? nullptr : proj_t + row0 * 5 * H + n0, 5 * H,
-                     h_p + row0 * H + n0, H, c_p + row0 * H + n0, H, out_t + row0 * H + n0, H,
+      // Fused inputs: the gate GEMM already holds x Wx^T, the bias is added to every row (row stride 0).
+      const D* pre = fused ? (in.bias != nullptr ? in.bias + n0 : nullptr) : proj_t + row0 * 5 * H + n0;
+      k.forward_cell(n_rows, units, H, tile, kColumnBlock, pre, fused ? 0 : 5 * H, h_p + row0 * H + n0, H,
+                     c_p + row0 * H + n0, H, out_t + row0 * H + n0, H,
                      cell_t != nullptr ? cell_t + row0 * H + n0 : nullptr, H,
                      act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H,
                      len_p != nullptr ? len_p + row0 : nullptr, t);
@@ -543,23 +554,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Ten
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
-    const Tensor& x, const Tensor& packed_ih, const Tensor& packed_im, const std::optional<Tensor>& bias,
-    const Tensor& packed_hh, const Tensor& packed_hm, const Tensor& h0, const Tensor& c0,
-    const std::optional<Tensor>& lengths, bool save_for_backward, bool return_cell_states, bool poison_buffers) {
+    const Tensor& x, const Tensor& weight_im, const std::optional<Tensor>& bias, const Tensor& packed_hh_ih,
+    const Tensor& packed_hm, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
+    bool save_for_backward, bool return_cell_states, bool poison_buffers) {
   check_activations(x, "x", 3, "[T, B, I]");
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
   TORCH_CHECK(I > 0, kWho, "x must have at least one feature, got shape ", x.sizes());
-  TORCH_CHECK(packed_hm.defined() && packed_hm.dim() >= 2, kWho, "packed_hm is missing or malformed");
   const at::ScalarType dtype = x.scalar_type();
-  const at::ScalarType e = operand_dtype(packed_hh, dtype);
-  // H from packed_hm's blocks is ambiguous at the tail; read it from h0 and check everything else.
-  TORCH_CHECK(h0.defined() && h0.dim() == 2, kWho, "h0 must be a [B, H] tensor");
-  const int64_t H = h0.size(1);
+  TORCH_CHECK(weight_im.defined() && weight_im.dim() == 2, kWho, "weight_im must be a [H, I] tensor");
+  const int64_t H = weight_im.size(0);
   TORCH_CHECK(H > 0, kWho, "hidden_size must be positive");
-  check_packed(packed_hh, "packed_hh", e, kGates * H, H, true);
+  check_input(weight_im, "weight_im", dtype, {H, I});
+  const at::ScalarType e = operand_dtype(packed_hh_ih, dtype);
+  check_packed(packed_hh_ih, "packed_hh_ih", e, kGates * H, H + I, true);
   check_packed(packed_hm, "packed_hm", e, H, H, false);
-  check_packed(packed_ih, "packed_ih", e, kGates * H, I, true);
-  check_packed(packed_im, "packed_im", e, H, I, false);
   check_optional(bias, "bias", dtype, {kGates * H});
   check_state(h0, c0, lengths, B, H);
   ForwardState st = new_forward_state(T, B, H, x.options(), c0, save_for_backward, return_cell_states,
@@ -572,11 +580,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
     const Tensor x_e = as_operand<E>(x);
     Inputs<D, E> in;
     in.x = x_e.data_ptr<E>();
+    in.x_f = x.to(at::kFloat).reshape({T * B, I});
+    in.w_im_t = weight_im.to(at::kFloat).t().contiguous();
     in.I = I;
-    in.w_ih = view_of<E>(packed_ih, kGates * H, I, true);
-    in.w_im = view_of<E>(packed_im, H, I, false);
     in.bias = ptr_or_null<D>(b);
-    forward_loop<D, E>(T, B, H, in, packed_hh, packed_hm, h0, len, st, save_for_backward,
+    forward_loop<D, E>(T, B, H, in, packed_hh_ih, packed_hm, h0, len, st, save_for_backward,
                        save_for_backward || return_cell_states);
   });
   return {st.output, st.c, st.cell_states, st.act};
@@ -921,9 +929,9 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
       "bool save_for_backward, bool return_cell_states, bool poison_buffers=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "forward_input(Tensor x, Tensor packed_ih, Tensor packed_im, Tensor? bias, Tensor packed_hh, "
-      "Tensor packed_hm, Tensor h0, Tensor c0, Tensor? lengths, bool save_for_backward, bool return_cell_states, "
-      "bool poison_buffers=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "forward_input(Tensor x, Tensor weight_im, Tensor? bias, Tensor packed_hh_ih, Tensor packed_hm, Tensor h0, "
+      "Tensor c0, Tensor? lengths, bool save_for_backward, bool return_cell_states, bool poison_buffers=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor? grad_output, Tensor? grad_c_n, Tensor? grad_cell_states, Tensor packed_hh_t, "
       "Tensor packed_hm_t, Tensor h0, Tensor c0, Tensor? lengths, Tensor output, Tensor cell_states, Tensor act, "

@@ -44,16 +44,12 @@ template <typename D, typename E>
 struct StepKernels {
   // hm (GEMM tile, f32) -> m = xm * hm rounded to D, written as E for the next GEMM; with act,
   // saves xm and hm (rounded to D). xm comes from proj's last H columns (proj + 4H), or, when proj
-  // is null, from the GEMM tile xm = x Wmx^T (rounded to D first, as if it had been stored in proj).
+  // is null, from float32 xm = x Wmx^T (rounded to D first, as if it had been stored in proj).
   void (*forward_m)(int64_t rows, int64_t width, int64_t H, const float* hm, int64_t ld_hm, const D* proj,
                     int64_t ld_proj, const float* xm, int64_t ld_xm, E* m, int64_t ld_m, D* act, int64_t ld_act);
 
-  // The input part of a z tile computed in the loop (no proj): tile = round_D(x Wx^T + b), the value
-  // proj's gate columns would hold; bias (nullable) is [4H] in gate order, offset to unit n0.
-  void (*input_gates)(int64_t rows, int64_t units, int64_t H, float* tile, int64_t ld_tile, const D* bias);
-
-  // z (GEMM tile, f32, interleaved [i f o u] x units) + the gate columns of proj (when proj is not
-  // null; else the tile already holds them) -> gates, c_t, h_t.
+  // z (GEMM tile, f32, interleaved [i f o u] x units) + the gate columns of proj (nullable; with
+  // ld_proj = 0 the same [4H] bias for every row) -> gates, c_t, h_t.
   // h (E, the next GEMM's operand) and c hold step t-1's state on entry and step t's on exit; rows
   // with t >= lengths[row] keep both. out receives h_t (D), cell c_t, act the gates.
   void (*forward_cell)(int64_t rows, int64_t units, int64_t H, const float* z, int64_t ld_z, const D* proj,

@@ -100,23 +100,6 @@ void forward_m(int64_t rows, int64_t width, int64_t H, const float* hm, int64_t 
   }
 }
 
-template <typename D>
-void input_gates(int64_t rows, int64_t units, int64_t H, float* tile, int64_t ld_tile, const D* bias) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* t_r = tile + r * ld_tile;
-    for (int64_t g = 0; g < kGates; ++g) {
-      for (int64_t k = 0; k < units; k += V) {
-        const int64_t n = std::min(V, units - k);
-        Vec v = load(t_r + g * units + k, n);
-        if (bias != nullptr) {
-          v = v + load(bias + g * H + k, n);
-        }
-        store(t_r + g * units + k, round_to<D>(v), n);
-      }
-    }
-  }
-}
-
 template <typename D, typename E>
 void forward_cell(int64_t rows, int64_t units, int64_t H, const float* z, int64_t ld_z, const D* proj,
                   int64_t ld_proj, E* h, int64_t ld_h, float* c, int64_t ld_c, D* out, int64_t ld_out, float* cell,
@@ -303,9 +286,8 @@ void widen_impl(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* o
 template <typename D, typename E>
 const StepKernels<D, E>& step_kernels() {
   // Constant-initialized (function addresses only): no code runs at load time.
-  static constexpr StepKernels<D, E> table{&forward_m<D, E>,     &input_gates<D>,     &forward_cell<D, E>,
-                                           &carry_state<D, E>,   &backward_cell<D, E>, &backward_m<D, E>,
-                                           &grad_h0};
+  static constexpr StepKernels<D, E> table{&forward_m<D, E>,     &forward_cell<D, E>, &carry_state<D, E>,
+                                           &backward_cell<D, E>, &backward_m<D, E>,   &grad_h0};
   return table;
 }
 

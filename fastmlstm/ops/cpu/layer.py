@@ -4,9 +4,12 @@
 backend is ``"cpu"``. Instead of one [T, B, I] x [I, 5H] GEMM writing a [T, B, 5H] tensor that the
 loop then reads back (on a CPU a large fresh tensor costs page faults, and the loop's strided reads
 of it miss the caches), each step multiplies x_t [B, I] by the packed input weights tile by tile,
-next to the recurrent GEMMs, in float32 (bfloat16 natively where the CPU has it). The values are the
-reference's: the input projections are rounded to the activation dtype as if they had been stored,
-and everything else follows the recurrence contract (:mod:`fastmlstm.ops.common`). The backward
+next to the recurrent GEMMs, in float32 (bfloat16 natively where the CPU has it): the gate GEMM runs
+on [m_t | x_t] against [Wh | Wx] (one tile GEMM with K = H + I), and xm = x Wmx^T, which does not
+depend on the recurrence, is one GEMM per chunk of steps. Everything else follows the recurrence
+contract (:mod:`fastmlstm.ops.common`), with one difference that only makes it more accurate: the
+gate part of the input projections is never stored, so it is not rounded to a 16-bit activation
+dtype before m Wh^T is added (xm is, as it is saved for the backward). The backward
 returns the gradients of x and the input weights too, summed over time in float32 chunk by chunk.
 
 Two ``torch.library`` custom ops with fake implementations and an autograd formula, like
@@ -48,11 +51,10 @@ def layer_forward(
     native = _use_native(x.dtype, weight_hm.shape[0], x.shape[2])
     with _no_autocast(), torch.no_grad():
         return tuple(_ops().forward_input(
-            x.contiguous(), _packed(weight_ih, "hh", native), _packed(weight_im, "hm", native),
-            None if bias is None else bias.contiguous(), _packed(weight_hh, "hh", native),
-            _packed(weight_hm, "hm", native), h0.float().contiguous(), c0.float().contiguous(),
-            None if lengths is None else lengths.contiguous(), bool(save_for_backward), bool(return_cell_states),
-            common.POISON_BUFFERS,
+            x.contiguous(), weight_im.contiguous(), None if bias is None else bias.contiguous(),
+            _packed(weight_hh, "hh", native, weight_ih), _packed(weight_hm, "hm", native), h0.float().contiguous(),
+            c0.float().contiguous(), None if lengths is None else lengths.contiguous(), bool(save_for_backward),
+            bool(return_cell_states), common.POISON_BUFFERS,
         ))
 
 

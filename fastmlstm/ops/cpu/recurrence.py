@@ -61,24 +61,31 @@ def fingerprint(tensor: torch.Tensor) -> int:
     return int(_ops().fingerprint(tensor))
 
 
-# Packed copies of a weight, kept while the weight tensor lives with the same version counter.
-_PACKED: dict[tuple[int, str, bool], tuple[weakref.ref, int, torch.Tensor]] = {}
+# Packed copies of weights, kept while the weight tensors live with the same version counters.
+_PACKED: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], torch.Tensor]] = {}
 
 
-def _packed(weight: torch.Tensor, kind: str, native: bool) -> torch.Tensor:
-    key = (id(weight), kind, native)
+def _packed(weight: torch.Tensor, kind: str, native: bool, input_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The packed layout the loops read: ``"hh"`` z = m Wh^T (gate-interleaved blocks; with
+    ``input_weight`` = Wx, [Wh | Wx] for z = [m | x] [Wh | Wx]^T), ``"hm"`` hm = h Wmh^T, and for the
+    backward ``"hh_t"``, ``"hm_t"`` (the transposed weights: rec = dhm Wmh, dm = dz Wh)."""
+    weights = (weight,) if input_weight is None else (weight, input_weight)
+    key = (*(id(w) for w in weights), kind, native)
     hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+    if hit is not None and all(r() is w for r, w in zip(hit[0], weights)) and hit[1] == tuple(
+            w._version for w in weights):
         return hit[2]
     ops = _ops()
     with torch.no_grad():
-        if kind == "hh":  # forward z = m Wh^T, gate-interleaved blocks
-            value = ops.pack_weight(weight, True, native)
-        elif kind == "hm":  # forward hm = h Wmh^T
+        if kind == "hh":
+            source = weight if input_weight is None else torch.cat([weight, input_weight], dim=1)
+            value = ops.pack_weight(source, True, native)
+        elif kind == "hm":
             value = ops.pack_weight(weight, False, native)
-        else:  # backward: rec = dhm Wmh and dm = dz Wh, i.e. the transposed weights
+        else:
             value = ops.pack_weight(weight.t().contiguous(), False, native)
-    _PACKED[key] = (weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None)), weight._version, value)
+    refs = tuple(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)) for w in weights)
+    _PACKED[key] = (refs, tuple(w._version for w in weights), value)
     return value
 
 
