@@ -81,8 +81,8 @@ PRESETS = {
     # What a 2-core CPU measures in a few minutes: the same modes at CPU-sized shapes.
     "cpu": {
         "device": "cpu", "threads": 1, "T": 64, "I": 64, "dtypes": ("float32", "bfloat16"),
-        "impls": ("fastmlstm-reference", "fastmlstm-triton", "fastmlstm-cuda", "mlstm-eager", "mlstm-compile",
-                  "cudnn-lstm", "cudnn-lstm-matched"),
+        "impls": ("fastmlstm-cpu", "fastmlstm-reference", "fastmlstm-triton", "fastmlstm-cuda", "mlstm-eager",
+                  "mlstm-compile", "cudnn-lstm", "cudnn-lstm-matched"),
         "grid": {
             "fwd": [(256, 16), (512, 16), (1024, 16), (512, 1), (512, 64)],
             "fwd+bwd": [(256, 16), (512, 16), (512, 1), (512, 64)],
@@ -98,8 +98,8 @@ PRESETS = {
     # CI: every mode and every CPU implementation at one tiny shape, in seconds.
     "tiny": {
         "device": "cpu", "threads": 1, "T": 8, "I": 8, "dtypes": ("float32",),
-        "impls": ("fastmlstm-reference", "fastmlstm-triton", "mlstm-eager", "mlstm-compile", "cudnn-lstm",
-                  "cudnn-lstm-matched"),
+        "impls": ("fastmlstm-cpu", "fastmlstm-reference", "fastmlstm-triton", "mlstm-eager", "mlstm-compile",
+                  "cudnn-lstm", "cudnn-lstm-matched"),
         "grid": {m: [(16, 2)] for m in MODES},
         "extra": [],
         "featurize_texts": 6,
@@ -530,7 +530,7 @@ class LSTMImpl(Impl):
 
 
 IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
-    FastImpl("triton"), FastImpl("cuda"), FastImpl("reference"),
+    FastImpl("triton"), FastImpl("cuda"), FastImpl("cpu"), FastImpl("reference"),
     EagerImpl(None), EagerImpl("step"), EagerImpl("unrolled"),
     LSTMImpl(False), LSTMImpl(True),
 )}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from typing import NamedTuple
 
@@ -51,22 +52,29 @@ def weight_norm(direction: Tensor, gain: Tensor) -> Tensor:
     return (v * scale.unsqueeze(1)).to(direction.dtype)
 
 
+# FASTMLSTM_WEIGHT_CACHE: "on" (default), "strict" or "off"; see _EffectiveWeightCache.
+ENV_WEIGHT_CACHE = "FASTMLSTM_WEIGHT_CACHE"
+WEIGHT_CACHE_MODES = ("on", "strict", "off")
+
+
 class _EffectiveWeightCache:
     """One module's effective weights, kept while its parameters are unchanged.
 
     Used where no autograd graph through the weights is needed (inference, featurize, generation,
     step loops, frozen parameters) and the parameters live on the CPU; training recomputes the weight
-    norm on every forward, under autograd. Checked on every use, so it is never stale:
+    norm on every forward, under autograd, so that it is differentiated. Checked on every use:
 
-    - every parameter's identity, version counter (in-place updates: optimizer steps,
-      ``load_state_dict``, ``p.mul_()``), storage pointer (``.data`` assignment, ``.to()``), dtype,
-      device, shape and strides (replaced parameters, ``load_state_dict(assign=True)``);
-    - a fingerprint of every parameter's bytes (writes that bypass the version counter:
-      ``p.data.mul_()``, a NumPy view, a ``vector_to_parameters`` buffer written later);
-    - the version counters of the cached tensors themselves (a caller writing into them).
-
-    The fingerprint costs one read of the parameters, about the time of one time step's weight read,
-    and comes from the CPU extension (``fastmlstm.ops.cpu``); without it nothing is cached.
+    - every parameter's identity, version counter, storage pointer, dtype, device, shape and
+      strides: this sees every change PyTorch tracks, i.e. in-place updates (optimizer steps,
+      ``load_state_dict``, ``p.mul_()`` under ``no_grad``), ``.data`` assignment, ``.to()`` /
+      ``.half()`` / ``swap_tensors``, replaced parameters (``load_state_dict(assign=True)``);
+    - the version counters of the cached tensors themselves (a caller writing into them);
+    - with ``FASTMLSTM_WEIGHT_CACHE=strict`` also a fingerprint of every parameter's bytes, which
+      sees writes that bypass the version counter as well (``p.data.mul_()``, a NumPy view of a
+      parameter, a ``vector_to_parameters`` buffer written later). Autograd itself does not track
+      those writes (its saved-tensor checks use the same counters), so the default does not pay for
+      them: the fingerprint reads every parameter on every call, which doubles the memory traffic of
+      a batch-1 generation step. ``off`` computes the weight norm on every call, as before.
     """
 
     __slots__ = ("key", "fingerprints", "weights", "versions", "casts")
@@ -97,15 +105,24 @@ def _versions(weights: MLSTMWeights) -> tuple:
     return tuple(None if w is None else w._version for w in weights)
 
 
-def _fingerprint_function():
-    """The CPU extension's fingerprint, or None where it cannot be built (nothing is cached then)."""
+def _weight_cache_mode() -> str:
+    mode = os.environ.get(ENV_WEIGHT_CACHE, "on").strip().lower() or "on"
+    if mode not in WEIGHT_CACHE_MODES:
+        raise ValueError(f"the environment variable {ENV_WEIGHT_CACHE} must be one of {WEIGHT_CACHE_MODES}, "
+                         f"got {mode!r}")
+    return mode
+
+
+def _fingerprints(params: list[Tensor]) -> tuple | None:
+    """Fingerprints of the parameters' bytes (the CPU extension's), or None where it cannot be built."""
     from .backends import backend_status
 
     if not backend_status("cpu", "cpu")[0]:
         return None
-    from .ops.cpu.recurrence import fingerprint
+    from .ops.cpu.recurrence import fingerprints
 
-    return fingerprint
+    with torch.no_grad():
+        return fingerprints([p.detach().contiguous() for p in params])
 
 
 class FastMLSTM(nn.Module):
@@ -200,8 +217,9 @@ class FastMLSTM(nn.Module):
 
         Where no autograd graph through the weights is needed (no grad mode, or parameters that do
         not require grad) and the parameters are on the CPU, the result is cached and reused while
-        the parameters are unchanged, and recomputed as soon as any of them changes (see
-        ``_EffectiveWeightCache``); the returned tensors must not be modified in place (if they are,
+        the parameters are unchanged, and recomputed as soon as any of them changes (every change
+        PyTorch tracks; ``FASTMLSTM_WEIGHT_CACHE=strict`` also catches writes through ``.data``, see
+        ``_EffectiveWeightCache``). The returned tensors must not be modified in place (if they are,
         the next call recomputes them). Under autograd the weight norm is computed afresh, so that
         it is differentiated.
         """
@@ -217,28 +235,29 @@ class FastMLSTM(nn.Module):
         """The valid cache entry (refreshed if a parameter changed), or None where caching does not apply."""
         if not self.weight_norm:
             return None  # the parameters are the effective weights: nothing to compute
-        params = list(self._parameters.values())
-        if torch.compiler.is_compiling() or (
-                torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)):
+        params = [p for p in self._parameters.values() if p is not None]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return None
-        if any(p is not None and p.device.type != "cpu" for p in params):
+        if any(p.device.type != "cpu" for p in params):
             return None
-        fingerprint = _fingerprint_function()
-        if fingerprint is None:
+        mode = _weight_cache_mode()
+        if mode == "off":
             return None
         try:
-            key = tuple(None if p is None else (id(p), p._version, p.data_ptr(), p.dtype, p.device,
-                                                tuple(p.shape), p.stride()) for p in params)
+            key = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device, p.shape, p.stride()) for p in params)
         except RuntimeError:  # tensors without storage (functorch wrappers, fake tensors)
             return None
-        with torch.no_grad():
-            fingerprints = tuple(None if p is None else fingerprint(p.detach().contiguous()) for p in params)
+        prints = None
+        if mode == "strict":
+            prints = _fingerprints(params)
+            if prints is None:
+                return None
         entry = _WEIGHT_CACHES.get(self)
-        if entry is not None and entry.key == key and entry.fingerprints == fingerprints and entry.intact():
+        if entry is not None and entry.key == key and entry.fingerprints == prints and entry.intact():
             return entry
         with torch.no_grad(), torch.inference_mode(False):
             weights = self._compute_effective_weights()
-        entry = _WEIGHT_CACHES[self] = _EffectiveWeightCache(key, fingerprints, weights)
+        entry = _WEIGHT_CACHES[self] = _EffectiveWeightCache(key, prints, weights)
         return entry
 
     def extra_repr(self) -> str:

@@ -112,6 +112,16 @@ Widen<D> widen_kernel() {
   return isa_default::widen<D>();
 }
 
+template <typename W>
+SmallGemm<W> small_gemm_kernel() {
+#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    return isa_avx2::small_gemm<W>();
+  }
+#endif
+  return isa_default::small_gemm<W>();
+}
+
 Fingerprint fingerprint_kernel() {
 #ifdef FASTMLSTM_HAVE_AVX2_KERNELS
   if (use_avx2()) {
@@ -168,29 +178,29 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ------------------------------------------------------------------------------------------------
 // Packed weights. A weight W [N, K] (torch's [out, in] layout, used as x W^T) becomes column blocks
-// of kColumnBlock (32) output columns each, zero-padded:
-//   float32  [blocks, K, 32]        block j, row k, column c = W[row(j, c), k]
-//   VNNI     [blocks, K/2, 32, 2]   the same, with pairs of consecutive k interleaved (bfloat16)
+// of kColumnBlock (32) output columns each, zero-padded, in one of three layouts:
+//   kFloat32  float32 [blocks, K, 32]         block j, row k, column c = W[row(j, c), k]; oneDNN's
+//                                             float32 micro-kernels (any input dtype, widened exactly)
+//   kVnni     bfloat16 [blocks, K/2, 32, 2]   the same with pairs of consecutive k interleaved, for
+//                                             the CPU's native bfloat16 micro-kernels
+//   kNarrow   16-bit [blocks, K, 32]          the float32 layout in the weight's own 16-bit dtype, for
+//                                             small batches (small_gemm): half the bytes to read
 // row(j, c) is j * 32 + c for a plain weight. For the gate weight Wh [4H, H] ("gates") a block
 // holds q = 8 hidden units and its columns are [i(q) f(q) o(q) u(q)]: row(j, c) = g * H + j * q + c'
 // with g = c / q_j, c' = c % q_j (the last block has q_j = H - j * q units).
 
+enum Layout : int64_t { kFloat32 = 0, kVnni = 1, kNarrow = 2 };
+
 struct Packing {
   int64_t N, K, blocks, units;  // units: output columns (plain) or hidden units (gates) per block
-  bool gates, vnni;
+  bool gates;
+  Layout layout;
 };
 
-Packing packing_of(int64_t N, int64_t K, bool gates, bool vnni) {
+Packing packing_of(int64_t N, int64_t K, bool gates, Layout layout) {
   const int64_t units = gates ? kColumnBlock / kGates : kColumnBlock;
   const int64_t outputs = gates ? N / kGates : N;
-  return {N, K, ceil_div(outputs, units), units, gates, vnni};
-}
-
-// Output columns of block j and the weight row each one reads.
-int64_t block_width(const Packing& p, int64_t j) {
-  const int64_t outputs = p.gates ? p.N / kGates : p.N;
-  const int64_t units = std::min(p.units, outputs - j * p.units);
-  return p.gates ? kGates * units : units;
+  return {N, K, ceil_div(outputs, units), units, gates, layout};
 }
 
 int64_t block_units(const Packing& p, int64_t j) {
@@ -198,6 +208,12 @@ int64_t block_units(const Packing& p, int64_t j) {
   return std::min(p.units, outputs - j * p.units);
 }
 
+// Output columns of block j.
+int64_t block_width(const Packing& p, int64_t j) {
+  return p.gates ? kGates * block_units(p, j) : block_units(p, j);
+}
+
+// The weight row that column c of block j reads.
 int64_t source_row(const Packing& p, int64_t j, int64_t c) {
   if (!p.gates) {
     return j * p.units + c;
@@ -217,7 +233,7 @@ void pack_blocks(const In* weight, Out* out, const Packing& p) {
       const int64_t width = block_width(p, j);
       for (int64_t c = 0; c < width; ++c) {
         const In* row = weight + source_row(p, j, c) * p.K;
-        if (p.vnni) {
+        if (p.layout == kVnni) {
           for (int64_t k = 0; k < p.K; ++k) {
             block[(k / 2) * kColumnBlock * 2 + c * 2 + (k % 2)] = static_cast<Out>(row[k]);
           }
@@ -231,74 +247,109 @@ void pack_blocks(const In* weight, Out* out, const Packing& p) {
   });
 }
 
-// weight [N, K] (float32, float16 or bfloat16) -> packed. native: VNNI bfloat16 blocks for the CPU's
-// bfloat16 GEMM (bfloat16 weights only); otherwise float32 blocks (exact for every input dtype).
-Tensor pack_weight(const Tensor& weight, bool gates, bool native) {
+std::vector<int64_t> packed_shape(const Packing& p) {
+  if (p.layout == kVnni) {
+    return {p.blocks, p.K / 2, kColumnBlock, 2};
+  }
+  return {p.blocks, p.K, kColumnBlock};
+}
+
+// weight [N, K] (float32, float16 or bfloat16) -> packed in `layout` (a Layout value).
+Tensor pack_weight(const Tensor& weight, bool gates, int64_t layout) {
   TORCH_CHECK(weight.defined() && weight.device().is_cpu(), kWho, "pack_weight expects a CPU tensor");
   TORCH_CHECK(weight.dim() == 2, kWho, "pack_weight expects a 2-D weight [N, K], got shape ", weight.sizes());
   TORCH_CHECK(is_activation_dtype(weight.scalar_type()), kWho,
               "pack_weight expects float32, float16 or bfloat16, got ", weight.scalar_type());
+  TORCH_CHECK(layout == kFloat32 || layout == kVnni || layout == kNarrow, kWho, "unknown packing layout ", layout);
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(N > 0 && K > 0, kWho, "pack_weight expects a non-empty weight, got shape ", weight.sizes());
   TORCH_CHECK(!gates || N % kGates == 0, kWho, "a gate weight must have 4 * hidden_size rows, got ", N);
-  TORCH_CHECK(!native || (weight.scalar_type() == at::kBFloat16 && K % 2 == 0), kWho,
-              "native packing takes a bfloat16 weight with an even number of columns, got ", weight.scalar_type(),
+  TORCH_CHECK(layout != kVnni || (weight.scalar_type() == at::kBFloat16 && K % 2 == 0), kWho,
+              "the VNNI layout takes a bfloat16 weight with an even number of columns, got ", weight.scalar_type(),
               " with ", K);
+  TORCH_CHECK(layout != kNarrow || weight.scalar_type() != at::kFloat, kWho,
+              "the narrow layout keeps a 16-bit weight's dtype; got a float32 weight");
   const Tensor w = weight.contiguous();
-  const Packing p = packing_of(N, K, gates, native);
-  if (native) {
-    Tensor out = at::empty({p.blocks, K / 2, kColumnBlock, 2}, weight.options());
-    pack_blocks(w.data_ptr<BFloat16>(), out.data_ptr<BFloat16>(), p);
-    return out;
-  }
-  Tensor out = at::empty({p.blocks, K, kColumnBlock}, weight.options().dtype(at::kFloat));
+  const Packing p = packing_of(N, K, gates, static_cast<Layout>(layout));
+  const auto out_dtype = layout == kFloat32 ? at::kFloat : weight.scalar_type();
+  Tensor out = at::empty(packed_shape(p), weight.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fastmlstm_cpu_pack", [&] {
-    pack_blocks(w.data_ptr<scalar_t>(), out.data_ptr<float>(), p);
+    if (layout == kFloat32) {
+      pack_blocks(w.data_ptr<scalar_t>(), out.data_ptr<float>(), p);
+    } else {
+      pack_blocks(w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p);
+    }
   });
   return out;
 }
 
-// The layout a packed tensor must have to serve as the weight [N, K] of a GEMM with operand dtype E.
-void check_packed(const Tensor& packed, const char* name, at::ScalarType operand_dtype, int64_t N, int64_t K,
-                  bool gates) {
+// The layout of a packed tensor, from its dtype and rank, for activations of `dtype`.
+Layout layout_of(const Tensor& packed, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(packed.defined() && packed.device().is_cpu(), kWho, name, " must be a CPU tensor");
   TORCH_CHECK(packed.is_contiguous(), kWho, name, " must be contiguous");
-  TORCH_CHECK(packed.scalar_type() == operand_dtype, kWho, name, " must have dtype ", operand_dtype, ", got ",
-              packed.scalar_type(), " (pack it with pack_weight for this activation dtype)");
-  const Packing p = packing_of(N, K, gates, operand_dtype != at::kFloat);
-  if (p.vnni) {
-    TORCH_CHECK(packed.sizes() == at::IntArrayRef({p.blocks, K / 2, kColumnBlock, 2}), kWho, name,
-                " must have the packed shape ", at::IntArrayRef({p.blocks, K / 2, kColumnBlock, 2}), " of a [", N,
-                ", ", K, "] weight, got ", packed.sizes());
-  } else {
-    TORCH_CHECK(packed.sizes() == at::IntArrayRef({p.blocks, K, kColumnBlock}), kWho, name,
-                " must have the packed shape ", at::IntArrayRef({p.blocks, K, kColumnBlock}), " of a [", N, ", ", K,
-                "] weight, got ", packed.sizes());
+  const at::ScalarType w = packed.scalar_type();
+  if (w == at::kFloat && packed.dim() == 3) {
+    return kFloat32;
   }
+  TORCH_CHECK(w == dtype, kWho, name, " must be float32, or ", dtype, " for ", dtype, " activations; got ", w,
+              " (pack it with pack_weight for this activation dtype)");
+  TORCH_CHECK(packed.dim() == 3 || (packed.dim() == 4 && w == at::kBFloat16), kWho, name,
+              " is not a packed weight (shape ", packed.sizes(), ")");
+  return packed.dim() == 4 ? kVnni : kNarrow;
 }
+
+// The layout a packed tensor must have to serve as the weight [N, K] of the loops.
+void check_packed(const Tensor& packed, const char* name, Layout layout, at::ScalarType dtype, int64_t N, int64_t K,
+                  bool gates) {
+  TORCH_CHECK(layout_of(packed, name, dtype) == layout, kWho, name,
+              " must be packed in the same layout as the other weights of the call");
+  const Packing p = packing_of(N, K, gates, layout);
+  const std::vector<int64_t> shape = packed_shape(p);
+  TORCH_CHECK(packed.sizes() == at::IntArrayRef(shape), kWho, name, " must have the packed shape ",
+              at::IntArrayRef(shape), " of a [", N, ", ", K, "] weight, got ", packed.sizes());
+}
+
+// The dtype of the GEMMs' activation operand for a layout: bfloat16 for the native VNNI layout,
+// float32 otherwise.
+at::ScalarType operand_dtype(Layout layout) { return layout == kVnni ? at::kBFloat16 : at::kFloat; }
 
 // ------------------------------------------------------------------------------------------------
 // Tile GEMMs: C [M, width(j)] (float32, row stride kColumnBlock) (+)= A [M, K] (row stride lda) x block j.
 
 template <typename E>
 struct PackedView {
-  const E* data = nullptr;
+  const void* data = nullptr;
   Packing p{};
-  const E* block(int64_t j) const { return data + j * p.K * kColumnBlock; }
+  at::ScalarType weight_dtype = at::kFloat;
+  template <typename W>
+  const W* block(int64_t j) const {
+    return static_cast<const W*>(data) + j * p.K * kColumnBlock;
+  }
 };
 
 template <typename E>
-PackedView<E> view_of(const Tensor& packed, int64_t N, int64_t K, bool gates) {
-  return {packed.data_ptr<E>(), packing_of(N, K, gates, !std::is_same_v<E, float>)};
+PackedView<E> view_of(const Tensor& packed, int64_t N, int64_t K, bool gates, Layout layout) {
+  return {packed.data_ptr(), packing_of(N, K, gates, layout), packed.scalar_type()};
 }
 
 template <typename E>
 void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64_t j, float* C, bool add_C) {
   const int64_t N = block_width(w.p, j);
   if constexpr (std::is_same_v<E, float>) {
-    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A, w.block(j), C, false);
+    if (w.p.layout == kNarrow) {
+      TORCH_INTERNAL_ASSERT(!add_C);
+      if (w.weight_dtype == at::kBFloat16) {
+        small_gemm_kernel<BFloat16>()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), C);
+      } else {
+        small_gemm_kernel<Half>()(M, N, w.p.K, A, lda, w.template block<Half>(j), C);
+      }
+      return;
+    }
+    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A, w.template block<float>(j),
+                                C, false);
   } else {
-    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A, w.block(j), C, true);
+    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A,
+                                w.template block<BFloat16>(j), C, true);
   }
 }
 
@@ -345,15 +396,6 @@ inline void prefetch_block(const T* p, int64_t rows, int64_t cols, int64_t ld) {
 
 Tensor defined_or_undefined(const std::optional<Tensor>& tensor) {
   return tensor.has_value() && tensor->defined() ? *tensor : Tensor();
-}
-
-// The operand dtype of a packed weight: float32, or the activation dtype itself (native bfloat16).
-at::ScalarType operand_dtype(const Tensor& packed, at::ScalarType dtype) {
-  TORCH_CHECK(packed.defined(), kWho, "a packed weight is missing");
-  const at::ScalarType e = packed.scalar_type();
-  TORCH_CHECK(e == at::kFloat || (e == at::kBFloat16 && dtype == at::kBFloat16), kWho,
-              "packed weights must be float32, or bfloat16 for bfloat16 activations; got ", e, " for ", dtype);
-  return e;
 }
 
 void check_activations(const Tensor& tensor, const char* name, int64_t dims, const char* layout) {
@@ -411,14 +453,14 @@ struct ForwardState {
 
 template <typename D, typename E>
 void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const Tensor& packed_hh,
-                  const Tensor& packed_hm, const Tensor& h0, const Tensor& lengths, ForwardState& st,
+                  const Tensor& packed_hm, Layout layout, const Tensor& h0, const Tensor& lengths, ForwardState& st,
                   bool save_for_backward, bool keep_cells) {
   const auto& k = kernels<D, E>();
   const bool fused = in.proj == nullptr;
   const int64_t I = fused ? in.I : 0;
   const int64_t ld_m = H + I;  // the gate GEMM's operand: m, then (fused) x_t
-  const PackedView<E> w_hm = view_of<E>(packed_hm, H, H, false);
-  const PackedView<E> w_hh = view_of<E>(packed_hh, kGates * H, H + I, true);
+  const PackedView<E> w_hm = view_of<E>(packed_hm, H, H, false, layout);
+  const PackedView<E> w_hh = view_of<E>(packed_hh, kGates * H, H + I, true, layout);
   // The GEMM operands: h (the running state, rounded to D) and [m | x_t], in private buffers.
   Tensor h = h0.to(st.output.scalar_type()).to(c10::CppTypeToScalarType<E>::value, false, /*copy=*/true);
   Tensor mx = at::empty({B, ld_m}, h.options());
@@ -535,9 +577,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Ten
               "proj's last dimension must be 5 * hidden_size, got ", proj.size(2));
   const int64_t T = proj.size(0), B = proj.size(1), H = proj.size(2) / 5;
   const at::ScalarType dtype = proj.scalar_type();
-  const at::ScalarType e = operand_dtype(packed_hh, dtype);
-  check_packed(packed_hh, "packed_hh", e, kGates * H, H, true);
-  check_packed(packed_hm, "packed_hm", e, H, H, false);
+  const Layout layout = layout_of(packed_hh, "packed_hh", dtype);
+  const at::ScalarType e = operand_dtype(layout);
+  check_packed(packed_hh, "packed_hh", layout, dtype, kGates * H, H, true);
+  check_packed(packed_hm, "packed_hm", layout, dtype, H, H, false);
   check_state(h0, c0, lengths, B, H);
   ForwardState st = new_forward_state(T, B, H, proj.options(), c0, save_for_backward, return_cell_states,
                                       poison_buffers);
@@ -547,27 +590,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Ten
     using E = decltype(e_);
     Inputs<D, E> in;
     in.proj = proj.data_ptr<D>();
-    forward_loop<D, E>(T, B, H, in, packed_hh, packed_hm, h0, len, st, save_for_backward,
+    forward_loop<D, E>(T, B, H, in, packed_hh, packed_hm, layout, h0, len, st, save_for_backward,
                        save_for_backward || return_cell_states);
   });
   return {st.output, st.c, st.cell_states, st.act};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
-    const Tensor& x, const Tensor& weight_im, const std::optional<Tensor>& bias, const Tensor& packed_hh_ih,
+    const Tensor& x, const Tensor& weight_im_t, const std::optional<Tensor>& bias, const Tensor& packed_hh_ih,
     const Tensor& packed_hm, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
     bool save_for_backward, bool return_cell_states, bool poison_buffers) {
   check_activations(x, "x", 3, "[T, B, I]");
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
   TORCH_CHECK(I > 0, kWho, "x must have at least one feature, got shape ", x.sizes());
   const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK(weight_im.defined() && weight_im.dim() == 2, kWho, "weight_im must be a [H, I] tensor");
-  const int64_t H = weight_im.size(0);
+  TORCH_CHECK(weight_im_t.defined() && weight_im_t.dim() == 2, kWho, "weight_im_t must be a [I, H] tensor");
+  const int64_t H = weight_im_t.size(1);
   TORCH_CHECK(H > 0, kWho, "hidden_size must be positive");
-  check_input(weight_im, "weight_im", dtype, {H, I});
-  const at::ScalarType e = operand_dtype(packed_hh_ih, dtype);
-  check_packed(packed_hh_ih, "packed_hh_ih", e, kGates * H, H + I, true);
-  check_packed(packed_hm, "packed_hm", e, H, H, false);
+  check_input(weight_im_t, "weight_im_t (W_im^T, float32)", at::kFloat, {I, H});
+  const Layout layout = layout_of(packed_hh_ih, "packed_hh_ih", dtype);
+  const at::ScalarType e = operand_dtype(layout);
+  check_packed(packed_hh_ih, "packed_hh_ih", layout, dtype, kGates * H, H + I, true);
+  check_packed(packed_hm, "packed_hm", layout, dtype, H, H, false);
   check_optional(bias, "bias", dtype, {kGates * H});
   check_state(h0, c0, lengths, B, H);
   ForwardState st = new_forward_state(T, B, H, x.options(), c0, save_for_backward, return_cell_states,
@@ -581,10 +625,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
     Inputs<D, E> in;
     in.x = x_e.data_ptr<E>();
     in.x_f = x.to(at::kFloat).reshape({T * B, I});
-    in.w_im_t = weight_im.to(at::kFloat).t().contiguous();
+    in.w_im_t = weight_im_t;
     in.I = I;
     in.bias = ptr_or_null<D>(b);
-    forward_loop<D, E>(T, B, H, in, packed_hh_ih, packed_hm, h0, len, st, save_for_backward,
+    forward_loop<D, E>(T, B, H, in, packed_hh_ih, packed_hm, layout, h0, len, st, save_for_backward,
                        save_for_backward || return_cell_states);
   });
   return {st.output, st.c, st.cell_states, st.act};
@@ -605,6 +649,7 @@ struct BackwardArgs {
   Tensor dc;            // [B, H] float: the gradient of c_T on entry (grad_c_n or zeros), of c0 on exit
   Tensor grad_proj;     // [T, B, 5H] D, filled when given (the proj contract); else only chunks exist
   Tensor x, weight_in;  // the input projection's x [T, B, I] and [5H, I] weight, when computed in the loop
+  Layout layout = kFloat32;
   bool poison = false;
 };
 
@@ -642,8 +687,8 @@ BackwardResult backward_loop(const BackwardArgs& a) {
   const bool fused = a.x.defined();
   const bool whole = a.grad_proj.defined();
   // Wmh^T [H, H] and Wh^T [H, 4H], both plain: rec = dhm Wmh, dm = dz Wh.
-  const PackedView<E> w_rec = view_of<E>(a.packed_hm_t, H, H, false);
-  const PackedView<E> w_dm = view_of<E>(a.packed_hh_t, H, kGates * H, false);
+  const PackedView<E> w_rec = view_of<E>(a.packed_hm_t, H, H, false, a.layout);
+  const PackedView<E> w_dm = view_of<E>(a.packed_hh_t, H, kGates * H, false, a.layout);
   const auto e_options = options.dtype(c10::CppTypeToScalarType<E>::value);
   Tensor dz_op = at::empty({B, kGates * H}, e_options);
   Tensor dhm_op = at::empty({B, H}, e_options);
@@ -764,7 +809,7 @@ BackwardResult backward_loop(const BackwardArgs& a) {
 
 struct BackwardInputs {
   Tensor grad_output, grad_c_n, grad_cells, h0, c0, lengths;
-  at::ScalarType e;
+  Layout layout;
 };
 
 // The checks both backward operators share; returns the optional inputs as (possibly undefined) tensors.
@@ -783,15 +828,16 @@ BackwardInputs check_backward(const std::optional<Tensor>& grad_output, const st
               act.sizes(), " and ", cell_states.sizes());
   check_input(act, "act", dtype, {T, B, 6 * H});
   check_input(cell_states, "cell_states", at::kFloat, {T, B, H});
-  const at::ScalarType e = operand_dtype(packed_hh_t, dtype);
-  check_packed(packed_hh_t, "packed_hh_t", e, H, kGates * H, false);
-  check_packed(packed_hm_t, "packed_hm_t", e, H, H, false);
+  const Layout layout = layout_of(packed_hh_t, "packed_hh_t", dtype);
+  TORCH_CHECK(layout != kNarrow, kWho, "the backward takes float32 or VNNI-packed weights");
+  check_packed(packed_hh_t, "packed_hh_t", layout, dtype, H, kGates * H, false);
+  check_packed(packed_hm_t, "packed_hm_t", layout, dtype, H, H, false);
   check_state(h0, c0, lengths, B, H);
   check_optional(grad_output, "grad_output", dtype, {T, B, H});
   check_optional(grad_c_n, "grad_c_n", at::kFloat, {B, H});
   check_optional(grad_cell_states, "grad_cell_states", at::kFloat, {T, B, H});
   return {defined_or_undefined(grad_output), defined_or_undefined(grad_c_n), defined_or_undefined(grad_cell_states),
-          h0, c0, defined_or_undefined(lengths), e};
+          h0, c0, defined_or_undefined(lengths), layout};
 }
 
 BackwardArgs backward_args(const BackwardInputs& in, const Tensor& packed_hh_t, const Tensor& packed_hm_t,
@@ -808,13 +854,15 @@ BackwardArgs backward_args(const BackwardInputs& in, const Tensor& packed_hh_t, 
   a.cell_states = cell_states;
   a.act = act;
   a.dc = in.grad_c_n.defined() ? in.grad_c_n.clone() : at::zeros_like(in.c0);
+  a.layout = in.layout;
   a.poison = poison;
   return a;
 }
 
-BackwardResult run_backward(const BackwardArgs& a, at::ScalarType dtype, at::ScalarType e) {
+BackwardResult run_backward(const BackwardArgs& a, at::ScalarType dtype) {
   BackwardResult r;
-  dispatch_dtypes(dtype, e, [&](auto d, auto e_) { r = backward_loop<decltype(d), decltype(e_)>(a); });
+  dispatch_dtypes(dtype, operand_dtype(a.layout),
+                  [&](auto d, auto e_) { r = backward_loop<decltype(d), decltype(e_)>(a); });
   return r;
 }
 
@@ -829,7 +877,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
   a.grad_proj = new_buffer({T, B, 5 * H}, output.options(), poison_buffers);
   const at::ScalarType dtype = output.scalar_type();
-  const BackwardResult r = run_backward(a, dtype, in.e);
+  const BackwardResult r = run_backward(a, dtype);
   return {a.grad_proj, r.grad_weight_hh.to(dtype), r.grad_weight_hm.to(dtype), r.grad_h0, a.dc};
 }
 
@@ -851,7 +899,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   BackwardArgs a = backward_args(in, packed_hh_t, packed_hm_t, output, cell_states, act, poison_buffers);
   a.x = x;
   a.weight_in = at::cat({weight_ih, weight_im}, 0);
-  const BackwardResult r = run_backward(a, dtype, in.e);
+  const BackwardResult r = run_backward(a, dtype);
   // Two separate tensors (outputs of an operator may not alias each other).
   return {r.grad_x,
           r.grad_weight_in.narrow(0, 0, kGates * H).to(dtype, false, /*copy=*/true),
@@ -889,6 +937,15 @@ int64_t fingerprint(const Tensor& tensor) {
   return out;
 }
 
+std::vector<int64_t> fingerprints(const std::vector<Tensor>& tensors) {
+  std::vector<int64_t> out;
+  out.reserve(tensors.size());
+  for (const Tensor& t : tensors) {
+    out.push_back(fingerprint(t));
+  }
+  return out;
+}
+
 std::string kernel_isa() { return use_avx2() ? "avx2" : "default"; }
 
 // Whether the bfloat16 GEMM on VNNI-packed weights runs here and gives the float32 products of the
@@ -898,8 +955,8 @@ bool native_bf16_gemm_works() {
     const int64_t M = 5, N = 2 * kColumnBlock + 24, K = 96;
     const Tensor a = at::randn({M, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
     const Tensor w = at::randn({N, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
-    const Tensor packed = pack_weight(w, false, true);
-    const PackedView<BFloat16> view{packed.data_ptr<BFloat16>(), packing_of(N, K, false, true)};
+    const Tensor packed = pack_weight(w, false, kVnni);
+    const PackedView<BFloat16> view = view_of<BFloat16>(packed, N, K, false, kVnni);
     Tensor out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
     std::vector<float> tiles = tile_buffers();
     for_each_tile<BFloat16>(view.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t rows, float* tile) {
@@ -923,13 +980,13 @@ bool native_bf16_gemm_works() {
 // The namespace is fixed: the build on first use and the ahead-of-time build register the same
 // operators, and only one of them is ever loaded into a process.
 TORCH_LIBRARY(fastmlstm_cpu, m) {
-  m.def("pack_weight(Tensor weight, bool gates, bool native) -> Tensor");
+  m.def("pack_weight(Tensor weight, bool gates, int layout) -> Tensor");
   m.def(
       "forward(Tensor proj, Tensor packed_hh, Tensor packed_hm, Tensor h0, Tensor c0, Tensor? lengths, "
       "bool save_for_backward, bool return_cell_states, bool poison_buffers=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "forward_input(Tensor x, Tensor weight_im, Tensor? bias, Tensor packed_hh_ih, Tensor packed_hm, Tensor h0, "
+      "forward_input(Tensor x, Tensor weight_im_t, Tensor? bias, Tensor packed_hh_ih, Tensor packed_hm, Tensor h0, "
       "Tensor c0, Tensor? lengths, bool save_for_backward, bool return_cell_states, bool poison_buffers=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
@@ -942,6 +999,7 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
       "Tensor? lengths, Tensor output, Tensor cell_states, Tensor act, bool poison_buffers=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("fingerprint(Tensor tensor) -> int");
+  m.def("fingerprints(Tensor[] tensors) -> int[]");
   m.def("kernel_isa() -> str", &fastmlstm::cpu::kernel_isa);
   m.def("native_bf16_gemm_works() -> bool", &fastmlstm::cpu::native_bf16_gemm_works);
 }
@@ -955,4 +1013,5 @@ TORCH_LIBRARY_IMPL(fastmlstm_cpu, CompositeExplicitAutograd, m) {
   m.impl("backward", &fastmlstm::cpu::backward);
   m.impl("backward_input", &fastmlstm::cpu::backward_input);
   m.impl("fingerprint", &fastmlstm::cpu::fingerprint);
+  m.impl("fingerprints", &fastmlstm::cpu::fingerprints);
 }

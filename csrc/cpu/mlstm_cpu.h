@@ -88,6 +88,12 @@ using RecomputeM = void (*)(int64_t rows, int64_t H, const D* act, float* m);
 template <typename D>
 using Widen = void (*)(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* out);
 
+// C [M, N] (float32, row stride kColumnBlock) = A [M, K] (float32, row stride lda) x B, for a block
+// of weights kept in their 16-bit dtype W ([K, kColumnBlock], zero-padded): the GEMM of small
+// batches (generation), where reading the weights is the whole cost and 16-bit weights halve it.
+template <typename W>
+using SmallGemm = void (*)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const W* B, float* C);
+
 // 64-bit fingerprint of a byte range: position dependent (a permutation or a one-bit change gives
 // another value), not cryptographic; for the effective-weight cache's "did this parameter change".
 using Fingerprint = uint64_t (*)(const void* data, int64_t bytes);
@@ -101,6 +107,8 @@ using Fingerprint = uint64_t (*)(const void* data, int64_t bytes);
   RecomputeM<D> recompute_m();                                                         \
   template <typename D>                                                                \
   Widen<D> widen();                                                                    \
+  template <typename W>                                                                \
+  SmallGemm<W> small_gemm();                                                           \
   uint64_t fingerprint(const void* data, int64_t bytes);                               \
   }
 

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 
 #include <ATen/cpu/vec/functional.h>
@@ -281,6 +282,44 @@ void widen_impl(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* o
   }
 }
 
+template <typename W>
+void small_gemm_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const W* B, float* C) {
+  // Up to 4 rows at a time, all kColumnBlock (= 4 V with AVX2) columns of the block in registers;
+  // the padded columns of the last block hold zero weights and give zeros.
+  constexpr int64_t kCols = kColumnBlock;
+  static_assert(kCols % (2 * V) == 0, "a weight block must hold whole pairs of vectors");
+  constexpr int64_t kVecs = kCols / V;
+  constexpr int64_t kRows = 4;
+  (void)N;
+  for (int64_t r0 = 0; r0 < M; r0 += kRows) {
+    const int64_t rows = std::min(kRows, M - r0);
+    Vec acc[kRows][kVecs];
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t v = 0; v < kVecs; ++v) {
+        acc[r][v] = Vec(0.0f);
+      }
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      Vec b[kVecs];
+      for (int64_t v = 0; v < kVecs; v += 2) {
+        // A whole 16-bit vector (2 V values) at a time: at::vec's partial 16-bit loads go through memory.
+        std::tie(b[v], b[v + 1]) = at::vec::convert_to_float<W>(at::vec::Vectorized<W>::loadu(B + k * kCols + v * V));
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const Vec a(A[(r0 + r) * lda + k]);
+        for (int64_t v = 0; v < kVecs; ++v) {
+          acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t v = 0; v < kVecs; ++v) {
+        acc[r][v].store(C + (r0 + r) * kCols + v * V);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 template <typename D, typename E>
@@ -299,6 +338,11 @@ RecomputeM<D> recompute_m() {
 template <typename D>
 Widen<D> widen() {
   return &widen_impl<D>;
+}
+
+template <typename W>
+SmallGemm<W> small_gemm() {
+  return &small_gemm_impl<W>;
 }
 
 uint64_t fingerprint(const void* data, int64_t bytes) {
@@ -347,6 +391,8 @@ template RecomputeM<c10::Half> recompute_m<c10::Half>();
 template Widen<float> widen<float>();
 template Widen<c10::BFloat16> widen<c10::BFloat16>();
 template Widen<c10::Half> widen<c10::Half>();
+template SmallGemm<c10::BFloat16> small_gemm<c10::BFloat16>();
+template SmallGemm<c10::Half> small_gemm<c10::Half>();
 
 }  // namespace FASTMLSTM_ISA
 }  // namespace cpu

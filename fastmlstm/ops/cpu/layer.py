@@ -27,14 +27,12 @@ from torch import Tensor
 
 from .. import common
 from ..common import GATES
-from .recurrence import _ops, _optional, _packed, native_bf16
+from .recurrence import _ops, _optional, _packed, layout
 
 __all__ = ["multiplicative_lstm", "layer_forward", "layer_backward"]
 
 
-def _use_native(dtype: torch.dtype, hidden_size: int, input_size: int) -> bool:
-    # One operand dtype for every GEMM of the loop; the VNNI layout needs an even K.
-    return dtype == torch.bfloat16 and hidden_size % 2 == 0 and input_size % 2 == 0 and native_bf16()
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _no_autocast():
@@ -48,14 +46,21 @@ def layer_forward(
     h0: Tensor, c0: Tensor, lengths: Optional[Tensor], save_for_backward: bool, return_cell_states: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(output [T,B,H], c_n [B,H] fp32, cell_states [T,B,H] fp32 or [0], act [T,B,6H] or [0])."""
-    native = _use_native(x.dtype, weight_hm.shape[0], x.shape[2])
     with _no_autocast(), torch.no_grad():
-        return tuple(_ops().forward_input(
-            x.contiguous(), weight_im.contiguous(), None if bias is None else bias.contiguous(),
-            _packed(weight_hh, "hh", native, weight_ih), _packed(weight_hm, "hm", native), h0.float().contiguous(),
-            c0.float().contiguous(), None if lengths is None else lengths.contiguous(), bool(save_for_backward),
-            bool(return_cell_states), common.POISON_BUFFERS,
-        ))
+        return _forward(x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0, lengths, save_for_backward,
+                        return_cell_states)
+
+
+def _forward(x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0, lengths, save_for_backward,
+             return_cell_states):
+    H, I = weight_hm.shape[0], x.shape[2]
+    lay = layout(x.dtype, x.shape[1], H, I)  # one layout for every GEMM of the loop; VNNI needs even K
+    return tuple(_ops().forward_input(
+        x.contiguous(), _packed(weight_im, "xm"), None if bias is None else bias.contiguous(),
+        _packed(weight_hh, "hh", lay, weight_ih), _packed(weight_hm, "hm", lay), h0.float().contiguous(),
+        c0.float().contiguous(), None if lengths is None else lengths.contiguous(), bool(save_for_backward),
+        bool(return_cell_states), common.POISON_BUFFERS,
+    ))
 
 
 @layer_forward.register_fake
@@ -77,12 +82,12 @@ def layer_backward(
     """(grad_x, grad_weight_ih, grad_weight_im, grad_bias [4H], grad_weight_hh, grad_weight_hm,
     grad_h0 fp32, grad_c0 fp32)."""
     dtype = output.dtype
-    native = _use_native(dtype, weight_hm.shape[0], x.shape[2])
+    lay = layout(dtype, x.shape[1], weight_hm.shape[0], backward=True)
     with _no_autocast(), torch.no_grad():
         return tuple(_ops().backward_input(
             _optional(grad_output, dtype), _optional(grad_c_n, torch.float32),
             _optional(grad_cell_states, torch.float32), x.contiguous(), weight_ih.contiguous(),
-            weight_im.contiguous(), _packed(weight_hh, "hh_t", native), _packed(weight_hm, "hm_t", native),
+            weight_im.contiguous(), _packed(weight_hh, "hh_t", lay), _packed(weight_hm, "hm_t", lay),
             h0.float().contiguous(), c0.float().contiguous(), None if lengths is None else lengths.contiguous(),
             output.contiguous(), cell_states.contiguous(), act.contiguous(), common.POISON_BUFFERS,
         ))
@@ -133,10 +138,19 @@ def multiplicative_lstm(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_
     """The layer on time-major x [T, B, I] with checked inputs (``fastmlstm.multiplicative_lstm``
     checks them): h0, c0 float32 [B, H]; lengths int64 [B] or None. Returns ``(output, (h_n, c_n))``
     and, if asked, the cell states, as ``fastmlstm.multiplicative_lstm_recurrence`` does."""
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0))
-    output, c_n, cell_states, _ = layer_forward(x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0,
-                                                lengths, save, return_cell_states)
+    tensors = (x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    args = (x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0, lengths, save, return_cell_states)
+    if save or torch.compiler.is_compiling() or any(t is not None and type(t) not in _PLAIN for t in tensors):
+        output, c_n, cell_states, _ = layer_forward(*args)
+    elif torch.is_autocast_enabled("cpu"):
+        with _no_autocast(), torch.no_grad():
+            output, c_n, cell_states, _ = _forward(*args)
+    else:
+        # Nothing to differentiate and plain tensors: the operator itself, without the custom op's
+        # Python dispatch (tens of microseconds, a good part of a generation step at small sizes).
+        with torch.no_grad():
+            output, c_n, cell_states, _ = _forward(*args)
     # h_n is the last output (rows past their length carry their final h there), exactly as stored.
     h_n = output[-1].to(torch.float32, copy=True) if x.shape[0] > 0 else h0.clone()
     if return_cell_states:
