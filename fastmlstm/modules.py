@@ -92,7 +92,7 @@ class _EffectiveWeightCache:
     def cast(self, dtype: torch.dtype) -> MLSTMWeights:
         hit = self.casts.get(dtype)
         if hit is None or _versions(hit[0]) != hit[1]:
-            with torch.no_grad(), torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():  # (inference_mode(False) turns grad mode on)
                 weights = cast_weights(self.weights, dtype)
             hit = self.casts[dtype] = (weights, _versions(weights))
         return hit[0]
@@ -255,7 +255,7 @@ class FastMLSTM(nn.Module):
         entry = _WEIGHT_CACHES.get(self)
         if entry is not None and entry.key == key and entry.fingerprints == prints and entry.intact():
             return entry
-        with torch.no_grad(), torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():  # (inference_mode(False) turns grad mode on)
             weights = self._compute_effective_weights()
         entry = _WEIGHT_CACHES[self] = _EffectiveWeightCache(key, prints, weights)
         return entry
