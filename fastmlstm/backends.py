@@ -43,6 +43,7 @@ def _interpret_mode() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile runs it eagerly and keeps its value: no import traced
 def _import_status(module: str) -> tuple[bool, str]:
     try:
         mod = importlib.import_module(module)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .backends import resolve_backend
 from .ops.common import GATES
+from .ops.cpu import layer as cpu_layer  # imports no compiled code; the extension builds on first use
 from .ops.op import recurrence_forward
 
 __all__ = ["multiplicative_lstm", "multiplicative_lstm_recurrence", "SUPPORTED_DTYPES"]
@@ -213,13 +214,11 @@ def multiplicative_lstm(
     name = resolve_backend(backend, device)
     if name == "cpu" and H > 0 and I > 0:
         # The CPU backend computes the input projections inside its time loop (fastmlstm.ops.cpu.layer).
-        from .ops.cpu.layer import multiplicative_lstm as cpu_layer
-
         _check_matrix("weight_hh", weight_hh, (GATES * H, H), dtype, device)
         if x.shape[1] == 0:
             raise ValueError("the batch is empty (B = 0)")
         h0, c0 = _check_state(initial_state, x.shape[1], H, dtype, device)
-        result = cpu_layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0,
+        result = cpu_layer.multiplicative_lstm(x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0,
                            _check_lengths(lengths, x.shape[0], x.shape[1], device), return_cell_states)
     else:
         # All input projections of all steps in one GEMM: [T*B, I] x [I, 5H].
