@@ -31,7 +31,9 @@ TOP_LEVEL = {"device": str, "device_type": str, "torch": str, "triton": str, "da
 RECORD = {"impl": str, "mode": str, "dtype": str, "H": int, "B": int, "T": int, "I": int, "median_ms": float,
           "chars_per_s": float, "p10_ms": float, "p90_ms": float, "n_runs": int, "hidden_size": int,
           "params": int, "static_mem_mb": float, "roofline": dict}
-TINY_IMPLS = ["fastmlstm-reference", "mlstm-eager", "mlstm-compile", "nn-lstm", "nn-lstm-matched"]
+# fastmlstm-cpu is timed where the CPU extension builds (everywhere with a C++ compiler).
+CPU_IMPLS = ["fastmlstm-cpu"] if fastmlstm.backend_status("cpu", "cpu")[0] else []
+TINY_IMPLS = [*CPU_IMPLS, "fastmlstm-reference", "mlstm-eager", "mlstm-compile", "nn-lstm", "nn-lstm-matched"]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def test_runner_writes_the_documented_schema(tiny_run):
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", doc["date"])
     assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"]["float32"] > 0
     assert all(c["passed"] for c in doc["checks"]) and not doc["refused"] and not doc["errors"]
-    assert {c["impl"] for c in doc["checks"]} == {"fastmlstm-reference", "mlstm-eager", "mlstm-compile"}
+    assert {c["impl"] for c in doc["checks"]} == {*CPU_IMPLS, "fastmlstm-reference", "mlstm-eager", "mlstm-compile"}
     assert any(s["impl"] == "fastmlstm-triton" for s in doc["skipped"])  # never timed on CPU
 
     seen = set()
