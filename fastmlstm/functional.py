@@ -109,7 +109,7 @@ def multiplicative_lstm_recurrence(
         lengths: optional [B] integers in [0, T] (CPU tensor or list): row b stops updating after
             ``lengths[b]`` steps; its state is carried unchanged and ``output[t]`` repeats its last h.
         return_cell_states: also return every step's cell state from the same pass.
-        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (see :mod:`fastmlstm.backends`).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"`` (see :mod:`fastmlstm.backends`).
 
     Returns:
         ``(output, (h_n, c_n))``, or ``(output, (h_n, c_n), cell_states)`` with

@@ -232,6 +232,17 @@ def test_packed_layouts_hold_the_weight(layout, gates):
 
 
 @needs_cpu
+@pytest.mark.parametrize("layout", [0, 2], ids=["float32", "narrow"])
+def test_packing_reads_concatenated_and_transposed_weights_in_place(layout):
+    ops = _ops()
+    dtype = torch.float32 if layout == 0 else torch.bfloat16
+    w_hh, w_ih, w_hm = torch.randn(4 * 21, 21).to(dtype), torch.randn(4 * 21, 6).to(dtype), torch.randn(70, 45).to(dtype)
+    assert torch.equal(ops.pack_weight(w_hh, True, layout, w_ih), ops.pack_weight(torch.cat([w_hh, w_ih], 1), True, layout))
+    assert torch.equal(ops.pack_weight(w_hm, False, layout, None, True),
+                       ops.pack_weight(w_hm.t().contiguous(), False, layout))
+
+
+@needs_cpu
 def test_native_bfloat16_path_matches_the_float32_one(monkeypatch):
     """Where the CPU multiplies bfloat16 natively (AVX-512-BF16, AMX) the VNNI path is used; it must
     give the float32 path's numbers up to summation order."""

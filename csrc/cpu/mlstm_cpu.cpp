@@ -160,6 +160,10 @@ Tensor value_or_undefined(const std::optional<Tensor>& tensor) {
   return tensor.has_value() ? *tensor : Tensor();
 }
 
+Tensor defined_or_undefined(const std::optional<Tensor>& tensor) {
+  return tensor.has_value() && tensor->defined() ? *tensor : Tensor();
+}
+
 template <typename T>
 T* ptr_or_null(const Tensor& tensor) {
   return tensor.defined() ? tensor.data_ptr<T>() : nullptr;
@@ -223,23 +227,47 @@ int64_t source_row(const Packing& p, int64_t j, int64_t c) {
   return (c / units) * hidden + j * p.units + c % units;
 }
 
+// The matrix a pack reads: weight [N, K]; or [weight | second] (K = K1 + K2, concatenated along
+// the input axis); or weight^T (N and K swapped), read without copying.
+template <typename In>
+struct Source {
+  const In* first;
+  const In* second;  // or null
+  int64_t k_first;   // columns of first (ld of first); second has K - k_first (its ld)
+  bool transposed;   // element (n, k) at first[k * ld + n], ld = N
+  int64_t N;
+};
+
 template <typename In, typename Out>
-void pack_blocks(const In* weight, Out* out, const Packing& p) {
+void pack_blocks(const Source<In>& src, Out* out, const Packing& p) {
   const int64_t block_elems = p.K * kColumnBlock;
+  const int64_t k_second = p.K - src.k_first;
   at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       Out* block = out + j * block_elems;
       std::fill(block, block + block_elems, Out(0));
       const int64_t width = block_width(p, j);
-      for (int64_t c = 0; c < width; ++c) {
-        const In* row = weight + source_row(p, j, c) * p.K;
-        if (p.layout == kVnni) {
-          for (int64_t k = 0; k < p.K; ++k) {
-            block[(k / 2) * kColumnBlock * 2 + c * 2 + (k % 2)] = static_cast<Out>(row[k]);
+      if (src.transposed) {
+        // Plain blocks of W^T: row k of the block is W[k, j*32 : j*32 + width], contiguous.
+        const int64_t n0 = j * p.units;
+        for (int64_t k = 0; k < p.K; ++k) {
+          const In* row = src.first + k * src.N + n0;
+          for (int64_t c = 0; c < width; ++c) {
+            block[k * kColumnBlock + c] = static_cast<Out>(row[c]);
           }
-        } else {
-          for (int64_t k = 0; k < p.K; ++k) {
-            block[k * kColumnBlock + c] = static_cast<Out>(row[k]);
+        }
+        continue;
+      }
+      for (int64_t c = 0; c < width; ++c) {
+        const int64_t n = source_row(p, j, c);
+        const In* row = src.first + n * src.k_first;
+        const In* row2 = src.second != nullptr ? src.second + n * k_second : nullptr;
+        for (int64_t k = 0; k < p.K; ++k) {
+          const Out v = static_cast<Out>(k < src.k_first ? row[k] : row2[k - src.k_first]);
+          if (p.layout == kVnni) {
+            block[(k / 2) * kColumnBlock * 2 + c * 2 + (k % 2)] = v;
+          } else {
+            block[k * kColumnBlock + c] = v;
           }
         }
       }
@@ -254,30 +282,46 @@ std::vector<int64_t> packed_shape(const Packing& p) {
   return {p.blocks, p.K, kColumnBlock};
 }
 
-// weight [N, K] (float32, float16 or bfloat16) -> packed in `layout` (a Layout value).
-Tensor pack_weight(const Tensor& weight, bool gates, int64_t layout) {
+// Packs W [N, K] (float32, float16 or bfloat16) in `layout` (a Layout value), where W is `weight`,
+// or [weight | input_weight] (concatenated along the input axis: z = [m | x] [Wh | Wx]^T), or, with
+// `transposed`, weight^T (for the backward's products with the transposed weights).
+Tensor pack_weight(const Tensor& weight, bool gates, int64_t layout, const std::optional<Tensor>& input_weight,
+                   bool transposed) {
   TORCH_CHECK(weight.defined() && weight.device().is_cpu(), kWho, "pack_weight expects a CPU tensor");
   TORCH_CHECK(weight.dim() == 2, kWho, "pack_weight expects a 2-D weight [N, K], got shape ", weight.sizes());
   TORCH_CHECK(is_activation_dtype(weight.scalar_type()), kWho,
               "pack_weight expects float32, float16 or bfloat16, got ", weight.scalar_type());
   TORCH_CHECK(layout == kFloat32 || layout == kVnni || layout == kNarrow, kWho, "unknown packing layout ", layout);
-  const int64_t N = weight.size(0), K = weight.size(1);
+  const Tensor second = defined_or_undefined(input_weight);
+  TORCH_CHECK(!(second.defined() && transposed), kWho, "pack_weight: transposed takes one weight");
+  if (second.defined()) {
+    TORCH_CHECK(second.device().is_cpu() && second.dim() == 2 && second.size(0) == weight.size(0) &&
+                    second.scalar_type() == weight.scalar_type(),
+                kWho, "pack_weight: input_weight must be a CPU [", weight.size(0), ", I] tensor of dtype ",
+                weight.scalar_type(), ", got ", second.scalar_type(), " ", second.sizes());
+  }
+  const int64_t N = transposed ? weight.size(1) : weight.size(0);
+  const int64_t K = (transposed ? weight.size(0) : weight.size(1)) + (second.defined() ? second.size(1) : 0);
   TORCH_CHECK(N > 0 && K > 0, kWho, "pack_weight expects a non-empty weight, got shape ", weight.sizes());
-  TORCH_CHECK(!gates || N % kGates == 0, kWho, "a gate weight must have 4 * hidden_size rows, got ", N);
+  TORCH_CHECK(!gates || (N % kGates == 0 && !transposed), kWho,
+              "a gate weight must have 4 * hidden_size rows (and not be transposed), got ", N);
   TORCH_CHECK(layout != kVnni || (weight.scalar_type() == at::kBFloat16 && K % 2 == 0), kWho,
               "the VNNI layout takes a bfloat16 weight with an even number of columns, got ", weight.scalar_type(),
               " with ", K);
   TORCH_CHECK(layout != kNarrow || weight.scalar_type() != at::kFloat, kWho,
               "the narrow layout keeps a 16-bit weight's dtype; got a float32 weight");
   const Tensor w = weight.contiguous();
+  const Tensor w2 = second.defined() ? second.contiguous() : Tensor();
   const Packing p = packing_of(N, K, gates, static_cast<Layout>(layout));
   const auto out_dtype = layout == kFloat32 ? at::kFloat : weight.scalar_type();
   Tensor out = at::empty(packed_shape(p), weight.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fastmlstm_cpu_pack", [&] {
+    const Source<scalar_t> src{w.data_ptr<scalar_t>(), w2.defined() ? w2.data_ptr<scalar_t>() : nullptr,
+                               transposed ? K : w.size(1), transposed, N};
     if (layout == kFloat32) {
-      pack_blocks(w.data_ptr<scalar_t>(), out.data_ptr<float>(), p);
+      pack_blocks(src, out.data_ptr<float>(), p);
     } else {
-      pack_blocks(w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p);
+      pack_blocks(src, out.data_ptr<scalar_t>(), p);
     }
   });
   return out;
@@ -394,9 +438,6 @@ inline void prefetch_block(const T* p, int64_t rows, int64_t cols, int64_t ld) {
 #endif
 }
 
-Tensor defined_or_undefined(const std::optional<Tensor>& tensor) {
-  return tensor.has_value() && tensor->defined() ? *tensor : Tensor();
-}
 
 void check_activations(const Tensor& tensor, const char* name, int64_t dims, const char* layout) {
   TORCH_CHECK(tensor.defined(), kWho, name, " is missing");
@@ -655,7 +696,8 @@ struct BackwardArgs {
 
 struct BackwardResult {
   Tensor grad_weight_hh, grad_weight_hm, grad_h0;  // float32 sums; grad_h0 [B, H]
-  Tensor grad_x, grad_weight_in, grad_bias;        // with the input projection: x's gradient (D) and float32 sums
+  Tensor grad_x, grad_weight_in;  // with the input projection: x's gradient (D) and [5H, I + 1] float32 sums
+                                  // of the input weights' gradient and, in the last column, the bias's
 };
 
 int64_t chunk_steps(int64_t T, int64_t B, int64_t H) {
@@ -690,11 +732,15 @@ BackwardResult backward_loop(const BackwardArgs& a) {
   // Wmh^T [H, H] and Wh^T [H, 4H], both plain: rec = dhm Wmh, dm = dz Wh.
   const PackedView<E> w_rec = view_of<E>(a.packed_hm_t, H, H, false, a.layout);
   const PackedView<E> w_dm = view_of<E>(a.packed_hh_t, H, kGates * H, false, a.layout);
+  // The GEMM operands dz_t and dhm_t: with float32 activations and operands, the D gradients
+  // themselves (dz is the first 4H columns of dproj's rows); otherwise E copies of them.
+  constexpr bool alias = std::is_same_v<D, float> && std::is_same_v<E, float>;
   const auto e_options = options.dtype(c10::CppTypeToScalarType<E>::value);
-  Tensor dz_op = at::empty({B, kGates * H}, e_options);
-  Tensor dhm_op = at::empty({B, H}, e_options);
-  E* dz_p = dz_op.data_ptr<E>();
-  E* dhm_p = dhm_op.data_ptr<E>();
+  Tensor dz_op = alias ? Tensor() : at::empty({B, kGates * H}, e_options);
+  Tensor dhm_op = alias ? Tensor() : at::empty({B, H}, e_options);
+  E* dz_p = alias ? nullptr : dz_op.data_ptr<E>();
+  E* dhm_p = alias ? nullptr : dhm_op.data_ptr<E>();
+  const int64_t ld_dz = alias ? 5 * H : kGates * H;
   // dh carries the full gradient that reached h_{t+1}; dc the one of c_t.
   Tensor dh = at::zeros({B, H}, f32);
   float* dh_p = dh.data_ptr<float>();
@@ -713,13 +759,15 @@ BackwardResult backward_loop(const BackwardArgs& a) {
   r.grad_weight_hh = at::zeros({kGates * H, H}, f32);
   r.grad_weight_hm = at::zeros({H, H}, f32);
   r.grad_h0 = T > 0 ? new_buffer({B, H}, f32, a.poison) : at::zeros({B, H}, f32);
-  Tensor x_f, w_in_f;
+  Tensor x_1, w_in_f, grad_weight_in_1;
+  const int64_t I = fused ? a.x.size(2) : 0;
   if (fused) {
-    const int64_t I = a.x.size(2);
-    x_f = a.x.to(at::kFloat).reshape({T * B, I});
+    // [x | 1]: one GEMM gives the input weights' gradient and, in its last column, the bias's.
+    x_1 = at::empty({T * B, I + 1}, f32);
+    x_1.narrow(1, 0, I).copy_(a.x.reshape({T * B, I}));
+    x_1.narrow(1, I, 1).fill_(1.0);
     w_in_f = a.weight_in.to(at::kFloat);
-    r.grad_weight_in = at::zeros({5 * H, I}, f32);
-    r.grad_bias = at::zeros({kGates * H}, f32);
+    grad_weight_in_1 = at::zeros({5 * H, I + 1}, f32);
     r.grad_x = new_buffer({T, B, I}, options, a.poison);
   }
 
@@ -754,13 +802,13 @@ BackwardResult backward_loop(const BackwardArgs& a) {
       r.grad_weight_hm.addmm_(dhm.narrow(0, first, n).t(), widened<D>(h_prev_d, scratch_h, n, H));
     }
     if (fused) {
-      r.grad_weight_in.addmm_(gproj.t(), x_f.narrow(0, t0 * B, R));
-      r.grad_bias.add_(dz.sum(0));
-      r.grad_x.narrow(0, t0, steps).view({R, a.x.size(2)}).copy_(at::mm(gproj, w_in_f));
+      grad_weight_in_1.addmm_(gproj.t(), x_1.narrow(0, t0 * B, R));
+      r.grad_x.narrow(0, t0, steps).view({R, I}).copy_(at::mm(gproj, w_in_f));
     }
   };
 
   int64_t t1 = T;  // the open chunk is [t0, t1)
+  const E* dhm_next = nullptr;  // dhm_{t+1}, the operand of step t's first product
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc);
     const bool has_rec = t < T - 1;
@@ -771,24 +819,28 @@ BackwardResult backward_loop(const BackwardArgs& a) {
     const float* gcells_t = gcells_p != nullptr ? gcells_p + t * B * H : nullptr;
     D* dproj_t = whole ? a.grad_proj.data_ptr<D>() + t * B * 5 * H : gproj_chunk.data_ptr<D>() + (t - t0) * B * 5 * H;
     D* ghm_t = ghm_chunk.data_ptr<D>() + (t - t0) * B * H;
+    E* dz_t = alias ? reinterpret_cast<E*>(dproj_t) : dz_p;
+    E* dhm_t = alias ? reinterpret_cast<E*>(ghm_t) : dhm_p;
     for_each_tile<E>(w_rec.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
       const int64_t n0 = j * w_rec.p.units;
       const int64_t at = row0 * H + n0;
       if (has_rec) {
-        tile_gemm(n_rows, dhm_p + row0 * H, H, w_rec, j, tile, false);
+        tile_gemm(n_rows, dhm_next + row0 * H, H, w_rec, j, tile, false);
       }
       k.backward_cell(n_rows, block_width(w_rec.p, j), H, has_rec ? tile : nullptr, kColumnBlock, dh_p + at,
                       dc_p + at, H, gout_t != nullptr ? gout_t + at : nullptr, H,
                       gcells_t != nullptr ? gcells_t + at : nullptr, H, act_t + row0 * 6 * H + n0, 6 * H,
                       cell_t + at, cell_prev + at, H, dproj_t + row0 * 5 * H + n0, 5 * H,
-                      dz_p + row0 * kGates * H + n0, kGates * H, len_p != nullptr ? len_p + row0 : nullptr, t);
+                      alias ? nullptr : dz_t + row0 * ld_dz + n0, ld_dz, len_p != nullptr ? len_p + row0 : nullptr, t);
     });
     for_each_tile<E>(w_dm.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
       const int64_t n0 = j * w_dm.p.units;
-      tile_gemm(n_rows, dz_p + row0 * kGates * H, kGates * H, w_dm, j, tile, false);
+      tile_gemm(n_rows, dz_t + row0 * ld_dz, ld_dz, w_dm, j, tile, false);
       k.backward_m(n_rows, block_width(w_dm.p, j), H, tile, kColumnBlock, act_t + row0 * 6 * H + n0, 6 * H,
-                   dproj_t + row0 * 5 * H + n0, 5 * H, ghm_t + row0 * H + n0, H, dhm_p + row0 * H + n0, H);
+                   dproj_t + row0 * 5 * H + n0, 5 * H, ghm_t + row0 * H + n0, H,
+                   alias ? nullptr : dhm_t + row0 * H + n0, H);
     });
+    dhm_next = dhm_t;
     if (t == t0) {
       flush(t0, t1);
       t1 = t0;
@@ -800,11 +852,12 @@ BackwardResult backward_loop(const BackwardArgs& a) {
     float* gh0_p = r.grad_h0.data_ptr<float>();
     for_each_tile<E>(w_rec.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
       const int64_t at = row0 * H + j * w_rec.p.units;
-      tile_gemm(n_rows, dhm_p + row0 * H, H, w_rec, j, tile, false);
+      tile_gemm(n_rows, dhm_next + row0 * H, H, w_rec, j, tile, false);
       k.grad_h0(n_rows, block_width(w_rec.p, j), tile, kColumnBlock, dh_p + at, H, gh0_p + at, H,
                 len_p != nullptr ? len_p + row0 : nullptr);
     });
   }
+  r.grad_weight_in = grad_weight_in_1;
   return r;
 }
 
@@ -901,11 +954,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   a.x = x;
   a.weight_in = at::cat({weight_ih, weight_im}, 0);
   const BackwardResult r = run_backward(a, dtype);
-  // Two separate tensors (outputs of an operator may not alias each other).
+  // Separate tensors (outputs of an operator may not alias each other).
   return {r.grad_x,
-          r.grad_weight_in.narrow(0, 0, kGates * H).to(dtype, false, /*copy=*/true),
-          r.grad_weight_in.narrow(0, kGates * H, H).to(dtype, false, /*copy=*/true),
-          r.grad_bias.to(dtype),
+          r.grad_weight_in.narrow(0, 0, kGates * H).narrow(1, 0, I).to(dtype, false, /*copy=*/true),
+          r.grad_weight_in.narrow(0, kGates * H, H).narrow(1, 0, I).to(dtype, false, /*copy=*/true),
+          r.grad_weight_in.narrow(0, 0, kGates * H).select(1, I).to(dtype, false, /*copy=*/true),
           r.grad_weight_hh.to(dtype),
           r.grad_weight_hm.to(dtype),
           r.grad_h0,
@@ -956,7 +1009,7 @@ bool native_bf16_gemm_works() {
     const int64_t M = 5, N = 2 * kColumnBlock + 24, K = 96;
     const Tensor a = at::randn({M, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
     const Tensor w = at::randn({N, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
-    const Tensor packed = pack_weight(w, false, kVnni);
+    const Tensor packed = pack_weight(w, false, kVnni, std::nullopt, false);
     const PackedView<BFloat16> view = view_of<BFloat16>(packed, N, K, false, kVnni);
     Tensor out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
     std::vector<float> tiles = tile_buffers();
@@ -981,7 +1034,7 @@ bool native_bf16_gemm_works() {
 // The namespace is fixed: the build on first use and the ahead-of-time build register the same
 // operators, and only one of them is ever loaded into a process.
 TORCH_LIBRARY(fastmlstm_cpu, m) {
-  m.def("pack_weight(Tensor weight, bool gates, int layout) -> Tensor");
+  m.def("pack_weight(Tensor weight, bool gates, int layout, Tensor? input_weight=None, bool transposed=False) -> Tensor");
   m.def(
       "forward(Tensor proj, Tensor packed_hh, Tensor packed_hm, Tensor h0, Tensor c0, Tensor? lengths, "
       "bool save_for_backward, bool return_cell_states, bool poison_buffers=False) "

@@ -62,8 +62,8 @@ struct StepKernels {
 
   // The cell derivatives of step t for `width` units (plain gate order). rec (nullable at t = T-1)
   // is the GEMM tile dhm_{t+1} Wmh. dh holds on entry the gradient that reached h_{t+1} and on exit
-  // that of h_t; dc that of c_t, then of c_{t-1}. dz goes to dproj (D) and to dz_op (E, [B, 4H],
-  // the next GEMM's operand).
+  // that of h_t; dc that of c_t, then of c_{t-1}. dz goes to dproj (D) and, if not null, to dz_op
+  // (E, [B, 4H], the next GEMM's operand).
   void (*backward_cell)(int64_t rows, int64_t width, int64_t H, const float* rec, int64_t ld_rec, float* dh,
                         float* dc, int64_t ld_state, const D* dout, int64_t ld_dout, const float* dcells,
                         int64_t ld_dcells, const D* act, int64_t ld_act, const float* c, const float* c_prev,

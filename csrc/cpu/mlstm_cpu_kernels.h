@@ -187,7 +187,7 @@ void backward_cell(int64_t rows, int64_t width, int64_t H, const float* rec, int
     const float* c_r = c + r * ld_c;
     const float* cp_r = c_prev + r * ld_c;
     D* dz_r = dproj + r * ld_dproj;
-    E* op_r = dz_op + r * ld_dz;
+    E* op_r = dz_op != nullptr ? dz_op + r * ld_dz : nullptr;
     for (int64_t k = 0; k < width; k += V) {
       const int64_t n = std::min(V, width - k);
       Vec dh_v = load(dh_r + k, n);
@@ -222,7 +222,9 @@ void backward_cell(int64_t rows, int64_t width, int64_t H, const float* rec, int
       const Vec dz[4] = {round_to<D>(dzi), round_to<D>(dzf), round_to<D>(dzo), round_to<D>(dzu)};
       for (int64_t g = 0; g < kGates; ++g) {
         store(dz_r + g * H + k, dz[g], n);
-        store(op_r + g * H + k, dz[g], n);
+        if (op_r != nullptr) {
+          store(op_r + g * H + k, dz[g], n);
+        }
       }
     }
   }

@@ -105,14 +105,13 @@ def _packed(weight: torch.Tensor, kind: str, layout: int = FLOAT32,
     ops = _ops()
     with torch.no_grad():
         if kind == "hh":
-            source = weight if input_weight is None else torch.cat([weight, input_weight], dim=1)
-            value = ops.pack_weight(source, True, layout)
+            value = ops.pack_weight(weight, True, layout, input_weight)  # [Wh | Wx], without a copy
         elif kind == "hm":
             value = ops.pack_weight(weight, False, layout)
         elif kind == "xm":
             value = weight.float().t().contiguous()
         else:
-            value = ops.pack_weight(weight.t().contiguous(), False, layout)
+            value = ops.pack_weight(weight, False, layout, None, True)  # weight^T, read in place
     refs = tuple(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)) for w in weights)
     _PACKED[key] = (refs, tuple(w._version for w in weights), value)
     return value
