@@ -35,11 +35,40 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t V = Vec::size();
 
+#if defined(CPU_CAPABILITY_AVX2)
+// One vector of 8 16-bit values <-> 8 floats in registers (at::vec's partial 16-bit loads and stores
+// go through memory, and the epilogues move 8 values at a time). Round to nearest even, as c10's.
+template <typename T>
+inline Vec widen8(__m128i raw) {
+  __m256 out;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    at::vec::cvtbf16_fp32(raw, out);
+  } else {
+    at::vec::cvtfp16_fp32(raw, out);
+  }
+  return Vec(out);
+}
+
+template <typename T>
+inline __m128i narrow8(const Vec& v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return at::vec::cvtfp32_bf16(__m256(v));
+  } else {
+    return at::vec::cvtfp32_fp16(__m256(v));
+  }
+}
+#endif
+
 template <typename T>
 inline Vec load(const T* p, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return n == V ? Vec::loadu(p) : Vec::loadu(p, n);
   } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (n == V) {
+      return widen8<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+#endif
     const auto packed = at::vec::Vectorized<T>::loadu(p, n);
     return std::get<0>(at::vec::convert_to_float<T>(packed));
   }
@@ -50,6 +79,12 @@ inline void store(T* p, const Vec& v, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     v.store(p, static_cast<int>(n));
   } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (n == V) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow8<T>(v));
+      return;
+    }
+#endif
     at::vec::convert_from_float<T>(v, v).store(p, static_cast<int>(n));
   }
 }
@@ -60,7 +95,11 @@ inline Vec round_to(const Vec& v) {
   if constexpr (std::is_same_v<D, float>) {
     return v;
   } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    return widen8<D>(narrow8<D>(v));
+#else
     return std::get<0>(at::vec::convert_to_float<D>(at::vec::convert_from_float<D>(v, v)));
+#endif
   }
 }
 
