@@ -662,10 +662,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
   dispatch_dtypes(dtype, e, [&](auto d, auto e_) {
     using D = decltype(d);
     using E = decltype(e_);
-    const Tensor x_e = as_operand<E>(x);
+    // x as float32 for the xm GEMMs (exact), and as the gate GEMM's operand dtype (the same tensor
+    // unless the GEMMs multiply bfloat16 natively).
+    const Tensor x_f = x.to(at::kFloat).reshape({T * B, I});
+    const Tensor x_e = std::is_same_v<E, float> ? x_f : as_operand<E>(x);
     Inputs<D, E> in;
     in.x = x_e.data_ptr<E>();
-    in.x_f = x.to(at::kFloat).reshape({T * B, I});
+    in.x_f = x_f;
     in.w_im_t = weight_im_t;
     in.I = I;
     in.bias = ptr_or_null<D>(b);
