@@ -7,7 +7,7 @@ The extension registers the operators ``torch.ops.fastmlstm_cpu.*`` (``TORCH_LIB
    ``FASTMLSTM_BUILD_CPU=1 pip install --no-build-isolation .`` (see ``setup.py``); skipped when the
    sources beside it are newer (an editable checkout that changed since);
 2. a build on first use with :func:`torch.utils.cpp_extension.load` (ninja and a C++ compiler; about
-   a minute on two cores), cached in ``$TORCH_EXTENSIONS_DIR/fastmlstm_cpu/<python>-<torch>-<hash>/``
+   30 s on two cores), cached in ``$TORCH_EXTENSIONS_DIR/fastmlstm_cpu/<python>-<torch>-<hash>/``
    (default root ``~/.cache/torch_extensions``), where the hash covers the sources and the flags:
    two checkouts, or two versions of the sources, never share or overwrite a build.
 
@@ -157,7 +157,7 @@ def _jit_build() -> str:
     build_dir.mkdir(parents=True, exist_ok=True)
     library = build_dir / f"{LIBRARY}.so"
     if not library.is_file():
-        logger.warning("fastmlstm: compiling the CPU extension from %s into %s (first use; about a minute)",
+        logger.warning("fastmlstm: compiling the CPU extension from %s into %s (first use; about half a minute)",
                        src_dir, build_dir)
     try:
         path = cpp_extension.load(
