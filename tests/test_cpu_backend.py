@@ -498,3 +498,22 @@ def test_fingerprint_sees_any_change_and_ignores_the_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert fingerprint(torch.arange(5, dtype=torch.uint8)) != fingerprint(torch.arange(6, dtype=torch.uint8))
+
+
+@needs_cpu
+def test_featurize_calls_are_long_on_the_cpu_backend():
+    """Rows past their length cost nothing on the CPU backend: featurize makes calls of at least 16
+    steps sized to a 16 MiB projection tensor (fewer per-call input tables), with the same features."""
+    from fastmlstm import probe
+    from fastmlstm.probe import features
+
+    lm = fastmlstm.ByteLM(hidden_size=256, embed_size=8)
+    assert features._chunk_steps(lm, 16, None) == (16 << 20) // (16 * 5 * 256 * 4)
+    assert features._chunk_steps(lm, 4096, None) == 16
+    lm.rnn.backend = "reference"
+    assert features._chunk_steps(lm, 16, None) != (16 << 20) // (16 * 5 * 256 * 4)
+    lm.rnn.backend = "cpu"
+    texts = ["a short one", "a somewhat longer text than that", "", "x" * 40]
+    torch.testing.assert_close(torch.as_tensor(probe.featurize(lm, texts, progress=False)),
+                               torch.as_tensor(probe.featurize(lm, texts, progress=False, chunk_size=3)),
+                               rtol=0, atol=1e-6)
