@@ -1,6 +1,7 @@
 """The implementations the benchmark compares, and how each builds a timed case.
 
     fastmlstm-<backend>   fastmlstm's public API (FastMLSTM with weight norm, ByteLM, probe.featurize)
+    fastmlstm-cpu-forward featurize only: the bare ByteLM forward over the same padded batches
     mlstm-eager           the same cell as a plain PyTorch loop (bench/mlstm_eager.py)
     mlstm-compile         torch.compile of that loop's step function (and -unrolled: the whole sequence)
     cudnn-lstm            torch.nn.LSTM of the same H (cuDNN on a GPU; called nn-lstm on a CPU)
@@ -72,6 +73,14 @@ class Impl:
 
     def label(self, device: torch.device) -> str:
         return self.name
+
+    def case_status(self, case: Case, device: torch.device, ctx: dict) -> tuple[bool, str]:
+        """Whether this case is timed for this implementation (a preset may limit an
+        implementation's dtypes with ``impl_dtypes``), and why not."""
+        allowed = ctx.get("impl_dtypes", {}).get(self.name)
+        if allowed is not None and case.dtype not in allowed:
+            return False, f"the preset times {self.name} in {', '.join(allowed)} only"
+        return True, ""
 
     # Subclasses provide: weight_count(H, I); layer(I, H, device, dtype, ctx) -> nn.Module;
     # seq(layer, x, h0, c0) -> output [T, B, H]; step_fn(layer) -> callable(x, h, c);
@@ -198,8 +207,12 @@ class FastImpl(Impl):
         return layer(x, (h0.unsqueeze(0), c0.unsqueeze(0)))[0]
 
     def step_fn(self, layer):
-        with torch.no_grad():
-            weights = layer.effective_weights()
+        weights = None
+        if next(layer.parameters()).device.type != "cpu":
+            # On a GPU a generation loop computes the effective weights once (ByteLM.generate does);
+            # on a CPU the module's weight cache does it, so the step goes through the module bare.
+            with torch.no_grad():
+                weights = layer.effective_weights()
         return lambda x, h, c: layer.step(x, (h.unsqueeze(0), c.unsqueeze(0)), weights=weights)
 
     def byte_lm(self, E, H, device, dtype, ctx):
@@ -223,6 +236,38 @@ class FastImpl(Impl):
             out, (h, c) = fastmlstm.multiplicative_lstm(x, *w, initial_state=(h0, c0), backend=self.backend)
             return out, h, c
         return run
+
+
+class BareForwardImpl(FastImpl):
+    """featurize's floor: only the forward over the batches featurize runs (sorted longest first,
+    right-padded, with lengths), prepared once outside the timing; no preprocessing, no host copy."""
+
+    modes = ("featurize",)
+
+    def __init__(self, backend: str):
+        super().__init__(backend)
+        self.name = f"fastmlstm-{backend}-forward"
+        self.kernel = f"fastmlstm backend={backend!r}, ByteLM.hidden per padded batch"
+
+    def featurize_entry_point(self):
+        return "bench: ByteLM.hidden over pre-padded sorted batches (the bare forward)"
+
+    def build(self, case, device, ctx):
+        if case.mode != "featurize":
+            raise ValueError(f"{self.name} times featurize only, not {case.mode}")
+        H = self.hidden_size(case.H, case.I)
+        lm = self.byte_lm(case.I, H, device, DTYPES[case.dtype], ctx)
+        texts = ctx["texts"]
+        seqs = sorted((preprocess(t) for t in texts), key=len, reverse=True)
+        batches = [pad_bytes(seqs[i : i + case.B], device) for i in range(0, len(seqs), case.B)]
+
+        def call():
+            with torch.no_grad():
+                return [lm.hidden(batch, lengths=lengths)[1][1] for batch, lengths in batches]
+
+        return Built(call, lambda: list(lm.parameters()), H, self.weight_count(case.H, case.I),
+                     chars=sum(len(s) for s in seqs), texts=len(texts), batches=batch_shapes(texts, case.B),
+                     notes={"featurize_entry_point": self.featurize_entry_point()})
 
 
 class EagerImpl(Impl):
@@ -294,6 +339,14 @@ class LSTMImpl(Impl):
             return "torch.nn.LSTM, cuDNN" if torch.backends.cudnn.is_available() else "torch.nn.LSTM (no cuDNN)"
         return "torch.nn.LSTM, PyTorch CPU kernel (no cuDNN on CPU)"
 
+    def case_status(self, case, device, ctx):
+        if device.type == "cpu" and case.dtype != "float32" and not native_16bit_gemm(DTYPES[case.dtype]):
+            # PyTorch then runs nn.LSTM in a portable scalar loop (several times its float32 time):
+            # not the baseline a 16-bit comparison means.
+            return False, (f"torch.nn.LSTM has no native {case.dtype} path on this CPU (oneDNN without AVX-512 "
+                           f"{'BF16' if case.dtype == 'bfloat16' else 'FP16'})")
+        return super().case_status(case, device, ctx)
+
     def hidden_size(self, H, I):
         return matched_lstm_hidden_size(H, I) if self.matched else H
 
@@ -320,12 +373,21 @@ class LSTMImpl(Impl):
 
 
 IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
-    FastImpl("triton"), FastImpl("cuda"), FastImpl("reference"),
+    FastImpl("triton"), FastImpl("cuda"), FastImpl("cpu"), FastImpl("reference"), BareForwardImpl("cpu"),
     EagerImpl(None), EagerImpl("step"), EagerImpl("unrolled"),
     LSTMImpl(False), LSTMImpl(True),
 )}
 ALIASES = {"nn-lstm": "cudnn-lstm", "nn-lstm-matched": "cudnn-lstm-matched"}
 BASELINE = "cudnn-lstm"  # speed-ups are over this row at the same case
+
+
+def native_16bit_gemm(dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies ``dtype`` natively on this CPU."""
+    try:
+        op = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+        return bool(getattr(torch.ops.mkldnn, op)())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def kernel_description(impl: Impl, device: torch.device) -> str:

@@ -247,6 +247,35 @@ def cpu_name() -> str:
     return f"{name} ({', '.join(extra)})"
 
 
+_VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
+                 "amx_tile")
+
+
+def cpu_features() -> dict:
+    """The CPU's vector extensions (from /proc/cpuinfo), what PyTorch dispatches its kernels to,
+    and whether oneDNN has native 16-bit GEMMs here: what decides the CPU results."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+
+    def native(op: str):
+        try:
+            return bool(getattr(torch.ops.mkldnn, op)())
+        except (AttributeError, RuntimeError):
+            return None
+
+    return {"vector_extensions": [f for f in _VECTOR_FLAGS if f in flags],
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_native_bf16": native("_is_mkldnn_bf16_supported"),
+            "onednn_native_fp16": native("_is_mkldnn_fp16_supported")}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -7,13 +7,16 @@ Modes (``chars`` is what ``chars_per_s`` counts):
     fwd        inference forward over [T, B, I] from a given (h0, c0), no autograd.   chars = B*T
     fwd+bwd    forward, then the gradients of the input and every parameter for a given
                output gradient (torch.autograd.grad, so nothing accumulates).         chars = B*T
-    step       one time step [B, I] -> (h, c) from a given state, effective weights computed once
-               (generation).                                                           chars = B
+    step       one time step [B, I] -> (h, c) from a given state, through the module as a
+               generation loop calls it (fastmlstm on a GPU: effective weights computed once and
+               passed as ``weights=``; on a CPU: no ``weights=``, the module's weight cache).  chars = B
     featurize  the paper's features (tanh of each text's final cell state) of N SST-2 sentences,
                end to end from the raw strings: preprocessed as MODEL.md says, sorted by length,
                B at a time, right-padded and run with lengths, features copied to the host.
                fastmlstm: ``fastmlstm.probe.featurize(model, texts, batch_size=B)``; the baselines
-               do the same steps themselves (``impls.Impl.featurize``).
+               do the same steps themselves (``impls.Impl.featurize``). ``fastmlstm-cpu-forward``
+               is the bare forward over the same padded batches (prepared once, untimed), the
+               floor featurize is held to.
                                                         chars = the preprocessed texts' UTF-8 bytes
     train      one full byte-LM optimizer step: embedding -> recurrence -> readout [H, 256] -> cross
                entropy, backward, Adam (lr 5e-4) over B rows of T + 1 bytes. float32 parameters;
@@ -36,6 +39,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # grid: mode -> [(H, B), ...]; extra: [(mode, dtype, H, B), ...] cases outside the dtype x grid product.
 
 _GPU_H = (1024, 2048, 4096)
+_CPU_H = (256, 512, 1024)
 PRESETS = {
     "gpu": {
         "device": "cuda", "tf32": "off", "T": 256, "I": 64, "dtypes": ("float32", "bfloat16"),
@@ -65,28 +69,33 @@ PRESETS = {
         "timing": {"warmup_ms": 100, "rep_ms": 500, "min_runs": 10},
         "ceilings": {"copy_mib": 1024, "matmul_n": 8192, "rep_ms": 300},
     },
-    # What a 2-core CPU measures in a few minutes: the same modes at CPU-sized shapes.
+    # The CPU targets' grid: H in {256, 512, 1024}, B in {16, 64} for every sequence mode, the B = 1
+    # step, float32 and bfloat16, one thread. Only the implementations the targets compare (the
+    # reference loop as the "before"); mlstm-eager/-compile are one --impls away.
     "cpu": {
         "device": "cpu", "threads": 1, "T": 64, "I": 64, "dtypes": ("float32", "bfloat16"),
-        "impls": ("fastmlstm-reference", "fastmlstm-triton", "fastmlstm-cuda", "mlstm-eager", "mlstm-compile",
-                  "cudnn-lstm", "cudnn-lstm-matched"),
+        "impls": ("fastmlstm-cpu", "fastmlstm-cpu-forward", "fastmlstm-reference", "cudnn-lstm",
+                  "cudnn-lstm-matched"),
         "grid": {
-            "fwd": [(256, 16), (512, 16), (1024, 16), (512, 1), (512, 64)],
-            "fwd+bwd": [(256, 16), (512, 16), (512, 1), (512, 64)],
-            "step": [(256, 1), (512, 1), (1024, 1)],
-            "featurize": [(256, 64)],
-            "train": [(256, 16)],
+            "fwd": [(H, B) for H in _CPU_H for B in (16, 64)],
+            "fwd+bwd": [(H, B) for H in _CPU_H for B in (16, 64)],
+            "step": [(H, 1) for H in _CPU_H],
+            "featurize": [(H, B) for H in _CPU_H for B in (16, 64)],
+            "train": [(H, B) for H in _CPU_H for B in (16, 64)],
         },
         "extra": [],
+        # The reference loop is the "before" in float32; a 16-bit nn-lstm is timed only where the CPU
+        # has a native path (impls.LSTMImpl.case_status).
+        "impl_dtypes": {"fastmlstm-reference": ("float32",)},
         "featurize_texts": 128,
-        "timing": {"warmup_ms": 100, "rep_ms": 400, "min_runs": 5},
+        "timing": {"warmup_ms": 100, "rep_ms": 400, "min_runs": 3},
         "ceilings": {"copy_mib": 256, "matmul_n": 1024, "rep_ms": 300},
     },
     # CI: every mode and every CPU implementation at one tiny shape, in seconds.
     "tiny": {
         "device": "cpu", "threads": 1, "T": 8, "I": 8, "dtypes": ("float32",),
-        "impls": ("fastmlstm-reference", "fastmlstm-triton", "mlstm-eager", "mlstm-compile", "cudnn-lstm",
-                  "cudnn-lstm-matched"),
+        "impls": ("fastmlstm-cpu", "fastmlstm-cpu-forward", "fastmlstm-reference", "fastmlstm-triton",
+                  "mlstm-eager", "mlstm-compile", "cudnn-lstm", "cudnn-lstm-matched"),
         "grid": {m: [(16, 2)] for m in MODES},
         "extra": [],
         "featurize_texts": 6,

@@ -183,6 +183,7 @@ def describe_run(args, argv, preset_name: str, preset: dict, device: torch.devic
     started = datetime.datetime.now(datetime.timezone.utc)
     return {
         "schema": SCHEMA_VERSION, "device": measure.device_name(device), "device_type": device.type,
+        "cpu_features": measure.cpu_features() if device.type == "cpu" else None,
         **measure.versions(), **measure.git_commit(), "date": started.date().isoformat(),
         "started": started.isoformat(timespec="seconds"),
         "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -229,13 +230,18 @@ def gate_implementations(impls: list, cases: list, device: torch.device, ctx: di
 
 def time_cases(active: list, cases: list, device: torch.device, ctx: dict, ceilings: dict,
                timing: dict, device_name: str) -> tuple[list, list]:
-    """Every case, every implementation in turn within it (same load, same minute): (results, errors)."""
-    results, errors = [], []
+    """Every case, every implementation in turn within it (same load, same minute): (results, errors,
+    the cases an implementation does not time, with why)."""
+    results, errors, skipped_cases = [], [], []
     for case in cases:
         for impl in active:
             if case.mode not in impl.modes:
                 continue
             label = f"{impl.label(device):<22} {case.mode:<9} {case.dtype:<8} H={case.H:<5} B={case.B:<4}"
+            ok, why = impl.case_status(case, device, ctx)
+            if not ok:
+                skipped_cases.append({"impl": impl.label(device), **case.__dict__, "reason": why})
+                continue
             try:
                 record = run_case(impl, case, device, ctx, ceilings, timing)
             except Exception as exc:
@@ -255,7 +261,7 @@ def time_cases(active: list, cases: list, device: torch.device, ctx: dict, ceili
             model = "" if not record["model"] else f"  model {record['model']['predicted_ms']:.3f} ms"
             print(f"   {label} {record['median_ms']:10.3f} ms  {record['chars_per_s']:12.0f} chars/s  "
                   f"peak {mem}  roofline {record['roofline']['frac_roofline']:.1%}{model}", flush=True)
-    return results, errors
+    return results, errors, skipped_cases
 
 
 def write_results(doc: dict, args, device: torch.device) -> list[Path]:
@@ -282,7 +288,8 @@ def main(argv=None) -> int:
         print(f"run.py: {exc}", file=sys.stderr)
         return 1
     doc = describe_run(args, argv, preset_name, preset, device, timing)
-    ctx = {"compile_backend": args.compile_backend or preset.get("compile_backend", "inductor")}
+    ctx = {"compile_backend": args.compile_backend or preset.get("compile_backend", "inductor"),
+           "impl_dtypes": preset.get("impl_dtypes", {})}
     doc["compile_backend"] = ctx["compile_backend"]
     print(f"== {doc['device']} | torch {doc['torch']} | triton {doc['triton']} | cuda {doc['cuda']} | "
           f"commit {str(doc['commit'])[:10]}{' (dirty)' if doc['dirty'] else ''}", flush=True)
@@ -296,8 +303,8 @@ def main(argv=None) -> int:
         ctx["texts"], doc["featurize_data"] = workload.load_texts(args.featurize_texts or preset["featurize_texts"])
 
     active = gate_implementations(impls, cases, device, ctx, doc)
-    results, errors = time_cases(active, cases, device, ctx, ceilings, timing, doc["device"])
-    doc.update(errors=errors, results=results, load_average_end=measure.load_average(),
+    results, errors, skipped_cases = time_cases(active, cases, device, ctx, ceilings, timing, doc["device"])
+    doc.update(errors=errors, results=results, skipped_cases=skipped_cases, load_average_end=measure.load_average(),
                finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     written = write_results(doc, args, device)
     print("== wrote " + ", ".join(str(p) for p in written), flush=True)

@@ -1,9 +1,10 @@
 """Backend choice for the multiplicative-LSTM recurrence.
 
 Backends, fastest first: ``"triton"`` (fused Triton kernels, CUDA tensors; CPU tensors under
-``TRITON_INTERPRET=1``), ``"cuda"`` (the C++/CUDA extension built from ``csrc/``) and
-``"reference"`` (a plain PyTorch loop, any device). ``"auto"`` picks the fastest one that works for
-the tensors at hand and logs once when it has to fall back.
+``TRITON_INTERPRET=1``), ``"cuda"`` (the C++/CUDA extension built from ``csrc/``), ``"cpu"`` (the
+C++ CPU extension built from ``csrc/cpu/``, CPU tensors) and ``"reference"`` (a plain PyTorch loop,
+any device). ``"auto"`` picks the fastest one that works for the tensors at hand and logs once when
+it has to fall back.
 
 The environment variable ``FASTMLSTM_BACKEND`` overrides every ``backend="auto"`` (the default of
 the module and the functional op); an explicit ``backend=`` argument always wins over it.
@@ -31,7 +32,7 @@ __all__ = [
 
 logger = logging.getLogger("fastmlstm")
 
-BACKENDS = ("auto", "triton", "cuda", "reference")
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 ENV_BACKEND = "FASTMLSTM_BACKEND"
 
 
@@ -44,6 +45,7 @@ def _interpret_mode() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile runs it eagerly and keeps its value: no import traced
 def _import_status(module: str) -> tuple[bool, str]:
     try:
         mod = importlib.import_module(module)
@@ -84,6 +86,16 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> tu
                 "ninja and a CUDA build of PyTorch (see README, 'CUDA extension')"
             )
         return True, ""
+    if backend == "cpu":
+        if device.type != "cpu":
+            return False, f"the CPU extension runs on CPU tensors, not {device.type}"
+        ok, why = _import_status("fastmlstm.ops.cpu")
+        if not ok:
+            return False, (
+                f"the CPU extension is not usable ({why}); it builds on first use and needs a C++ compiler "
+                "and ninja (see README, 'CPU extension')"
+            )
+        return True, ""
     raise InputError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -106,9 +118,9 @@ def _check_name(backend: object, origin: str) -> str:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn ``backend`` (one of :data:`BACKENDS`) into the concrete backend that runs on ``device``.
 
-    ``"auto"`` (after applying ``FASTMLSTM_BACKEND``) gives the reference loop for non-CUDA tensors
-    and Triton > CUDA extension > reference for CUDA tensors. An explicit backend that cannot run
-    raises :class:`BackendUnavailableError`.
+    ``"auto"`` (after applying ``FASTMLSTM_BACKEND``) gives the CPU extension > reference for CPU
+    tensors, Triton > CUDA extension > reference for CUDA tensors and the reference loop for any
+    other device. An explicit backend that cannot run raises :class:`BackendUnavailableError`.
     """
     backend = _check_name(backend, "backend")
     if backend == "auto":
@@ -120,11 +132,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if not ok:
             raise BackendUnavailableError(f"backend {backend!r} is unavailable: {why}")
         return backend
-    if device.type != "cuda":
+    if device.type not in ("cuda", "cpu"):
         _log_once(f"fastmlstm: {device.type} tensors run on the reference PyTorch loop", logging.INFO)
         return "reference"
     reasons = []
-    for candidate in ("triton", "cuda"):
+    for candidate in ("triton", "cuda") if device.type == "cuda" else ("cpu",):
         ok, why = backend_status(candidate, device)
         if ok:
             if reasons:

@@ -23,6 +23,7 @@ from torch import Tensor
 from .backends import resolve_backend
 from .errors import InputError, InputTypeError
 from .ops.common import GATES
+from .ops.cpu import layer as cpu_layer  # imports no compiled code; the extension builds on first use
 from .ops.op import recurrence_forward
 
 __all__ = ["multiplicative_lstm", "multiplicative_lstm_recurrence", "SUPPORTED_DTYPES"]
@@ -109,7 +110,7 @@ def multiplicative_lstm_recurrence(
         lengths: optional [B] integers in [0, T] (CPU tensor or list): row b stops updating after
             ``lengths[b]`` steps; its state is carried unchanged and ``output[t]`` repeats its last h.
         return_cell_states: also return every step's cell state from the same pass.
-        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` (see :mod:`fastmlstm.backends`).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"`` (see :mod:`fastmlstm.backends`).
 
     Returns:
         ``(output, (h_n, c_n))``, or ``(output, (h_n, c_n), cell_states)`` with
@@ -214,14 +215,23 @@ def multiplicative_lstm(
     if bias is not None:
         _check_matrix("bias", bias, (GATES * H,), dtype, device)
 
-    # All input projections of all steps in one GEMM: [T*B, I] x [I, 5H].
-    weight = torch.cat([weight_ih, weight_im], dim=0)
-    full_bias = None if bias is None else torch.cat([bias, bias.new_zeros(H)])
-    proj = torch.nn.functional.linear(x, weight, full_bias)
-    result = multiplicative_lstm_recurrence(
-        proj, weight_hh, weight_hm, initial_state=initial_state, lengths=lengths,
-        return_cell_states=return_cell_states, backend=backend,
-    )
+    name = resolve_backend(backend, device)
+    if name == "cpu" and H > 0 and I > 0 and x.shape[1] > 0:
+        # The CPU backend computes the input projections inside its time loop (fastmlstm.ops.cpu.layer);
+        # an empty batch takes the path below, whose recurrence hands it to the reference loop.
+        _check_matrix("weight_hh", weight_hh, (GATES * H, H), dtype, device)
+        h0, c0 = _check_state(initial_state, x.shape[1], H, dtype, device)
+        result = cpu_layer.multiplicative_lstm(x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0,
+                           _check_lengths(lengths, x.shape[0], x.shape[1], device), return_cell_states)
+    else:
+        # All input projections of all steps in one GEMM: [T*B, I] x [I, 5H].
+        weight = torch.cat([weight_ih, weight_im], dim=0)
+        full_bias = None if bias is None else torch.cat([bias, bias.new_zeros(H)])
+        proj = torch.nn.functional.linear(x, weight, full_bias)
+        result = multiplicative_lstm_recurrence(
+            proj, weight_hh, weight_hm, initial_state=initial_state, lengths=lengths,
+            return_cell_states=return_cell_states, backend=name,
+        )
     if batch_first:
         result = (result[0].transpose(0, 1), result[1], *(r.transpose(0, 1) for r in result[2:]))
     return result

@@ -16,6 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .backends import BACKENDS
 from .errors import InputError, InputTypeError
 from .functional import SUPPORTED_DTYPES, multiplicative_lstm
+from .weight_cache import ENV_WEIGHT_CACHE, cached_weights, forget  # noqa: F401  (ENV_WEIGHT_CACHE: documented here)
 
 __all__ = ["FastMLSTM", "MLSTMWeights", "weight_norm"]
 
@@ -48,6 +49,10 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
 def cast_weights(weights: MLSTMWeights, dtype: torch.dtype) -> MLSTMWeights:
     return MLSTMWeights(*(None if w is None else w.to(dtype) for w in weights))
+
+
+def _cast_all(weights: tuple[MLSTMWeights, ...], dtype: torch.dtype) -> tuple[MLSTMWeights, ...]:
+    return tuple(cast_weights(w, dtype) for w in weights)
 
 
 def weight_norm(direction: Tensor, gain: Tensor) -> Tensor:
@@ -200,6 +205,10 @@ class FastMLSTM(nn.Module):
             return weight_norm(params[f"{name}_v"], params[f"{name}_g"])
         return super().__getattr__(name)
 
+    def train(self, mode: bool = True) -> FastMLSTM:
+        forget(self)  # switching modes brackets training: never carry cached weights across it
+        return super().train(mode)
+
     def flatten_parameters(self) -> None:
         """A no-op, for code written for nn.LSTM: the fused kernels read the weights where they are."""
 
@@ -208,15 +217,37 @@ class FastMLSTM(nn.Module):
         return MLSTMWeights(*(getattr(self, name + suffix) for name in _MATRICES), getattr(self, f"bias{suffix}"))
 
     def effective_weights(self) -> EffectiveWeights:
-        """All effective weights, computed once (weight norm applied); pass them to ``forward`` or
-        ``step`` as ``weights=`` to reuse them across calls, e.g. in a generation loop.
+        """All effective weights (weight norm applied); pass them to ``forward`` or ``step`` as
+        ``weights=`` to reuse them across calls.
+
+        Where no autograd graph through the weights is needed (no grad mode, or parameters that do
+        not require grad) and the parameters are on the CPU, the result is cached and reused while
+        the parameters are unchanged, and recomputed as soon as any of them changes (every change
+        PyTorch tracks; ``FASTMLSTM_WEIGHT_CACHE=strict`` also catches writes through ``.data``, see
+        :mod:`fastmlstm.weight_cache`). The returned tensors must not be modified in place (if they
+        are, the next call recomputes them). Under autograd the weight norm is computed afresh, so
+        that it is differentiated.
 
         Returns:
             One :class:`MLSTMWeights` for a one-layer, one-direction module, else a tuple of them
             in nn.LSTM's order (layer 0, layer 0 reverse, layer 1, ...).
         """
-        weights = tuple(self._layer_weights(layer, reverse) for layer, reverse in self._layers())
+        entry = self._weight_cache_entry()
+        weights = self._all_weights() if entry is None else entry.weights
         return weights[0] if len(weights) == 1 else weights
+
+    def _compute_effective_weights(self) -> EffectiveWeights:
+        """The effective weights computed afresh, never from the cache."""
+        weights = self._all_weights()
+        return weights[0] if len(weights) == 1 else weights
+
+    def _all_weights(self) -> tuple[MLSTMWeights, ...]:
+        return tuple(self._layer_weights(layer, reverse) for layer, reverse in self._layers())
+
+    def _weight_cache_entry(self):
+        if not self.weight_norm:
+            return None  # the parameters are the effective weights: nothing to compute
+        return cached_weights(self, self._all_weights)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
@@ -255,7 +286,7 @@ class FastMLSTM(nn.Module):
 
     def _check_weights(self, weights) -> tuple[MLSTMWeights, ...]:
         if weights is None:
-            weights = self.effective_weights()
+            return self._all_weights()
         if isinstance(weights, MLSTMWeights):
             weights = (weights,)
         count = self.num_layers * self.num_directions
@@ -299,7 +330,8 @@ class FastMLSTM(nn.Module):
         Returns:
             ``(output, (h_n, c_n))`` or ``(output, (h_n, c_n), cell_states)``.
         """
-        weights = self._check_weights(weights)
+        entry = self._weight_cache_entry() if weights is None else None
+        weights = self._check_weights(weights) if entry is None else entry.weights
         x, lengths, packed, batched = self._as_time_major(input, lengths)
         if x.shape[-1] != self.input_size:
             raise InputError(f"input has {x.shape[-1]} features per step but input_size is {self.input_size}")
@@ -307,7 +339,7 @@ class FastMLSTM(nn.Module):
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
             x = x.to(dtype)
-            weights = tuple(cast_weights(w, dtype) for w in weights)
+            weights = _cast_all(weights, dtype) if entry is None else entry.cast(dtype, _cast_all)
         output, h_n, c_n, cells = self._run_layers(x, weights, states, lengths, return_cell_states)
 
         if packed:

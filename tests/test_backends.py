@@ -20,8 +20,21 @@ def _fresh_caches(monkeypatch):
     backends._log_once.cache_clear()
 
 
-def test_auto_uses_the_reference_loop_on_cpu():
-    assert resolve_backend("auto", torch.device("cpu")) == "reference"
+def test_auto_uses_the_cpu_extension_on_cpu():
+    expected = "cpu" if backends.backend_status("cpu", "cpu")[0] else "reference"
+    assert resolve_backend("auto", torch.device("cpu")) == expected
+
+
+def test_auto_on_cpu_without_the_extension_falls_back_with_one_log_line(monkeypatch, caplog):
+    real = backends.backend_status
+    monkeypatch.setattr(backends, "backend_status",
+                        lambda b, d=None: (False, "no C++ compiler found") if b == "cpu" else real(b, d))
+    with caplog.at_level(logging.INFO, logger="fastmlstm"):
+        for _ in range(3):
+            assert resolve_backend("auto", torch.device("cpu")) == "reference"
+    records = [r for r in caplog.records if "falling back" in r.message]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert "cpu: no C++ compiler found" in records[0].message
 
 
 def test_environment_variable_overrides_auto_only(monkeypatch):
@@ -70,7 +83,7 @@ def test_package_imports_and_runs_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
         "import torch, fastmlstm\n"
-        "assert fastmlstm.available_backends('cpu') == ['reference'], fastmlstm.available_backends('cpu')\n"
+        "assert 'triton' not in fastmlstm.available_backends('cpu'), fastmlstm.available_backends('cpu')\n"
         "out, (h, c) = fastmlstm.FastMLSTM(3, 5)(torch.randn(4, 2, 3))\n"
         "assert out.shape == (4, 2, 5)\n"
         "try:\n"

@@ -24,7 +24,6 @@ import gate  # noqa: E402
 import impls  # noqa: E402
 import measure  # noqa: E402
 import mlstm_eager  # noqa: E402
-import registry  # noqa: E402
 import report  # noqa: E402
 import run as bench_run  # noqa: E402
 import workload  # noqa: E402
@@ -34,7 +33,9 @@ TOP_LEVEL = {"device": str, "device_type": str, "torch": str, "triton": str, "da
 RECORD = {"impl": str, "mode": str, "dtype": str, "H": int, "B": int, "T": int, "I": int, "median_ms": float,
           "chars_per_s": float, "p10_ms": float, "p90_ms": float, "n_runs": int, "hidden_size": int,
           "params": int, "static_mem_mb": float, "roofline": dict}
-TINY_IMPLS = ["fastmlstm-reference", "mlstm-eager", "mlstm-compile", "nn-lstm", "nn-lstm-matched"]
+# fastmlstm-cpu is timed where the CPU extension builds (everywhere with a C++ compiler).
+CPU_IMPLS = ["fastmlstm-cpu", "fastmlstm-cpu-forward"] if fastmlstm.backend_status("cpu", "cpu")[0] else []
+TINY_IMPLS = [*CPU_IMPLS, "fastmlstm-reference", "mlstm-eager", "mlstm-compile", "nn-lstm", "nn-lstm-matched"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_runner_writes_the_documented_schema(tiny_run):
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", doc["date"])
     assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"]["float32"] > 0
     assert all(c["passed"] for c in doc["checks"]) and not doc["refused"] and not doc["errors"]
-    assert {c["impl"] for c in doc["checks"]} == {"fastmlstm-reference", "mlstm-eager", "mlstm-compile"}
+    assert {c["impl"] for c in doc["checks"]} == {*CPU_IMPLS, "fastmlstm-reference", "mlstm-eager", "mlstm-compile"}
     assert any(s["impl"] == "fastmlstm-triton" for s in doc["skipped"])  # never timed on CPU
 
     seen = set()
@@ -68,7 +69,7 @@ def test_runner_writes_the_documented_schema(tiny_run):
         assert math.isclose(r["chars_per_s"], r["chars"] / (r["median_ms"] * 1e-3), rel_tol=1e-9)
         assert r["roofline"]["flops"] > 0 and r["roofline"]["bytes"] > 0 and r["roofline"]["frac_roofline"] > 0
         seen.add((r["impl"], r["mode"]))
-    assert seen == {(i, m) for i in TINY_IMPLS for m in registry.MODES}
+    assert seen == {(i, m) for i in TINY_IMPLS for m in impls.IMPLS[impls.ALIASES.get(i, i)].modes}
     by = {(r["impl"], r["mode"]): r for r in doc["results"]}
     assert by[("mlstm-eager", "fwd")]["chars"] == 2 * 8  # B x T
     assert by[("mlstm-eager", "step")]["chars"] == 2 and by[("mlstm-eager", "step")]["T"] == 1
@@ -123,6 +124,35 @@ def test_committed_readme_section_is_generated_from_the_committed_results(tmp_pa
     report.update_readme(copy, json.loads(results.read_text()), named[0])
     assert copy.read_text() == text, "README benchmark section is stale: run python bench/report.py " + named[0] + \
         " --readme README.md"
+
+
+def test_cpu_targets_are_judged_from_the_right_records():
+    """The CPU targets on a synthetic document (test inputs, never results)."""
+    rs = []
+    for H in (256, 512, 1024):
+        for B in (16, 64):
+            for mode in ("fwd", "fwd+bwd", "featurize", "train"):
+                rs += [_record("fastmlstm-cpu", mode, "float32", H, B, 12.0),
+                       _record("nn-lstm", mode, "float32", H, B, 10.0),  # 1.2x: within 1.25x
+                       _record("nn-lstm-matched", mode, "float32", H, B, 13.0),
+                       _record("fastmlstm-cpu", mode, "bfloat16", H, B, 14.0),  # 1.17x its fp32: over 1.1x
+                       _record("nn-lstm", mode, "bfloat16", H, B, 20.0)]
+            rs.append(_record("fastmlstm-cpu-forward", "featurize", "float32", H, B, 11.5))  # 12 / 11.5: within
+    rs += [_record("fastmlstm-cpu", "step", "float32", 512, 1, 0.2), _record("nn-lstm", "step", "float32", 512, 1, 0.1),
+           _record("fastmlstm-cpu", "fwd", "float32", 128, 8, 50.0), _record("nn-lstm", "fwd", "float32", 128, 8, 1.0)]
+    doc = {"device": "a CPU", "device_type": "cpu", "results": rs,
+           "cpu_features": {"vector_extensions": ["avx2"], "onednn_native_bf16": False}}
+    judged = {t: (m, s) for t, m, s in report.targets(doc)}
+    assert judged[report.CPU_TARGETS[0]][1] == "met"  # 1.2x everywhere on the grid; H=128 is off the grid
+    assert "in 24 of 24 cases" in judged[report.CPU_TARGETS[0]][0]
+    assert judged[report.CPU_TARGETS[1]][1] == "not applicable"  # no native bf16 nn.LSTM: shown, not judged
+    assert judged[report.CPU_TARGETS[2]][1] == "missed"  # 2x nn.LSTM's step
+    assert judged[report.CPU_TARGETS[3]][1] == "missed"
+    assert judged[report.CPU_TARGETS[4]][1] == "met"
+    assert judged[report.CPU_TARGETS[5]][1] == "met"  # 12 <= 13
+    assert all(s == "not measured" for t, (_, s) in judged.items() if t in report.GPU_TARGETS)
+    doc["cpu_features"]["onednn_native_bf16"] = True
+    assert dict((t, s) for t, _, s in report.targets(doc))[report.CPU_TARGETS[1]] == "met"  # 14 <= 1.25 * 20
 
 
 class _SwappedGates(impls.EagerImpl):
@@ -253,7 +283,7 @@ def test_gpu_targets_are_judged_from_the_right_records(tmp_path):
     assert status[report.GPU_TARGETS[5]] == "met"  # 60 us
     assert status[report.GPU_TARGETS[6]] == "met"  # the faster backend: 32768 chars / 60 ms = 546k (70 ms: 468k)
     assert status[report.GPU_TARGETS[7]] == "met"  # 1.4x
-    assert status[report.CPU_TARGET] == "not measured"
+    assert all(status[t] == "not measured" for t in report.CPU_TARGETS)
     section = report.readme_section(doc, "bench/results/x.json")
     assert "cudnn-lstm ms" in section and "1.10x" in section and "GPU" in section
     assert "fwd+bwd" in report.markdown(doc, "x.json")

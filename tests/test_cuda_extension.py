@@ -224,7 +224,10 @@ def test_wheel_ships_the_sources(tmp_path):
         archive.extractall(tmp_path / "unpacked")
         names = set(archive.namelist())
     for source in CSRC.iterdir():
-        assert f"fastmlstm/ops/cuda/csrc/{source.name}" in names
+        if source.is_file():  # csrc/cpu/ holds the CPU extension, shipped beside its own package
+            assert f"fastmlstm/ops/cuda/csrc/{source.name}" in names
+    for source in (CSRC / "cpu").iterdir():
+        assert f"fastmlstm/ops/cpu/csrc/{source.name}" in names
     found = subprocess.run(
         [sys.executable, "-c",
          f"import sys; sys.path.insert(0, {str(tmp_path / 'unpacked')!r}); "
@@ -232,6 +235,13 @@ def test_wheel_ships_the_sources(tmp_path):
         capture_output=True, text=True, check=True,
     ).stdout.strip()
     assert Path(found) == tmp_path / "unpacked" / "fastmlstm" / "ops" / "cuda" / "csrc"
+    found = subprocess.run(
+        [sys.executable, "-c",
+         f"import sys; sys.path.insert(0, {str(tmp_path / 'unpacked')!r}); "
+         "from fastmlstm.ops.cpu import build; print(build.source_dir())"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert Path(found) == tmp_path / "unpacked" / "fastmlstm" / "ops" / "cpu" / "csrc"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def test_the_cli_featurizes_the_bytes_the_api_does(model, tmp_path_factory, line
     folder = tmp_path_factory.mktemp("cli")
     (folder / "in.txt").write_bytes(b"".join(line + b"\n" for line in lines))
     code = main(["featurize", "--model", str(model[1]), "--input", str(folder / "in.txt"), "-o",
-                 str(folder / "out.npy"), "--no-progress"])
+                 str(folder / "out.npy"), "--no-progress", "--backend", model[0].backend])
     assert code == 0
     expected = featurize(model[0], [line.removesuffix(b"\r") for line in lines])
     np.testing.assert_array_equal(np.load(folder / "out.npy"), expected)

@@ -16,7 +16,12 @@ from torch import Tensor
 
 from .common import GATES
 
-_MODULES = {"reference": "fastmlstm.ops.reference", "triton": "fastmlstm.ops.triton", "cuda": "fastmlstm.ops.cuda"}
+_MODULES = {
+    "reference": "fastmlstm.ops.reference",
+    "triton": "fastmlstm.ops.triton",
+    "cuda": "fastmlstm.ops.cuda",
+    "cpu": "fastmlstm.ops.cpu",
+}
 
 
 def _backend(name: str):

@@ -1,7 +1,8 @@
 """Reference recurrence: a plain PyTorch loop over time with explicit forward and backward.
 
-It is the CPU path, the fallback on GPUs without Triton or the extension, and the specification the
-fused kernels are tested against: it follows the same numerics (activations stored in the weight
+It is the fallback (CPUs where the C++ extension of the ``cpu`` backend cannot be built, GPUs
+without Triton or the CUDA extension, other devices) and the specification the fused kernels are
+tested against: it follows the same numerics (activations stored in the weight
 dtype, float32 arithmetic and float32 cell state) and the same saved-tensor contract
 (:mod:`fastmlstm.ops.common`).
 

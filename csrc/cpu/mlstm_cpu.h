@@ -1,0 +1,122 @@
+// The CPU backend's fused step epilogues, as seen from its host driver (mlstm_cpu.cpp).
+//
+// Legend (as in fastmlstm/ops/common.py)
+//   T time steps    B batch rows    H hidden units    G = 4 gates, order i, f, o, u
+//   D: the activation dtype (float, c10::BFloat16 or c10::Half); every value the contract stores
+//      in the activation dtype (h, m, proj, the saved gates, the gradients) is a D.
+//   E: the dtype of the GEMM operands the driver feeds the GEMMs with: float, or D itself where the
+//      CPU multiplies D x D -> float natively (bfloat16 on AVX-512-BF16/AMX). An E buffer only ever
+//      holds values that are exactly representable in D, so the products are the same either way.
+//
+// The driver runs each step's two GEMMs as a loop over column blocks (at::parallel_for) and, per
+// block, over row blocks; right after a tile's GEMM the matching epilogue below consumes the tile
+// while it is still in L1. Every pointer argument is already offset to the tile's first row and
+// first hidden unit n0; ld_* are row strides in elements. Tiles hold at most kRowBlock rows and
+// kColumnBlock columns. A null pointer means "absent" (no saving, no lengths, no gradient).
+//
+// Layouts (row-major):
+//   proj_t  [B, 5H] D   gate pre-activations x Wx + b (i, f, o, u), then xm = x Wmx
+//   act_t   [B, 6H] D   saved gates i, f, o, u, then xm, then hm = h Wmh^T
+//   dproj_t [B, 5H] D   dz (4H), then dxm
+//   forward z tile: the GEMM's columns are interleaved per block of q units, [i(q) f(q) o(q) u(q)],
+//   so that one tile holds the four gates of the same q units (the packed weight is permuted so).
+//
+// Numerics (the contract): loads widen to float32, arithmetic is float32, stores round to D (round
+// to nearest even); c, dh and dc stay float32. The formulas follow fastmlstm/ops/reference.py.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace fastmlstm {
+namespace cpu {
+
+constexpr int64_t kGates = 4;
+// Column block of the packed weights (hidden units for the m GEMMs, gate columns for z: 8 units x
+// 4 gates) and the largest row block a tile holds. 32 columns ran 5-10% faster than 64 or 128 with
+// oneDNN's AVX2 micro-kernels at B = 16..64, H = 512..1024 (a Zen 3 core).
+constexpr int64_t kColumnBlock = 32;
+constexpr int64_t kRowBlock = 64;
+
+template <typename D, typename E>
+struct StepKernels {
+  // hm (GEMM tile, f32) -> m = xm * hm rounded to D, written as E for the next GEMM; with act,
+  // saves xm and hm (rounded to D). xm comes from proj's last H columns (proj + 4H), or, when proj
+  // is null, from float32 xm = x Wmx^T (rounded to D first, as if it had been stored in proj).
+  void (*forward_m)(int64_t rows, int64_t width, int64_t H, const float* hm, int64_t ld_hm, const D* proj,
+                    int64_t ld_proj, const float* xm, int64_t ld_xm, E* m, int64_t ld_m, D* act, int64_t ld_act);
+
+  // z (GEMM tile, f32, interleaved [i f o u] x units) + the gate columns of proj (nullable; with
+  // ld_proj = 0 the same [4H] bias for every row) -> gates, c_t, h_t.
+  // h (E, the next GEMM's operand) and c hold step t-1's state on entry and step t's on exit; rows
+  // with t >= lengths[row] keep both. out receives h_t (D), cell c_t, act the gates.
+  void (*forward_cell)(int64_t rows, int64_t units, int64_t H, const float* z, int64_t ld_z, const D* proj,
+                       int64_t ld_proj, E* h, int64_t ld_h, float* c, int64_t ld_c, D* out, int64_t ld_out,
+                       float* cell, int64_t ld_cell, D* act, int64_t ld_act, const int64_t* lengths, int64_t t);
+
+  // Rows that are past their length (and skipped by the GEMMs): carry h and c into out and cell.
+  void (*carry_state)(int64_t rows, int64_t H, const E* h, int64_t ld_h, const float* c, int64_t ld_c, D* out,
+                      int64_t ld_out, float* cell, int64_t ld_cell);
+
+  // The cell derivatives of step t for `width` units (plain gate order). rec (nullable at t = T-1)
+  // is the GEMM tile dhm_{t+1} Wmh. dh holds on entry the gradient that reached h_{t+1} and on exit
+  // that of h_t; dc that of c_t, then of c_{t-1}. dz goes to dproj (D) and, if not null, to dz_op
+  // (E, [B, 4H], the next GEMM's operand).
+  void (*backward_cell)(int64_t rows, int64_t width, int64_t H, const float* rec, int64_t ld_rec, float* dh,
+                        float* dc, int64_t ld_state, const D* dout, int64_t ld_dout, const float* dcells,
+                        int64_t ld_dcells, const D* act, int64_t ld_act, const float* c, const float* c_prev,
+                        int64_t ld_c, D* dproj, int64_t ld_dproj, E* dz_op, int64_t ld_dz, const int64_t* lengths,
+                        int64_t t);
+
+  // dm = dz Wh (GEMM tile, f32) -> dxm = dm * hm into dproj's last H columns, dhm = dm * xm into
+  // grad_hm (D) and, if not null, dhm_op (E, the next GEMM's operand).
+  void (*backward_m)(int64_t rows, int64_t width, int64_t H, const float* dm, int64_t ld_dm, const D* act,
+                     int64_t ld_act, D* dproj, int64_t ld_dproj, D* dhm, int64_t ld_dhm, E* dhm_op, int64_t ld_op);
+
+  // The gradient of h0: out = rec + dh for rows that never started (0 >= lengths[row]), rec elsewhere.
+  void (*grad_h0)(int64_t rows, int64_t width, const float* rec, int64_t ld_rec, const float* dh, int64_t ld_dh,
+                  float* out, int64_t ld_out, const int64_t* lengths);
+};
+
+// m = xm * hm of saved rows (act [R, 6H] -> m [R, H], float holding the D values).
+template <typename D>
+using RecomputeM = void (*)(int64_t rows, int64_t H, const D* act, float* m);
+
+// Widening copy of a [rows, cols] block (row stride ld_in) into a dense float block.
+template <typename D>
+using Widen = void (*)(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* out);
+
+// C [M, N] (float32, row stride kColumnBlock) = A [M, K] (float32, row stride lda) x B, for a block
+// of weights kept in their 16-bit dtype W ([K, kColumnBlock], zero-padded): the GEMM of small
+// batches (generation), where reading the weights is the whole cost and 16-bit weights halve it.
+template <typename W>
+using SmallGemm = void (*)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const W* B, float* C);
+
+// 64-bit fingerprint of a byte range: position dependent (a permutation or a one-bit change gives
+// another value), not cryptographic; for the effective-weight cache's "did this parameter change".
+using Fingerprint = uint64_t (*)(const void* data, int64_t bytes);
+
+// One set per instruction set: kernels_default.cpp (portable C++) and, on x86-64, kernels_avx2.cpp.
+#define FASTMLSTM_DECLARE_KERNELS(isa)                                                  \
+  namespace isa {                                                                      \
+  template <typename D, typename E>                                                    \
+  const StepKernels<D, E>& step_kernels();                                             \
+  template <typename D>                                                                \
+  RecomputeM<D> recompute_m();                                                         \
+  template <typename D>                                                                \
+  Widen<D> widen();                                                                    \
+  template <typename W>                                                                \
+  SmallGemm<W> small_gemm();                                                           \
+  uint64_t fingerprint(const void* data, int64_t bytes);                               \
+  }
+
+FASTMLSTM_DECLARE_KERNELS(isa_default)
+#if defined(__x86_64__) || defined(_M_X64)
+#define FASTMLSTM_HAVE_AVX2_KERNELS 1
+FASTMLSTM_DECLARE_KERNELS(isa_avx2)
+#endif
+
+}  // namespace cpu
+}  // namespace fastmlstm

@@ -1,0 +1,445 @@
+// The epilogues of mlstm_cpu.h written once with ATen's at::vec::Vectorized<float>, compiled once per
+// instruction set: kernels_default.cpp (whatever the compiler's baseline gives) and kernels_avx2.cpp
+// (AVX2 + FMA + F16C). Each includer defines FASTMLSTM_ISA, the namespace its copy lands in; the
+// driver picks one at run time (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY).
+//
+// Legend and layouts: mlstm_cpu.h. Inner loops run over hidden units, V at a time (V = the vector
+// width in floats), with a partial vector at the tail; the same expressions, in the same order, as
+// the reference loop (sigmoid as 1 / (1 + exp(0 - x)), like torch.sigmoid's CPU kernel), with
+// sigmoid and tanh built on ATen's fast vector exp (see sigmoid() below).
+//
+// This header must not define static data with dynamic initialization: the AVX2 copy is compiled
+// for AVX2 and its initializers would run when the library loads, on any CPU.
+#pragma once
+
+#ifndef FASTMLSTM_ISA
+#error "define FASTMLSTM_ISA (the namespace of this copy of the kernels) before including mlstm_cpu_kernels.h"
+#endif
+
+#include "mlstm_cpu.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace fastmlstm {
+namespace cpu {
+namespace FASTMLSTM_ISA {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t V = Vec::size();
+
+#if defined(CPU_CAPABILITY_AVX2)
+// One vector of 8 16-bit values <-> 8 floats in registers (at::vec's partial 16-bit loads and stores
+// go through memory, and the epilogues move 8 values at a time). Round to nearest even, as c10's.
+template <typename T>
+inline Vec widen8(__m128i raw) {
+  __m256 out;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    at::vec::cvtbf16_fp32(raw, out);
+  } else {
+    at::vec::cvtfp16_fp32(raw, out);
+  }
+  return Vec(out);
+}
+
+template <typename T>
+inline __m128i narrow8(const Vec& v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return at::vec::cvtfp32_bf16(__m256(v));
+  } else {
+    return at::vec::cvtfp32_fp16(__m256(v));
+  }
+}
+#endif
+
+template <typename T>
+inline Vec load(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return n == V ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (n == V) {
+      return widen8<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
+#endif
+    const auto packed = at::vec::Vectorized<T>::loadu(p, n);
+    return std::get<0>(at::vec::convert_to_float<T>(packed));
+  }
+}
+
+template <typename T>
+inline void store(T* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, static_cast<int>(n));
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (n == V) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow8<T>(v));
+      return;
+    }
+#endif
+    at::vec::convert_from_float<T>(v, v).store(p, static_cast<int>(n));
+  }
+}
+
+// v rounded to D (round to nearest even) and widened back: the value a D store would hold.
+template <typename D>
+inline Vec round_to(const Vec& v) {
+  if constexpr (std::is_same_v<D, float>) {
+    return v;
+  } else {
+#if defined(CPU_CAPABILITY_AVX2)
+    return widen8<D>(narrow8<D>(v));
+#else
+    return std::get<0>(at::vec::convert_to_float<D>(at::vec::convert_from_float<D>(v, v)));
+#endif
+  }
+}
+
+// sigmoid and tanh from ATen's fast exp (exp_u20: a degree-5 polynomial, relative error under 2e-7,
+// its argument clamped to float's range so it never overflows): about 0.6 ns per element each on a
+// Zen 3 core, against 1.2 ns (sigmoid) and 3 ns (tanh) with the correctly rounded-ish Sleef u10
+// functions, which made up a fifth of a step. Absolute errors: sigmoid 9e-8, tanh 1.8e-7, below
+// the float32 GEMMs' rounding noise (tests/tolerances.py).
+// The clamp inside exp_u20 (min/max) turns a NaN argument into a bound, so both put NaN back
+// where x is NaN: a NaN pre-activation (e.g. from an infinite input) must propagate as it does in
+// the reference loop, never become a plausible finite value.
+inline Vec sigmoid(const Vec& x) {
+  // exp(-x) is at most FLT_MAX (clamped) for very negative x: 1 / (1 + FLT_MAX) ~ 0.
+  const Vec r = (Vec(1.0f) + (Vec(0.0f) - x).exp_u20()).reciprocal();
+  return Vec::blendv(r, x, x.isnan());
+}
+
+inline Vec tanh(const Vec& x) {
+  // 1 - 2 / (1 + exp(2x)): +-1 at the ends (exp clamped to [0, FLT_MAX]).
+  const Vec r = Vec(1.0f) - Vec(2.0f) / (Vec(1.0f) + (x + x).exp_u20());
+  return Vec::blendv(r, x, x.isnan());
+}
+
+template <typename D, typename E>
+void forward_m(int64_t rows, int64_t width, int64_t H, const float* hm, int64_t ld_hm, const D* proj,
+               int64_t ld_proj, const float* xm, int64_t ld_xm, E* m, int64_t ld_m, D* act, int64_t ld_act) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* hm_r = hm + r * ld_hm;
+    const D* xm_proj = proj != nullptr ? proj + r * ld_proj + 4 * H : nullptr;
+    const float* xm_tile = proj != nullptr ? nullptr : xm + r * ld_xm;
+    E* m_r = m + r * ld_m;
+    D* act_r = act != nullptr ? act + r * ld_act : nullptr;
+    for (int64_t k = 0; k < width; k += V) {
+      const int64_t n = std::min(V, width - k);
+      const Vec hm_v = load(hm_r + k, n);
+      const Vec xm_v = xm_proj != nullptr ? load(xm_proj + k, n) : round_to<D>(load(xm_tile + k, n));
+      store(m_r + k, round_to<D>(hm_v * xm_v), n);
+      if (act_r != nullptr) {
+        store(act_r + 4 * H + k, xm_v, n);
+        store(act_r + 5 * H + k, hm_v, n);
+      }
+    }
+  }
+}
+
+template <typename D, typename E>
+void forward_cell(int64_t rows, int64_t units, int64_t H, const float* z, int64_t ld_z, const D* proj,
+                  int64_t ld_proj, E* h, int64_t ld_h, float* c, int64_t ld_c, D* out, int64_t ld_out, float* cell,
+                  int64_t ld_cell, D* act, int64_t ld_act, const int64_t* lengths, int64_t t) {
+  const int64_t q = units;  // the tile's columns: [i(q) f(q) o(q) u(q)]
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool active = lengths == nullptr || t < lengths[r];
+    const float* z_r = z + r * ld_z;
+    const D* x_r = proj != nullptr ? proj + r * ld_proj : nullptr;
+    E* h_r = h + r * ld_h;
+    float* c_r = c + r * ld_c;
+    D* out_r = out + r * ld_out;
+    float* cell_r = cell != nullptr ? cell + r * ld_cell : nullptr;
+    D* act_r = act != nullptr ? act + r * ld_act : nullptr;
+    for (int64_t k = 0; k < q; k += V) {
+      const int64_t n = std::min(V, q - k);
+      Vec zi = load(z_r + k, n), zf = load(z_r + q + k, n), zo = load(z_r + 2 * q + k, n),
+          zu = load(z_r + 3 * q + k, n);
+      if (x_r != nullptr) {
+        zi = zi + load(x_r + k, n);
+        zf = zf + load(x_r + H + k, n);
+        zo = zo + load(x_r + 2 * H + k, n);
+        zu = zu + load(x_r + 3 * H + k, n);
+      }
+      const Vec i = sigmoid(zi);
+      const Vec f = sigmoid(zf);
+      const Vec o = sigmoid(zo);
+      const Vec u = tanh(zu);
+      const Vec c_prev = load(c_r + k, n);
+      Vec c_new = f * c_prev + i * u;
+      Vec h_new = round_to<D>(o * tanh(c_new));
+      if (!active) {
+        // Past its length a row keeps its state: h and c are carried through unchanged.
+        c_new = c_prev;
+        h_new = load(h_r + k, n);
+      }
+      store(c_r + k, c_new, n);
+      store(h_r + k, h_new, n);
+      store(out_r + k, h_new, n);
+      if (cell_r != nullptr) {
+        store(cell_r + k, c_new, n);
+      }
+      if (act_r != nullptr) {
+        store(act_r + k, i, n);
+        store(act_r + H + k, f, n);
+        store(act_r + 2 * H + k, o, n);
+        store(act_r + 3 * H + k, u, n);
+      }
+    }
+  }
+}
+
+template <typename D, typename E>
+void carry_state(int64_t rows, int64_t H, const E* h, int64_t ld_h, const float* c, int64_t ld_c, D* out,
+                 int64_t ld_out, float* cell, int64_t ld_cell) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < H; k += V) {
+      const int64_t n = std::min(V, H - k);
+      store(out + r * ld_out + k, load(h + r * ld_h + k, n), n);
+      if (cell != nullptr) {
+        store(cell + r * ld_cell + k, load(c + r * ld_c + k, n), n);
+      }
+    }
+  }
+}
+
+template <typename D, typename E>
+void backward_cell(int64_t rows, int64_t width, int64_t H, const float* rec, int64_t ld_rec, float* dh, float* dc,
+                   int64_t ld_state, const D* dout, int64_t ld_dout, const float* dcells, int64_t ld_dcells,
+                   const D* act, int64_t ld_act, const float* c, const float* c_prev, int64_t ld_c, D* dproj,
+                   int64_t ld_dproj, E* dz_op, int64_t ld_dz, const int64_t* lengths, int64_t t) {
+  const Vec one(1.0f);
+  const Vec zero(0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool has_len = lengths != nullptr;
+    const int64_t len = has_len ? lengths[r] : 0;
+    const bool active = !has_len || t < len;
+    // A row that was padding at t + 1 passed h_t through unchanged: the gradient that reached
+    // h_{t+1} passes straight back as well, on top of the one through hm_{t+1}.
+    const bool passed_through = has_len && t + 1 >= len;
+    float* dh_r = dh + r * ld_state;
+    float* dc_r = dc + r * ld_state;
+    const D* a = act + r * ld_act;
+    const float* c_r = c + r * ld_c;
+    const float* cp_r = c_prev + r * ld_c;
+    D* dz_r = dproj + r * ld_dproj;
+    E* op_r = dz_op != nullptr ? dz_op + r * ld_dz : nullptr;
+    for (int64_t k = 0; k < width; k += V) {
+      const int64_t n = std::min(V, width - k);
+      Vec dh_v = load(dh_r + k, n);
+      if (rec != nullptr) {
+        const Vec rec_v = load(rec + r * ld_rec + k, n);
+        dh_v = passed_through ? rec_v + dh_v : rec_v;
+      }
+      if (dout != nullptr) {
+        dh_v = dh_v + load(dout + r * ld_dout + k, n);
+      }
+      store(dh_r + k, dh_v, n);
+      Vec dc_v = load(dc_r + k, n);
+      if (dcells != nullptr) {
+        dc_v = dc_v + load(dcells + r * ld_dcells + k, n);
+      }
+      Vec dzi = zero, dzf = zero, dzo = zero, dzu = zero;
+      if (active) {
+        const Vec i = load(a + k, n);
+        const Vec f = load(a + H + k, n);
+        const Vec o = load(a + 2 * H + k, n);
+        const Vec u = load(a + 3 * H + k, n);
+        const Vec tanh_c = tanh(load(c_r + k, n));
+        dc_v = dc_v + dh_v * o * (one - tanh_c * tanh_c);
+        dzi = dc_v * u * i * (one - i);
+        dzf = dc_v * load(cp_r + k, n) * f * (one - f);
+        dzo = dh_v * tanh_c * o * (one - o);
+        dzu = dc_v * i * (one - u * u);
+        dc_v = dc_v * f;
+      }
+      // A padded step is the identity on c: its gradient passes through, its gates get none.
+      store(dc_r + k, dc_v, n);
+      const Vec dz[4] = {round_to<D>(dzi), round_to<D>(dzf), round_to<D>(dzo), round_to<D>(dzu)};
+      for (int64_t g = 0; g < kGates; ++g) {
+        store(dz_r + g * H + k, dz[g], n);
+        if (op_r != nullptr) {
+          store(op_r + g * H + k, dz[g], n);
+        }
+      }
+    }
+  }
+}
+
+template <typename D, typename E>
+void backward_m(int64_t rows, int64_t width, int64_t H, const float* dm, int64_t ld_dm, const D* act,
+                int64_t ld_act, D* dproj, int64_t ld_dproj, D* dhm, int64_t ld_dhm, E* dhm_op, int64_t ld_op) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const D* a = act + r * ld_act;
+    for (int64_t k = 0; k < width; k += V) {
+      const int64_t n = std::min(V, width - k);
+      const Vec dm_v = load(dm + r * ld_dm + k, n);
+      store(dproj + r * ld_dproj + 4 * H + k, dm_v * load(a + 5 * H + k, n), n);
+      const Vec dhm_v = round_to<D>(dm_v * load(a + 4 * H + k, n));
+      store(dhm + r * ld_dhm + k, dhm_v, n);
+      if (dhm_op != nullptr) {
+        store(dhm_op + r * ld_op + k, dhm_v, n);
+      }
+    }
+  }
+}
+
+void grad_h0(int64_t rows, int64_t width, const float* rec, int64_t ld_rec, const float* dh, int64_t ld_dh,
+             float* out, int64_t ld_out, const int64_t* lengths) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool never_started = lengths != nullptr && 0 >= lengths[r];
+    for (int64_t k = 0; k < width; k += V) {
+      const int64_t n = std::min(V, width - k);
+      Vec v = load(rec + r * ld_rec + k, n);
+      if (never_started) {
+        v = v + load(dh + r * ld_dh + k, n);
+      }
+      store(out + r * ld_out + k, v, n);
+    }
+  }
+}
+
+template <typename D>
+void recompute_m_impl(int64_t rows, int64_t H, const D* act, float* m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const D* a = act + r * 6 * H;
+    for (int64_t k = 0; k < H; k += V) {
+      const int64_t n = std::min(V, H - k);
+      store(m + r * H + k, round_to<D>(load(a + 4 * H + k, n) * load(a + 5 * H + k, n)), n);
+    }
+  }
+}
+
+template <typename D>
+void widen_impl(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < cols; k += V) {
+      const int64_t n = std::min(V, cols - k);
+      store(out + r * cols + k, load(in + r * ld_in + k, n), n);
+    }
+  }
+}
+
+template <typename W>
+void small_gemm_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const W* B, float* C) {
+  // Up to 4 rows at a time, all kColumnBlock (= 4 V with AVX2) columns of the block in registers;
+  // the padded columns of the last block hold zero weights and give zeros.
+  constexpr int64_t kCols = kColumnBlock;
+  static_assert(kCols % (2 * V) == 0, "a weight block must hold whole pairs of vectors");
+  constexpr int64_t kVecs = kCols / V;
+  constexpr int64_t kRows = 4;
+  (void)N;
+  for (int64_t r0 = 0; r0 < M; r0 += kRows) {
+    const int64_t rows = std::min(kRows, M - r0);
+    Vec acc[kRows][kVecs];
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t v = 0; v < kVecs; ++v) {
+        acc[r][v] = Vec(0.0f);
+      }
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      Vec b[kVecs];
+      for (int64_t v = 0; v < kVecs; v += 2) {
+        // A whole 16-bit vector (2 V values) at a time: at::vec's partial 16-bit loads go through memory.
+        std::tie(b[v], b[v + 1]) = at::vec::convert_to_float<W>(at::vec::Vectorized<W>::loadu(B + k * kCols + v * V));
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const Vec a(A[(r0 + r) * lda + k]);
+        for (int64_t v = 0; v < kVecs; ++v) {
+          acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t v = 0; v < kVecs; ++v) {
+        acc[r][v].store(C + (r0 + r) * kCols + v * V);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename D, typename E>
+const StepKernels<D, E>& step_kernels() {
+  // Constant-initialized (function addresses only): no code runs at load time.
+  static constexpr StepKernels<D, E> table{&forward_m<D, E>,     &forward_cell<D, E>, &carry_state<D, E>,
+                                           &backward_cell<D, E>, &backward_m<D, E>,   &grad_h0};
+  return table;
+}
+
+template <typename D>
+RecomputeM<D> recompute_m() {
+  return &recompute_m_impl<D>;
+}
+
+template <typename D>
+Widen<D> widen() {
+  return &widen_impl<D>;
+}
+
+template <typename W>
+SmallGemm<W> small_gemm() {
+  return &small_gemm_impl<W>;
+}
+
+uint64_t fingerprint(const void* data, int64_t bytes) {
+  // 64 independent 32-bit FNV-1a style lanes over the 4-byte words (enough lanes in flight to run
+  // at memory speed), then the tail bytes and the length, folded into 64 bits with a final mix.
+  constexpr int64_t kLanes = 64;
+  constexpr uint32_t kPrime = 16777619u;
+  uint32_t lanes[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    lanes[l] = 2166136261u ^ static_cast<uint32_t>(l * 0x9E3779B9u);
+  }
+  const auto* bytes_p = static_cast<const unsigned char*>(data);
+  const int64_t words = bytes / 4;
+  const int64_t full = words - words % kLanes;
+  for (int64_t w = 0; w < full; w += kLanes) {
+    uint32_t chunk[kLanes];
+    std::memcpy(chunk, bytes_p + 4 * w, sizeof(chunk));
+    for (int64_t l = 0; l < kLanes; ++l) {
+      lanes[l] = (lanes[l] ^ chunk[l]) * kPrime;
+    }
+  }
+  uint64_t hash = 0x243F6A8885A308D3ull ^ static_cast<uint64_t>(bytes);
+  auto mix = [&hash](uint64_t value) {
+    hash ^= value + 0x9E3779B97F4A7C15ull + (hash << 6) + (hash >> 2);
+    hash *= 0xBF58476D1CE4E5B9ull;
+    hash ^= hash >> 31;
+  };
+  for (int64_t l = 0; l < kLanes; ++l) {
+    mix(lanes[l]);
+  }
+  for (int64_t b = 4 * full; b < bytes; ++b) {
+    mix(bytes_p[b] | (static_cast<uint64_t>(b) << 8));
+  }
+  return hash;
+}
+
+#define FASTMLSTM_INSTANTIATE(D, E) template const StepKernels<D, E>& step_kernels<D, E>();
+FASTMLSTM_INSTANTIATE(float, float)
+FASTMLSTM_INSTANTIATE(c10::BFloat16, float)
+FASTMLSTM_INSTANTIATE(c10::BFloat16, c10::BFloat16)
+FASTMLSTM_INSTANTIATE(c10::Half, float)
+#undef FASTMLSTM_INSTANTIATE
+template RecomputeM<float> recompute_m<float>();
+template RecomputeM<c10::BFloat16> recompute_m<c10::BFloat16>();
+template RecomputeM<c10::Half> recompute_m<c10::Half>();
+template Widen<float> widen<float>();
+template Widen<c10::BFloat16> widen<c10::BFloat16>();
+template Widen<c10::Half> widen<c10::Half>();
+template SmallGemm<c10::BFloat16> small_gemm<c10::BFloat16>();
+template SmallGemm<c10::Half> small_gemm<c10::Half>();
+
+}  // namespace FASTMLSTM_ISA
+}  // namespace cpu
+}  // namespace fastmlstm

@@ -1,0 +1,31 @@
+"""CPU backend: the C++ extension compiled from ``csrc/cpu/`` (:mod:`.build` finds, builds and loads
+it; :mod:`.recurrence` calls it with the contract of :mod:`fastmlstm.ops.common`).
+
+The time loops run in C++: per step two GEMMs on prepacked weights (oneDNN's micro-kernels through
+ATen, bfloat16 natively where the CPU has it) with the pointwise work fused into each GEMM tile and
+vectorized (AVX2 where the CPU has it, chosen at run time).
+
+Importing this package compiles nothing; :func:`is_available` builds the extension on first use
+(ninja and a C++ compiler, cached) and reports ``(False, reason)`` when it cannot, so that
+``backend="auto"`` falls back to the reference loop.
+"""
+
+from __future__ import annotations
+
+
+def is_available() -> tuple[bool, str]:
+    from .build import status
+
+    return status()
+
+
+def forward(*args, **kwargs):
+    from .recurrence import forward as _forward
+
+    return _forward(*args, **kwargs)
+
+
+def backward(*args, **kwargs):
+    from .recurrence import backward as _backward
+
+    return _backward(*args, **kwargs)

@@ -1,0 +1,224 @@
+"""Finds, builds and loads the C++ CPU extension compiled from ``csrc/cpu/``.
+
+The extension registers the operators ``torch.ops.fastmlstm_cpu.*`` (``TORCH_LIBRARY`` in
+``csrc/cpu/mlstm_cpu.cpp``). It comes from one of two places, tried in order:
+
+1. an ahead-of-time build, ``fastmlstm/ops/cpu/_C.<python tag>.so``, made at install time with
+   ``FASTMLSTM_BUILD_CPU=1 pip install --no-build-isolation .`` (see ``setup.py``); skipped when the
+   sources beside it are newer (an editable checkout that changed since);
+2. a build on first use with :func:`torch.utils.cpp_extension.load` (ninja and a C++ compiler; about
+   30 s on two cores), cached in ``$TORCH_EXTENSIONS_DIR/fastmlstm_cpu/<python>-<torch>-<hash>/``
+   (default root ``~/.cache/torch_extensions``), where the hash covers the sources and the flags:
+   two checkouts, or two versions of the sources, never share or overwrite a build.
+
+The sources are ``fastmlstm/ops/cpu/csrc/`` in an installed wheel (``setup.py`` copies them there)
+and ``csrc/cpu/`` in an editable install or a checkout.
+
+A build that cannot happen (no compiler, no ninja) or fails raises :class:`ExtensionUnavailable` with
+the reason and the fix; :func:`status` turns that into ``(False, reason)`` so that
+``backend="auto"`` falls back to the reference loop, with one log line.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.machinery
+import logging
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "AOT_ENV",
+    "LIBRARY",
+    "SOURCES",
+    "ExtensionUnavailable",
+    "build_directory",
+    "load_library",
+    "source_dir",
+    "sources",
+    "status",
+]
+
+logger = logging.getLogger("fastmlstm")
+
+# The TORCH_LIBRARY namespace of csrc/cpu/mlstm_cpu.cpp, and the name of the first-use build.
+LIBRARY = "fastmlstm_cpu"
+AOT_MODULE = "_C"
+AOT_ENV = "FASTMLSTM_BUILD_CPU"
+# Translation units in link order. The driver comes first: inline functions that the AVX2 copy of
+# the kernels also instantiates must resolve to the baseline code (see kernels_avx2.cpp).
+SOURCES = ("mlstm_cpu.cpp", "kernels_default.cpp", "kernels_avx2.cpp")
+HEADERS = ("mlstm_cpu.h", "mlstm_cpu_kernels.h")
+# On top of torch.utils.cpp_extension's own flags (C++ standard, -fPIC, -O2). No -march: the
+# library must run on any CPU of the architecture; the AVX2 kernels switch their target themselves.
+EXTRA_CFLAGS = ["-O3"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The extension cannot be loaded or built here; the message says why and what to do."""
+
+
+def source_dir() -> Path:
+    """The directory holding the extension's sources: the wheel's copy, else the checkout's csrc/cpu/."""
+    for candidate in (_PACKAGE_DIR / "csrc", _PACKAGE_DIR.parents[2] / "csrc" / "cpu"):
+        if (candidate / SOURCES[0]).is_file():
+            return candidate
+    raise ExtensionUnavailable(
+        f"the CPU extension's sources are not installed (looked in {_PACKAGE_DIR / 'csrc'} and "
+        f"{_PACKAGE_DIR.parents[2] / 'csrc' / 'cpu'}); reinstall fastmlstm from a wheel or a checkout that has csrc/cpu/"
+    )
+
+
+def sources(directory: Path | None = None) -> list[Path]:
+    """The extension's translation units, in link order."""
+    directory = source_dir() if directory is None else directory
+    return [directory / name for name in SOURCES]
+
+
+def source_hash(directory: Path | None = None) -> str:
+    """A short hash of every source and header and of the compiler flags."""
+    directory = source_dir() if directory is None else directory
+    digest = hashlib.sha256()
+    for name in sorted(SOURCES + HEADERS):
+        digest.update(name.encode())
+        digest.update((directory / name).read_bytes())
+    digest.update(" ".join(EXTRA_CFLAGS).encode())
+    return digest.hexdigest()[:16]
+
+
+def build_directory() -> Path:
+    """Where the first-use build goes (one directory per Python, torch and source hash)."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    key = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{source_hash()}"
+    return Path(root) / LIBRARY / re.sub(r"[^0-9A-Za-z.+_-]+", "_", key)
+
+
+def _newest_source_mtime(directory: Path) -> float:
+    return max((directory / name).stat().st_mtime for name in SOURCES + HEADERS)
+
+
+def _aot_library() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = _PACKAGE_DIR / f"{AOT_MODULE}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _compiler() -> str | None:
+    """The C++ compiler torch.utils.cpp_extension would run ($CXX, else c++), if it exists."""
+    name = os.environ.get("CXX", "c++").strip() or "c++"
+    return shutil.which(name.split()[0])
+
+
+def _preflight() -> None:
+    """Reasons the extension cannot be built here, found without compiling anything."""
+    from torch.utils import cpp_extension
+
+    if _compiler() is None:
+        raise ExtensionUnavailable(
+            f"no C++ compiler found ({os.environ.get('CXX', 'c++')!r} is not on PATH); install one "
+            "(e.g. `apt install g++`) or set CXX"
+        )
+    if not cpp_extension.is_ninja_available():
+        raise ExtensionUnavailable("ninja is not installed; install it with `pip install ninja`")
+
+
+def _build_failure(error: BaseException, build_dir: Path) -> str:
+    """The reason shown for a failed build: the compiler's own error lines, then the fix."""
+    lines = [line.rstrip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"\berror\b", line, re.IGNORECASE)
+              and not line.startswith("Error building extension") and " -c " not in line]
+    excerpt = "\n".join((errors or lines[-12:])[:12]) or type(error).__name__
+    return (
+        f"building the CPU extension failed:\n{excerpt}\n"
+        f"Fix: use a C++ compiler that builds PyTorch extensions (g++ >= 9 or clang >= 10; set CXX to choose "
+        f"one) and ninja (pip install ninja); then delete {build_dir} and retry. Meanwhile backend='auto' uses "
+        "the reference loop."
+    )
+
+
+def _jit_build() -> str:
+    from torch.utils import cpp_extension
+
+    _preflight()
+    src_dir = source_dir()
+    build_dir = build_directory()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{LIBRARY}.so"
+    if not library.is_file():
+        logger.warning("fastmlstm: compiling the CPU extension from %s into %s (first use; about half a minute)",
+                       src_dir, build_dir)
+    try:
+        path = cpp_extension.load(
+            name=LIBRARY,
+            sources=[str(p) for p in sources(src_dir)],
+            extra_cflags=EXTRA_CFLAGS,
+            extra_include_paths=[str(src_dir)],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:
+        reason = _build_failure(exc, build_dir)
+        logger.warning("fastmlstm: %s\nFull compiler output:\n%s", reason, exc)
+        raise ExtensionUnavailable(reason) from exc
+    return str(path)
+
+
+def _load() -> str:
+    aot = _aot_library()
+    if aot is not None:
+        try:
+            fresh = aot.stat().st_mtime >= _newest_source_mtime(source_dir())
+        except (ExtensionUnavailable, OSError):  # a wheel without sources: the prebuilt library is all there is
+            fresh = True
+        if fresh:
+            try:
+                torch.ops.load_library(str(aot))
+                return str(aot)
+            except Exception as exc:  # built against another torch, say
+                logger.warning("fastmlstm: the prebuilt CPU extension %s does not load (%s); building it again",
+                               aot, exc)
+        else:
+            logger.warning("fastmlstm: the prebuilt CPU extension %s is older than its sources; building it again",
+                           aot)
+    return _jit_build()
+
+
+@functools.lru_cache(maxsize=None)
+def _outcome() -> tuple[str | None, str]:
+    """(path, "") or (None, reason), computed once per process: a failed build is not retried."""
+    try:
+        return _load(), ""
+    except ExtensionUnavailable as exc:
+        return None, str(exc)
+    except Exception as exc:  # anything unexpected still must not break backend="auto"
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def load_library() -> str:
+    """Load the extension (building it on first use) and return the path of the loaded library.
+
+    Raises :class:`ExtensionUnavailable` with the reason and the fix.
+    """
+    path, reason = _outcome()
+    if path is None:
+        raise ExtensionUnavailable(reason)
+    return path
+
+
+def status() -> tuple[bool, str]:
+    """``(True, "")`` once the extension is loaded, else ``(False, reason)``."""
+    path, reason = _outcome()
+    return path is not None, reason

@@ -1,0 +1,150 @@
+"""The CPU backend's forward and backward: the contract of :mod:`fastmlstm.ops.common` on top of the
+extension's operators ``torch.ops.fastmlstm_cpu.*`` (``csrc/cpu/mlstm_cpu.cpp``).
+
+The C++ side checks every input strictly and runs the time loops; this layer packs the recurrent
+weights into the blocked layouts the loops read (once per weight: the packed copies are kept while
+the weight tensor lives unchanged, so a generation loop or a featurize pass that reuses one set of
+effective weights packs them once) and chooses the GEMM operand dtype.
+
+GEMM operands: float32 in general (16-bit weights are widened once, when packed; 16-bit
+activations are exact in float32); bfloat16 itself where the CPU multiplies bfloat16 natively
+(AVX-512-BF16 or AMX, checked numerically once by :func:`native_bf16`); and, for 16-bit weights and
+batches of at most ``NARROW_MAX_ROWS`` rows (generation), the weights kept in their 16-bit dtype and
+widened in registers, since reading them is then the whole cost. Every product accumulates in
+float32: the same numbers, only the summation order differs.
+
+Dimension letters: T time, B batch, H hidden.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+
+import torch
+
+from .. import common
+from .build import load_library
+
+__all__ = ["forward", "backward", "layout", "native_bf16", "kernel_isa", "fingerprint", "fingerprints"]
+
+logger = logging.getLogger("fastmlstm")
+
+
+def _ops():
+    load_library()
+    return torch.ops.fastmlstm_cpu
+
+
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Whether bfloat16 recurrences multiply bfloat16 weights natively (AVX-512-BF16 or AMX, with
+    oneDNN's micro-kernels, checked on a small problem), rather than float32 copies of them."""
+    cpu = torch.cpu
+    has_isa = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        cpu, "_is_amx_tile_supported", lambda: False)()
+    if not (has_isa and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    ok = bool(_ops().native_bf16_gemm_works())
+    if not ok:
+        logger.info("fastmlstm: this CPU has bfloat16 instructions but the native bfloat16 GEMM check failed; "
+                    "bfloat16 recurrences multiply float32 copies of the weights")
+    return ok
+
+
+def kernel_isa() -> str:
+    """The instruction set of the fused epilogues in use: ``"avx2"`` or ``"default"``."""
+    return str(_ops().kernel_isa())
+
+
+def fingerprint(tensor: torch.Tensor) -> int:
+    """A 64-bit fingerprint of a contiguous CPU tensor's bytes (see mlstm_cpu.h)."""
+    return int(_ops().fingerprint(tensor))
+
+
+def fingerprints(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    """:func:`fingerprint` of each tensor, in one call."""
+    return tuple(_ops().fingerprints(tensors))
+
+
+# Packed layouts (csrc/cpu/mlstm_cpu.cpp, "Packed weights"): float32 blocks for oneDNN's float32
+# micro-kernels, VNNI bfloat16 blocks for native bfloat16 ones, and blocks in the weights' own 16-bit
+# dtype for small batches (generation), where reading the weights is the whole cost.
+FLOAT32, VNNI, NARROW = 0, 1, 2
+# Batches up to this size read 16-bit weights as they are (half the bytes of float32 copies).
+NARROW_MAX_ROWS = 4
+
+
+def layout(dtype: torch.dtype, rows: int, *ks: int, backward: bool = False) -> int:
+    """The packed layout of the weights for activations of ``dtype``, ``rows`` batch rows, and GEMMs
+    with inner dimensions ``ks``."""
+    if dtype == torch.bfloat16 and all(k % 2 == 0 for k in ks) and native_bf16():
+        return VNNI
+    if dtype != torch.float32 and rows <= NARROW_MAX_ROWS and not backward:
+        return NARROW
+    return FLOAT32
+
+
+# Packed copies of weights, kept while the weight tensors live with the same version counters.
+_PACKED: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], torch.Tensor]] = {}
+
+
+def _packed(weight: torch.Tensor, kind: str, layout: int = FLOAT32,
+            input_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """A weight as the loops read it: ``"hh"`` z = m Wh^T (gate-interleaved blocks; with
+    ``input_weight`` = Wx, [Wh | Wx] for z = [m | x] [Wh | Wx]^T), ``"hm"`` hm = h Wmh^T, for the
+    backward ``"hh_t"``, ``"hm_t"`` (the transposed weights: rec = dhm Wmh, dm = dz Wh), and
+    ``"xm"``: Wmx^T as float32 [I, H] for the xm GEMMs."""
+    weights = (weight,) if input_weight is None else (weight, input_weight)
+    key = (*(id(w) for w in weights), kind, layout)
+    hit = _PACKED.get(key)
+    if hit is not None and all(r() is w for r, w in zip(hit[0], weights)) and hit[1] == tuple(
+            w._version for w in weights):
+        return hit[2]
+    ops = _ops()
+    with torch.no_grad():
+        if kind == "hh":
+            value = ops.pack_weight(weight, True, layout, input_weight)  # [Wh | Wx], without a copy
+        elif kind == "hm":
+            value = ops.pack_weight(weight, False, layout)
+        elif kind == "xm":
+            value = weight.float().t().contiguous()
+        else:
+            value = ops.pack_weight(weight, False, layout, None, True)  # weight^T, read in place
+    refs = tuple(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)) for w in weights)
+    _PACKED[key] = (refs, tuple(w._version for w in weights), value)
+    return value
+
+
+def _optional(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, return_cell_states):
+    ops = _ops()
+    H = weight_hm.shape[0]
+    lay = layout(proj.dtype, proj.shape[1], H)
+    # The operators have no autograd formula of their own: they run below autograd (op.py's custom
+    # op owns the backward), so they are always called without recording a graph.
+    with torch.no_grad():
+        return tuple(ops.forward(
+            proj.contiguous(), _packed(weight_hh, "hh", lay), _packed(weight_hm, "hm", lay),
+            h0.float().contiguous(), c0.float().contiguous(), None if lengths is None else lengths.contiguous(),
+            bool(save_for_backward), bool(return_cell_states), common.POISON_BUFFERS,
+        ))
+
+
+def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0, lengths,
+             output, cell_states, act):
+    ops = _ops()
+    dtype = output.dtype
+    lay = layout(dtype, output.shape[1], weight_hm.shape[0], backward=True)
+    with torch.no_grad():
+        return tuple(ops.backward(
+            _optional(grad_output, dtype), _optional(grad_c_n, torch.float32),
+            _optional(grad_cell_states, torch.float32),
+            _packed(weight_hh, "hh_t", lay), _packed(weight_hm, "hm_t", lay), h0.float().contiguous(),
+            c0.float().contiguous(), None if lengths is None else lengths.contiguous(), output.contiguous(),
+            cell_states.contiguous(), act.contiguous(), common.POISON_BUFFERS,
+        ))
