@@ -181,7 +181,8 @@ def _cpu_fast(row: dict):
 def _judge_ratios(name: str, pairs: list, limit: float, applies: bool = True, why_not: str = "") -> tuple:
     """(target, measured, status) for time ratios fast/other <= limit over (fast, other) pairs."""
     if not pairs:
-        return name, "not measured", "not measured"
+        return (name, f"not measured: {why_not}", "not applicable") if not applies else \
+            (name, "not measured", "not measured")
     ratios = sorted(((f["median_ms"] / o["median_ms"], f) for f, o in pairs), key=lambda t: t[0])
     met = sum(q <= limit for q, _ in ratios)
 

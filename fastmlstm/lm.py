@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .errors import InputError, InputTypeError
 from .functional import multiplicative_lstm_recurrence
+from .precision import linear
 from .modules import FastMLSTM, MLSTMWeights, autocast_dtype, cast_weights
 from .serialization import FORMAT, ModelFileMixin
 
@@ -88,7 +89,7 @@ class ByteLM(ModelFileMixin, nn.Module):
         H = self.rnn.hidden_size
         matrix = torch.cat([weights.weight_ih, weights.weight_im], dim=0)
         bias = None if weights.bias is None else torch.cat([weights.bias, weights.bias.new_zeros(H)])
-        return F.linear(self.embedding.weight.to(matrix.dtype), matrix, bias)
+        return linear(self.embedding.weight.to(matrix.dtype), matrix, bias)
 
     def _check_input(self, input) -> Tensor:
         if not isinstance(input, Tensor):
@@ -129,7 +130,7 @@ class ByteLM(ModelFileMixin, nn.Module):
         """Next-byte logits [B, T, 256] for input bytes [B, T], and the final state (h, c) [B, H]."""
         output, state, *cells = self.hidden(input, initial_state, lengths=lengths,
                                             return_cell_states=return_cell_states)
-        return (self.readout(output), state, *cells)
+        return (linear(output, self.readout.weight, self.readout.bias), state, *cells)
 
     @torch.no_grad()
     def generate(
@@ -200,7 +201,7 @@ class ByteLM(ModelFileMixin, nn.Module):
                 last, state = advance(start[t : t + 1], state)
         samples = torch.empty(num_samples, n_bytes, dtype=torch.long, device=device)
         for i in range(n_bytes):
-            logits = self.readout(last.to(self.readout.weight.dtype)).float()
+            logits = linear(last.to(self.readout.weight.dtype), self.readout.weight, self.readout.bias).float()
             if temperature == 0:
                 byte = logits.argmax(dim=-1)
             else:

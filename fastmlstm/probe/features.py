@@ -95,16 +95,6 @@ def _model_device(model) -> torch.device:
     return model.readout.weight.device
 
 
-def _native_16bit_gemm(dtype: torch.dtype) -> bool:
-    """Whether PyTorch multiplies 16-bit matrices on this CPU with oneDNN (fast), not a portable loop."""
-    try:
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _chunk_steps(model, rows: int, chunk_size: int | None) -> int:
     """Time steps per call.
 
@@ -129,13 +119,9 @@ def _chunk_steps(model, rows: int, chunk_size: int | None) -> int:
         # The C++ CPU backend stops multiplying rows past their length inside a call (they are sorted
         # longest first): padding costs nothing there, so calls are as long as keeps the call's
         # [T, B, 5H] projections under 16 MiB (reused by the allocator and cache-resident; a fresh
-        # large tensor costs page faults) and at least 16 steps; at least 128 where each call's
-        # [256, 5H] input table is a 16-bit GEMM that PyTorch runs in its slow portable loop (CPUs
-        # without native bfloat16/float16 GEMMs: it then costs several steps' worth of time).
-        dtype = model.readout.weight.dtype
-        slow_table = dtype != torch.float32 and not _native_16bit_gemm(dtype)
+        # large tensor costs page faults), and at least 16 steps.
         steps = (16 << 20) // max(rows * 5 * H * model.readout.weight.element_size(), 1)
-        return int(max(1, min(memory_steps, max(128 if slow_table else 16, steps))))
+        return int(max(1, min(memory_steps, max(16, steps))))
     work_steps = (1 << 28) // max(rows * 5 * H * H, 1)
     return int(max(1, min(memory_steps, max(16, min(256, work_steps)))))
 

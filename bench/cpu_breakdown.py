@@ -1,0 +1,120 @@
+"""Where fwd+bwd time goes on the CPU backend, beside torch.nn.LSTM: the measured cause behind a
+CPU fwd+bwd ratio (bench/NOTES.md, "CPU").
+
+    python bench/cpu_breakdown.py [--H 512,1024] [--B 16,64] [--T 64] [--I 64] [--out FILE.json]
+
+For each (H, B), float32, one thread, interleaved call by call:
+- ``fwd_train``: the forward under autograd (activations saved), fastmlstm and nn.LSTM;
+- ``fwd_bwd``: forward + gradients of the input and every parameter; ``bwd`` = fwd_bwd - fwd_train;
+- ``bwd_gemm_floor``: the backward's GEMMs alone, as MKL runs them with the same shapes: the per-step
+  recurrent products (fastmlstm: [B, H] x [H, H] and [B, 4H] x [4H, H]; nn.LSTM: [B, 4H] x [4H, H])
+  in a T-step loop, plus the weight-gradient products summed over all T * B rows;
+- ``bwd_rest`` = bwd - bwd_gemm_floor: the pointwise cell derivatives, recomputation, copies, and
+  what the GEMMs lose by running inside the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import measure  # noqa: E402
+
+import fastmlstm  # noqa: E402
+
+
+def _median_ms(fns: dict, rounds: int) -> dict:
+    """Median ms of each callable, calls interleaved round by round (same load for all)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _gemm_floor(T, B, H, I, gates_products):
+    """The backward's GEMMs with MKL: T steps of the recurrent products, then the weight gradients."""
+    rows = T * B
+    rec = [(torch.randn(B, k), torch.randn(k, H)) for k in gates_products]
+    wg = [(torch.randn(n, rows), torch.randn(rows, k)) for n, k in
+          ([(4 * H, H), (H, H), (5 * H, I + 1)] if len(gates_products) == 2 else [(4 * H, H), (4 * H, I + 1)])]
+    gx = (torch.randn(rows, 5 * H if len(gates_products) == 2 else 4 * H), torch.randn(
+        5 * H if len(gates_products) == 2 else 4 * H, I))
+
+    def run():
+        for _ in range(T):
+            for a, b in rec:
+                torch.mm(a, b)
+        for a, b in wg:
+            torch.mm(a, b)
+        torch.mm(*gx)
+    return run
+
+
+def case(H: int, B: int, T: int, I: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    fast = fastmlstm.FastMLSTM(I, H, backend="cpu")
+    lstm = torch.nn.LSTM(I, H)
+    x = torch.randn(T, B, I, requires_grad=True)
+    gy = torch.randn(T, B, H)
+
+    def fwd(m):
+        return lambda: m(x)[0]
+
+    def fwd_bwd(m):
+        params = list(m.parameters())
+        return lambda: torch.autograd.grad(m(x)[0], [x, *params], gy)
+
+    t = _median_ms({"fast_fwd_train": fwd(fast), "lstm_fwd_train": fwd(lstm),
+                    "fast_fwd_bwd": fwd_bwd(fast), "lstm_fwd_bwd": fwd_bwd(lstm),
+                    "fast_bwd_gemm_floor": _gemm_floor(T, B, H, I, (H, 4 * H)),
+                    "lstm_bwd_gemm_floor": _gemm_floor(T, B, H, I, (4 * H,))}, rounds)
+    out = {"H": H, "B": B, "T": T, "I": I, **{k: round(v, 2) for k, v in t.items()}}
+    for who in ("fast", "lstm"):
+        out[f"{who}_bwd"] = round(t[f"{who}_fwd_bwd"] - t[f"{who}_fwd_train"], 2)
+        out[f"{who}_bwd_rest"] = round(out[f"{who}_bwd"] - t[f"{who}_bwd_gemm_floor"], 2)
+    for k in ("fwd_train", "fwd_bwd", "bwd", "bwd_gemm_floor", "bwd_rest"):
+        out[f"ratio_{k}"] = round(out[f"fast_{k}"] / out[f"lstm_{k}"], 3)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--H", default="512,1024")
+    p.add_argument("--B", default="16,64")
+    p.add_argument("--T", type=int, default=64)
+    p.add_argument("--I", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if not fastmlstm.backend_status("cpu", "cpu")[0]:
+        print("cpu_breakdown.py: the cpu backend is unavailable here", file=sys.stderr)
+        return 1
+    doc = {"device": measure.cpu_name(), "cpu_features": measure.cpu_features(), **measure.versions(),
+           **measure.git_commit(), "command": "python bench/cpu_breakdown.py " + " ".join(sys.argv[1:]),
+           "load_average_start": measure.load_average(), "cases": []}
+    for H in (int(h) for h in args.H.split(",")):
+        for B in (int(b) for b in args.B.split(",")):
+            doc["cases"].append(case(H, B, args.T, args.I, args.rounds))
+            print(json.dumps(doc["cases"][-1]), flush=True)
+    doc["load_average_end"] = measure.load_average()
+    if args.out:
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
