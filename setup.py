@@ -17,6 +17,7 @@
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -32,7 +33,9 @@ AOT_CPU_ENV = "FASTMLSTM_BUILD_CPU"
 EXTRA_COMPILE_ARGS = {"cxx": ["-O3"], "nvcc": ["-O3"]}
 # Keep in step with SOURCES (link order) and EXTRA_CFLAGS in fastmlstm/ops/cpu/build.py.
 CPU_SOURCES = ("mlstm_cpu.cpp", "kernels_default.cpp", "kernels_avx2.cpp")
-CPU_COMPILE_ARGS = ["-O3"]
+# -fopenmp as in fastmlstm/ops/cpu/build.py (at::parallel_for needs it compiled in).
+CPU_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CPU_COMPILE_ARGS = ["-O3", *CPU_OPENMP]
 
 
 class build_py_with_csrc(build_py):
@@ -81,7 +84,8 @@ def _cpu_extension():
     _, cpp_extension = _import_torch(AOT_CPU_ENV, "CPU")
     sources = [str((CSRC_CPU / name).relative_to(ROOT)) for name in CPU_SOURCES]
     return cpp_extension.CppExtension("fastmlstm.ops.cpu._C", sources, include_dirs=[str(CSRC_CPU)],
-                                      extra_compile_args={"cxx": CPU_COMPILE_ARGS})
+                                      extra_compile_args={"cxx": CPU_COMPILE_ARGS},
+                                      extra_link_args=CPU_OPENMP)
 
 
 def _ahead_of_time():

@@ -540,3 +540,13 @@ def test_featurize_calls_are_long_on_the_cpu_backend():
     torch.testing.assert_close(torch.as_tensor(probe.featurize(lm, texts, progress=False)),
                                torch.as_tensor(probe.featurize(lm, texts, progress=False, chunk_size=3)),
                                rtol=0, atol=1e-6)
+
+
+@needs_cpu
+def test_the_extension_runs_its_loops_on_torchs_openmp_threads():
+    """at::parallel_for is an inline template: compiled without -fopenmp, every loop of the extension
+    ran on one thread whatever torch.get_num_threads() said."""
+    if not build.OPENMP_FLAGS:
+        pytest.skip("torch's parallel backend here is not OpenMP")
+    library = Path(build.load_library()).read_bytes()
+    assert b"GOMP_parallel" in library  # the OpenMP runtime entry the pragma compiles to

@@ -57,7 +57,16 @@ SOURCES = ("mlstm_cpu.cpp", "kernels_default.cpp", "kernels_avx2.cpp")
 HEADERS = ("mlstm_cpu.h", "mlstm_cpu_kernels.h")
 # On top of torch.utils.cpp_extension's own flags (C++ standard, -fPIC, -O2). No -march: the
 # library must run on any CPU of the architecture; the AVX2 kernels switch their target themselves.
-EXTRA_CFLAGS = ["-O3"]
+# -fopenmp where torch's parallel backend is OpenMP: at::parallel_for is an inline template whose
+# OpenMP pragma the extension itself must compile, or every loop runs on one thread whatever
+# torch.get_num_threads() says (measured before: featurize used 1 of 2 cores). Linking it names
+# libgomp.so.1, which resolves to the copy torch has already loaded. Not on macOS, whose clang has
+# no -fopenmp.
+# Tuples: torch.utils.cpp_extension.load appends to the lists it is given, which would change
+# source_hash() (and so the build directory) between two loads in one process.
+OPENMP_FLAGS = ("-fopenmp",) if torch._C.has_openmp and sys.platform != "darwin" else ()
+EXTRA_CFLAGS = ("-O3", *OPENMP_FLAGS)
+EXTRA_LDFLAGS = OPENMP_FLAGS
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -90,7 +99,7 @@ def source_hash(directory: Path | None = None) -> str:
     for name in sorted(SOURCES + HEADERS):
         digest.update(name.encode())
         digest.update((directory / name).read_bytes())
-    digest.update(" ".join(EXTRA_CFLAGS).encode())
+    digest.update(" ".join((*EXTRA_CFLAGS, "|", *EXTRA_LDFLAGS)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -163,7 +172,8 @@ def _jit_build() -> str:
         path = cpp_extension.load(
             name=LIBRARY,
             sources=[str(p) for p in sources(src_dir)],
-            extra_cflags=EXTRA_CFLAGS,
+            extra_cflags=list(EXTRA_CFLAGS),
+            extra_ldflags=list(EXTRA_LDFLAGS),
             extra_include_paths=[str(src_dir)],
             build_directory=str(build_dir),
             is_python_module=False,
