@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from .._extension import ExtensionUnavailable, library_or_raise, load_prebuilt_or_build, outcome
+
 __all__ = [
     "AOT_ENV",
     "LIBRARY",
@@ -69,10 +71,6 @@ EXTRA_CFLAGS = ("-O3", *OPENMP_FLAGS)
 EXTRA_LDFLAGS = OPENMP_FLAGS
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-class ExtensionUnavailable(RuntimeError):
-    """The extension cannot be loaded or built here; the message says why and what to do."""
 
 
 def source_dir() -> Path:
@@ -187,34 +185,14 @@ def _jit_build() -> str:
 
 
 def _load() -> str:
-    aot = _aot_library()
-    if aot is not None:
-        try:
-            fresh = aot.stat().st_mtime >= _newest_source_mtime(source_dir())
-        except (ExtensionUnavailable, OSError):  # a wheel without sources: the prebuilt library is all there is
-            fresh = True
-        if fresh:
-            try:
-                torch.ops.load_library(str(aot))
-                return str(aot)
-            except Exception as exc:  # built against another torch, say
-                logger.warning("fastmlstm: the prebuilt CPU extension %s does not load (%s); building it again",
-                               aot, exc)
-        else:
-            logger.warning("fastmlstm: the prebuilt CPU extension %s is older than its sources; building it again",
-                           aot)
-    return _jit_build()
+    return load_prebuilt_or_build(
+        "CPU", _aot_library(), lambda lib: lib.stat().st_mtime >= _newest_source_mtime(source_dir()), _jit_build)
 
 
 @functools.lru_cache(maxsize=None)
 def _outcome() -> tuple[str | None, str]:
     """(path, "") or (None, reason), computed once per process: a failed build is not retried."""
-    try:
-        return _load(), ""
-    except ExtensionUnavailable as exc:
-        return None, str(exc)
-    except Exception as exc:  # anything unexpected still must not break backend="auto"
-        return None, f"{type(exc).__name__}: {exc}"
+    return outcome(_load)
 
 
 def load_library() -> str:
@@ -222,10 +200,7 @@ def load_library() -> str:
 
     Raises :class:`ExtensionUnavailable` with the reason and the fix.
     """
-    path, reason = _outcome()
-    if path is None:
-        raise ExtensionUnavailable(reason)
-    return path
+    return library_or_raise(_outcome())
 
 
 def status() -> tuple[bool, str]:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .._extension import ExtensionUnavailable, library_or_raise, load_prebuilt_or_build, outcome
+
 __all__ = [
     "AOT_ENV",
     "LIBRARY",
@@ -56,10 +58,6 @@ EXTRA_CFLAGS = ["-O3"]
 EXTRA_CUDA_CFLAGS = ["-O3"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-class ExtensionUnavailable(RuntimeError):
-    """The extension cannot be loaded or built here; the message says why and what to do."""
 
 
 def source_dir() -> Path:
@@ -180,34 +178,13 @@ def _jit_build() -> str:
 
 def _load() -> str:
     _preflight()
-    aot = _aot_library()
-    if aot is not None:
-        try:
-            fresh = not _is_stale(aot, source_dir())
-        except ExtensionUnavailable:  # a wheel without sources: the prebuilt library is all there is
-            fresh = True
-        if fresh:
-            try:
-                torch.ops.load_library(str(aot))
-                return str(aot)
-            except Exception as exc:  # built against another torch, say
-                logger.warning("fastmlstm: the prebuilt CUDA extension %s does not load (%s); building it again",
-                               aot, exc)
-        else:
-            logger.warning("fastmlstm: the prebuilt CUDA extension %s is older than its sources; building it again",
-                           aot)
-    return _jit_build()
+    return load_prebuilt_or_build("CUDA", _aot_library(), lambda lib: not _is_stale(lib, source_dir()), _jit_build)
 
 
 @functools.lru_cache(maxsize=None)
 def _outcome() -> tuple[str | None, str]:
     """(path, "") or (None, reason), computed once per process: a failed build is not retried."""
-    try:
-        return _load(), ""
-    except ExtensionUnavailable as exc:
-        return None, str(exc)
-    except Exception as exc:  # anything unexpected still must not break backend="auto"
-        return None, f"{type(exc).__name__}: {exc}"
+    return outcome(_load)
 
 
 def load_library() -> str:
@@ -215,10 +192,7 @@ def load_library() -> str:
 
     Raises :class:`ExtensionUnavailable` with the reason and the fix.
     """
-    path, reason = _outcome()
-    if path is None:
-        raise ExtensionUnavailable(reason)
-    return path
+    return library_or_raise(_outcome())
 
 
 def status() -> tuple[bool, str]:
