@@ -55,6 +55,14 @@ def _import_status(module: str) -> tuple[bool, str]:
     return ok, why
 
 
+# The C++ extensions: backend name (= the device type it runs on) -> (what the messages call it, what
+# its first-use build needs, the README section about it).
+_EXTENSIONS = {
+    "cuda": ("CUDA", "nvcc, ninja and a CUDA build of PyTorch", "CUDA extension"),
+    "cpu": ("CPU", "a C++ compiler and ninja", "CPU extension"),
+}
+
+
 def backend_status(backend: str, device: torch.device | str | None = None) -> tuple[bool, str]:
     """Whether ``backend`` can run on ``device`` (default: CUDA if present, else CPU), and why not.
 
@@ -76,25 +84,14 @@ def backend_status(backend: str, device: torch.device | str | None = None) -> tu
             f"the Triton kernels run on CUDA tensors, not {device.type}; "
             "set TRITON_INTERPRET=1 before importing fastmlstm to run them through Triton's interpreter"
         )
-    if backend == "cuda":
-        if device.type != "cuda":
-            return False, f"the CUDA extension runs on CUDA tensors, not {device.type}"
-        ok, why = _import_status("fastmlstm.ops.cuda")
+    if backend in _EXTENSIONS:
+        kind, needs, section = _EXTENSIONS[backend]
+        if device.type != backend:
+            return False, f"the {kind} extension runs on {kind} tensors, not {device.type}"
+        ok, why = _import_status(f"fastmlstm.ops.{backend}")
         if not ok:
-            return False, (
-                f"the CUDA extension is not usable ({why}); it builds on first use and needs nvcc, "
-                "ninja and a CUDA build of PyTorch (see README, 'CUDA extension')"
-            )
-        return True, ""
-    if backend == "cpu":
-        if device.type != "cpu":
-            return False, f"the CPU extension runs on CPU tensors, not {device.type}"
-        ok, why = _import_status("fastmlstm.ops.cpu")
-        if not ok:
-            return False, (
-                f"the CPU extension is not usable ({why}); it builds on first use and needs a C++ compiler "
-                "and ninja (see README, 'CPU extension')"
-            )
+            return False, (f"the {kind} extension is not usable ({why}); it builds on first use and needs {needs} "
+                           f"(see README, '{section}')")
         return True, ""
     raise InputError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
