@@ -21,6 +21,7 @@ from torch import nn
 
 import fastmlstm
 from fastmlstm.lm import pad_bytes
+from fastmlstm.precision import native_16bit_gemm
 from fastmlstm.probe import featurize as probe_featurize
 from mlstm_eager import (EagerByteLM, EagerMLSTM, LSTMByteLM, lstm_weight_count, matched_lstm_hidden_size,
                          mlstm_cell, mlstm_sequence, mlstm_weight_count)
@@ -379,15 +380,6 @@ IMPLS: dict[str, Impl] = {impl.name: impl for impl in (
 )}
 ALIASES = {"nn-lstm": "cudnn-lstm", "nn-lstm-matched": "cudnn-lstm-matched"}
 BASELINE = "cudnn-lstm"  # speed-ups are over this row at the same case
-
-
-def native_16bit_gemm(dtype: torch.dtype) -> bool:
-    """Whether oneDNN multiplies ``dtype`` natively on this CPU."""
-    try:
-        op = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
-        return bool(getattr(torch.ops.mkldnn, op)())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def kernel_description(impl: Impl, device: torch.device) -> str:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from fastmlstm.precision import native_16bit_gemm
+
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
 
@@ -264,16 +266,10 @@ def cpu_features() -> dict:
     except OSError:
         pass
 
-    def native(op: str):
-        try:
-            return bool(getattr(torch.ops.mkldnn, op)())
-        except (AttributeError, RuntimeError):
-            return None
-
     return {"vector_extensions": [f for f in _VECTOR_FLAGS if f in flags],
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "onednn_native_bf16": native("_is_mkldnn_bf16_supported"),
-            "onednn_native_fp16": native("_is_mkldnn_fp16_supported")}
+            "onednn_native_bf16": native_16bit_gemm(torch.bfloat16),
+            "onednn_native_fp16": native_16bit_gemm(torch.float16)}
 
 
 def device_name(device: torch.device) -> str:
