@@ -1,0 +1,108 @@
+"""The batch-1 generation step on CPU: FastMLSTM.step through the module (no ``weights=``) in each
+weight-cache mode and dtype, beside torch.nn.LSTM's single-step call. Backs the figures the README
+and fastmlstm/weight_cache.py quote for ``FASTMLSTM_WEIGHT_CACHE=strict``.
+
+    python bench/cpu_step.py [--H 256,512,1024] [--threads 1] [--steps 300] [--out FILE.json]
+
+Calls are interleaved round by round; each figure is the median over rounds of the mean time per
+step of a ``--steps``-step loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import measure  # noqa: E402
+
+import fastmlstm  # noqa: E402
+from fastmlstm.weight_cache import ENV_WEIGHT_CACHE  # noqa: E402
+
+I = 64
+
+
+def _fast_loop(H: int, dtype: torch.dtype, mode: str, steps: int):
+    rnn = fastmlstm.FastMLSTM(I, H, dtype=dtype)
+    x = torch.randn(1, I).to(dtype)
+
+    def run():
+        os.environ[ENV_WEIGHT_CACHE] = mode
+        state = None
+        with torch.no_grad():
+            for _ in range(steps):
+                _, state = rnn.step(x, state)
+    return run
+
+
+def _lstm_loop(H: int, steps: int):
+    lstm = torch.nn.LSTM(I, H)
+    x = torch.randn(1, 1, I)
+
+    def run():
+        state = None
+        with torch.no_grad():
+            for _ in range(steps):
+                _, state = lstm(x, state)
+    return run
+
+
+def case(H: int, steps: int, rounds: int) -> dict:
+    loops = {f"fastmlstm {dt} cache={mode}": _fast_loop(H, getattr(torch, dt), mode, steps)
+             for dt in ("float32", "bfloat16") for mode in ("on", "strict", "off")}
+    loops["nn-lstm float32"] = _lstm_loop(H, steps)
+    times = {k: [] for k in loops}
+    for fn in loops.values():
+        fn()  # warm-up: builds, caches, packs
+    for _ in range(rounds):
+        for name, fn in loops.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) / steps * 1e3)
+    ms = {k: round(statistics.median(v), 4) for k, v in times.items()}
+    ratios = {
+        "strict / on, float32": round(ms["fastmlstm float32 cache=strict"] / ms["fastmlstm float32 cache=on"], 2),
+        "on / nn-lstm, float32": round(ms["fastmlstm float32 cache=on"] / ms["nn-lstm float32"], 2),
+        "bfloat16 / float32, cache=on": round(ms["fastmlstm bfloat16 cache=on"] / ms["fastmlstm float32 cache=on"], 2),
+    }
+    return {"H": H, "B": 1, "ms_per_step": ms, "ratios": ratios}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--H", default="256,512,1024")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    saved = os.environ.get(ENV_WEIGHT_CACHE)
+    doc = {"device": measure.cpu_name(), "cpu_features": measure.cpu_features(), **measure.versions(),
+           **measure.git_commit(), "command": "python bench/cpu_step.py " + " ".join(sys.argv[1:]),
+           "torch_threads": args.threads, "load_average_start": measure.load_average(), "cases": []}
+    try:
+        for H in (int(h) for h in args.H.split(",")):
+            doc["cases"].append(case(H, args.steps, args.rounds))
+            print(json.dumps(doc["cases"][-1]), flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_WEIGHT_CACHE, None)
+        else:
+            os.environ[ENV_WEIGHT_CACHE] = saved
+    doc["load_average_end"] = measure.load_average()
+    if args.out:
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
