@@ -51,6 +51,11 @@ def cast_weights(weights: MLSTMWeights, dtype: torch.dtype) -> MLSTMWeights:
     return MLSTMWeights(*(None if w is None else w.to(dtype) for w in weights))
 
 
+def _as_returned(weights: tuple[MLSTMWeights, ...]) -> EffectiveWeights:
+    """What ``effective_weights()`` returns: the one MLSTMWeights of a one-layer, one-direction module."""
+    return weights[0] if len(weights) == 1 else weights
+
+
 def _cast_all(weights: tuple[MLSTMWeights, ...], dtype: torch.dtype) -> tuple[MLSTMWeights, ...]:
     return tuple(cast_weights(w, dtype) for w in weights)
 
@@ -233,13 +238,11 @@ class FastMLSTM(nn.Module):
             in nn.LSTM's order (layer 0, layer 0 reverse, layer 1, ...).
         """
         entry = self._weight_cache_entry()
-        weights = self._all_weights() if entry is None else entry.weights
-        return weights[0] if len(weights) == 1 else weights
+        return _as_returned(self._all_weights() if entry is None else entry.weights)
 
     def _compute_effective_weights(self) -> EffectiveWeights:
         """The effective weights computed afresh, never from the cache."""
-        weights = self._all_weights()
-        return weights[0] if len(weights) == 1 else weights
+        return _as_returned(self._all_weights())
 
     def _all_weights(self) -> tuple[MLSTMWeights, ...]:
         return tuple(self._layer_weights(layer, reverse) for layer, reverse in self._layers())
