@@ -14,7 +14,8 @@ Time of one kernel (microseconds)::
         hbm_bytes / (bytes in flight / HBM latency),          # Little's law
         FLOPs / matrix rate)                                  # never binding at these shapes in 16-bit
     + fill (one HBM latency: nothing overlaps the first loads of a dependent kernel)
-    + epilogue (ticket and partial reads: two L2 latencies with split-K; one HBM latency for its operands)
+    + epilogue (``epilogue_latency``: nothing where the operands are loaded before the K loop; with
+      split-K a ticket, then partials and operands together; bwd_h one latency per column chunk)
     + launch gap (dependent launch without PDL; a smaller residual with PDL)
 
 A direction (forward: fwd_m then fwd_z; backward: bwd_h then bwd_m) is the sum of its kernels: the
@@ -130,10 +131,39 @@ def _epilogue_bytes(kernel: str, B: int, H: int, e: int) -> int:
     if kernel == "fwd_z":
         return BH * (4 * e + 4 + 4 + e + 4 * e)   # gate inputs, c_prev in; c, h out; gates saved
     if kernel == "bwd_h":
-        return BH * (8 + e + 4 * e + 8 + 8 + 4 * e)  # dh r/w, dout, gates, c and c_prev, dc r/w; dz out
+        return BH * (e + 4 * e + 8 + 8 + 4 * e)   # dout, gates, c and c_prev, dc r/w; dz out (no dh round
+        #                                          trip: only lengths make a step read dh back)
     if kernel == "bwd_m":
         return BH * e * (2 + 2)                   # xm, hm in; dxm, dhm out
     raise ValueError(kernel)
+
+
+def epilogue_latency(gpu: GPU, kernel: str, config: _configs.KernelConfig) -> float:
+    """Latency the epilogue adds after the K loop (microseconds), as the kernels order their loads.
+
+    - Without a workspace, fwd_m, fwd_z and bwd_m load the epilogue's operands before the K loop
+      (``bench/static.py`` checks that the PTX issues loads there): the loop's duration covers their
+      latency, so nothing is added.
+    - With split-K, the last program draws its ticket (an L2 round trip), then issues the operands'
+      loads (HBM) and gathers the partials: ``_gather`` loads GATHER partials (1, 2 or 4,
+      ``configs.gather_unroll``) per round and adds them before the next round, so ceil(S / GATHER)
+      L2 latencies one after another (four such loops, one per gate, in the gate kernel),
+      overlapping the operands' one HBM latency.
+    - bwd_h's epilogue runs over BN / EPI_BN column chunks, one after another (a loop: unrolling it
+      made compiles slow, and ``tl.range(num_stages=2)`` does not pipeline it, checked in the PTX),
+      each loading its operands together with its partials.
+    """
+    ws = _configs.uses_workspace(kernel, config)
+    ticket = gpu.l2_latency_us if ws else 0.0
+    gathers = 4 if kernel in _configs.GATE_KERNELS else 1
+    rounds = math.ceil(config.split / _configs.gather_unroll(kernel, config))
+    partials = gathers * rounds * gpu.l2_latency_us if ws else 0.0
+    if kernel == "bwd_h":
+        chunks = config.BN // _configs.epilogue_width(kernel, config)
+        return ticket + chunks * max(partials, gpu.hbm_latency_us)
+    if ws:
+        return ticket + max(partials, gpu.hbm_latency_us)
+    return 0.0
 
 
 def kernel_cost(gpu: GPU, kernel: str, B: int, H: int, dtype: str, config: _configs.KernelConfig,
@@ -180,9 +210,7 @@ def kernel_cost(gpu: GPU, kernel: str, B: int, H: int, dtype: str, config: _conf
         "math": flops / (rate * 1e6),
     }
     fixed = gpu.hbm_latency_us  # the first loads
-    if _configs.uses_workspace(kernel, config):
-        fixed += 2 * gpu.l2_latency_us  # ticket, then the partials
-    fixed += gpu.hbm_latency_us  # the epilogue's own operands
+    fixed += epilogue_latency(gpu, kernel, config)
     fixed += gpu.pdl_gap_us if config.pdl else gpu.launch_gap_us
     bound = max(terms, key=terms.get)
     return {
@@ -193,7 +221,79 @@ def kernel_cost(gpu: GPU, kernel: str, B: int, H: int, dtype: str, config: _conf
     }
 
 
+# ------------------------------------------------------------------------------------ the floor
+
+# The two dependent products of a direction, as (K, N) in units of H: forward hm = h Wmh^T, then
+# the gates z = m Wh^T; backward dh = dhm Wmh, then dm = dz Wh.
+PHASES = {"fwd": ((1, 1), (1, 4)), "bwd": ((1, 1), (4, 1))}
+# What must cross HBM per row and hidden unit of a training step, whatever the design (e bytes per
+# 16-bit value, float32 state): inputs written before the loop and outputs kept for later.
+#   forward: proj_t (4 gate inputs and xm) in; h_t out, c_t (float32) out, the gates and hm saved
+#   backward: dout_t, the saved gates, xm and hm, c_t (float32) in; dz_t and dxm (dproj), dhm out
+FLOOR_STATE = {"fwd": lambda e: 11 * e + 4, "bwd": lambda e: 13 * e + 4}
+
+
+def _phase_delivery_us(gpu: GPU, K: int, N: int, B: int, e: int, weights_via_l2: bool, min_programs: int) -> float:
+    """Least time to bring one product's operands into the SMs: over every split of the weights
+    into S slices of K times n_h tiles of N (S n_h >= min_programs programs), each program receives
+    its weight block (unless the weights live in shared memory), the activation columns of its K
+    slice, and, with S > 1, the float32 partials are written and read back; bound by the L2's
+    bandwidth and by the busiest SM's ingest."""
+    weights = K * N * e if weights_via_l2 else 0
+    best = math.inf
+    for S in range(1, 17):
+        n_b = 16
+        while n_b <= N:
+            n_h = math.ceil(N / n_b)
+            programs = S * n_h
+            if programs >= min_programs:
+                l2 = weights + n_h * B * K * e + (2 * S * B * N * 4 if S > 1 else 0)
+                ingest = math.ceil(programs / gpu.sms) * (l2 / programs) / (gpu.sm_ingest_GBps * 1e3)
+                best = min(best, max(l2 / (gpu.l2_TBps * 1e6), ingest))
+            n_b *= 2
+    return best
+
+
+def floor_cost(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16", min_programs: int = 1) -> dict:
+    """A lower bound on one direction of a step for *any* design Triton 3.9 can express, under the
+    table's numbers: the yardstick the rule's prediction is judged against, and the proof where
+    issue 15's bound (<= 1.25x ideal) cannot be met.
+
+    Optimistic wherever a design could be:
+    - the weights stay on chip when they fit the SMs' shared memory together (a persistent kernel),
+      else in L2 when they fit it, else they stream from HBM once;
+    - only what must cross HBM does (``FLOOR_STATE``): the carried state (c, dc, h) and everything
+      produced and consumed within the step stay in L2;
+    - the best split of each product over the SMs (``_phase_delivery_us``), with no multicast and no
+      distributed shared memory (``triton.language`` 3.9 has neither), so every program that reads
+      a K slice receives the activation columns of it through L2;
+    - HBM and L2 transfers of the two products overlap completely; each of the two dependencies
+      (the second product needs all of the first; the next step needs all of this one) costs one
+      grid-wide signal (the cheaper of an L2 atomic round trip and PDL's residual gap) and one L2
+      read of what it waited for; no host time (CUDA graphs or a persistent kernel).
+    ``min_programs`` restricts the split to at least that many programs (issue 15 asks for two per
+    SM from B = 64).
+    """
+    e = DTYPE_BYTES[dtype]
+    weights = 5 * H * H * e
+    in_smem = weights <= gpu.sms * gpu.smem_block_KB * 1024
+    in_l2 = weights <= gpu.l2_MB * 1e6
+    hbm = (0 if in_smem or in_l2 else weights) + B * H * FLOOR_STATE[direction](e)
+    delivery = sum(_phase_delivery_us(gpu, kf * H, nf * H, B, e, not in_smem, min_programs)
+                   for kf, nf in PHASES[direction])
+    hbm_us = hbm / (gpu.hbm_TBps * gpu.hbm_efficiency * 1e6)
+    sync_us = len(PHASES[direction]) * (min(gpu.l2_latency_us, gpu.pdl_gap_us) + gpu.l2_latency_us)
+    where = "shared memory" if in_smem else "L2" if in_l2 else "HBM"
+    return {"floor_us": max(hbm_us, delivery) + sync_us, "hbm_us": hbm_us, "delivery_us": delivery,
+            "sync_us": sync_us, "weights_from": where}
+
+
 # ----------------------------------------------------------------------------------- one step
+
+# Issue 15's bound: each direction <= 1.25x its ideal, with >= 2 programs per SM from B = 64.
+BOUND_RATIO = 1.25
+BOUND_PROGRAMS_PER_SM = 2
+BOUND_MIN_BATCH = 64
 
 DIRECTIONS = {"fwd": ("fwd_m", "fwd_z"), "bwd": ("bwd_h", "bwd_m")}
 # The rows issue 15 asks for (bf16), and the other target shapes of the benchmark.
@@ -214,14 +314,25 @@ def direction_cost(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16"
     gpu_us = sum(k["time_us"] for k in kernels)
     host_us = len(kernels) * gpu.cpu_launch_us
     ideal = 5 * H * H * e / (gpu.hbm_TBps * 1e6)
+    predicted = max(gpu_us, host_us)
+    programs = min(k["programs"] for k in kernels)
+    floor = floor_cost(gpu, direction, B, H, dtype)
+    wants_programs = B >= BOUND_MIN_BATCH
+    floor_bound = floor_cost(gpu, direction, B, H, dtype, BOUND_PROGRAMS_PER_SM * gpu.sms) if wants_programs else floor
     return {
         "gpu": gpu.name, "dtype": dtype, "H": H, "B": B, "direction": direction,
         "programs": min(k["programs"] for k in kernels), "sms": gpu.sms,
         "hbm_bytes": sum(k["hbm_bytes"] for k in kernels), "l2_bytes": sum(k["l2_bytes"] for k in kernels),
         "bytes_in_flight": min(k["bytes_in_flight"] for k in kernels),
-        "predicted_us": round(max(gpu_us, host_us), 2), "ideal_us": round(ideal, 2),
+        "predicted_us": round(predicted, 2), "ideal_us": round(ideal, 2),
         "cudnn_ideal_us": round(4 * H * H * e / (gpu.hbm_TBps * 1e6), 2),
-        "ratio": round(max(gpu_us, host_us) / ideal, 3), "bound": "host" if host_us > gpu_us else "gpu",
+        "ratio": round(predicted / ideal, 3), "bound": "host" if host_us > gpu_us else "gpu",
+        "floor_us": round(floor["floor_us"], 2), "floor_ratio": round(floor["floor_us"] / ideal, 3),
+        "floor_weights_from": floor["weights_from"],
+        "floor_ratio_at_bound_programs": round(floor_bound["floor_us"] / ideal, 3),
+        "meets_bound": predicted <= BOUND_RATIO * ideal and (
+            not wants_programs or programs >= BOUND_PROGRAMS_PER_SM * gpu.sms),
+        "bound_feasible": floor_bound["floor_us"] <= BOUND_RATIO * ideal,
         "kernels": [{**k, "time_us": round(k["time_us"], 2)} for k in kernels],
     }
 
@@ -289,13 +400,17 @@ def gpu_of_device_name(name: str) -> str | None:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| gpu | dtype | H | B | direction | programs | SMs | HBM MB | L2 MB | predicted us | ideal us | ratio | bound |"
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
+    head = ("| gpu | dtype | H | B | direction | programs | SMs | HBM MB | L2 MB | predicted us | ideal us | ratio "
+            "| bound | floor us | floor ratio (at 2/SM) | issue 15's bound: met / feasible |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         binding = r["bound"] if r["bound"] == "host" else "+".join(k["bound"] for k in r["kernels"])
+        at_bound = f" ({r['floor_ratio_at_bound_programs']:.2f})" if r["B"] >= BOUND_MIN_BATCH else ""
         lines.append(f"| {r['gpu']} | {r['dtype']} | {r['H']} | {r['B']} | {r['direction']} | {r['programs']} | "
                      f"{r['sms']} | {r['hbm_bytes'] / 1e6:.1f} | {r['l2_bytes'] / 1e6:.1f} | {r['predicted_us']:.1f} | "
-                     f"{r['ideal_us']:.1f} | {r['ratio']:.2f} | {binding} |")
+                     f"{r['ideal_us']:.1f} | {r['ratio']:.2f} | {binding} | {r['floor_us']:.1f} | "
+                     f"{r['floor_ratio']:.2f}{at_bound} | {'yes' if r['meets_bound'] else 'no'} / "
+                     f"{'yes' if r['bound_feasible'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -26,7 +26,9 @@ from fastmlstm.ops.triton import configs  # noqa: E402
 ENTRY = {"kernel": str, "dtype": str, "arch": str, "config": dict, "ok": bool, "registers": int,
          "spill_bytes": int, "shared_bytes": int, "mma": str}
 MODEL = {"gpu": str, "dtype": str, "H": int, "B": int, "direction": str, "programs": int, "sms": int,
-         "hbm_bytes": int, "l2_bytes": int, "predicted_us": float, "ideal_us": float, "cudnn_ideal_us": float}
+         "hbm_bytes": int, "l2_bytes": int, "predicted_us": float, "ideal_us": float, "cudnn_ideal_us": float,
+         "floor_us": float, "floor_ratio": float, "floor_ratio_at_bound_programs": float, "meets_bound": bool,
+         "bound_feasible": bool}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,43 @@ def test_the_model_is_a_lower_bound_never_below_the_rooflines():
         assert r["hbm_bytes"] >= 5 * r["H"] ** 2 * 2  # every weight, every step
         for k in r["kernels"]:
             assert k["time_us"] >= max(k["terms_us"].values())
+
+
+def test_no_plan_beats_the_floor():
+    """The floor is a lower bound for any design: the rule's plan and every alternative the GPU
+    sweep may pick must predict no less, at every modelled shape and on both GPUs."""
+    for gpu in costmodel.GPUS.values():
+        device = costmodel.device_of(gpu)
+        for H, B in costmodel.MODEL_SHAPES:
+            candidates = {k: configs.sweep_candidates(k, B, H, 2, device) for k in configs.KERNELS}
+            for direction, kernels in costmodel.DIRECTIONS.items():
+                floor = costmodel.floor_cost(gpu, direction, B, H)["floor_us"]
+                for first in candidates[kernels[0]]:
+                    for second in candidates[kernels[1]]:
+                        plan = configs.StepPlan(**{**{k: c[0] for k, c in candidates.items()},
+                                                   kernels[0]: first, kernels[1]: second})
+                        row = costmodel.direction_cost(gpu, direction, B, H, plan=plan)
+                        assert row["predicted_us"] >= floor, (gpu.name, H, B, direction, first, second)
+
+
+def test_the_floor_only_rises_with_constraints():
+    gpu = costmodel.GPUS["H100-SXM"]
+    for H, B in costmodel.MODEL_SHAPES:
+        for direction in costmodel.DIRECTIONS:
+            free = costmodel.floor_cost(gpu, direction, B, H)
+            assert costmodel.floor_cost(gpu, direction, B, H, min_programs=264)["floor_us"] >= free["floor_us"]
+            slow_l2 = costmodel.floor_cost(costmodel.gpus(l2_TBps=2.0)["H100-SXM"], direction, B, H)
+            assert slow_l2["floor_us"] >= free["floor_us"]
+            assert free["floor_us"] >= free["sync_us"] > 0
+
+
+def test_issue_15_bound_is_met_wherever_the_floor_allows_it():
+    """Where even the floor cannot meet the bound the row says so (bound_feasible false); every
+    row where it can, the rule's plan meets it."""
+    for r in costmodel.model_rows():
+        assert r["bound_feasible"] == (r["floor_ratio_at_bound_programs"] <= costmodel.BOUND_RATIO)
+        if r["bound_feasible"]:
+            assert r["meets_bound"], r
 
 
 def test_the_model_sees_the_kernels_the_dispatcher_launches():

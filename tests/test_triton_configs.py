@@ -126,6 +126,22 @@ def test_split_k_is_deterministic():
         assert torch.equal(first[name], second[name]), name
 
 
+def test_gathering_partials_several_at_a_time_changes_no_bit(monkeypatch):
+    """The epilogue loads 1, 2 or 4 split partials per round (GATHER); it adds them in split order
+    whatever the round size, padding a short last round with -0.0, so the results are bitwise equal."""
+    inputs = _inputs(3, 5, 80, torch.float32, seed=4)
+    config = configs.KernelConfig(BB=16, BN=16, BK=16, num_warps=1, num_stages=2, split=5)  # 8 values per thread
+    results = {}
+    for budget, gather in ((8, 1), (16, 2), (32, 4)):
+        monkeypatch.setattr(configs, "_GATHER_VALUES_PER_THREAD", budget)
+        assert configs.gather_unroll("bwd_m", config) == gather
+        with configs.override(config):
+            results[gather] = _run("triton", *inputs)
+    for gather in (2, 4):
+        for name in results[1]:
+            assert torch.equal(results[gather][name], results[1][name]), (gather, name)
+
+
 def test_empty_splits_are_harmless():
     """More splits than K blocks: the override caps them at the K blocks."""
     inputs = _inputs(2, 3, 20, torch.float32, seed=3)

@@ -125,6 +125,22 @@ def epilogue_width(kernel: str, config: KernelConfig) -> int | None:
     return max(16, min(config.BN, _EPILOGUE_VALUES_PER_THREAD * 32 * config.num_warps // config.BB))
 
 
+# Values per thread the partial loads of one _gather round may hold (float32, beside everything the
+# epilogue keeps): up to 4 partials at once where a tile is small, one where it is big.
+_GATHER_VALUES_PER_THREAD = 32
+
+
+def gather_unroll(kernel: str, config: KernelConfig) -> int:
+    """How many split partials the epilogue loads at once (1, 2 or 4; the kernels' GATHER): their
+    L2 latencies overlap instead of adding up. 1 without a workspace (nothing to gather)."""
+    if not uses_workspace(kernel, config):
+        return 1
+    width = epilogue_width(kernel, config) or config.BN
+    per_thread = max(1, config.BB * width // (32 * config.num_warps))
+    fits = _GATHER_VALUES_PER_THREAD // per_thread
+    return 4 if fits >= 4 else 2 if fits >= 2 else 1
+
+
 def split_for(kernel: str, B: int, H: int, config: KernelConfig, target_programs: int) -> int:
     """Splits that bring the grid to about ``target_programs``: never more than the K blocks (an
     empty split is wasted), never more than 16 (each split adds a partial tile to write and read)."""

@@ -140,21 +140,58 @@ def _publish(acc, p_ws, o_ws, k_ws, slab, p_ticket, tile, n_split):
 
 
 @triton.jit
-def _gather(p_ws, o_ws, k_ws, slab, n_split, BB: tl.constexpr, BN: tl.constexpr):
+def _gather(p_ws, o_ws, k_ws, slab, n_split, BB: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr):
     """Sum of the S partial tiles in split order (so the result is independent of arrival order).
-    .cg reads bypass L1: the partials were written by other SMs."""
+
+    Each round issues the loads of GATHER partials (1, 2 or 4) before adding them, so their L2
+    latencies overlap instead of following one another; a split past S loads -0.0, the additive
+    identity, so the sum is bitwise the same for every GATHER. .cg reads bypass L1: the partials
+    were written by other SMs.
+    """
     acc = tl.zeros([BB, BN], dtype=tl.float32)
     p_s = p_ws + o_ws
-    for _ in range(n_split):
-        acc += tl.load(p_s, mask=k_ws, other=0.0, cache_modifier=".cg")
-        p_s += slab  # 64-bit pointer arithmetic: S * slab may exceed 2^31 elements
+    for s0 in range(0, n_split, GATHER):
+        b_p0 = tl.load(p_s, mask=k_ws, other=0.0, cache_modifier=".cg")
+        if GATHER >= 2:
+            b_left = tl.zeros([BB, BN], dtype=tl.int32) + (n_split - s0)  # splits left, this round's included
+            b_p1 = tl.load(p_s + slab, mask=k_ws & (b_left > 1), other=-0.0, cache_modifier=".cg")
+        if GATHER >= 4:
+            b_p2 = tl.load(p_s + 2 * slab, mask=k_ws & (b_left > 2), other=-0.0, cache_modifier=".cg")
+            b_p3 = tl.load(p_s + 3 * slab, mask=k_ws & (b_left > 3), other=-0.0, cache_modifier=".cg")
+        acc += b_p0
+        if GATHER >= 2:
+            acc += b_p1
+        if GATHER >= 4:
+            acc += b_p2
+            acc += b_p3
+        p_s += GATHER * slab  # 64-bit pointer arithmetic: S * slab may exceed 2^31 elements
     return acc
+
+
+@triton.jit
+def _cell_inputs(p_proj, p_c_prev, p_h_prev, p_len, o_b, o_n, k_b, k_bn, t, H, HAS_LEN: tl.constexpr):
+    """The forward epilogue's operands: the four gate inputs of proj_t (activation dtype), c_{t-1}
+    and, with HAS_LEN, h_{t-1} and which rows are still active (else c_{t-1} and True stand in)."""
+    p_x = p_proj + o_b[:, None] * (5 * H) + o_n[None, :]
+    b_xi = tl.load(p_x, mask=k_bn, other=0.0)
+    b_xf = tl.load(p_x + H, mask=k_bn, other=0.0)
+    b_xo = tl.load(p_x + 2 * H, mask=k_bn, other=0.0)
+    b_xu = tl.load(p_x + 3 * H, mask=k_bn, other=0.0)
+    o_state = o_b[:, None] * H + o_n[None, :]
+    b_c_prev = tl.load(p_c_prev + o_state, mask=k_bn, other=0.0)
+    if HAS_LEN:
+        b_active = (t < tl.load(p_len + o_b, mask=k_b, other=0))[:, None]
+        b_h_prev = tl.load(p_h_prev + o_state, mask=k_bn, other=0.0)
+    else:
+        b_active = k_bn
+        b_h_prev = b_c_prev
+    return b_xi, b_xf, b_xo, b_xu, b_c_prev, b_h_prev, b_active
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def fwd_m_kernel(
     p_h, p_w_hm, p_proj, p_m, p_act, B, H, p_ws, p_ticket, n_split,
-    SAVE: tl.constexpr, SPLIT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SAVE: tl.constexpr, SPLIT: tl.constexpr, GATHER: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """hm = h_{t-1} Wmh^T over K = H, then m = xm * hm (into p_m) and, with SAVE, xm and hm into act.
@@ -165,6 +202,12 @@ def fwd_m_kernel(
     _prologue(USE_PDL)
     o_b, o_n, k_b, k_n, tile = _tile(B, H, BB, BN)
     kb_lo, kb_hi = _k_blocks(H, n_split, BK)
+    k_bn = k_b[:, None] & k_n[None, :]
+    o_bn = o_b[:, None] * H + o_n[None, :]
+    p_xm = p_proj + o_b[:, None] * (5 * H) + 4 * H + o_n[None, :]
+    if not SPLIT:
+        # The epilogue's operand, loaded before the K loop: its latency hides behind the loop.
+        b_xm = tl.load(p_xm, mask=k_bn, other=0.0)
 
     b_hm = tl.zeros([BB, BN], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
@@ -175,17 +218,16 @@ def fwd_m_kernel(
         b_w = tl.load(p_w_hm + o_n[None, :] * H + o_k[:, None], mask=k_k[:, None] & k_n[None, :], other=0.0)
         b_hm = _mma(b_h, b_w, b_hm, PRECISION, INTERPRET_BF16)
 
-    k_bn = k_b[:, None] & k_n[None, :]
-    o_bn = o_b[:, None] * H + o_n[None, :]
     if SPLIT:
         last = _publish(b_hm, p_ws, o_bn, k_bn, B * H, p_ticket, tile, n_split)
     else:
         last = True
     if last:
         if SPLIT:
-            b_hm = _gather(p_ws, o_bn, k_bn, B * H, n_split, BB, BN)
+            # Only the last program needs xm: issued with the partials' loads, so the two overlap.
+            b_xm = tl.load(p_xm, mask=k_bn, other=0.0)
+            b_hm = _gather(p_ws, o_bn, k_bn, B * H, n_split, BB, BN, GATHER)
             tl.store(p_ticket + tile, 0)
-        b_xm = tl.load(p_proj + o_b[:, None] * (5 * H) + 4 * H + o_n[None, :], mask=k_bn, other=0.0)
         b_m = b_hm * b_xm.to(tl.float32)
         tl.store(p_m + o_bn, _cast(b_m, p_m.dtype.element_ty, INTERPRET_BF16), mask=k_bn)
         if SAVE:
@@ -197,8 +239,8 @@ def fwd_m_kernel(
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def fwd_z_kernel(
     p_m, p_w_hh, p_proj, p_h_prev, p_c_prev, p_h, p_c, p_act, p_len, t, B, H, p_ws, p_ticket, n_split,
-    SAVE: tl.constexpr, HAS_LEN: tl.constexpr, SPLIT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr, USE_PDL: tl.constexpr,
+    SAVE: tl.constexpr, HAS_LEN: tl.constexpr, SPLIT: tl.constexpr, GATHER: tl.constexpr, BB: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """z = xg + m Wh^T over K = H for BN units of all four gates, then the cell update of step t.
 
@@ -211,6 +253,11 @@ def fwd_z_kernel(
     kb_lo, kb_hi = _k_blocks(H, n_split, BK)
     # Offset between gate blocks of w_hh; the driver keeps 4 H^2 below 2^31.
     gate_stride = H * H
+    k_bn = k_b[:, None] & k_n[None, :]
+    if not SPLIT:
+        # The epilogue's operands, loaded before the K loop: their latency hides behind the loop.
+        b_xi, b_xf, b_xo, b_xu, b_c_prev, b_h_prev, b_active = _cell_inputs(
+            p_proj, p_c_prev, p_h_prev, p_len, o_b, o_n, k_b, k_bn, t, H, HAS_LEN)
 
     b_zi = tl.zeros([BB, BN], dtype=tl.float32)
     b_zf = tl.zeros([BB, BN], dtype=tl.float32)
@@ -231,7 +278,6 @@ def fwd_z_kernel(
         b_zu = _mma(b_m, tl.load(p_w + 3 * gate_stride, mask=k_w, other=0.0), b_zu,
                     PRECISION, INTERPRET_BF16)
 
-    k_bn = k_b[:, None] & k_n[None, :]
     o_z = o_b[:, None] * (4 * H) + o_n[None, :]
     if SPLIT:
         # One slab of [B, 4H] per split; the four gate tiles of this program sit H columns apart.
@@ -245,27 +291,26 @@ def fwd_z_kernel(
         last = True
     if last:
         if SPLIT:
-            b_zi = _gather(p_ws, o_z, k_bn, slab, n_split, BB, BN)
-            b_zf = _gather(p_ws, o_z + H, k_bn, slab, n_split, BB, BN)
-            b_zo = _gather(p_ws, o_z + 2 * H, k_bn, slab, n_split, BB, BN)
-            b_zu = _gather(p_ws, o_z + 3 * H, k_bn, slab, n_split, BB, BN)
+            # Only the last program needs the operands: issued with the partials' loads.
+            b_xi, b_xf, b_xo, b_xu, b_c_prev, b_h_prev, b_active = _cell_inputs(
+                p_proj, p_c_prev, p_h_prev, p_len, o_b, o_n, k_b, k_bn, t, H, HAS_LEN)
+            b_zi = _gather(p_ws, o_z, k_bn, slab, n_split, BB, BN, GATHER)
+            b_zf = _gather(p_ws, o_z + H, k_bn, slab, n_split, BB, BN, GATHER)
+            b_zo = _gather(p_ws, o_z + 2 * H, k_bn, slab, n_split, BB, BN, GATHER)
+            b_zu = _gather(p_ws, o_z + 3 * H, k_bn, slab, n_split, BB, BN, GATHER)
             tl.store(p_ticket + tile, 0)
-        p_x = p_proj + o_b[:, None] * (5 * H) + o_n[None, :]
-        b_i = _sigmoid(b_zi + tl.load(p_x, mask=k_bn, other=0.0).to(tl.float32))
-        b_f = _sigmoid(b_zf + tl.load(p_x + H, mask=k_bn, other=0.0).to(tl.float32))
-        b_o = _sigmoid(b_zo + tl.load(p_x + 2 * H, mask=k_bn, other=0.0).to(tl.float32))
-        b_u = _tanh(b_zu + tl.load(p_x + 3 * H, mask=k_bn, other=0.0).to(tl.float32))
+        b_i = _sigmoid(b_zi + b_xi.to(tl.float32))
+        b_f = _sigmoid(b_zf + b_xf.to(tl.float32))
+        b_o = _sigmoid(b_zo + b_xo.to(tl.float32))
+        b_u = _tanh(b_zu + b_xu.to(tl.float32))
 
         o_state = o_b[:, None] * H + o_n[None, :]
-        b_c_prev = tl.load(p_c_prev + o_state, mask=k_bn, other=0.0)
         b_c = b_f * b_c_prev + b_i * b_u
         b_h = b_o * _tanh(b_c)
         if HAS_LEN:
             # A row past its length keeps its state: h and c are carried through unchanged.
-            b_active = (t < tl.load(p_len + o_b, mask=k_b, other=0))[:, None]
-            b_h_prev = tl.load(p_h_prev + o_state, mask=k_bn, other=0.0).to(tl.float32)
             b_c = tl.where(b_active, b_c, b_c_prev)
-            b_h = tl.where(b_active, b_h, b_h_prev)
+            b_h = tl.where(b_active, b_h, b_h_prev.to(tl.float32))
         tl.store(p_c + o_state, b_c, mask=k_bn)
         tl.store(p_h + o_state, _cast(b_h, p_h.dtype.element_ty, INTERPRET_BF16), mask=k_bn)
         if SAVE:
@@ -278,10 +323,9 @@ def fwd_z_kernel(
 
 
 @triton.jit
-def _cell_backward(b_dh, o_b, o_nc, o_state, k_b, k_bn, p_len, t, H, p_act, p_c, p_c_prev, p_dc, p_dcells, p_dproj,
-                   HAS_DCELLS: tl.constexpr, HAS_LEN: tl.constexpr, INTERPRET_BF16: tl.constexpr):
-    """The cell derivatives of step t for one column chunk: from dh_t and the carried dc, the gate
-    gradients dz_t (into dproj's first 4H columns) and dc_{t-1} (back into p_dc)."""
+def _cell_operands(p_act, p_c, p_c_prev, p_dc, p_dcells, o_b, o_nc, o_state, k_bn, H, HAS_DCELLS: tl.constexpr):
+    """The saved values the cell derivatives of one column chunk need: the gates i, f, o, u, c_t,
+    c_{t-1} and the carried dc (plus the cell-state gradient with HAS_DCELLS), all as float32."""
     p_a = p_act + o_b[:, None] * (6 * H) + o_nc[None, :]
     b_i = tl.load(p_a, mask=k_bn, other=0.0).to(tl.float32)
     b_f = tl.load(p_a + H, mask=k_bn, other=0.0).to(tl.float32)
@@ -292,11 +336,17 @@ def _cell_backward(b_dh, o_b, o_nc, o_state, k_b, k_bn, p_len, t, H, p_act, p_c,
     b_dc = tl.load(p_dc + o_state, mask=k_bn, other=0.0)
     if HAS_DCELLS:
         b_dc += tl.load(p_dcells + o_state, mask=k_bn, other=0.0).to(tl.float32)
+    return b_i, b_f, b_o, b_u, b_c, b_c_prev, b_dc
 
+
+@triton.jit
+def _cell_backward(b_dh, b_i, b_f, b_o, b_u, b_c, b_c_prev, b_dc, o_b, o_nc, o_state, k_bn, b_active, H, p_dc,
+                   p_dproj, HAS_LEN: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """The cell derivatives of step t for one column chunk: from dh_t and the carried dc, the gate
+    gradients dz_t (into dproj's first 4H columns) and dc_{t-1} (back into p_dc)."""
     b_tanh_c = _tanh(b_c)
     b_dc_from_h = b_dh * b_o * (1.0 - b_tanh_c * b_tanh_c)
     if HAS_LEN:
-        b_active = (t < tl.load(p_len + o_b, mask=k_b, other=0))[:, None]
         b_dc_from_h = tl.where(b_active, b_dc_from_h, 0.0)
     b_dc += b_dc_from_h
     b_dzi = b_dc * b_u * b_i * (1.0 - b_i)
@@ -325,8 +375,9 @@ def bwd_h_kernel(
     p_dhm_next, p_w_hm, p_dout, p_dh, p_dc, p_dcells, p_act, p_c, p_c_prev, p_dproj, p_len, t, B, H,
     p_ws, p_ticket, n_split,
     HAS_REC: tl.constexpr, DO_CELL: tl.constexpr, HAS_DOUT: tl.constexpr, HAS_DCELLS: tl.constexpr,
-    HAS_LEN: tl.constexpr, SPLIT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    EPI_BN: tl.constexpr, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_LEN: tl.constexpr, SPLIT: tl.constexpr, GATHER: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, EPI_BN: tl.constexpr, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """dh_t = dhm_{t+1} Wmh (+ dout_t), then the cell derivatives of step t.
 
@@ -365,31 +416,42 @@ def bwd_h_kernel(
             tl.store(p_ticket + tile, 0)
         if HAS_LEN:
             b_len = tl.load(p_len + o_b, mask=k_b, other=0)
+            b_active = (t < b_len)[:, None]
+        else:
+            b_active = k_b[:, None]
         # A loop, not unrolled: the epilogue is long, and up to 8 copies of it made compiles slow.
         for c in range(BN // EPI_BN):
             o_nc = tl.program_id(1) * BN + c * EPI_BN + tl.arange(0, EPI_BN)
             k_bn = k_b[:, None] & (o_nc < H)[None, :]
             o_state = o_b[:, None] * H + o_nc[None, :]
-            # p_dh holds the full gradient that reached h_{t+1}.
-            b_dh = tl.load(p_dh + o_state, mask=k_bn, other=0.0)
+            if DO_CELL:
+                # The saved operands first, so their loads overlap the partials' (or, without
+                # split-K, each other's).
+                b_i, b_f, b_o, b_u, b_c, b_c_prev, b_dc = _cell_operands(
+                    p_act, p_c, p_c_prev, p_dc, p_dcells, o_b, o_nc, o_state, k_bn, H, HAS_DCELLS)
+                if HAS_DOUT:
+                    b_dout = tl.load(p_dout + o_state, mask=k_bn, other=0.0)
             if HAS_REC:
                 if SPLIT:
-                    b_rec_c = _gather(p_ws, o_state, k_bn, B * H, n_split, BB, EPI_BN)
+                    b_dh = _gather(p_ws, o_state, k_bn, B * H, n_split, BB, EPI_BN, GATHER)
                 else:
-                    b_rec_c = b_rec
+                    b_dh = b_rec
                 if HAS_LEN:
-                    # A row that was padding at t+1 passed h_t through, so its gradient passes straight back.
-                    b_dh = b_rec_c + tl.where((t + 1 < b_len)[:, None], 0.0, b_dh)
-                else:
-                    b_dh = b_rec_c
+                    # A row that was padding at t+1 passed h_t through, so its gradient passes straight
+                    # back: p_dh holds the full gradient that reached h_{t+1}.
+                    b_dh += tl.where((t + 1 < b_len)[:, None], 0.0, tl.load(p_dh + o_state, mask=k_bn, other=0.0))
+            else:
+                b_dh = tl.load(p_dh + o_state, mask=k_bn, other=0.0)
 
             if DO_CELL:
                 if HAS_DOUT:
-                    b_dh += tl.load(p_dout + o_state, mask=k_bn, other=0.0).to(tl.float32)
-                tl.store(p_dh + o_state, b_dh, mask=k_bn)
-
-                _cell_backward(b_dh, o_b, o_nc, o_state, k_b, k_bn, p_len, t, H, p_act, p_c, p_c_prev, p_dc,
-                               p_dcells, p_dproj, HAS_DCELLS, HAS_LEN, INTERPRET_BF16)
+                    b_dh += b_dout.to(tl.float32)
+                if HAS_LEN:
+                    # Only the padding rule above reads dh_t back (at t - 1); without lengths the
+                    # launch at t = -1 alone leaves the gradient of h0 in p_dh.
+                    tl.store(p_dh + o_state, b_dh, mask=k_bn)
+                _cell_backward(b_dh, b_i, b_f, b_o, b_u, b_c, b_c_prev, b_dc, o_b, o_nc, o_state, k_bn, b_active, H,
+                               p_dc, p_dproj, HAS_LEN, INTERPRET_BF16)
             else:
                 tl.store(p_dh + o_state, b_dh, mask=k_bn)
 
@@ -397,8 +459,8 @@ def bwd_h_kernel(
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def bwd_m_kernel(
     p_dproj, p_w_hh, p_act, p_dhm, B, H, p_ws, p_ticket, n_split,
-    SPLIT: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT: tl.constexpr, GATHER: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """dm = dz_t Wh over K = 4H, then dxm = dm * hm (into dproj's last H columns) and dhm = dm * xm.
 
@@ -407,6 +469,13 @@ def bwd_m_kernel(
     _prologue(USE_PDL)
     o_b, o_n, k_b, k_n, tile = _tile(B, H, BB, BN)
     kb_lo, kb_hi = _k_blocks(4 * H, n_split, BK)
+    k_bn = k_b[:, None] & k_n[None, :]
+    o_state = o_b[:, None] * H + o_n[None, :]
+    p_a = p_act + o_b[:, None] * (6 * H) + o_n[None, :]
+    if not SPLIT:
+        # The epilogue's operands, loaded before the K loop: their latency hides behind the loop.
+        b_xm = tl.load(p_a + 4 * H, mask=k_bn, other=0.0)
+        b_hm = tl.load(p_a + 5 * H, mask=k_bn, other=0.0)
 
     b_dm = tl.zeros([BB, BN], dtype=tl.float32)
     for kb in range(kb_lo, kb_hi):
@@ -416,19 +485,18 @@ def bwd_m_kernel(
         b_w = tl.load(p_w_hh + o_k[:, None] * H + o_n[None, :], mask=k_k[:, None] & k_n[None, :], other=0.0)
         b_dm = _mma(b_dz, b_w, b_dm, PRECISION, INTERPRET_BF16)
 
-    k_bn = k_b[:, None] & k_n[None, :]
-    o_state = o_b[:, None] * H + o_n[None, :]
     if SPLIT:
         last = _publish(b_dm, p_ws, o_state, k_bn, B * H, p_ticket, tile, n_split)
     else:
         last = True
     if last:
         if SPLIT:
-            b_dm = _gather(p_ws, o_state, k_bn, B * H, n_split, BB, BN)
+            # Only the last program needs xm and hm: issued with the partials' loads.
+            b_xm = tl.load(p_a + 4 * H, mask=k_bn, other=0.0)
+            b_hm = tl.load(p_a + 5 * H, mask=k_bn, other=0.0)
+            b_dm = _gather(p_ws, o_state, k_bn, B * H, n_split, BB, BN, GATHER)
             tl.store(p_ticket + tile, 0)
-        p_a = p_act + o_b[:, None] * (6 * H) + o_n[None, :]
-        b_xm = tl.load(p_a + 4 * H, mask=k_bn, other=0.0).to(tl.float32)
-        b_hm = tl.load(p_a + 5 * H, mask=k_bn, other=0.0).to(tl.float32)
         tl.store(p_dproj + o_b[:, None] * (5 * H) + 4 * H + o_n[None, :],
-                 _cast(b_dm * b_hm, p_dproj.dtype.element_ty, INTERPRET_BF16), mask=k_bn)
-        tl.store(p_dhm + o_state, _cast(b_dm * b_xm, p_dhm.dtype.element_ty, INTERPRET_BF16), mask=k_bn)
+                 _cast(b_dm * b_hm.to(tl.float32), p_dproj.dtype.element_ty, INTERPRET_BF16), mask=k_bn)
+        tl.store(p_dhm + o_state, _cast(b_dm * b_xm.to(tl.float32), p_dhm.dtype.element_ty, INTERPRET_BF16),
+                 mask=k_bn)

@@ -113,6 +113,7 @@ class _Launcher:
         tickets = self.tickets[self.ticket_offset[kernel_name]:]
         launched = dataclasses.replace(config, split=n_split)
         constexprs["SPLIT"] = _configs.uses_workspace(kernel_name, launched)
+        constexprs["GATHER"] = _configs.gather_unroll(kernel_name, launched)
         if kernel_name == "bwd_h":
             constexprs["EPI_BN"] = _configs.epilogue_width(kernel_name, launched)
         kernel[grid](*args, self.ws, tickets, n_split, BB=config.BB, BN=config.BN, BK=config.BK, USE_PDL=use_pdl,
