@@ -201,7 +201,10 @@ def source_key() -> str:
 
 
 def _cache_path(cache_dir: Path, src: str, job: dict) -> Path:
-    key = hashlib.sha256(json.dumps([src, job], sort_keys=True).encode()).hexdigest()[:24]
+    # The constexprs too: some (EPI_BN, GATHER) are derived from the config by fastmlstm's
+    # configs.py, which the source key does not cover.
+    const = _constexprs(job["kernel"], _configs.KernelConfig(**job["config"]), job["precision"])
+    key = hashlib.sha256(json.dumps([src, job, const], sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir / f"{key}.json"
 
 

@@ -126,7 +126,8 @@ def epilogue_width(kernel: str, config: KernelConfig) -> int | None:
 
 
 # Values per thread the partial loads of one _gather round may hold (float32, beside everything the
-# epilogue keeps): up to 4 partials at once where a tile is small, one where it is big.
+# epilogue keeps): up to 4 partials at once where a tile is small, one where it is big. Half that
+# at 16 warps, whose threads have at most 128 registers (more spilled on sm_80).
 _GATHER_VALUES_PER_THREAD = 32
 
 
@@ -137,7 +138,8 @@ def gather_unroll(kernel: str, config: KernelConfig) -> int:
         return 1
     width = epilogue_width(kernel, config) or config.BN
     per_thread = max(1, config.BB * width // (32 * config.num_warps))
-    fits = _GATHER_VALUES_PER_THREAD // per_thread
+    budget = _GATHER_VALUES_PER_THREAD // (2 if config.num_warps >= 16 else 1)
+    fits = budget // per_thread
     return 4 if fits >= 4 else 2 if fits >= 2 else 1
 
 
@@ -180,8 +182,9 @@ def rule(kernel: str, B: int, H: int, dtype_bytes: int, device: Device) -> Kerne
       forward reads BK = 64 values, 128 bytes, along each row), 16 units per gate in the gate
       kernel; splits for about two programs per SM, for enough bytes in flight.
     - float32 (not a target of the model): BN = 32 (16 per gate), BK = 32, one program per SM.
-    - num_warps: 8 when the accumulators hold 8192 or more values, else 4; num_stages: 4 for
-      16-bit, 3 for float32, fewer where the pipeline would exceed SMEM_BUDGET.
+    - num_warps: 8 when the accumulators hold 8192 or more values, else 4; 16 for bwd_h's big
+      tiles, whose epilogue chunks run one after another (twice the threads, half the chunks);
+      num_stages: 4 for 16-bit, 3 for float32, fewer where the pipeline would exceed SMEM_BUDGET.
     - pdl: on Hopper and newer, so the next launch is scheduled while this one finishes.
     Independent of H (a small H only masks columns), so the compiled variants stay few.
     """
@@ -203,6 +206,11 @@ def rule(kernel: str, B: int, H: int, dtype_bytes: int, device: Device) -> Kerne
 
 def _warps(kernel: str, bb: int, bn: int) -> int:
     cols = bn * (4 if kernel in GATE_KERNELS else 1)
+    if kernel == "bwd_h" and bb * cols >= 8192:
+        # Its epilogue runs over column chunks one after another, each waiting for its operands
+        # (bench/costmodel.py's epilogue_latency): twice the threads, half the chunks. 16 warps stay
+        # under their 128-register cap without spilling (bench/results/static.md).
+        return 16
     return 8 if bb * cols >= 8192 else 4
 
 
