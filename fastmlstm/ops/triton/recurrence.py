@@ -99,25 +99,40 @@ class _Launcher:
             total += n_tiles[k][0] * n_tiles[k][1]
         self.tickets = torch.zeros(max(total, 1), dtype=torch.int32, device=device)
         self.n_tiles = n_tiles
+        # Everything a launch needs besides its tensors, worked out once per call: a step launches
+        # two kernels, and at H = 1024 the host's time per launch is a term of the step's cost
+        # (bench/costmodel.py's cpu_launch_us; bench/launch_overhead.py measures this side of it).
+        self._launches = {(k, split): self._launch_params(k, split)
+                          for k in _configs.KERNELS for split in (True, False)}
 
-    def __call__(self, kernel_name: str, kernel, *args, split: bool = True, **constexprs):
-        """Launch ``kernel`` with its runtime arguments ``args`` (the workspace, its tickets and the
-        split count are appended) and constexprs, configured by this call's plan."""
+    def _launch_params(self, kernel_name: str, split: bool) -> tuple:
         config = self.plan[kernel_name]
         n_split = config.split if split else 1
         grid = (n_split, *self.n_tiles[kernel_name])
         use_pdl = config.pdl and self.pdl_ok
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        if use_pdl:
-            options["launch_pdl"] = True
-        tickets = self.tickets[self.ticket_offset[kernel_name]:]
         launched = dataclasses.replace(config, split=n_split)
-        constexprs["SPLIT"] = _configs.uses_workspace(kernel_name, launched)
-        constexprs["GATHER"] = _configs.gather_unroll(kernel_name, launched)
+        keywords = {"BB": config.BB, "BN": config.BN, "BK": config.BK, "USE_PDL": use_pdl, **self.common,
+                    "SPLIT": _configs.uses_workspace(kernel_name, launched),
+                    "GATHER": _configs.gather_unroll(kernel_name, launched),
+                    "num_warps": config.num_warps, "num_stages": config.num_stages}
         if kernel_name == "bwd_h":
-            constexprs["EPI_BN"] = _configs.epilogue_width(kernel_name, launched)
-        kernel[grid](*args, self.ws, tickets, n_split, BB=config.BB, BN=config.BN, BK=config.BK, USE_PDL=use_pdl,
-                     **self.common, **constexprs, **options)
+            keywords["EPI_BN"] = _configs.epilogue_width(kernel_name, launched)
+        if use_pdl:
+            keywords["launch_pdl"] = True
+        tail = (self.ws, self.tickets[self.ticket_offset[kernel_name]:], n_split)
+        return grid, tail, keywords
+
+    def bind(self, kernel_name: str, kernel, split: bool = True, **constexprs):
+        """``kernel`` configured by this call's plan, with ``constexprs``: a function that launches
+        it on its runtime arguments (the workspace, its tickets and the split count appended)."""
+        grid, tail, keywords = self._launches[(kernel_name, split)]
+        launch = kernel[grid]
+        keywords = {**keywords, **constexprs}
+
+        def run(*args):
+            launch(*args, *tail, **keywords)
+
+        return run
 
 
 def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, return_cell_states):
@@ -146,19 +161,21 @@ def _forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, ret
     # one program that runs its tile's epilogue.
     c_state = None if keep_cells else c0.float().clone()
 
-    launch = _Launcher(B, H, dtype, device)
+    launcher = _Launcher(B, H, dtype, device)
     has_len = lengths is not None
+    fwd_m = launcher.bind("fwd_m", fwd_m_kernel, SAVE=save_for_backward)
+    fwd_z = launcher.bind("fwd_z", fwd_z_kernel, SAVE=save_for_backward, HAS_LEN=has_len)
     p_len = lengths if has_len else output
     h_prev = h0.to(dtype).contiguous()
     c_prev = c0.float().contiguous() if keep_cells else c_state
+    # Each step's views, made up front: indexing a tensor costs microseconds of host time per step.
+    proj_t, h_t = proj.unbind(0), output.unbind(0)
+    act_t = act.unbind(0) if save_for_backward else [m] * T
+    c_t = cell_states.unbind(0) if keep_cells else [c_state] * T
     for t in range(T):
-        act_t = act[t] if save_for_backward else m
-        launch("fwd_m", fwd_m_kernel, h_prev, weight_hm, proj[t], m, act_t, B, H, SAVE=save_for_backward)
-        h_out = output[t]
-        c_out = cell_states[t] if keep_cells else c_state
-        launch("fwd_z", fwd_z_kernel, m, weight_hh, proj[t], h_prev, c_prev, h_out, c_out, act_t, p_len, t, B, H,
-               SAVE=save_for_backward, HAS_LEN=has_len)
-        h_prev, c_prev = h_out, c_out
+        fwd_m(h_prev, weight_hm, proj_t[t], m, act_t[t], B, H)
+        fwd_z(m, weight_hh, proj_t[t], h_prev, c_prev, h_t[t], c_t[t], act_t[t], p_len, t, B, H)
+        h_prev, c_prev = h_t[t], c_t[t]
     if keep_cells:
         c_n = cell_states[T - 1].clone() if T > 0 else c0.float().clone()
     else:
@@ -196,20 +213,24 @@ def _backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0,
     p_len = lengths if has_len else dh
     c0 = c0.float().contiguous()
 
-    launch = _Launcher(B, H, dtype, device)
+    launcher = _Launcher(B, H, dtype, device)
+    flags = {"DO_CELL": True, "HAS_DOUT": has_dout, "HAS_DCELLS": has_dcells, "HAS_LEN": has_len}
+    # At t = T-1 nothing comes from the future: no product, so one split.
+    bwd_h_last = launcher.bind("bwd_h", bwd_h_kernel, split=False, HAS_REC=False, **flags)
+    bwd_h = launcher.bind("bwd_h", bwd_h_kernel, HAS_REC=True, **flags)
+    bwd_m = launcher.bind("bwd_m", bwd_m_kernel)
+    # Each step's views, made up front (host time per step, as in the forward).
+    dhm_t, dproj_t, act_t, c_t = grad_hm.unbind(0), grad_proj.unbind(0), act.unbind(0), cell_states.unbind(0)
+    dout_t = grad_output.unbind(0) if has_dout else [dh] * T
+    dcells_t = grad_cell_states.unbind(0) if has_dcells else [dh] * T
     for t in range(T - 1, -1, -1):
-        # At t = T-1 nothing comes from the future: no product, so one split.
-        launch("bwd_h", bwd_h_kernel,
-               grad_hm[t + 1] if t < T - 1 else grad_hm[t], weight_hm,
-               grad_output[t] if has_dout else dh, dh, dc,
-               grad_cell_states[t] if has_dcells else dh,
-               act[t], cell_states[t], cell_states[t - 1] if t > 0 else c0, grad_proj[t], p_len, t, B, H,
-               split=t < T - 1, HAS_REC=t < T - 1, DO_CELL=True, HAS_DOUT=has_dout, HAS_DCELLS=has_dcells,
-               HAS_LEN=has_len)
-        launch("bwd_m", bwd_m_kernel, grad_proj[t], weight_hh, act[t], grad_hm[t], B, H)
+        step = bwd_h if t < T - 1 else bwd_h_last
+        step(dhm_t[min(t + 1, T - 1)], weight_hm, dout_t[t], dh, dc, dcells_t[t], act_t[t], c_t[t],
+             c_t[t - 1] if t > 0 else c0, dproj_t[t], p_len, t, B, H)
+        bwd_m(dproj_t[t], weight_hh, act_t[t], dhm_t[t], B, H)
     if T > 0:
         # One more launch at t = -1 turns dhm_0 into the gradient of h0 (left in dh).
-        launch("bwd_h", bwd_h_kernel, grad_hm[0], weight_hm, dh, dh, dc, dh, dh, dh, dh, dh, p_len, -1, B, H,
-               HAS_REC=True, DO_CELL=False, HAS_DOUT=False, HAS_DCELLS=False, HAS_LEN=has_len)
+        launcher.bind("bwd_h", bwd_h_kernel, HAS_REC=True, DO_CELL=False, HAS_DOUT=False, HAS_DCELLS=False,
+                      HAS_LEN=has_len)(dhm_t[0], weight_hm, dh, dh, dc, dh, dh, dh, dh, dh, p_len, -1, B, H)
     grad_weight_hh, grad_weight_hm = recurrent_weight_grads(grad_proj, grad_hm, act, output, h0)
     return grad_proj, grad_weight_hh, grad_weight_hm, dh, dc
