@@ -77,9 +77,14 @@ TABLE = [
     ("pdl_gap_us", 0.5, 0.5,
      "assumption: what programmatic dependent launch leaves of the gap (the wait for the previous grid's "
      "memory flush)"),
-    ("cpu_launch_us", 6.0, 6.0,
-     "assumption: host time of one Triton launch from Python (argument binding, cache lookup, driver call); "
-     "gpu_check.sh measures it"),
+    ("cpu_launch_us", 12.0, 12.0,
+     "host time of one launch from Python: Triton 3.x's JITFunction dispatch (argument binding, cache "
+     "lookup, driver call) was measured by others at 8.7 us (vLLM PR 34838, GB200 host, 2026), ~11 us "
+     "(tritonbench PR 1002, 2026) and 12.5 us for a 19-argument kernel (facebookexperimental/triton PR "
+     "1231, 2026); our kernels take 15-20 arguments. Plus fastmlstm's own side, 1.4-2.6 us per launch "
+     "on this project's 2-core EPYC (bench/launch_overhead.py, "
+     "bench/results/launch-overhead-amd-epyc-family-25-model-1-2026-11-30.json). gpu_check.sh measures "
+     "the whole on the GPU's host"),
     ("smem_block_KB", 227, 227, "CUDA programming guide: compute capability 9.0, 227 KB of shared memory per block"),
 ]
 GPU_NAMES = ("H100-SXM", "H200")
