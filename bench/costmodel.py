@@ -353,24 +353,21 @@ def model_rows(gpu_table: dict[str, GPU] | None = None, shapes=MODEL_SHAPES, dty
 
 def predict(gpu_name: str, mode: str, dtype: str, H: int, B: int, T: int = 1,
             table: dict[str, GPU] | None = None) -> dict | None:
-    """Predicted time of a benchmark case (``bench/run.py`` prints it beside the measurement):
-    step, fwd (T steps) and fwd+bwd (T steps each way) of the recurrence alone; None for modes the
-    model does not cover (featurize, train) or float32."""
+    """Predicted time of a benchmark case (``bench/run.py`` prints it beside the measurement), with
+    the issue's ideal and the floor no design can beat (``floor_cost``): step, fwd (T steps) and
+    fwd+bwd (T steps each way) of the recurrence alone; None for modes the model does not cover
+    (featurize, train) or float32."""
     table = table or GPUS
     if gpu_name not in table or dtype not in ("bfloat16", "float16", "bf16", "fp16"):
         return None
     gpu = table[gpu_name]
     short = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
-    fwd = direction_cost(gpu, "fwd", B, H, short)
-    if mode == "step":
-        return {"predicted_ms": fwd["predicted_us"] / 1e3, "ideal_ms": fwd["ideal_us"] / 1e3}
-    if mode == "fwd":
-        return {"predicted_ms": T * fwd["predicted_us"] / 1e3, "ideal_ms": T * fwd["ideal_us"] / 1e3}
-    if mode == "fwd+bwd":
-        bwd = direction_cost(gpu, "bwd", B, H, short)
-        return {"predicted_ms": T * (fwd["predicted_us"] + bwd["predicted_us"]) / 1e3,
-                "ideal_ms": T * (fwd["ideal_us"] + bwd["ideal_us"]) / 1e3}
-    return None
+    directions = {"step": ("fwd",), "fwd": ("fwd",), "fwd+bwd": ("fwd", "bwd")}.get(mode)
+    if directions is None:
+        return None
+    steps = 1 if mode == "step" else T
+    rows = [direction_cost(gpu, d, B, H, short) for d in directions]
+    return {f"{key}_ms": steps * sum(r[f"{key}_us"] for r in rows) / 1e3 for key in ("predicted", "ideal", "floor")}
 
 
 def annotate(record: dict, device_name: str, ceilings: dict | None = None) -> dict | None:

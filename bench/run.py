@@ -258,7 +258,8 @@ def time_cases(active: list, cases: list, device: torch.device, ctx: dict, ceili
             results.append(record)
             mem = "n/a" if record["peak_mem_mb"] is None else f"{record['peak_mem_mb']:.1f} MiB"
             record["model"] = costmodel.annotate(record, device_name, ceilings) if device.type == "cuda" else None
-            model = "" if not record["model"] else f"  model {record['model']['predicted_ms']:.3f} ms"
+            model = "" if not record["model"] else (f"  model {record['model']['predicted_ms']:.3f} ms"
+                                                    f" (floor {record['model']['floor_ms']:.3f})")
             print(f"   {label} {record['median_ms']:10.3f} ms  {record['chars_per_s']:12.0f} chars/s  "
                   f"peak {mem}  roofline {record['roofline']['frac_roofline']:.1%}{model}", flush=True)
     return results, errors, skipped_cases

@@ -165,3 +165,12 @@ def test_importing_the_tool_leaves_the_environment_alone():
 
     if not ON_GPU:
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_benchmark_predictions_carry_the_floor():
+    """bench/run.py prints the prediction and the floor beside every GPU measurement."""
+    for mode, T in (("step", 1), ("fwd", 64), ("fwd+bwd", 64)):
+        p = costmodel.predict("H100-SXM", mode, "bfloat16", 4096, 128, T)
+        assert p["ideal_ms"] < p["floor_ms"] <= p["predicted_ms"], (mode, p)
+    assert costmodel.predict("H100-SXM", "featurize", "bfloat16", 4096, 128) is None
+    assert costmodel.predict("H100-SXM", "fwd", "float32", 4096, 128) is None
