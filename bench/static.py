@@ -23,6 +23,16 @@ kernel source, Triton's version and the configuration, so an unchanged kernel is
 
 from __future__ import annotations
 
+import os
+
+if __name__ == "__main__":
+    # Compiling needs Triton's real JIT functions. Under TRITON_INTERPRET (which the test suite sets
+    # on machines without a GPU, and subprocesses inherit) Triton builds interpreter stand-ins for
+    # its own library functions the moment it is imported, and torch imports it: so the variable
+    # goes before any import below, in the command's own process only, never as a side effect of
+    # importing this module.
+    os.environ.pop("TRITON_INTERPRET", None)
+
 import argparse
 import concurrent.futures
 import contextlib
@@ -31,7 +41,6 @@ import datetime
 import hashlib
 import io
 import json
-import os
 import re
 import sys
 import time
@@ -306,16 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="results cache (default %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="compile everything again")
     p.add_argument("--kernels", help="comma-separated subset of " + ",".join(_configs.KERNELS))
+    p.add_argument("--dtypes", help="comma-separated subset of bf16,fp16,fp32")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
+def _check_not_interpreted() -> None:
+    """Refuse to run where Triton was imported under TRITON_INTERPRET (e.g. main() called from a
+    process that imported torch with it set): every compile would fail on interpreter stand-ins."""
+    import triton.language.standard as standard
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(standard.cdiv, JITFunction):
+        raise SystemExit("bench/static.py: Triton was imported with TRITON_INTERPRET set, so it cannot "
+                         "compile for a GPU target; run `python bench/static.py` as a command (it unsets "
+                         "the variable first) or unset TRITON_INTERPRET before importing torch or triton")
+
+
 def main(argv=None) -> int:
-    # Compiling needs Triton's real JIT functions: under TRITON_INTERPRET (which the test suite sets on
-    # machines without a GPU, and subprocesses inherit) they would be interpreter stand-ins. Only
-    # here, in the command's own process, before the kernels are imported: never as a side effect
-    # of importing this module.
-    os.environ.pop("TRITON_INTERPRET", None)
+    _check_not_interpreted()
     args = build_parser().parse_args(argv)
     import triton
 
@@ -327,6 +345,13 @@ def main(argv=None) -> int:
             print(f"static.py: unknown kernels {sorted(unknown)}", file=sys.stderr)
             return 1
         all_jobs = [j for j in all_jobs if j["kernel"] in wanted]
+    if args.dtypes:
+        wanted = set(args.dtypes.split(","))
+        unknown = wanted - {label for label, *_ in DTYPES}
+        if unknown:
+            print(f"static.py: unknown dtypes {sorted(unknown)}", file=sys.stderr)
+            return 1
+        all_jobs = [j for j in all_jobs if j["dtype"] in wanted]
     start = time.perf_counter()
 
     def progress(done, total):

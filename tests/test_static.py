@@ -8,6 +8,7 @@ source, so an unchanged kernel costs seconds. A cold run is a few minutes on 2 c
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,21 @@ def test_the_gpu_table_has_a_source_for_every_number():
     assert {row[0] for row in costmodel.TABLE} == fields
     for name, h100, h200, source in costmodel.TABLE:
         assert h100 > 0 and h200 > 0 and len(source) > 20, name
+
+
+def test_the_command_compiles_when_the_test_session_interprets(tmp_path):
+    """The test session sets TRITON_INTERPRET, and torch imports Triton: the command must unset it
+    before either loads, or every compile fails (the report fixture hides this when its results
+    come from the cache, so this compiles a few configs with no cache)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = tmp_path / "s.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "static.py"), "--json", str(out), "--kernels", "bwd_m",
+                           "--dtypes", "bf16", "--no-cache", "--quiet"],
+                          capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["kernels"] and all(e["ok"] for e in doc["kernels"])
+    assert {e["dtype"] for e in doc["kernels"]} == {"bf16"}
 
 
 def test_importing_the_tool_leaves_the_environment_alone():
