@@ -449,13 +449,17 @@ def compare_legacy() -> str:
 
 
 def sensitivity(l2_values=(5.5, 7.0, 10.0, 14.0)) -> str:
-    """How the rule's predictions move with the L2 bandwidth, the least certain number."""
-    lines = ["| L2 TB/s | gpu | H | B | fwd ratio | bwd ratio |", "|---|---|---|---|---|---|"]
+    """How the rule's predictions and the floor move with the L2 bandwidth, the least certain
+    number (ratios to ideal; the floor also with issue 15's >= 2 programs per SM)."""
+    lines = ["| L2 TB/s | gpu | H | B | fwd ratio | bwd ratio | floor fwd (at 2/SM) | floor bwd (at 2/SM) |",
+             "|---|---|---|---|---|---|---|---|"]
     for l2 in l2_values:
         for gpu in gpus(l2_TBps=l2).values():
-            for H, B in MODEL_SHAPES[:2]:
-                r = [direction_cost(gpu, d, B, H)["ratio"] for d in DIRECTIONS]
-                lines.append(f"| {l2} | {gpu.name} | {H} | {B} | {r[0]:.2f} | {r[1]:.2f} |")
+            for H, B in MODEL_SHAPES[:3]:
+                r = [direction_cost(gpu, d, B, H) for d in DIRECTIONS]
+                floors = [f"{x['floor_ratio']:.2f} ({x['floor_ratio_at_bound_programs']:.2f})" for x in r]
+                lines.append(f"| {l2} | {gpu.name} | {H} | {B} | {r[0]['ratio']:.2f} | {r[1]['ratio']:.2f} | "
+                             f"{floors[0]} | {floors[1]} |")
     return "\n".join(lines)
 
 
