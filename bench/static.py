@@ -285,6 +285,7 @@ def violations(doc: dict) -> list[str]:
 
 def markdown(doc: dict) -> str:
     lines = [f"# Static kernel report ({doc['date']}, triton {doc['triton']})", "",
+             f"Device: {doc['device']}.", "",
              f"`{doc['command']}`: {len(doc['kernels'])} compiles ({doc['cache_hits']} from the cache), "
              f"{doc['seconds']:.0f} s.", ""]
     bad = violations(doc)
@@ -359,8 +360,16 @@ def main(argv=None) -> int:
             print(f"   compiled {done}/{total} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     results, hits = run(all_jobs, max(1, args.jobs), None if args.no_cache else args.cache_dir, progress)
+    import measure  # bench/measure.py: the host's name, as every results file gives it
+
+    host = measure.cpu_name()
     doc = {
         "date": datetime.date.today().isoformat(), "triton": triton.__version__,
+        # Nothing here ran on a GPU: the kernels were compiled ahead of time on this host, and the
+        # model's rows are predictions for the GPUs it names.
+        "device": f"none: compiled ahead of time for sm_90a and sm_80 on {host} (no GPU); the model "
+                  f"predicts for {', '.join(costmodel.GPU_NAMES)}",
+        "host": host,
         "command": "python bench/static.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "kernel_source": str(KERNEL_FILE.relative_to(REPO)), "source_key": source_key(),
         "limits": {"shared_bytes": SMEM_LIMIT, "spill_bytes_16bit": 0},

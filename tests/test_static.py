@@ -45,6 +45,7 @@ def test_every_kernel_compiles_within_the_bounds(report):
     proc, doc, _ = report
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not static.violations(doc)
+    assert "no GPU" in doc["device"] and doc["host"]  # where the report was made
     for e in doc["kernels"]:
         for key, kind in ENTRY.items():
             assert isinstance(e[key], kind), (key, e)
