@@ -44,6 +44,28 @@ def _ops():
 # 4 rows (16-bit weights read as they are).
 
 LAYER_SHAPES = [(3, 67, 5, 130), (5, 3, 7, 45), (2, 1, 64, 96), (4, 4, 8, 40)]
+# Even sizes only: the bfloat16 GEMMs take VNNI-packed weights (pairs of k) where both K are even.
+VNNI_LAYER_SHAPES = [(3, 67, 6, 130), (2, 1, 64, 96), (4, 4, 8, 40), (1, 70, 2, 66)]
+
+
+def _bf16_gemms():
+    """The bfloat16 GEMMs to check here: the portable twin of the native micro-kernels everywhere,
+    and the native ones where the CPU has them."""
+    from fastmlstm.ops.cpu import recurrence
+
+    return ["portable"] + (["native"] if AVAILABLE and recurrence.native_bf16() else [])
+
+
+def _layer_failures(dtype, key):
+    from test_recurrence import _run, _truth
+
+    truth, ref, got = _truth(*key), _run("reference", *key), _run("cpu", *key)
+    failures = []
+    for name in truth:
+        err_ref, err = rel_err(ref[name], truth[name]), rel_err(got[name], truth[name])
+        if err > FACTOR * err_ref + ABS[dtype]:
+            failures.append(f"{name}: error {err:.2e} > {FACTOR} x reference {err_ref:.2e} + {ABS[dtype]:.0e}")
+    return failures
 
 
 @needs_cpu
@@ -51,16 +73,31 @@ LAYER_SHAPES = [(3, 67, 5, 130), (5, 3, 7, 45), (2, 1, 64, 96), (4, 4, 8, 40)]
 @pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_layer_matches_float64_truth_at_tiled_shapes(dtype, shape, ragged):
-    from test_recurrence import _ragged_lengths, _run, _truth
+    from test_recurrence import _ragged_lengths
 
     T, B, I, H = shape
-    key = (dtype, T, B, I, H, _ragged_lengths(T, B) if ragged else None)
-    truth, ref, got = _truth(*key), _run("reference", *key), _run("cpu", *key)
-    failures = []
-    for name in truth:
-        err_ref, err = rel_err(ref[name], truth[name]), rel_err(got[name], truth[name])
-        if err > FACTOR * err_ref + ABS[dtype]:
-            failures.append(f"{name}: error {err:.2e} > {FACTOR} x reference {err_ref:.2e} + {ABS[dtype]:.0e}")
+    failures = _layer_failures(dtype, (dtype, T, B, I, H, _ragged_lengths(T, B) if ragged else None))
+    assert not failures, "\n".join(failures)
+
+
+@needs_cpu
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
+@pytest.mark.parametrize("shape", VNNI_LAYER_SHAPES, ids=lambda s: "T{}-B{}-I{}-H{}".format(*s))
+@pytest.mark.parametrize("gemm", ["portable", "native"])
+def test_bf16_vnni_layer_matches_float64_truth(gemm, shape, ragged):
+    """The VNNI path (bfloat16 operands, VNNI-packed weights) of the layer, forward and backward, with
+    every GEMM through the given bfloat16 micro-kernels: the portable twin runs on every CPU."""
+    from fastmlstm.ops.cpu import recurrence
+    from test_recurrence import _ragged_lengths
+
+    if gemm not in _bf16_gemms():
+        pytest.skip("no native bfloat16 GEMM on this CPU; the portable twin of the same path ran")
+    T, B, I, H = shape
+    assert recurrence.layout(torch.bfloat16, B, H, I) in (recurrence.VNNI, recurrence.FLOAT32)
+    with recurrence.forced_bf16_gemm(gemm):
+        assert recurrence.layout(torch.bfloat16, B, H, I) == recurrence.VNNI
+        key = (torch.bfloat16, T, B, I, H, _ragged_lengths(T, B) if ragged else None)
+        failures = _layer_failures(torch.bfloat16, key)
     assert not failures, "\n".join(failures)
 
 
@@ -115,6 +152,26 @@ def _truth_contract(proj, w_hh, w_hm, h0, c0, lengths, grads):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_proj_contract_matches_float64_truth_for_every_gradient_subset(dtype, shape, ragged):
     """The recurrence on precomputed projections (the byte model's path), forward and backward."""
+    failures = _contract_failures(dtype, shape, ragged)
+    assert not failures, "\n".join(failures)
+
+
+@needs_cpu
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
+@pytest.mark.parametrize("shape", [(4, 67, 130), (1, 1, 6), (6, 2, 34)], ids=lambda s: "T{}-B{}-H{}".format(*s))
+@pytest.mark.parametrize("gemm", ["portable", "native"])
+def test_bf16_vnni_proj_contract_matches_float64_truth(gemm, shape, ragged):
+    from fastmlstm.ops.cpu import recurrence
+
+    if gemm not in _bf16_gemms():
+        pytest.skip("no native bfloat16 GEMM on this CPU; the portable twin of the same path ran")
+    with recurrence.forced_bf16_gemm(gemm):
+        assert recurrence.layout(torch.bfloat16, shape[1], shape[2], backward=True) == recurrence.VNNI
+        failures = _contract_failures(torch.bfloat16, shape, ragged)
+    assert not failures, "\n".join(failures)
+
+
+def _contract_failures(dtype, shape, ragged):
     proj, w_hh, w_hm, h0, c0, lengths, grads = _inputs(*shape, dtype, ragged=ragged)
     failures = []
     for subset, keep in GRADIENT_SUBSETS.items():
@@ -126,7 +183,7 @@ def test_proj_contract_matches_float64_truth_for_every_gradient_subset(dtype, sh
             err_ref, err = rel_err(ref[key], expected), rel_err(got[key], expected)
             if err > FACTOR * err_ref + ABS[dtype]:
                 failures.append(f"{subset} {key}: error {err:.2e} > {FACTOR} x reference {err_ref:.2e}")
-    assert not failures, "\n".join(failures)
+    return failures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,34 +289,76 @@ def test_packed_layouts_hold_the_weight(layout, gates):
 
 
 @needs_cpu
-@pytest.mark.parametrize("layout", [0, 2], ids=["float32", "narrow"])
+@pytest.mark.parametrize("layout", [0, 1, 2], ids=["float32", "vnni", "narrow"])
 def test_packing_reads_concatenated_and_transposed_weights_in_place(layout):
     ops = _ops()
     dtype = torch.float32 if layout == 0 else torch.bfloat16
-    w_hh, w_ih, w_hm = torch.randn(4 * 21, 21).to(dtype), torch.randn(4 * 21, 6).to(dtype), torch.randn(70, 45).to(dtype)
+    # Even inner sizes (VNNI packs pairs of k); the transposed weight is read as [46, 70].
+    w_hh, w_ih, w_hm = torch.randn(4 * 21, 22).to(dtype), torch.randn(4 * 21, 6).to(dtype), torch.randn(70, 46).to(dtype)
     assert torch.equal(ops.pack_weight(w_hh, True, layout, w_ih), ops.pack_weight(torch.cat([w_hh, w_ih], 1), True, layout))
     assert torch.equal(ops.pack_weight(w_hm, False, layout, None, True),
                        ops.pack_weight(w_hm.t().contiguous(), False, layout))
 
 
 @needs_cpu
-def test_native_bfloat16_path_matches_the_float32_one(monkeypatch):
-    """Where the CPU multiplies bfloat16 natively (AVX-512-BF16, AMX) the VNNI path is used; it must
-    give the float32 path's numbers up to summation order."""
+@pytest.mark.parametrize("gemm", ["portable", "native"])
+def test_bfloat16_vnni_paths_match_the_float32_one(gemm):
+    """The VNNI path (natively where the CPU multiplies bfloat16: AVX-512-BF16, AMX; through the
+    portable twin everywhere) must give the float32 path's numbers up to summation order, on the
+    module's output and every gradient (the issue-24 case: wrong multiplicative-weight gradients)."""
     from fastmlstm.ops.cpu import recurrence
 
-    if not recurrence.native_bf16():
-        pytest.skip(f"no native bfloat16 GEMM on this CPU (kernels: {recurrence.kernel_isa()})")
+    if gemm not in _bf16_gemms():
+        pytest.skip(f"no native bfloat16 GEMM on this CPU (kernels: {recurrence.kernel_isa()}); the portable twin ran")
     rnn = FastMLSTM(8, 64, backend="cpu").bfloat16()
     x = torch.randn(6, 20, 8).bfloat16().requires_grad_()
-    out, _ = rnn(x)
-    grads = torch.autograd.grad(out.float().sum(), [x, *rnn.parameters()])
-    monkeypatch.setattr(recurrence, "native_bf16", lambda: False)
-    out2, _ = rnn(x)
-    grads2 = torch.autograd.grad(out2.float().sum(), [x, *rnn.parameters()])
+
+    def run():
+        out, (h, c) = rnn(x)
+        loss = out.float().sum() + h.sum() + c.sum()
+        return out, torch.autograd.grad(loss, [x, *rnn.parameters()])
+
+    with recurrence.forced_bf16_gemm(gemm):
+        out, grads = run()
+    with recurrence.forced_bf16_gemm("float32"):
+        out2, grads2 = run()
     assert rel_err(out, out2) <= 2 * ABS[torch.bfloat16]
-    for a, b in zip(grads, grads2):
-        assert rel_err(a, b) <= 4 * ABS[torch.bfloat16]
+    names = ["input", *(n for n, _ in rnn.named_parameters())]
+    bad = [f"{n}: {rel_err(a, b):.2e}" for n, a, b in zip(names, grads, grads2) if rel_err(a, b) > 4 * ABS[torch.bfloat16]]
+    assert not bad, bad
+
+
+@needs_cpu
+def test_native_and_portable_bf16_gemms_agree():
+    """Where the native bfloat16 micro-kernels run, they and their portable twin give the same
+    products of the same packed weights (float32 sums in another order: a few float32 ulps)."""
+    from fastmlstm.ops.cpu import recurrence
+
+    if "native" not in _bf16_gemms():
+        pytest.skip(f"no native bfloat16 GEMM on this CPU (kernels: {recurrence.kernel_isa()})")
+    assert _ops().bf16_gemm_works(True) and _ops().bf16_gemm_works(False)
+    proj, w_hh, w_hm, h0, c0, lengths, grads = _inputs(5, 67, 130, torch.bfloat16, ragged=True)
+    runs = []
+    for gemm in ("native", "portable"):
+        with recurrence.forced_bf16_gemm(gemm):
+            runs.append(_run_contract("cpu", proj, w_hh, w_hm, h0, c0, lengths, grads))
+    for key in runs[0]:
+        assert rel_err(runs[0][key], runs[1][key]) <= ABS[torch.bfloat16], key
+
+
+@needs_cpu
+def test_bf16_gemm_setting_is_checked(monkeypatch):
+    from fastmlstm.ops.cpu import recurrence
+
+    with pytest.raises(ValueError, match="bf16 GEMM must be one of"):
+        with recurrence.forced_bf16_gemm("fast"):
+            pass
+    recurrence._env_bf16_gemm.cache_clear()
+    monkeypatch.setenv("FASTMLSTM_CPU_BF16", "portable")
+    assert recurrence.bf16_gemm() == "portable"
+    monkeypatch.setenv("FASTMLSTM_CPU_BF16", "bogus")
+    with pytest.raises(fastmlstm.InputError, match="FASTMLSTM_CPU_BF16 must be one of"):
+        recurrence.bf16_gemm()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +398,7 @@ def test_portable_kernels_pass_the_parity_tests():
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(REPO / "tests" / "test_cpu_backend.py"),
-         "-k", "tiled_shapes and (B3 or B67) or bit_exact or non_finite"],
+         "-k", "tiled_shapes and (B3 or B67) or bit_exact or non_finite or vnni and portable"],
         env=env, capture_output=True, text=True, cwd=REPO,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

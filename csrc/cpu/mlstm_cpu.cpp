@@ -122,6 +122,15 @@ SmallGemm<W> small_gemm_kernel() {
   return isa_default::small_gemm<W>();
 }
 
+VnniGemm vnni_gemm_kernel() {
+#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    return isa_avx2::vnni_gemm();
+  }
+#endif
+  return isa_default::vnni_gemm();
+}
+
 Fingerprint fingerprint_kernel() {
 #ifdef FASTMLSTM_HAVE_AVX2_KERNELS
   if (use_avx2()) {
@@ -238,6 +247,12 @@ struct Source {
   int64_t N;
 };
 
+// Where element (k, c) of a block goes: [K, 32], or [K/2, 32, 2] (VNNI: pairs of consecutive k
+// side by side). Every pack writes through this one function, whatever it reads.
+inline int64_t packed_index(const Packing& p, int64_t k, int64_t c) {
+  return p.layout == kVnni ? (k / 2) * kColumnBlock * 2 + c * 2 + (k % 2) : k * kColumnBlock + c;
+}
+
 template <typename In, typename Out>
 void pack_blocks(const Source<In>& src, Out* out, const Packing& p) {
   const int64_t block_elems = p.K * kColumnBlock;
@@ -248,12 +263,12 @@ void pack_blocks(const Source<In>& src, Out* out, const Packing& p) {
       std::fill(block, block + block_elems, Out(0));
       const int64_t width = block_width(p, j);
       if (src.transposed) {
-        // Plain blocks of W^T: row k of the block is W[k, j*32 : j*32 + width], contiguous.
+        // Blocks of W^T: row k of the block is W[k, j*32 : j*32 + width], contiguous.
         const int64_t n0 = j * p.units;
         for (int64_t k = 0; k < p.K; ++k) {
           const In* row = src.first + k * src.N + n0;
           for (int64_t c = 0; c < width; ++c) {
-            block[k * kColumnBlock + c] = static_cast<Out>(row[c]);
+            block[packed_index(p, k, c)] = static_cast<Out>(row[c]);
           }
         }
         continue;
@@ -263,12 +278,7 @@ void pack_blocks(const Source<In>& src, Out* out, const Packing& p) {
         const In* row = src.first + n * src.k_first;
         const In* row2 = src.second != nullptr ? src.second + n * k_second : nullptr;
         for (int64_t k = 0; k < p.K; ++k) {
-          const Out v = static_cast<Out>(k < src.k_first ? row[k] : row2[k - src.k_first]);
-          if (p.layout == kVnni) {
-            block[(k / 2) * kColumnBlock * 2 + c * 2 + (k % 2)] = v;
-          } else {
-            block[k * kColumnBlock + c] = v;
-          }
+          block[packed_index(p, k, c)] = static_cast<Out>(k < src.k_first ? row[k] : row2[k - src.k_first]);
         }
       }
     }
@@ -365,6 +375,7 @@ struct PackedView {
   const void* data = nullptr;
   Packing p{};
   at::ScalarType weight_dtype = at::kFloat;
+  bool portable = false;  // VNNI blocks multiplied by the portable twin instead of oneDNN (mlstm_cpu.h)
   template <typename W>
   const W* block(int64_t j) const {
     return static_cast<const W*>(data) + j * p.K * kColumnBlock;
@@ -372,8 +383,8 @@ struct PackedView {
 };
 
 template <typename E>
-PackedView<E> view_of(const Tensor& packed, int64_t N, int64_t K, bool gates, Layout layout) {
-  return {packed.data_ptr(), packing_of(N, K, gates, layout), packed.scalar_type()};
+PackedView<E> view_of(const Tensor& packed, int64_t N, int64_t K, bool gates, Layout layout, bool portable) {
+  return {packed.data_ptr(), packing_of(N, K, gates, layout), packed.scalar_type(), portable};
 }
 
 template <typename E>
@@ -391,6 +402,8 @@ void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64
     }
     at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A, w.template block<float>(j),
                                 C, false);
+  } else if (w.portable) {
+    vnni_gemm_kernel()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), C, add_C);
   } else {
     at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A,
                                 w.template block<BFloat16>(j), C, true);
@@ -494,14 +507,14 @@ struct ForwardState {
 
 template <typename D, typename E>
 void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const Tensor& packed_hh,
-                  const Tensor& packed_hm, Layout layout, const Tensor& h0, const Tensor& lengths, ForwardState& st,
-                  bool save_for_backward, bool keep_cells) {
+                  const Tensor& packed_hm, Layout layout, bool portable, const Tensor& h0, const Tensor& lengths,
+                  ForwardState& st, bool save_for_backward, bool keep_cells) {
   const auto& k = kernels<D, E>();
   const bool fused = in.proj == nullptr;
   const int64_t I = fused ? in.I : 0;
   const int64_t ld_m = H + I;  // the gate GEMM's operand: m, then (fused) x_t
-  const PackedView<E> w_hm = view_of<E>(packed_hm, H, H, false, layout);
-  const PackedView<E> w_hh = view_of<E>(packed_hh, kGates * H, H + I, true, layout);
+  const PackedView<E> w_hm = view_of<E>(packed_hm, H, H, false, layout, portable);
+  const PackedView<E> w_hh = view_of<E>(packed_hh, kGates * H, H + I, true, layout, portable);
   // The GEMM operands: h (the running state, rounded to D) and [m | x_t], in private buffers.
   Tensor h = h0.to(st.output.scalar_type()).to(c10::CppTypeToScalarType<E>::value, false, /*copy=*/true);
   Tensor mx = at::empty({B, ld_m}, h.options());
@@ -612,7 +625,8 @@ void check_state(const Tensor& h0, const Tensor& c0, const std::optional<Tensor>
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Tensor& packed_hh,
                                                    const Tensor& packed_hm, const Tensor& h0, const Tensor& c0,
                                                    const std::optional<Tensor>& lengths, bool save_for_backward,
-                                                   bool return_cell_states, bool poison_buffers) {
+                                                   bool return_cell_states, bool poison_buffers,
+                                                   bool portable_bf16) {
   check_activations(proj, "proj", 3, "[T, B, 5H]");
   TORCH_CHECK(proj.size(2) > 0 && proj.size(2) % 5 == 0, kWho,
               "proj's last dimension must be 5 * hidden_size, got ", proj.size(2));
@@ -631,7 +645,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Ten
     using E = decltype(e_);
     Inputs<D, E> in;
     in.proj = proj.data_ptr<D>();
-    forward_loop<D, E>(T, B, H, in, packed_hh, packed_hm, layout, h0, len, st, save_for_backward,
+    forward_loop<D, E>(T, B, H, in, packed_hh, packed_hm, layout, portable_bf16, h0, len, st, save_for_backward,
                        save_for_backward || return_cell_states);
   });
   return {st.output, st.c, st.cell_states, st.act};
@@ -640,7 +654,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Ten
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
     const Tensor& x, const Tensor& weight_im_t, const std::optional<Tensor>& bias, const Tensor& packed_hh_ih,
     const Tensor& packed_hm, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
-    bool save_for_backward, bool return_cell_states, bool poison_buffers) {
+    bool save_for_backward, bool return_cell_states, bool poison_buffers, bool portable_bf16) {
   check_activations(x, "x", 3, "[T, B, I]");
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
   TORCH_CHECK(I > 0, kWho, "x must have at least one feature, got shape ", x.sizes());
@@ -672,8 +686,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
     in.w_im_t = weight_im_t;
     in.I = I;
     in.bias = ptr_or_null<D>(b);
-    forward_loop<D, E>(T, B, H, in, packed_hh_ih, packed_hm, layout, h0, len, st, save_for_backward,
-                       save_for_backward || return_cell_states);
+    forward_loop<D, E>(T, B, H, in, packed_hh_ih, packed_hm, layout, portable_bf16, h0, len, st,
+                       save_for_backward, save_for_backward || return_cell_states);
   });
   return {st.output, st.c, st.cell_states, st.act};
 }
@@ -694,6 +708,7 @@ struct BackwardArgs {
   Tensor grad_proj;     // [T, B, 5H] D, filled when given (the proj contract); else only chunks exist
   Tensor x, weight_in;  // the input projection's x [T, B, I] and [5H, I] weight, when computed in the loop
   Layout layout = kFloat32;
+  bool portable = false;  // VNNI weights through the portable twin
   bool poison = false;
 };
 
@@ -733,8 +748,8 @@ BackwardResult backward_loop(const BackwardArgs& a) {
   const bool fused = a.x.defined();
   const bool whole = a.grad_proj.defined();
   // Wmh^T [H, H] and Wh^T [H, 4H], both plain: rec = dhm Wmh, dm = dz Wh.
-  const PackedView<E> w_rec = view_of<E>(a.packed_hm_t, H, H, false, a.layout);
-  const PackedView<E> w_dm = view_of<E>(a.packed_hh_t, H, kGates * H, false, a.layout);
+  const PackedView<E> w_rec = view_of<E>(a.packed_hm_t, H, H, false, a.layout, a.portable);
+  const PackedView<E> w_dm = view_of<E>(a.packed_hh_t, H, kGates * H, false, a.layout, a.portable);
   // The GEMM operands dz_t and dhm_t: with float32 activations and operands, the D gradients
   // themselves (dz is the first 4H columns of dproj's rows); otherwise E copies of them.
   constexpr bool alias = std::is_same_v<D, float> && std::is_same_v<E, float>;
@@ -898,7 +913,8 @@ BackwardInputs check_backward(const std::optional<Tensor>& grad_output, const st
 }
 
 BackwardArgs backward_args(const BackwardInputs& in, const Tensor& packed_hh_t, const Tensor& packed_hm_t,
-                           const Tensor& output, const Tensor& cell_states, const Tensor& act, bool poison) {
+                           const Tensor& output, const Tensor& cell_states, const Tensor& act, bool poison,
+                           bool portable) {
   BackwardArgs a;
   a.grad_output = in.grad_output;
   a.grad_cells = in.grad_cells;
@@ -913,6 +929,7 @@ BackwardArgs backward_args(const BackwardInputs& in, const Tensor& packed_hh_t, 
   a.dc = in.grad_c_n.defined() ? in.grad_c_n.clone() : at::zeros_like(in.c0);
   a.layout = in.layout;
   a.poison = poison;
+  a.portable = portable;
   return a;
 }
 
@@ -927,10 +944,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_c_n,
     const std::optional<Tensor>& grad_cell_states, const Tensor& packed_hh_t, const Tensor& packed_hm_t,
     const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths, const Tensor& output,
-    const Tensor& cell_states, const Tensor& act, bool poison_buffers) {
+    const Tensor& cell_states, const Tensor& act, bool poison_buffers, bool portable_bf16) {
   const BackwardInputs in = check_backward(grad_output, grad_c_n, grad_cell_states, packed_hh_t, packed_hm_t, h0, c0,
                                            lengths, output, cell_states, act);
-  BackwardArgs a = backward_args(in, packed_hh_t, packed_hm_t, output, cell_states, act, poison_buffers);
+  BackwardArgs a = backward_args(in, packed_hh_t, packed_hm_t, output, cell_states, act, poison_buffers, portable_bf16);
   const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
   a.grad_proj = new_buffer({T, B, 5 * H}, output.options(), poison_buffers);
   const at::ScalarType dtype = output.scalar_type();
@@ -943,7 +960,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     const std::optional<Tensor>& grad_cell_states, const Tensor& x, const Tensor& weight_ih,
     const Tensor& weight_im, const Tensor& packed_hh_t, const Tensor& packed_hm_t, const Tensor& h0,
     const Tensor& c0, const std::optional<Tensor>& lengths, const Tensor& output, const Tensor& cell_states,
-    const Tensor& act, bool poison_buffers) {
+    const Tensor& act, bool poison_buffers, bool portable_bf16) {
   const BackwardInputs in = check_backward(grad_output, grad_c_n, grad_cell_states, packed_hh_t, packed_hm_t, h0, c0,
                                            lengths, output, cell_states, act);
   const int64_t T = output.size(0), B = output.size(1), H = output.size(2);
@@ -953,7 +970,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   check_input(x, "x", dtype, {T, B, I});
   check_input(weight_ih, "weight_ih", dtype, {kGates * H, I});
   check_input(weight_im, "weight_im", dtype, {H, I});
-  BackwardArgs a = backward_args(in, packed_hh_t, packed_hm_t, output, cell_states, act, poison_buffers);
+  BackwardArgs a = backward_args(in, packed_hh_t, packed_hm_t, output, cell_states, act, poison_buffers, portable_bf16);
   a.x = x;
   a.weight_in = at::cat({weight_ih, weight_im}, 0);
   const BackwardResult r = run_backward(a, dtype);
@@ -1005,15 +1022,16 @@ std::vector<int64_t> fingerprints(const std::vector<Tensor>& tensors) {
 
 std::string kernel_isa() { return use_avx2() ? "avx2" : "default"; }
 
-// Whether the bfloat16 GEMM on VNNI-packed weights runs here and gives the float32 products of the
-// same numbers (checked on a small problem with awkward sizes; any exception means no).
-bool native_bf16_gemm_works() {
+// Whether the bfloat16 GEMM on VNNI-packed weights (oneDNN's, or with `portable` its portable twin)
+// runs here and gives the float32 products of the same numbers (checked on a small problem with
+// awkward sizes; any exception means no).
+bool bf16_gemm_works(bool portable) {
   try {
     const int64_t M = 5, N = 2 * kColumnBlock + 24, K = 96;
     const Tensor a = at::randn({M, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
     const Tensor w = at::randn({N, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
     const Tensor packed = pack_weight(w, false, kVnni, std::nullopt, false);
-    const PackedView<BFloat16> view = view_of<BFloat16>(packed, N, K, false, kVnni);
+    const PackedView<BFloat16> view = view_of<BFloat16>(packed, N, K, false, kVnni, portable);
     Tensor out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
     std::vector<float> tiles = tile_buffers();
     for_each_tile<BFloat16>(view.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t rows, float* tile) {
@@ -1040,25 +1058,26 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
   m.def("pack_weight(Tensor weight, bool gates, int layout, Tensor? input_weight=None, bool transposed=False) -> Tensor");
   m.def(
       "forward(Tensor proj, Tensor packed_hh, Tensor packed_hm, Tensor h0, Tensor c0, Tensor? lengths, "
-      "bool save_for_backward, bool return_cell_states, bool poison_buffers=False) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "bool save_for_backward, bool return_cell_states, bool poison_buffers=False, "
+      "bool portable_bf16=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "forward_input(Tensor x, Tensor weight_im_t, Tensor? bias, Tensor packed_hh_ih, Tensor packed_hm, Tensor h0, "
-      "Tensor c0, Tensor? lengths, bool save_for_backward, bool return_cell_states, bool poison_buffers=False) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor c0, Tensor? lengths, bool save_for_backward, bool return_cell_states, bool poison_buffers=False, "
+      "bool portable_bf16=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(Tensor? grad_output, Tensor? grad_c_n, Tensor? grad_cell_states, Tensor packed_hh_t, "
       "Tensor packed_hm_t, Tensor h0, Tensor c0, Tensor? lengths, Tensor output, Tensor cell_states, Tensor act, "
-      "bool poison_buffers=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool poison_buffers=False, bool portable_bf16=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward_input(Tensor? grad_output, Tensor? grad_c_n, Tensor? grad_cell_states, Tensor x, "
       "Tensor weight_ih, Tensor weight_im, Tensor packed_hh_t, Tensor packed_hm_t, Tensor h0, Tensor c0, "
-      "Tensor? lengths, Tensor output, Tensor cell_states, Tensor act, bool poison_buffers=False) "
+      "Tensor? lengths, Tensor output, Tensor cell_states, Tensor act, bool poison_buffers=False, "
+      "bool portable_bf16=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("fingerprint(Tensor tensor) -> int");
   m.def("fingerprints(Tensor[] tensors) -> int[]");
   m.def("kernel_isa() -> str", &fastmlstm::cpu::kernel_isa);
-  m.def("native_bf16_gemm_works() -> bool", &fastmlstm::cpu::native_bf16_gemm_works);
+  m.def("bf16_gemm_works(bool portable=False) -> bool", &fastmlstm::cpu::bf16_gemm_works);
 }
 
 // One kernel for every backend key, so that a tensor on another device reaches the checks above and

@@ -94,6 +94,15 @@ using Widen = void (*)(int64_t rows, int64_t cols, const D* in, int64_t ld_in, f
 template <typename W>
 using SmallGemm = void (*)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const W* B, float* C);
 
+// C [M, N] (float32, row stride kColumnBlock) (+)= A [M, K] (bfloat16, row stride lda) x a VNNI
+// block [K/2, kColumnBlock, 2] (bfloat16, K even): the portable twin of the native bfloat16
+// micro-kernels (oneDNN on AVX-512-BF16 or AMX). It reads the same packed layout and forms the same
+// products (a product of two bfloat16 values is exact in float32) in the order of the CPU's bf16
+// dot-product instruction (per pair of k, the odd one first), so every CPU can run and test the
+// VNNI path: a packing or indexing bug cannot hide on machines without the instruction.
+using VnniGemm = void (*)(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
+                          const c10::BFloat16* B, float* C, bool add_C);
+
 // 64-bit fingerprint of a byte range: position dependent (a permutation or a one-bit change gives
 // another value), not cryptographic; for the effective-weight cache's "did this parameter change".
 using Fingerprint = uint64_t (*)(const void* data, int64_t bytes);
@@ -109,6 +118,7 @@ using Fingerprint = uint64_t (*)(const void* data, int64_t bytes);
   Widen<D> widen();                                                                    \
   template <typename W>                                                                \
   SmallGemm<W> small_gemm();                                                           \
+  VnniGemm vnni_gemm();                                                                \
   uint64_t fingerprint(const void* data, int64_t bytes);                               \
   }
 

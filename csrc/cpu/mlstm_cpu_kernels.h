@@ -366,6 +366,40 @@ void small_gemm_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld
   }
 }
 
+void vnni_gemm_impl(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
+                    float* C, bool add_C) {
+  constexpr int64_t kCols = kColumnBlock;
+  constexpr int64_t kRows = 4;
+  for (int64_t r0 = 0; r0 < M; r0 += kRows) {
+    const int64_t rows = std::min(kRows, M - r0);
+    float acc[kRows][kCols];
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < kCols; ++c) {
+        acc[r][c] = add_C && c < N ? C[(r0 + r) * kCols + c] : 0.0f;
+      }
+    }
+    for (int64_t kp = 0; kp < K / 2; ++kp) {
+      const c10::BFloat16* pair = B + kp * 2 * kCols;
+      float even[kCols], odd[kCols];
+      for (int64_t c = 0; c < kCols; ++c) {
+        even[c] = static_cast<float>(pair[2 * c]);
+        odd[c] = static_cast<float>(pair[2 * c + 1]);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float a_even = static_cast<float>(A[(r0 + r) * lda + 2 * kp]);
+        const float a_odd = static_cast<float>(A[(r0 + r) * lda + 2 * kp + 1]);
+        for (int64_t c = 0; c < kCols; ++c) {
+          // Exact products: one rounding per addition, fused or not.
+          acc[r][c] = (acc[r][c] + a_odd * odd[c]) + a_even * even[c];
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      std::memcpy(C + (r0 + r) * kCols, acc[r], N * sizeof(float));
+    }
+  }
+}
+
 }  // namespace
 
 template <typename D, typename E>
@@ -390,6 +424,8 @@ template <typename W>
 SmallGemm<W> small_gemm() {
   return &small_gemm_impl<W>;
 }
+
+VnniGemm vnni_gemm() { return &vnni_gemm_impl; }
 
 uint64_t fingerprint(const void* data, int64_t bytes) {
   // 64 independent 32-bit FNV-1a style lanes over the 4-byte words (enough lanes in flight to run

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import common
 from ..common import GATES
-from .recurrence import _ops, _optional, _packed, layout
+from .recurrence import _ops, _optional, _packed, layout, portable_bf16
 
 __all__ = ["multiplicative_lstm", "layer_forward", "layer_backward"]
 
@@ -59,7 +59,7 @@ def _forward(x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0, length
         x.contiguous(), _packed(weight_im, "xm"), None if bias is None else bias.contiguous(),
         _packed(weight_hh, "hh", lay, weight_ih), _packed(weight_hm, "hm", lay), h0.float().contiguous(),
         c0.float().contiguous(), None if lengths is None else lengths.contiguous(), bool(save_for_backward),
-        bool(return_cell_states), common.POISON_BUFFERS,
+        bool(return_cell_states), common.POISON_BUFFERS, portable_bf16(),
     ))
 
 
@@ -90,6 +90,7 @@ def layer_backward(
             weight_im.contiguous(), _packed(weight_hh, "hh_t", lay), _packed(weight_hm, "hm_t", lay),
             h0.float().contiguous(), c0.float().contiguous(), None if lengths is None else lengths.contiguous(),
             output.contiguous(), cell_states.contiguous(), act.contiguous(), common.POISON_BUFFERS,
+            portable_bf16(),
         ))
 
 

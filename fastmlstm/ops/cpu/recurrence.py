@@ -8,7 +8,9 @@ effective weights packs them once) and chooses the GEMM operand dtype.
 
 GEMM operands: float32 in general (16-bit weights are widened once, when packed; 16-bit
 activations are exact in float32); bfloat16 itself where the CPU multiplies bfloat16 natively
-(AVX-512-BF16 or AMX, checked numerically once by :func:`native_bf16`); and, for 16-bit weights and
+(AVX-512-BF16 or AMX, checked numerically once by :func:`native_bf16`), on VNNI-packed weights,
+which the portable twin of those micro-kernels also reads on any CPU (:func:`bf16_gemm`); and, for
+16-bit weights and
 batches of at most ``NARROW_MAX_ROWS`` rows (generation), the weights kept in their 16-bit dtype and
 widened in registers, since reading them is then the whole cost. Every product accumulates in
 float32: the same numbers, only the summation order differs.
@@ -18,16 +20,20 @@ Dimension letters: T time, B batch, H hidden.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import weakref
 
 import torch
 
+from ...errors import InputError
 from .. import common
 from .build import load_library
 
-__all__ = ["forward", "backward", "layout", "native_bf16", "kernel_isa", "fingerprint", "fingerprints"]
+__all__ = ["forward", "backward", "layout", "native_bf16", "bf16_gemm", "forced_bf16_gemm", "BF16_GEMMS",
+           "kernel_isa", "fingerprint", "fingerprints"]
 
 logger = logging.getLogger("fastmlstm")
 
@@ -46,11 +52,68 @@ def native_bf16() -> bool:
         cpu, "_is_amx_tile_supported", lambda: False)()
     if not (has_isa and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    ok = bool(_ops().native_bf16_gemm_works())
+    ok = bool(_ops().bf16_gemm_works(False))
     if not ok:
         logger.info("fastmlstm: this CPU has bfloat16 instructions but the native bfloat16 GEMM check failed; "
                     "bfloat16 recurrences multiply float32 copies of the weights")
     return ok
+
+
+# How bfloat16 recurrences multiply: "native" (VNNI-packed bfloat16 weights, the CPU's bfloat16 dot
+# products through oneDNN), "portable" (the same VNNI-packed weights through the portable twin of
+# those micro-kernels, csrc/cpu/mlstm_cpu.h: same layout, same products, float32 sums; runs on every
+# CPU, so the tests check the VNNI path everywhere) or "float32" (float32 copies of the weights).
+BF16_GEMMS = ("native", "portable", "float32")
+_forced_bf16_gemm: str | None = None
+
+
+ENV_BF16_GEMM = "FASTMLSTM_CPU_BF16"
+
+
+@functools.lru_cache(maxsize=None)
+def _env_bf16_gemm(value: str) -> str | None:
+    value = value.strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BF16_GEMMS:
+        raise InputError(f"{ENV_BF16_GEMM} must be one of auto, {', '.join(BF16_GEMMS)}; got {value!r}")
+    if value == "native" and not native_bf16():
+        logger.warning("fastmlstm: %s=native, but this CPU has no native bfloat16 GEMM; using float32 copies",
+                       ENV_BF16_GEMM)
+        return "float32"
+    return value
+
+
+def bf16_gemm() -> str:
+    """The bfloat16 GEMM in use: :func:`forced_bf16_gemm`'s, else ``$FASTMLSTM_CPU_BF16``'s, else
+    ``"native"`` where :func:`native_bf16` and ``"float32"`` elsewhere."""
+    if _forced_bf16_gemm is not None:
+        return _forced_bf16_gemm
+    forced = _env_bf16_gemm(os.environ.get(ENV_BF16_GEMM, ""))
+    if forced is not None:
+        return forced
+    return "native" if native_bf16() else "float32"
+
+
+@contextlib.contextmanager
+def forced_bf16_gemm(mode: str):
+    """Run bfloat16 recurrences with ``mode`` (one of :data:`BF16_GEMMS`) inside the block; for tests
+    and benchmarks. ``"native"`` is refused where the CPU cannot run it."""
+    global _forced_bf16_gemm
+    if mode not in BF16_GEMMS:
+        raise ValueError(f"bf16 GEMM must be one of {BF16_GEMMS}, got {mode!r}")
+    if mode == "native" and not native_bf16():
+        raise RuntimeError("this CPU has no native bfloat16 GEMM (AVX-512-BF16 or AMX with oneDNN)")
+    previous, _forced_bf16_gemm = _forced_bf16_gemm, mode
+    try:
+        yield
+    finally:
+        _forced_bf16_gemm = previous
+
+
+def portable_bf16() -> bool:
+    """Whether VNNI-packed weights go through the portable twin (the ops' ``portable_bf16``)."""
+    return bf16_gemm() == "portable"
 
 
 def kernel_isa() -> str:
@@ -79,7 +142,7 @@ NARROW_MAX_ROWS = 4
 def layout(dtype: torch.dtype, rows: int, *ks: int, backward: bool = False) -> int:
     """The packed layout of the weights for activations of ``dtype``, ``rows`` batch rows, and GEMMs
     with inner dimensions ``ks``."""
-    if dtype == torch.bfloat16 and all(k % 2 == 0 for k in ks) and native_bf16():
+    if dtype == torch.bfloat16 and all(k % 2 == 0 for k in ks) and bf16_gemm() != "float32":
         return VNNI
     if dtype != torch.float32 and rows <= NARROW_MAX_ROWS and not backward:
         return NARROW
@@ -131,7 +194,7 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
         return tuple(ops.forward(
             proj.contiguous(), _packed(weight_hh, "hh", lay), _packed(weight_hm, "hm", lay),
             h0.float().contiguous(), c0.float().contiguous(), None if lengths is None else lengths.contiguous(),
-            bool(save_for_backward), bool(return_cell_states), common.POISON_BUFFERS,
+            bool(save_for_backward), bool(return_cell_states), common.POISON_BUFFERS, portable_bf16(),
         ))
 
 
@@ -146,5 +209,5 @@ def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, 
             _optional(grad_cell_states, torch.float32),
             _packed(weight_hh, "hh_t", lay), _packed(weight_hm, "hm_t", lay), h0.float().contiguous(),
             c0.float().contiguous(), None if lengths is None else lengths.contiguous(), output.contiguous(),
-            cell_states.contiguous(), act.contiguous(), common.POISON_BUFFERS,
+            cell_states.contiguous(), act.contiguous(), common.POISON_BUFFERS, portable_bf16(),
         ))
