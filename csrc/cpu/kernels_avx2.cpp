@@ -4,8 +4,10 @@
 //
 // The target is switched on for this translation unit alone (the rest of the library keeps the
 // baseline), with ATen's CPU_CAPABILITY_AVX2 so that at::vec uses its AVX2 implementation. Its
-// vector types then live in at::vec::AVX2, apart from the baseline copy's. mlstm_cpu.cpp is linked
-// first, so inline functions that both copies instantiate resolve to the baseline code.
+// vector types then live in at::vec::AVX2, apart from the baseline copy's. The driver's translation
+// units (mlstm_cpu.cpp first, then pack.cpp, forward.cpp, backward.cpp) and kernels_default.cpp are
+// linked before this one, so inline functions that both copies instantiate resolve to the baseline
+// code.
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)

@@ -1,4 +1,5 @@
-// The CPU backend's fused step epilogues, as seen from its host driver (mlstm_cpu.cpp).
+// The CPU backend's fused step epilogues, as seen from its host driver (driver.h and the files it
+// lists: mlstm_cpu.cpp, pack.cpp, forward.cpp, backward.cpp).
 //
 // Legend (as in fastmlstm/ops/common.py)
 //   T time steps    B batch rows    H hidden units    G = 4 gates, order i, f, o, u
@@ -35,8 +36,8 @@ namespace cpu {
 
 constexpr int64_t kGates = 4;
 // Column block of the packed weights (hidden units for the m GEMMs, gate columns for z: 8 units x
-// 4 gates) and the largest row block a tile holds. 32 columns ran 5-10% faster than 64 or 128 with
-// oneDNN's AVX2 micro-kernels at B = 16..64, H = 512..1024 (a Zen 3 core).
+// 4 gates) and the largest row block a tile holds. 32 columns ran faster than 64 or 128 with
+// oneDNN's AVX2 micro-kernels (see bench/NOTES.md).
 constexpr int64_t kColumnBlock = 32;
 constexpr int64_t kRowBlock = 64;
 

@@ -104,10 +104,10 @@ inline Vec round_to(const Vec& v) {
 }
 
 // sigmoid and tanh from ATen's fast exp (exp_u20: a degree-5 polynomial, relative error under 2e-7,
-// its argument clamped to float's range so it never overflows): about 0.6 ns per element each on a
-// Zen 3 core, against 1.2 ns (sigmoid) and 3 ns (tanh) with the correctly rounded-ish Sleef u10
-// functions, which made up a fifth of a step. Absolute errors: sigmoid 9e-8, tanh 1.8e-7, below
-// the float32 GEMMs' rounding noise (tests/tolerances.py).
+// its argument clamped to float's range so it never overflows): much cheaper than the
+// correctly rounded-ish Sleef u10 functions, which made up a large share of a step (see
+// bench/NOTES.md). Their absolute errors stay below the float32 GEMMs' rounding noise
+// (tests/tolerances.py).
 // The clamp inside exp_u20 (min/max) turns a NaN argument into a bound, so both put NaN back
 // where x is NaN: a NaN pre-activation (e.g. from an infinite input) must propagate as it does in
 // the reference loop, never become a plausible finite value.

@@ -1,0 +1,320 @@
+// What the translation units of the CPU backend's host driver share: the packed weight layouts,
+// the tile GEMMs and the loop over tiles, the choice of the epilogues' instruction set, the input
+// checks, and the operator entry points that mlstm_cpu.cpp registers.
+//
+// The driver, file by file:
+//   mlstm_cpu.cpp  the operators: their registration (torch.ops.fastmlstm_cpu.*), the input checks,
+//                  the choice of instruction set, the fingerprints and the bfloat16 GEMM self-test
+//   pack.cpp       packed weights: pack_weight and the checks of packed tensors
+//   forward.cpp    the forward time loop (the operators forward and forward_input)
+//   backward.cpp   the backward time loop and the gradients summed over time (backward, backward_input)
+// The step epilogues they call are mlstm_cpu_kernels.h (interface and layouts: mlstm_cpu.h),
+// compiled by kernels_default.cpp and kernels_avx2.cpp, which are linked after the driver's
+// translation units (see kernels_avx2.cpp).
+//
+// Legend: T time, B batch rows, H hidden units, I input features, G = 4 gates (i, f, o, u); D the
+// activation dtype, E the GEMM operand dtype (mlstm_cpu.h). The contract, shapes and numerics are
+// those of fastmlstm/ops/common.py; the order of operations follows fastmlstm/ops/reference.py.
+//
+// Per forward step, two GEMMs that depend on each other, each run as one pass over column blocks
+// of a packed weight (at::parallel_for over blocks, the blocks' rows in tiles of at most kRowBlock):
+//   hm = h_{t-1} Wmh^T  -> per tile, forward_m:    m = xm * hm (and save xm, hm)
+//   z  = m Wh^T         -> per tile, forward_cell: gates, c_t, h_t, lengths mask (Wh's rows are
+//                          permuted so that one tile holds the four gates of 8 hidden units)
+// Per backward step, mirrored:
+//   rec = dhm_{t+1} Wmh -> per tile, backward_cell: dh_t, dz_t, dc_{t-1}
+//   dm  = dz_t Wh       -> per tile, backward_m:    dxm_t, dhm_t
+// A tile's epilogue runs right after its GEMM, while the tile is in L1: z, hm, rec and dm never
+// exist as [B, 4H] or [B, H] arrays. The gradients summed over time are GEMMs over chunks of steps.
+//
+// Two sources of input projections: proj [T, B, 5H] (the contract of fastmlstm/ops/common.py, for
+// the byte model's table-gathered inputs), or x [T, B, I] with the input weights, whose products
+// x_t Wx^T and x_t Wmx^T are two more tile GEMMs per step (forward_input / backward_input, used by
+// fastmlstm.multiplicative_lstm): no [T, B, 5H] tensor is ever allocated, written or read back.
+//
+// The tile GEMMs are at::native::cpublas::brgemm (oneDNN's batch-reduce GEMM micro-kernels where
+// oneDNN supports the CPU, else ATen's gemm) on weights packed once per weight
+// (fastmlstm/ops/cpu/recurrence.py keeps the packed copies while a weight is unchanged): float32
+// blocks [K, 32] in general, VNNI-packed bfloat16 blocks where the CPU multiplies bfloat16 natively.
+// Every GEMM accumulates in float32 and writes a float32 tile. A row's result never depends on T,
+// on which rows are computed with it, or on the thread count, so a chunked run repeats the one-shot
+// run bit for bit.
+#pragma once
+
+#include "mlstm_cpu.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
+
+namespace fastmlstm {
+namespace cpu {
+
+using at::Tensor;
+using c10::BFloat16;
+using c10::Half;
+
+constexpr const char* kWho = "fastmlstm cpu backend: ";
+
+// ------------------------------------------------------------------------------------------------
+// Instruction set of the epilogues: AVX2 wherever ATen itself runs AVX2 or AVX-512 kernels
+// (use_avx2, mlstm_cpu.cpp).
+
+bool use_avx2();
+
+template <typename D, typename E>
+const StepKernels<D, E>& kernels() {
+#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    return isa_avx2::step_kernels<D, E>();
+  }
+#endif
+  return isa_default::step_kernels<D, E>();
+}
+
+template <typename D>
+RecomputeM<D> recompute_m_kernel() {
+#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    return isa_avx2::recompute_m<D>();
+  }
+#endif
+  return isa_default::recompute_m<D>();
+}
+
+template <typename D>
+Widen<D> widen_kernel() {
+#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    return isa_avx2::widen<D>();
+  }
+#endif
+  return isa_default::widen<D>();
+}
+
+template <typename W>
+SmallGemm<W> small_gemm_kernel() {
+#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    return isa_avx2::small_gemm<W>();
+  }
+#endif
+  return isa_default::small_gemm<W>();
+}
+
+inline VnniGemm vnni_gemm_kernel() {
+#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    return isa_avx2::vnni_gemm();
+  }
+#endif
+  return isa_default::vnni_gemm();
+}
+
+inline Fingerprint fingerprint_kernel() {
+#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
+  if (use_avx2()) {
+    return &isa_avx2::fingerprint;
+  }
+#endif
+  return &isa_default::fingerprint;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Input checks (mlstm_cpu.cpp).
+
+bool is_activation_dtype(at::ScalarType dtype);
+void check_input(const Tensor& tensor, const char* name, at::ScalarType dtype, at::IntArrayRef shape);
+void check_optional(const std::optional<Tensor>& tensor, const char* name, at::ScalarType dtype,
+                    at::IntArrayRef shape);
+// A float32, float16 or bfloat16 CPU tensor of `dims` dimensions (`layout` names them in messages).
+void check_activations(const Tensor& tensor, const char* name, int64_t dims, const char* layout);
+// h0 and c0 [B, H] float32, lengths [B] int64 if given.
+void check_state(const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths, int64_t B, int64_t H);
+
+Tensor defined_or_undefined(const std::optional<Tensor>& tensor);
+
+template <typename T>
+T* ptr_or_null(const Tensor& tensor) {
+  return tensor.defined() ? tensor.data_ptr<T>() : nullptr;
+}
+
+// A buffer the kernels overwrite completely. Tests ask for NaN-filled buffers so that an element a
+// kernel forgets to write fails the comparison instead of passing by luck.
+Tensor new_buffer(at::IntArrayRef shape, const at::TensorOptions& options, bool poison);
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ------------------------------------------------------------------------------------------------
+// Packed weights (pack.cpp). A weight W [N, K] (torch's [out, in] layout, used as x W^T) becomes
+// column blocks of kColumnBlock (32) output columns each, zero-padded, in one of three layouts:
+//   kFloat32  float32 [blocks, K, 32]         block j, row k, column c = W[row(j, c), k]; oneDNN's
+//                                             float32 micro-kernels (any input dtype, widened exactly)
+//   kVnni     bfloat16 [blocks, K/2, 32, 2]   the same with pairs of consecutive k interleaved, for
+//                                             the CPU's native bfloat16 micro-kernels
+//   kNarrow   16-bit [blocks, K, 32]          the float32 layout in the weight's own 16-bit dtype, for
+//                                             small batches (small_gemm): half the bytes to read
+// row(j, c) is j * 32 + c for a plain weight. For the gate weight Wh [4H, H] ("gates") a block
+// holds q = 8 hidden units and its columns are [i(q) f(q) o(q) u(q)]: row(j, c) = g * H + j * q + c'
+// with g = c / q_j, c' = c % q_j (the last block has q_j = H - j * q units).
+
+enum Layout : int64_t { kFloat32 = 0, kVnni = 1, kNarrow = 2 };
+
+struct Packing {
+  int64_t N, K, blocks, units;  // units: output columns (plain) or hidden units (gates) per block
+  bool gates;
+  Layout layout;
+};
+
+inline Packing packing_of(int64_t N, int64_t K, bool gates, Layout layout) {
+  const int64_t units = gates ? kColumnBlock / kGates : kColumnBlock;
+  const int64_t outputs = gates ? N / kGates : N;
+  return {N, K, ceil_div(outputs, units), units, gates, layout};
+}
+
+inline int64_t block_units(const Packing& p, int64_t j) {
+  const int64_t outputs = p.gates ? p.N / kGates : p.N;
+  return std::min(p.units, outputs - j * p.units);
+}
+
+// Output columns of block j.
+inline int64_t block_width(const Packing& p, int64_t j) {
+  return p.gates ? kGates * block_units(p, j) : block_units(p, j);
+}
+
+std::vector<int64_t> packed_shape(const Packing& p);
+
+// Packs W [N, K] (float32, float16 or bfloat16) in `layout` (a Layout value), where W is `weight`,
+// or [weight | input_weight] (concatenated along the input axis: z = [m | x] [Wh | Wx]^T), or, with
+// `transposed`, weight^T (for the backward's products with the transposed weights).
+Tensor pack_weight(const Tensor& weight, bool gates, int64_t layout, const std::optional<Tensor>& input_weight,
+                   bool transposed);
+
+// The layout of a packed tensor, from its dtype and rank, for activations of `dtype`.
+Layout layout_of(const Tensor& packed, const char* name, at::ScalarType dtype);
+
+// The layout a packed tensor must have to serve as the weight [N, K] of the loops.
+void check_packed(const Tensor& packed, const char* name, Layout layout, at::ScalarType dtype, int64_t N, int64_t K,
+                  bool gates);
+
+// The dtype of the GEMMs' activation operand for a layout: bfloat16 for the native VNNI layout,
+// float32 otherwise.
+inline at::ScalarType operand_dtype(Layout layout) { return layout == kVnni ? at::kBFloat16 : at::kFloat; }
+
+// ------------------------------------------------------------------------------------------------
+// Tile GEMMs: C [M, width(j)] (float32, row stride kColumnBlock) (+)= A [M, K] (row stride lda) x block j.
+
+template <typename E>
+struct PackedView {
+  const void* data = nullptr;
+  Packing p{};
+  at::ScalarType weight_dtype = at::kFloat;
+  bool portable = false;  // VNNI blocks multiplied by the portable twin instead of oneDNN (mlstm_cpu.h)
+  template <typename W>
+  const W* block(int64_t j) const {
+    return static_cast<const W*>(data) + j * p.K * kColumnBlock;
+  }
+};
+
+template <typename E>
+PackedView<E> view_of(const Tensor& packed, int64_t N, int64_t K, bool gates, Layout layout, bool portable) {
+  return {packed.data_ptr(), packing_of(N, K, gates, layout), packed.scalar_type(), portable};
+}
+
+template <typename E>
+void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64_t j, float* C, bool add_C) {
+  const int64_t N = block_width(w.p, j);
+  if constexpr (std::is_same_v<E, float>) {
+    if (w.p.layout == kNarrow) {
+      TORCH_INTERNAL_ASSERT(!add_C);
+      if (w.weight_dtype == at::kBFloat16) {
+        small_gemm_kernel<BFloat16>()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), C);
+      } else {
+        small_gemm_kernel<Half>()(M, N, w.p.K, A, lda, w.template block<Half>(j), C);
+      }
+      return;
+    }
+    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A, w.template block<float>(j),
+                                C, false);
+  } else if (w.portable) {
+    vnni_gemm_kernel()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), C, add_C);
+  } else {
+    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A,
+                                w.template block<BFloat16>(j), C, true);
+  }
+}
+
+constexpr int64_t kTileElems = kRowBlock * kColumnBlock;
+constexpr int64_t kTilesPerThread = 2;
+
+inline std::vector<float> tile_buffers() {
+  return std::vector<float>(at::get_num_threads() * kTilesPerThread * kTileElems);
+}
+
+// body(j, row0, rows, tiles) for every column block j < blocks and row tile of rows [0, M), the
+// column blocks spread over threads; tiles: this thread's kTilesPerThread tile buffers.
+template <typename E, typename Body>
+void for_each_tile(int64_t blocks, int64_t M, std::vector<float>& buffers, const Body& body) {
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    float* tiles = buffers.data() + at::get_thread_num() * kTilesPerThread * kTileElems;
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t row0 = 0; row0 < M; row0 += kRowBlock) {
+        body(j, row0, std::min(kRowBlock, M - row0), tiles);
+      }
+    }
+    if constexpr (!std::is_same_v<E, float>) {
+      at::native::cpublas::brgemm_release(true);  // AMX tiles, where the GEMMs used them
+    }
+  });
+}
+
+// Runs fn(D(), E()) for the (activation, operand) dtype pair at hand: the loops' template arguments.
+template <typename Fn>
+void dispatch_dtypes(at::ScalarType dtype, at::ScalarType e, const Fn& fn) {
+  if (dtype == at::kFloat) {
+    fn(float(), float());
+  } else if (dtype == at::kBFloat16 && e == at::kBFloat16) {
+    fn(BFloat16(), BFloat16());
+  } else if (dtype == at::kBFloat16) {
+    fn(BFloat16(), float());
+  } else {
+    fn(Half(), float());
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The operators' entry points that live beside their loops (registered in mlstm_cpu.cpp).
+
+// forward.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Tensor& packed_hh,
+                                                   const Tensor& packed_hm, const Tensor& h0, const Tensor& c0,
+                                                   const std::optional<Tensor>& lengths, bool save_for_backward,
+                                                   bool return_cell_states, bool poison_buffers,
+                                                   bool portable_bf16);
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
+    const Tensor& x, const Tensor& weight_im_t, const std::optional<Tensor>& bias, const Tensor& packed_hh_ih,
+    const Tensor& packed_hm, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
+    bool save_for_backward, bool return_cell_states, bool poison_buffers, bool portable_bf16);
+
+// backward.cpp
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_c_n,
+    const std::optional<Tensor>& grad_cell_states, const Tensor& packed_hh_t, const Tensor& packed_hm_t,
+    const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths, const Tensor& output,
+    const Tensor& cell_states, const Tensor& act, bool poison_buffers, bool portable_bf16);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_input(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_c_n,
+    const std::optional<Tensor>& grad_cell_states, const Tensor& x, const Tensor& weight_ih,
+    const Tensor& weight_im, const Tensor& packed_hh_t, const Tensor& packed_hm_t, const Tensor& h0,
+    const Tensor& c0, const std::optional<Tensor>& lengths, const Tensor& output, const Tensor& cell_states,
+    const Tensor& act, bool poison_buffers, bool portable_bf16);
+
+}  // namespace cpu
+}  // namespace fastmlstm

@@ -1,0 +1,249 @@
+// The forward time loop of the CPU backend (the operators forward and forward_input): per step, the
+// GEMM hm = h_{t-1} Wmh^T with the forward_m epilogue, then z = m Wh^T with forward_cell, tile by
+// tile. Legend and the shape of the loops: driver.h.
+
+#include "driver.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+namespace fastmlstm {
+namespace cpu {
+namespace {
+
+// Asks for a [rows, cols] block (row stride ld) to be brought into the cache hierarchy. The forward
+// loop reads proj in narrow column slices of many rows (5H apart): the hardware prefetchers do not
+// follow that pattern, and the reads missed to DRAM, the largest cost of the epilogues.
+template <typename T>
+inline void prefetch_block(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+#if defined(__GNUC__) || defined(__clang__)
+  const int64_t bytes = cols * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(p + r * ld);
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(row + b, 0, 2);
+    }
+    __builtin_prefetch(row + bytes - 1, 0, 2);
+  }
+#endif
+}
+
+// lengths [B] -> for each step, 1 + the last row still running (rows past it are skipped).
+std::vector<int64_t> rows_to_compute(const Tensor& lengths, int64_t T, int64_t B) {
+  std::vector<int64_t> rows(T, B);
+  if (!lengths.defined()) {
+    return rows;
+  }
+  std::fill(rows.begin(), rows.end(), 0);
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < std::min(len[b], T); ++t) {
+      rows[t] = b + 1;
+    }
+  }
+  return rows;
+}
+
+template <typename E>
+Tensor as_operand(const Tensor& tensor) {
+  // E buffers hold D values: widening them to float32 is exact.
+  return tensor.to(c10::CppTypeToScalarType<E>::value).contiguous();
+}
+
+// Where the input projections come from: proj [T, B, 5H] (D), or x [T, B, I] multiplied inside the
+// loop. Then the gate GEMM runs on [m_t | x_t] [B, H + I] against [Wh | Wx] packed together (one
+// tile GEMM with K = H + I; the bias is added in the epilogue), and xm = x Wmx^T, which does not
+// depend on the recurrence, is one GEMM per chunk of steps into a small float32 buffer.
+template <typename D, typename E>
+struct Inputs {
+  const D* proj = nullptr;
+  const E* x = nullptr;     // [T, B, I] as E (copied next to m each step)
+  Tensor x_f, w_im_t;       // x as float32 [T * B, I] and Wmx^T [I, H] float32, for the xm GEMMs
+  int64_t I = 0;
+  const D* bias = nullptr;  // [4H] or null
+};
+
+struct ForwardState {
+  Tensor output, c, cell_states, act;
+};
+
+template <typename D, typename E>
+void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const Tensor& packed_hh,
+                  const Tensor& packed_hm, Layout layout, bool portable, const Tensor& h0, const Tensor& lengths,
+                  ForwardState& st, bool save_for_backward, bool keep_cells) {
+  const auto& k = kernels<D, E>();
+  const bool fused = in.proj == nullptr;
+  const int64_t I = fused ? in.I : 0;
+  const int64_t ld_m = H + I;  // the gate GEMM's operand: m, then (fused) x_t
+  const PackedView<E> w_hm = view_of<E>(packed_hm, H, H, false, layout, portable);
+  const PackedView<E> w_hh = view_of<E>(packed_hh, kGates * H, H + I, true, layout, portable);
+  // The GEMM operands: h (the running state, rounded to D) and [m | x_t], in private buffers.
+  Tensor h = h0.to(st.output.scalar_type()).to(c10::CppTypeToScalarType<E>::value, false, /*copy=*/true);
+  Tensor mx = at::empty({B, ld_m}, h.options());
+  E* h_p = h.data_ptr<E>();
+  E* m_p = mx.data_ptr<E>();
+  float* c_p = st.c.data_ptr<float>();
+  D* out_p = st.output.data_ptr<D>();
+  float* cells_p = keep_cells ? st.cell_states.data_ptr<float>() : nullptr;
+  D* act_p = save_for_backward ? st.act.data_ptr<D>() : nullptr;
+  const int64_t* len_p = ptr_or_null<int64_t>(lengths);
+  // Inference skips the rows past the last running one (featurize sorts texts longest first).
+  // Training computes every row: the saved gates of padded rows are part of the contract.
+  const std::vector<int64_t> rows = save_for_backward ? std::vector<int64_t>(T, B) : rows_to_compute(lengths, T, B);
+  std::vector<float> tiles = tile_buffers();
+  // xm for a chunk of steps at a time (fused inputs): [Tc * B, H] float32.
+  const int64_t Tc = fused ? std::max<int64_t>(1, std::min<int64_t>(T, 512 / B)) : 0;
+  Tensor xm_chunk = fused ? at::empty({Tc * B, H}, st.c.options()) : Tensor();
+
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t M = rows[t];
+    const D* proj_t = fused ? nullptr : in.proj + t * B * 5 * H;
+    const D* proj_next = !fused && t + 1 < T ? proj_t + B * 5 * H : nullptr;
+    D* out_t = out_p + t * B * H;
+    float* cell_t = cells_p != nullptr ? cells_p + t * B * H : nullptr;
+    D* act_t = act_p != nullptr ? act_p + t * B * 6 * H : nullptr;
+    const float* xm_t = nullptr;
+    if (fused) {
+      if (t % Tc == 0) {
+        const int64_t steps = std::min(Tc, T - t);
+        Tensor out = xm_chunk.narrow(0, 0, steps * B);
+        at::mm_out(out, in.x_f.narrow(0, t * B, steps * B), in.w_im_t);
+      }
+      xm_t = xm_chunk.data_ptr<float>() + (t % Tc) * B * H;
+      const E* x_t = in.x + t * B * I;
+      for (int64_t b = 0; b < M; ++b) {
+        std::memcpy(m_p + b * ld_m + H, x_t + b * I, I * sizeof(E));
+      }
+    }
+    if (M < B) {
+      k.carry_state(B - M, H, h_p + M * H, H, c_p + M * H, H, out_t + M * H, H,
+                    cell_t != nullptr ? cell_t + M * H : nullptr, H);
+    }
+    if (M == 0) {
+      continue;
+    }
+    for_each_tile<E>(w_hm.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
+      const int64_t n0 = j * w_hm.p.units;
+      const int64_t width = block_width(w_hm.p, j);
+      tile_gemm(n_rows, h_p + row0 * H, H, w_hm, j, tile, false);
+      if (!fused) {
+        // The gate columns of these units, which the second pass reads.
+        for (int64_t g = 0; g < kGates; ++g) {
+          prefetch_block(proj_t + row0 * 5 * H + g * H + n0, n_rows, width, 5 * H);
+        }
+      }
+      k.forward_m(n_rows, width, H, tile, kColumnBlock, fused ? nullptr : proj_t + row0 * 5 * H + n0, 5 * H,
+                  fused ? xm_t + row0 * H + n0 : nullptr, H, m_p + row0 * ld_m + n0, ld_m,
+                  act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H);
+    });
+    for_each_tile<E>(w_hh.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
+      const int64_t n0 = j * w_hh.p.units;
+      const int64_t units = block_units(w_hh.p, j);
+      tile_gemm(n_rows, m_p + row0 * ld_m, ld_m, w_hh, j, tile, false);
+      if (proj_next != nullptr) {  // the xm columns of these units, which the next step's first pass reads
+        prefetch_block(proj_next + row0 * 5 * H + 4 * H + n0, n_rows, units, 5 * H);
+      }
+      // Fused inputs: the gate GEMM already holds x Wx^T, the bias is added to every row (row stride 0).
+      const D* pre = fused ? (in.bias != nullptr ? in.bias + n0 : nullptr) : proj_t + row0 * 5 * H + n0;
+      k.forward_cell(n_rows, units, H, tile, kColumnBlock, pre, fused ? 0 : 5 * H, h_p + row0 * H + n0, H,
+                     c_p + row0 * H + n0, H, out_t + row0 * H + n0, H,
+                     cell_t != nullptr ? cell_t + row0 * H + n0 : nullptr, H,
+                     act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H,
+                     len_p != nullptr ? len_p + row0 : nullptr, t);
+    });
+  }
+}
+
+ForwardState new_forward_state(int64_t T, int64_t B, int64_t H, const at::TensorOptions& options,
+                               const Tensor& c0, bool save_for_backward, bool return_cell_states, bool poison) {
+  const auto f32 = options.dtype(at::kFloat);
+  const bool keep_cells = save_for_backward || return_cell_states;
+  return {new_buffer({T, B, H}, options, poison),
+          c0.clone(),
+          keep_cells ? new_buffer({T, B, H}, f32, poison) : at::empty({0}, f32),
+          save_for_backward ? new_buffer({T, B, 6 * H}, options, poison) : at::empty({0}, options)};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Tensor& packed_hh,
+                                                   const Tensor& packed_hm, const Tensor& h0, const Tensor& c0,
+                                                   const std::optional<Tensor>& lengths, bool save_for_backward,
+                                                   bool return_cell_states, bool poison_buffers,
+                                                   bool portable_bf16) {
+  check_activations(proj, "proj", 3, "[T, B, 5H]");
+  TORCH_CHECK(proj.size(2) > 0 && proj.size(2) % 5 == 0, kWho,
+              "proj's last dimension must be 5 * hidden_size, got ", proj.size(2));
+  const int64_t T = proj.size(0), B = proj.size(1), H = proj.size(2) / 5;
+  const at::ScalarType dtype = proj.scalar_type();
+  const Layout layout = layout_of(packed_hh, "packed_hh", dtype);
+  const at::ScalarType e = operand_dtype(layout);
+  check_packed(packed_hh, "packed_hh", layout, dtype, kGates * H, H, true);
+  check_packed(packed_hm, "packed_hm", layout, dtype, H, H, false);
+  check_state(h0, c0, lengths, B, H);
+  ForwardState st = new_forward_state(T, B, H, proj.options(), c0, save_for_backward, return_cell_states,
+                                      poison_buffers);
+  const Tensor len = defined_or_undefined(lengths);
+  dispatch_dtypes(dtype, e, [&](auto d, auto e_) {
+    using D = decltype(d);
+    using E = decltype(e_);
+    Inputs<D, E> in;
+    in.proj = proj.data_ptr<D>();
+    forward_loop<D, E>(T, B, H, in, packed_hh, packed_hm, layout, portable_bf16, h0, len, st, save_for_backward,
+                       save_for_backward || return_cell_states);
+  });
+  return {st.output, st.c, st.cell_states, st.act};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
+    const Tensor& x, const Tensor& weight_im_t, const std::optional<Tensor>& bias, const Tensor& packed_hh_ih,
+    const Tensor& packed_hm, const Tensor& h0, const Tensor& c0, const std::optional<Tensor>& lengths,
+    bool save_for_backward, bool return_cell_states, bool poison_buffers, bool portable_bf16) {
+  check_activations(x, "x", 3, "[T, B, I]");
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+  TORCH_CHECK(I > 0, kWho, "x must have at least one feature, got shape ", x.sizes());
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(weight_im_t.defined() && weight_im_t.dim() == 2, kWho, "weight_im_t must be a [I, H] tensor");
+  const int64_t H = weight_im_t.size(1);
+  TORCH_CHECK(H > 0, kWho, "hidden_size must be positive");
+  check_input(weight_im_t, "weight_im_t (W_im^T, float32)", at::kFloat, {I, H});
+  const Layout layout = layout_of(packed_hh_ih, "packed_hh_ih", dtype);
+  const at::ScalarType e = operand_dtype(layout);
+  check_packed(packed_hh_ih, "packed_hh_ih", layout, dtype, kGates * H, H + I, true);
+  check_packed(packed_hm, "packed_hm", layout, dtype, H, H, false);
+  check_optional(bias, "bias", dtype, {kGates * H});
+  check_state(h0, c0, lengths, B, H);
+  ForwardState st = new_forward_state(T, B, H, x.options(), c0, save_for_backward, return_cell_states,
+                                      poison_buffers);
+  const Tensor len = defined_or_undefined(lengths);
+  const Tensor b = defined_or_undefined(bias);
+  dispatch_dtypes(dtype, e, [&](auto d, auto e_) {
+    using D = decltype(d);
+    using E = decltype(e_);
+    // x as float32 for the xm GEMMs (exact), and as the gate GEMM's operand dtype (the same tensor
+    // unless the GEMMs multiply bfloat16 natively).
+    const Tensor x_f = x.to(at::kFloat).reshape({T * B, I});
+    const Tensor x_e = std::is_same_v<E, float> ? x_f : as_operand<E>(x);
+    Inputs<D, E> in;
+    in.x = x_e.data_ptr<E>();
+    in.x_f = x_f;
+    in.w_im_t = weight_im_t;
+    in.I = I;
+    in.bias = ptr_or_null<D>(b);
+    forward_loop<D, E>(T, B, H, in, packed_hh_ih, packed_hm, layout, portable_bf16, h0, len, st,
+                       save_for_backward, save_for_backward || return_cell_states);
+  });
+  return {st.output, st.c, st.cell_states, st.act};
+}
+
+}  // namespace cpu
+}  // namespace fastmlstm

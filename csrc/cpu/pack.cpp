@@ -1,0 +1,156 @@
+// Packed weights of the CPU backend: the operator pack_weight, which lays a weight out in the column
+// blocks the tile GEMMs read, and the checks that a packed tensor fits a loop. The three layouts
+// are described in driver.h ("Packed weights"); legend there too.
+
+#include "driver.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+namespace fastmlstm {
+namespace cpu {
+namespace {
+
+// The weight row that column c of block j reads.
+int64_t source_row(const Packing& p, int64_t j, int64_t c) {
+  if (!p.gates) {
+    return j * p.units + c;
+  }
+  const int64_t units = block_units(p, j);
+  const int64_t hidden = p.N / kGates;
+  return (c / units) * hidden + j * p.units + c % units;
+}
+
+// The matrix a pack reads: weight [N, K]; or [weight | second] (K = K1 + K2, concatenated along
+// the input axis); or weight^T (N and K swapped), read without copying.
+template <typename In>
+struct Source {
+  const In* first;
+  const In* second;  // or null
+  int64_t k_first;   // columns of first (ld of first); second has K - k_first (its ld)
+  bool transposed;   // element (n, k) at first[k * ld + n], ld = N
+  int64_t N;
+};
+
+// Where element (k, c) of a block goes: [K, 32], or [K/2, 32, 2] (VNNI: pairs of consecutive k
+// side by side). Every pack writes through this one function, whatever it reads.
+inline int64_t packed_index(const Packing& p, int64_t k, int64_t c) {
+  return p.layout == kVnni ? (k / 2) * kColumnBlock * 2 + c * 2 + (k % 2) : k * kColumnBlock + c;
+}
+
+template <typename In, typename Out>
+void pack_blocks(const Source<In>& src, Out* out, const Packing& p) {
+  const int64_t block_elems = p.K * kColumnBlock;
+  const int64_t k_second = p.K - src.k_first;
+  at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      Out* block = out + j * block_elems;
+      std::fill(block, block + block_elems, Out(0));
+      const int64_t width = block_width(p, j);
+      if (src.transposed) {
+        // Blocks of W^T: row k of the block is W[k, j*32 : j*32 + width], contiguous.
+        const int64_t n0 = j * p.units;
+        for (int64_t k = 0; k < p.K; ++k) {
+          const In* row = src.first + k * src.N + n0;
+          for (int64_t c = 0; c < width; ++c) {
+            block[packed_index(p, k, c)] = static_cast<Out>(row[c]);
+          }
+        }
+        continue;
+      }
+      for (int64_t c = 0; c < width; ++c) {
+        const int64_t n = source_row(p, j, c);
+        const In* row = src.first + n * src.k_first;
+        const In* row2 = src.second != nullptr ? src.second + n * k_second : nullptr;
+        for (int64_t k = 0; k < p.K; ++k) {
+          block[packed_index(p, k, c)] = static_cast<Out>(k < src.k_first ? row[k] : row2[k - src.k_first]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<int64_t> packed_shape(const Packing& p) {
+  if (p.layout == kVnni) {
+    return {p.blocks, p.K / 2, kColumnBlock, 2};
+  }
+  return {p.blocks, p.K, kColumnBlock};
+}
+
+Tensor pack_weight(const Tensor& weight, bool gates, int64_t layout, const std::optional<Tensor>& input_weight,
+                   bool transposed) {
+  TORCH_CHECK(weight.defined() && weight.device().is_cpu(), kWho, "pack_weight expects a CPU tensor");
+  TORCH_CHECK(weight.dim() == 2, kWho, "pack_weight expects a 2-D weight [N, K], got shape ", weight.sizes());
+  TORCH_CHECK(is_activation_dtype(weight.scalar_type()), kWho,
+              "pack_weight expects float32, float16 or bfloat16, got ", weight.scalar_type());
+  TORCH_CHECK(layout == kFloat32 || layout == kVnni || layout == kNarrow, kWho, "unknown packing layout ", layout);
+  const Tensor second = defined_or_undefined(input_weight);
+  TORCH_CHECK(!(second.defined() && transposed), kWho, "pack_weight: transposed takes one weight");
+  if (second.defined()) {
+    TORCH_CHECK(second.device().is_cpu() && second.dim() == 2 && second.size(0) == weight.size(0) &&
+                    second.scalar_type() == weight.scalar_type(),
+                kWho, "pack_weight: input_weight must be a CPU [", weight.size(0), ", I] tensor of dtype ",
+                weight.scalar_type(), ", got ", second.scalar_type(), " ", second.sizes());
+  }
+  const int64_t N = transposed ? weight.size(1) : weight.size(0);
+  const int64_t K = (transposed ? weight.size(0) : weight.size(1)) + (second.defined() ? second.size(1) : 0);
+  TORCH_CHECK(N > 0 && K > 0, kWho, "pack_weight expects a non-empty weight, got shape ", weight.sizes());
+  TORCH_CHECK(!gates || (N % kGates == 0 && !transposed), kWho,
+              "a gate weight must have 4 * hidden_size rows (and not be transposed), got ", N);
+  TORCH_CHECK(layout != kVnni || (weight.scalar_type() == at::kBFloat16 && K % 2 == 0), kWho,
+              "the VNNI layout takes a bfloat16 weight with an even number of columns, got ", weight.scalar_type(),
+              " with ", K);
+  TORCH_CHECK(layout != kNarrow || weight.scalar_type() != at::kFloat, kWho,
+              "the narrow layout keeps a 16-bit weight's dtype; got a float32 weight");
+  const Tensor w = weight.contiguous();
+  const Tensor w2 = second.defined() ? second.contiguous() : Tensor();
+  const Packing p = packing_of(N, K, gates, static_cast<Layout>(layout));
+  const auto out_dtype = layout == kFloat32 ? at::kFloat : weight.scalar_type();
+  Tensor out = at::empty(packed_shape(p), weight.options().dtype(out_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fastmlstm_cpu_pack", [&] {
+    const Source<scalar_t> src{w.data_ptr<scalar_t>(), w2.defined() ? w2.data_ptr<scalar_t>() : nullptr,
+                               transposed ? K : w.size(1), transposed, N};
+    if (layout == kFloat32) {
+      pack_blocks(src, out.data_ptr<float>(), p);
+    } else {
+      pack_blocks(src, out.data_ptr<scalar_t>(), p);
+    }
+  });
+  return out;
+}
+
+Layout layout_of(const Tensor& packed, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(packed.defined() && packed.device().is_cpu(), kWho, name, " must be a CPU tensor");
+  TORCH_CHECK(packed.is_contiguous(), kWho, name, " must be contiguous");
+  const at::ScalarType w = packed.scalar_type();
+  if (w == at::kFloat && packed.dim() == 3) {
+    return kFloat32;
+  }
+  TORCH_CHECK(w == dtype, kWho, name, " must be float32, or ", dtype, " for ", dtype, " activations; got ", w,
+              " (pack it with pack_weight for this activation dtype)");
+  TORCH_CHECK(packed.dim() == 3 || (packed.dim() == 4 && w == at::kBFloat16), kWho, name,
+              " is not a packed weight (shape ", packed.sizes(), ")");
+  return packed.dim() == 4 ? kVnni : kNarrow;
+}
+
+void check_packed(const Tensor& packed, const char* name, Layout layout, at::ScalarType dtype, int64_t N, int64_t K,
+                  bool gates) {
+  TORCH_CHECK(layout_of(packed, name, dtype) == layout, kWho, name,
+              " must be packed in the same layout as the other weights of the call");
+  const Packing p = packing_of(N, K, gates, layout);
+  const std::vector<int64_t> shape = packed_shape(p);
+  TORCH_CHECK(packed.sizes() == at::IntArrayRef(shape), kWho, name, " must have the packed shape ",
+              at::IntArrayRef(shape), " of a [", N, ", ", K, "] weight, got ", packed.sizes());
+}
+
+}  // namespace cpu
+}  // namespace fastmlstm
