@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "kernels"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import costmodel  # noqa: E402  (bench/costmodel.py: the prediction printed beside each GPU measurement)
+import costmodel  # noqa: E402  (bench/kernels/costmodel.py: the prediction printed beside each GPU measurement)
 import gate  # noqa: E402
 import impls as implementations  # noqa: E402
 import measure  # noqa: E402

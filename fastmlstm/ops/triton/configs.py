@@ -1,5 +1,5 @@
-"""Launch configurations of the fused step kernels: the dispatch rule, the space it draws from, the
-tuned table measured on GPUs, and an override for tests.
+"""Launch configurations of the fused step kernels: the dispatch rule, the tuned table measured on
+GPUs, and an override for tests.
 
 Dimension letters: B batch rows, H hidden units; a config's BB (rows), BN (hidden units) and BK
 (reduction block) are the kernels' tile sizes (legend in :mod:`.fused_step`), ``split`` the number
@@ -9,13 +9,16 @@ Every launch configuration the backend can use comes from :func:`plan`, in this 
 
 1. an override installed with :func:`override` (tests, the GPU sweep);
 2. under Triton's interpreter, small tiles (the interpreter runs programs one after another);
-3. the tuned table (:mod:`.tuned`, written by ``bench/gpu_check.sh`` from a correctness-gated sweep
-   on a real GPU), for the device name, dtype, precision and shape it was measured at;
-4. the rule :func:`rule`, derived from the cost model in ``bench/costmodel.py`` (reasoning in
-   ``bench/NOTES.md``).
+3. the tuned table (:mod:`.tuned`, written by ``bench/kernels/gpu_check.sh`` from a correctness-gated
+   sweep on a real GPU), for the device name, dtype, precision and shape it was measured at;
+4. the rule :func:`rule`, derived from the cost model in ``bench/kernels/costmodel.py`` (reasoning in
+   ``bench/kernels/NOTES.md``).
 
-Every config either source can produce belongs to :func:`dispatch_space`; ``bench/static.py``
-compiles each of them ahead of time and the test suite runs each under the interpreter.
+The sweep's candidates and the dispatch space (every config the rule or a tuned table can produce)
+live with the kernel lab, in ``bench/kernels/sweep.py``: ``bench/kernels/static.py`` compiles each
+config of the space ahead of time, the test suite runs each under the interpreter, and the sweep
+writes (and the tests check) only tuned entries from the space. At run time :func:`validate_entry`
+checks an entry's form.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ GATE_KERNELS = ("fwd_z",)
 # Reduction length of each kernel's product, in units of H.
 K_OF = {"fwd_m": 1, "fwd_z": 1, "bwd_h": 1, "bwd_m": 4}
 PRECISIONS = ("ieee", "tf32")
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +131,7 @@ def epilogue_width(kernel: str, config: KernelConfig) -> int | None:
 
 # Values per thread the partial loads of one _gather round may hold (float32, beside everything the
 # epilogue keeps): up to 4 partials at once where a tile is small, one where it is big. Half that
-# at 16 warps, whose threads have at most 128 registers (more spilled on sm_80).
+# at 16 warps, whose threads have at most 128 registers.
 _GATHER_VALUES_PER_THREAD = 32
 
 
@@ -169,7 +173,7 @@ SMEM_BUDGET = 160 * 1024
 
 
 def rule(kernel: str, B: int, H: int, dtype_bytes: int, device: Device) -> KernelConfig:
-    """The model-derived launch config (bench/NOTES.md, "The rule").
+    """The model-derived launch config (bench/kernels/NOTES.md, "The rule").
 
     - BB: 16, 64 or 128 rows (float32: 16 or 64), one batch tile up to 128 rows.
     - From 64 rows (16-bit): wide output tiles, so the activation operand [B, K] is re-read through
@@ -199,17 +203,18 @@ def rule(kernel: str, B: int, H: int, dtype_bytes: int, device: Device) -> Kerne
         bn, per_sm = (32 if gate else 128), 0.5
     else:
         bn, per_sm = (16 if gate else 64), 2.0
-    config = _fit(KernelConfig(BB=bb, BN=bn, BK=64 if wide else 32, num_warps=_warps(kernel, bb, bn),
-                               num_stages=4 if wide else 3, pdl=device.capability >= (9, 0)), kernel, dtype_bytes)
+    config = fit_stages(KernelConfig(BB=bb, BN=bn, BK=64 if wide else 32, num_warps=warps_for(kernel, bb, bn),
+                                     num_stages=4 if wide else 3, pdl=device.capability >= (9, 0)), kernel, dtype_bytes)
     return dataclasses.replace(config, split=split_for(kernel, B, H, config, int(device.sms * per_sm)))
 
 
-def _warps(kernel: str, bb: int, bn: int) -> int:
+def warps_for(kernel: str, bb: int, bn: int) -> int:
+    """num_warps for a BB x BN tile (the rule's; the sweep's other tile widths use it too)."""
     cols = bn * (4 if kernel in GATE_KERNELS else 1)
     if kernel == "bwd_h" and bb * cols >= 8192:
         # Its epilogue runs over column chunks one after another, each waiting for its operands
-        # (bench/costmodel.py's epilogue_latency): twice the threads, half the chunks. 16 warps stay
-        # under their 128-register cap without spilling (bench/results/static.md).
+        # (bench/kernels/costmodel.py's epilogue_latency): twice the threads, half the chunks. 16 warps
+        # stay under their 128-register cap without spilling (bench/results/static.md).
         return 16
     return 8 if bb * cols >= 8192 else 4
 
@@ -220,7 +225,8 @@ def pipeline_bytes(kernel: str, config: KernelConfig, dtype_bytes: int) -> int:
     return config.num_stages * (config.BB + cols) * config.BK * dtype_bytes
 
 
-def _fit(config: KernelConfig, kernel: str, dtype_bytes: int) -> KernelConfig:
+def fit_stages(config: KernelConfig, kernel: str, dtype_bytes: int) -> KernelConfig:
+    """Fewer pipeline stages (down to 2) until the pipeline fits SMEM_BUDGET."""
     while config.num_stages > 2 and pipeline_bytes(kernel, config, dtype_bytes) > SMEM_BUDGET:
         config = dataclasses.replace(config, num_stages=config.num_stages - 1)
     return config
@@ -243,80 +249,29 @@ def interpreter_plan(B: int, H: int) -> StepPlan:
     return StepPlan(**configs, source="interpreter")
 
 
-# ------------------------------------------------------------------------- the sweep's candidates
-
-def sweep_candidates(kernel: str, B: int, H: int, dtype_bytes: int, device: Device) -> list[KernelConfig]:
-    """Alternatives to the rule that ``bench/gpu_check.sh`` times at a target shape: split targets
-    of 1/4 to 2 programs per SM (a runtime argument, so free to try: the cost model's assumption
-    about L2 bandwidth decides between them and the GPU settles it); for 16-bit at 128 rows also
-    half and twice the rule's hidden tile (where the accumulators fit in 64 registers per thread;
-    the gate kernel only narrower), and PDL off."""
-    base = rule(kernel, B, H, dtype_bytes, device)
-    shapes = [base]
-    if dtype_bytes == 2 and base.BB == 128:
-        # The gate kernel's epilogue holds four gate tiles: its tile only gets narrower.
-        for bn in (base.BN // 2,) if kernel in GATE_KERNELS else (base.BN // 2, base.BN * 2):
-            cols = bn * (4 if kernel in GATE_KERNELS else 1)
-            if bn >= 16 and base.BB * cols <= 16384:
-                shapes.append(_fit(dataclasses.replace(base, BN=bn, num_warps=_warps(kernel, base.BB, bn)), kernel,
-                                   dtype_bytes))
-    out = []
-    for config in shapes:
-        for per_sm in (1, 0.25, 0.5, 2):
-            out.append(dataclasses.replace(config, split=split_for(kernel, B, H, config, int(device.sms * per_sm))))
-    if base.pdl and dtype_bytes == 2 and base.BB == 128:
-        out.append(dataclasses.replace(base, pdl=False))
-    unique = []
-    for c in out:
-        if c not in unique:
-            unique.append(c)
-    return unique
-
-
-# ------------------------------------------------------------------------------- the space
-
-# The shapes the space is enumerated over: the GPU sweep's targets, plus every batch tile the rule
-# can pick. The compile-time part of a config does not depend on H beyond BN <= next_pow2(H).
-SWEEP_SHAPES = ((4096, 128), (2048, 128), (1024, 64), (4096, 1))
-REFERENCE_DEVICE = Device(sms=132, capability=(9, 0), name="NVIDIA H100 80GB HBM3")
-
-
-def dispatch_space(dtype_bytes: int, device: Device = REFERENCE_DEVICE) -> dict[str, list[KernelConfig]]:
-    """Every compiled variant (``KernelConfig.compiled()``) the dispatcher can launch for one element
-    size on a device like ``device``: the rule at every batch tile, and the sweep's candidates at
-    the target shapes (which is all a tuned table may hold; see :func:`validate_entry`)."""
-    space: dict[str, list[KernelConfig]] = {k: [] for k in KERNELS}
-    for k in KERNELS:
-        found = []
-        for B in (1, 16, 17, 64, 65, 128, 512):
-            for H in (16, 1024, 4096):
-                found.append(rule(k, B, H, dtype_bytes, device))
-        for H, B in SWEEP_SHAPES:
-            found += sweep_candidates(k, B, H, dtype_bytes, device)
-        for c in found:
-            c = c.compiled()
-            if c not in space[k]:
-                space[k].append(c)
-    return space
-
-
-def in_space(kernel: str, config: KernelConfig, dtype_bytes: int, device: Device = REFERENCE_DEVICE) -> bool:
-    key = dataclasses.replace(config.compiled(), pdl=False)
-    return any(dataclasses.replace(c, pdl=False) == key for c in dispatch_space(dtype_bytes, device)[kernel])
-
-
 # ------------------------------------------------------------------------------- tuned table
 
 def validate_entry(entry: dict) -> dict[str, KernelConfig]:
-    """A tuned-table entry's configs, checked: only configs from the dispatch space are accepted,
-    so the static report and the interpreter parity tests cover whatever the table says."""
-    dtype_bytes = {"bfloat16": 2, "float16": 2, "float32": 4}[entry["dtype"]]
+    """A tuned-table entry's configs, checked for form: a known dtype and precision, the shape, and
+    one valid :class:`KernelConfig` for each kernel. Whether each config belongs to the dispatch
+    space (so the static report and the interpreter parity tests cover it) is checked where the
+    table is written and by the test suite, with the space (``bench/kernels/sweep.py``)."""
+    if entry.get("dtype") not in DTYPE_BYTES:
+        raise ValueError(f"tuned entry: unknown dtype {entry.get('dtype')!r}; one of {sorted(DTYPE_BYTES)}")
+    if entry.get("precision") not in PRECISIONS:
+        raise ValueError(f"tuned entry: unknown precision {entry.get('precision')!r}; one of {PRECISIONS}")
+    for dim in ("B", "H"):
+        if not isinstance(entry.get(dim), int) or entry[dim] < 1:
+            raise ValueError(f"tuned entry: {dim} must be a positive int, got {entry.get(dim)!r}")
+    given = entry.get("configs") or {}
+    if set(given) != set(KERNELS):
+        raise ValueError(f"tuned entry: configs for {sorted(given)}, expected exactly {list(KERNELS)}")
     configs = {}
     for k in KERNELS:
-        config = KernelConfig(**entry["configs"][k])
-        if not in_space(k, config, dtype_bytes):
-            raise ValueError(f"tuned config for {k} {config} is outside the dispatch space")
-        configs[k] = config
+        try:
+            configs[k] = KernelConfig(**given[k])
+        except TypeError as exc:  # unknown or missing fields
+            raise ValueError(f"tuned entry: bad config for {k}: {exc}") from None
     return configs
 
 

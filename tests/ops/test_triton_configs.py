@@ -1,14 +1,11 @@
-"""Every launch configuration the Triton dispatcher can choose computes the recurrence correctly.
+"""The Triton dispatcher's launch configurations (``fastmlstm.ops.triton.configs``): the split-K
+ticket protocol (splits of 1 and 3, uneven: 3 does not divide the K blocks), gathering partials,
+the dispatcher's sources (rule, tuned table, override) and the form it checks a tuned entry for,
+the device guard and the 32-bit size guard of the Triton backend. Each kernel runs under Triton's
+interpreter (on a GPU: natively) through the backend contract.
 
-The configs come from ``fastmlstm.ops.triton.configs.dispatch_space`` (the rule at every batch tile
-and the GPU sweep's candidates; a tuned table may hold nothing else), and each one runs under
-Triton's interpreter (on a GPU: natively) through the backend contract, forward and backward,
-against the float64 truth with the suite's tolerances. Shapes: B = 33 (three 16-row batch tiles, a
-partial tile of a 64- or 128-row one), an odd H spanning several hidden tiles and K blocks, ragged
-lengths with an empty row, and splits of 1 and 3 (uneven: 3 does not divide the K blocks).
-
-Also here: the split-K ticket protocol, the dispatcher's sources (rule, tuned table, override),
-the device guard and the 32-bit size guard of the Triton backend.
+Every config of the dispatch space against the float64 truth, and the space itself, are tested
+with the kernel lab that defines them (``bench/kernels/sweep.py``): ``tests/bench/test_sweep.py``.
 """
 
 import dataclasses
@@ -16,8 +13,6 @@ import dataclasses
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU
-from mlstm_f64 import recurrence_f64
-from tolerances import ABS, FACTOR, rel_err
 
 import fastmlstm
 from fastmlstm.ops import op
@@ -25,8 +20,6 @@ from fastmlstm.ops.triton import configs
 
 pytestmark = pytest.mark.skipif(not fastmlstm.backend_status("triton", DEVICE)[0],
                                 reason="the Triton backend cannot run here")
-
-T, B = 2, 33
 
 
 def _inputs(T, B, H, dtype, seed=0):
@@ -47,59 +40,12 @@ def _inputs(T, B, H, dtype, seed=0):
     return proj, w_hh, w_hm, h0, c0, lengths, grads
 
 
-def _truth(proj, w_hh, w_hm, h0, c0, lengths, grads):
-    leaves = [t.detach().double().cpu().requires_grad_() for t in (proj, w_hh, w_hm, h0, c0)]
-    out, _, c, cells = recurrence_f64(*leaves, lengths.cpu())
-    loss = sum((v * g.double().cpu()).sum() for v, g in zip((out, c, cells), grads))
-    d = torch.autograd.grad(loss, leaves)
-    return {"output": out, "c_n": c, "cell_states": cells, "grad_proj": d[0], "grad_weight_hh": d[1],
-            "grad_weight_hm": d[2], "grad_h0": d[3], "grad_c0": d[4]}
-
-
 def _run(backend, proj, w_hh, w_hm, h0, c0, lengths, grads):
     fwd = op.recurrence_forward(proj, w_hh, w_hm, h0, c0, lengths, backend, True, True)
     bwd = op.recurrence_backward(*grads, w_hh, w_hm, h0, c0, lengths, fwd[0], fwd[2], fwd[3], backend)
     names = ("output", "c_n", "cell_states", "act", "grad_proj", "grad_weight_hh", "grad_weight_hm", "grad_h0",
              "grad_c0")
     return {n: v.detach().double().cpu() for n, v in zip(names, (*fwd, *bwd)) if n != "act"}
-
-
-def _check(got, ref, truth, dtype):
-    failures = []
-    for name, expected in truth.items():
-        err_ref = rel_err(ref[name], expected)
-        err = rel_err(got[name], expected)
-        if err > FACTOR * err_ref + ABS[dtype]:
-            failures.append(f"{name}: error {err:.2e} > {FACTOR} x reference {err_ref:.2e} + {ABS[dtype]:.0e}")
-    return failures
-
-
-def _space_rows():
-    """One plan per row: the i-th config of every kernel's list (the rule's fill in shorter lists),
-    so every config of every kernel runs once; 16-bit spaces run in bfloat16, float32 in both dot
-    precisions' space (the same tiles)."""
-    rows = []
-    for dtype, dtype_bytes in ((torch.bfloat16, 2), (torch.float32, 4)):
-        space = configs.dispatch_space(dtype_bytes)
-        for i in range(max(len(v) for v in space.values())):
-            row = {k: space[k][i % len(space[k])] for k in configs.KERNELS}
-            rows.append(pytest.param(dtype, row, id=f"{str(dtype)[6:]}-{i}"))
-    return rows
-
-
-@pytest.mark.parametrize("dtype,row", _space_rows())
-def test_every_config_in_the_dispatch_space_matches_the_truth(dtype, row):
-    # H: odd, two hidden tiles of the widest BN (the second partial), several K blocks of BK.
-    H = max(c.BN for c in row.values()) + 3
-    inputs = _inputs(T, B, H, dtype)
-    truth = _truth(*inputs)
-    ref = _run("reference", *inputs)
-    # A config's compiled variant is decided by split == 1 or not; 3 splits are uneven here.
-    plan = {k: dataclasses.replace(c, split=3 if c.split > 1 else 1) for k, c in row.items()}
-    with configs.override(plan):
-        got = _run("triton", *inputs)
-    failures = _check(got, ref, truth, dtype)
-    assert not failures, "\n".join(failures)
 
 
 def test_split_k_results_are_independent_of_the_split_count():
@@ -162,12 +108,12 @@ A100 = configs.Device(sms=108, capability=(8, 0), name="NVIDIA A100-SXM4-80GB")
 
 @pytest.mark.parametrize("device", [H100, A100], ids=["H100", "A100"])
 @pytest.mark.parametrize("dtype_bytes", [2, 4])
-def test_the_rule_stays_inside_the_space(device, dtype_bytes):
+def test_the_rule_splits_within_the_k_blocks_and_fits_shared_memory(device, dtype_bytes):
+    """(That every rule config lies in the dispatch space: tests/bench/test_sweep.py.)"""
     for B in (1, 2, 16, 17, 33, 64, 100, 128, 129, 512, 4096):
         for H in (5, 64, 257, 1024, 4096):
             for k in configs.KERNELS:
                 c = configs.rule(k, B, H, dtype_bytes, device)
-                assert configs.in_space(k, c, dtype_bytes), (k, B, H, c)
                 assert 1 <= c.split <= configs.k_blocks(k, H, c)
                 assert c.pdl == (device.capability >= (9, 0))
                 assert configs.pipeline_bytes(k, c, dtype_bytes) <= configs.SMEM_BUDGET
@@ -176,7 +122,7 @@ def test_the_rule_stays_inside_the_space(device, dtype_bytes):
 def test_rule_reads_wide_rows_and_fills_the_gpu():
     """Backward weight rows (n-contiguous) and forward ones (k-contiguous) are read 128 bytes at a
     time in 16-bit, and the grid is never starved: at least half a program per SM where B >= 64
-    (the cost model's choice; bench/NOTES.md), two where B <= 16."""
+    (the cost model's choice; bench/kernels/NOTES.md), two where B <= 16."""
     for B, per_sm in ((128, 0.5), (64, 0.5), (1, 2)):
         for k in configs.KERNELS:
             c = configs.rule(k, B, 4096, 2, H100)
@@ -202,16 +148,30 @@ def test_the_plan_prefers_override_then_interpreter_then_tuned_then_rule(monkeyp
         assert configs.plan(128, 4096, "bfloat16", "ieee", H100, interpret=False).source == "override"
 
 
-def test_a_tuned_entry_outside_the_space_is_refused(monkeypatch):
-    bad = configs.KernelConfig(BB=32, BN=32, BK=32, num_warps=2, num_stages=2).as_dict()
+@pytest.mark.parametrize("change,match", [
+    ({"dtype": "float64"}, "unknown dtype"),
+    ({"precision": "fast"}, "unknown precision"),
+    ({"B": 0}, "B must be a positive int"),
+    ({"configs": {"fwd_m": {}}}, "expected exactly"),
+    ({"configs": {k: {"BB": 16} for k in configs.KERNELS}}, "bad config for fwd_m"),
+    ({"configs": {k: dict(configs.INTERPRETER_CONFIG.as_dict(), BB=24) for k in configs.KERNELS}}, "power of two"),
+])
+def test_a_malformed_tuned_entry_is_refused(monkeypatch, change, match):
+    """The dispatcher checks a tuned entry's form when it reads it (whether its configs lie in the
+    dispatch space is checked where the table is written and in tests/bench/test_sweep.py)."""
     entry = {"device": H100.name, "dtype": "bfloat16", "precision": "ieee", "B": 128, "H": 4096,
-             "configs": {k: bad for k in configs.KERNELS}}
-    monkeypatch.setattr(configs, "_tuned_entries", lambda: [entry])
-    with pytest.raises(ValueError, match="outside the dispatch space"):
-        configs.plan(128, 4096, "bfloat16", "ieee", H100, interpret=False)
+             "configs": {k: configs.rule(k, 128, 4096, 2, H100).as_dict() for k in configs.KERNELS}}
+    assert configs.validate_entry(entry)["fwd_m"] == configs.rule("fwd_m", 128, 4096, 2, H100)
+    bad = {**entry, **change}
+    with pytest.raises(ValueError, match=match):
+        configs.validate_entry(bad)
+    monkeypatch.setattr(configs, "_tuned_entries", lambda: [bad])
+    if bad["B"] == 128:  # the plan reads the entry of its own shape only
+        with pytest.raises(ValueError, match=match):
+            configs.plan(128, 4096, bad["dtype"], bad["precision"], H100, interpret=False)
 
 
-def test_the_committed_tuned_table_is_valid():
+def test_the_committed_tuned_table_has_the_form_the_dispatcher_reads():
     from fastmlstm.ops.triton import tuned
 
     for entry in tuned.ENTRIES:

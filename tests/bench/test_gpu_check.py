@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh, the one command for the first GPU, works before any GPU has run it: its dry
+"""bench/kernels/gpu_check.sh, the one command for the first GPU, works before any GPU has run it: its dry
 run prints the plan, the configurations and the predictions (CI runs it here), it refuses to run
 without a GPU, and its Python stages' code paths (the gated sweep writing the tuned table) run
 under Triton's interpreter at a tiny shape."""
@@ -12,11 +12,12 @@ import pytest
 import torch
 from conftest import ON_GPU
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "bench" / "gpu_check.sh"
-sys.path.insert(0, str(REPO / "bench"))
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "kernels" / "gpu_check.sh"
+sys.path.insert(0, str(REPO / "bench" / "kernels"))
 
 import gpu_check  # noqa: E402
+import sweep  # noqa: E402
 
 from fastmlstm.ops.triton import configs  # noqa: E402
 
@@ -62,7 +63,7 @@ def test_sweep_writes_a_tuned_table_the_dispatcher_accepts(tmp_path):
     exec(table.read_text(), scope)
     assert scope["ENTRIES"] == entries and (tmp_path / "out" / "tuned.py").read_text() == table.read_text()
     assert scope["__doc__"].startswith("Launch configurations measured on GPUs")
-    configs.validate_entry(scope["ENTRIES"][0])
+    sweep.check_entry(scope["ENTRIES"][0])
     # A second sweep of the same shape replaces its entry; others stay.
     other = dict(entries[0], H=48)
     merged = gpu_check.merge([other, entries[0]], [dict(entries[0], step_us={"fwd": 1.0, "bwd": 2.0})])

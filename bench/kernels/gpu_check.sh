@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The first command to run on a GPU (one H100 or H200, about 8 minutes):
 #
-#   bash bench/gpu_check.sh OUTDIR            # everything below; log and results under OUTDIR
-#   bash bench/gpu_check.sh --dry-run OUTDIR  # any machine: print the plan, configurations and predictions
+#   bash bench/kernels/gpu_check.sh OUTDIR            # everything below; log and results under OUTDIR
+#   bash bench/kernels/gpu_check.sh --dry-run OUTDIR  # any machine: print the plan, configurations and predictions
 #
 # 1. tests     the GPU test suite at real sizes: Triton and the CUDA extension (built here) against
 #              the reference and the float64 truth, the dispatcher's guards, the module
@@ -18,7 +18,7 @@
 # sweep.json, tuned.py (copy it over fastmlstm/ops/triton/tuned.py and commit it) and gpu-targets.json/.md.
 set -uo pipefail
 
-usage() { echo "usage: bash bench/gpu_check.sh [--dry-run] OUTDIR" >&2; exit 2; }
+usage() { echo "usage: bash bench/kernels/gpu_check.sh [--dry-run] OUTDIR" >&2; exit 2; }
 DRY=0
 OUT=""
 for arg in "$@"; do
@@ -31,7 +31,7 @@ for arg in "$@"; do
 done
 [ -n "$OUT" ] || usage
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -46,7 +46,7 @@ if [ "$DRY" = 1 ]; then
     {
         echo "== dry run: nothing is executed; on a GPU each stage runs under its time limit (s):"
         echo "   tests ${LIMIT_TESTS}, ceilings ${LIMIT_CEILINGS}, sweep ${LIMIT_SWEEP}, bench ${LIMIT_BENCH}; outputs in $OUT"
-        python bench/gpu_check.py plan
+        python bench/kernels/gpu_check.py plan
     } 2>&1 | tee "$OUT/plan.txt"
     exit "${PIPESTATUS[0]}"
 fi
@@ -74,14 +74,14 @@ stage() {  # stage NAME LIMIT COMMAND...
     python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } | tee -a "$OUT/log.txt"
 
-# Deselected to fit the 8 minutes: the dispatch-space parity (the sweep's gate checks every
-# candidate at the target shapes; CI runs the space under the interpreter) and test_recurrence's
-# H = 4096 float64 truth, computed on the CPU (test_cuda_extension checks H = 4096 against a float64
-# truth computed on the GPU, Triton included).
+# Left out to fit the 8 minutes: the dispatch-space parity (tests/bench/test_sweep.py; the sweep's
+# gate checks every candidate at the target shapes; CI runs the space under the interpreter) and
+# test_recurrence's H = 4096 float64 truth, computed on the CPU (test_cuda_extension checks H = 4096
+# against a float64 truth computed on the GPU, Triton included).
 stage tests "$LIMIT_TESTS" python -m pytest -q -x -p no:cacheprovider tests/test_recurrence.py tests/test_cuda_extension.py \
-    tests/test_triton_configs.py tests/test_module.py -k "not every_config and not (float64_truth and H4096)"
-stage ceilings "$LIMIT_CEILINGS" python bench/gpu_check.py ceilings --out "$OUT"
-stage sweep "$LIMIT_SWEEP" python bench/gpu_check.py sweep --out "$OUT"
+    tests/ops/test_triton_configs.py tests/test_module.py -k "not (float64_truth and H4096)"
+stage ceilings "$LIMIT_CEILINGS" python bench/kernels/gpu_check.py ceilings --out "$OUT"
+stage sweep "$LIMIT_SWEEP" python bench/kernels/gpu_check.py sweep --out "$OUT"
 stage bench "$LIMIT_BENCH" python bench/run.py --preset gpu-targets \
     --impls fastmlstm-triton,fastmlstm-cuda,cudnn-lstm,mlstm-eager --warmup-ms 30 --rep-ms 150 --min-runs 5 \
     --no-plots --out "$OUT" --name gpu-targets

@@ -28,7 +28,7 @@ there), L1 hits, and any overlap of the epilogue of one program with the main lo
 ``ideal_us`` is the issue's yardstick: 5 H^2 weight bytes per direction at the datasheet HBM
 bandwidth; ``cudnn_ideal_us`` the same for a cuDNN LSTM's 4 H^2.
 
-Run ``python bench/costmodel.py`` for the model's rows as a table (``--before``: the launch shapes
+Run ``python bench/kernels/costmodel.py`` for the model's rows as a table (``--before``: the launch shapes
 before issue 15 under the same model; ``--sensitivity``: the rows against the L2 bandwidth).
 """
 
@@ -42,12 +42,12 @@ from pathlib import Path
 try:
     from fastmlstm.ops.triton import configs as _configs
 except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from fastmlstm.ops.triton import configs as _configs
 
 # ------------------------------------------------------------------------------------------ GPUs
 # One row per quantity: (name, H100 SXM, H200, source). "assumption" marks a lead that
-# bench/gpu_check.sh measures on the first GPU run (bench/NOTES.md keeps the outcome).
+# bench/kernels/gpu_check.sh measures on the first GPU run (bench/kernels/NOTES.md keeps the outcome).
 TABLE = [
     ("sms", 132, 132,
      "NVIDIA H100 datasheet / Hopper whitepaper (SXM5: 132 SMs); H200: same GH100 configuration, and "
@@ -82,7 +82,7 @@ TABLE = [
      "lookup, driver call) was measured by others at 8.7 us (vLLM PR 34838, GB200 host, 2026), ~11 us "
      "(tritonbench PR 1002, 2026) and 12.5 us for a 19-argument kernel (facebookexperimental/triton PR "
      "1231, 2026); our kernels take 15-20 arguments. Plus fastmlstm's own side, 1.4-2.6 us per launch "
-     "on this project's 2-core EPYC (bench/launch_overhead.py, "
+     "on this project's 2-core EPYC (bench/kernels/launch_overhead.py, "
      "bench/results/launch-overhead-amd-epyc-family-25-model-1-2026-11-30.json). gpu_check.sh measures "
      "the whole on the GPU's host"),
     ("smem_block_KB", 227, 227, "CUDA programming guide: compute capability 9.0, 227 KB of shared memory per block"),
@@ -147,7 +147,7 @@ def epilogue_latency(gpu: GPU, kernel: str, config: _configs.KernelConfig) -> fl
     """Latency the epilogue adds after the K loop (microseconds), as the kernels order their loads.
 
     - Without a workspace, fwd_m, fwd_z and bwd_m load the epilogue's operands before the K loop
-      (``bench/static.py`` checks that the PTX issues loads there): the loop's duration covers their
+      (``bench/kernels/static.py`` checks that the PTX issues loads there): the loop's duration covers their
       latency, so nothing is added.
     - With split-K, the last program draws its ticket (an L2 round trip), then issues the operands'
       loads (HBM) and gathers the partials: ``_gather`` loads GATHER partials (1, 2 or 4,

@@ -2,10 +2,10 @@
 drivers of ``fastmlstm.ops.triton.recurrence`` run with every kernel replaced by a stand-in that
 takes the launch and does nothing, so what is timed is the Python between launches (indexing the
 per-step tensors, choosing and binding the launch parameters). Triton's own launch path comes on
-top of it; the cost model assumes 6 us per launch for both together (``cpu_launch_us``), which
-``bench/gpu_check.sh`` measures on a GPU.
+top of it; the cost model's ``cpu_launch_us`` covers both together (its value and sources are in
+``costmodel.TABLE``), and ``bench/kernels/gpu_check.sh`` measures the whole on a GPU's host.
 
-    python bench/launch_overhead.py [--shapes 1024x64,4096x128] [--T 200] [--out FILE.json]
+    python bench/kernels/launch_overhead.py [--shapes 1024x64,4096x128] [--T 200] [--out FILE.json]
 
 No GPU needed: tensors stay on the CPU, and the launch plan is the rule's for an H100.
 """
@@ -24,11 +24,13 @@ from unittest import mock
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: measure.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import measure as measure_mod  # noqa: E402
+import sweep  # noqa: E402
 
-from fastmlstm.ops.triton import configs, recurrence  # noqa: E402
+from fastmlstm.ops.triton import recurrence  # noqa: E402
 
 KERNELS = ("fwd_m_kernel", "fwd_z_kernel", "bwd_h_kernel", "bwd_m_kernel")
 
@@ -61,7 +63,7 @@ def measure(B: int, H: int, T: int, rounds: int = 5) -> dict:
     clock: list = []
     stand_ins = {name: _StandIn(clock) for name in KERNELS}
     per_launch = {"fwd": [], "bwd": []}
-    with mock.patch.object(recurrence, "_device_info", lambda device: configs.REFERENCE_DEVICE), \
+    with mock.patch.object(recurrence, "_device_info", lambda device: sweep.REFERENCE_DEVICE), \
             mock.patch.multiple(recurrence, **stand_ins), \
             mock.patch.object(recurrence, "recurrent_weight_grads", lambda *a: (None, None)):
         for _ in range(rounds):
@@ -79,7 +81,7 @@ def measure(B: int, H: int, T: int, rounds: int = 5) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/launch_overhead.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python bench/kernels/launch_overhead.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="1024x64,4096x128", help="comma-separated HxB")
     p.add_argument("--T", type=int, default=200)
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
         print(f"H={H} B={B}: forward {rows[-1]['fwd_us_per_launch']} us per launch, backward "
               f"{rows[-1]['bwd_us_per_launch']} us per launch (two launches per step)")
     if a.out:
-        command = "python bench/launch_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python bench/kernels/launch_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
         doc = {"machine": measure_mod.cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
                "commit": measure_mod.git_commit(), "date": datetime.date.today().isoformat(), "command": command,
                "rows": rows}

@@ -1,4 +1,4 @@
-"""The static kernel report (bench/static.py) runs here, as CI runs it, and meets its bounds: every
+"""The static kernel report (bench/kernels/static.py) runs here, as CI runs it, and meets its bounds: every
 kernel compiles for sm_90a and sm_80 at every configuration the dispatcher can choose, in bf16,
 fp16 and fp32 (IEEE and TF32), with no spill in a 16-bit dtype and shared memory within each
 architecture's limit; and its cost-model rows are complete and conservative.
@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
+REPO = Path(__file__).resolve().parents[2]
+LAB = REPO / "bench" / "kernels"
+sys.path.insert(0, str(LAB))
 
 import costmodel  # noqa: E402
 import static  # noqa: E402
+import sweep  # noqa: E402
 
 from fastmlstm.ops.triton import configs  # noqa: E402
 
@@ -35,7 +36,7 @@ MODEL = {"gpu": str, "dtype": str, "H": int, "B": int, "direction": str, "progra
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("static")
-    proc = subprocess.run([sys.executable, str(BENCH / "static.py"), "--json", str(out / "static.json"), "--quiet"],
+    proc = subprocess.run([sys.executable, str(LAB / "static.py"), "--json", str(out / "static.json"), "--quiet"],
                           capture_output=True, text=True, timeout=3000, cwd=REPO)
     doc = json.loads((out / "static.json").read_text())
     return proc, doc, (out / "static.md").read_text()
@@ -56,11 +57,12 @@ def test_every_kernel_compiles_within_the_bounds(report):
 def test_the_report_covers_the_dispatch_space(report):
     """Every compiled variant of the space, for each dtype (fp32 in both dot precisions) and arch."""
     _, doc, _ = report
+    fields = configs.KernelConfig.__dataclass_fields__
     seen = {(e["kernel"], e["dtype"], e["config"]["precision"], e["arch"],
-             configs.KernelConfig(**{k: v for k, v in e["config"].items() if k in configs.KernelConfig.__dataclass_fields__}))
+             configs.KernelConfig(**{k: v for k, v in e["config"].items() if k in fields}))
             for e in doc["kernels"]}
     for label, _, ptr, precision in static.DTYPES:
-        for kernel, space in configs.dispatch_space(4 if ptr == "fp32" else 2).items():
+        for kernel, space in sweep.dispatch_space(4 if ptr == "fp32" else 2).items():
             for c in space:
                 assert (kernel, label, precision, "sm_90a", c) in seen, (kernel, label, c)
                 assert (kernel, label, precision, "sm_80", c.__class__(**{**c.as_dict(), "pdl": False})) in seen
@@ -112,7 +114,7 @@ def test_no_plan_beats_the_floor():
     for gpu in costmodel.GPUS.values():
         device = costmodel.device_of(gpu)
         for H, B in costmodel.MODEL_SHAPES:
-            candidates = {k: configs.sweep_candidates(k, B, H, 2, device) for k in configs.KERNELS}
+            candidates = {k: sweep.sweep_candidates(k, B, H, 2, device) for k in configs.KERNELS}
             for direction, kernels in costmodel.DIRECTIONS.items():
                 floor = costmodel.floor_cost(gpu, direction, B, H)["floor_us"]
                 for first in candidates[kernels[0]]:
@@ -164,7 +166,7 @@ def test_the_command_compiles_when_the_test_session_interprets(tmp_path):
     come from the cache, so this compiles a few configs with no cache)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = tmp_path / "s.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "static.py"), "--json", str(out), "--kernels", "bwd_m",
+    proc = subprocess.run([sys.executable, str(LAB / "static.py"), "--json", str(out), "--kernels", "bwd_m",
                            "--dtypes", "bf16", "--no-cache", "--quiet"],
                           capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -1,7 +1,7 @@
 """Where fwd+bwd time goes on the CPU backend, beside torch.nn.LSTM: the measured cause behind a
-CPU fwd+bwd ratio (bench/NOTES.md, "CPU").
+CPU fwd+bwd ratio (bench/kernels/NOTES.md, "CPU").
 
-    python bench/cpu_breakdown.py [--H 512,1024] [--B 16,64] [--T 64] [--I 64] [--out FILE.json]
+    python bench/kernels/cpu_breakdown.py [--H 512,1024] [--B 16,64] [--T 64] [--I 64] [--out FILE.json]
 
 For each (H, B), float32, one thread, interleaved call by call:
 - ``fwd_train``: the forward under autograd (activations saved), fastmlstm and nn.LSTM;
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: measure.py
 
 import measure  # noqa: E402
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         print("cpu_breakdown.py: the cpu backend is unavailable here", file=sys.stderr)
         return 1
     doc = {"device": measure.cpu_name(), "cpu_features": measure.cpu_features(), **measure.versions(),
-           **measure.git_commit(), "command": "python bench/cpu_breakdown.py " + " ".join(sys.argv[1:]),
+           **measure.git_commit(), "command": "python bench/kernels/cpu_breakdown.py " + " ".join(sys.argv[1:]),
            "load_average_start": measure.load_average(), "cases": []}
     for H in (int(h) for h in args.H.split(",")):
         for B in (int(b) for b in args.B.split(",")):

@@ -2,7 +2,7 @@
 weight-cache mode and dtype, beside torch.nn.LSTM's single-step call. Backs the figures the README
 and fastmlstm/weight_cache.py quote for ``FASTMLSTM_WEIGHT_CACHE=strict``.
 
-    python bench/cpu_step.py [--H 256,512,1024] [--threads 1] [--steps 300] [--out FILE.json]
+    python bench/kernels/cpu_step.py [--H 256,512,1024] [--threads 1] [--steps 300] [--out FILE.json]
 
 Calls are interleaved round by round; each figure is the median over rounds of the mean time per
 step of a ``--steps``-step loop.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: measure.py
 
 import measure  # noqa: E402
 
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     saved = os.environ.get(ENV_WEIGHT_CACHE)
     doc = {"device": measure.cpu_name(), "cpu_features": measure.cpu_features(), **measure.versions(),
-           **measure.git_commit(), "command": "python bench/cpu_step.py " + " ".join(sys.argv[1:]),
+           **measure.git_commit(), "command": "python bench/kernels/cpu_step.py " + " ".join(sys.argv[1:]),
            "torch_threads": args.threads, "load_average_start": measure.load_average(), "cases": []}
     try:
         for H in (int(h) for h in args.H.split(",")):

@@ -1,10 +1,10 @@
 """Static kernel report: every Triton kernel at every configuration the dispatcher can choose,
 compiled ahead of time for sm_90a and sm_80 without a GPU, plus the cost model's predictions.
 
-    python bench/static.py                        # bench/results/static.json and static.md
-    python bench/static.py --json PATH [--md PATH] [--jobs N] [--no-cache]
+    python bench/kernels/static.py                # bench/results/static.json and static.md
+    python bench/kernels/static.py --json PATH [--md PATH] [--jobs N] [--no-cache]
 
-For each kernel x configuration (``fastmlstm.ops.triton.configs.dispatch_space``) x dtype (bf16,
+For each kernel x configuration (``sweep.dispatch_space``, bench/kernels/sweep.py) x dtype (bf16,
 fp16, fp32 with IEEE and TF32 dots) x architecture, ``triton.compile`` runs on an ``ASTSource`` for
 ``GPUTarget("cuda", 90 | 80, 32)`` (no driver needed), and Triton's bundled ``ptxas -v`` reports
 registers, spills and shared memory. Each kernel is compiled in its heaviest variant (every
@@ -13,8 +13,8 @@ multiples of 16, which is what Triton specializes on at the real sizes. ``mma`` 
 instruction the PTX uses: wgmma (Hopper's warpgroup MMA), mma.sync, or none (fma).
 
 JSON: {"kernels": [{"kernel", "dtype", "arch", "config", "ok", "registers", "spill_bytes",
-"shared_bytes", "mma", ...}], "model": [bench/costmodel.py rows], "limits", "triton", ...}.
-``tests/test_static.py`` fails on a compile error, a spill in a 16-bit dtype or shared memory over
+"shared_bytes", "mma", ...}], "model": [bench/kernels/costmodel.py rows], "limits", "triton", ...}.
+``tests/bench/test_static.py`` fails on a compile error, a spill in a 16-bit dtype or shared memory over
 the architecture's limit.
 
 Results are cached on disk (``--cache-dir``, default ``~/.cache/fastmlstm/static``), keyed by the
@@ -46,12 +46,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # measure.py, the benchmark's host facts
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import costmodel  # noqa: E402
+import sweep  # noqa: E402
 
 from fastmlstm.ops.triton import configs as _configs  # noqa: E402
 
@@ -86,7 +88,7 @@ def jobs() -> list[dict]:
     out, seen = [], set()
     for label, torch_name, ptr, precision in DTYPES:
         dtype_bytes = 2 if ptr != "fp32" else 4
-        space = _configs.dispatch_space(dtype_bytes)
+        space = sweep.dispatch_space(dtype_bytes)
         for kernel, configs in space.items():
             for config in configs:
                 for arch, cap in ARCHS.items():
@@ -259,7 +261,7 @@ def run(jobs_: list[dict], n_jobs: int, cache_dir: Path | None, progress=None) -
 
 
 # Kernels that load their epilogue's operands before the K loop when they run without a workspace
-# (bench/costmodel.py's epilogue_latency credits it).
+# (costmodel.py's epilogue_latency credits it).
 PREFETCHING = ("fwd_m", "fwd_z", "bwd_m")
 
 
@@ -302,13 +304,13 @@ def markdown(doc: dict) -> str:
                      f"{c['num_warps']} | {c['num_stages']} | {'>1' if c['split'] > 1 else 1} | {int(c['pdl'])} | "
                      f"{c['precision']} | {e['registers'] if e['ok'] else 'ERROR'} | {e['spill_bytes']} | {shared} | "
                      f"{e['mma']} |")
-    lines += ["", "## Cost model (one time step, `bench/costmodel.py`)", "", costmodel.table(doc["model"]), "",
+    lines += ["", "## Cost model (one time step, `bench/kernels/costmodel.py`)", "", costmodel.table(doc["model"]), "",
               "### Its numbers", "", costmodel.sources_table(), ""]
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python bench/static.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python bench/kernels/static.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "static.json", help="JSON report")
     p.add_argument("--md", type=Path, default=None, help="Markdown report (default: the JSON path with .md)")
@@ -328,8 +330,8 @@ def _check_not_interpreted() -> None:
     from triton.runtime.jit import JITFunction
 
     if not isinstance(standard.cdiv, JITFunction):
-        raise SystemExit("bench/static.py: Triton was imported with TRITON_INTERPRET set, so it cannot "
-                         "compile for a GPU target; run `python bench/static.py` as a command (it unsets "
+        raise SystemExit("bench/kernels/static.py: Triton was imported with TRITON_INTERPRET set, so it cannot "
+                         "compile for a GPU target; run `python bench/kernels/static.py` as a command (it unsets "
                          "the variable first) or unset TRITON_INTERPRET before importing torch or triton")
 
 
@@ -370,7 +372,7 @@ def main(argv=None) -> int:
         "device": f"none: compiled ahead of time for sm_90a and sm_80 on {host} (no GPU); the model "
                   f"predicts for {', '.join(costmodel.GPU_NAMES)}",
         "host": host,
-        "command": "python bench/static.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python bench/kernels/static.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "kernel_source": str(KERNEL_FILE.relative_to(REPO)), "source_key": source_key(),
         "limits": {"shared_bytes": SMEM_LIMIT, "spill_bytes_16bit": 0},
         "cache_hits": hits, "seconds": round(time.perf_counter() - start, 1),

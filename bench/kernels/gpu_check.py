@@ -1,12 +1,12 @@
-"""The stages of bench/gpu_check.sh that are Python: the plan, the measured ceilings, and the
+"""The stages of bench/kernels/gpu_check.sh that are Python: the plan, the measured ceilings, and the
 correctness-gated sweep over launch configurations that writes the tuned table.
 
-    python bench/gpu_check.py plan                      # stages, configurations, predictions (any machine)
-    python bench/gpu_check.py ceilings --out DIR        # HBM copy, L2 read, launch cost -> DIR/ceilings.json
-    python bench/gpu_check.py sweep --out DIR           # DIR/sweep.json, DIR/tuned.py and the package's table
+    python bench/kernels/gpu_check.py plan              # stages, configurations, predictions (any machine)
+    python bench/kernels/gpu_check.py ceilings --out DIR  # HBM copy, L2 read, launch cost -> DIR/ceilings.json
+    python bench/kernels/gpu_check.py sweep --out DIR   # DIR/sweep.json, DIR/tuned.py and the package's table
 
 The sweep, per target shape: start from the rule's plan; for each kernel in turn try each of its
-candidates (``configs.sweep_candidates``) with the other kernels at their best so far; a candidate
+candidates (``sweep.sweep_candidates``) with the other kernels at their best so far; a candidate
 first runs forward and backward at the shape and must agree with the reference backend (the
 correctness gate; a failure is recorded and never chosen), then the direction it belongs to is
 timed (CUDA events, median). The best plan per shape goes to ``fastmlstm/ops/triton/tuned.py``
@@ -26,12 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import costmodel  # noqa: E402
+import sweep as sweep_space  # noqa: E402  (the candidates and the dispatch space)
 
 from fastmlstm.ops.triton import configs  # noqa: E402
 
@@ -46,12 +47,12 @@ GATE = {"bfloat16": 5e-2, "float16": 1e-2, "float32": 1e-4}
 STAGES = (
     ("tests", "GPU test suite at real sizes, the CUDA extension built and checked against the reference and "
               "the float64 truth", "python -m pytest -q -x tests/test_recurrence.py tests/test_cuda_extension.py "
-              "tests/test_triton_configs.py tests/test_module.py -k 'not every_config and not (float64_truth and H4096)'"),
+              "tests/ops/test_triton_configs.py tests/test_module.py -k 'not (float64_truth and H4096)'"),
     ("ceilings", "HBM copy and L2 read bandwidth, host cost of a Triton launch; the model again with them",
-     "python bench/gpu_check.py ceilings --out OUTDIR"),
+     "python bench/kernels/gpu_check.py ceilings --out OUTDIR"),
     ("sweep", "correctness-gated sweep over the launch configurations at the target shapes (the gate and "
               "its compiles in parallel processes, then the timing); best per shape -> "
-              "fastmlstm/ops/triton/tuned.py", "python bench/gpu_check.py sweep --out OUTDIR"),
+              "fastmlstm/ops/triton/tuned.py", "python bench/kernels/gpu_check.py sweep --out OUTDIR"),
     ("bench", "the target cases with the model's prediction beside each measurement",
      "python bench/run.py --preset gpu-targets --impls fastmlstm-triton,fastmlstm-cuda,cudnn-lstm,mlstm-eager "
      "--warmup-ms 30 --rep-ms 150 --min-runs 5 --no-plots --out OUTDIR --name gpu-targets"),
@@ -71,10 +72,10 @@ def plan_text(sms: int = 132, name: str = "H100-SXM") -> str:
         e = 2 if dtype != "float32" else 4
         lines.append(f"-- {dtype} H={H} B={B}")
         for k in configs.KERNELS:
-            cands = configs.sweep_candidates(k, B, H, e, device)
+            cands = sweep_space.sweep_candidates(k, B, H, e, device)
             text = ", ".join(f"{c.BB}/{c.BN}/{c.BK}/{c.num_warps}/{c.num_stages}/{c.split}/{int(c.pdl)}" for c in cands)
             lines.append(f"   {k:<6} rule {_short(configs.rule(k, B, H, e, device))}; {len(cands)} candidates: {text}")
-    lines += ["", "== the cost model (bench/costmodel.py) for the rule's plans", "",
+    lines += ["", "== the cost model (bench/kernels/costmodel.py) for the rule's plans", "",
               costmodel.table(costmodel.model_rows()), "", costmodel.sources_table()]
     return "\n".join(lines)
 
@@ -278,7 +279,7 @@ def sweep(out: Path, targets=TARGETS, T: int = 8, reps: int = 10, max_candidates
     for dtype_name, H, B in targets:
         e = 2 if dtype_name != "float32" else 4
         for kernel in configs.KERNELS:
-            for cand in configs.sweep_candidates(kernel, B, H, e, dev)[:max_candidates]:
+            for cand in sweep_space.sweep_candidates(kernel, B, H, e, dev)[:max_candidates]:
                 jobs.append(((dtype_name, H, B), T, kernel, cand.as_dict()))
     # 1. The gate, in parallel: each candidate's kernels compile once, into Triton's disk cache.
     start = time.perf_counter()
@@ -312,7 +313,7 @@ def sweep(out: Path, targets=TARGETS, T: int = 8, reps: int = 10, max_candidates
         for kernel in configs.KERNELS:
             direction = "fwd" if kernel in costmodel.DIRECTIONS["fwd"] else "bwd"
             results = []
-            for cand in configs.sweep_candidates(kernel, B, H, e, dev)[:max_candidates]:
+            for cand in sweep_space.sweep_candidates(kernel, B, H, e, dev)[:max_candidates]:
                 if (dtype_name, H, B, kernel, json.dumps(cand.as_dict(), sort_keys=True)) not in passed:
                     continue
                 step_us = timed({**best, kernel: cand}, direction)
@@ -367,7 +368,7 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
 
 def tuned_source(entries: list[dict]) -> str:
     for entry in entries:
-        configs.validate_entry(entry)  # never write a table the dispatcher would refuse
+        sweep_space.check_entry(entry)  # never write a table outside the space the lab compiles and tests
     # Keep the module's docstring (everything above the ENTRIES assignment).
     lines = TUNED_FILE.read_text().splitlines(keepends=True) if TUNED_FILE.is_file() else []
     head = "".join(itertools.takewhile(lambda line: not line.startswith("ENTRIES"), lines))
@@ -375,7 +376,7 @@ def tuned_source(entries: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python bench/kernels/gpu_check.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=("plan", "ceilings", "sweep"))
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
