@@ -14,4 +14,4 @@ import sys
 from fastmlstm.training import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="train.py"))

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmlstm
-from fastmlstm.lm import pad_bytes
-from fastmlstm.precision import native_16bit_gemm
+from fastmlstm.models.lm import pad_bytes
+from fastmlstm.nn.precision import native_16bit_gemm
 from fastmlstm.probe import featurize as probe_featurize
 from mlstm_eager import (EagerByteLM, EagerMLSTM, LSTMByteLM, lstm_weight_count, matched_lstm_hidden_size,
                          mlstm_cell, mlstm_sequence, mlstm_weight_count)

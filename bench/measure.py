@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from fastmlstm.precision import native_16bit_gemm
+from fastmlstm.nn.precision import native_16bit_gemm
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent

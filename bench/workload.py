@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from fastmlstm import datasets
+from fastmlstm.data import datasets
 from fastmlstm.probe import preprocess
 
 __all__ = ["SYNTHETIC", "batch_shapes", "cost", "load_texts", "preprocess"]

@@ -11,19 +11,22 @@ Public API:
                                     the config.json + model.safetensors folder (ByteLM.save_pretrained)
     self_check                      parity of a backend against the reference, as `fastmlstm info` runs it
     InputError (and its variants)   what every rejection of bad input raises
-    probe, datasets, download,      the probe toolkit, the evaluation sets, the downloader (datasets
-    hub, training                   and pretrained models), the Hugging Face Hub transfer, and the
-                                    training job (submodules, imported on first use)
+    probe, datasets, download,      the probe toolkit, the evaluation sets, the evaluation sets'
+    hub, training                   downloader, the Hugging Face Hub transfer, and the training job
+                                    (imported on first use)
+    nn, ops, models, data           the layers of the library: modules and functional forms; the
+                                    recurrence's backends behind one door; the byte model and its
+                                    files; corpora, evaluation sets and downloads
 """
 
 from ._version import __version__
-from .backends import BACKENDS, BackendUnavailableError, available_backends, backend_status, resolve_backend
+from .ops.registry import BACKENDS, BackendUnavailableError, available_backends, backend_status, resolve_backend
 from .diagnostics import self_check
 from .errors import InputError, InputTypeError, MissingInputError, ModelFileError
-from .functional import SUPPORTED_DTYPES, multiplicative_lstm, multiplicative_lstm_recurrence
-from .lm import ByteLM
-from .modules import FastMLSTM, MLSTMWeights, weight_norm
-from .serialization import from_pretrained, load, load_openai, save, save_openai, save_pretrained
+from .nn.functional import SUPPORTED_DTYPES, multiplicative_lstm, multiplicative_lstm_recurrence
+from .models.lm import ByteLM
+from .nn.modules import FastMLSTM, MLSTMWeights, weight_norm
+from .models.serialization import from_pretrained, load, load_openai, save, save_openai, save_pretrained
 
 __all__ = [
     "BACKENDS",
@@ -53,13 +56,21 @@ __all__ = [
 ]
 
 
-_SUBMODULES = ("probe", "datasets", "download", "hub", "training")
-
-
 def __getattr__(name: str):
-    # The probe toolkit pulls in scikit-learn and matplotlib: import it on first use, not with fastmlstm.
-    if name in _SUBMODULES:
-        import importlib
-
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # Submodules imported on first use, not with fastmlstm: the probe toolkit pulls in scikit-learn
+    # and matplotlib, the others are seldom needed.
+    # (`import a.b as m` imports first and then reads the attribute the import set: `from . import
+    # probe` would ask this function again before importing, and never end.)
+    if name == "probe":
+        import fastmlstm.probe as module
+    elif name == "training":
+        import fastmlstm.training as module
+    elif name == "datasets":
+        import fastmlstm.data.datasets as module
+    elif name == "download":
+        import fastmlstm.data.download as module
+    elif name == "hub":
+        import fastmlstm.models.hub as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return module

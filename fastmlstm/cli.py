@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import BACKENDS
+from .ops.registry import BACKENDS
 from .diagnostics import backend_report, environment, parity_tolerance
 from .errors import InputError, MissingInputError
 
@@ -59,7 +59,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load_model(path: str, *, device: str | None = None, dtype: str | None = None, backend: str = "auto"):
     """A ByteLM from what --model names (see :func:`fastmlstm.serialization.load_model`)."""
-    from .serialization import load_model as load
+    from .models.serialization import load_model as load
 
     return load(path, device=device, dtype=_DTYPES[dtype] if dtype else None, backend=backend)
 
@@ -86,7 +86,7 @@ def _decode_line(line: bytes, number: int, encoding: str, source: str) -> bytes 
         if encoding == "utf-8":
             raise InputError(f"{source}, line {number}: not valid UTF-8 (byte {exc.start}); use "
                              "--input-encoding bytes to featurize the bytes as they are") from None
-    from .datasets import decode  # the evaluation sets' rule: such a line is Windows-1252
+    from .data.datasets import decode  # the evaluation sets' rule: such a line is Windows-1252
 
     return decode(line)
 
@@ -139,7 +139,7 @@ def cmd_featurize(args) -> int:
     from .probe import featurize
 
     if args.dataset:
-        from . import datasets
+        from .data import datasets
 
         name, _, split = args.dataset.partition(":")
         splits = datasets.load(name, args.data_dir)
@@ -276,7 +276,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .download import MODELS, download, download_model, model_files
+    from .data.download import download
+    from .models.pretrained import MODELS, download_model, model_files
 
     if args.name in MODELS:
         folder = download_model(args.name, root=args.root, mirror=args.mirror, force=args.force,
@@ -345,7 +346,7 @@ def _add_featurize(sub) -> None:
 
 
 def _add_probe(sub) -> None:
-    from .datasets import DATASETS  # light: the task names without importing scikit-learn
+    from .data.datasets import DATASETS  # light: the task names without importing scikit-learn
 
     p = sub.add_parser("probe", help="one of the paper's evaluations; prints one JSON object",
                        description="Featurize a task's data, fit the L1 linear probe (C on dev), and print "
@@ -397,7 +398,8 @@ def _add_generate(sub) -> None:
 
 
 def _add_download(sub) -> None:
-    from .download import MODELS, SOURCES
+    from .data.download import SOURCES
+    from .models.pretrained import MODELS
 
     p = sub.add_parser("download", help="fetch an evaluation set or a pretrained model (with checksums)",
                        description="Datasets go to $FASTMLSTM_DATA (default ~/.cache/fastmlstm/data); models to "

@@ -11,8 +11,8 @@ import platform
 
 import torch
 
-from .backends import BACKENDS, backend_status
-from .modules import FastMLSTM
+from .ops.registry import BACKENDS, backend_status
+from .nn.modules import FastMLSTM
 
 __all__ = ["environment", "parity_tolerance", "self_check", "backend_report"]
 

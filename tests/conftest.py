@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastmlstm  # noqa: E402
-from fastmlstm.ops import common  # noqa: E402
+from fastmlstm.ops import interface as common  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"

@@ -79,8 +79,46 @@ def test_no_import_cycles_inside_the_package():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+SOURCE_FILES = sorted({*PACKAGE.rglob("*.py"), REPO / "train.py", *(REPO / "bench").rglob("*.py"),
+                       *(p for suffix in ("*.cpp", "*.cu", "*.h", "*.cuh") for p in (REPO / "csrc").rglob(suffix))})
+
+
+def test_no_source_file_is_longer_than_600_lines():
+    long = [f"{p.relative_to(REPO)} ({n} lines)" for p in SOURCE_FILES
+            if (n := len(p.read_text().splitlines())) > 600]
+    assert not long, long
+
+
+def _cpp_functions(text: str):
+    """(name line, length) of every brace block opened at namespace level that is not a namespace:
+    the functions (and types) of a C++ file, by brace depth, comments and strings removed."""
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"\"(?:\\.|[^\"\\\n])*\"|'(?:\\.|[^'\\\n])*'", '""', text)
+    stack, blocks = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        for char in line:
+            if char == "{":
+                namespace = bool(re.match(r"\s*(namespace|extern \"\")", line))
+                top = all(kind == "namespace" for kind, _ in stack)
+                stack.append(("namespace" if namespace else "block" if top else "inner", number))
+            elif char == "}" and stack:
+                kind, start = stack.pop()
+                if kind == "block":
+                    blocks.append((start, number - start + 1))
+    return blocks
+
+
+def test_no_cpp_function_is_longer_than_100_lines():
+    long = []
+    for path in SOURCE_FILES:
+        if path.suffix in (".cpp", ".cu", ".h", ".cuh"):
+            long += [f"{path.relative_to(REPO)}:{start} ({n} lines)" for start, n in _cpp_functions(path.read_text())
+                     if n > 100]
+    assert not long, long
+
+
 def test_no_function_is_longer_than_100_lines():
-    files = [*PACKAGE.rglob("*.py"), REPO / "train.py", *(REPO / "bench").glob("*.py")]
+    files = [p for p in SOURCE_FILES if p.suffix == ".py"]
     long = []
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):

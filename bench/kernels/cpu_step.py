@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: measure.
 import measure  # noqa: E402
 
 import fastmlstm  # noqa: E402
-from fastmlstm.weight_cache import ENV_WEIGHT_CACHE  # noqa: E402
+from fastmlstm.nn.weight_cache import ENV_WEIGHT_CACHE  # noqa: E402
 
 I = 64
 

@@ -46,8 +46,8 @@ GATE = {"bfloat16": 5e-2, "float16": 1e-2, "float32": 1e-4}
 
 STAGES = (
     ("tests", "GPU test suite at real sizes, the CUDA extension built and checked against the reference and "
-              "the float64 truth", "python -m pytest -q -x tests/test_recurrence.py tests/test_cuda_extension.py "
-              "tests/ops/test_triton_configs.py tests/test_module.py -k 'not (float64_truth and H4096)'"),
+              "the float64 truth", "python -m pytest -q -x tests/ops/test_recurrence.py tests/ops/test_cuda.py "
+              "tests/ops/test_triton_configs.py tests/nn/test_modules.py -k 'not (float64_truth and H4096)'"),
     ("ceilings", "HBM copy and L2 read bandwidth, host cost of a Triton launch; the model again with them",
      "python bench/kernels/gpu_check.py ceilings --out OUTDIR"),
     ("sweep", "correctness-gated sweep over the launch configurations at the target shapes (the gate and "
@@ -192,10 +192,10 @@ def _inputs(T, B, H, dtype, device, seed=0):
 
 
 def _fwd_bwd(backend, proj, w_hh, w_hm, h0, c0, grads):
-    from fastmlstm.ops import op
+    from fastmlstm.ops import autograd
 
-    out, c_n, cells, act = op.recurrence_forward(proj, w_hh, w_hm, h0, c0, None, backend, True, False)
-    bwd = op.recurrence_backward(*grads, w_hh, w_hm, h0, c0, None, out, cells, act, backend)
+    out, c_n, cells, act = autograd.sequence_forward(proj, w_hh, w_hm, h0, c0, None, backend, True, False)
+    bwd = autograd.sequence_backward(*grads, w_hh, w_hm, h0, c0, None, out, cells, act, backend)
     return (out, c_n, *bwd)
 
 

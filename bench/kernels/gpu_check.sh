@@ -78,8 +78,8 @@ stage() {  # stage NAME LIMIT COMMAND...
 # gate checks every candidate at the target shapes; CI runs the space under the interpreter) and
 # test_recurrence's H = 4096 float64 truth, computed on the CPU (test_cuda_extension checks H = 4096
 # against a float64 truth computed on the GPU, Triton included).
-stage tests "$LIMIT_TESTS" python -m pytest -q -x -p no:cacheprovider tests/test_recurrence.py tests/test_cuda_extension.py \
-    tests/ops/test_triton_configs.py tests/test_module.py -k "not (float64_truth and H4096)"
+stage tests "$LIMIT_TESTS" python -m pytest -q -x -p no:cacheprovider tests/ops/test_recurrence.py tests/ops/test_cuda.py \
+    tests/ops/test_triton_configs.py tests/nn/test_modules.py -k "not (float64_truth and H4096)"
 stage ceilings "$LIMIT_CEILINGS" python bench/kernels/gpu_check.py ceilings --out "$OUT"
 stage sweep "$LIMIT_SWEEP" python bench/kernels/gpu_check.py sweep --out "$OUT"
 stage bench "$LIMIT_BENCH" python bench/run.py --preset gpu-targets \

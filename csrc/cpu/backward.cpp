@@ -46,7 +46,7 @@ struct BackwardResult {
 };
 
 int64_t chunk_steps(int64_t T, int64_t B, int64_t H) {
-  // About 1024 rows per gradient GEMM (GEMMs of a few hundred rows ran slower, see bench/NOTES.md;
+  // About 1024 rows per gradient GEMM (GEMMs of a few hundred rows ran slower, see bench/kernels/NOTES.md;
   // and the fewer chunks, the fewer passes over the [4H, H] accumulator), with the chunk's
   // [Tc * B, 5H] gradient under 16 MiB of float32 (below glibc's mmap threshold: reused, not
   // page-faulted).

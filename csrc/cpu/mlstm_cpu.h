@@ -37,7 +37,7 @@ namespace cpu {
 constexpr int64_t kGates = 4;
 // Column block of the packed weights (hidden units for the m GEMMs, gate columns for z: 8 units x
 // 4 gates) and the largest row block a tile holds. 32 columns ran faster than 64 or 128 with
-// oneDNN's AVX2 micro-kernels (see bench/NOTES.md).
+// oneDNN's AVX2 micro-kernels (see bench/kernels/NOTES.md).
 constexpr int64_t kColumnBlock = 32;
 constexpr int64_t kRowBlock = 64;
 

@@ -106,7 +106,7 @@ inline Vec round_to(const Vec& v) {
 // sigmoid and tanh from ATen's fast exp (exp_u20: a degree-5 polynomial, relative error under 2e-7,
 // its argument clamped to float's range so it never overflows): much cheaper than the
 // correctly rounded-ish Sleef u10 functions, which made up a large share of a step (see
-// bench/NOTES.md). Their absolute errors stay below the float32 GEMMs' rounding noise
+// bench/kernels/NOTES.md). Their absolute errors stay below the float32 GEMMs' rounding noise
 // (tests/tolerances.py).
 // The clamp inside exp_u20 (min/max) turns a NaN argument into a bound, so both put NaN back
 // where x is NaN: a NaN pre-activation (e.g. from an infinite input) must propagate as it does in

@@ -1,6 +1,105 @@
-"""Recurrence backends and the dispatch glue.
+"""The recurrence of the multiplicative LSTM: one door into every backend.
 
-Every backend module (``reference``, ``triton``, ``cuda``, ``cpu``) provides the same two functions,
-``forward`` and ``backward``, with the contract written down in :mod:`fastmlstm.ops.common`.
-:mod:`fastmlstm.ops.op` registers them with ``torch.library`` as one autograd-aware custom op.
+- :mod:`.registry`: the backends, listed once (name -> package, devices, what each needs), and
+  ``resolve_backend`` (``"auto"``, ``FASTMLSTM_BACKEND``, fallbacks).
+- :mod:`.interface`: the contract every backend implements (shapes, dtypes, saved values).
+- :mod:`.autograd`: the custom ops, their fakes and autograd formulas, written once.
+- :mod:`.weight_cache`: values derived from weights, kept while the weights are unchanged.
+- the backends, siblings with the same file roles: :mod:`.reference` (the specification),
+  :mod:`.cpu`, :mod:`.triton`, :mod:`.cuda`.
+
+Everything outside this package reaches the backends through :func:`sequence` and :func:`layer`
+(and the registry's functions); nothing outside imports a backend's internals.
 """
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import registry
+from .autograd import layer_forward, no_autocast, sequence_forward
+from .interface import accumulation_dtype, has_layer
+from .registry import (
+    BACKENDS,
+    REGISTRY,
+    BackendUnavailableError,
+    available_backends,
+    backend_status,
+    resolve_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "REGISTRY",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_status",
+    "fingerprints",
+    "layer",
+    "resolve_backend",
+    "sequence",
+]
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _direct(tensors) -> bool:
+    """Whether the backend can be called without the custom op: nothing to differentiate, no
+    tracing, plain tensors. That skips the op's Python dispatch (tens of microseconds, a good part
+    of a generation step at small sizes)."""
+    return not _needs_grad(tensors) and not torch.compiler.is_compiling() and \
+        all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def sequence(proj: Tensor, weight_hh: Tensor, weight_hm: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None,
+             backend: str, return_cell_states: bool):
+    """The recurrence on checked inputs (:mod:`.interface`'s ``forward``) with a concrete backend:
+    ``(output [T, B, H], c_n [B, H], cell_states [T, B, H] or [0])``, differentiable."""
+    tensors = (proj, weight_hh, weight_hm, h0, c0, lengths)
+    if _direct(tensors):
+        with no_autocast(proj.device.type), torch.no_grad():
+            output, c_n, cell_states, _ = registry.module(backend).forward(*tensors, False, return_cell_states)
+    else:
+        output, c_n, cell_states, _ = sequence_forward(*tensors, backend, _needs_grad(tensors), return_cell_states)
+    return output, c_n, cell_states
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_im: Tensor, weight_hm: Tensor,
+          bias: Tensor | None, h0: Tensor, c0: Tensor, lengths: Tensor | None, backend: str,
+          return_cell_states: bool):
+    """The whole layer on checked time-major inputs x [T, B, I] with a concrete backend: the
+    backend's own layer where it has one (input projections inside its time loop), else one GEMM
+    for every step's projections and :func:`sequence`. Returns what :func:`sequence` returns."""
+    module = registry.module(backend)
+    if x.shape[1] > 0 and x.shape[2] > 0 and has_layer(module):
+        tensors = (x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0, lengths)
+        if _direct(tensors):
+            with no_autocast(x.device.type), torch.no_grad():
+                output, c_n, cell_states, _ = module.layer_forward(*tensors, False, return_cell_states)
+        else:
+            output, c_n, cell_states, _ = layer_forward(*tensors, backend, _needs_grad(tensors), return_cell_states)
+        return output, c_n, cell_states
+    H = weight_hm.shape[0]
+    # All input projections of all steps in one GEMM: [T*B, I] x [I, 5H].
+    weight = torch.cat([weight_ih, weight_im], dim=0)
+    full_bias = None if bias is None else torch.cat([bias, bias.new_zeros(H)])
+    proj = torch.nn.functional.linear(x, weight, full_bias)
+    return sequence(proj, weight_hh, weight_hm, h0, c0, lengths, backend, return_cell_states)
+
+
+def fingerprints(tensors: list[Tensor]) -> tuple[int, ...] | None:
+    """64-bit fingerprints of contiguous CPU tensors' bytes (position dependent, not
+    cryptographic), or None where no backend here computes them (the CPU extension does)."""
+    if not backend_status("cpu", "cpu")[0]:
+        return None
+    return registry.module("cpu").fingerprints(tensors)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of h_n, c_n and the cell states for activations of ``dtype``."""
+    return accumulation_dtype(dtype)

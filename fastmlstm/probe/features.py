@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..backends import resolve_backend
+from ..ops.registry import REGISTRY, resolve_backend
 from ..errors import InputError, InputTypeError
-from ..lm import pad_bytes
+from ..models.lm import pad_bytes
 
 __all__ = ["cell_trace", "encode_texts", "featurize", "preprocess"]
 
@@ -115,8 +115,8 @@ def _chunk_steps(model, rows: int, chunk_size: int | None) -> int:
     memory_steps = budget // max(rows * 6 * H * model.readout.weight.element_size(), 1)
     if device.type == "cuda":
         return int(max(1, min(memory_steps, 256)))
-    if resolve_backend(model.backend, device) == "cpu":
-        # The C++ CPU backend stops multiplying rows past their length inside a call (they are sorted
+    if REGISTRY[resolve_backend(model.backend, device)].skips_finished_rows:
+        # The backend stops multiplying rows past their length inside a call (they are sorted
         # longest first): padding costs nothing there, so calls are as long as keeps the call's
         # [T, B, 5H] projections under 16 MiB (reused by the allocator and cache-resident; a fresh
         # large tensor costs page faults), and at least 16 steps.

@@ -57,8 +57,8 @@ def single_threaded_blas():
     """A context that runs BLAS on one thread.
 
     The probe's fits are small, many and mostly single-threaded (liblinear); with BLAS threads on
-    a busy 2-core machine they were measured 10-60x slower than on one thread (L-BFGS on
-    [1000, 512] features: 0.6 s against 0.03 s), because the threads wait on each other.
+    a busy machine they run many times slower than on one thread, because the threads wait on
+    each other (figures in docs/benchmarks.md).
     """
     from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 

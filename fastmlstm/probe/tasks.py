@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .. import datasets
-from ..datasets import PairSplit, TextSplit
+from ..data import datasets
+from ..data.datasets import PairSplit, TextSplit
 from ..errors import InputError, InputTypeError
 from .features import featurize
 from .linear import (

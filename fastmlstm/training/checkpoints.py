@@ -12,7 +12,7 @@ import torch
 
 from .._atomic import atomic_save
 from ..errors import InputError
-from ..serialization import CHECKPOINT_FORMAT
+from ..models.serialization import CHECKPOINT_FORMAT
 from .distributed import Context, gather_rows
 from .metrics import LogWindow
 from .state import TrainState, rng_state
@@ -93,7 +93,7 @@ def move_aside(unreadable: list[tuple[Path, str]]) -> None:
     for path, why in unreadable:
         target = path.with_name(path.name + ".unreadable")
         path.replace(target)
-        print(f"train.py: {path.name} cannot be read ({why}); kept aside as {target.name}", file=sys.stderr)
+        print(f"fastmlstm: {path.name} cannot be read ({why}); kept aside as {target.name}", file=sys.stderr)
 
 
 def save_checkpoint(ctx: Context, out: Path, state: TrainState, window: LogWindow, run: dict, epoch: int,

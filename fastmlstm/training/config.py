@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..backends import BACKENDS
+from ..ops.registry import BACKENDS
 from ..errors import InputError
 
 __all__ = ["DESCRIPTION", "PRESETS", "RUN_KEYS", "add_arguments", "build_parser", "parse_args", "resolve"]

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..corpus import RowBatcher, Source, build_stream, open_stream
+from ..data.corpus import RowBatcher, Source, build_stream, open_stream
 from ..errors import InputError
 from .distributed import Context, run_collectively
 

@@ -76,7 +76,7 @@ def _loop(args: argparse.Namespace, ctx: Context, out: Path, state, data, run: d
             save_checkpoint(ctx, out, state, window, run, data.batcher.epoch_and_position(step)[0], args.keep)
         if stopping:
             if ctx.main:
-                print(f"train.py: interrupted at update {step}; checkpoint written. Re-run the same command "
+                print(f"fastmlstm: interrupted at update {step}; checkpoint written. Re-run the same command "
                       "to resume.", file=sys.stderr, flush=True)
             return stop.exit_code
     return None
@@ -102,7 +102,7 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
     window = LogWindow(ctx.device, ckpt and ckpt["log_window"], ctx.world)
     reporter = Reporter(out, ctx, args.steps, state.step, args.batch * args.seq)
     if ckpt is not None:
-        reporter.say(f"train.py: resuming {out} at update {state.step} of {args.steps}")
+        reporter.say(f"fastmlstm: resuming {out} at update {state.step} of {args.steps}")
     try:
         with StopFlag() as stop:
             code = _loop(args, ctx, out, state, data, run, window, reporter, stop)
@@ -111,7 +111,7 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
     if code is None:
         if ctx.main:
             state.model.save(out / "model.pt")
-            print(f"train.py: done, {args.steps} updates; model written to {out / 'model.pt'}", flush=True)
+            print(f"fastmlstm: done, {args.steps} updates; model written to {out / 'model.pt'}", flush=True)
         code = 0
     # Leave together: a rank that tears its process group down while another still works can make
     # gloo abort the whole job at exit (seen once in CI: "terminate called without an active exception").
@@ -119,7 +119,7 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
     return code
 
 
-def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
+def main(argv: list[str] | None = None, prog: str = "fastmlstm train") -> int:
     """Parse the flags, train, and turn bad input into one ``<prog>: error: ...`` line and exit status 2."""
     try:
         args = parse_args(argv, prog)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .._atomic import atomic_write
-from ..corpus import RowBatcher
+from ..data.corpus import RowBatcher
 from .distributed import Context
 from .update import LN2, cross_entropy_sum
 

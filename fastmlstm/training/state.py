@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..lm import ByteLM
+from ..models.lm import ByteLM
 from .config import RUN_KEYS
 from .data import Data
 from .distributed import Context

@@ -32,7 +32,7 @@ def test_dry_run_prints_the_plan_configurations_and_predictions(tmp_path):
     text = proc.stdout
     for stage in ("tests", "ceilings", "sweep", "bench"):
         assert f"{stage}:" in text
-    assert "tests/test_cuda_extension.py" in text and "--preset gpu-targets" in text
+    assert "tests/ops/test_cuda.py" in text and "--preset gpu-targets" in text
     assert "-- bfloat16 H=4096 B=128" in text and "fwd_m  rule 128/128/64/8/4/" in text
     assert "| H100-SXM | bf16 | 4096 | 128 | fwd |" in text and "| H200 | bf16 | 4096 | 1 | bwd |" in text
     assert (tmp_path / "out" / "plan.txt").read_text() == text

@@ -21,7 +21,7 @@ from mlstm_f64 import recurrence_f64
 from tolerances import ABS, FACTOR, rel_err
 
 import fastmlstm
-from fastmlstm.ops import op
+from fastmlstm.ops import autograd
 from fastmlstm.ops.triton import configs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "kernels"))
@@ -63,8 +63,8 @@ def _truth(proj, w_hh, w_hm, h0, c0, lengths, grads):
 
 
 def _run(backend, proj, w_hh, w_hm, h0, c0, lengths, grads):
-    fwd = op.recurrence_forward(proj, w_hh, w_hm, h0, c0, lengths, backend, True, True)
-    bwd = op.recurrence_backward(*grads, w_hh, w_hm, h0, c0, lengths, fwd[0], fwd[2], fwd[3], backend)
+    fwd = autograd.sequence_forward(proj, w_hh, w_hm, h0, c0, lengths, backend, True, True)
+    bwd = autograd.sequence_backward(*grads, w_hh, w_hm, h0, c0, lengths, fwd[0], fwd[2], fwd[3], backend)
     names = ("output", "c_n", "cell_states", "act", "grad_proj", "grad_weight_hh", "grad_weight_hm", "grad_h0",
              "grad_c0")
     return {n: v.detach().double().cpu() for n, v in zip(names, (*fwd, *bwd)) if n != "act"}

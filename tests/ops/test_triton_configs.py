@@ -15,7 +15,7 @@ import torch
 from conftest import DEVICE, ON_GPU
 
 import fastmlstm
-from fastmlstm.ops import op
+from fastmlstm.ops import autograd
 from fastmlstm.ops.triton import configs
 
 pytestmark = pytest.mark.skipif(not fastmlstm.backend_status("triton", DEVICE)[0],
@@ -41,8 +41,8 @@ def _inputs(T, B, H, dtype, seed=0):
 
 
 def _run(backend, proj, w_hh, w_hm, h0, c0, lengths, grads):
-    fwd = op.recurrence_forward(proj, w_hh, w_hm, h0, c0, lengths, backend, True, True)
-    bwd = op.recurrence_backward(*grads, w_hh, w_hm, h0, c0, lengths, fwd[0], fwd[2], fwd[3], backend)
+    fwd = autograd.sequence_forward(proj, w_hh, w_hm, h0, c0, lengths, backend, True, True)
+    bwd = autograd.sequence_backward(*grads, w_hh, w_hm, h0, c0, lengths, fwd[0], fwd[2], fwd[3], backend)
     names = ("output", "c_n", "cell_states", "act", "grad_proj", "grad_weight_hh", "grad_weight_hm", "grad_h0",
              "grad_c0")
     return {n: v.detach().double().cpu() for n, v in zip(names, (*fwd, *bwd)) if n != "act"}
@@ -240,8 +240,8 @@ def test_runs_on_a_device_other_than_the_current_one():
     on_1 = [t.to("cuda:1") for t in (proj, w_hh, w_hm, h0, c0, lengths)]
     grads_1 = [g.to("cuda:1") for g in grads]
     with torch.cuda.device(0):
-        fwd = op.recurrence_forward(*on_1, "triton", True, True)
-        bwd = op.recurrence_backward(*grads_1, *on_1[1:], fwd[0], fwd[2], fwd[3], "triton")
+        fwd = autograd.sequence_forward(*on_1, "triton", True, True)
+        bwd = autograd.sequence_backward(*grads_1, *on_1[1:], fwd[0], fwd[2], fwd[3], "triton")
         torch.cuda.synchronize(1)
     assert all(t.device == torch.device("cuda:1") for t in (*fwd, *bwd))
     ref = _run("reference", proj, w_hh, w_hm, h0, c0, lengths, grads)

@@ -1,5 +1,6 @@
 """CPU backend: the C++ extension compiled from ``csrc/cpu/`` (:mod:`.build` finds, builds and loads
-it; :mod:`.recurrence` calls it with the contract of :mod:`fastmlstm.ops.common`).
+it; :mod:`.recurrence` calls it with the contract of :mod:`fastmlstm.ops.interface` on precomputed
+projections; :mod:`.layer` runs whole layers, the input projections inside the time loop).
 
 The time loops run in C++: per step two GEMMs on prepacked weights (oneDNN's micro-kernels through
 ATen, bfloat16 natively where the CPU has it) with the pointwise work fused into each GEMM tile and
@@ -12,20 +13,8 @@ Importing this package compiles nothing; :func:`is_available` builds the extensi
 
 from __future__ import annotations
 
+from .build import status as is_available
+from .layer import layer_backward, layer_forward
+from .recurrence import backward, fingerprints, forward
 
-def is_available() -> tuple[bool, str]:
-    from .build import status
-
-    return status()
-
-
-def forward(*args, **kwargs):
-    from .recurrence import forward as _forward
-
-    return _forward(*args, **kwargs)
-
-
-def backward(*args, **kwargs):
-    from .recurrence import backward as _backward
-
-    return _backward(*args, **kwargs)
+__all__ = ["is_available", "forward", "backward", "layer_forward", "layer_backward", "fingerprints"]

@@ -7,7 +7,7 @@ The extension registers the operators ``torch.ops.fastmlstm_cpu.*`` (``TORCH_LIB
    ``FASTMLSTM_BUILD_CPU=1 pip install --no-build-isolation .`` (see ``setup.py``); skipped when the
    sources beside it are newer (an editable checkout that changed since);
 2. a build on first use with :func:`torch.utils.cpp_extension.load` (ninja and a C++ compiler; about
-   30 s on two cores), cached in ``$TORCH_EXTENSIONS_DIR/fastmlstm_cpu/<python>-<torch>-<hash>/``
+   half a minute on two cores), cached in ``$TORCH_EXTENSIONS_DIR/fastmlstm_cpu/<python>-<torch>-<hash>/``
    (default root ``~/.cache/torch_extensions``), where the hash covers the sources and the flags:
    two checkouts, or two versions of the sources, never share or overwrite a build.
 
@@ -62,7 +62,7 @@ HEADERS = ("driver.h", "mlstm_cpu.h", "mlstm_cpu_kernels.h")
 # library must run on any CPU of the architecture; the AVX2 kernels switch their target themselves.
 # -fopenmp where torch's parallel backend is OpenMP: at::parallel_for is an inline template whose
 # OpenMP pragma the extension itself must compile, or every loop runs on one thread whatever
-# torch.get_num_threads() says (measured before: featurize used 1 of 2 cores). Linking it names
+# torch.get_num_threads() says (without it, featurize ran on one of two cores). Linking it names
 # libgomp.so.1, which resolves to the copy torch has already loaded. Not on macOS, whose clang has
 # no -fopenmp.
 # Tuples: torch.utils.cpp_extension.load appends to the lists it is given, which would change

@@ -1,10 +1,11 @@
-"""The CPU backend's forward and backward: the contract of :mod:`fastmlstm.ops.common` on top of the
+"""The CPU backend's forward and backward: the contract of :mod:`fastmlstm.ops.interface` on top of the
 extension's operators ``torch.ops.fastmlstm_cpu.*`` (``csrc/cpu/mlstm_cpu.cpp``).
 
 The C++ side checks every input strictly and runs the time loops; this layer packs the recurrent
-weights into the blocked layouts the loops read (once per weight: the packed copies are kept while
-the weight tensor lives unchanged, so a generation loop or a featurize pass that reuses one set of
-effective weights packs them once) and chooses the GEMM operand dtype.
+weights into the blocked layouts the loops read (once per weight: the packed copies are kept in the
+backends' weight cache, :mod:`fastmlstm.ops.weight_cache`, while the weight tensor lives unchanged,
+so a generation loop or a featurize pass that reuses one set of effective weights packs them once)
+and chooses the GEMM operand dtype.
 
 GEMM operands: float32 in general (16-bit weights are widened once, when packed; 16-bit
 activations are exact in float32); bfloat16 itself where the CPU multiplies bfloat16 natively
@@ -24,12 +25,12 @@ import contextlib
 import functools
 import logging
 import os
-import weakref
 
 import torch
 
 from ...errors import InputError
-from .. import common
+from .. import interface
+from ..weight_cache import derived
 from .build import load_library
 
 __all__ = ["forward", "backward", "layout", "native_bf16", "bf16_gemm", "forced_bf16_gemm", "BF16_GEMMS",
@@ -131,7 +132,7 @@ def fingerprints(tensors: list[torch.Tensor]) -> tuple[int, ...]:
     return tuple(_ops().fingerprints(tensors))
 
 
-# Packed layouts (csrc/cpu/mlstm_cpu.cpp, "Packed weights"): float32 blocks for oneDNN's float32
+# Packed layouts (csrc/cpu/driver.h, "Packed weights"): float32 blocks for oneDNN's float32
 # micro-kernels, VNNI bfloat16 blocks for native bfloat16 ones, and blocks in the weights' own 16-bit
 # dtype for small batches (generation), where reading the weights is the whole cost.
 FLOAT32, VNNI, NARROW = 0, 1, 2
@@ -149,35 +150,26 @@ def layout(dtype: torch.dtype, rows: int, *ks: int, backward: bool = False) -> i
     return FLOAT32
 
 
-# Packed copies of weights, kept while the weight tensors live with the same version counters.
-_PACKED: dict[tuple, tuple[tuple[weakref.ref, ...], tuple[int, ...], torch.Tensor]] = {}
-
-
 def _packed(weight: torch.Tensor, kind: str, layout: int = FLOAT32,
             input_weight: torch.Tensor | None = None) -> torch.Tensor:
     """A weight as the loops read it: ``"hh"`` z = m Wh^T (gate-interleaved blocks; with
     ``input_weight`` = Wx, [Wh | Wx] for z = [m | x] [Wh | Wx]^T), ``"hm"`` hm = h Wmh^T, for the
     backward ``"hh_t"``, ``"hm_t"`` (the transposed weights: rec = dhm Wmh, dm = dz Wh), and
-    ``"xm"``: Wmx^T as float32 [I, H] for the xm GEMMs."""
+    ``"xm"``: Wmx^T as float32 [I, H] for the xm GEMMs. Packed once while the weights are unchanged."""
     weights = (weight,) if input_weight is None else (weight, input_weight)
-    key = (*(id(w) for w in weights), kind, layout)
-    hit = _PACKED.get(key)
-    if hit is not None and all(r() is w for r, w in zip(hit[0], weights)) and hit[1] == tuple(
-            w._version for w in weights):
-        return hit[2]
-    ops = _ops()
-    with torch.no_grad():
-        if kind == "hh":
-            value = ops.pack_weight(weight, True, layout, input_weight)  # [Wh | Wx], without a copy
-        elif kind == "hm":
-            value = ops.pack_weight(weight, False, layout)
-        elif kind == "xm":
-            value = weight.float().t().contiguous()
-        else:
-            value = ops.pack_weight(weight, False, layout, None, True)  # weight^T, read in place
-    refs = tuple(weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)) for w in weights)
-    _PACKED[key] = (refs, tuple(w._version for w in weights), value)
-    return value
+
+    def pack() -> torch.Tensor:
+        ops = _ops()
+        with torch.no_grad():
+            if kind == "hh":
+                return ops.pack_weight(weight, True, layout, input_weight)  # [Wh | Wx], without a copy
+            if kind == "hm":
+                return ops.pack_weight(weight, False, layout)
+            if kind == "xm":
+                return weight.float().t().contiguous()
+            return ops.pack_weight(weight, False, layout, None, True)  # weight^T, read in place
+
+    return derived(weights, ("cpu", kind, layout), pack)
 
 
 def _optional(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -194,7 +186,7 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
         return tuple(ops.forward(
             proj.contiguous(), _packed(weight_hh, "hh", lay), _packed(weight_hm, "hm", lay),
             h0.float().contiguous(), c0.float().contiguous(), None if lengths is None else lengths.contiguous(),
-            bool(save_for_backward), bool(return_cell_states), common.POISON_BUFFERS, portable_bf16(),
+            bool(save_for_backward), bool(return_cell_states), interface.POISON_BUFFERS, portable_bf16(),
         ))
 
 
@@ -209,5 +201,5 @@ def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, 
             _optional(grad_cell_states, torch.float32),
             _packed(weight_hh, "hh_t", lay), _packed(weight_hm, "hm_t", lay), h0.float().contiguous(),
             c0.float().contiguous(), None if lengths is None else lengths.contiguous(), output.contiguous(),
-            cell_states.contiguous(), act.contiguous(), common.POISON_BUFFERS, portable_bf16(),
+            cell_states.contiguous(), act.contiguous(), interface.POISON_BUFFERS, portable_bf16(),
         ))

@@ -1,5 +1,5 @@
 """CUDA backend: the C++/CUDA extension compiled from ``csrc/`` (:mod:`.build` finds, builds and
-loads it; :mod:`.recurrence` calls it with the contract of :mod:`fastmlstm.ops.common`).
+loads it; :mod:`.recurrence` calls it with the contract of :mod:`fastmlstm.ops.interface`).
 
 Importing this package compiles nothing; :func:`is_available` builds the extension on first use
 (ninja, cached) and reports ``(False, reason)`` when it cannot, so that ``backend="auto"`` falls back.
@@ -7,20 +7,7 @@ Importing this package compiles nothing; :func:`is_available` builds the extensi
 
 from __future__ import annotations
 
+from .build import status as is_available
+from .recurrence import backward, forward
 
-def is_available() -> tuple[bool, str]:
-    from .build import status
-
-    return status()
-
-
-def forward(*args, **kwargs):
-    from .recurrence import forward as _forward
-
-    return _forward(*args, **kwargs)
-
-
-def backward(*args, **kwargs):
-    from .recurrence import backward as _backward
-
-    return _backward(*args, **kwargs)
+__all__ = ["is_available", "forward", "backward"]

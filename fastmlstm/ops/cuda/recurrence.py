@@ -1,4 +1,4 @@
-"""The CUDA backend's forward and backward: the contract of :mod:`fastmlstm.ops.common` on top of
+"""The CUDA backend's forward and backward: the contract of :mod:`fastmlstm.ops.interface` on top of
 the extension's operators ``torch.ops.fastmlstm_cuda.forward`` / ``.backward`` (``csrc/mlstm.cpp``).
 
 The C++ side checks every input strictly (device, dtype, shape, contiguity) and launches everything
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import common
+from .. import interface
 from .build import load_library
 
 
@@ -34,7 +34,7 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
             proj.contiguous(), weight_hh.contiguous(), weight_hm.contiguous(),
             h0.float().contiguous(), c0.float().contiguous(),
             None if lengths is None else lengths.contiguous(),
-            bool(save_for_backward), bool(return_cell_states), common.POISON_BUFFERS,
+            bool(save_for_backward), bool(return_cell_states), interface.POISON_BUFFERS,
         )
     return output, c_n, cell_states, act
 
@@ -49,6 +49,6 @@ def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, 
             _optional(grad_cell_states, torch.float32),
             weight_hh.contiguous(), weight_hm.contiguous(), h0.float().contiguous(), c0.float().contiguous(),
             None if lengths is None else lengths.contiguous(),
-            output.contiguous(), cell_states.contiguous(), act.contiguous(), common.POISON_BUFFERS,
+            output.contiguous(), cell_states.contiguous(), act.contiguous(), interface.POISON_BUFFERS,
         )
     return grad_proj, grad_weight_hh, grad_weight_hm, grad_h0, grad_c0

@@ -1,24 +1,16 @@
 """Triton backend: fused per-step kernels (:mod:`.fused_step`) driven over time by :mod:`.recurrence`,
-launched with the configs :mod:`.configs` picks (its rule, or the GPU-measured table :mod:`.tuned`)."""
+launched with the configs :mod:`.configs` picks (its rule, or the GPU-measured table :mod:`.tuned`).
+
+Importing this package imports Triton (and compiles nothing); the registry imports it on first use
+and reports the backend unusable when that fails.
+"""
 
 from __future__ import annotations
 
+from .recurrence import backward, forward
+
+__all__ = ["is_available", "forward", "backward"]
+
 
 def is_available() -> tuple[bool, str]:
-    try:
-        from . import recurrence  # noqa: F401  (compiles nothing; checks that triton imports)
-    except Exception as exc:
-        return False, f"{type(exc).__name__}: {exc}"
-    return True, ""
-
-
-def forward(*args, **kwargs):
-    from .recurrence import forward as _forward
-
-    return _forward(*args, **kwargs)
-
-
-def backward(*args, **kwargs):
-    from .recurrence import backward as _backward
-
-    return _backward(*args, **kwargs)
+    return True, ""  # importing this package (and with it Triton) succeeded

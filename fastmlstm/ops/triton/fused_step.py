@@ -31,7 +31,7 @@ for the next launch.
 Why split-K: at the sizes that matter every step streams 5 H^2 weights from HBM for a handful of
 rows, so the kernels are bandwidth-bound. Splitting K gives enough programs to fill the GPU while
 keeping each output tile wide, which bounds how often the activation operand [B, K] is re-read
-through L2 (once per hidden tile); bench/NOTES.md has the arithmetic.
+through L2 (once per hidden tile); bench/kernels/NOTES.md has the arithmetic.
 
 USE_PDL (Hopper only): the kernels are launched with programmatic dependent launch. Each program
 calls gdc_wait before its first global memory access, so it observes everything the previous launch

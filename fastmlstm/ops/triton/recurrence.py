@@ -1,8 +1,8 @@
 """Drives the fused Triton step kernels over time (forward, then backward in reverse time).
 
-Implements the backend contract of :mod:`fastmlstm.ops.common`. The input projections arrive
+Implements the backend contract of :mod:`fastmlstm.ops.interface`. The input projections arrive
 already computed for all steps (one GEMM by the caller), and the recurrent weight gradients are two
-large GEMMs after the loop (:func:`~fastmlstm.ops.common.recurrent_weight_grads`); inside the loop
+large GEMMs after the loop (:func:`~fastmlstm.ops.interface.recurrent_weight_grads`); inside the loop
 each step is two fused launches, configured once per call by :func:`.configs.plan`.
 
 Dimension letters: T time, B batch, H hidden, S splits of a kernel's reduction (split-K).
@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ..common import empty_like_none, new_buffer, recurrent_weight_grads
+from ..interface import empty_like_none, new_buffer, recurrent_weight_grads
 from . import configs as _configs
 from .fused_step import HAS_GDC, bwd_h_kernel, bwd_m_kernel, fwd_m_kernel, fwd_z_kernel
 
@@ -101,7 +101,7 @@ class _Launcher:
         self.n_tiles = n_tiles
         # Everything a launch needs besides its tensors, worked out once per call: a step launches
         # two kernels, and at H = 1024 the host's time per launch is a term of the step's cost
-        # (bench/costmodel.py's cpu_launch_us; bench/launch_overhead.py measures this side of it).
+        # (bench/kernels/costmodel.py's cpu_launch_us; bench/kernels/launch_overhead.py measures this side of it).
         self._launches = {(k, split): self._launch_params(k, split)
                           for k in _configs.KERNELS for split in (True, False)}
 

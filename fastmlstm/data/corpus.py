@@ -1,0 +1,216 @@
+"""Byte streams for language-model training, memory-mapped so corpora larger than RAM stay flat.
+
+Sources are text files, gzip text files, columns of CSV/TSV files (plain or gzip), given as
+``path`` or ``path.csv.gz#column``, or directories of one-document files (e.g. IMDB's
+``aclImdb/train/unsup``). They are turned into one byte stream on disk: text files are copied as
+they are (any bytes: it is a byte model); each CSV row's field and each file of a directory becomes
+one record with its internal newlines replaced by spaces; sources and records are joined with a
+newline, as in the paper's corpus of one review per line.
+
+Layout of a training run (:class:`RowBatcher`): the stream is cut into ``rows`` contiguous regions
+of equal length, one per batch row of the *global* batch; update ``s`` gives every row the next
+``seq + 1`` bytes of its own region. Distributed ranks take disjoint blocks of rows, so no two rows
+or ranks ever read the same bytes. When a region is used up every row starts over at its beginning
+(a new epoch), which is where the carried recurrent state is reset.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._atomic import atomic_write
+from ..errors import InputError, MissingInputError
+
+__all__ = ["Source", "build_stream", "open_stream", "RowBatcher"]
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """One corpus source: a file (text, .gz, .csv, .tsv, .csv.gz, .tsv.gz; for tables, a column) or
+    a directory whose files (recursively, in sorted order) are one record each."""
+
+    path: Path
+    column: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str | os.PathLike) -> "Source":
+        spec = str(spec)
+        column = None
+        if "#" in spec:
+            spec, column = spec.rsplit("#", 1)
+            if not column:
+                raise InputError(f"empty column name in corpus source {spec + '#'!r}")
+        source = cls(Path(spec).expanduser(), column)
+        if source.path.is_dir():
+            if column is not None:
+                raise InputError(f"{source.path}: a #column applies to .csv/.tsv files only")
+            if not source.files():
+                raise InputError(f"corpus directory {source.path} holds no files")
+            return source
+        if not source.path.is_file():
+            raise MissingInputError(f"corpus file {source.path} does not exist")
+        if column is not None and source.delimiter is None:
+            raise InputError(f"{source.path}: a #column applies to .csv/.tsv files only")
+        return source
+
+    def files(self) -> list[Path]:
+        """A directory's files, sorted (hidden files skipped)."""
+        return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    @property
+    def compressed(self) -> bool:
+        return self.path.suffix == ".gz"
+
+    @property
+    def delimiter(self) -> str | None:
+        suffix = Path(self.path.stem).suffix if self.compressed else self.path.suffix
+        return {".csv": ",", ".tsv": "\t"}.get(suffix.lower())
+
+    def open_binary(self):
+        return gzip.open(self.path, "rb") if self.compressed else open(self.path, "rb")
+
+    def describe(self) -> dict:
+        if self.path.is_dir():
+            files = self.files()
+            return {"directory": self.path.name, "files": len(files), "size": sum(f.stat().st_size for f in files)}
+        return {"file": self.path.name, "column": self.column, "size": self.path.stat().st_size}
+
+    def write_records(self, out) -> int:
+        """Append this source's bytes to the binary file ``out``; return the number of bytes written."""
+        if self.path.is_dir():
+            written = 0
+            for path in self.files():
+                opener = gzip.open if path.suffix == ".gz" else open
+                try:
+                    with opener(path, "rb") as f:
+                        record = f.read().replace(b"\r\n", b" ").replace(b"\n", b" ").replace(b"\r", b" ")
+                except (OSError, EOFError) as exc:
+                    raise InputError(f"cannot read corpus file {path}: {exc}") from exc
+                if record:
+                    out.write(record + b"\n")
+                    written += len(record) + 1
+            return written
+        written = 0
+        try:
+            with self.open_binary() as f:
+                if self.delimiter is None:
+                    last = b""
+                    while chunk := f.read(_CHUNK):
+                        out.write(chunk)
+                        written += len(chunk)
+                        last = chunk[-1:]
+                    if written and last != b"\n":
+                        out.write(b"\n")
+                        written += 1
+                    return written
+                # surrogateescape keeps every byte: invalid UTF-8 passes through unchanged.
+                text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+                reader = csv.reader(text, delimiter=self.delimiter)
+                header = next(reader, None)
+                if header is None:
+                    return 0
+                header = [h.lstrip("\ufeff") for h in header]
+                column = self.column or "text"
+                if column not in header:
+                    raise InputError(f"{self.path}: no column {column!r} (columns: {', '.join(header)}); "
+                                     f"name one as {self.path}#COLUMN")
+                index = header.index(column)
+                for row in reader:
+                    if len(row) <= index:
+                        continue
+                    record = row[index].replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+                    data = record.encode("utf-8", errors="surrogateescape") + b"\n"
+                    out.write(data)
+                    written += len(data)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise InputError(f"cannot read corpus file {self.path}: {exc}") from exc
+        except csv.Error as exc:
+            raise InputError(f"{self.path}: malformed {'CSV' if self.delimiter == ',' else 'TSV'}: {exc}") from exc
+        return written
+
+
+def fingerprint(sources: list[Source]) -> str:
+    """Identifies a corpus by its files' names, columns and sizes (not their location)."""
+    blob = json.dumps([s.describe() for s in sources], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def build_stream(sources: list[Source], path: str | os.PathLike) -> dict:
+    """Write the joined byte stream of ``sources`` to ``path`` (atomically) and a ``.json`` beside it.
+
+    If ``path`` already holds the stream of the same sources it is reused. Returns the metadata:
+    ``{"fingerprint", "bytes", "sources"}``.
+    """
+    if not sources:
+        raise InputError("no corpus given: pass at least one --data file")
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # reviews can be long
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    fp = fingerprint(sources)
+    if path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == fp and path.stat().st_size == meta.get("bytes"):
+            return meta
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as out:
+        total = sum(source.write_records(out) for source in sources)
+        if total == 0:
+            raise InputError(f"the corpus is empty: {', '.join(str(s.path) for s in sources)} hold no bytes")
+    meta = {"fingerprint": fp, "bytes": total, "sources": [s.describe() for s in sources]}
+    with atomic_write(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def open_stream(path: str | os.PathLike) -> np.ndarray:
+    """The stream as a read-only memory map (uint8): nothing is read until it is indexed."""
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+class RowBatcher:
+    """Batches of ``seq + 1`` bytes for rows ``[row_start, row_start + row_count)`` of ``rows``.
+
+    Row r reads region ``[r L, (r + 1) L)`` of ``stream`` with ``L = len(stream) // rows``; update
+    s reads bytes ``[p, p + seq]`` of every region, with ``p = (s mod S) * seq`` and
+    ``S = (L - 1) // seq`` updates per epoch. Inputs are the first ``seq`` bytes, targets the last.
+    """
+
+    def __init__(self, stream: np.ndarray, rows: int, seq: int, row_start: int = 0, row_count: int | None = None,
+                 what: str = "corpus"):
+        row_count = rows - row_start if row_count is None else row_count
+        if not (0 <= row_start and row_count > 0 and row_start + row_count <= rows):
+            raise InputError(f"rows [{row_start}, {row_start + row_count}) do not fit in {rows} rows")
+        self.stream = stream
+        self.rows, self.seq = rows, seq
+        self.region = len(stream) // rows
+        self.steps_per_epoch = (self.region - 1) // seq if self.region > 0 else 0
+        if self.steps_per_epoch < 1:
+            raise InputError(
+                f"the {what} has {len(stream):,} bytes, too few for one batch: {rows} rows of "
+                f"{seq} + 1 bytes need at least {rows * (seq + 1):,}; use a larger corpus, --batch or --seq smaller"
+            )
+        self.offsets = (np.arange(row_start, row_start + row_count, dtype=np.int64) * self.region)[:, None]
+        self._window = np.arange(seq + 1, dtype=np.int64)[None, :]
+
+    def epoch_and_position(self, step: int) -> tuple[int, int]:
+        return divmod(step, self.steps_per_epoch)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(inputs [rows, seq] uint8, targets [rows, seq] uint8, starts_epoch) for update ``step``."""
+        epoch, position = self.epoch_and_position(step)
+        window = np.asarray(self.stream[self.offsets + position * self.seq + self._window])
+        window = torch.from_numpy(window)
+        return window[:, :-1], window[:, 1:], position == 0

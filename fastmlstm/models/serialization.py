@@ -1,0 +1,451 @@
+"""Model files: every way a model is written to disk and read back, in one module.
+
+Formats:
+    model file (``.pt``)   a ``torch.save`` dict ``{"format": "fastmlstm.ByteLM", "version": 1,
+                           "config": {...}, "state_dict": {...}}`` (:meth:`ByteLM.save`, :func:`save`)
+    training checkpoint    ``train.py``'s ``ckpt-<step>.pt``: ``{"format": "fastmlstm.train", ...,
+                           "model": <a model file's dict>}``; :func:`load` reads the model out of it
+    released layout        the authors' directory of ``0.npy`` .. ``14.npy`` (:func:`load_openai`,
+                           :func:`save_openai`; the array conversion is :mod:`fastmlstm.openai_weights`)
+    pretrained folder      ``config.json`` (format, version, config, dtype) + ``model.safetensors`` (the
+                           state dict: no pickle, read through a memory map): the Hugging Face Hub layout
+                           (:meth:`ModelFileMixin.save_pretrained`, :func:`from_pretrained`)
+
+:func:`from_pretrained` (and so every ``--model``) takes any of these paths, a registered name (its
+checked download is :func:`fastmlstm.models.pretrained.download_model`) or a Hugging Face Hub id (the
+transfer is :mod:`fastmlstm.hub`); what the files hold is decided here alone.
+
+Loading never runs code from a file (``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``,
+``safetensors.safe_open``), and any file that is not a readable model of this library raises
+:class:`~fastmlstm.errors.ModelFileError` naming it and saying why.
+
+The model classes inherit :class:`ModelFileMixin`, which gives them ``save`` and registers them by
+their format name; this module never imports them, so the model code and its file code do not
+depend on each other in a circle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .._atomic import atomic_save, atomic_write
+from .._version import __version__
+from ..errors import InputError, InputTypeError, MissingInputError, ModelFileError
+from .openai_weights import is_openai_dir, read_released, released_arrays, write_released
+
+__all__ = ["CHECKPOINT_FORMAT", "CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "ModelFileMixin", "from_pretrained",
+           "is_pretrained_dir", "load", "load_model", "load_openai", "load_pretrained", "save", "save_openai",
+           "save_pretrained"]
+
+FORMAT = "fastmlstm.ByteLM"
+VERSION = 1
+CHECKPOINT_FORMAT = "fastmlstm.train"  # train.py's checkpoints: they carry a model file's dict under "model"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+_MODEL_CLASSES: dict[str, type] = {}
+
+
+class ModelFileMixin:
+    """File I/O for a model class: ``save`` and construction from a record.
+
+    A subclass sets ``FILE_FORMAT`` (the ``"format"`` string its files carry) and a ``config``
+    property whose dict rebuilds it (``cls(**config)``); it is then found by :func:`load`.
+    """
+
+    FILE_FORMAT = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("FILE_FORMAT"):
+            _MODEL_CLASSES[cls.FILE_FORMAT] = cls
+
+    def to_record(self) -> dict:
+        """The dict a model file holds: format, version, config and state dict."""
+        return {"format": self.FILE_FORMAT, "version": VERSION, "config": dict(self.config),
+                "state_dict": self.state_dict()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model (config included) to ``path`` atomically; read it back with ``fastmlstm.load``.
+
+        Example::
+
+            >>> model.save("model.pt")                                   # doctest: +SKIP
+            >>> same = fastmlstm.load("model.pt")                        # doctest: +SKIP
+        """
+        atomic_save(self.to_record(), path)
+
+    def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if needed).
+
+        Args:
+            directory: the folder; other files in it are left alone.
+            dtype: store the floating-point tensors in this dtype (``torch.bfloat16`` or
+                ``"bfloat16"`` halves a float32 model; default: as they are).
+
+        Returns:
+            The folder. :func:`fastmlstm.from_pretrained` reads it back bit-exactly.
+
+        Example::
+
+            >>> model.save_pretrained("sentiment-bf16", dtype=torch.bfloat16)   # doctest: +SKIP
+            >>> same = fastmlstm.from_pretrained("sentiment-bf16")             # doctest: +SKIP
+        """
+        return save_pretrained(self, directory, dtype=dtype)
+
+    def push_to_hub(self, repo_id: str, *, dtype: torch.dtype | str | None = None, private: bool | None = None,
+                    token: str | None = None, commit_message: str = "Upload fastmlstm model",
+                    revision: str | None = None) -> str:
+        """Publish the model on the Hugging Face Hub as ``config.json`` + ``model.safetensors``.
+
+        Needs ``huggingface_hub`` (``pip install 'fastmlstm[hub]'``) and a token with write access
+        (``token=``, or a prior ``huggingface-cli login``). Returns the commit's URL.
+
+        Example::
+
+            >>> model.push_to_hub("me/fastmlstm-sentiment", dtype="bfloat16")    # doctest: +SKIP
+            >>> fastmlstm.from_pretrained("me/fastmlstm-sentiment")              # doctest: +SKIP
+        """
+        from .hub import hub_module, is_repo_id, upload_folder  # lazy: only pushing and Hub ids need it
+
+        if not is_repo_id(repo_id):
+            raise InputError(f"a Hugging Face Hub repository id looks like 'user/name', got {repo_id!r}")
+        hub_module("push_to_hub")  # say what to install before spending time on the save
+        with tempfile.TemporaryDirectory(prefix="fastmlstm-push-") as tmp:
+            self.save_pretrained(tmp, dtype=dtype)
+            return upload_folder(tmp, repo_id, private=private, token=token, commit_message=commit_message,
+                                 revision=revision)
+
+
+def _parse_dtype(dtype) -> torch.dtype | None:
+    """None, a torch floating dtype, or its name ("bfloat16", "torch.bfloat16")."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise InputTypeError(f"dtype must be one of {', '.join(DTYPES)} (a torch.dtype or its name), got {dtype!r}")
+
+
+def _model_class(fmt: str, source: str) -> type:
+    try:
+        return _MODEL_CLASSES[fmt]
+    except KeyError:
+        raise ModelFileError(f"{source} holds a model of format {fmt!r}, which this fastmlstm does not know "
+                             f"(known: {', '.join(sorted(_MODEL_CLASSES))})") from None
+
+
+def _build(config: dict, state: dict, *, fmt: str = FORMAT, backend: str = "auto", device=None,
+           dtype: torch.dtype | None = None, source: str):
+    """A model of format ``fmt`` from its config and state dict, without a throw-away initialization."""
+    cls = _model_class(fmt, source)
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise ModelFileError(f"{source} has no config/state_dict dicts")
+    try:
+        model = cls(**config, backend=backend, device="meta")
+        model.load_state_dict(state, assign=True)
+    except (TypeError, RuntimeError, KeyError, AttributeError) as exc:
+        # A config the class does not accept, or tensors that do not fit it.
+        raise ModelFileError(f"{source} does not hold a valid {fmt} model: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    stored = next(iter(state.values())).dtype if state else torch.float32
+    return model.to(device=device, dtype=dtype or stored)
+
+
+def save(model, path: str | os.PathLike) -> None:
+    """Write ``model`` (a :class:`~fastmlstm.ByteLM`, config included) to ``path`` atomically."""
+    model.save(path)
+
+
+def _read_record(path: Path, map_location) -> dict:
+    if not path.exists():
+        raise MissingInputError(f"no model file at {path}")
+    if path.is_dir():
+        hint = ("it holds the released layout: use fastmlstm.load_openai or fastmlstm.from_pretrained"
+                if is_openai_dir(path) else "it holds a saved model folder: use fastmlstm.from_pretrained"
+                if is_pretrained_dir(path) else "a model file is a single .pt file (for a model folder use "
+                "fastmlstm.from_pretrained, or fastmlstm.load_openai for the released layout)")
+        raise ModelFileError(f"{path} is a directory; {hint}")
+    try:
+        record = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # empty, truncated, not a torch file, or a pickle naming a disallowed global
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no further detail"
+        if path.stat().st_size == 0:
+            reason = "the file is empty"
+        raise ModelFileError(f"{path} is not a readable fastmlstm model file ({type(exc).__name__}: "
+                             f"{reason[:300]})") from None
+    if not isinstance(record, dict):
+        raise ModelFileError(f"{path} is not a fastmlstm model file (it holds a {type(record).__name__})")
+    if record.get("format") == CHECKPOINT_FORMAT:
+        record = record.get("model")
+        if not isinstance(record, dict):
+            raise ModelFileError(f"{path} is a train.py checkpoint without a model in it")
+    return record
+
+
+def load(path: str | os.PathLike, *, map_location="cpu", backend: str = "auto"):
+    """Load a model from a model file or a ``train.py`` checkpoint.
+
+    Args:
+        path: a ``.pt`` model file (:meth:`ByteLM.save`) or a ``train.py`` checkpoint ``ckpt-<step>.pt``.
+        map_location: device for the tensors (as ``torch.load``'s).
+        backend: recurrence backend of the returned model.
+
+    Raises:
+        MissingInputError: no file there. ModelFileError: not a readable fastmlstm model (empty,
+        truncated, foreign, a newer version, or unsafe to unpickle; nothing in it is executed).
+
+    Example::
+
+        >>> model = fastmlstm.load("runs/demo/model.pt")              # doctest: +SKIP
+        >>> model.generate("This movie was", 100, seed=0)[0]          # doctest: +SKIP
+    """
+    path = Path(path)
+    record = _read_record(path, map_location)
+    fmt = record.get("format")
+    if fmt not in _MODEL_CLASSES:
+        raise ModelFileError(f"{path} is not a fastmlstm model file (format {fmt!r} where "
+                             f"{FORMAT!r} or {CHECKPOINT_FORMAT!r} was expected)")
+    _check_version(record.get("version"), str(path))
+    state = record.get("state_dict")
+    # The tensors are already where map_location put them; _build keeps them there.
+    return _build(record.get("config"), state, fmt=fmt, backend=backend, source=str(path))
+
+
+def _check_version(version, source: str) -> None:
+    if not isinstance(version, int) or version > VERSION:
+        raise ModelFileError(f"{source} was written by a newer fastmlstm (file version {version!r}; "
+                             f"this one reads up to {VERSION}): upgrade fastmlstm")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+
+def save_pretrained(model, directory: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> Path:
+    """Write ``model`` as ``config.json`` + ``model.safetensors`` into ``directory``; see
+    :meth:`ModelFileMixin.save_pretrained`.
+
+    The weights are written first and the config last, each atomically; the safetensors metadata
+    repeats the config, so a folder left with the parts of two different saves is refused on load.
+    """
+    dtype = _parse_dtype(dtype)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"cannot save into {directory}: it is a file, and save_pretrained writes a folder")
+    state = {name: t.detach().to(device="cpu", dtype=dtype if dtype is not None and t.is_floating_point()
+                                 else t.dtype).contiguous()
+             for name, t in model.state_dict().items()}
+    config = dict(model.config)
+    stored = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
+    # "format": "pt" is what other safetensors readers look for; fastmlstm's own keys are prefixed.
+    metadata = {"format": "pt", "fastmlstm_format": model.FILE_FORMAT, "fastmlstm_version": str(VERSION),
+                "fastmlstm_config": json.dumps(config, sort_keys=True)}
+    header = {"format": model.FILE_FORMAT, "version": VERSION, "config": config,
+              "dtype": stored[0] if len(stored) == 1 else stored, "fastmlstm_version": __version__}
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_write(directory / WEIGHTS_FILE) as f:
+        f.write(safetensors.torch.save(state, metadata=metadata))
+    with atomic_write(directory / CONFIG_FILE, "w") as f:
+        f.write(json.dumps(header, indent=2) + "\n")
+    return directory
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in storage of its own, 64-byte aligned like every torch allocation.
+
+    safe_open's CPU tensors point into the memory-mapped file at the offsets its header gives
+    (8-byte aligned only). Vectorized CPU kernels split a misaligned row differently, which changes
+    the order of float additions: the loaded model would not compute bit-identically to the saved one.
+    """
+    return tensor.clone() if tensor.data_ptr() % 64 else tensor
+
+
+def is_pretrained_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding ``config.json`` and ``model.safetensors``."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def _read_config(path: Path) -> dict:
+    config_file = path / CONFIG_FILE
+    try:
+        header = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise ModelFileError(f"{config_file} is not a readable JSON file ({_first_line(exc)})") from None
+    fmt = header.get("format") if isinstance(header, dict) else None
+    if fmt not in _MODEL_CLASSES:
+        raise ModelFileError(f"{config_file} is not a fastmlstm model config (format {fmt!r} where {FORMAT!r} "
+                             "was expected)")
+    _check_version(header.get("version"), str(config_file))
+    return header
+
+
+def load_pretrained(path: str | os.PathLike, *, device=None, dtype: torch.dtype | str | None = None,
+                    backend: str = "auto"):
+    """Load a folder written by :meth:`ModelFileMixin.save_pretrained` (``config.json`` + ``model.safetensors``).
+
+    The tensors are read as stored (bit-exact), straight onto ``device`` (default CPU), then cast
+    to ``dtype`` if one is given.
+
+    Raises:
+        MissingInputError: either file is missing. ModelFileError: not JSON, not a fastmlstm config,
+        a newer version, an unreadable safetensors file, or tensors that do not fit the config.
+    """
+    path = Path(path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise MissingInputError(f"{path} has no {name} (a saved model folder holds {CONFIG_FILE} and "
+                                    f"{WEIGHTS_FILE})")
+    header = _read_config(path)
+    weights = path / WEIGHTS_FILE
+    try:
+        with safetensors.safe_open(str(weights), framework="pt", device=str(device or "cpu")) as f:
+            metadata = f.metadata() or {}
+            state = {name: _aligned(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 (not iterable)
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated, foreign, empty
+        raise ModelFileError(f"{weights} is not a readable safetensors file ({_first_line(exc)})") from None
+    try:
+        written_for = json.loads(metadata["fastmlstm_config"]) if "fastmlstm_config" in metadata else None
+    except ValueError:
+        written_for = "unreadable"
+    if written_for is not None and written_for != header.get("config"):
+        raise ModelFileError(f"{weights} was written for the config {written_for} but {path / CONFIG_FILE} says "
+                             f"{header.get('config')}: the folder mixes two different saves")
+    return _build(header.get("config"), state, fmt=header["format"], backend=backend, device=device,
+                  dtype=_parse_dtype(dtype), source=str(path))
+
+
+def load_openai(path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None, backend: str = "auto"):
+    """Load the released weights (a directory of ``0.npy`` .. ``14.npy``) into a :class:`~fastmlstm.ByteLM`.
+
+    Args:
+        path: the directory (``model/`` in the authors' repository).
+        device, dtype: of the returned model's parameters (default: CPU, float32, the files' precision).
+        backend: recurrence backend of the returned model.
+
+    Returns:
+        A weight-normalized ``ByteLM(hidden_size=H, embed_size=E)`` whose forward pass computes the
+        released model's equations (H = 4096, E = 64 for the released files).
+
+    Example::
+
+        >>> model = fastmlstm.load_openai("generating-reviews-discovering-sentiment/model")  # doctest: +SKIP
+        >>> feats = fastmlstm.probe.featurize(model, ["demo!"])                               # doctest: +SKIP
+        >>> feats.shape                                                                       # doctest: +SKIP
+        (1, 4096)
+    """
+    config, state = read_released(path)
+    return _build(config, state, backend=backend, device=device, dtype=dtype or torch.float32, source=str(path))
+
+
+def save_openai(model, path: str | os.PathLike) -> None:
+    """Write a :class:`~fastmlstm.ByteLM` in the released layout (15 float32 ``.npy`` files) to directory ``path``.
+
+    A model without weight normalization is written with gains equal to its rows' norms, so the
+    released equations reproduce its effective weights. The directory is created if needed; the
+    files are written under temporary names first and renamed into place.
+
+    Example::
+
+        >>> fastmlstm.save_openai(model, "exported/")                          # doctest: +SKIP
+        >>> fastmlstm.load_openai("exported/")                                 # doctest: +SKIP
+    """
+    write_released(released_arrays(model), path)
+
+
+def _load_local(path: Path, *, device, dtype: torch.dtype | None, backend: str):
+    if not path.is_dir():
+        model = load(path, map_location=device or "cpu", backend=backend)
+        return model if dtype is None else model.to(dtype)
+    if (path / CONFIG_FILE).exists() or (path / WEIGHTS_FILE).exists():  # load_pretrained names a missing half
+        return load_pretrained(path, device=device, dtype=dtype, backend=backend)
+    if any(path.glob("*.npy")) or any(path.glob("*.npy.part")):
+        # the released layout, or an unfinished download of it: load_openai names what is missing
+        return load_openai(path, device=device, dtype=dtype, backend=backend)
+    raise ModelFileError(f"{path} is a directory but holds neither a saved model ({CONFIG_FILE} + {WEIGHTS_FILE}) "
+                         "nor the released layout (0.npy .. 14.npy)")
+
+
+def from_pretrained(name_or_path: str | os.PathLike, *, root: str | os.PathLike | None = None,
+                    mirror: str | None = None, checksums: dict[str, tuple[int, str]] | None = None,
+                    backend: str = "auto", dtype: torch.dtype | str | None = None, device=None,
+                    revision: str | None = None, token: str | None = None, progress: bool = True):
+    """Load a model by path, registered name or Hugging Face Hub id, in that order of precedence.
+
+    Args:
+        name_or_path: an existing path: a folder written by :meth:`~ModelFileMixin.save_pretrained`
+            (``config.json`` + ``model.safetensors``), a folder in the released layout (``0.npy`` ..
+            ``14.npy``), a ``.pt`` model file or a ``train.py`` checkpoint. Else a registered name
+            (``"openai-sentiment"``: downloaded into the models folder, checked, on first use; see
+            :func:`fastmlstm.models.pretrained.download_model`). Else a Hub id ``"user/repo"`` holding
+            ``config.json`` + ``model.safetensors`` (needs ``pip install 'fastmlstm[hub]'``).
+        root: models folder for registered names (default ``$FASTMLSTM_MODELS``, else
+            ``~/.cache/fastmlstm/models``).
+        mirror: fetch a registered model's files from ``<mirror>/<filename>``.
+        checksums: ``{"0.npy": (size, blob_id), ...}`` replacing a registered model's published table.
+        backend: recurrence backend of the returned model.
+        dtype: cast the parameters (default: as stored; float32 for the released layout).
+        device: where the parameters go (default CPU).
+        revision, token: Hub revision (branch, tag or commit) and access token.
+        progress: progress bars while downloading.
+
+    Returns:
+        The :class:`~fastmlstm.ByteLM` (in training mode, as ``torch`` modules start).
+
+    Raises:
+        MissingInputError: nothing by that name or path. ModelFileError: a file or folder that is
+        not a readable model. DownloadError / ChecksumError: a failed or mismatching download.
+        MissingDependencyError: a Hub id without huggingface_hub installed.
+
+    Example::
+
+        >>> model = fastmlstm.from_pretrained("openai-sentiment")               # doctest: +SKIP
+        >>> fastmlstm.probe.featurize(model, ["Great phone!"]).shape             # doctest: +SKIP
+        (1, 4096)
+    """
+    dtype = _parse_dtype(dtype)
+    source = os.fspath(name_or_path)
+    path = Path(source).expanduser()
+    from .pretrained import MODELS, download_model  # lazy: the downloader and its tables are for names only
+
+    registered = source in MODELS and not path.exists()
+    if not registered and (mirror is not None or checksums is not None or root is not None):
+        raise InputError(f"root=, mirror= and checksums= apply to registered models ({', '.join(MODELS)}), "
+                         f"not to {source!r}")
+    if path.exists():
+        return _load_local(path, device=device, dtype=dtype, backend=backend)
+    if registered:
+        folder = download_model(source, root=root, mirror=mirror, checksums=checksums, recheck=False,
+                                progress=progress)
+        return _load_local(folder, device=device, dtype=dtype, backend=backend)
+    from .hub import download_files, is_repo_id
+
+    if is_repo_id(source):
+        folder = download_files(source, [CONFIG_FILE, WEIGHTS_FILE], revision=revision, token=token)
+        return _load_local(folder, device=device, dtype=dtype, backend=backend)
+    raise MissingInputError(f"no model file or folder at {path} (a model is a path, a registered name such as "
+                            f"{', '.join(MODELS)}, or a Hugging Face Hub id user/repo)")
+
+
+def load_model(name_or_path: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
+               backend: str = "auto"):
+    """What ``--model`` names, in eval mode: anything :func:`from_pretrained` takes.
+
+    Args:
+        name_or_path: a model file or checkpoint, a model folder (either layout), a registered
+            name, or a Hugging Face Hub id.
+        device: where the model goes (default: CUDA when available, else CPU).
+        dtype: cast the parameters (default: as stored).
+        backend: recurrence backend.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return from_pretrained(name_or_path, device=device, dtype=dtype, backend=backend).eval()

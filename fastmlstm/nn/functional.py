@@ -1,0 +1,233 @@
+"""Functional form of the multiplicative LSTM (Krause et al. 2016) as used by Radford et al. (2017).
+
+Per step, with x_t the input and (h, c) the carried state (gate order i, f, o, u)::
+
+    m_t = (x_t W_im^T) * (h_{t-1} W_hm^T)
+    z_t = x_t W_ih^T + m_t W_hh^T + b
+    c_t = sigmoid(z_f) * c_{t-1} + sigmoid(z_i) * tanh(z_u)
+    h_t = sigmoid(z_o) * tanh(c_t)
+
+Weights use torch's [out, in] layout: ``weight_ih`` [4H, I], ``weight_hh`` [4H, H] (applied to m),
+``weight_im`` [H, I], ``weight_hm`` [H, H], ``bias`` [4H]. Weight normalization, if any, is the
+caller's business (:class:`fastmlstm.FastMLSTM` applies it once per forward); these functions see
+effective weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..errors import InputError, InputTypeError
+from ..ops.interface import GATES, accumulation_dtype
+
+__all__ = ["multiplicative_lstm", "multiplicative_lstm_recurrence", "SUPPORTED_DTYPES"]
+
+# float64 runs on the reference backend only (for torch.autograd.gradcheck and float64 models).
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_dtype(name: str, dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise InputTypeError(f"{name} has unsupported dtype {dtype}; fastmlstm supports "
+                             f"{[str(d) for d in SUPPORTED_DTYPES]}")
+
+
+def _tensor(name: str, value) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_matrix(name: str, w, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    w = _tensor(name, w)
+    if tuple(w.shape) != shape:
+        raise InputError(f"{name} must have shape {list(shape)}, got {list(w.shape)}")
+    if w.dtype != dtype:
+        raise InputTypeError(f"{name} has dtype {w.dtype} but the input has dtype {dtype}; they must match")
+    if w.device != device:
+        raise InputError(f"{name} is on {w.device} but the input is on {device}; move them to one device")
+    return w
+
+
+def _check_state(initial_state, B: int, H: int, dtype: torch.dtype, device: torch.device):
+    acc = accumulation_dtype(dtype)
+    if initial_state is None:
+        zeros = torch.zeros(B, H, dtype=acc, device=device)
+        return zeros, zeros
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+        raise InputTypeError("initial_state must be a pair (h0, c0) of [B, H] tensors")
+    state = []
+    for name, s in zip(("h0", "c0"), initial_state):
+        s = _tensor(f"initial_state {name}", s)
+        if tuple(s.shape) != (B, H):
+            raise InputError(f"initial_state {name} must have shape [B, H] = [{B}, {H}], got {list(s.shape)}")
+        if s.dtype not in (acc, dtype):
+            raise InputTypeError(f"initial_state {name} has dtype {s.dtype}; it must be {acc} or the input's {dtype}")
+        if s.device != device:
+            raise InputError(f"initial_state {name} is on {s.device} but the input is on {device}")
+        state.append(s.to(acc))
+    return tuple(state)
+
+
+def _check_lengths(lengths, T: int, B: int, device: torch.device):
+    if lengths is None:
+        return None
+    if isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
+        lengths = torch.tensor(list(lengths), dtype=torch.int64)
+    lengths = _tensor("lengths", lengths)
+    if lengths.device.type != "cpu":
+        # Checking the values would need a device synchronization; torch's packing API asks the same.
+        raise InputError(f"lengths must be a CPU tensor or a list of ints, got a tensor on {lengths.device}")
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise InputTypeError(f"lengths must hold integers, got {lengths.dtype}")
+    if tuple(lengths.shape) != (B,):
+        raise InputError(f"lengths must have shape [B] = [{B}], got {list(lengths.shape)}")
+    if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+        raise InputError(f"lengths must lie in [0, T] = [0, {T}], got values in "
+                         f"[{int(lengths.min())}, {int(lengths.max())}]")
+    return lengths.to(device=device, dtype=torch.int64, non_blocking=True)
+
+
+def multiplicative_lstm_recurrence(
+    proj: Tensor,
+    weight_hh: Tensor,
+    weight_hm: Tensor,
+    *,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+    lengths: Tensor | Sequence[int] | None = None,
+    return_cell_states: bool = False,
+    backend: str = "auto",
+):
+    """Run the recurrence on precomputed input projections (the fused part of the op).
+
+    Use it when the input projections come from somewhere cheaper than a GEMM, e.g. a 256-row
+    table gathered by byte (:class:`fastmlstm.ByteLM`).
+
+    Args:
+        proj: [T, B, 5H], float32/float16/bfloat16. Columns [0, 4H) are ``x W_ih^T + bias`` (gates
+            i, f, o, u), columns [4H, 5H) are ``x W_im^T``.
+        weight_hh: [4H, H], same dtype and device as ``proj``.
+        weight_hm: [H, H], same dtype and device.
+        initial_state: optional ``(h0, c0)``, each [B, H], float32 or ``proj``'s dtype. Zeros if None.
+        lengths: optional [B] integers in [0, T] (CPU tensor or list): row b stops updating after
+            ``lengths[b]`` steps; its state is carried unchanged and ``output[t]`` repeats its last h.
+        return_cell_states: also return every step's cell state from the same pass.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"`` (see :mod:`fastmlstm.ops.registry`).
+
+    Returns:
+        ``(output, (h_n, c_n))``, or ``(output, (h_n, c_n), cell_states)`` with
+        ``return_cell_states``: output [T, B, H] in ``proj``'s dtype; h_n, c_n [B, H] float32;
+        cell_states [T, B, H] float32.
+
+    Example::
+
+        >>> T, B, H = 5, 2, 8
+        >>> proj = torch.randn(T, B, 5 * H)
+        >>> out, (h, c) = multiplicative_lstm_recurrence(proj, torch.randn(4 * H, H), torch.randn(H, H))
+        >>> out.shape, h.shape
+        (torch.Size([5, 2, 8]), torch.Size([2, 8]))
+    """
+    proj = _tensor("proj", proj)
+    if proj.dim() != 3:
+        raise InputError(f"proj must be 3-D [T, B, 5H], got {proj.dim()}-D with shape {list(proj.shape)}")
+    _check_dtype("proj", proj.dtype)
+    T, B, H5 = proj.shape
+    if H5 % 5 or H5 == 0:
+        raise InputError(f"proj's last dimension must be 5 * hidden_size, got {H5}")
+    H = H5 // 5
+    dtype, device = proj.dtype, proj.device
+    _check_matrix("weight_hh", weight_hh, (GATES * H, H), dtype, device)
+    _check_matrix("weight_hm", weight_hm, (H, H), dtype, device)
+    h0, c0 = _check_state(initial_state, B, H, dtype, device)
+    lengths = _check_lengths(lengths, T, B, device)
+    name = _backend_for(backend, proj)
+    output, c_n, cell_states = ops.sequence(proj, weight_hh, weight_hm, h0, c0, lengths, name, return_cell_states)
+    return _returned(output, h0, c_n, cell_states, return_cell_states)
+
+
+def _backend_for(backend: str, x: Tensor) -> str:
+    if x.shape[1] == 0:
+        # An empty batch (nn.LSTM accepts one): nothing to fuse, and kernels would launch empty
+        # grids; the reference loop gives the empty outputs and zero weight gradients.
+        ops.resolve_backend(backend, x.device, x.dtype)  # still refuse what cannot run
+        return "reference"
+    return ops.resolve_backend(backend, x.device, x.dtype)
+
+
+def _returned(output: Tensor, h0: Tensor, c_n: Tensor, cell_states: Tensor, return_cell_states: bool):
+    # h_n is the last output (rows past their length carry their final h there). Stored h is in the
+    # activation dtype, so h_n is that value exactly: feeding (h_n, c_n) back continues bit-for-bit.
+    h_n = output[-1].to(h0.dtype, copy=True) if output.shape[0] > 0 else h0.clone()
+    if return_cell_states:
+        return output, (h_n, c_n), cell_states
+    return output, (h_n, c_n)
+
+
+def multiplicative_lstm(
+    input: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    weight_im: Tensor,
+    weight_hm: Tensor,
+    bias: Tensor | None = None,
+    *,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+    lengths: Tensor | Sequence[int] | None = None,
+    batch_first: bool = False,
+    return_cell_states: bool = False,
+    backend: str = "auto",
+):
+    """The multiplicative LSTM over a whole sequence: one input GEMM, then the fused recurrence.
+
+    Args:
+        input: [T, B, I] (or [B, T, I] with ``batch_first``), float32/float16/bfloat16.
+        weight_ih: [4H, I]; weight_hh: [4H, H]; weight_im: [H, I]; weight_hm: [H, H]; bias: [4H] or
+            None. All in the input's dtype and on its device.
+        initial_state, lengths, return_cell_states, backend: as in
+            :func:`multiplicative_lstm_recurrence`.
+        batch_first: input, output and cell states are [B, T, ...] instead of [T, B, ...].
+
+    Returns:
+        ``(output, (h_n, c_n))`` or ``(output, (h_n, c_n), cell_states)``: output [T, B, H] in the
+        input dtype, h_n and c_n [B, H] float32, cell_states [T, B, H] float32 (batch-first when
+        ``batch_first``).
+
+    Example::
+
+        >>> T, B, I, H = 7, 3, 4, 8
+        >>> w = [torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(H, I), torch.randn(H, H)]
+        >>> out, (h, c) = multiplicative_lstm(torch.randn(T, B, I), *w, torch.zeros(4 * H))
+        >>> out.shape
+        torch.Size([7, 3, 8])
+    """
+    input = _tensor("input", input)
+    if input.dim() != 3:
+        layout = "[B, T, I]" if batch_first else "[T, B, I]"
+        raise InputError(f"input must be 3-D {layout}, got {input.dim()}-D with shape {list(input.shape)}")
+    _check_dtype("input", input.dtype)
+    x = input.transpose(0, 1) if batch_first else input
+    I = x.shape[2]
+    weight_hm = _tensor("weight_hm", weight_hm)
+    if weight_hm.dim() != 2:
+        raise InputError(f"weight_hm must be 2-D [H, H], got shape {list(weight_hm.shape)}")
+    H = weight_hm.shape[0]
+    dtype, device = x.dtype, x.device
+    _check_matrix("weight_ih", weight_ih, (GATES * H, I), dtype, device)
+    _check_matrix("weight_im", weight_im, (H, I), dtype, device)
+    if bias is not None:
+        _check_matrix("bias", bias, (GATES * H,), dtype, device)
+    if H == 0:
+        raise InputError("weight_hm must be [H, H] with H > 0, got shape [0, 0]")
+    _check_matrix("weight_hh", weight_hh, (GATES * H, H), dtype, device)
+    h0, c0 = _check_state(initial_state, x.shape[1], H, dtype, device)
+    lengths = _check_lengths(lengths, x.shape[0], x.shape[1], device)
+    output, c_n, cell_states = ops.layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0, lengths,
+                                         _backend_for(backend, x), return_cell_states)
+    result = _returned(output, h0, c_n, cell_states, return_cell_states)
+    if batch_first:
+        result = (result[0].transpose(0, 1), result[1], *(r.transpose(0, 1) for r in result[2:]))
+    return result

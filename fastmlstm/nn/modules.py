@@ -1,0 +1,457 @@
+"""``FastMLSTM``: a weight-normalized multiplicative LSTM, drop-in for ``torch.nn.LSTM``."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from ..ops.registry import BACKENDS
+from ..errors import InputError, InputTypeError
+from ..ops.interface import accumulation_dtype
+from .functional import SUPPORTED_DTYPES, multiplicative_lstm
+from .weight_cache import ENV_WEIGHT_CACHE, cached_weights, forget  # noqa: F401  (ENV_WEIGHT_CACHE: documented here)
+
+__all__ = ["FastMLSTM", "MLSTMWeights", "weight_norm"]
+
+_MATRICES = ("weight_ih", "weight_hh", "weight_im", "weight_hm")
+
+
+class MLSTMWeights(NamedTuple):
+    """Effective weights of one layer and direction in torch's [out, in] layout, gate order i, f, o, u."""
+
+    weight_ih: Tensor  # [4H, I]
+    weight_hh: Tensor  # [4H, H], applied to m
+    weight_im: Tensor  # [H, I]
+    weight_hm: Tensor  # [H, H]
+    bias: Tensor | None  # [4H]
+
+
+# What ``effective_weights()`` returns and ``weights=`` takes: one MLSTMWeights for a one-layer,
+# one-direction module, else one per layer and direction in nn.LSTM's order (l0, l0_reverse, l1, ...).
+EffectiveWeights = Union[MLSTMWeights, tuple[MLSTMWeights, ...]]
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast would run matmuls in on ``device_type``, or None when it is off.
+
+    Autocast does not reach inside the custom op, so layers cast their inputs and effective weights
+    to this dtype themselves.
+    """
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def cast_weights(weights: MLSTMWeights, dtype: torch.dtype) -> MLSTMWeights:
+    return MLSTMWeights(*(None if w is None else w.to(dtype) for w in weights))
+
+
+def _as_returned(weights: tuple[MLSTMWeights, ...]) -> EffectiveWeights:
+    """What ``effective_weights()`` returns: the one MLSTMWeights of a one-layer, one-direction module."""
+    return weights[0] if len(weights) == 1 else weights
+
+
+def _cast_all(weights: tuple[MLSTMWeights, ...], dtype: torch.dtype) -> tuple[MLSTMWeights, ...]:
+    return tuple(cast_weights(w, dtype) for w in weights)
+
+
+def weight_norm(direction: Tensor, gain: Tensor) -> Tensor:
+    """``gain[r] * direction[r] / ||direction[r]||`` for every row r (norm over the input axis).
+
+    Computed in float32 (float64 for float64 weights) and returned in ``direction``'s dtype; an
+    all-zero row gives zeros, not NaN.
+    """
+    acc = accumulation_dtype(direction.dtype)
+    v = direction.to(acc)
+    scale = gain.to(acc) / v.norm(dim=1).clamp_min(torch.finfo(acc).tiny)
+    return (v * scale.unsqueeze(1)).to(direction.dtype)
+
+
+def _suffix(layer: int, reverse: bool) -> str:
+    """Parameter-name suffix of a layer and direction. Layer 0's forward direction keeps the bare
+    names (so a one-layer model's state dict is the same as it always was); the others follow
+    nn.LSTM's ``_l<k>`` and ``_reverse``."""
+    if layer == 0 and not reverse:
+        return ""
+    return f"_l{layer}" + ("_reverse" if reverse else "")
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, int)) or isinstance(value, int) and value not in (0, 1):
+        raise InputTypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+class FastMLSTM(nn.Module):
+    r"""Weight-normalized multiplicative LSTM (Krause et al. 2016; Radford et al. 2017), a drop-in for
+    ``torch.nn.LSTM`` with the same constructor words in the same order::
+
+        m_t = (x_t W_im^T) * (h_{t-1} W_hm^T)
+        z_t = x_t W_ih^T + m_t W_hh^T + b          # gates i, f, o, u
+        c_t = sigmoid(z_f) * c_{t-1} + sigmoid(z_i) * tanh(z_u)
+        h_t = sigmoid(z_o) * tanh(c_t)
+
+    Args:
+        input_size: I, features per step.
+        hidden_size: H.
+        num_layers: stacked layers; layer k > 0 reads layer k-1's output (both directions'
+            outputs concatenated when bidirectional). Each layer runs through the fused recurrence.
+        bias: learn the gate bias b [4H] of every layer and direction.
+        batch_first: input and output are [B, T, ...] instead of [T, B, ...] (h and c are not).
+        dropout: as nn.LSTM's: dropout with this probability on the outputs of every layer but
+            the last, in training mode only.
+        bidirectional: add a reverse-direction layer at every level; its run respects ``lengths``
+            and PackedSequence lengths (each row is reversed within its own length).
+        proj_size: must be 0 (nn.LSTM's LSTMP projection has no multiplicative-LSTM counterpart).
+        device, dtype: of the parameters. float32, float16 and bfloat16 are supported; the cell
+            state and all accumulation stay float32 whatever the dtype.
+        weight_norm: (keyword) parametrize each of the four matrices as gain * direction /
+            ||direction|| per output row (parameters ``<name>_g`` [out] and ``<name>_v`` [out, in]);
+            applied once per forward. Without it the matrices are plain parameters.
+        backend: (keyword) ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``
+            (:mod:`fastmlstm.ops.registry`); float64 runs on ``"reference"``.
+
+    Parameters are named like nn.LSTM's, with layer 0's forward direction unsuffixed:
+    ``weight_ih``, ``weight_hh`` (applied to m), ``weight_im``, ``weight_hm`` (each as ``_v`` and
+    ``_g`` with weight norm) and ``bias`` for layer 0; ``weight_ih_l1``, ``bias_l1``,
+    ``weight_ih_l0_reverse``, ... for the others. Reading any matrix name (``rnn.weight_hh``,
+    ``rnn.weight_hh_l1``) gives the effective weight, [out, in].
+
+    Shapes of ``forward(input, hx=None)``: input [T, B, I] ([B, T, I] with ``batch_first``), [T, I]
+    unbatched, or a ``PackedSequence``; hx = (h_0, c_0), each [L * D, B, H] ([L * D, H] unbatched)
+    with L = num_layers, D = 2 if bidirectional else 1. Returns ``(output, (h_n, c_n))`` like
+    nn.LSTM: output [T, B, D * H] in the input dtype, h_n and c_n [L * D, B, H] float32. B = 0
+    gives empty outputs. Feeding (h_n, c_n) back as hx continues the sequences (see the README for
+    the exactness of that).
+
+    Example::
+
+        >>> rnn = FastMLSTM(64, 256, 2, dropout=0.1)          # like nn.LSTM(64, 256, 2, dropout=0.1)
+        >>> x = torch.randn(100, 8, 64)
+        >>> out, (h, c) = rnn(x)
+        >>> out2, _ = rnn(torch.randn(50, 8, 64), (h, c))   # carry the state on
+        >>> out.shape, h.shape
+        (torch.Size([100, 8, 256]), torch.Size([2, 8, 256]))
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, weight_norm: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.input_size = _positive_int("input_size", input_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.num_layers = _positive_int("num_layers", num_layers)
+        self.bias_enabled = _flag("bias", bias)
+        self.batch_first = _flag("batch_first", batch_first)
+        self.bidirectional = _flag("bidirectional", bidirectional)
+        self.weight_norm = _flag("weight_norm", weight_norm)
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise InputError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        self.dropout = float(dropout)
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(f"dropout={dropout} and num_layers=1: dropout is applied between stacked layers only, "
+                          "so it has no effect here (as with nn.LSTM)", stacklevel=2)
+        if proj_size != 0:
+            raise InputError(f"proj_size={proj_size!r}: FastMLSTM has no output projection (nn.LSTM's LSTMP "
+                             "variant); use proj_size=0 and a torch.nn.Linear on the output")
+        if backend not in BACKENDS:
+            raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+            raise InputTypeError(f"unsupported dtype {dtype}; fastmlstm supports {[str(d) for d in SUPPORTED_DTYPES]}")
+        self.proj_size = 0
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        H, D = hidden_size, self.num_directions
+        for layer, reverse in self._layers():
+            I = input_size if layer == 0 else D * H
+            suffix = _suffix(layer, reverse)
+            shapes = {"weight_ih": (4 * H, I), "weight_hh": (4 * H, H), "weight_im": (H, I), "weight_hm": (H, H)}
+            for name, shape in shapes.items():
+                if weight_norm:
+                    self.register_parameter(f"{name}{suffix}_v", nn.Parameter(torch.empty(shape, **factory)))
+                    self.register_parameter(f"{name}{suffix}_g", nn.Parameter(torch.empty(shape[0], **factory)))
+                else:
+                    self.register_parameter(f"{name}{suffix}", nn.Parameter(torch.empty(shape, **factory)))
+            self.register_parameter(f"bias{suffix}", nn.Parameter(torch.empty(4 * H, **factory)) if bias else None)
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _layers(self) -> list[tuple[int, bool]]:
+        """(layer, reverse) of every layer and direction, in nn.LSTM's order."""
+        return [(layer, reverse) for layer in range(self.num_layers)
+                for reverse in ((False, True) if self.bidirectional else (False,))]
+
+    def reset_parameters(self) -> None:
+        """nn.LSTM's initialization, U(-1/sqrt(H), 1/sqrt(H)); gains start at the rows' norms."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for p in self.parameters():
+                nn.init.uniform_(p, -bound, bound)
+            if self.weight_norm:
+                for layer, reverse in self._layers():
+                    for name in _MATRICES:
+                        full = name + _suffix(layer, reverse)
+                        getattr(self, f"{full}_g").copy_(getattr(self, f"{full}_v").float().norm(dim=1))
+
+    def __getattr__(self, name: str):
+        params = self.__dict__.get("_parameters", {})
+        if name.startswith(_MATRICES) and f"{name}_v" in params:
+            return weight_norm(params[f"{name}_v"], params[f"{name}_g"])
+        return super().__getattr__(name)
+
+    def train(self, mode: bool = True) -> FastMLSTM:
+        forget(self)  # switching modes brackets training: never carry cached weights across it
+        return super().train(mode)
+
+    def flatten_parameters(self) -> None:
+        """A no-op, for code written for nn.LSTM: the fused kernels read the weights where they are."""
+
+    def _layer_weights(self, layer: int, reverse: bool) -> MLSTMWeights:
+        suffix = _suffix(layer, reverse)
+        return MLSTMWeights(*(getattr(self, name + suffix) for name in _MATRICES), getattr(self, f"bias{suffix}"))
+
+    def effective_weights(self) -> EffectiveWeights:
+        """All effective weights (weight norm applied); pass them to ``forward`` or ``step`` as
+        ``weights=`` to reuse them across calls.
+
+        Where no autograd graph through the weights is needed (no grad mode, or parameters that do
+        not require grad) and the parameters are on the CPU, the result is cached and reused while
+        the parameters are unchanged, and recomputed as soon as any of them changes (every change
+        PyTorch tracks; ``FASTMLSTM_WEIGHT_CACHE=strict`` also catches writes through ``.data``, see
+        :mod:`fastmlstm.weight_cache`). The returned tensors must not be modified in place (if they
+        are, the next call recomputes them). Under autograd the weight norm is computed afresh, so
+        that it is differentiated.
+
+        Returns:
+            One :class:`MLSTMWeights` for a one-layer, one-direction module, else a tuple of them
+            in nn.LSTM's order (layer 0, layer 0 reverse, layer 1, ...).
+        """
+        entry = self._weight_cache_entry()
+        return _as_returned(self._all_weights() if entry is None else entry.weights)
+
+    def _compute_effective_weights(self) -> EffectiveWeights:
+        """The effective weights computed afresh, never from the cache."""
+        return _as_returned(self._all_weights())
+
+    def _all_weights(self) -> tuple[MLSTMWeights, ...]:
+        return tuple(self._layer_weights(layer, reverse) for layer, reverse in self._layers())
+
+    def _weight_cache_entry(self):
+        if not self.weight_norm:
+            return None  # the parameters are the effective weights: nothing to compute
+        return cached_weights(self, self._all_weights)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias_enabled:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        if not self.weight_norm:
+            s += ", weight_norm=False"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+    def _initial_state(self, hx, batched: bool, B: int) -> list[tuple[Tensor, Tensor] | None]:
+        """hx -> one (h_0, c_0) pair of [B, H] per layer and direction (None: zeros)."""
+        count = self.num_layers * self.num_directions
+        if hx is None:
+            return [None] * count
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise InputTypeError("hx must be a pair (h_0, c_0)")
+        want = (count, B, self.hidden_size) if batched else (count, self.hidden_size)
+        for name, s in zip(("h_0", "c_0"), hx):
+            if not isinstance(s, Tensor):
+                raise InputTypeError(f"hx {name} must be a tensor, got {type(s).__name__}")
+            if tuple(s.shape) != want:
+                layout = "[num_layers * num_directions, B, H]" if batched else "[num_layers * num_directions, H]"
+                raise InputError(f"hx {name} must have shape {layout} = {list(want)}, got {list(s.shape)}")
+        h, c = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        return [(h[k], c[k]) for k in range(count)]
+
+    def _check_weights(self, weights) -> tuple[MLSTMWeights, ...]:
+        if weights is None:
+            return self._all_weights()
+        if isinstance(weights, MLSTMWeights):
+            weights = (weights,)
+        count = self.num_layers * self.num_directions
+        if not isinstance(weights, Sequence) or len(weights) != count or \
+                not all(isinstance(w, MLSTMWeights) for w in weights):
+            raise InputTypeError(f"weights must be what effective_weights() returns: {count} MLSTMWeights "
+                                 f"(one per layer and direction), got {type(weights).__name__}")
+        return tuple(weights)
+
+    def _as_time_major(self, input, lengths):
+        """(x [T, B, I], lengths or None, packed, batched) from any accepted input form."""
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise InputError("lengths cannot be given with a PackedSequence (it carries its own)")
+            x, lengths = pad_packed_sequence(input, batch_first=False)
+            return x, lengths, True, True
+        if not isinstance(input, Tensor):
+            raise InputTypeError(f"input must be a tensor or a PackedSequence, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            raise InputError(f"input must be 3-D (batched) or 2-D (unbatched), got shape {list(input.shape)}")
+        if input.dim() == 2:
+            return input.unsqueeze(1), lengths, False, False
+        return (input.transpose(0, 1) if self.batch_first else input), lengths, False, True
+
+    def forward(self, input, hx=None, *, lengths=None, return_cell_states: bool = False,
+                weights: EffectiveWeights | None = None):
+        """Run the layers over a sequence.
+
+        Args:
+            input: [T, B, I] ([B, T, I] with ``batch_first``), [T, I] unbatched, or a PackedSequence.
+            hx: optional (h_0, c_0), each [L * D, B, H] ([L * D, H] unbatched), float32 or the
+                input dtype.
+            lengths: optional [B] valid lengths of a padded batch (CPU tensor or list); rows stop
+                updating after their length, so h_n, c_n are each row's state after its last step
+                (the reverse direction starts at each row's last valid step). Past a row's length
+                the output repeats each direction's final h.
+            return_cell_states: also return every step's cell state c_t (float32) of the last
+                layer, shaped like the output (a PackedSequence for packed input).
+            weights: what :meth:`effective_weights` returns, to skip recomputing them.
+
+        Returns:
+            ``(output, (h_n, c_n))`` or ``(output, (h_n, c_n), cell_states)``.
+        """
+        entry = self._weight_cache_entry() if weights is None else None
+        weights = self._check_weights(weights) if entry is None else entry.weights
+        x, lengths, packed, batched = self._as_time_major(input, lengths)
+        if x.shape[-1] != self.input_size:
+            raise InputError(f"input has {x.shape[-1]} features per step but input_size is {self.input_size}")
+        states = self._initial_state(hx, batched, x.shape[1])
+        dtype = autocast_dtype(x.device.type)
+        if dtype is not None:
+            x = x.to(dtype)
+            weights = _cast_all(weights, dtype) if entry is None else entry.cast(dtype, _cast_all)
+        output, h_n, c_n, cells = self._run_layers(x, weights, states, lengths, return_cell_states)
+
+        if packed:
+            output = _repack(output, lengths, input)
+            cells = _repack(cells, lengths, input) if return_cell_states else None
+            # h_n, c_n rows follow the padded tensor's batch order, the original one, as nn.LSTM's do.
+        elif not batched:
+            output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+            cells = cells.squeeze(1) if return_cell_states else None
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+            cells = cells.transpose(0, 1) if return_cell_states else None
+        if return_cell_states:
+            return output, (h_n, c_n), cells
+        return output, (h_n, c_n)
+
+    def _run_layers(self, x: Tensor, weights, states, lengths, return_cell_states: bool):
+        """Every layer and direction over time-major x [T, B, I]: (output [T, B, D H], h_n, c_n
+        [L D, B, H], the last layer's cell states [T, B, D H] or None)."""
+        layer_input, finals = x, []
+        for layer in range(self.num_layers):
+            outputs, cells = [], []
+            for reverse in ((False, True) if self.bidirectional else (False,)):
+                k = layer * self.num_directions + reverse
+                keep_cells = return_cell_states and layer == self.num_layers - 1
+                if reverse:
+                    out, state, *cell = _run_reversed(layer_input, weights[k], states[k], lengths, self.backend,
+                                                      keep_cells)
+                else:
+                    out, state, *cell = multiplicative_lstm(layer_input, *weights[k], initial_state=states[k],
+                                                            lengths=lengths, return_cell_states=keep_cells,
+                                                            backend=self.backend)
+                outputs.append(out)
+                cells.append(cell[0] if cell else None)
+                finals.append(state)
+            layer_input = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        h_n = torch.stack([h for h, _ in finals])
+        c_n = torch.stack([c for _, c in finals])
+        cell_states = None
+        if return_cell_states:
+            cell_states = cells[0] if len(cells) == 1 else torch.cat(cells, dim=-1)
+        return layer_input, h_n, c_n, cell_states
+
+    def step(self, input: Tensor, hx=None, *, weights: EffectiveWeights | None = None):
+        """One time step (for generation); the same fused kernels as :meth:`forward` with T = 1.
+
+        Args:
+            input: [B, I] (or [I] unbatched), whatever ``batch_first`` says.
+            hx: optional (h, c), each [L * D, B, H] ([L * D, H] unbatched).
+            weights: what :meth:`effective_weights` returns, to compute it once per generation loop
+                instead of once per step.
+
+        Returns:
+            ``(output [B, D * H], (h [L * D, B, H], c [L * D, B, H]))``; pass (h, c) to the next step.
+
+        Example::
+
+            >>> rnn = FastMLSTM(16, 32)
+            >>> w = rnn.effective_weights()
+            >>> out, state = rnn.step(torch.randn(4, 16), weights=w)
+            >>> out, state = rnn.step(torch.randn(4, 16), state, weights=w)
+        """
+        if not isinstance(input, Tensor):
+            raise InputTypeError(f"input must be a tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise InputError(f"step input must be [B, I] or [I], got shape {list(input.shape)}")
+        if input.dim() == 1:
+            output, state = self.forward(input.view(1, -1), hx, weights=weights)
+            return output[0], state
+        seq = input.unsqueeze(1) if self.batch_first else input.unsqueeze(0)
+        output, state = self.forward(seq, hx, weights=weights)
+        return (output[:, 0] if self.batch_first else output[0]), state
+
+
+def _reverse_index(T: int, lengths, device) -> Tensor | None:
+    """[T, B] time index that reverses each row within its length (positions past it stay put);
+    None when every row is full length (a plain flip)."""
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths, dtype=torch.int64).to(device)
+    t = torch.arange(T, device=device).unsqueeze(1)
+    return torch.where(t < lengths, lengths - 1 - t, t)
+
+
+def _reorder(x: Tensor, index: Tensor | None) -> Tensor:
+    if index is None:
+        return x.flip(0)
+    return x.gather(0, index.unsqueeze(-1).expand_as(x))
+
+
+def _run_reversed(x, weights, state, lengths, backend, return_cell_states):
+    """The reverse direction: each row read backwards from its last valid step. The same
+    permutation (an involution) puts the outputs back in input order."""
+    index = _reverse_index(x.shape[0], lengths, x.device)
+    out, state, *cells = multiplicative_lstm(_reorder(x, index), *weights, initial_state=state, lengths=lengths,
+                                             return_cell_states=return_cell_states, backend=backend)
+    return _reorder(out, index), state, *(_reorder(c, index) for c in cells)
+
+
+def _repack(padded: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack a time-major padded tensor (rows in the original order) with ``like``'s layout."""
+    if like.sorted_indices is not None:
+        padded = padded.index_select(1, like.sorted_indices)
+        lengths = lengths.index_select(0, like.sorted_indices.cpu())
+    data = pack_padded_sequence(padded, lengths, enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)

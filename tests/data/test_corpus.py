@@ -1,0 +1,105 @@
+"""Language-model byte streams: sources in their formats, the joined stream, and row layouts that
+never overlap across rows or ranks."""
+
+import gzip
+
+import numpy as np
+import pytest
+from conftest import DATA_DIR
+
+from fastmlstm.data.corpus import RowBatcher, Source, build_stream, open_stream
+
+
+def test_sources_are_joined_one_record_per_line(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"first review\nsecond review")  # no final newline
+    with gzip.open(tmp_path / "b.txt.gz", "wb") as f:
+        f.write(b"zipped \xff\xfe invalid utf-8 kept\n")
+    (tmp_path / "c.csv").write_bytes(
+        b'label,text\n1,"a ""quoted"", multi\nline review"\n0,plain\n'
+    )
+    with gzip.open(tmp_path / "d.tsv.gz", "wt") as f:
+        f.write("id\tbody\n1\ttab separated\n")
+    sources = [Source.parse(tmp_path / "a.txt"), Source.parse(tmp_path / "b.txt.gz"),
+               Source.parse(tmp_path / "c.csv"), Source.parse(f"{tmp_path / 'd.tsv.gz'}#body")]
+    meta = build_stream(sources, tmp_path / "out" / "corpus.bin")
+    data = open_stream(tmp_path / "out" / "corpus.bin")
+    assert isinstance(data, np.memmap)
+    assert bytes(data) == (b"first review\nsecond review\n" b"zipped \xff\xfe invalid utf-8 kept\n"
+                           b'a "quoted", multi line review\nplain\n' b"tab separated\n")
+    assert meta["bytes"] == len(data)
+    # Same sources: reused, not rebuilt.
+    before = (tmp_path / "out" / "corpus.bin").stat().st_mtime_ns
+    build_stream(sources, tmp_path / "out" / "corpus.bin")
+    assert (tmp_path / "out" / "corpus.bin").stat().st_mtime_ns == before
+
+
+def test_bad_sources_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Source.parse(tmp_path / "missing.txt")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="holds no files"):
+        Source.parse(tmp_path / "nothing")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="applies to .csv/.tsv"):
+        Source.parse(f"{tmp_path / 'x.txt'}#text")
+    (tmp_path / "t.csv").write_text("label,body\n1,x\n")
+    with pytest.raises(ValueError, match=r"no column 'text' \(columns: label, body\)"):
+        build_stream([Source.parse(tmp_path / "t.csv")], tmp_path / "o.bin")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        build_stream([Source.parse(tmp_path / "empty.txt")], tmp_path / "o.bin")
+    assert not (tmp_path / "o.bin").exists() and not list(tmp_path.glob(".o.bin*"))
+    (tmp_path / "bad.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match="cannot read corpus file"):
+        build_stream([Source.parse(tmp_path / "bad.gz")], tmp_path / "o.bin")
+
+
+def test_a_directory_of_documents_is_one_record_per_file(tmp_path):
+    docs = tmp_path / "aclImdb" / "train" / "unsup"
+    docs.mkdir(parents=True)
+    (docs / "1_0.txt").write_bytes(b"first review<br />with a\nnewline")
+    (docs / "0_0.txt").write_bytes(b"second \xe9 review")
+    (docs / ".hidden").write_bytes(b"skipped")
+    (docs / "empty.txt").write_bytes(b"")
+    meta = build_stream([Source.parse(tmp_path / "aclImdb" / "train")], tmp_path / "c.bin")
+    assert bytes(open_stream(tmp_path / "c.bin")) == b"second \xe9 review\nfirst review<br />with a newline\n"
+    assert meta["sources"] == [{"directory": "train", "files": 3, "size": 47}]  # 31 + 16 + 0 bytes
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_rows_and_ranks_read_disjoint_regions(world):
+    stream = np.arange(10_000, dtype=np.int64)  # each byte's value is its offset
+    rows, seq = 8, 7
+    seen = {}
+    for rank in range(world):
+        per = rows // world
+        batcher = RowBatcher(stream, rows, seq, rank * per, per)
+        for step in range(batcher.steps_per_epoch):
+            x, y, starts = batcher.batch(step)
+            assert starts == (step == 0)
+            assert (y[:, :-1] == x[:, 1:]).all()  # targets are the inputs shifted by one byte
+            for r in range(per):
+                row = rank * per + r
+                window = set(x[r].tolist()) | set(y[r].tolist())
+                assert all(row * batcher.region <= v < (row + 1) * batcher.region for v in window)
+                seen.setdefault(row, []).extend(x[r].tolist())
+        # the next epoch starts over at the same place
+        assert batcher.batch(batcher.steps_per_epoch)[2] is True
+        assert (batcher.batch(batcher.steps_per_epoch)[0] == batcher.batch(0)[0]).all()
+    assert sorted(seen) == list(range(rows))
+    everything = [v for row in seen.values() for v in row]
+    assert len(everything) == len(set(everything))  # no byte is an input twice in an epoch
+
+
+def test_a_corpus_shorter_than_one_batch_is_refused():
+    with pytest.raises(ValueError, match=r"too few for one batch: 4 rows of 8 \+ 1 bytes"):
+        RowBatcher(np.zeros(30, dtype=np.uint8), rows=4, seq=8)
+
+
+@pytest.mark.skipif(not (DATA_DIR / "imdb" / "train.csv.gz").exists(), reason="shared data not present")
+def test_real_csv_column_is_read(tmp_path):
+    meta = build_stream([Source.parse(f"{DATA_DIR / 'imdb' / 'train.csv.gz'}#text")], tmp_path / "c.bin")
+    data = open_stream(tmp_path / "c.bin")
+    lines = bytes(data[:200_000]).split(b"\n")
+    assert meta["bytes"] > 30_000_000 and len(lines) > 10
+    assert not lines[0].startswith(b"label")

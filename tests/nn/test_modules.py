@@ -1,0 +1,200 @@
+"""FastMLSTM as a drop-in for torch.nn.LSTM: shapes, PackedSequence, effective weights, weight norm,
+and clear errors for bad input."""
+
+import pytest
+import torch
+from conftest import BACKENDS, DEVICE
+from mlstm_f64 import mlstm_f64
+from tolerances import rel_err
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_sequence, pad_packed_sequence
+
+from fastmlstm import FastMLSTM, multiplicative_lstm
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_shapes_match_nn_lstm(batch_first):
+    I, H = 5, 12
+    ours = FastMLSTM(I, H, batch_first=batch_first).to(DEVICE)
+    theirs = nn.LSTM(I, H, batch_first=batch_first).to(DEVICE)
+    for x in (torch.randn(7, 3, I), torch.randn(1, 1, I), torch.randn(4, I)):  # batched, tiny, unbatched
+        x = x.to(DEVICE)
+        (o1, (h1, c1)), (o2, (h2, c2)) = ours(x), theirs(x)
+        assert o1.shape == o2.shape and h1.shape == h2.shape and c1.shape == c2.shape
+        (o1, (h1, c1)), (o2, (h2, c2)) = ours(x, (h1, c1)), theirs(x, (h2, c2))
+        assert o1.shape == o2.shape and h1.shape == h2.shape
+
+
+def test_packed_sequence_in_and_out_like_nn_lstm():
+    I, H = 3, 10
+    ours = FastMLSTM(I, H).to(DEVICE)
+    theirs = nn.LSTM(I, H).to(DEVICE)
+    seqs = [torch.randn(n, I, device=DEVICE) for n in (2, 5, 3)]
+    packed = pack_sequence(seqs, enforce_sorted=False)
+    hx = (torch.randn(1, 3, H, device=DEVICE), torch.randn(1, 3, H, device=DEVICE))
+    o1, (h1, c1), cells = ours(packed, hx, return_cell_states=True)
+    o2, (h2, _) = theirs(packed, hx)
+    assert isinstance(o1, PackedSequence) and isinstance(cells, PackedSequence)
+    assert torch.equal(o1.batch_sizes, o2.batch_sizes)
+    assert torch.equal(o1.sorted_indices, o2.sorted_indices)
+    assert o1.data.shape == o2.data.shape and h1.shape == h2.shape
+    # hx and h_n rows are in the original order, as with nn.LSTM: check against each row alone.
+    padded, lengths = pad_packed_sequence(o1)
+    padded_cells, _ = pad_packed_sequence(cells)
+    for b, seq in enumerate(seqs):
+        out, (h, c), cell = ours(seq.unsqueeze(1), (hx[0][:, b:b + 1], hx[1][:, b:b + 1]), return_cell_states=True)
+        n = len(seq)
+        torch.testing.assert_close(padded[:n, b], out[:, 0])
+        torch.testing.assert_close(padded_cells[:n, b], cell[:, 0])
+        torch.testing.assert_close(h1[0, b], h[0, 0])
+        torch.testing.assert_close(c1[0, b], c[0, 0])
+
+
+def test_batch_first_cell_states_follow_the_layout():
+    rnn = FastMLSTM(3, 6, batch_first=True).to(DEVICE)
+    out, (h, c), cells = rnn(torch.randn(2, 5, 3, device=DEVICE), return_cell_states=True)
+    assert out.shape == cells.shape == (2, 5, 6)
+    torch.testing.assert_close(cells[:, -1], c[0])
+    torch.testing.assert_close(out[:, -1], h[0])
+
+
+@pytest.mark.parametrize("weight_norm", [True, False])
+def test_effective_weights_are_torch_layout_attributes(weight_norm):
+    I, H = 4, 9
+    rnn = FastMLSTM(I, H, weight_norm=weight_norm).to(DEVICE)
+    shapes = {"weight_ih": (4 * H, I), "weight_hh": (4 * H, H), "weight_im": (H, I), "weight_hm": (H, H)}
+    for name, shape in shapes.items():
+        w = getattr(rnn, name)
+        assert w.shape == shape
+        if weight_norm:
+            with torch.no_grad():
+                getattr(rnn, f"{name}_g").mul_(torch.linspace(0.5, 2.0, shape[0], device=DEVICE))
+            torch.testing.assert_close(getattr(rnn, name).norm(dim=1), getattr(rnn, f"{name}_g").detach())
+        else:
+            assert isinstance(w, nn.Parameter)
+    assert rnn.bias.shape == (4 * H,)
+    # m = (x W_im^T) * (h W_hm^T), z = x W_ih^T + m W_hh^T + b, computed from the attributes alone:
+    x = torch.randn(6, 2, I, device=DEVICE)
+    out, (h, c) = rnn(x)
+    w = {k: getattr(rnn, k).detach().double() for k in shapes}
+    ref, h_ref, c_ref, _ = mlstm_f64(x.double(), w["weight_ih"], w["weight_hh"], w["weight_im"], w["weight_hm"],
+                                     rnn.bias.detach().double(), torch.zeros(2, H, dtype=torch.float64, device=DEVICE),
+                                     torch.zeros(2, H, dtype=torch.float64, device=DEVICE))
+    assert rel_err(out, ref) < 1e-5 and rel_err(c[0], c_ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_weight_norm_and_bias_gradients_match_float64(backend):
+    I, H, T, B = 3, 11, 4, 3
+    rnn = FastMLSTM(I, H, bias=False, weight_norm=False, backend=backend).to(DEVICE)
+    x = torch.randn(T, B, I, device=DEVICE, requires_grad=True)
+    out, (h, c) = rnn(x)
+    (out.sum() + (c ** 2).sum()).backward()
+    params = {n: p.detach().double().requires_grad_() for n, p in rnn.named_parameters()}
+    x64 = x.detach().double().requires_grad_()
+    zeros = torch.zeros(B, H, dtype=torch.float64, device=DEVICE)
+    ref, _, c_ref, _ = mlstm_f64(x64, params["weight_ih"], params["weight_hh"], params["weight_im"],
+                                 params["weight_hm"], None, zeros, zeros)
+    (ref.sum() + (c_ref ** 2).sum()).backward()
+    assert rel_err(x.grad, x64.grad) < 1e-5
+    for n, p in rnn.named_parameters():
+        assert rel_err(p.grad, params[n].grad) < 1e-5, n
+
+
+def test_functional_equals_module():
+    rnn = FastMLSTM(4, 8, batch_first=True).to(DEVICE)
+    x = torch.randn(3, 5, 4, device=DEVICE)
+    out, (h, c) = rnn(x)
+    out2, (h2, c2) = multiplicative_lstm(x, *rnn.effective_weights(), batch_first=True)
+    assert torch.equal(out, out2) and torch.equal(h[0], h2) and torch.equal(c[0], c2)
+
+
+def test_empty_sequence_returns_the_initial_state():
+    rnn = FastMLSTM(3, 5).to(DEVICE)
+    hx = (torch.randn(1, 2, 5, device=DEVICE), torch.randn(1, 2, 5, device=DEVICE))
+    out, (h, c) = rnn(torch.randn(0, 2, 3, device=DEVICE), hx)
+    assert out.shape == (0, 2, 5)
+    assert torch.equal(h, hx[0]) and torch.equal(c, hx[1])
+
+
+def test_state_dict_round_trip_and_dtype_move():
+    a = FastMLSTM(3, 7)
+    b = FastMLSTM(3, 7)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 2, 3)
+    assert torch.equal(a(x)[0], b(x)[0])
+    assert set(a.state_dict()) == {f"{n}_{s}" for n in ("weight_ih", "weight_hh", "weight_im", "weight_hm")
+                                   for s in "vg"} | {"bias"}
+    half = b.to(torch.bfloat16)
+    out, (h, c) = half(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and h.dtype == c.dtype == torch.float32
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    rnn = FastMLSTM(3, 6).to(DEVICE)
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, (h, c) = rnn(x)
+    assert out.dtype == torch.bfloat16 and c.dtype == torch.float32
+    # Same numbers as running in bf16 explicitly: autocast must not downcast the float32 math inside.
+    weights = [None if w is None else w.bfloat16() for w in rnn.effective_weights()]
+    out2, (h2, c2) = multiplicative_lstm(x.bfloat16(), *weights)
+    assert torch.equal(out, out2) and torch.equal(c[0], c2)
+    out.float().sum().backward()
+    assert rnn.weight_hm_v.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the problem, raised before any kernel runs.
+
+def _rnn():
+    return FastMLSTM(4, 6).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    "make_call, error, match",
+    [
+        (lambda r: r(torch.randn(2, 3, 4, 5)), ValueError, "3-D"),
+        (lambda r: r(torch.randn(5)), ValueError, "3-D"),
+        (lambda r: r(torch.randn(5, 2, 3)), ValueError, "input_size is 4"),
+        (lambda r: r(torch.randn(5, 2, 4, dtype=torch.float64)), TypeError, "has dtype torch.float32 but the input"),
+        (lambda r: r(torch.randint(0, 3, (5, 2, 4))), TypeError, "unsupported dtype"),
+        (lambda r: r(torch.randn(5, 2, 4).half()), TypeError, "dtype"),  # input dtype != weights'
+        (lambda r: r(torch.randn(5, 2, 4), torch.zeros(1, 2, 6)), TypeError, "pair"),
+        (lambda r: r(torch.randn(5, 2, 4), (torch.zeros(2, 6), torch.zeros(2, 6))), ValueError,
+         r"\[num_layers \* num_directions, B, H\] = \[1, 2, 6\], got \[2, 6\]"),
+        (lambda r: r(torch.randn(5, 2, 4), (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6))), ValueError, "h_0 must have shape"),
+        (lambda r: r(torch.randn(5, 2, 4), (torch.zeros(1, 2, 6), torch.zeros(1, 2, 5))), ValueError, "c_0 must have shape"),
+        (lambda r: r(torch.randn(5, 2, 4), (torch.zeros(1, 2, 6, dtype=torch.float64),) * 2), TypeError, "float32"),
+        (lambda r: r(torch.randn(5, 2, 4), (torch.zeros(1, 2, 6, device="meta"),) * 2), ValueError, "meta"),
+        (lambda r: r(torch.randn(5, 2, 4), lengths=[5, 6]), ValueError, r"\[0, T\]"),
+        (lambda r: r(torch.randn(5, 2, 4), lengths=[5]), ValueError, r"shape \[B\]"),
+        (lambda r: r(torch.randn(5, 2, 4), lengths=torch.tensor([1.0, 2.0])), TypeError, "integers"),
+        (lambda r: r.step(torch.randn(2, 3, 4)), ValueError, "step input"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(make_call, error, match):
+    rnn = FastMLSTM(4, 6)  # on CPU: device mismatches use the meta device
+    with pytest.raises(error, match=match):
+        make_call(rnn)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="hidden_size"):
+        FastMLSTM(4, 0)
+    with pytest.raises(ValueError, match="backend"):
+        FastMLSTM(4, 6, backend="fast")
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        FastMLSTM(4, 6, dtype=torch.complex64)
+
+
+def test_functional_rejects_mixed_devices_and_shapes():
+    H, I = 6, 4
+    w = [torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(H, I), torch.randn(H, H)]
+    x = torch.randn(3, 2, I)
+    with pytest.raises(ValueError, match="weight_hh is on meta"):
+        multiplicative_lstm(x, w[0], w[1].to("meta"), w[2], w[3])
+    with pytest.raises(ValueError, match=r"weight_im must have shape \[6, 4\]"):
+        multiplicative_lstm(x, w[0], w[1], w[2].t(), w[3])
+    with pytest.raises(ValueError, match="bias must have shape"):
+        multiplicative_lstm(x, *w, torch.zeros(H))

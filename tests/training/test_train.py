@@ -1,0 +1,193 @@
+"""train.py: loss falls, distributed runs, exact resume after an interruption, clear errors."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import DATA_DIR, REPO
+
+import fastmlstm
+from fastmlstm._atomic import atomic_save
+
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+SMALL = ["--preset", "tiny", "--hidden", "32", "--embed", "16", "--batch", "4", "--seq", "16", "--lr", "5e-3"]
+REAL_CORPUS = DATA_DIR / "amazon" / "all_beauty.txt.gz"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """60 kB of synthetic review-like text."""
+    g = torch.Generator().manual_seed(0)
+    words = b"the a movie film great bad plot acting loved hated it was and but not very".split()
+    lines = []
+    for _ in range(1500):
+        n = int(torch.randint(4, 12, (1,), generator=g))
+        lines.append(b" ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g)))
+    path = tmp_path_factory.mktemp("corpus") / "reviews.txt"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def records(out, key):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r[key]) for r in map(json.loads, lines) if key in r]
+
+
+def run_script(args, **kwargs):
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path.name} appeared:\n{proc.stdout.read()}"
+        assert time.time() < deadline, f"no {path.name} after {timeout} s"
+        time.sleep(0.01)
+
+
+def same_model(a, b):
+    sa = torch.load(a, weights_only=True)["state_dict"]
+    sb = torch.load(b, weights_only=True)["state_dict"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.skipif(not REAL_CORPUS.exists(), reason="shared data not present")
+def test_loss_falls_on_a_real_corpus(tmp_path):
+    assert train.main([*SMALL, "--data", str(REAL_CORPUS), "--out", str(tmp_path), "--hidden", "48",
+                       "--batch", "8", "--seq", "32", "--steps", "250", "--log-every", "25",
+                       "--eval-every", "125", "--eval-bytes", "20000"]) == 0
+    bpb = records(tmp_path, "bits_per_byte")
+    assert [s for s, _ in bpb] == list(range(25, 251, 25))
+    assert bpb[-1][1] < bpb[0][1] - 1.0 and bpb[-1][1] < 4.0, bpb
+    evals = records(tmp_path, "eval_bits_per_byte")
+    assert [s for s, _ in evals] == [125, 250] and evals[1][1] < evals[0][1] < 4.5, evals
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "bits_per_byte", "lr", "chars_per_s"} <= first.keys()
+    model = fastmlstm.load(tmp_path / "model.pt")  # the final model loads in one call
+    assert model.config == {"hidden_size": 48, "embed_size": 16, "weight_norm": True}
+
+
+RESUME_ARGS = ["--steps", "150", "--ckpt-every", "20", "--eval-every", "50", "--log-every", "10",
+               "--eval-bytes", "3000", "--keep", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = run_script([*SMALL, *RESUME_ARGS, "--data", str(corpus), "--out", str(out)])
+    assert proc.wait() == 0, proc.stdout.read()
+    return out
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill-9", "ctrl-c", "sigterm"])
+def test_resume_after_an_interruption_equals_the_uninterrupted_run(how, corpus, uninterrupted, tmp_path):
+    args = [*SMALL, *RESUME_ARGS, "--data", str(corpus), "--out", str(tmp_path)]
+    proc = run_script(args)
+    wait_for(tmp_path / "ckpt-00000040.pt", proc)
+    proc.send_signal(how)
+    code = proc.wait()
+    # The shell's convention: killed by a signal -> 128 + its number (130 Ctrl-C, 143 SIGTERM).
+    assert code == (-signal.SIGKILL if how == signal.SIGKILL else 128 + how), proc.stdout.read()
+    interrupted_at = max(int(p.stem.split("-")[1]) for p in tmp_path.glob("ckpt-*.pt"))
+    assert 40 <= interrupted_at < 150
+    assert len(list(tmp_path.glob("ckpt-*.pt"))) <= 2  # --keep
+    resumed = run_script(args)
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    assert f"resuming {tmp_path} at update {interrupted_at}" in output
+    assert same_model(tmp_path / "model.pt", uninterrupted / "model.pt")
+    assert records(tmp_path, "bits_per_byte") == records(uninterrupted, "bits_per_byte")
+    assert records(tmp_path, "eval_bits_per_byte") == records(uninterrupted, "eval_bits_per_byte")
+
+
+def test_two_process_gloo_run_through_torchrun(corpus, tmp_path):
+    common = [*SMALL, "--data", str(corpus), "--steps", "12", "--log-every", "3", "--eval-every", "6",
+              "--ckpt-every", "6", "--eval-bytes", "3000"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "train.py"), *common, "--out", str(tmp_path / "ddp")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    ddp = records(tmp_path / "ddp", "bits_per_byte")
+    assert [s for s, _ in ddp] == [3, 6, 9, 12]  # rank 0 alone writes metrics: each step once
+    assert [s for s, _ in records(tmp_path / "ddp", "eval_bits_per_byte")] == [6, 12]
+    assert sorted(p.name for p in (tmp_path / "ddp").glob("ckpt-*.pt")) == ["ckpt-00000006.pt", "ckpt-00000012.pt"]
+    assert (tmp_path / "ddp" / "model.pt").exists()
+    # --batch is the global batch: two ranks of 2 rows see the same data as one process of 4 rows.
+    assert train.main([*common, "--out", str(tmp_path / "single")]) == 0
+    single = records(tmp_path / "single", "bits_per_byte")
+    for (_, a), (_, b) in zip(ddp, single):
+        assert abs(a - b) < 1e-3, (ddp, single)
+
+
+def test_a_checkpoint_from_a_different_run_is_refused(corpus, tmp_path, capsys):
+    base = [*SMALL, "--data", str(corpus), "--out", str(tmp_path), "--steps", "4", "--eval-bytes", "3000"]
+    assert train.main(base) == 0
+    capsys.readouterr()
+    assert train.main([*base, "--hidden", "40"]) == 2
+    assert re.search(r"^fastmlstm train: error: .*different run \(hidden: 32 in the checkpoint, 40 now\)",
+                     capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "{d}/missing.txt"], "missing.txt does not exist"),
+        (["--data", "{d}/empty.txt"], "the corpus is empty"),
+        (["--data", "{d}/short.txt", "--eval-bytes", "0"], "too few for one batch"),
+        (["--data", "{d}/short.txt"], "leaves nothing of the 10-byte corpus"),
+        (["--data", "{d}/ok.txt", "--out", "{d}/file/sub"], "cannot write to --out"),
+        (["--data", "{d}/ok.txt", "--batch", "0"], "--batch must be at least 1"),
+        (["--data", "{d}/ok.txt"], None),  # bytes that are not UTF-8 at all: fine for a byte model
+    ],
+    ids=["missing", "empty", "short", "short-heldout", "unwritable", "batch-0", "not-utf8-ok"],
+)
+def test_bad_input_gives_a_clear_error(extra, message, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "short.txt").write_bytes(b"too short\n")
+    (tmp_path / "ok.txt").write_bytes(bytes(range(256)) * 40)
+    (tmp_path / "file").write_text("a file, not a directory")
+    argv = [*SMALL, "--steps", "2", "--eval-bytes", "1000", "--out", str(tmp_path / "run"),
+            *(a.format(d=tmp_path) for a in extra)]
+    if message is None:
+        assert train.main(argv) == 0
+    else:
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastmlstm train: error: ") and message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_checkpoints_are_never_half_written(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"step": 1}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_save({"step": 1}, tmp_path / "a.pt")
+        fastmlstm.ByteLM(8, 4).save(tmp_path / "m.pt")
+    finally:
+        os.umask(old)
+    for name in ("a.pt", "m.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
