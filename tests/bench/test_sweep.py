@@ -17,11 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEVICE
-from mlstm_f64 import recurrence_f64
-from tolerances import ABS, FACTOR, rel_err
+import contract
 
 import fastmlstm
-from fastmlstm.ops import autograd
 from fastmlstm.ops.triton import configs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "kernels"))
@@ -33,51 +31,6 @@ H100 = configs.Device(sms=132, capability=(9, 0), name="NVIDIA H100 80GB HBM3")
 A100 = configs.Device(sms=108, capability=(8, 0), name="NVIDIA A100-SXM4-80GB")
 needs_triton = pytest.mark.skipif(not fastmlstm.backend_status("triton", DEVICE)[0],
                                   reason="the Triton backend cannot run here")
-
-
-def _inputs(T, B, H, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(DEVICE)
-
-    proj = randn(T, B, 5 * H).to(dtype)
-    w_hh = randn(4 * H, H, scale=H ** -0.5).to(dtype)
-    w_hm = randn(H, H, scale=H ** -0.5).to(dtype)
-    h0 = randn(B, H, scale=0.5).to(dtype).float()  # exact in the activation dtype, as the kernels see it
-    c0 = randn(B, H)
-    lens = [(T * (b + 1)) // B for b in range(B)][::-1]
-    lens[1] = 0
-    lengths = torch.tensor(lens, dtype=torch.int64, device=DEVICE)
-    grads = (randn(T, B, H).to(dtype), randn(B, H), randn(T, B, H))
-    return proj, w_hh, w_hm, h0, c0, lengths, grads
-
-
-def _truth(proj, w_hh, w_hm, h0, c0, lengths, grads):
-    leaves = [t.detach().double().cpu().requires_grad_() for t in (proj, w_hh, w_hm, h0, c0)]
-    out, _, c, cells = recurrence_f64(*leaves, lengths.cpu())
-    loss = sum((v * g.double().cpu()).sum() for v, g in zip((out, c, cells), grads))
-    d = torch.autograd.grad(loss, leaves)
-    return {"output": out, "c_n": c, "cell_states": cells, "grad_proj": d[0], "grad_weight_hh": d[1],
-            "grad_weight_hm": d[2], "grad_h0": d[3], "grad_c0": d[4]}
-
-
-def _run(backend, proj, w_hh, w_hm, h0, c0, lengths, grads):
-    fwd = autograd.sequence_forward(proj, w_hh, w_hm, h0, c0, lengths, backend, True, True)
-    bwd = autograd.sequence_backward(*grads, w_hh, w_hm, h0, c0, lengths, fwd[0], fwd[2], fwd[3], backend)
-    names = ("output", "c_n", "cell_states", "act", "grad_proj", "grad_weight_hh", "grad_weight_hm", "grad_h0",
-             "grad_c0")
-    return {n: v.detach().double().cpu() for n, v in zip(names, (*fwd, *bwd)) if n != "act"}
-
-
-def _check(got, ref, truth, dtype):
-    failures = []
-    for name, expected in truth.items():
-        err_ref = rel_err(ref[name], expected)
-        err = rel_err(got[name], expected)
-        if err > FACTOR * err_ref + ABS[dtype]:
-            failures.append(f"{name}: error {err:.2e} > {FACTOR} x reference {err_ref:.2e} + {ABS[dtype]:.0e}")
-    return failures
 
 
 def _space_rows():
@@ -98,14 +51,14 @@ def _space_rows():
 def test_every_config_in_the_dispatch_space_matches_the_truth(dtype, row):
     # H: odd, two hidden tiles of the widest BN (the second partial), several K blocks of BK.
     H = max(c.BN for c in row.values()) + 3
-    inputs = _inputs(T, B, H, dtype)
-    truth = _truth(*inputs)
-    ref = _run("reference", *inputs)
+    inputs = contract.inputs(T, B, H, dtype, ragged=True, device=DEVICE)
+    truth = contract.truth(*inputs)
+    ref = contract.run("reference", *inputs)
     # A config's compiled variant is decided by split == 1 or not; 3 splits are uneven here.
     plan = {k: dataclasses.replace(c, split=3 if c.split > 1 else 1) for k, c in row.items()}
     with configs.override(plan):
-        got = _run("triton", *inputs)
-    failures = _check(got, ref, truth, dtype)
+        got = contract.run("triton", *inputs)
+    failures = contract.failures(got, ref, truth, dtype)
     assert not failures, "\n".join(failures)
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import contract
 from conftest import DTYPES
-from mlstm_f64 import recurrence_f64
 from tolerances import ABS, FACTOR, rel_err
 from torch.utils import cpp_extension
 
@@ -356,40 +356,10 @@ def extension():
 
 
 def _inputs(T, B, H, dtype, ragged=False, seed=0, device="cuda"):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(device)
-
-    proj = randn(T, B, 5 * H).to(dtype)
-    w_hh = randn(4 * H, H, scale=H ** -0.5).to(dtype)
-    w_hm = randn(H, H, scale=H ** -0.5).to(dtype)
-    # h0 is used in the activation dtype: make it exact there so that the float64 truth sees it too.
-    h0 = randn(B, H, scale=0.5).to(dtype).float()
-    c0 = randn(B, H)
-    lengths = None
-    if ragged:
-        lens = [(T * (b + 1)) // B for b in range(B)][::-1]
-        if B > 2:
-            lens[1] = 0
-        lengths = torch.tensor(lens, dtype=torch.int64, device=device)
-    grads = (randn(T, B, H).to(dtype), randn(B, H), randn(T, B, H))
-    return proj, w_hh, w_hm, h0, c0, lengths, grads
+    return contract.inputs(T, B, H, dtype, ragged=ragged, seed=seed, device=device)
 
 
-def _truth_f64(proj, w_hh, w_hm, h0, c0, lengths, grads):
-    """Float64 autograd over the contract's inputs (the suite's independent implementation)."""
-    leaves = [t.detach().double().requires_grad_() for t in (proj, w_hh, w_hm, h0, c0)]
-    out, _, c, cells = recurrence_f64(*leaves, lengths)
-    # proj.sum() * 0 keeps the loss differentiable when no gradient reaches anything (or T = 0).
-    loss = leaves[0].sum() * 0.0
-    for value, g in zip((out, c, cells), grads):
-        if g is not None:
-            loss = loss + (value * g.double()).sum()
-    d = torch.autograd.grad(loss, leaves, allow_unused=True)
-    d = [torch.zeros_like(x) if dx is None else dx for x, dx in zip(leaves, d)]
-    return dict(output=out, c_n=c, cell_states=cells, grad_proj=d[0], grad_weight_hh=d[1], grad_weight_hm=d[2],
-                grad_h0=d[3], grad_c0=d[4])
+_truth_f64 = contract.truth
 
 
 def _run_backend(name, proj, w_hh, w_hm, h0, c0, lengths, grads):

@@ -10,6 +10,7 @@ with the kernel lab that defines them (``bench/kernels/sweep.py``): ``tests/benc
 
 import dataclasses
 
+import contract
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU
@@ -23,29 +24,10 @@ pytestmark = pytest.mark.skipif(not fastmlstm.backend_status("triton", DEVICE)[0
 
 
 def _inputs(T, B, H, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(DEVICE)
-
-    proj = randn(T, B, 5 * H).to(dtype)
-    w_hh = randn(4 * H, H, scale=H ** -0.5).to(dtype)
-    w_hm = randn(H, H, scale=H ** -0.5).to(dtype)
-    h0 = randn(B, H, scale=0.5).to(dtype).float()  # exact in the activation dtype, as the kernels see it
-    c0 = randn(B, H)
-    lens = [(T * (b + 1)) // B for b in range(B)][::-1]
-    lens[1] = 0
-    lengths = torch.tensor(lens, dtype=torch.int64, device=DEVICE)
-    grads = (randn(T, B, H).to(dtype), randn(B, H), randn(T, B, H))
-    return proj, w_hh, w_hm, h0, c0, lengths, grads
+    return contract.inputs(T, B, H, dtype, ragged=True, seed=seed, device=DEVICE)
 
 
-def _run(backend, proj, w_hh, w_hm, h0, c0, lengths, grads):
-    fwd = autograd.sequence_forward(proj, w_hh, w_hm, h0, c0, lengths, backend, True, True)
-    bwd = autograd.sequence_backward(*grads, w_hh, w_hm, h0, c0, lengths, fwd[0], fwd[2], fwd[3], backend)
-    names = ("output", "c_n", "cell_states", "act", "grad_proj", "grad_weight_hh", "grad_weight_hm", "grad_h0",
-             "grad_c0")
-    return {n: v.detach().double().cpu() for n, v in zip(names, (*fwd, *bwd)) if n != "act"}
+_run = contract.run
 
 
 def test_split_k_results_are_independent_of_the_split_count():
