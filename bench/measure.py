@@ -226,6 +226,25 @@ def measure_ceilings(device: torch.device, dtypes, *, copy_mib: int, matmul_n: i
     return {"copy_GBps": copy_gbps, "copy_MiB": copy_mib, "matmul_TFLOPs": rates, "matmul_n": matmul_n}
 
 
+def step_gemm_rate(rows: int, K: int, N: int, dtype: torch.dtype, *, rep_ms: float = 300.0) -> dict:
+    """The rate of torch.mm at one recurrent step's shape, [rows, K] x [K, N] in ``dtype`` on the
+    current torch threads: the roofline a CPU featurization is held to (every step is such a product,
+    or, for the multiplicative LSTM, two dependent ones with the same total N). The weight stays the
+    same across calls, as a recurrence's does; the activations rotate."""
+    device = torch.device("cpu")
+    w = torch.randn(K, N).mul_(K ** -0.5).to(dtype)
+    xs = [torch.randn(rows, K).to(dtype) for _ in range(3)]
+    out = torch.empty(rows, N, dtype=dtype)
+    it = iter(range(1 << 62))
+
+    def call():
+        return torch.mm(xs[next(it) % 3], w, out=out)
+
+    t = time_calls(call, device, warmup_ms=rep_ms / 4, rep_ms=rep_ms, min_runs=5)
+    return {"shape": [rows, K, N], "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "median_ms": t.median_ms, "GFLOPs": 2.0 * rows * K * N / (t.median_ms * 1e-3) / 1e9}
+
+
 # ----------------------------------------------------------------------------------- environment
 
 def cpu_name() -> str:

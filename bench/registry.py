@@ -91,6 +91,41 @@ PRESETS = {
         "timing": {"warmup_ms": 100, "rep_ms": 400, "min_runs": 3},
         "ceilings": {"copy_mib": 256, "matmul_n": 1024, "rep_ms": 300},
     },
+    # Issue 24's "done when" grid: H in {512, 1024}, B in {16, 64} for every sequence mode, the B = 1
+    # step, float32 and bfloat16, two threads; and the released model's size (H = 4096) in featurize,
+    # whose fraction of the machine's own GEMM rate at the step's shape is the roofline target
+    # (run.py's step_gemm). `ratio_targets` are judged by run.py at the end of the run.
+    "cpu-targets": {
+        "device": "cpu", "threads": 2, "T": 64, "I": 64, "dtypes": ("float32", "bfloat16"),
+        "impls": ("fastmlstm-cpu", "cudnn-lstm"),
+        "grid": {
+            "fwd": [(H, B) for H in (512, 1024) for B in (16, 64)],
+            "fwd+bwd": [(H, B) for H in (512, 1024) for B in (16, 64)],
+            "step": [(H, 1) for H in (512, 1024)],
+            "featurize": [(H, B) for H in (512, 1024) for B in (16, 64)],
+            "train": [(H, B) for H in (512, 1024) for B in (16, 64)],
+        },
+        "extra": [("featurize", dt, 4096, 64) for dt in ("float32", "bfloat16")],
+        "featurize_texts": 128,
+        "timing": {"warmup_ms": 100, "rep_ms": 400, "min_runs": 3},
+        "ceilings": {"copy_mib": 256, "matmul_n": 1024, "rep_ms": 300},
+        "ratio_targets": [
+            # (name, mode, (impl, dtype) timed, (impl, dtype) compared with, limit on the time ratio)
+            ("fwd fp32 <= 1.1x nn.LSTM", "fwd", ("fastmlstm-cpu", "float32"), ("nn-lstm", "float32"), 1.1),
+            ("fwd+bwd fp32 <= 1.25x nn.LSTM", "fwd+bwd", ("fastmlstm-cpu", "float32"), ("nn-lstm", "float32"),
+             1.25),
+            ("train step fp32 <= 1.25x nn.LSTM", "train", ("fastmlstm-cpu", "float32"), ("nn-lstm", "float32"),
+             1.25),
+            ("featurize fp32 <= 1.0x nn.LSTM", "featurize", ("fastmlstm-cpu", "float32"), ("nn-lstm", "float32"),
+             1.0),
+            ("step B=1 fp32 <= 0.5x nn.LSTM", "step", ("fastmlstm-cpu", "float32"), ("nn-lstm", "float32"), 0.5),
+            ("own bf16 fwd <= 0.75x own fp32 (bf16 dot products)", "fwd", ("fastmlstm-cpu", "bfloat16"),
+             ("fastmlstm-cpu", "float32"), 0.75),
+            ("fwd bf16 <= 1.25x nn.LSTM bf16 (native oneDNN)", "fwd", ("fastmlstm-cpu", "bfloat16"),
+             ("nn-lstm", "bfloat16"), 1.25),
+        ],
+        "roofline_targets": [("featurize H=4096 >= 50% of the step GEMM's rate", "featurize", 4096, 0.5)],
+    },
     # CI: every mode and every CPU implementation at one tiny shape, in seconds.
     "tiny": {
         "device": "cpu", "threads": 1, "T": 8, "I": 8, "dtypes": ("float32",),

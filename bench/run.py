@@ -144,8 +144,64 @@ def run_case(impl: implementations.Impl, case: registry.Case, device: torch.devi
     record.update(built.notes)
     elem = registry.DTYPES[case.dtype].itemsize
     record["roofline"] = roofline(record, impl.family, ceilings, elem, built.batches, built.params)
+    if case.mode == "featurize" and device.type == "cpu":
+        record["step_gemm"] = step_gemm_roofline(record, impl.family, case, ctx)
     del built
     return record
+
+
+def step_gemm_roofline(record: dict, family: str, case: registry.Case, ctx: dict) -> dict:
+    """Featurize against this machine's own GEMM at the step's shape, [B, H] x [H, gH] (g = 5 for
+    the multiplicative LSTM, 4 for the LSTM), same dtype, same threads, measured now (once per
+    shape in a run): the useful FLOPs (2 g H^2 per text byte: padding and finished rows count as
+    waste) per second over that GEMM's FLOPs per second."""
+    gates = 5 if family == "mlstm" else 4
+    H = record["hidden_size"]
+    key = (case.B, H, gates, case.dtype, torch.get_num_threads())
+    cache = ctx.setdefault("step_gemm", {})
+    if key not in cache:
+        cache[key] = measure.step_gemm_rate(case.B, H, gates * H, registry.DTYPES[case.dtype])
+    gemm = dict(cache[key])
+    useful = 2.0 * gates * H * H * record["chars"]
+    gemm["useful_GFLOPs"] = useful / (record["median_ms"] * 1e-3) / 1e9
+    gemm["fraction"] = gemm["useful_GFLOPs"] / gemm["GFLOPs"]
+    return gemm
+
+
+def judge_targets(doc: dict, preset: dict) -> list[dict]:
+    """The preset's ratio and roofline targets over the run's results: for each, every case's
+    ratio (time of the first (impl, dtype) over the second's at the same mode, H, B) or fraction."""
+    by_key = {(r["impl"], r["mode"], r["dtype"], r["H"], r["B"]): r for r in doc["results"]}
+    judged = []
+    for name, mode, (impl, dtype), (other, other_dtype), limit in preset.get("ratio_targets", ()):
+        cases = []
+        for (i, m, dt, H, B), r in sorted(by_key.items(), key=lambda kv: (kv[0][3], kv[0][4])):
+            o = by_key.get((other, m, other_dtype, H, B))
+            if i == impl and m == mode and dt == dtype and o is not None and H < 4096:
+                cases.append({"H": H, "B": B, "ratio": r["median_ms"] / o["median_ms"]})
+        judged.append({"target": name, "limit": limit, "cases": cases,
+                       "met": all(c["ratio"] <= limit for c in cases) if cases else None})
+    for name, mode, H, limit in preset.get("roofline_targets", ()):
+        cases = [{"impl": r["impl"], "dtype": r["dtype"], "H": r["H"], "B": r["B"],
+                  "fraction": r["step_gemm"]["fraction"]}
+                 for r in doc["results"] if r["mode"] == mode and r["H"] == H and "step_gemm" in r
+                 and r["impl"].startswith("fastmlstm")]
+        judged.append({"target": name, "limit": limit, "cases": cases,
+                       "met": all(c["fraction"] >= limit for c in cases) if cases else None})
+    return judged
+
+
+_STATUS = {True: "met", False: "missed", None: "not measured"}
+
+
+def targets_markdown(judged: list[dict]) -> str:
+    lines = ["", "## This preset's targets (judged by bench/run.py)", "",
+             "| target | cases (H, B: ratio or fraction) | status |", "|---|---|---|"]
+    for t in judged:
+        cells = ", ".join((f"{c['dtype']} " if "dtype" in c else "") + f"H={c['H']} B={c['B']}: "
+                          + (f"{c['ratio']:.2f}x" if "ratio" in c else f"{c['fraction']:.0%}") for c in t["cases"])
+        lines.append(f"| {t['target']} | {cells or 'not measured'} | {_STATUS[t['met']]} |")
+    return "\n".join(lines) + "\n"
 
 
 class UsageError(Exception):
@@ -272,7 +328,10 @@ def write_results(doc: dict, args, device: torch.device) -> list[Path]:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stem}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(report.markdown(doc, path.name))
+    text = report.markdown(doc, path.name)
+    if doc.get("targets_judged"):
+        text += targets_markdown(doc["targets_judged"])
+    (args.out / f"{stem}.md").write_text(text)
     written = [path, args.out / f"{stem}.md"]
     if not args.no_plots:
         written += report.plots(doc, args.out / stem)
@@ -308,6 +367,9 @@ def main(argv=None) -> int:
     results, errors, skipped_cases = time_cases(active, cases, device, ctx, ceilings, timing, doc["device"])
     doc.update(errors=errors, results=results, skipped_cases=skipped_cases, load_average_end=measure.load_average(),
                finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    if preset.get("ratio_targets") or preset.get("roofline_targets"):
+        doc["targets_judged"] = judge_targets(doc, preset)
+        print(targets_markdown(doc["targets_judged"]), flush=True)
     written = write_results(doc, args, device)
     print("== wrote " + ", ".join(str(p) for p in written), flush=True)
     if doc["refused"]:

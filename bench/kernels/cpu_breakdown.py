@@ -1,14 +1,15 @@
 """Where fwd+bwd time goes on the CPU backend, beside torch.nn.LSTM: the measured cause behind a
 CPU fwd+bwd ratio (bench/kernels/NOTES.md, "CPU").
 
-    python bench/kernels/cpu_breakdown.py [--H 512,1024] [--B 16,64] [--T 64] [--I 64] [--out FILE.json]
+    python bench/kernels/cpu_breakdown.py [--H 512,1024] [--B 16,64] [--T 64] [--I 64] [--threads 2] [--out FILE.json]
 
-For each (H, B), float32, one thread, interleaved call by call:
+For each (H, B), float32, ``--threads`` torch threads (default 2), interleaved call by call:
 - ``fwd_train``: the forward under autograd (activations saved), fastmlstm and nn.LSTM;
 - ``fwd_bwd``: forward + gradients of the input and every parameter; ``bwd`` = fwd_bwd - fwd_train;
 - ``bwd_gemm_floor``: the backward's GEMMs alone, as MKL runs them with the same shapes: the per-step
   recurrent products (fastmlstm: [B, H] x [H, H] and [B, 4H] x [4H, H]; nn.LSTM: [B, 4H] x [4H, H])
-  in a T-step loop, plus the weight-gradient products summed over all T * B rows;
+  in a T-step loop (``bwd_recurrent_gemms``), plus the weight-gradient and input-gradient products
+  over all T * B rows at once (``bwd_batched_gemms``);
 - ``bwd_rest`` = bwd - bwd_gemm_floor: the pointwise cell derivatives, recomputation, copies, and
   what the GEMMs lose by running inside the loop.
 """
@@ -44,22 +45,26 @@ def _median_ms(fns: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _gemm_floor(T, B, H, I, gates_products):
-    """The backward's GEMMs with MKL: T steps of the recurrent products, then the weight gradients."""
+def _gemm_floor(T, B, H, I, gates_products, part="all"):
+    """The backward's GEMMs with MKL: ``"recurrent"``, the T steps of the per-step products (the
+    sequential chain); ``"batched"``, the weight gradients and the input gradient over all T * B rows
+    at once (what does not depend on the chain); ``"all"``, both."""
     rows = T * B
+    mlstm = len(gates_products) == 2
     rec = [(torch.randn(B, k), torch.randn(k, H)) for k in gates_products]
     wg = [(torch.randn(n, rows), torch.randn(rows, k)) for n, k in
-          ([(4 * H, H), (H, H), (5 * H, I + 1)] if len(gates_products) == 2 else [(4 * H, H), (4 * H, I + 1)])]
-    gx = (torch.randn(rows, 5 * H if len(gates_products) == 2 else 4 * H), torch.randn(
-        5 * H if len(gates_products) == 2 else 4 * H, I))
+          ([(4 * H, H), (H, H), (5 * H, I + 1)] if mlstm else [(4 * H, H), (4 * H, I + 1)])]
+    gx = (torch.randn(rows, 5 * H if mlstm else 4 * H), torch.randn(5 * H if mlstm else 4 * H, I))
 
     def run():
-        for _ in range(T):
-            for a, b in rec:
+        if part in ("all", "recurrent"):
+            for _ in range(T):
+                for a, b in rec:
+                    torch.mm(a, b)
+        if part in ("all", "batched"):
+            for a, b in wg:
                 torch.mm(a, b)
-        for a, b in wg:
-            torch.mm(a, b)
-        torch.mm(*gx)
+            torch.mm(*gx)
     return run
 
 
@@ -80,12 +85,17 @@ def case(H: int, B: int, T: int, I: int, rounds: int) -> dict:
     t = _median_ms({"fast_fwd_train": fwd(fast), "lstm_fwd_train": fwd(lstm),
                     "fast_fwd_bwd": fwd_bwd(fast), "lstm_fwd_bwd": fwd_bwd(lstm),
                     "fast_bwd_gemm_floor": _gemm_floor(T, B, H, I, (H, 4 * H)),
-                    "lstm_bwd_gemm_floor": _gemm_floor(T, B, H, I, (4 * H,))}, rounds)
+                    "lstm_bwd_gemm_floor": _gemm_floor(T, B, H, I, (4 * H,)),
+                    "fast_bwd_recurrent_gemms": _gemm_floor(T, B, H, I, (H, 4 * H), "recurrent"),
+                    "lstm_bwd_recurrent_gemms": _gemm_floor(T, B, H, I, (4 * H,), "recurrent"),
+                    "fast_bwd_batched_gemms": _gemm_floor(T, B, H, I, (H, 4 * H), "batched"),
+                    "lstm_bwd_batched_gemms": _gemm_floor(T, B, H, I, (4 * H,), "batched")}, rounds)
     out = {"H": H, "B": B, "T": T, "I": I, **{k: round(v, 2) for k, v in t.items()}}
     for who in ("fast", "lstm"):
         out[f"{who}_bwd"] = round(t[f"{who}_fwd_bwd"] - t[f"{who}_fwd_train"], 2)
         out[f"{who}_bwd_rest"] = round(out[f"{who}_bwd"] - t[f"{who}_bwd_gemm_floor"], 2)
-    for k in ("fwd_train", "fwd_bwd", "bwd", "bwd_gemm_floor", "bwd_rest"):
+    for k in ("fwd_train", "fwd_bwd", "bwd", "bwd_gemm_floor", "bwd_rest", "bwd_recurrent_gemms",
+              "bwd_batched_gemms"):
         out[f"ratio_{k}"] = round(out[f"fast_{k}"] / out[f"lstm_{k}"], 3)
     return out
 
@@ -97,15 +107,16 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, default=64)
     p.add_argument("--I", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (issue 24's targets use 2)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     if not fastmlstm.backend_status("cpu", "cpu")[0]:
         print("cpu_breakdown.py: the cpu backend is unavailable here", file=sys.stderr)
         return 1
     doc = {"device": measure.cpu_name(), "cpu_features": measure.cpu_features(), **measure.versions(),
            **measure.git_commit(), "command": "python bench/kernels/cpu_breakdown.py " + " ".join(sys.argv[1:]),
-           "load_average_start": measure.load_average(), "cases": []}
+           "torch_threads": torch.get_num_threads(), "load_average_start": measure.load_average(), "cases": []}
     for H in (int(h) for h in args.H.split(",")):
         for B in (int(b) for b in args.B.split(",")):
             doc["cases"].append(case(H, B, args.T, args.I, args.rounds))
