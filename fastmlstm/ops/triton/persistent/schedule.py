@@ -1,0 +1,417 @@
+"""Schedules of the persistent kernels, as data: which CTA computes which output tile of which
+product, over which K range, in which order its partials are reduced, and how the phases of a
+step wait for each other.
+
+One :class:`Schedule` drives three things that therefore cannot disagree: the Gluon kernels (they
+read :meth:`Schedule.item_table` as an int32 tensor and take their launch shape from the fields),
+the CPU executor (:mod:`.executor`, which CI runs against the reference backend) and the cost model
+(``bench/kernels/costmodel.py`` reads the byte counts).
+
+Legend
+    B batch rows, H hidden units, e bytes per weight/activation element (2: bf16, fp16)
+    C CTAs per cluster, Q = ctas / C clusters, P = ctas
+    BM rows of an output tile (hidden units; for the gate product "z", BM/4 units of each gate)
+    BK reduction block, KB = ceil(K / BK) blocks, BB batch columns of the MMA (B rounded up)
+
+Every product is computed "swap-AB": out^T [rows, B] = W_view [rows, K] @ act^T [K, B], so the
+hidden units fill the MMA's M (64 or 128 per warpgroup) and the batch its N (8 to 256): a batch of
+1 wastes nothing of the weight stream. The products of a step, in dependency order:
+
+    forward   "hm"  rows H,  K H:   hm = h_{t-1} Wmh^T     epilogue m = xm * hm
+              "z"   rows 4H, K H:   z = m Wh^T (+ xg)      epilogue gates, c_t, h_t
+    backward  "dh"  rows H,  K H:   dh = dhm_{t+1} Wmh     epilogue cell derivatives -> dz_t, dc_{t-1}
+              "dm"  rows H,  K 4H:  dm = dz_t Wh           epilogue dxm = dm * hm, dhm = dm * xm
+    (after the last backward step one more "dh" turns dhm_0 into the gradient of h0)
+
+Partition (both designs). The C CTAs of a cluster own C adjacent output tiles (a "group") and walk
+the same K blocks at the same time, so each activation tile [B, BK] is loaded once per cluster and
+multicast to its C CTAs (TMA multicast). A phase's work is the list of (group, K block) units,
+group-major; cluster q takes the contiguous range [q U / Q, (q + 1) U / Q) of its U units (the
+"stream-K" partition: no power-of-two tiles, every cluster within one unit of the others, so every
+SM is busy whatever H and the SM count). A range that crosses a group boundary becomes two items.
+An output tile whose K blocks fall to several clusters gets one partial per cluster ("parts"),
+numbered in K order.
+
+Reduction ("l2"). Each contribution stores its float32 partial [rows, B] to its own workspace slot
+and draws a ticket on its tile's counter; the contributor that draws the last ticket sums the
+parts in part order (so the result is bitwise the same whichever finishes last) and runs the
+fused epilogue. Nobody waits inside a phase. Why not DSMEM or TMA reduce-add: the parts of a tile
+sit in different clusters (the cluster is laid along the output rows, for the multicast), out of
+each other's shared memory; and a TMA reduce-add sums in arrival order, which would make results
+differ from run to run and break the bit-exact chunked-call guarantee the other backends keep.
+
+Synchronisation ("grid"). After its epilogues each CTA adds 1 to one monotonic counter; phase
+instance n (n = 0, 1, ... over the whole call: 2 per step, plus the backward's tail) may start
+once the counter reaches P (n + 1). Every wait is bounded (``spin_limit`` polls): a wait that runs
+out sets an error word naming the step and the kernel stops, and the host raises. The grid
+barrier needs every CTA resident at once: one CTA per SM at most (``ctas <= sms``), which the
+kernels' shared memory enforces, and clusters that fit the GPCs: hence C = 2 by default (an H100
+SXM's GPCs hold an even number of SMs, not always a multiple of 4).
+
+Designs
+    "cluster"     weights streamed from HBM/L2 every step (any H the TMA can address).
+    "stationary"  each CTA's weight tiles are loaded into its shared memory once per call and reused
+                  every step: applies where they fit (H up to about 1500 in 16-bit on 132 SMs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..configs import Device
+
+DESIGNS = ("cluster", "stationary")
+DIRECTIONS = ("forward", "backward")
+PRODUCTS = {"forward": ("hm", "z"), "backward": ("dh", "dm")}
+REDUCTIONS = ("l2", "dsmem", "tma_add", "none")
+SYNCS = ("grid", "cluster", "none")
+
+# Rows of M the output tile covers: a warpgroup's MMA is 64 rows, two consumer warpgroups 128.
+BLOCK_M = 128
+# 64 16-bit values: 128-byte rows, the TMA's widest swizzle.
+BLOCK_K = 64
+DEFAULT_CLUSTER = 2
+# wgmma's N is at most 256: one batch tile.
+MAX_BATCH = 256
+# Shared memory one block may use on sm_90 (227 KB), less what the stationary design keeps beside
+# its resident weights: the activation ring and the barriers.
+SMEM_PER_BLOCK = 232448
+STAGES = 4
+# Columns of item_table(): group, first K block, end K block, part, parts, workspace slot of rank 0.
+ITEM_FIELDS = ("group", "kb_lo", "kb_hi", "part", "parts", "slot0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One product of a step. ``rows`` is its M (H or 4H), ``K`` its reduction length; an output
+    tile covers ``units_per_tile`` hidden units (of each of the four gates for "z"). ``sync`` is
+    what every CTA waits for before the next phase starts."""
+
+    index: int
+    product: str
+    operand: str
+    rows: int
+    K: int
+    block_m: int
+    block_k: int
+    units_per_tile: int
+    m_tiles: int
+    k_blocks: int
+    sync: str = "grid"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One contribution: CTA ``cta`` (rank ``rank`` of cluster ``cluster_id``) computes output tile
+    ``m_tile`` of phase ``phase`` over K blocks [kb_lo, kb_hi), as part ``part`` of ``parts`` (the
+    fixed reduction order), into workspace slot ``slot``; ``seq`` is its place in the CTA's list."""
+
+    cta: int
+    cluster_id: int
+    rank: int
+    phase: int
+    seq: int
+    m_tile: int
+    kb_lo: int
+    kb_hi: int
+    part: int
+    parts: int
+    slot: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """What one cluster does at one place of its list: K blocks [kb_lo, kb_hi) of the group's C
+    tiles (tile group * C + rank for each rank that exists), as part ``part`` of ``parts``."""
+
+    cluster_id: int
+    phase: int
+    seq: int
+    group: int
+    kb_lo: int
+    kb_hi: int
+    part: int
+    parts: int
+    slot0: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A persistent kernel's launch and work for one (design, direction, B, H, dtype, device).
+
+    Byte counts are per step (per direction) for the whole GPU; the I/O counts assume training:
+    the forward saves what backward needs, the backward gets a gradient for the outputs only.
+    """
+
+    design: str
+    direction: str
+    B: int
+    H: int
+    dtype_bytes: int
+    ctas: int
+    cluster: int
+    active_sms: int
+    split_k: int
+    reduction: str
+    resident_weight_bytes_per_cta: int
+    block_m: int
+    block_k: int
+    block_b: int
+    stages: int
+    phases: tuple[Phase, ...]
+    items: tuple[Item, ...]
+    tiles: tuple[Tile, ...]
+    slots: int
+    hbm_bytes_per_step: int
+    l2_bytes_per_step: int
+    onchip_bytes_per_step: int
+    multicast_bytes_saved_per_step: int
+    weight_bytes_per_call: int
+
+    @property
+    def clusters(self) -> int:
+        return self.ctas // self.cluster
+
+    def items_of(self, cluster_id: int, phase: int) -> list[Item]:
+        return [it for it in self.items if it.cluster_id == cluster_id and it.phase == phase]
+
+    def tiles_of(self, cta: int, phase: int) -> list[Tile]:
+        return [t for t in self.tiles if t.cta == cta and t.phase == phase]
+
+    def max_items(self) -> int:
+        """The longest list any cluster has in any phase (the item table's middle dimension)."""
+        return max([len(self.items_of(q, p.index)) for q in range(self.clusters) for p in self.phases] + [1])
+
+    def item_table(self) -> tuple[list, list]:
+        """(table, counts) for the kernels: table[phase][cluster][i] = the ITEM_FIELDS of the
+        cluster's i-th item (zero rows past its count), counts[phase][cluster] = its item count."""
+        width, table, counts = self.max_items(), [], []
+        for p in self.phases:
+            rows, row_counts = [], []
+            for q in range(self.clusters):
+                mine = [[getattr(it, f) for f in ITEM_FIELDS] for it in self.items_of(q, p.index)]
+                row_counts.append(len(mine))
+                rows.append(mine + [[0] * len(ITEM_FIELDS)] * (width - len(mine)))
+            table.append(rows)
+            counts.append(row_counts)
+        return table, counts
+
+    def resident_blocks(self) -> int:
+        """Weight tiles [BM, BK] the busiest CTA keeps resident (stationary design), else 0."""
+        if self.design != "stationary":
+            return 0
+        return max(sum(t.kb_hi - t.kb_lo for t in self.tiles if t.cta == cta) for cta in range(self.ctas))
+
+    def barrier_target(self, instance: int) -> int:
+        """The grid counter's value that releases phase instance ``instance + 1``."""
+        return self.ctas * (instance + 1)
+
+
+def phases_for(direction: str, H: int, block_m: int = BLOCK_M, block_k: int = BLOCK_K) -> tuple[Phase, ...]:
+    """The products of one step in dependency order, with their tile counts."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; one of {DIRECTIONS}")
+    shapes = {"hm": ("h", H, H), "z": ("m", 4 * H, H), "dh": ("dhm", H, H), "dm": ("dz", H, 4 * H)}
+    phases = []
+    for index, product in enumerate(PRODUCTS[direction]):
+        operand, rows, K = shapes[product]
+        units = block_m // 4 if product == "z" else block_m
+        phases.append(Phase(index=index, product=product, operand=operand, rows=rows, K=K, block_m=block_m,
+                            block_k=block_k, units_per_tile=units, m_tiles=math.ceil(H / units),
+                            k_blocks=math.ceil(K / block_k)))
+    return tuple(phases)
+
+
+def _partition(phase: Phase, clusters: int, cluster: int, first_slot: int) -> tuple[list[Item], int]:
+    """The stream-K split of one phase over the clusters, and the next free workspace slot.
+
+    Unit u = group * KB + kb; cluster q takes [q U / Q, (q + 1) U / Q), cut at group boundaries.
+    """
+    groups = math.ceil(phase.m_tiles / cluster)
+    KB = phase.k_blocks
+    U = groups * KB
+    pieces = []  # (cluster, seq, group, kb_lo, kb_hi)
+    for q in range(clusters):
+        lo, hi = q * U // clusters, (q + 1) * U // clusters
+        seq = 0
+        while lo < hi:
+            g = lo // KB
+            end = min(hi, (g + 1) * KB)
+            pieces.append((q, seq, g, lo - g * KB, end - g * KB))
+            seq += 1
+            lo = end
+    # Parts of a group in K order; clusters take increasing units, so K order is cluster order.
+    by_group: dict[int, list] = {}
+    for piece in pieces:
+        by_group.setdefault(piece[2], []).append(piece)
+    # Slots: tile m_tile owns parts consecutive slots, tiles in order; rank r of a group's item
+    # writes slot slot0 + r * parts + part (the tiles of one group have the same parts).
+    slot_of_group, slot = {}, first_slot
+    for g in range(groups):
+        slot_of_group[g] = slot
+        tiles_in_group = min(cluster, phase.m_tiles - g * cluster)
+        slot += tiles_in_group * len(by_group.get(g, []))
+    items = []
+    for g, group_pieces in by_group.items():
+        group_pieces.sort(key=lambda p: p[3])
+        for part, (q, seq, _, kb_lo, kb_hi) in enumerate(group_pieces):
+            items.append(Item(cluster_id=q, phase=phase.index, seq=seq, group=g, kb_lo=kb_lo, kb_hi=kb_hi,
+                              part=part, parts=len(group_pieces), slot0=slot_of_group[g]))
+    items.sort(key=lambda it: (it.phase, it.cluster_id, it.seq))
+    return items, slot
+
+
+def _tiles(items: list[Item], phases: tuple[Phase, ...], cluster: int) -> list[Tile]:
+    tiles = []
+    for it in items:
+        m_tiles = phases[it.phase].m_tiles
+        for rank in range(cluster):
+            m_tile = it.group * cluster + rank
+            if m_tile >= m_tiles:
+                continue  # the last group's missing tiles: that rank only receives the multicast
+            tiles.append(Tile(cta=it.cluster_id * cluster + rank, cluster_id=it.cluster_id, rank=rank,
+                              phase=it.phase, seq=it.seq, m_tile=m_tile, kb_lo=it.kb_lo, kb_hi=it.kb_hi,
+                              part=it.part, parts=it.parts, slot=it.slot0 + rank * it.parts + it.part))
+    return tiles
+
+
+def batch_block(B: int) -> int:
+    """The MMA's N: B rounded up to a power of two, at least 16 (the compiled variants stay few)."""
+    return max(16, 1 << (B - 1).bit_length())
+
+
+def _valid_rows(phase: Phase, m_tile: int, H: int) -> int:
+    """Rows of the tile inside the product (the rest are the TMA's zero fill, masked out)."""
+    units = min(phase.units_per_tile, H - m_tile * phase.units_per_tile)
+    return 4 * units if phase.product == "z" else units
+
+
+def _k_len(phase: Phase, kb_lo: int, kb_hi: int) -> int:
+    return min(kb_hi * phase.block_k, phase.K) - kb_lo * phase.block_k
+
+
+def io_bytes(direction: str, B: int, H: int, e: int) -> tuple[int, int]:
+    """(HBM, L2-only) bytes of one step's epilogues, training assumptions (see :class:`Schedule`).
+
+    Forward: reads proj_t [B, 5H] and c_{t-1} (just written: L2); writes h_t, c_t (float32), the
+    saved act_t [B, 6H], and m [B, H] (internal, read back by the next phase: L2).
+    Backward: reads dout_t, act_t [B, 6H], c_t (HBM) and c_{t-1} (HBM now, L2 when the next step
+    reads it as its c_t); reads and writes the carried dc (float32, L2); writes grad_proj_t
+    [B, 5H] and dhm_t [B, H].
+    """
+    BH = B * H
+    if direction == "forward":
+        hbm = 5 * BH * e + 6 * BH * e + BH * e + 4 * BH
+        l2 = 4 * BH + 2 * BH * e
+    else:
+        hbm = BH * e + 6 * BH * e + 2 * 4 * BH + 5 * BH * e + BH * e
+        l2 = 2 * 4 * BH
+    return hbm, l2
+
+
+def _bytes(design: str, direction: str, B: int, H: int, e: int, BB: int, phases: tuple[Phase, ...],
+           items: list[Item], tiles: list[Tile]) -> dict:
+    """Bytes per step, counted from the tile plan (module docstring: where each byte comes from)."""
+    weights = sum(_valid_rows(phases[t.phase], t.m_tile, H) * _k_len(phases[t.phase], t.kb_lo, t.kb_hi) * e
+                  for t in tiles)
+    activations = saved = 0
+    for it in items:
+        phase = phases[it.phase]
+        ranks = sum(1 for t in tiles if t.cluster_id == it.cluster_id and t.phase == it.phase and t.seq == it.seq)
+        tile_bytes = B * _k_len(phase, it.kb_lo, it.kb_hi) * e
+        activations += tile_bytes
+        saved += (ranks - 1) * tile_bytes
+    partials = sum(2 * _valid_rows(phases[t.phase], t.m_tile, H) * B * 4 for t in tiles)
+    smem = sum((phases[t.phase].block_m + BB) * (t.kb_hi - t.kb_lo) * phases[t.phase].block_k * e for t in tiles)
+    io_hbm, io_l2 = io_bytes(direction, B, H, e)
+    streamed = weights if design == "cluster" else 0
+    return {"hbm_bytes_per_step": streamed + io_hbm,
+            "l2_bytes_per_step": streamed + activations + partials + io_hbm + io_l2,
+            "onchip_bytes_per_step": smem,
+            "multicast_bytes_saved_per_step": saved,
+            "weight_bytes_per_call": weights if design == "stationary" else 0}
+
+
+def _check_args(design: str, direction: str, B: int, H: int, dtype_bytes: int) -> None:
+    if design not in DESIGNS:
+        raise ValueError(f"unknown design {design!r}; one of {DESIGNS}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; one of {DIRECTIONS}")
+    if B < 1 or H < 1 or dtype_bytes < 1:
+        raise ValueError(f"B, H and dtype_bytes must be positive, got B={B}, H={H}, dtype_bytes={dtype_bytes}")
+
+
+def applies(B: int, H: int, dtype_bytes: int, device: Device | None) -> str:
+    """Why the persistent kernels cannot run a shape ("" when they can, design aside)."""
+    if device is None or device.capability[0] != 9:
+        return "the persistent kernels are compiled for sm_90a (Hopper) only"
+    if dtype_bytes != 2:
+        return "the persistent kernels take 16-bit weights only (wgmma in bf16/fp16, float32 accumulation)"
+    if H % 8:
+        return f"H = {H} is not a multiple of 8 (TMA needs 16-byte row strides)"
+    if B > MAX_BATCH:
+        return f"B = {B} rows exceeds one MMA batch tile ({MAX_BATCH})"
+    if device.sms < 1:
+        return "the device reports no multiprocessors"
+    return ""
+
+
+def block_k_for(direction: str, H: int, clusters: int, cluster: int, block_m: int = BLOCK_M) -> int:
+    """BK: 64, or 32 or 16 where 64 would leave a cluster without work in some phase (small H)."""
+    for bk in (BLOCK_K, BLOCK_K // 2, BLOCK_K // 4):
+        phases = phases_for(direction, H, block_m, bk)
+        if all(math.ceil(p.m_tiles / cluster) * p.k_blocks >= clusters for p in phases):
+            return bk
+    return BLOCK_K // 4
+
+
+def plan(design: str, direction: str, B: int, H: int, dtype_bytes: int, device: Device | None, *,
+         cluster: int = DEFAULT_CLUSTER, block_m: int = BLOCK_M, block_k: int | None = None) -> Schedule | None:
+    """The schedule of ``design`` for one direction at (B, H), or None where it does not apply
+    (not Hopper, not 16-bit, H not a multiple of 8, B over 256, or, for "stationary", weights
+    that do not fit the CTAs' shared memory).
+
+    ``cluster``, ``block_m`` and ``block_k`` are the kernels' (2, 128, and 64, 32 or 16 by
+    :func:`block_k_for`); tests pass small tiles to exercise many splits at small shapes.
+
+    Example::
+
+        >>> from fastmlstm.ops.triton.configs import Device
+        >>> s = plan("cluster", "forward", 128, 4096, 2, Device(132, (9, 0), "H100"))
+        >>> s.ctas, s.cluster, s.active_sms
+        (132, 2, 132)
+    """
+    _check_args(design, direction, B, H, dtype_bytes)
+    if applies(B, H, dtype_bytes, device):
+        return None
+    if cluster < 1 or cluster & (cluster - 1) or cluster > 8:
+        raise ValueError(f"cluster must be 1, 2, 4 or 8 CTAs, got {cluster}")
+    clusters = device.sms // cluster
+    if clusters < 1:
+        return None
+    if block_k is None:
+        block_k = block_k_for(direction, H, clusters, cluster, block_m)
+    if block_m % 4 or block_m < 4 or block_k < 1:
+        raise ValueError(f"block_m must be a positive multiple of 4 and block_k positive, got {block_m}, {block_k}")
+    ctas = clusters * cluster
+    phases = phases_for(direction, H, block_m, block_k)
+    items, slot = [], 0
+    for phase in phases:
+        phase_items, slot = _partition(phase, clusters, cluster, slot)
+        items += phase_items
+    tiles = _tiles(items, phases, cluster)
+    BB = batch_block(B)
+    e = dtype_bytes
+    resident = 0
+    if design == "stationary":
+        blocks = max(sum(t.kb_hi - t.kb_lo for t in tiles if t.cta == cta) for cta in range(ctas))
+        resident = blocks * block_m * block_k * e
+        if resident + STAGES * BB * block_k * e + 8192 > SMEM_PER_BLOCK:
+            return None
+    active = min(len({t.cta for t in tiles if t.phase == p.index}) for p in phases)
+    return Schedule(design=design, direction=direction, B=B, H=H, dtype_bytes=e, ctas=ctas, cluster=cluster,
+                    active_sms=active, split_k=max(it.parts for it in items), reduction="l2",
+                    resident_weight_bytes_per_cta=resident, block_m=block_m, block_k=block_k, block_b=BB,
+                    stages=STAGES, phases=phases, items=tuple(items), tiles=tuple(tiles), slots=slot,
+                    **_bytes(design, direction, B, H, e, BB, phases, items, tiles))
