@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._atomic import atomic_write
+from .._atomic import FileSet, committed_path, interrupted
 from ..errors import InputError, MissingInputError, ModelFileError
 
 __all__ = ["NUM_FILES", "SENTIMENT_UNIT", "is_openai_dir", "read_released", "released_arrays", "write_released"]
@@ -35,10 +35,18 @@ _NAMES = {0: "embedding", 1: "wx", 2: "wh block i", 3: "wh block f", 4: "wh bloc
           7: "wmh", 8: "b", 9: "gx", 10: "gh", 11: "gmx", 12: "gmh", 13: "readout w", 14: "readout b"}
 
 
+def _files(path: Path) -> list[Path | None]:
+    """The 15 files, where an export that could not finish (nor undo itself) left the previous ones."""
+    try:
+        return [committed_path(path, f"{i}.npy") for i in range(NUM_FILES)]
+    except InputError as exc:
+        raise ModelFileError(str(exc)) from None
+
+
 def is_openai_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory holding the released layout (``0.npy`` .. ``14.npy``)."""
     path = Path(path)
-    return path.is_dir() and all((path / f"{i}.npy").is_file() for i in range(NUM_FILES))
+    return path.is_dir() and all(f is not None and f.is_file() for f in _files(path))
 
 
 def _read_arrays(path: Path) -> list[np.ndarray]:
@@ -47,18 +55,21 @@ def _read_arrays(path: Path) -> list[np.ndarray]:
     if not path.is_dir():
         raise ModelFileError(f"{path} is a file; the released layout is a directory of 0.npy .. 14.npy "
                              "(for a fastmlstm model file use fastmlstm.load)")
-    missing = [f"{i}.npy" for i in range(NUM_FILES) if not (path / f"{i}.npy").is_file()]
+    files = _files(path)
+    missing = [f"{i}.npy" for i, f in enumerate(files) if f is None or not f.is_file()]
     if missing:
         raise MissingInputError(f"{path} is missing {', '.join(missing)} of the released layout (0.npy .. 14.npy)")
     arrays = []
-    for i in range(NUM_FILES):
-        file = path / f"{i}.npy"
+    for i, file in enumerate(files):
+        shown = path / f"{i}.npy"
         try:
             a = np.load(file, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:  # truncated, not .npy, or an object array
-            raise ModelFileError(f"{file} ({_NAMES[i]}) is not a readable .npy array: {exc}") from None
+            raise ModelFileError(f"{shown} ({_NAMES[i]}) is not a readable .npy array: "
+                                 f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+                                 ) from None
         if not np.issubdtype(a.dtype, np.floating):
-            raise ModelFileError(f"{file} holds {a.dtype}, expected floating point weights")
+            raise ModelFileError(f"{shown} ({_NAMES[i]}) holds {a.dtype}, expected floating point weights")
         arrays.append(a)
     return arrays
 
@@ -96,7 +107,7 @@ def read_released(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         "rnn.weight_hh_v": t(wh.T), "rnn.weight_hh_g": t(arrays[10]),
         "rnn.weight_im_v": t(arrays[6].T), "rnn.weight_im_g": t(arrays[11]),
         "rnn.weight_hm_v": t(arrays[7].T), "rnn.weight_hm_g": t(arrays[12]),
-        "rnn.bias": t(arrays[8]),
+        "rnn.bias_ih": t(arrays[8]),
         "readout.weight": t(arrays[13].T), "readout.bias": t(arrays[14]),
     }
     return {"hidden_size": H, "embed_size": E, "weight_norm": True}, state
@@ -109,7 +120,7 @@ def released_arrays(model) -> list[np.ndarray]:
     equations reproduce its effective weights.
     """
     rnn = model.rnn
-    if rnn.bias is None:
+    if not rnn.bias:
         raise InputError("the released layout has a gate bias; this model was built with bias=False")
 
     def as_np(x):
@@ -127,18 +138,23 @@ def released_arrays(model) -> list[np.ndarray]:
     wh, gh = direction_and_gain("weight_hh")
     wmx, gmx = direction_and_gain("weight_im")
     wmh, gmh = direction_and_gain("weight_hm")
-    arrays = [as_np(model.embedding.weight), wx, *np.split(wh, 4, axis=1), wmx, wmh, as_np(rnn.bias),
+    arrays = [as_np(model.embedding.weight), wx, *np.split(wh, 4, axis=1), wmx, wmh, as_np(rnn.bias_ih),
               gx, gh, gmx, gmh, as_np(model.readout.weight).T, as_np(model.readout.bias)]
     return [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
 
 
 def write_released(arrays: list[np.ndarray], path: str | os.PathLike) -> None:
-    """Write the 15 arrays as ``0.npy`` .. ``14.npy`` into directory ``path`` (created if needed),
-    each under a temporary name first and renamed into place."""
+    """Write the 15 arrays as ``0.npy`` .. ``14.npy`` into directory ``path`` (created if needed).
+
+    All 15 are written in full, then replace the folder's 15 as one step
+    (:class:`fastmlstm._atomic.FileSet`): a failure at any point leaves the previous files
+    byte-identical, and nothing else in the folder is touched."""
     if len(arrays) != NUM_FILES:
         raise InputError(f"the released layout has {NUM_FILES} arrays, got {len(arrays)}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for i, a in enumerate(arrays):
-        with atomic_write(path / f"{i}.npy") as f:
-            np.save(f, a)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"cannot export into {path}: it is a file, and the released layout is a folder")
+    with FileSet(path, what="export folder") as files:
+        for i, a in enumerate(arrays):
+            with files.open(f"{i}.npy") as f:
+                np.save(f, a)

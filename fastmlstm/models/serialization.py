@@ -27,15 +27,18 @@ depend on each other in a circle.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import safetensors
 import safetensors.torch
 import torch
 
-from .._atomic import atomic_save, atomic_write
+from .._atomic import FileSet, atomic_save, committed_path, interrupted
 from .._version import __version__
 from ..errors import InputError, InputTypeError, MissingInputError, ModelFileError
 from .openai_weights import is_openai_dir, read_released, released_arrays, write_released
@@ -52,6 +55,7 @@ WEIGHTS_FILE = "model.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _MODEL_CLASSES: dict[str, type] = {}
+logger = logging.getLogger("fastmlstm")
 
 
 class ModelFileMixin:
@@ -84,7 +88,12 @@ class ModelFileMixin:
         atomic_save(self.to_record(), path)
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if needed).
+        """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if needed), as one step.
+
+        Both files are written in full before either replaces its predecessor, and they replace them
+        together: if the save fails at any point (a full disk, an interruption), the folder keeps the
+        previous model, byte for byte. Only these two files are written or replaced; anything else in
+        the folder is left alone.
 
         Args:
             directory: the folder; other files in it are left alone.
@@ -142,6 +151,35 @@ def _model_class(fmt: str, source: str) -> type:
                              f"(known: {', '.join(sorted(_MODEL_CLASSES))})") from None
 
 
+def _shape_problems(model, state: dict, config: dict, source: str) -> str | None:
+    """What is wrong with ``state`` for ``model`` (missing, unexpected, non-tensor or misshapen
+    entries), in one line, or None."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"it lacks the tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    if unexpected:
+        problems.append(f"it holds unexpected tensor(s) {', '.join(map(str, unexpected[:4]))}"
+                        f"{' ...' if len(unexpected) > 4 else ''}")
+    for name, want in expected.items():
+        got = state.get(name)
+        if got is None:
+            continue
+        if not isinstance(got, torch.Tensor):
+            problems.append(f"{name!r} is a {type(got).__name__}, not a tensor")
+        elif not got.is_floating_point():
+            problems.append(f"tensor {name!r} holds {str(got.dtype).removeprefix('torch.')}, not floating point")
+        elif got.shape != want.shape:
+            problems.append(f"tensor {name!r} has shape {list(got.shape)} where the config needs {list(want.shape)}")
+    if not problems:
+        return None
+    described = ", ".join(f"{k}={v!r}" for k, v in config.items())
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    return f"{source} does not fit its config ({described}): {problems[0]}{more}"
+
+
 def _build(config: dict, state: dict, *, fmt: str = FORMAT, backend: str = "auto", device=None,
            dtype: torch.dtype | None = None, source: str):
     """A model of format ``fmt`` from its config and state dict, without a throw-away initialization."""
@@ -150,11 +188,16 @@ def _build(config: dict, state: dict, *, fmt: str = FORMAT, backend: str = "auto
         raise ModelFileError(f"{source} has no config/state_dict dicts")
     try:
         model = cls(**config, backend=backend, device="meta")
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, OverflowError) as exc:
+        raise ModelFileError(f"{source} holds a config that does not make a {fmt} model ({config!r:.200}): "
+                             f"{_first_line(exc)}") from None
+    problem = _shape_problems(model, state, config, source)
+    if problem:
+        raise ModelFileError(problem)
+    try:
         model.load_state_dict(state, assign=True)
-    except (TypeError, RuntimeError, KeyError, AttributeError) as exc:
-        # A config the class does not accept, or tensors that do not fit it.
-        raise ModelFileError(f"{source} does not hold a valid {fmt} model: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    except (TypeError, RuntimeError, KeyError, AttributeError) as exc:  # what the checks above cannot see
+        raise ModelFileError(f"{source} does not hold a valid {fmt} model: {_first_line(exc)}") from None
     stored = next(iter(state.values())).dtype if state else torch.float32
     return model.to(device=device, dtype=dtype or stored)
 
@@ -162,6 +205,51 @@ def _build(config: dict, state: dict, *, fmt: str = FORMAT, backend: str = "auto
 def save(model, path: str | os.PathLike) -> None:
     """Write ``model`` (a :class:`~fastmlstm.ByteLM`, config included) to ``path`` atomically."""
     model.save(path)
+
+
+# How a file begins tells what it is, to say so when torch cannot read it.
+_SIGNATURES = ((b"\x93NUMPY", "a NumPy .npy array (the released layout is a folder of them: use "
+                "fastmlstm.load_openai or fastmlstm.from_pretrained on the folder)"),
+               (b"\x1f\x8b", "a gzip file"), (b"PK\x05\x06", "an empty zip archive"))
+
+
+def _what_it_is(head: bytes) -> str | None:
+    """What a file beginning with ``head`` is, when that shows it is no torch file; else None."""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None  # torch's zip archive, or its older pickle format: torch's own error says more
+    for signature, what in _SIGNATURES:
+        if head.startswith(signature):
+            return f"it is {what}, not a model file"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return ("it is a safetensors file, not a model file (load the folder holding it and its config.json "
+                "with fastmlstm.from_pretrained)")
+    for cut in range(4):  # the 64 bytes may end inside a UTF-8 character
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if all(c.isprintable() or c in "\t\n\r" for c in text):
+            return "it holds text, not a model file"
+        break
+    return "it is not a torch file (a model file is what ByteLM.save writes)"
+
+
+def _load_problem(exc: BaseException, head: bytes) -> str:
+    """Why torch could not read a file, said for this library: never torch's advice to turn off the
+    check that refused it."""
+    text = str(exc)
+    name = re.search(r"GLOBAL ([\w.]+)", text)
+    if name:
+        return (f"it asks to run or build the Python object {name[1]}, which a model file never needs; "
+                "it was refused and nothing in it was run")
+    what = _what_it_is(head)
+    if what:
+        return what
+    operand = re.search(r"Unsupported operand \d+", text)
+    if operand or "weights_only" in text:
+        return ("its pickle holds something other than tensors and plain data"
+                f"{f' ({operand[0]})' if operand else ''}; nothing in it was run")
+    return _first_line(exc)
 
 
 def _read_record(path: Path, map_location) -> dict:
@@ -174,13 +262,18 @@ def _read_record(path: Path, map_location) -> dict:
                 "fastmlstm.from_pretrained, or fastmlstm.load_openai for the released layout)")
         raise ModelFileError(f"{path} is a directory; {hint}")
     try:
-        record = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # empty, truncated, not a torch file, or a pickle naming a disallowed global
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no further detail"
-        if path.stat().st_size == 0:
-            reason = "the file is empty"
-        raise ModelFileError(f"{path} is not a readable fastmlstm model file ({type(exc).__name__}: "
-                             f"{reason[:300]})") from None
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise ModelFileError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    if not head:
+        raise ModelFileError(f"{path} is not a readable fastmlstm model file: the file is empty")
+    try:
+        with warnings.catch_warnings():  # torch's remarks on pickle protocols are not the user's business
+            warnings.simplefilter("ignore")
+            record = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, a broken archive, text, a pickle naming a disallowed global
+        raise ModelFileError(f"{path} is not a readable fastmlstm model file: {_load_problem(exc, head)}") from None
     if not isinstance(record, dict):
         raise ModelFileError(f"{path} is not a fastmlstm model file (it holds a {type(record).__name__})")
     if record.get("format") == CHECKPOINT_FORMAT:
@@ -210,7 +303,7 @@ def load(path: str | os.PathLike, *, map_location="cpu", backend: str = "auto"):
     path = Path(path)
     record = _read_record(path, map_location)
     fmt = record.get("format")
-    if fmt not in _MODEL_CLASSES:
+    if not isinstance(fmt, str) or fmt not in _MODEL_CLASSES:
         raise ModelFileError(f"{path} is not a fastmlstm model file (format {fmt!r} where "
                              f"{FORMAT!r} or {CHECKPOINT_FORMAT!r} was expected)")
     _check_version(record.get("version"), str(path))
@@ -220,8 +313,11 @@ def load(path: str | os.PathLike, *, map_location="cpu", backend: str = "auto"):
 
 
 def _check_version(version, source: str) -> None:
-    if not isinstance(version, int) or version > VERSION:
-        raise ModelFileError(f"{source} was written by a newer fastmlstm (file version {version!r}; "
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ModelFileError(f"{source} has a malformed version {version!r} (a whole number from 1 was expected); "
+                             "the file is damaged or was not written by fastmlstm")
+    if version > VERSION:
+        raise ModelFileError(f"{source} was written by a newer fastmlstm (file version {version}; "
                              f"this one reads up to {VERSION}): upgrade fastmlstm")
 
 
@@ -234,8 +330,11 @@ def save_pretrained(model, directory: str | os.PathLike, *, dtype: torch.dtype |
     """Write ``model`` as ``config.json`` + ``model.safetensors`` into ``directory``; see
     :meth:`ModelFileMixin.save_pretrained`.
 
-    The weights are written first and the config last, each atomically; the safetensors metadata
-    repeats the config, so a folder left with the parts of two different saves is refused on load.
+    The two files are written in full, then replace the folder's two as one step
+    (:class:`fastmlstm._atomic.FileSet`): a save that fails at any step leaves the previous model
+    in place, byte-identical, and only these two files of the folder are ever written, moved or
+    removed. The safetensors metadata repeats the config, so a folder mixing two saves' files (put
+    together by hand) is refused on load.
     """
     dtype = _parse_dtype(dtype)
     directory = Path(directory)
@@ -251,11 +350,9 @@ def save_pretrained(model, directory: str | os.PathLike, *, dtype: torch.dtype |
                 "fastmlstm_config": json.dumps(config, sort_keys=True)}
     header = {"format": model.FILE_FORMAT, "version": VERSION, "config": config,
               "dtype": stored[0] if len(stored) == 1 else stored, "fastmlstm_version": __version__}
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_write(directory / WEIGHTS_FILE) as f:
-        f.write(safetensors.torch.save(state, metadata=metadata))
-    with atomic_write(directory / CONFIG_FILE, "w") as f:
-        f.write(json.dumps(header, indent=2) + "\n")
+    with FileSet(directory, what="model folder") as files:
+        files.write(WEIGHTS_FILE, safetensors.torch.save(state, metadata=metadata))
+        files.write(CONFIG_FILE, (json.dumps(header, indent=2) + "\n").encode())
     return directory
 
 
@@ -269,24 +366,49 @@ def _aligned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.clone() if tensor.data_ptr() % 64 else tensor
 
 
+def _committed(folder: Path, name: str) -> Path | None:
+    """The file ``name`` of the model in ``folder``: where a save that could not finish (nor undo
+    itself) left the previous model's copy, else the file itself; None if there is none."""
+    try:
+        return committed_path(folder, name)
+    except InputError as exc:
+        raise ModelFileError(str(exc)) from None
+
+
 def is_pretrained_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder holding ``config.json`` and ``model.safetensors``."""
     path = Path(path)
-    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+    if not path.is_dir():
+        return False
+    files = [_committed(path, name) for name in (CONFIG_FILE, WEIGHTS_FILE)]
+    return all(f is not None and f.is_file() for f in files)
 
 
-def _read_config(path: Path) -> dict:
-    config_file = path / CONFIG_FILE
+def _read_config(config_file: Path) -> dict:
     try:
         header = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+    except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, absurdly nested
         raise ModelFileError(f"{config_file} is not a readable JSON file ({_first_line(exc)})") from None
     fmt = header.get("format") if isinstance(header, dict) else None
-    if fmt not in _MODEL_CLASSES:
-        raise ModelFileError(f"{config_file} is not a fastmlstm model config (format {fmt!r} where {FORMAT!r} "
+    if not isinstance(fmt, str) or fmt not in _MODEL_CLASSES:
+        raise ModelFileError(f"{config_file} is not a fastmlstm model config (format {fmt!r:.80} where {FORMAT!r} "
                              "was expected)")
     _check_version(header.get("version"), str(config_file))
+    if not isinstance(header.get("config"), dict):
+        raise ModelFileError(f"{config_file} has no \"config\" object (the model's sizes)")
     return header
+
+
+def _read_safetensors(weights: Path, device) -> tuple[dict, dict]:
+    """(metadata, state dict) of a safetensors file, the tensors read as stored."""
+    try:
+        with safetensors.safe_open(str(weights), framework="pt", device=str(device or "cpu")) as f:
+            metadata = f.metadata() or {}
+            state = {name: _aligned(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 (not iterable)
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        # truncated, foreign, empty, a header that does not parse or describes tensors the file lacks
+        raise ModelFileError(f"{weights} is not a readable safetensors file ({_first_line(exc)})") from None
+    return metadata, state
 
 
 def load_pretrained(path: str | os.PathLike, *, device=None, dtype: torch.dtype | str | None = None,
@@ -294,32 +416,30 @@ def load_pretrained(path: str | os.PathLike, *, device=None, dtype: torch.dtype 
     """Load a folder written by :meth:`ModelFileMixin.save_pretrained` (``config.json`` + ``model.safetensors``).
 
     The tensors are read as stored (bit-exact), straight onto ``device`` (default CPU), then cast
-    to ``dtype`` if one is given.
+    to ``dtype`` if one is given. A folder whose last save failed midway and could not undo itself
+    loads the model it held before (with a warning); the next save tidies it.
 
     Raises:
         MissingInputError: either file is missing. ModelFileError: not JSON, not a fastmlstm config,
         a newer version, an unreadable safetensors file, or tensors that do not fit the config.
     """
     path = Path(path)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / name).is_file():
+    config_file, weights = (_committed(path, name) for name in (CONFIG_FILE, WEIGHTS_FILE))
+    for name, file in ((CONFIG_FILE, config_file), (WEIGHTS_FILE, weights)):
+        if file is None or not file.is_file():
             raise MissingInputError(f"{path} has no {name} (a saved model folder holds {CONFIG_FILE} and "
                                     f"{WEIGHTS_FILE})")
-    header = _read_config(path)
-    weights = path / WEIGHTS_FILE
-    try:
-        with safetensors.safe_open(str(weights), framework="pt", device=str(device or "cpu")) as f:
-            metadata = f.metadata() or {}
-            state = {name: _aligned(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 (not iterable)
-    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:  # truncated, foreign, empty
-        raise ModelFileError(f"{weights} is not a readable safetensors file ({_first_line(exc)})") from None
+    if interrupted(path):
+        logger.warning("fastmlstm: the last save into %s did not finish; loading the model it held before", path)
+    header = _read_config(config_file)
+    metadata, state = _read_safetensors(weights, device)
     try:
         written_for = json.loads(metadata["fastmlstm_config"]) if "fastmlstm_config" in metadata else None
-    except ValueError:
+    except (ValueError, RecursionError):
         written_for = "unreadable"
     if written_for is not None and written_for != header.get("config"):
-        raise ModelFileError(f"{weights} was written for the config {written_for} but {path / CONFIG_FILE} says "
-                             f"{header.get('config')}: the folder mixes two different saves")
+        raise ModelFileError(f"{path / WEIGHTS_FILE} was written for the config {written_for!r:.200} but "
+                             f"{path / CONFIG_FILE} says {header.get('config')}: the folder mixes two different saves")
     return _build(header.get("config"), state, fmt=header["format"], backend=backend, device=device,
                   dtype=_parse_dtype(dtype), source=str(path))
 
@@ -351,8 +471,9 @@ def save_openai(model, path: str | os.PathLike) -> None:
     """Write a :class:`~fastmlstm.ByteLM` in the released layout (15 float32 ``.npy`` files) to directory ``path``.
 
     A model without weight normalization is written with gains equal to its rows' norms, so the
-    released equations reproduce its effective weights. The directory is created if needed; the
-    files are written under temporary names first and renamed into place.
+    released equations reproduce its effective weights. The directory is created if needed. The 15
+    files are written in full, then replace the folder's ``0.npy`` .. ``14.npy`` as one step: a
+    failed export leaves the previous ones byte-identical; other files in the folder are left alone.
 
     Example::
 
@@ -366,9 +487,9 @@ def _load_local(path: Path, *, device, dtype: torch.dtype | None, backend: str):
     if not path.is_dir():
         model = load(path, map_location=device or "cpu", backend=backend)
         return model if dtype is None else model.to(dtype)
-    if (path / CONFIG_FILE).exists() or (path / WEIGHTS_FILE).exists():  # load_pretrained names a missing half
+    if _committed(path, CONFIG_FILE) or _committed(path, WEIGHTS_FILE):  # load_pretrained names a missing half
         return load_pretrained(path, device=device, dtype=dtype, backend=backend)
-    if any(path.glob("*.npy")) or any(path.glob("*.npy.part")):
+    if any(path.glob("*.npy")) or any(path.glob("*.npy.part")) or interrupted(path):
         # the released layout, or an unfinished download of it: load_openai names what is missing
         return load_openai(path, device=device, dtype=dtype, backend=backend)
     raise ModelFileError(f"{path} is a directory but holds neither a saved model ({CONFIG_FILE} + {WEIGHTS_FILE}) "
