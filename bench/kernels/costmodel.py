@@ -1,40 +1,36 @@
-"""A conservative cost model of one time step of fastmlstm's Triton kernels on an H100 SXM and an H200.
+"""Cost model v2 of one time step of fastmlstm's recurrence on an H100 SXM and an H200 (issue 22).
 
-For every kernel of a step it counts the bytes that must come from HBM and the bytes that must cross
-from L2 into the multiprocessors (weights, the activation operand once per hidden tile, split-K
-partials, epilogue operands), the programs, the bytes a program keeps in flight, and the FLOPs; and
-it turns them into a lower-bound time under stated assumptions. The launch configurations are the
-ones the dispatcher picks (``fastmlstm.ops.triton.configs``), so the model predicts what runs.
+Per GPU, shape (H, B) and direction (forward: hm = h Wmh^T, then z = m Wh^T and the cell update;
+backward: dh = dhm Wmh, the cell derivatives, then dm = dz Wh) a row gives three times:
 
-Time of one kernel (microseconds)::
+``predicted_us``
+    the design the dispatcher picks (``fastmlstm.ops.triton.dispatch.design_for``, as it would
+    once the design is validated on the device), priced from what it launches:
 
-    max(hbm_bytes / (HBM bandwidth x achievable fraction),    # the memory roofline
-        l2_bytes / L2 bandwidth,                              # delivery from L2 into the SMs
-        busiest SM's bytes / per-SM ingest,                   # too few programs, or waves
-        hbm_bytes / (bytes in flight / HBM latency),          # Little's law
-        FLOPs / matrix rate)                                  # never binding at these shapes in 16-bit
-    + fill (one HBM latency: nothing overlaps the first loads of a dependent kernel)
-    + epilogue (``epilogue_latency``: nothing where the operands are loaded before the K loop; with
-      split-K a ticket, then partials and operands together; bwd_h one latency per column chunk)
-    + launch gap (dependent launch without PDL; a smaller residual with PDL)
+    - "step" / "graph": the per-step Triton kernels (``fused_step.py``) with the configs of
+      ``fastmlstm.ops.triton.configs``, one kernel after the other, :func:`kernel_cost` each;
+      "step" is bounded below by the host's launches, "graph" (the step loop captured in a CUDA
+      graph) is not.
+    - "cluster" / "stationary": a persistent kernel, priced from its schedule
+      (``fastmlstm.ops.triton.persistent.schedule.plan``: the same tile plan the kernel runs, so
+      the bytes here are the kernel's), :func:`persistent_cost`.
 
-A direction (forward: fwd_m then fwd_z; backward: bwd_h then bwd_m) is the sum of its kernels: the
-second kernel needs all of the first one's output, so nothing of one overlaps the other beyond what
-PDL's early launch hides. The step is then bounded below by the host: each launch costs the Python
-side ``cpu_launch_us`` and the GPU cannot run ahead of the launches. What the model does not credit:
-weights staying in L2 across steps (true from H of about 1400 down: the prediction is pessimistic
-there), L1 hits, and any overlap of the epilogue of one program with the main loop of another.
+``floor_us``
+    a lower bound for *any* design on that GPU under the table's ceilings (:func:`floor_cost`).
+``ideal_us``
+    the issue's yardstick: 5 H^2 weight bytes at the datasheet HBM bandwidth (not a bound: a
+    design that keeps weights on chip or in L2 beats it).
 
-``ideal_us`` is the issue's yardstick: 5 H^2 weight bytes per direction at the datasheet HBM
-bandwidth; ``cudnn_ideal_us`` the same for a cuDNN LSTM's 4 H^2.
+Every time is built from ``TABLE``, where each number has its source; those marked "assumption"
+are what ``bench/kernels/gpu_check.sh`` measures first (``assumptions()`` lists them).
 
-Run ``python bench/kernels/costmodel.py`` for the model's rows as a table (``--before``: the launch shapes
-before issue 15 under the same model; ``--sensitivity``: the rows against the L2 bandwidth).
+Run ``python bench/kernels/costmodel.py`` for the rows and the targets of issue 22
+(``--sensitivity``: the rows against the L2 bandwidth and the grid-barrier cost).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
 import sys
 from pathlib import Path
@@ -45,86 +41,34 @@ except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from fastmlstm.ops.triton import configs as _configs
 
-# ------------------------------------------------------------------------------------------ GPUs
-# One row per quantity: (name, H100 SXM, H200, source). "assumption" marks a lead that
-# bench/kernels/gpu_check.sh measures on the first GPU run (bench/kernels/NOTES.md keeps the outcome).
-TABLE = [
-    ("sms", 132, 132,
-     "NVIDIA H100 datasheet / Hopper whitepaper (SXM5: 132 SMs); H200: same GH100 configuration, and "
-     "PyTorch reported 132 multiprocessors on this workplace's H200 (.library/device/KINDS.md, 2026-10-28)"),
-    ("hbm_TBps", 3.35, 4.8, "NVIDIA H100 SXM and H200 SXM datasheets (peak HBM3 / HBM3e bandwidth)"),
-    ("hbm_efficiency", 0.90, 0.90,
-     "measured here on an H200: a device-to-device copy moved 4.3 TB/s of the 4.8 (KINDS.md, 2026-10-28 and "
-     "2026-11-04); the same fraction is assumed for the H100"),
-    ("l2_MB", 50, 60,
-     "H100: Hopper whitepaper (50 MB on SXM5); H200: 60 MB as PyTorch reported it here (KINDS.md, 2026-10-28)"),
-    ("l2_TBps", 5.5, 5.5,
-     "assumption: NVIDIA publishes no L2 bandwidth for Hopper; third-party microbenchmarks of an H100 PCIe "
-     "(Chips and Cheese, 'Nvidia's H100: Funny L2, and Tons of Bandwidth', 2023) put L2 reads at about "
-     "5.5 TB/s and issue 15's estimate used 5.5-7; the low end, unscaled for the SXM parts' higher clock, "
-     "for both (same die)"),
-    ("sm_ingest_GBps", 112, 112,
-     "assumption: 64 bytes per clock per SM from L2 at 1.755 GHz"),
-    ("mma_TFLOPs_16bit", 788, 788,
-     "measured here on an H200: an 8192^3 bf16 matmul at 788 TFLOP/s on random data (KINDS.md, 2026-10-28); "
-     "datasheets give 989 dense for both"),
-    ("mma_TFLOPs_tf32", 394, 394, "datasheets' 494 dense TF32, scaled by the measured bf16 fraction (788/989)"),
-    ("fma_TFLOPs_fp32", 67, 67, "NVIDIA H100 SXM / H200 datasheets (FP32, non-tensor)"),
-    ("hbm_latency_us", 0.8, 0.8, "assumption: HBM load latency under load"),
-    ("l2_latency_us", 0.3, 0.3, "assumption: L2 hit or atomic round trip"),
-    ("launch_gap_us", 2.0, 2.0,
-     "assumption: gap between dependent kernels in one stream, no CUDA graph; gpu_check.sh measures it"),
-    ("pdl_gap_us", 0.5, 0.5,
-     "assumption: what programmatic dependent launch leaves of the gap (the wait for the previous grid's "
-     "memory flush)"),
-    ("cpu_launch_us", 12.0, 12.0,
-     "host time of one launch from Python: Triton 3.x's JITFunction dispatch (argument binding, cache "
-     "lookup, driver call) was measured by others at 8.7 us (vLLM PR 34838, GB200 host, 2026), ~11 us "
-     "(tritonbench PR 1002, 2026) and 12.5 us for a 19-argument kernel (facebookexperimental/triton PR "
-     "1231, 2026); our kernels take 15-20 arguments. Plus fastmlstm's own side, 1.4-2.6 us per launch "
-     "on this project's 2-core EPYC (bench/kernels/launch_overhead.py, "
-     "bench/results/launch-overhead-amd-epyc-family-25-model-1-2026-11-30.json). gpu_check.sh measures "
-     "the whole on the GPU's host"),
-    ("smem_block_KB", 227, 227, "CUDA programming guide: compute capability 9.0, 227 KB of shared memory per block"),
-]
-GPU_NAMES = ("H100-SXM", "H200")
+if str(Path(__file__).resolve().parent) not in sys.path:  # gpu_table.py beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_table import GPU, GPU_NAMES, GPUS, TABLE, assumptions, gpu_of_device_name, gpus  # noqa: F401
 
 
-@dataclasses.dataclass(frozen=True)
-class GPU:
-    name: str
-    sms: int
-    hbm_TBps: float
-    hbm_efficiency: float
-    l2_MB: float
-    l2_TBps: float
-    sm_ingest_GBps: float
-    mma_TFLOPs_16bit: float
-    mma_TFLOPs_tf32: float
-    fma_TFLOPs_fp32: float
-    hbm_latency_us: float
-    l2_latency_us: float
-    launch_gap_us: float
-    pdl_gap_us: float
-    cpu_launch_us: float
-    smem_block_KB: float
+def _hbm_us(gpu, nbytes):
+    return nbytes / (gpu.hbm_TBps * gpu.hbm_efficiency * 1e6)
 
 
-def gpus(**overrides) -> dict[str, GPU]:
-    """The table as GPU records; ``overrides`` replace a quantity for every GPU (e.g. measured values)."""
-    out = {}
-    for i, name in enumerate(GPU_NAMES):
-        values = {row[0]: row[1 + i] for row in TABLE}
-        values.update(overrides)
-        out[name] = GPU(name=name, **values)
-    return out
+def _l2_us(gpu, nbytes):
+    return nbytes / (gpu.l2_TBps * 1e6)
 
 
-GPUS = gpus()
+def _busiest_math_us(gpu, flops: float, units: int, rate_TFLOPs: float) -> float:
+    """Tensor-core time of ``flops`` spread evenly over ``units`` equal work items, on the SMs that
+    actually get them: the busiest SM runs ceil(units / SMs) items at its 1/SMs share of the rate
+    (fewer items than SMs leave SMs idle; more leave a partial last wave)."""
+    waves = math.ceil(units / gpu.sms)
+    return waves * (flops / units) / (rate_TFLOPs * 1e6 / gpu.sms)
 
-# ----------------------------------------------------------------------------------- one kernel
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "bfloat16": 2, "float16": 2, "float32": 4}
+# The two dependent products of a direction, as (K, N) in units of H: forward hm = h Wmh^T, then
+# the gates z = m Wh^T; backward dh = dhm Wmh, then dm = dz Wh.
+PHASES = {"fwd": ((1, 1), (1, 4)), "bwd": ((1, 1), (4, 1))}
+LONG = {"fwd": "forward", "bwd": "backward"}
+
+# ------------------------------------------------------------------- the per-step Triton kernels
 
 
 def _epilogue_bytes(kernel: str, B: int, H: int, e: int) -> int:
@@ -136,28 +80,17 @@ def _epilogue_bytes(kernel: str, B: int, H: int, e: int) -> int:
     if kernel == "fwd_z":
         return BH * (4 * e + 4 + 4 + e + 4 * e)   # gate inputs, c_prev in; c, h out; gates saved
     if kernel == "bwd_h":
-        return BH * (e + 4 * e + 8 + 8 + 4 * e)   # dout, gates, c and c_prev, dc r/w; dz out (no dh round
-        #                                          trip: only lengths make a step read dh back)
+        return BH * (e + 4 * e + 8 + 8 + 4 * e)   # dout, gates, c and c_prev, dc r/w; dz out
     if kernel == "bwd_m":
         return BH * e * (2 + 2)                   # xm, hm in; dxm, dhm out
     raise ValueError(kernel)
 
 
 def epilogue_latency(gpu: GPU, kernel: str, config: _configs.KernelConfig) -> float:
-    """Latency the epilogue adds after the K loop (microseconds), as the kernels order their loads.
-
-    - Without a workspace, fwd_m, fwd_z and bwd_m load the epilogue's operands before the K loop
-      (``bench/kernels/static.py`` checks that the PTX issues loads there): the loop's duration covers their
-      latency, so nothing is added.
-    - With split-K, the last program draws its ticket (an L2 round trip), then issues the operands'
-      loads (HBM) and gathers the partials: ``_gather`` loads GATHER partials (1, 2 or 4,
-      ``configs.gather_unroll``) per round and adds them before the next round, so ceil(S / GATHER)
-      L2 latencies one after another (four such loops, one per gate, in the gate kernel),
-      overlapping the operands' one HBM latency.
-    - bwd_h's epilogue runs over BN / EPI_BN column chunks, one after another (a loop: unrolling it
-      made compiles slow, and ``tl.range(num_stages=2)`` does not pipeline it, checked in the PTX),
-      each loading its operands together with its partials.
-    """
+    """Latency the epilogue adds after the K loop (microseconds), as the kernels order their loads:
+    nothing where the operands are loaded before the K loop (no workspace; ``static.py`` checks
+    the PTX); with split-K a ticket (an L2 round trip), then ceil(S / GATHER) rounds of partial
+    loads per gate tile overlapping the operands' HBM latency; bwd_h one such wait per column chunk."""
     ws = _configs.uses_workspace(kernel, config)
     ticket = gpu.l2_latency_us if ws else 0.0
     gathers = 4 if kernel in _configs.GATE_KERNELS else 1
@@ -173,24 +106,24 @@ def epilogue_latency(gpu: GPU, kernel: str, config: _configs.KernelConfig) -> fl
 
 def kernel_cost(gpu: GPU, kernel: str, B: int, H: int, dtype: str, config: _configs.KernelConfig,
                 precision: str = "ieee") -> dict:
-    """Bytes, programs and the lower-bound time of one launch of ``kernel`` with ``config``."""
+    """One launch of a per-step kernel: max(HBM, L2 delivery, busiest SM's ingest, Little's law,
+    tensor-core time on the SMs the grid occupies) + a fill latency + the epilogue's exposed
+    latency + the launch gap (PDL's residual with PDL)."""
     e = DTYPE_BYTES[dtype]
     K = _configs.K_OF[kernel] * H
     N = 4 * H if kernel in _configs.GATE_KERNELS else H
     n_tiles, b_tiles = _configs.tiles(kernel, B, H, config)
-    S = config.split
-    programs = S * n_tiles * b_tiles
+    programs = config.split * n_tiles * b_tiles
     cols = config.BN * (4 if kernel in _configs.GATE_KERNELS else 1)
 
     weights = K * N * e
-    activation = B * K * e
     epilogue = _epilogue_bytes(kernel, B, H, e)
-    ws = S * B * N * 4 if _configs.uses_workspace(kernel, config) else 0
-    # The workspace stays in L2 when it takes at most half of it; else count it as written and read
+    ws = config.split * B * N * 4 if _configs.uses_workspace(kernel, config) else 0
+    # The workspace stays in L2 when it takes at most half of it; else it is written to and read
     # back from HBM as well.
     ws_spills = ws > 0.5 * gpu.l2_MB * 1e6
-    hbm = weights + activation + epilogue + (2 * ws if ws_spills else 0)
-    l2 = weights * b_tiles + n_tiles * activation + epilogue + 2 * ws
+    hbm = weights + B * K * e + epilogue + (2 * ws if ws_spills else 0)
+    l2 = weights * b_tiles + n_tiles * B * K * e + epilogue + 2 * ws
 
     # Little's law: (num_stages - 1) stages of operand tiles in flight per resident program.
     stage = (min(config.BB, B) * config.BK + config.BK * cols) * e
@@ -198,148 +131,270 @@ def kernel_cost(gpu: GPU, kernel: str, B: int, H: int, dtype: str, config: _conf
     per_sm = max(1, min(int(gpu.smem_block_KB * 1024 // max(smem, 1)), 2048 // (32 * config.num_warps)))
     resident = min(programs, gpu.sms * per_sm)
     in_flight = resident * max(1, config.num_stages - 1) * stage
-    busiest = math.ceil(programs / gpu.sms) * (l2 / programs)
 
     rows = max(config.BB, 16)  # tl.dot computes whole tiles: masked rows still cost arithmetic
     flops = 2.0 * rows * b_tiles * K * N
-    if e == 2:
-        rate = gpu.mma_TFLOPs_16bit
-    else:
-        rate = gpu.mma_TFLOPs_tf32 if precision == "tf32" else gpu.fma_TFLOPs_fp32
-
+    rate = gpu.mma_TFLOPs_16bit if e == 2 else (gpu.mma_TFLOPs_tf32 if precision == "tf32" else gpu.fma_TFLOPs_fp32)
     terms = {
-        "hbm": hbm / (gpu.hbm_TBps * gpu.hbm_efficiency * 1e6),
-        "l2": l2 / (gpu.l2_TBps * 1e6),
-        "sm_ingest": busiest / (gpu.sm_ingest_GBps * 1e3),
+        "hbm": _hbm_us(gpu, hbm),
+        "l2": _l2_us(gpu, l2),
+        "sm_ingest": math.ceil(programs / gpu.sms) * (l2 / programs) / (gpu.sm_ingest_GBps * 1e3),
         "in_flight": hbm / (in_flight / gpu.hbm_latency_us),
-        "math": flops / (rate * 1e6),
+        "math": _busiest_math_us(gpu, flops, programs, rate),
     }
-    fixed = gpu.hbm_latency_us  # the first loads
-    fixed += epilogue_latency(gpu, kernel, config)
+    fixed = gpu.hbm_latency_us + epilogue_latency(gpu, kernel, config)
     fixed += gpu.pdl_gap_us if config.pdl else gpu.launch_gap_us
     bound = max(terms, key=terms.get)
     return {
-        "kernel": kernel, "config": config.as_dict(), "programs": programs, "hbm_bytes": int(hbm),
-        "l2_bytes": int(l2), "bytes_in_flight": int(in_flight), "flops": flops,
+        "kernel": kernel, "config": config.as_dict(), "programs": programs, "active_sms": min(programs, gpu.sms),
+        "hbm_bytes": int(hbm), "l2_bytes": int(l2), "bytes_in_flight": int(in_flight), "flops": flops,
         "terms_us": {k: round(v, 3) for k, v in terms.items()}, "fixed_us": round(fixed, 3), "bound": bound,
         "time_us": terms[bound] + fixed,
     }
 
 
+DIRECTIONS = {"fwd": ("fwd_m", "fwd_z"), "bwd": ("bwd_h", "bwd_m")}
+
+
+def device_of(gpu: GPU) -> _configs.Device:
+    return _configs.Device(sms=int(gpu.sms), capability=(9, 0), name=gpu.name)
+
+
+def step_cost(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16", precision: str = "ieee",
+              plan: _configs.StepPlan | None = None, graph: bool = False) -> dict:
+    """The per-step path: its two kernels one after the other (the second needs all of the first's
+    output); without a CUDA graph ("step") no faster than the host issues the launches."""
+    if plan is None:
+        plan = _configs.rule_plan(B, H, DTYPE_BYTES[dtype], device_of(gpu))
+    kernels = [kernel_cost(gpu, k, B, H, dtype, plan[k], precision) for k in DIRECTIONS[direction]]
+    gpu_us = sum(k["time_us"] for k in kernels)
+    host_us = 0.0 if graph else len(kernels) * gpu.cpu_launch_us
+    binding = "host" if host_us > gpu_us else "+".join(k["bound"] for k in kernels)
+    return {"design": "graph" if graph else "step", "time_us": max(gpu_us, host_us), "bound": binding,
+            "ctas": max(k["programs"] for k in kernels), "cluster": 1,
+            "active_sms": min(k["active_sms"] for k in kernels),
+            "hbm_bytes": sum(k["hbm_bytes"] for k in kernels), "l2_bytes": sum(k["l2_bytes"] for k in kernels),
+            "onchip_bytes": 0, "multicast_bytes_saved": 0, "kernels": kernels}
+
+
+# --------------------------------------------------------------------- the persistent kernels
+
+def _tile_work(sched, tile) -> tuple[float, int]:
+    """(tensor-core FLOPs, bytes into the SM) of one contribution of a schedule: the MMA runs on
+    whole tiles (block_m rows of weights x block_b batch columns, whole K blocks); the SM receives
+    its weight tile (unless it is resident) and the multicast activation tile [B, its K range]."""
+    phase = sched.phases[tile.phase]
+    blocks = tile.kb_hi - tile.kb_lo
+    k_len = min(tile.kb_hi * phase.block_k, phase.K) - tile.kb_lo * phase.block_k
+    flops = 2.0 * phase.block_m * sched.block_b * blocks * phase.block_k
+    weights = 0 if sched.design == "stationary" else phase.block_m * k_len * sched.dtype_bytes
+    return flops, weights + sched.B * k_len * sched.dtype_bytes
+
+
+def _reduce_us(gpu: GPU, reduction: str, parts: int) -> float:
+    """Exposed latency of a split tile's reduction after its last contribution: "l2" (B1's scheme:
+    partials in a workspace, a ticket, the last contributor loads the parts together): the ticket's
+    round trip, then the parts' loads (their latency overlapping the epilogue operands' HBM
+    latency); "dsmem": one remote round per further part; "tma_add": one L2 round trip."""
+    if parts <= 1 or reduction == "none":
+        return 0.0
+    if reduction == "l2":
+        return gpu.l2_latency_us + max(gpu.l2_latency_us, gpu.hbm_latency_us)
+    if reduction == "dsmem":
+        return (parts - 1) * gpu.dsmem_latency_us
+    return gpu.l2_latency_us
+
+
+def persistent_cost(gpu: GPU, sched) -> dict:
+    """A persistent kernel from its schedule (``fastmlstm.ops.triton.persistent.schedule``).
+
+    The weights stream (or sit in shared memory) independently of the step's dependency chain: a
+    CTA prefetches the next phase's weight tiles while it waits at a barrier, so the HBM, L2 and
+    shared-memory traffic overlaps the chain. The chain is, per phase in dependency order, the
+    busiest CTA's tensor-core time over its tiles (at its SM's share of the measured rate) or its
+    operand ingest, whichever is longer, then the exposed reduction latency of split tiles, then
+    the phase's synchronisation ("grid": ``grid_sync_us`` and an L2 read of what it waited for;
+    "cluster": ``cluster_sync_us`` and a DSMEM read). Step = max(HBM, L2, shared-memory reads,
+    chain). It assumes the prefetch outlasts a barrier (a 1 us barrier at 3 TB/s is 3 MB chip-wide,
+    23 KB per SM, inside the pipeline's stages).
+    """
+    chain, phase_rows = 0.0, []
+    for phase in sched.phases:
+        per_cta: dict[int, list[float]] = {}
+        parts = 1
+        for tile in sched.tiles:
+            if tile.phase == phase.index:
+                flops, ingest = _tile_work(sched, tile)
+                acc = per_cta.setdefault(tile.cta, [0.0, 0.0])
+                acc[0] += flops
+                acc[1] += ingest
+                parts = max(parts, tile.parts)
+        math_us = max((a[0] for a in per_cta.values()), default=0.0) / (gpu.mma_TFLOPs_16bit * 1e6 / gpu.sms)
+        ingest_us = max((a[1] for a in per_cta.values()), default=0.0) / (gpu.sm_ingest_GBps * 1e3)
+        sync = getattr(phase, "sync", "grid")
+        sync_us = (gpu.grid_sync_us + gpu.l2_latency_us if sync == "grid"
+                   else gpu.cluster_sync_us + gpu.dsmem_latency_us if sync == "cluster" else 0.0)
+        reduce_us = _reduce_us(gpu, sched.reduction, parts)
+        took = max(math_us, ingest_us) + reduce_us + sync_us
+        chain += took
+        phase_rows.append({"product": phase.product, "sync": sync, "ctas": len(per_cta), "parts": parts,
+                           "math_us": round(math_us, 3), "ingest_us": round(ingest_us, 3),
+                           "reduce_us": round(reduce_us, 3), "sync_us": round(sync_us, 3), "us": round(took, 3)})
+    terms = {
+        "hbm": _hbm_us(gpu, sched.hbm_bytes_per_step),
+        "l2": _l2_us(gpu, sched.l2_bytes_per_step),
+        "smem": sched.onchip_bytes_per_step / (gpu.sms * gpu.smem_bytes_per_clock * gpu.clock_GHz * 1e3),
+        "chain": chain,
+    }
+    bound = max(terms, key=terms.get)
+    return {"design": sched.design, "time_us": terms[bound], "bound": bound,
+            "terms_us": {k: round(v, 3) for k, v in terms.items()}, "phases": phase_rows,
+            "ctas": sched.ctas, "cluster": sched.cluster, "active_sms": sched.active_sms, "split_k": sched.split_k,
+            "reduction": sched.reduction, "hbm_bytes": int(sched.hbm_bytes_per_step),
+            "l2_bytes": int(sched.l2_bytes_per_step), "onchip_bytes": int(sched.onchip_bytes_per_step),
+            "multicast_bytes_saved": int(sched.multicast_bytes_saved_per_step),
+            "resident_weight_bytes_per_cta": int(sched.resident_weight_bytes_per_cta),
+            # Once per call, not per step: the stationary design's weight load and the launch.
+            "per_call_us": _hbm_us(gpu, getattr(sched, "weight_bytes_per_call", 0)) + gpu.launch_gap_us}
+
+
+def schedule_for(design: str, direction: str, B: int, H: int, e: int, gpu: GPU):
+    """GPU-B1's schedule of a persistent design (None where it does not apply or is not built)."""
+    return _schedule(design, LONG[direction], B, H, e, device_of(gpu))
+
+
+@functools.lru_cache(maxsize=256)
+def _schedule(design, direction, B, H, e, device):
+    try:
+        from fastmlstm.ops.triton.persistent import schedule
+    except ImportError:
+        return None
+    return schedule.plan(design, direction, B, H, e, device)
+
+
 # ------------------------------------------------------------------------------------ the floor
 
-# The two dependent products of a direction, as (K, N) in units of H: forward hm = h Wmh^T, then
-# the gates z = m Wh^T; backward dh = dhm Wmh, then dm = dz Wh.
-PHASES = {"fwd": ((1, 1), (1, 4)), "bwd": ((1, 1), (4, 1))}
 # What must cross HBM per row and hidden unit of a training step, whatever the design (e bytes per
-# 16-bit value, float32 state): inputs written before the loop and outputs kept for later.
-#   forward: proj_t (4 gate inputs and xm) in; h_t out, c_t (float32) out, the gates and hm saved
+# 16-bit value, float32 cell state): what the step reads that was made before the loop, and what
+# it makes that is kept for later.
+#   forward: proj_t (4 gate inputs and xm) in; h_t, c_t (float32), the gates and hm out
 #   backward: dout_t, the saved gates, xm and hm, c_t (float32) in; dz_t and dxm (dproj), dhm out
 FLOOR_STATE = {"fwd": lambda e: 11 * e + 4, "bwd": lambda e: 13 * e + 4}
 
 
-def _phase_delivery_us(gpu: GPU, K: int, N: int, B: int, e: int, weights_via_l2: bool, min_programs: int) -> float:
-    """Least time to bring one product's operands into the SMs: over every split of the weights
-    into S slices of K times n_h tiles of N (S n_h >= min_programs programs), each program receives
-    its weight block (unless the weights live in shared memory), the activation columns of its K
-    slice, and, with S > 1, the float32 partials are written and read back; bound by the L2's
-    bandwidth and by the busiest SM's ingest."""
-    weights = K * N * e if weights_via_l2 else 0
-    best = math.inf
-    for S in range(1, 17):
-        n_b = 16
-        while n_b <= N:
-            n_h = math.ceil(N / n_b)
-            programs = S * n_h
-            if programs >= min_programs:
-                l2 = weights + n_h * B * K * e + (2 * S * B * N * 4 if S > 1 else 0)
-                ingest = math.ceil(programs / gpu.sms) * (l2 / programs) / (gpu.sm_ingest_GBps * 1e3)
-                best = min(best, max(l2 / (gpu.l2_TBps * 1e6), ingest))
-            n_b *= 2
-    return best
+def floor_cost(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16", weights_stream: bool = False) -> dict:
+    """A lower bound on one direction of a step for any design, under the table's ceilings.
 
+    Each term bounds the time on its own, with everything else free, so their maximum does too:
 
-def floor_cost(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16", min_programs: int = 1) -> dict:
-    """A lower bound on one direction of a step for *any* design Triton 3.9 can express, under the
-    table's numbers: the yardstick the rule's prediction is judged against, and the proof where
-    issue 15's bound (<= 1.25x ideal) cannot be met.
+    - HBM: the weights that no design can keep near the SMs across steps, at most all of the
+      shared memory and register files (``onchip``: 132 x (228 + 256) KB, as if nothing else
+      needed them) and all of L2, plus ``FLOOR_STATE`` (the carried c, h, dc and everything made and
+      used within the step assumed to stay on chip), at the measured copy fraction of the datasheet.
+    - L2: what must come into the SMs through L2: the weights not held on chip, the state, and each
+      product's activation operand once (as if one multicast reached every SM).
+    - math: the step's useful FLOPs (rows padded to the tensor cores' n = 8) on every SM at the
+      datasheet's peak, or on the FMA units if that is less.
+    - chain: each of the step's two all-to-all dependencies (the second product needs all of the
+      first; the next step needs all of this one) costs at least one idle L2 round trip.
 
-    Optimistic wherever a design could be:
-    - the weights stay on chip when they fit the SMs' shared memory together (a persistent kernel),
-      else in L2 when they fit it, else they stream from HBM once;
-    - only what must cross HBM does (``FLOOR_STATE``): the carried state (c, dc, h) and everything
-      produced and consumed within the step stay in L2;
-    - the best split of each product over the SMs (``_phase_delivery_us``), with no multicast and no
-      distributed shared memory (``triton.language`` 3.9 has neither), so every program that reads
-      a K slice receives the activation columns of it through L2;
-    - HBM and L2 transfers of the two products overlap completely; each of the two dependencies
-      (the second product needs all of the first; the next step needs all of this one) costs one
-      grid-wide signal (the cheaper of an L2 atomic round trip and PDL's residual gap) and one L2
-      read of what it waited for; no host time (CUDA graphs or a persistent kernel).
-    ``min_programs`` restricts the split to at least that many programs (issue 15 asks for two per
-    SM from B = 64).
+    Nothing in it is restricted to tile shapes, split counts or program counts; no host time.
+    ``weights_stream``: the same bound for designs that keep no weight across steps (the cluster
+    design's family), to place those designs.
     """
     e = DTYPE_BYTES[dtype]
     weights = 5 * H * H * e
-    in_smem = weights <= gpu.sms * gpu.smem_block_KB * 1024
-    in_l2 = weights <= gpu.l2_MB * 1e6
-    hbm = (0 if in_smem or in_l2 else weights) + B * H * FLOOR_STATE[direction](e)
-    delivery = sum(_phase_delivery_us(gpu, kf * H, nf * H, B, e, not in_smem, min_programs)
-                   for kf, nf in PHASES[direction])
-    hbm_us = hbm / (gpu.hbm_TBps * gpu.hbm_efficiency * 1e6)
-    sync_us = len(PHASES[direction]) * (min(gpu.l2_latency_us, gpu.pdl_gap_us) + gpu.l2_latency_us)
-    where = "shared memory" if in_smem else "L2" if in_l2 else "HBM"
-    return {"floor_us": max(hbm_us, delivery) + sync_us, "hbm_us": hbm_us, "delivery_us": delivery,
-            "sync_us": sync_us, "weights_from": where}
+    onchip = 0 if weights_stream else gpu.sms * (gpu.smem_sm_KB + gpu.regfile_sm_KB) * 1024
+    in_l2 = 0 if weights_stream else gpu.l2_MB * 1e6
+    state = B * H * FLOOR_STATE[direction](e)
+    from_hbm = max(0.0, weights - onchip - in_l2)
+    through_l2 = max(0.0, weights - onchip) + state + sum(B * kf * H * e for kf, _ in PHASES[direction])
+    useful = 2.0 * 5 * H * H
+    math_us = min(useful * (math.ceil(B / 8) * 8) / (gpu.mma_peak_TFLOPs_16bit * 1e6),
+                  useful * B / (gpu.fma_TFLOPs_fp32 * 1e6))
+    terms = {"hbm": _hbm_us(gpu, from_hbm + state), "l2": _l2_us(gpu, through_l2), "math": math_us,
+             "chain": len(PHASES[direction]) * gpu.l2_idle_latency_cycles / (gpu.clock_GHz * 1e3)}
+    bound = max(terms, key=terms.get)
+    where = "on chip" if weights <= onchip else "on chip and L2" if from_hbm == 0 else "partly from HBM"
+    return {"floor_us": terms[bound], "bound": bound, "terms_us": {k: round(v, 3) for k, v in terms.items()},
+            "weights_from": "HBM" if weights_stream else where, "hbm_bytes": int(from_hbm + state)}
 
 
-# ----------------------------------------------------------------------------------- one step
+# ----------------------------------------------------------------------------------- one row
 
-# Issue 15's bound: each direction <= 1.25x its ideal, with >= 2 programs per SM from B = 64.
-BOUND_RATIO = 1.25
-BOUND_PROGRAMS_PER_SM = 2
-BOUND_MIN_BATCH = 64
-
-DIRECTIONS = {"fwd": ("fwd_m", "fwd_z"), "bwd": ("bwd_h", "bwd_m")}
-# The rows issue 15 asks for (bf16), and the other target shapes of the benchmark.
+# Issue 22's targets for bf16, as (GPU, H, B) -> the largest predicted / ideal in each direction;
+# every SM busy in the rows with B >= BUSY_MIN_BATCH.
+TARGETS = {("H100-SXM", 4096, 128): 1.25, ("H100-SXM", 2048, 128): 1.15, ("H100-SXM", 1024, 64): 1.2,
+           ("H100-SXM", 4096, 1): 1.15, ("H200", 4096, 128): 1.35}
+BUSY_MIN_BATCH = 64
 MODEL_SHAPES = ((4096, 128), (2048, 128), (1024, 64), (4096, 1))
+DESIGN_NAMES = ("stationary", "cluster", "graph", "step")
 
 
-def device_of(gpu: GPU) -> _configs.Device:
-    return _configs.Device(sms=gpu.sms, capability=(9, 0), name=gpu.name)
+def picked_design(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16") -> tuple[str, str]:
+    """(design, where the choice came from): the dispatcher's rule once the design is validated."""
+    try:
+        from fastmlstm.ops.triton.dispatch import design_for
+    except ImportError:
+        return "step", "no fastmlstm.ops.triton.dispatch in this checkout: the per-step path"
+    torch_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+    return design_for(B, H, torch_name, device_of(gpu), direction=LONG[direction]), "dispatch.design_for"
+
+
+def design_cost(gpu: GPU, design: str, direction: str, B: int, H: int, dtype: str = "bf16") -> dict | None:
+    """One design's cost of a direction of a step (None where the design does not apply)."""
+    if design in ("step", "graph"):
+        return step_cost(gpu, direction, B, H, dtype, graph=design == "graph")
+    sched = schedule_for(design, direction, B, H, DTYPE_BYTES[dtype], gpu)
+    return None if sched is None else persistent_cost(gpu, sched)
 
 
 def direction_cost(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16", precision: str = "ieee",
-                   plan: _configs.StepPlan | None = None) -> dict:
-    """One model row: a direction of one time step with the dispatcher's plan (or ``plan``)."""
+                   plan: _configs.StepPlan | None = None, design: str | None = None) -> dict:
+    """One model row: a direction of one time step with the design the dispatcher picks (or
+    ``design``; ``plan``: the per-step path with these launch configs, as the GPU sweep asks)."""
     e = DTYPE_BYTES[dtype]
-    if plan is None:
-        plan = _configs.rule_plan(B, H, e, device_of(gpu))
-    kernels = [kernel_cost(gpu, k, B, H, dtype, plan[k], precision) for k in DIRECTIONS[direction]]
-    gpu_us = sum(k["time_us"] for k in kernels)
-    host_us = len(kernels) * gpu.cpu_launch_us
+    if plan is not None:
+        design, source = "step", "the plan given"
+        cost = step_cost(gpu, direction, B, H, dtype, precision, plan)
+    else:
+        design, source = (design, "asked for") if design else picked_design(gpu, direction, B, H, dtype)
+        cost = design_cost(gpu, design, direction, B, H, dtype)
+        if cost is None:
+            raise ValueError(f"design {design!r} does not apply to H={H}, B={B} ({direction}) on {gpu.name}")
     ideal = 5 * H * H * e / (gpu.hbm_TBps * 1e6)
-    predicted = max(gpu_us, host_us)
-    programs = min(k["programs"] for k in kernels)
     floor = floor_cost(gpu, direction, B, H, dtype)
-    wants_programs = B >= BOUND_MIN_BATCH
-    floor_bound = floor_cost(gpu, direction, B, H, dtype, BOUND_PROGRAMS_PER_SM * gpu.sms) if wants_programs else floor
-    return {
-        "gpu": gpu.name, "dtype": dtype, "H": H, "B": B, "direction": direction,
-        "programs": min(k["programs"] for k in kernels), "sms": gpu.sms,
-        "hbm_bytes": sum(k["hbm_bytes"] for k in kernels), "l2_bytes": sum(k["l2_bytes"] for k in kernels),
-        "bytes_in_flight": min(k["bytes_in_flight"] for k in kernels),
-        "predicted_us": round(predicted, 2), "ideal_us": round(ideal, 2),
+    target = TARGETS.get((gpu.name, H, B)) if dtype == "bf16" else None
+    busy_needed = B >= BUSY_MIN_BATCH
+    row = {
+        "gpu": gpu.name, "dtype": dtype, "H": H, "B": B, "direction": direction, "design": design,
+        "design_source": source, "sms": int(gpu.sms), "ctas": cost["ctas"], "cluster": cost["cluster"],
+        "active_sms": cost["active_sms"], "programs": cost["ctas"],
+        "hbm_bytes": cost["hbm_bytes"], "l2_bytes": cost["l2_bytes"], "onchip_bytes": cost["onchip_bytes"],
+        "multicast_bytes_saved": cost["multicast_bytes_saved"],
+        "predicted_us": round(cost["time_us"], 2), "ideal_us": round(ideal, 2),
         "cudnn_ideal_us": round(4 * H * H * e / (gpu.hbm_TBps * 1e6), 2),
-        "ratio": round(predicted / ideal, 3), "bound": "host" if host_us > gpu_us else "gpu",
+        "ratio": round(cost["time_us"] / ideal, 3), "bound": cost["bound"],
         "floor_us": round(floor["floor_us"], 2), "floor_ratio": round(floor["floor_us"] / ideal, 3),
+        "floor_bound": floor["bound"], "floor_terms_us": floor["terms_us"],
         "floor_weights_from": floor["weights_from"],
-        "floor_ratio_at_bound_programs": round(floor_bound["floor_us"] / ideal, 3),
-        "meets_bound": predicted <= BOUND_RATIO * ideal and (
-            not wants_programs or programs >= BOUND_PROGRAMS_PER_SM * gpu.sms),
-        "bound_feasible": floor_bound["floor_us"] <= BOUND_RATIO * ideal,
-        "kernels": [{**k, "time_us": round(k["time_us"], 2)} for k in kernels],
+        "floor_streaming_us": round(floor_cost(gpu, direction, B, H, dtype, weights_stream=True)["floor_us"], 2),
+        "target_ratio": target, "meets_target": None if target is None else cost["time_us"] <= target * ideal,
+        "every_sm_busy": cost["active_sms"] >= gpu.sms, "busy_required": busy_needed,
     }
+    row["per_call_us"] = round(cost.get("per_call_us", 0.0), 2)
+    row.update({k: cost[k] for k in ("kernels", "terms_us", "phases", "split_k", "reduction",
+                                     "resident_weight_bytes_per_cta") if k in cost})
+    return row
+
+
+def alternatives(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16") -> dict[str, float | None]:
+    """Every design's predicted time at a shape (None where it does not apply)."""
+    out = {}
+    for design in DESIGN_NAMES:
+        cost = design_cost(gpu, design, direction, B, H, dtype)
+        out[design] = None if cost is None else round(cost["time_us"], 2)
+    return out
 
 
 def model_rows(gpu_table: dict[str, GPU] | None = None, shapes=MODEL_SHAPES, dtype: str = "bf16") -> list[dict]:
@@ -347,16 +402,39 @@ def model_rows(gpu_table: dict[str, GPU] | None = None, shapes=MODEL_SHAPES, dty
     for gpu in (gpu_table or GPUS).values():
         for H, B in shapes:
             for direction in DIRECTIONS:
-                rows.append(direction_cost(gpu, direction, B, H, dtype))
+                row = direction_cost(gpu, direction, B, H, dtype)
+                row["designs_us"] = alternatives(gpu, direction, B, H, dtype)
+                rows.append(row)
     return rows
 
+
+def target_report(rows: list[dict]) -> list[dict]:
+    """Issue 22's done criteria on the model's rows: each target ratio per direction, and every SM
+    busy in the rows with B >= 64; ``met`` False with the reason where the honest model misses."""
+    out = []
+    for r in rows:
+        checks = []
+        if r["target_ratio"] is not None:
+            checks.append(("ratio", r["meets_target"], f"{r['ratio']:.3f} x ideal <= {r['target_ratio']}"))
+        if r["busy_required"]:
+            checks.append(("every SM busy", r["every_sm_busy"], f"{r['active_sms']} of {r['sms']} SMs"))
+        for what, met, detail in checks:
+            reason = "" if met else (f"{r['design']} is {r['bound']}-bound; the floor is {r['floor_ratio']:.2f} x ideal "
+                                     f"({r['floor_bound']}), {r['floor_streaming_us'] / r['ideal_us']:.2f} x with every "
+                                     f"weight streamed each step")
+            out.append({"gpu": r["gpu"], "H": r["H"], "B": r["B"], "direction": r["direction"], "design": r["design"],
+                        "check": what, "met": bool(met), "detail": detail, "why_not": reason})
+    return out
+
+
+# ------------------------------------------------------------------------- for bench/run.py
 
 def predict(gpu_name: str, mode: str, dtype: str, H: int, B: int, T: int = 1,
             table: dict[str, GPU] | None = None) -> dict | None:
     """Predicted time of a benchmark case (``bench/run.py`` prints it beside the measurement), with
-    the issue's ideal and the floor no design can beat (``floor_cost``): step, fwd (T steps) and
-    fwd+bwd (T steps each way) of the recurrence alone; None for modes the model does not cover
-    (featurize, train) or float32."""
+    the issue's ideal and the floor no design can beat: step, fwd (T steps) and fwd+bwd (T steps
+    each way) of the recurrence alone, per call (a persistent design's once-per-call cost added);
+    None for modes the model does not cover (featurize, train) or float32."""
     table = table or GPUS
     if gpu_name not in table or dtype not in ("bfloat16", "float16", "bf16", "fp16"):
         return None
@@ -367,15 +445,16 @@ def predict(gpu_name: str, mode: str, dtype: str, H: int, B: int, T: int = 1,
         return None
     steps = 1 if mode == "step" else T
     rows = [direction_cost(gpu, d, B, H, short) for d in directions]
-    return {f"{key}_ms": steps * sum(r[f"{key}_us"] for r in rows) / 1e3 for key in ("predicted", "ideal", "floor")}
+    out = {f"{key}_ms": steps * sum(r[f"{key}_us"] for r in rows) / 1e3 for key in ("predicted", "ideal", "floor")}
+    out["predicted_ms"] += sum(r["per_call_us"] for r in rows) / 1e3  # a persistent kernel's launch and weight load
+    return out
 
 
 def annotate(record: dict, device_name: str, ceilings: dict | None = None) -> dict | None:
-    """The model beside one bench/run.py measurement on a GPU: the prediction for fastmlstm's Triton
-    kernels at the record's case (whatever implementation it measured, so every row shows the
-    yardstick), with the table's numbers and, when ``ceilings`` holds the run's measured copy
-    bandwidth, with that in place of the achievable HBM bandwidth. None where the model does not
-    apply (another GPU, featurize and train, float32)."""
+    """The model beside one bench/run.py measurement on a GPU: the prediction for fastmlstm's kernels
+    at the record's case, with the table's numbers and, when ``ceilings`` holds the run's measured
+    copy bandwidth, with that in place of the achievable HBM bandwidth. None where the model does
+    not apply (another GPU, featurize and train, float32)."""
     gpu = gpu_of_device_name(device_name)
     if gpu is None:
         return None
@@ -392,27 +471,30 @@ def annotate(record: dict, device_name: str, ceilings: dict | None = None) -> di
     return out
 
 
-def gpu_of_device_name(name: str) -> str | None:
-    """The model's GPU for a CUDA device name (torch.cuda.get_device_name), if it models it."""
-    if "H200" in name:
-        return "H200"
-    if "H100" in name and ("SXM" in name or "HBM3" in name):
-        return "H100-SXM"
-    return None
-
+# ---------------------------------------------------------------------------------- tables
 
 def table(rows: list[dict]) -> str:
-    head = ("| gpu | dtype | H | B | direction | programs | SMs | HBM MB | L2 MB | predicted us | ideal us | ratio "
-            "| bound | floor us | floor ratio (at 2/SM) | issue 15's bound: met / feasible |")
+    head = ("| gpu | dtype | H | B | dir | design | CTAs x cluster | active SMs | HBM MB | L2 MB | on-chip MB "
+            "| predicted us | ideal us | ratio | bound | floor us (ratio) | floor, weights streamed | target |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        binding = r["bound"] if r["bound"] == "host" else "+".join(k["bound"] for k in r["kernels"])
-        at_bound = f" ({r['floor_ratio_at_bound_programs']:.2f})" if r["B"] >= BOUND_MIN_BATCH else ""
-        lines.append(f"| {r['gpu']} | {r['dtype']} | {r['H']} | {r['B']} | {r['direction']} | {r['programs']} | "
-                     f"{r['sms']} | {r['hbm_bytes'] / 1e6:.1f} | {r['l2_bytes'] / 1e6:.1f} | {r['predicted_us']:.1f} | "
-                     f"{r['ideal_us']:.1f} | {r['ratio']:.2f} | {binding} | {r['floor_us']:.1f} | "
-                     f"{r['floor_ratio']:.2f}{at_bound} | {'yes' if r['meets_bound'] else 'no'} / "
-                     f"{'yes' if r['bound_feasible'] else 'no'} |")
+        target = "-" if r["target_ratio"] is None else f"<= {r['target_ratio']}: {'met' if r['meets_target'] else 'NOT met'}"
+        lines.append(f"| {r['gpu']} | {r['dtype']} | {r['H']} | {r['B']} | {r['direction']} | {r['design']} | "
+                     f"{r['ctas']} x {r['cluster']} | {r['active_sms']} | {r['hbm_bytes'] / 1e6:.1f} | "
+                     f"{r['l2_bytes'] / 1e6:.1f} | {r['onchip_bytes'] / 1e6:.1f} | {r['predicted_us']:.1f} | "
+                     f"{r['ideal_us']:.1f} | {r['ratio']:.2f} | {r['bound']} | {r['floor_us']:.1f} "
+                     f"({r['floor_ratio']:.2f}, {r['floor_bound']}) | {r['floor_streaming_us'] / r['ideal_us']:.2f} | "
+                     f"{target} |")
+    return "\n".join(lines)
+
+
+def designs_table(rows: list[dict]) -> str:
+    lines = ["| gpu | H | B | dir | " + " | ".join(DESIGN_NAMES) + " | ideal us | picked |",
+             "|" + "---|" * (len(DESIGN_NAMES) + 6)]
+    for r in rows:
+        cells = ["-" if r["designs_us"][d] is None else f"{r['designs_us'][d]:.1f}" for d in DESIGN_NAMES]
+        lines.append(f"| {r['gpu']} | {r['H']} | {r['B']} | {r['direction']} | " + " | ".join(cells)
+                     + f" | {r['ideal_us']:.1f} | {r['design']} |")
     return "\n".join(lines)
 
 
@@ -422,54 +504,31 @@ def sources_table() -> str:
     return "\n".join(lines)
 
 
-def legacy_plan(B: int, H: int) -> _configs.StepPlan:
-    """The launch shapes of the kernels before issue 15 (one batch tile of up to 128 rows, 32 hidden
-    units per program, no split, 3 stages, no PDL), for comparing designs under one model. The
-    old bwd_h kept its whole tile in registers; the model charges it the workspace round trip
-    today's bwd_h takes at that tile size, a small overstatement of its time."""
-    bb = min(128, max(16, 1 << max(0, (B - 1).bit_length())))
-    config = _configs.KernelConfig(BB=bb, BN=32 if H >= 1024 else 16, BK=64, num_warps=8 if bb >= 128 else 4,
-                                   num_stages=3)
-    return _configs.StepPlan(**{k: config for k in _configs.KERNELS}, source="legacy")
-
-
-def compare_legacy() -> str:
-    lines = ["| gpu | H | B | before fwd us | before bwd us | now fwd us | now bwd us | ideal us | "
-             "before L2 MB fwd/bwd | now L2 MB fwd/bwd | programs before / now |", "|" + "---|" * 11]
-    for gpu in GPUS.values():
-        for H, B in MODEL_SHAPES:
-            old = [direction_cost(gpu, d, B, H, plan=legacy_plan(B, H)) for d in DIRECTIONS]
-            new = [direction_cost(gpu, d, B, H) for d in DIRECTIONS]
-            lines.append(f"| {gpu.name} | {H} | {B} | {old[0]['predicted_us']:.1f} | {old[1]['predicted_us']:.1f} | "
-                         f"{new[0]['predicted_us']:.1f} | {new[1]['predicted_us']:.1f} | {new[0]['ideal_us']:.1f} | "
-                         f"{old[0]['l2_bytes'] / 1e6:.0f}/{old[1]['l2_bytes'] / 1e6:.0f} | "
-                         f"{new[0]['l2_bytes'] / 1e6:.0f}/{new[1]['l2_bytes'] / 1e6:.0f} | "
-                         f"{old[0]['programs']} / {min(new[0]['programs'], new[1]['programs'])} |")
+def sensitivity(l2_values=(5.5, 7.0, 10.0, 14.0), sync_values=(0.5, 1.0, 2.0)) -> str:
+    """How the picked designs' ratios and the floor move with the L2 bandwidth and the cost of a
+    grid-wide dependency, the two numbers the model is least sure of."""
+    lines = ["| L2 TB/s | grid sync us | gpu | H | B | fwd ratio | bwd ratio | floor fwd | floor bwd |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for l2 in l2_values:
+        for sync in sync_values:
+            for gpu in gpus(l2_TBps=l2, grid_sync_us=sync).values():
+                for H, B in MODEL_SHAPES:
+                    r = [direction_cost(gpu, d, B, H) for d in DIRECTIONS]
+                    lines.append(f"| {l2} | {sync} | {gpu.name} | {H} | {B} | {r[0]['ratio']:.2f} | {r[1]['ratio']:.2f} "
+                                 f"| {r[0]['floor_ratio']:.2f} | {r[1]['floor_ratio']:.2f} |")
     return "\n".join(lines)
 
 
-def sensitivity(l2_values=(5.5, 7.0, 10.0, 14.0)) -> str:
-    """How the rule's predictions and the floor move with the L2 bandwidth, the least certain
-    number (ratios to ideal; the floor also with issue 15's >= 2 programs per SM)."""
-    lines = ["| L2 TB/s | gpu | H | B | fwd ratio | bwd ratio | floor fwd (at 2/SM) | floor bwd (at 2/SM) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for l2 in l2_values:
-        for gpu in gpus(l2_TBps=l2).values():
-            for H, B in MODEL_SHAPES[:3]:
-                r = [direction_cost(gpu, d, B, H) for d in DIRECTIONS]
-                floors = [f"{x['floor_ratio']:.2f} ({x['floor_ratio_at_bound_programs']:.2f})" for x in r]
-                lines.append(f"| {l2} | {gpu.name} | {H} | {B} | {r[0]['ratio']:.2f} | {r[1]['ratio']:.2f} | "
-                             f"{floors[0]} | {floors[1]} |")
+def targets_table(report: list[dict]) -> str:
+    lines = ["| gpu | H | B | dir | design | check | met | detail | why not |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['gpu']} | {t['H']} | {t['B']} | {t['direction']} | {t['design']} | {t['check']} | "
+              f"{'yes' if t['met'] else 'NO'} | {t['detail']} | {t['why_not']} |" for t in report]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(sources_table())
-    print()
-    print(table(model_rows()))
-    if "--before" in sys.argv:
-        print()
-        print(compare_legacy())
+    rows = model_rows()
+    print(sources_table(), "", table(rows), "", designs_table(rows), "", targets_table(target_report(rows)), sep="\n")
     if "--sensitivity" in sys.argv:
         print()
         print(sensitivity())

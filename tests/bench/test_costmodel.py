@@ -1,0 +1,236 @@
+"""Cost model v2 (bench/kernels/costmodel.py): rows computed by hand, and the properties that make
+its floor a lower bound and its predictions honest. Pure arithmetic: well under a second."""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+LAB = Path(__file__).resolve().parents[2] / "bench" / "kernels"
+sys.path.insert(0, str(LAB))
+
+import costmodel  # noqa: E402
+import sweep  # noqa: E402
+
+from fastmlstm.ops.triton import configs  # noqa: E402
+
+H100, H200 = costmodel.GPUS["H100-SXM"], costmodel.GPUS["H200"]
+# Bytes and FLOPs of the H = 4096 and H = 1024 weights (5 H^2 bf16 values), and the chip's
+# shared memory plus register files: 132 SMs x (228 + 256) KB.
+W4096 = 5 * 4096 * 4096 * 2          # 167,772,160
+W1024 = 5 * 1024 * 1024 * 2          # 10,485,760
+ONCHIP = 132 * (228 + 256) * 1024    # 65,421,312
+HBM_H100 = 3.35 * 0.90 * 1e6         # bytes per microsecond at the measured copy fraction
+HBM_H200 = 4.8 * 0.90 * 1e6
+CHAIN = 2 * 475 / (1.98 * 1e3)       # two idle far-L2 round trips, 0.4798 us
+
+
+def test_floor_h100_4096_128_forward_by_hand():
+    f = costmodel.floor_cost(H100, "fwd", 128, 4096)
+    from_hbm = W4096 - ONCHIP - 50e6                  # 52,350,848 B no design keeps near the SMs
+    state = 128 * 4096 * (11 * 2 + 4)                 # 13,631,488 B of proj_t in, h, c, gates, hm out
+    assert f["hbm_bytes"] == from_hbm + state
+    hbm_us = (from_hbm + state) / HBM_H100            # 21.885 us
+    l2_us = (W4096 - ONCHIP + state + 128 * 4096 * 2 * 2) / 9.0e6   # 13.120 us: weights off chip, state, h and m
+    math_us = 2 * 5 * 4096**2 * 128 / 989e6           # 21.714 us at the datasheet peak
+    assert f["terms_us"] == pytest.approx({"hbm": hbm_us, "l2": l2_us, "math": math_us, "chain": CHAIN}, abs=1e-3)
+    assert f["floor_us"] == pytest.approx(21.8847, abs=1e-3) and f["bound"] == "hbm"
+    assert f["weights_from"] == "partly from HBM"
+
+
+def test_floor_h100_1024_64_backward_by_hand():
+    f = costmodel.floor_cost(H100, "bwd", 64, 1024)
+    state = 64 * 1024 * (13 * 2 + 4)                  # 1,966,080 B: dout, gates, xm, hm, c in; dz, dxm, dhm out
+    assert W1024 < ONCHIP and f["weights_from"] == "on chip"
+    assert f["terms_us"]["hbm"] == pytest.approx(state / HBM_H100, abs=1e-3)                   # 0.652 us
+    assert f["terms_us"]["l2"] == pytest.approx((state + 64 * 1024 * 2 * (1 + 4)) / 9.0e6, abs=1e-3)  # 0.291 us
+    assert f["terms_us"]["math"] == pytest.approx(2 * 5 * 1024**2 * 64 / 989e6, abs=1e-3)     # 0.679 us
+    assert f["floor_us"] == pytest.approx(0.6785, abs=1e-3) and f["bound"] == "math"
+
+
+def test_floor_h200_4096_1_by_hand():
+    """At B = 1 the tensor cores still compute 8 columns (their smallest n), and L2 binds."""
+    f = costmodel.floor_cost(H200, "fwd", 1, 4096)
+    from_hbm = W4096 - ONCHIP - 60e6                  # 42,350,848 B
+    state = 4096 * 26
+    assert f["terms_us"]["hbm"] == pytest.approx((from_hbm + state) / HBM_H200, abs=1e-3)       # 9.828 us
+    l2 = W4096 - ONCHIP + state + 4096 * 2 * 2                                                  # 102,473,728 B
+    assert f["terms_us"]["l2"] == pytest.approx(l2 / 9.8e6, abs=1e-3)                           # 10.457 us
+    assert f["terms_us"]["math"] == pytest.approx(2 * 5 * 4096**2 * 8 / 989e6, abs=1e-3)        # 1.357 us
+    assert f["bound"] == "l2"
+
+
+def test_streaming_floor_keeps_nothing_across_steps():
+    f = costmodel.floor_cost(H100, "fwd", 128, 4096, weights_stream=True)
+    assert f["hbm_bytes"] == W4096 + 128 * 4096 * 26
+    assert f["floor_us"] == pytest.approx((W4096 + 128 * 4096 * 26) / HBM_H100, abs=1e-3)     # 60.17 us, 1.20 x ideal
+
+
+def test_step_kernel_math_counts_only_the_sms_it_occupies():
+    """bwd_m at H = 4096, B = 128 under the rule: 32 hidden tiles x split 2 = 64 programs on 132 SMs;
+    the busiest SM does 1/64 of the FLOPs at 1/132 of the rate (issue 22's ~1.77 x ideal)."""
+    config = configs.rule("bwd_m", 128, 4096, 2, costmodel.device_of(H100))
+    assert (config.BB, config.BN, config.split) == (128, 128, 2)
+    k = costmodel.kernel_cost(H100, "bwd_m", 128, 4096, "bf16", config)
+    flops = 2 * 128 * (4 * 4096) * 4096
+    assert k["programs"] == 64 and k["active_sms"] == 64
+    assert k["terms_us"]["math"] == pytest.approx(flops / 64 / (798e6 / 132), abs=1e-2)      # 44.40 us
+
+
+def test_math_with_a_partial_last_wave():
+    gpu = costmodel.gpus(sms=4, mma_TFLOPs_16bit=4)["H100-SXM"]   # 1e6 FLOP per microsecond per SM
+    # 6 equal items on 4 SMs: the busiest SM runs 2 of them.
+    assert costmodel._busiest_math_us(gpu, 6e6, 6, gpu.mma_TFLOPs_16bit) == pytest.approx(2.0)
+    assert costmodel._busiest_math_us(gpu, 2e6, 2, gpu.mma_TFLOPs_16bit) == pytest.approx(1.0)  # 2 SMs idle
+
+
+def _toy_schedule(design="cluster", reduction="l2", parts=2):
+    """Two phases on 2 CTAs: phase 0 K = 128 (2 blocks of 64), 64-row tiles; phase 1 K = 64."""
+    phases = (types.SimpleNamespace(index=0, product="hm", K=128, block_m=64, block_k=64, sync="grid"),
+              types.SimpleNamespace(index=1, product="z", K=64, block_m=64, block_k=64, sync="grid"))
+    tile = types.SimpleNamespace
+    tiles = (tile(cta=0, phase=0, kb_lo=0, kb_hi=2, parts=1), tile(cta=1, phase=0, kb_lo=0, kb_hi=1, parts=parts),
+             tile(cta=0, phase=1, kb_lo=0, kb_hi=1, parts=1), tile(cta=1, phase=1, kb_lo=0, kb_hi=1, parts=1))
+    return types.SimpleNamespace(
+        design=design, direction="forward", B=8, H=64, dtype_bytes=2, ctas=2, cluster=2, active_sms=2, split_k=parts,
+        reduction=reduction, resident_weight_bytes_per_cta=0, block_b=16, phases=phases, tiles=tiles,
+        hbm_bytes_per_step=4e6, l2_bytes_per_step=3e6, onchip_bytes_per_step=0, multicast_bytes_saved_per_step=0,
+        weight_bytes_per_call=0)
+
+
+def test_persistent_cost_by_hand():
+    # 2 SMs at 1e6 FLOP/us each; 1e3 B/us of ingest per SM; HBM 1e6 B/us; L2 2e6 B/us.
+    gpu = costmodel.gpus(sms=2, mma_TFLOPs_16bit=2, sm_ingest_GBps=1, hbm_TBps=1, hbm_efficiency=1, l2_TBps=2,
+                         grid_sync_us=1.0, l2_latency_us=0.5, hbm_latency_us=0.8)["H100-SXM"]
+    c = costmodel.persistent_cost(gpu, _toy_schedule())
+    # Phase 0, CTA 0: 2 blocks: MMA 2 x 64 rows x 16 batch columns x 128 = 262,144 FLOP -> 0.262 us;
+    # ingest 64 x 128 x 2 weights + 8 x 128 x 2 activation = 18,432 B -> 18.43 us (binding).
+    # Reduction of the 2-part tile: ticket 0.5 + max(0.5, 0.8) = 1.3; grid sync 1.0 + L2 read 0.5.
+    p0 = 18.432 + 1.3 + 1.5
+    # Phase 1: one block each: ingest 64 x 64 x 2 + 8 x 64 x 2 = 9,216 B -> 9.216 us; no split.
+    p1 = 9.216 + 1.5
+    assert [p["us"] for p in c["phases"]] == pytest.approx([p0, p1], abs=1e-3)
+    assert c["terms_us"]["chain"] == pytest.approx(p0 + p1, abs=1e-3)
+    assert c["terms_us"]["hbm"] == pytest.approx(4.0) and c["terms_us"]["l2"] == pytest.approx(1.5)
+    assert c["time_us"] == pytest.approx(p0 + p1, abs=1e-3) and c["bound"] == "chain"
+    # A stationary design receives no weights: phase 0's CTA 0 ingests only 2,048 B of activation;
+    # its MMA (0.262 us) is still shorter, so 2.048 us.
+    s = costmodel.persistent_cost(gpu, _toy_schedule(design="stationary"))
+    assert s["phases"][0]["ingest_us"] == pytest.approx(2.048, abs=1e-3)
+    # A DSMEM reduction of 2 parts: one remote round (0.1 us) instead of the workspace's 1.3 us.
+    d = costmodel.persistent_cost(gpu, _toy_schedule(reduction="dsmem"))
+    assert d["phases"][0]["reduce_us"] == pytest.approx(0.1)
+
+
+def test_rows_price_what_the_dispatcher_picks():
+    from fastmlstm.ops.triton.dispatch import design_for
+
+    for gpu in costmodel.GPUS.values():
+        for H, B in costmodel.MODEL_SHAPES:
+            for direction in costmodel.DIRECTIONS:
+                row = costmodel.direction_cost(gpu, direction, B, H)
+                assert row["design"] == design_for(B, H, "bfloat16", costmodel.device_of(gpu),
+                                                   direction=costmodel.LONG[direction])
+                sched = costmodel.schedule_for(row["design"], direction, B, H, 2, gpu)
+                if sched is not None:  # the schedule's own byte counts and launch shape, unchanged
+                    assert (row["hbm_bytes"], row["l2_bytes"], row["ctas"], row["cluster"], row["active_sms"]) == (
+                        sched.hbm_bytes_per_step, sched.l2_bytes_per_step, sched.ctas, sched.cluster,
+                        sched.active_sms)
+
+
+def test_the_per_step_path_is_host_bound_without_a_graph():
+    step = costmodel.direction_cost(H100, "fwd", 64, 1024, design="step")
+    graph = costmodel.direction_cost(H100, "fwd", 64, 1024, design="graph")
+    assert step["predicted_us"] == pytest.approx(2 * 12.0) and step["bound"] == "host"
+    assert graph["predicted_us"] == pytest.approx(sum(k["time_us"] for k in graph["kernels"]), abs=0.01)
+    assert graph["predicted_us"] < step["predicted_us"]
+
+
+@pytest.mark.parametrize("l2, sync", [(5.5, 0.5), (9.0, 1.0), (14.0, 2.0), (20.0, 0.2)])
+def test_no_design_beats_the_floor(l2, sync):
+    """At every modelled shape, on both GPUs and across the uncertain numbers, every design the
+    dispatcher can pick predicts no less than the floor; streaming designs no less than the
+    streaming floor."""
+    for gpu in costmodel.gpus(l2_TBps=l2, grid_sync_us=sync).values():
+        for H, B in costmodel.MODEL_SHAPES + ((512, 16), (1536, 32), (3000, 200)):
+            for direction in costmodel.DIRECTIONS:
+                floor = costmodel.floor_cost(gpu, direction, B, H)["floor_us"]
+                streaming = costmodel.floor_cost(gpu, direction, B, H, weights_stream=True)["floor_us"]
+                for design in costmodel.DESIGN_NAMES:
+                    cost = costmodel.design_cost(gpu, design, direction, B, H)
+                    if cost is None:
+                        continue
+                    assert cost["time_us"] >= floor, (gpu.name, H, B, direction, design)
+                    if design in ("cluster", "step", "graph"):
+                        assert cost["time_us"] >= streaming, (gpu.name, H, B, direction, design)
+
+
+def test_no_swept_plan_beats_the_floor():
+    for gpu in costmodel.GPUS.values():
+        device = costmodel.device_of(gpu)
+        for H, B in costmodel.MODEL_SHAPES:
+            candidates = {k: sweep.sweep_candidates(k, B, H, 2, device) for k in configs.KERNELS}
+            for direction, kernels in costmodel.DIRECTIONS.items():
+                floor = costmodel.floor_cost(gpu, direction, B, H)["floor_us"]
+                for first in candidates[kernels[0]]:
+                    for second in candidates[kernels[1]]:
+                        plan = configs.StepPlan(**{**{k: c[0] for k, c in candidates.items()},
+                                                   kernels[0]: first, kernels[1]: second})
+                        assert costmodel.direction_cost(gpu, direction, B, H, plan=plan)["predicted_us"] >= floor
+
+
+def test_predictions_respect_their_own_bytes():
+    """No prediction beats its design's HBM and L2 bytes at the table's bandwidths, or the host."""
+    for r in costmodel.model_rows():
+        gpu = costmodel.GPUS[r["gpu"]]
+        assert r["predicted_us"] >= r["hbm_bytes"] / (gpu.hbm_TBps * gpu.hbm_efficiency * 1e6) - 0.01
+        assert r["predicted_us"] >= r["l2_bytes"] / (gpu.l2_TBps * 1e6) - 0.01
+        assert r["floor_us"] <= r["floor_streaming_us"] <= r["predicted_us"] + (0 if r["design"] != "stationary" else 1e9)
+        if r["design"] == "step":
+            assert r["predicted_us"] >= 2 * gpu.cpu_launch_us
+
+
+def test_the_floor_only_rises_with_slower_hardware():
+    slow = costmodel.gpus(l2_TBps=2.0, hbm_TBps=1.0, mma_peak_TFLOPs_16bit=300)["H100-SXM"]
+    for H, B in costmodel.MODEL_SHAPES:
+        for direction in costmodel.DIRECTIONS:
+            assert costmodel.floor_cost(slow, direction, B, H)["floor_us"] >= costmodel.floor_cost(
+                H100, direction, B, H)["floor_us"]
+
+
+def test_targets_are_judged_on_the_rows():
+    rows = costmodel.model_rows()
+    report = costmodel.target_report(rows)
+    by_row = {(r["gpu"], r["H"], r["B"], r["direction"]): r for r in rows}
+    assert {(t["gpu"], t["H"], t["B"]) for t in report if t["check"] == "ratio"} == set(costmodel.TARGETS)
+    for t in report:
+        r = by_row[(t["gpu"], t["H"], t["B"], t["direction"])]
+        if t["check"] == "ratio":
+            assert t["met"] == (r["predicted_us"] <= costmodel.TARGETS[(t["gpu"], t["H"], t["B"])] * r["ideal_us"] + 0.01)
+        else:
+            assert r["B"] >= costmodel.BUSY_MIN_BATCH and t["met"] == (r["active_sms"] == r["sms"])
+        assert bool(t["why_not"]) != t["met"]
+
+
+def test_every_number_has_a_source_and_assumptions_are_marked():
+    fields = set(costmodel.GPU.__dataclass_fields__) - {"name"}
+    assert {row[0] for row in costmodel.TABLE} == fields
+    for name, h100, h200, source in costmodel.TABLE:
+        assert h100 > 0 and h200 > 0 and len(source) > 20, name
+    assert {"grid_sync_us", "dsmem_TBps", "launch_gap_us"} <= set(costmodel.assumptions())
+    assert "l2_TBps" not in costmodel.assumptions()
+
+
+def test_benchmark_predictions_carry_the_floor_and_the_per_call_cost():
+    for mode, T in (("step", 1), ("fwd", 64), ("fwd+bwd", 64)):
+        p = costmodel.predict("H100-SXM", mode, "bfloat16", 4096, 128, T)
+        assert p["floor_ms"] <= p["predicted_ms"], (mode, p)
+    # The stationary design loads its weights once per call: a one-step call pays all of it.
+    one = costmodel.predict("H100-SXM", "step", "bfloat16", 1024, 64)
+    row = costmodel.direction_cost(H100, "fwd", 64, 1024)
+    if row["design"] == "stationary":
+        assert one["predicted_ms"] * 1e3 == pytest.approx(row["predicted_us"] + row["per_call_us"], abs=0.02)
+        assert row["per_call_us"] >= W1024 / HBM_H100
+    assert costmodel.predict("H100-SXM", "featurize", "bfloat16", 4096, 128) is None
+    assert costmodel.predict("H100-SXM", "fwd", "float32", 4096, 128) is None
