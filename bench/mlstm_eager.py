@@ -1,7 +1,7 @@
 """The baselines the benchmark compares fastmlstm with, written the way a PyTorch user would.
 
 ``mlstm_cell`` / ``mlstm_sequence`` are a plain autograd loop of the multiplicative LSTM of
-/work/shared/docs/MODEL.md (gate order i, f, o, u; torch's [out, in] weight layout, the same as
+docs/MODEL.md (gate order i, f, o, u; torch's [out, in] weight layout, the same as
 ``fastmlstm.FastMLSTM``): one GEMM for the input projections of the whole sequence, then two
 dependent GEMMs and the pointwise update per step. Everything runs in the weights' dtype, cell
 state included, as a plain loop would (fastmlstm keeps the cell state in float32).

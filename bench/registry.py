@@ -24,7 +24,8 @@ Modes (``chars`` is what ``chars_per_s`` counts):
 
 The other roles: ``impls`` (the implementations and how each case is built), ``gate`` (the
 correctness gate), ``workload`` (featurize texts and the cost arithmetic), ``measure`` (timing,
-memory, ceilings), ``report`` (Markdown, plots, the README section), ``run`` (the command line).
+memory, ceilings), ``report`` (Markdown, plots, the section of docs/benchmarks.md), ``run`` (the
+command line).
 """
 
 from __future__ import annotations

@@ -1,17 +1,20 @@
-"""Tables, plots and the README's benchmark section from a results file of bench/run.py.
+"""Tables, plots and the benchmark section of docs/benchmarks.md from a results file of bench/run.py.
 
-    python bench/report.py bench/results/<file>.json --readme README.md   # regenerate the README section
-    python bench/report.py bench/results/<file>.json --md --plots         # rewrite the .md and PNGs beside it
+    python bench/report.py bench/results/<file>.json --doc docs/benchmarks.md   # regenerate the docs section
+    python bench/report.py bench/results/<file>.json --md --plots               # rewrite the .md and PNGs beside it
 
-The README section is the text between the line holding ``<!-- bench:begin`` and the line holding
-``<!-- bench:end -->``; both marker lines are kept and nothing outside them changes. The section is
-a pure function of the results file, so regenerating it twice gives the same text.
+The section is the text between the line holding ``<!-- bench:begin`` and the line holding
+``<!-- bench:end -->`` of the Markdown file given with ``--doc``; both marker lines are kept and
+nothing outside them changes. The section is a pure function of the results file and of where the
+document lives (its links are relative to the document's folder), so regenerating it twice gives
+the same text.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import posixpath
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -339,14 +342,25 @@ def markdown(doc: dict, json_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_section(doc: dict, json_path: str) -> str:
-    """The README's benchmark section (between the markers) for the results file ``json_path``."""
+DOC = "docs/benchmarks.md"
+
+
+def _link(path: str, doc_path: str) -> str:
+    """``path`` (relative to the repository, or absolute) as a link from the document ``doc_path``."""
+    if posixpath.isabs(path) or posixpath.isabs(doc_path):
+        return path
+    return posixpath.relpath(path, posixpath.dirname(doc_path) or ".")
+
+
+def doc_section(doc: dict, json_path: str, doc_path: str = DOC) -> str:
+    """The benchmark section (between the markers) for the results file ``json_path``, to stand in
+    the document ``doc_path`` (both relative to the repository, or absolute)."""
     stem = json_path.removesuffix(".json")
     gpu = doc.get("device_type") == "cuda"
     lines = [f"Measured on **{_device_line(doc)}** on {doc['date']} (commit {_commit(doc)}, torch {doc['torch']}) "
              f"with `{doc['command']}`; every cell below comes from `{json_path}`. Full table with spreads, "
-             f"memory and roofline fractions: [`{stem}.md`]({stem}.md). Regenerate this section with "
-             f"`python bench/report.py {json_path} --readme README.md`."]
+             f"memory and roofline fractions: [`{stem}.md`]({_link(stem + '.md', doc_path)}). Regenerate this "
+             f"section with `python bench/report.py {json_path} --doc {doc_path}`."]
     load = doc.get("load_average_start")
     lines += ["", f"{doc['torch_threads']} torch thread(s); 1-minute load average {load[0] if load else 'n/a'} at "
                   f"the start and {(doc.get('load_average_end') or ['n/a'])[0]} at the end of the run (the machine "
@@ -379,18 +393,20 @@ def readme_section(doc: dict, json_path: str) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, doc: dict, json_path: str) -> bool:
-    """Rewrite only the text between the bench markers; returns whether the file changed."""
-    text = readme.read_text()
+def update_doc(path: Path, doc: dict, json_path: str, doc_path: str | None = None) -> bool:
+    """Rewrite only the text between the bench markers of the Markdown file ``path``; returns whether
+    it changed. ``doc_path`` is where the document lives, for its links (default: ``path``)."""
+    text = path.read_text()
     lines = text.split("\n")
     begins = [i for i, line in enumerate(lines) if BEGIN in line]
     ends = [i for i, line in enumerate(lines) if END in line]
     if len(begins) != 1 or len(ends) != 1 or ends[0] <= begins[0]:
-        raise SystemExit(f"{readme}: expected one '{BEGIN} ...' line followed by one '{END}' line")
-    new_lines = lines[: begins[0] + 1] + readme_section(doc, json_path).split("\n") + lines[ends[0]:]
-    new = "\n".join(new_lines)
+        raise SystemExit(f"{path}: expected one '{BEGIN} ...' line followed by one '{END}' line "
+                         f"(the benchmark section lives in {DOC})")
+    section = doc_section(doc, json_path, doc_path or _display_path(path))
+    new = "\n".join(lines[: begins[0] + 1] + section.split("\n") + lines[ends[0]:])
     if new != text:
-        readme.write_text(new)
+        path.write_text(new)
         return True
     return False
 
@@ -509,7 +525,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/report.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", type=Path, help="a results JSON written by bench/run.py")
-    p.add_argument("--readme", type=Path, help="README to update between the bench markers")
+    p.add_argument("--doc", type=Path, help=f"Markdown file to update between the bench markers ({DOC})")
     p.add_argument("--md", action="store_true", help="rewrite <results>.md")
     p.add_argument("--plots", action="store_true", help="rewrite the PNG plots beside the results")
     args = p.parse_args(argv)
@@ -521,11 +537,11 @@ def main(argv=None) -> int:
     if args.plots:
         for path in plots(doc, stem):
             print(f"wrote {path}")
-    if args.readme:
-        changed = update_readme(args.readme, doc, _display_path(args.results))
-        print(f"{args.readme}: benchmark section {'regenerated' if changed else 'already up to date'}")
-    if not (args.md or args.plots or args.readme):
-        print(readme_section(doc, _display_path(args.results)))
+    if args.doc:
+        changed = update_doc(args.doc, doc, _display_path(args.results))
+        print(f"{args.doc}: benchmark section {'regenerated' if changed else 'already up to date'}")
+    if not (args.md or args.plots or args.doc):
+        print(doc_section(doc, _display_path(args.results)))
     return 0
 
 

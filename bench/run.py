@@ -9,8 +9,9 @@ Every measured mLSTM implementation first passes a correctness gate (bench/gate.
 one that fails is refused: listed under ``refused`` and never timed. Then for every case, every
 implementation in turn: build, warm up, time (median of many calls, rotating input sets), one more
 call for peak memory. Results go to ``bench/results/<device>-<date>.json`` with a Markdown table and
-PNG plots beside it (bench/report.py); ``python bench/report.py <json> --readme README.md``
-regenerates the README's benchmark section from it. Exit status 2 when an implementation was refused.
+PNG plots beside it (bench/report.py); ``python bench/report.py <json> --doc docs/benchmarks.md``
+regenerates the benchmark section of docs/benchmarks.md from it. Exit status 2 when an
+implementation was refused.
 """
 
 from __future__ import annotations

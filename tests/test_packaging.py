@@ -1,6 +1,6 @@
 """The package's shape: no import cycles, no function over 100 lines, every third-party import
-declared, one version, a README layout that matches the tree, and a wheel that installs and runs
-in a clean environment."""
+declared, one version, a documented layout (docs/development.md) that matches the tree, and a wheel
+that installs and runs in a clean environment."""
 
 import ast
 import importlib.metadata
@@ -179,18 +179,21 @@ def test_one_version_source():
     assert hits == [PACKAGE / "_version.py"], hits
 
 
-def test_readme_layout_matches_the_tree():
-    text = (REPO / "README.md").read_text()
+def test_documented_layout_matches_the_tree():
+    """docs/development.md's "Repository layout": every path it lists exists, and it lists every
+    top-level module and package of fastmlstm/."""
+    text = (REPO / "docs" / "development.md").read_text()
     section = text[text.index("## Repository layout"):]
     section = section[: section.index("\n## ", 5)]
     listed = re.findall(r"^ {4}(\S+)", section, flags=re.M)
+    assert listed, "docs/development.md's layout section lists no paths (4-space indented lines)"
     for entry in listed:
-        assert (REPO / entry).exists(), f"the README's layout lists {entry}, which does not exist"
+        assert (REPO / entry).exists(), f"docs/development.md's layout lists {entry}, which does not exist"
     top = {p.name for p in PACKAGE.iterdir() if p.name != "__init__.py" and not p.name.startswith("__pycache__")
            and (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))}
     named = {Path(e).name for e in listed if e.startswith("fastmlstm/") and e.count("/") == 1}
     named |= {e.split("/")[1] for e in listed if e.startswith("fastmlstm/") and e.count("/") >= 2}
-    assert top <= named, f"modules missing from the README's layout: {sorted(top - named)}"
+    assert top <= named, f"modules missing from docs/development.md's layout: {sorted(top - named)}"
 
 
 def _copy_project(destination: Path) -> Path:
