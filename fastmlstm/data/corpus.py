@@ -12,6 +12,16 @@ of equal length, one per batch row of the *global* batch; update ``s`` gives eve
 ``seq + 1`` bytes of its own region. Distributed ranks take disjoint blocks of rows, so no two rows
 or ranks ever read the same bytes. When a region is used up every row starts over at its beginning
 (a new epoch), which is where the carried recurrent state is reset.
+
+The stream is a cache, ``corpus.bin``, with its record ``corpus.json`` written after it. Every
+:func:`build_stream` (so every training start and resume) checks it before reuse: the SHA-256 of
+each source file's bytes must equal the one recorded when the cache was built (so a same-size edit
+of a source is seen), and the SHA-256 of the cache's own bytes must equal its record (so a cache
+damaged in place is seen). Both are hashed in 16 MiB chunks on several threads. Any mismatch, a
+missing or unreadable record, or a record of an older fastmlstm logs one line saying which and
+rebuilds the cache; a rebuilt stream of the same sources is the same bytes, so a resumed run goes on
+exactly. The check reads every source and the cache once per start: its cost is that of reading
+and hashing them, not of rebuilding.
 """
 
 from __future__ import annotations
@@ -21,8 +31,10 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +44,12 @@ import torch
 from .._atomic import atomic_write
 from ..errors import InputError, MissingInputError
 
-__all__ = ["Source", "build_stream", "open_stream", "RowBatcher"]
+__all__ = ["Source", "build_stream", "content_digest", "open_stream", "RowBatcher"]
 
 _CHUNK = 1 << 20
+_HASH_CHUNK = 16 << 20  # the unit of the content hashes: chunks are hashed in parallel, then their digests
+_RECORD_FORMAT = 2  # corpus.json with content hashes (1: names and sizes only)
+logger = logging.getLogger("fastmlstm")
 
 
 @dataclass(frozen=True)
@@ -142,34 +157,148 @@ class Source:
         return written
 
 
-def fingerprint(sources: list[Source]) -> str:
-    """Identifies a corpus by its files' names, columns and sizes (not their location)."""
-    blob = json.dumps([s.describe() for s in sources], sort_keys=True).encode()
+def _chunk_digest(path: Path, offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return hashlib.sha256(f.read(_HASH_CHUNK)).digest()
+
+
+def _combine(chunk_digests: list[bytes], size: int) -> str:
+    return hashlib.sha256(b"%d\0" % size + b"".join(chunk_digests)).hexdigest()
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """SHA-256 over the SHA-256s of a file's 16 MiB chunks and its size (hex). The chunks are hashed
+    on up to 8 threads (hashlib releases the GIL), so a big file is read at the disk's pace."""
+    path = Path(path)
+    size = path.stat().st_size
+    offsets = range(0, size, _HASH_CHUNK)
+    if len(offsets) <= 1:
+        return _combine([_chunk_digest(path, 0)] if size else [], size)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(offsets))) as pool:
+        return _combine(list(pool.map(lambda offset: _chunk_digest(path, offset), offsets)), size)
+
+
+class _HashingWriter:
+    """Passes writes to a binary file and computes :func:`content_digest` of what was written."""
+
+    def __init__(self, out):
+        self.out, self.size, self.digests = out, 0, []
+        self._chunk = hashlib.sha256()
+        self._in_chunk = 0
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        view = memoryview(data)
+        while view:
+            take = min(len(view), _HASH_CHUNK - self._in_chunk)
+            self._chunk.update(view[:take])
+            self._in_chunk += take
+            view = view[take:]
+            if self._in_chunk == _HASH_CHUNK:
+                self.digests.append(self._chunk.digest())
+                self._chunk, self._in_chunk = hashlib.sha256(), 0
+        self.size += len(data)
+        return len(data)
+
+    def digest(self) -> str:
+        return _combine(self.digests + ([self._chunk.digest()] if self._in_chunk else []), self.size)
+
+
+def source_digest(source: Source) -> str:
+    """Content hash of a source's files as they are on disk (a directory: each file's relative path
+    and hash, in order)."""
+    path = source.path
+    try:
+        if not source.path.is_dir():
+            return content_digest(path)
+        h = hashlib.sha256()
+        for path in source.files():
+            h.update(f"{path.relative_to(source.path).as_posix()}\0{content_digest(path)}\n".encode())
+        return h.hexdigest()
+    except OSError as exc:
+        raise InputError(f"cannot read corpus file {path}: {exc.strerror or exc}") from None
+
+
+def fingerprint(sources: list[Source], digests: list[str] | None = None) -> str:
+    """Identifies a corpus by its files' names, columns and sizes (not their location) and, given
+    ``digests`` (:func:`source_digest` of each), their content."""
+    described = [s.describe() for s in sources]
+    if digests is not None:
+        described = [dict(d, sha256=digest) for d, digest in zip(described, digests)]
+    blob = json.dumps(described, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def build_stream(sources: list[Source], path: str | os.PathLike) -> dict:
-    """Write the joined byte stream of ``sources`` to ``path`` (atomically) and a ``.json`` beside it.
+def _read_record(meta_path: Path) -> dict | None:
+    try:
+        record = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
-    If ``path`` already holds the stream of the same sources it is reused. Returns the metadata:
-    ``{"fingerprint", "bytes", "sources"}``.
+
+def _name(described: dict) -> tuple:
+    return described.get("file") or described.get("directory"), described.get("column")
+
+
+def _stale(path: Path, record: dict | None, sources: list[Source], digests: list[str]) -> str | None:
+    """Why the cache at ``path`` cannot be reused for ``sources`` (None: it can)."""
+    if not path.exists():
+        return "it does not exist" if record is None else "it is missing"
+    if record is None:
+        return "its record is missing or unreadable"
+    if record.get("format") != _RECORD_FORMAT:
+        return "it was built by an older fastmlstm, without content hashes"
+    recorded = record.get("sources")
+    if (not isinstance(recorded, list) or not all(isinstance(r, dict) for r in recorded)
+            or [_name(r) for r in recorded] != [_name(s.describe()) for s in sources]):
+        return "it was built from other sources"
+    for source, digest, was in zip(sources, digests, recorded):
+        if digest != was.get("sha256"):
+            return f"{source.path} changed since it was built (its content hash differs)"
+    if path.stat().st_size != record.get("bytes"):
+        return f"it has {path.stat().st_size:,} bytes where its record says {record.get('bytes')}"
+    if content_digest(path) != record.get("sha256"):
+        return "its bytes changed since it was built (damaged or overwritten)"
+    return None
+
+
+def build_stream(sources: list[Source], path: str | os.PathLike) -> dict:
+    """Write the joined byte stream of ``sources`` to ``path`` (atomically) and a ``.json`` record beside it.
+
+    If ``path`` already holds the stream of the same sources it is reused, after the content check
+    described in the module's docstring; otherwise (re)built, with one log line saying why when a
+    cache was there. Returns the record: ``{"format", "fingerprint", "bytes", "sha256", "sources"}``.
     """
     if not sources:
         raise InputError("no corpus given: pass at least one --data file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # reviews can be long
     path = Path(path)
     meta_path = path.with_suffix(".json")
-    fp = fingerprint(sources)
-    if path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fp and path.stat().st_size == meta.get("bytes"):
-            return meta
+    digests = [source_digest(s) for s in sources]
+    record = _read_record(meta_path)
+    why = _stale(path, record, sources, digests)
+    if why is None:
+        return record
+    if path.exists() or record is not None:
+        logger.warning("fastmlstm: rebuilding %s: %s", path, why)
+    # A cache of an older fastmlstm names its runs by names and sizes only: if the rebuilt stream is
+    # the very same bytes, its runs keep that name, so that they still resume.
+    legacy = None
+    if (record is not None and "format" not in record and record.get("fingerprint") == fingerprint(sources)
+            and path.is_file() and path.stat().st_size == record.get("bytes")):
+        legacy = content_digest(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as out:
-        total = sum(source.write_records(out) for source in sources)
+        writer = _HashingWriter(out)
+        total = sum(source.write_records(writer) for source in sources)
         if total == 0:
             raise InputError(f"the corpus is empty: {', '.join(str(s.path) for s in sources)} hold no bytes")
-    meta = {"fingerprint": fp, "bytes": total, "sources": [s.describe() for s in sources]}
+    identity = record["fingerprint"] if legacy is not None and legacy == writer.digest() else fingerprint(
+        sources, digests)
+    meta = {"format": _RECORD_FORMAT, "fingerprint": identity, "bytes": total, "sha256": writer.digest(),
+            "sources": [dict(s.describe(), sha256=d) for s, d in zip(sources, digests)]}
     with atomic_write(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     return meta

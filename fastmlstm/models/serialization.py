@@ -151,33 +151,43 @@ def _model_class(fmt: str, source: str) -> type:
                              f"(known: {', '.join(sorted(_MODEL_CLASSES))})") from None
 
 
-def _shape_problems(model, state: dict, config: dict, source: str) -> str | None:
-    """What is wrong with ``state`` for ``model`` (missing, unexpected, non-tensor or misshapen
-    entries), in one line, or None."""
+def _tensor_problems(model, state: dict) -> list[str]:
+    """What is wrong with the entries of ``state`` that ``model`` has under the same names: a
+    non-tensor, a tensor that is not floating point, or one of another shape."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
     problems = []
-    if missing:
-        problems.append(f"it lacks the tensor(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-    if unexpected:
-        problems.append(f"it holds unexpected tensor(s) {', '.join(map(str, unexpected[:4]))}"
-                        f"{' ...' if len(unexpected) > 4 else ''}")
-    for name, want in expected.items():
-        got = state.get(name)
-        if got is None:
-            continue
+    for name, got in state.items():
         if not isinstance(got, torch.Tensor):
-            problems.append(f"{name!r} is a {type(got).__name__}, not a tensor")
+            problems.append(f"{name!r:.80} is a {type(got).__name__}, not a tensor")
         elif not got.is_floating_point():
             problems.append(f"tensor {name!r} holds {str(got.dtype).removeprefix('torch.')}, not floating point")
-        elif got.shape != want.shape:
-            problems.append(f"tensor {name!r} has shape {list(got.shape)} where the config needs {list(want.shape)}")
-    if not problems:
-        return None
+        elif name in expected and got.shape != expected[name].shape:
+            problems.append(f"tensor {name!r} has shape {list(got.shape)} where the config needs "
+                            f"{list(expected[name].shape)}")
+    return problems
+
+
+def _load_state_problems(exc: RuntimeError) -> list[str]:
+    """torch's load_state_dict error (keys missing or unexpected after the model's own renames of
+    older names, shapes that differ), one short phrase per problem."""
+    problems = []
+    for line in str(exc).splitlines():
+        line = line.strip()
+        keys = re.findall(r'"([^"]+)"', line)
+        if line.startswith("Missing key(s)"):
+            problems.append(f"it lacks the tensor(s) {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
+        elif line.startswith("Unexpected key(s)"):
+            problems.append(f"it holds unexpected tensor(s) {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
+        elif m := re.match(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from "
+                           r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)", line):
+            problems.append(f"tensor {m[1]!r} has shape {m[2]} where the config needs {m[3]}")
+    return problems
+
+
+def _misfit(source: str, config: dict, problems: list[str]) -> ModelFileError:
     described = ", ".join(f"{k}={v!r}" for k, v in config.items())
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-    return f"{source} does not fit its config ({described}): {problems[0]}{more}"
+    return ModelFileError(f"{source} does not fit its config ({described}): {problems[0]}{more}")
 
 
 def _build(config: dict, state: dict, *, fmt: str = FORMAT, backend: str = "auto", device=None,
@@ -191,12 +201,17 @@ def _build(config: dict, state: dict, *, fmt: str = FORMAT, backend: str = "auto
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, OverflowError) as exc:
         raise ModelFileError(f"{source} holds a config that does not make a {fmt} model ({config!r:.200}): "
                              f"{_first_line(exc)}") from None
-    problem = _shape_problems(model, state, config, source)
-    if problem:
-        raise ModelFileError(problem)
+    problems = _tensor_problems(model, state)
+    if problems:
+        raise _misfit(source, config, problems)
     try:
         model.load_state_dict(state, assign=True)
-    except (TypeError, RuntimeError, KeyError, AttributeError) as exc:  # what the checks above cannot see
+    except RuntimeError as exc:
+        problems = _load_state_problems(exc)
+        if problems:
+            raise _misfit(source, config, problems) from None
+        raise ModelFileError(f"{source} does not hold a valid {fmt} model: {_first_line(exc)}") from None
+    except (TypeError, KeyError, AttributeError) as exc:
         raise ModelFileError(f"{source} does not hold a valid {fmt} model: {_first_line(exc)}") from None
     stored = next(iter(state.values())).dtype if state else torch.float32
     return model.to(device=device, dtype=dtype or stored)
