@@ -32,21 +32,24 @@ SM is busy whatever H and the SM count). A range that crosses a group boundary b
 An output tile whose K blocks fall to several clusters gets one partial per cluster ("parts"),
 numbered in K order.
 
-Reduction ("l2"). Each contribution stores its float32 partial [rows, B] to its own workspace slot
-and draws a ticket on its tile's counter; the contributor that draws the last ticket sums the
-parts in part order (so the result is bitwise the same whichever finishes last) and runs the
-fused epilogue. Nobody waits inside a phase. Why not DSMEM or TMA reduce-add: the parts of a tile
-sit in different clusters (the cluster is laid along the output rows, for the multicast), out of
-each other's shared memory; and a TMA reduce-add sums in arrival order, which would make results
-differ from run to run and break the bit-exact chunked-call guarantee the other backends keep.
+Reduction ("l2"). Each contribution stores its float32 partial to workspace block ``slot0 + part``
+of its group (rank r's rows at r * BM), then, unless it is the tile's last part, adds 1 to the
+tile's ticket. The last part's cluster (the tile's finisher) waits for the ticket to count the
+other parts, sums the parts in part order (bitwise the same whoever stored first), runs the fused
+epilogue and puts the ticket back to 0. Why not DSMEM or TMA reduce-add: the parts of a tile sit
+in different clusters (the cluster is laid along the output rows, for the multicast), out of each
+other's shared memory; and a TMA reduce-add sums in arrival order, which would make results differ
+from run to run and break the bit-exact chunked-call guarantee the other backends keep.
 
-Synchronisation ("grid"). After its epilogues each CTA adds 1 to one monotonic counter; phase
-instance n (n = 0, 1, ... over the whole call: 2 per step, plus the backward's tail) may start
-once the counter reaches P (n + 1). Every wait is bounded (``spin_limit`` polls): a wait that runs
-out sets an error word naming the step and the kernel stops, and the host raises. The grid
-barrier needs every CTA resident at once: one CTA per SM at most (``ctas <= sms``), which the
-kernels' shared memory enforces, and clusters that fit the GPCs: hence C = 2 by default (an H100
-SXM's GPCs hold an even number of SMs, not always a multiple of 4).
+Synchronisation ("grid"). After its epilogues each CTA adds 1 to the counter of the phase instance
+(n = 0, 1, ... over the whole call: 2 per step, plus the backward's tail); phase instance n + 1
+starts (its activation loads, its epilogues) once counter n reaches P. The weight tiles of the
+next phase do not depend on it: the producer issues them before it waits. Every wait is bounded in
+time: a wait that runs out records which phase instance it was in, every later wait of the launch
+returns at once, and the host raises naming the step. The grid flags need every CTA resident at
+once: one CTA per SM (the kernels' shared memory allows no second), and clusters that fit the
+GPCs: hence C = 2 by default (an H100 SXM's GPCs hold an even number of SMs, not always a multiple
+of 4); where a GPU cannot hold them all, the waits run out and the launch fails cleanly.
 
 Designs
     "cluster"     weights streamed from HBM/L2 every step (any H the TMA can address).
@@ -67,18 +70,21 @@ PRODUCTS = {"forward": ("hm", "z"), "backward": ("dh", "dm")}
 REDUCTIONS = ("l2", "dsmem", "tma_add", "none")
 SYNCS = ("grid", "cluster", "none")
 
-# Rows of M the output tile covers: a warpgroup's MMA is 64 rows, two consumer warpgroups 128.
-BLOCK_M = 128
+# Rows of an output tile per CTA: two consumer warpgroups of 64-row MMAs, twice (the gate product:
+# 64 units of each of the four gates, each gate one 64-row MMA).
+BLOCK_M = 256
 # 64 16-bit values: 128-byte rows, the TMA's widest swizzle.
 BLOCK_K = 64
 DEFAULT_CLUSTER = 2
-# wgmma's N is at most 256: one batch tile.
-MAX_BATCH = 256
+# One batch tile, the MMA's N: the gate product keeps 4 accumulators of [64, N] per warpgroup pair,
+# 128 float32 registers per thread at N = 128.
+MAX_BATCH = 128
 # Shared memory one block may use on sm_90 (227 KB), less what the stationary design keeps beside
 # its resident weights: the activation ring and the barriers.
 SMEM_PER_BLOCK = 232448
 STAGES = 4
-# Columns of item_table(): group, first K block, end K block, part, parts, workspace slot of rank 0.
+# Columns of item_table(): group, first K block, end K block, part, parts, first workspace block of
+# the group.
 ITEM_FIELDS = ("group", "kb_lo", "kb_hi", "part", "parts", "slot0")
 
 
@@ -105,7 +111,8 @@ class Phase:
 class Tile:
     """One contribution: CTA ``cta`` (rank ``rank`` of cluster ``cluster_id``) computes output tile
     ``m_tile`` of phase ``phase`` over K blocks [kb_lo, kb_hi), as part ``part`` of ``parts`` (the
-    fixed reduction order), into workspace slot ``slot``; ``seq`` is its place in the CTA's list."""
+    fixed reduction order), into rows ``rank`` of workspace block ``slot``; ``seq`` is its place in
+    the CTA's list."""
 
     cta: int
     cluster_id: int
@@ -123,7 +130,8 @@ class Tile:
 @dataclasses.dataclass(frozen=True)
 class Item:
     """What one cluster does at one place of its list: K blocks [kb_lo, kb_hi) of the group's C
-    tiles (tile group * C + rank for each rank that exists), as part ``part`` of ``parts``."""
+    tiles (tile group * C + rank for each rank that exists), as part ``part`` of ``parts``, its
+    partials into workspace block ``slot0 + part``."""
 
     cluster_id: int
     phase: int
@@ -223,43 +231,51 @@ def phases_for(direction: str, H: int, block_m: int = BLOCK_M, block_k: int = BL
     return tuple(phases)
 
 
-def _partition(phase: Phase, clusters: int, cluster: int, first_slot: int) -> tuple[list[Item], int]:
-    """The stream-K split of one phase over the clusters, and the next free workspace slot.
+def _partition(phase: Phase, clusters: int, cluster: int) -> tuple[list[Item], int]:
+    """The stream-K split of one phase over the clusters, and the workspace blocks it uses.
 
     Unit u = group * KB + kb; cluster q takes [q U / Q, (q + 1) U / Q), cut at group boundaries.
+    A group's pieces are its parts in K order; part p of group g stores into block
+    ``slot0(g) + p`` (one block holds the partials of the group's C tiles).
+
+    Each cluster walks its pieces that are not a tile's last part first, then the ones that are
+    (it finishes those tiles, so it waits for the other parts): the pieces it waits for never
+    wait themselves, so no chain of waits runs through the clusters, and no cycle.
     """
     groups = math.ceil(phase.m_tiles / cluster)
     KB = phase.k_blocks
     U = groups * KB
-    pieces = []  # (cluster, seq, group, kb_lo, kb_hi)
+    pieces = []  # (cluster, order in its range, group, kb_lo, kb_hi)
     for q in range(clusters):
         lo, hi = q * U // clusters, (q + 1) * U // clusters
-        seq = 0
+        order = 0
         while lo < hi:
             g = lo // KB
             end = min(hi, (g + 1) * KB)
-            pieces.append((q, seq, g, lo - g * KB, end - g * KB))
-            seq += 1
+            pieces.append((q, order, g, lo - g * KB, end - g * KB))
+            order += 1
             lo = end
-    # Parts of a group in K order; clusters take increasing units, so K order is cluster order.
+    # Clusters take increasing units, so a group's pieces in cluster order are in K order.
     by_group: dict[int, list] = {}
     for piece in pieces:
         by_group.setdefault(piece[2], []).append(piece)
-    # Slots: tile m_tile owns parts consecutive slots, tiles in order; rank r of a group's item
-    # writes slot slot0 + r * parts + part (the tiles of one group have the same parts).
-    slot_of_group, slot = {}, first_slot
-    for g in range(groups):
-        slot_of_group[g] = slot
-        tiles_in_group = min(cluster, phase.m_tiles - g * cluster)
-        slot += tiles_in_group * len(by_group.get(g, []))
+    slot0, blocks = {}, 0
+    for g in sorted(by_group):
+        slot0[g] = blocks
+        blocks += len(by_group[g])
     items = []
     for g, group_pieces in by_group.items():
         group_pieces.sort(key=lambda p: p[3])
-        for part, (q, seq, _, kb_lo, kb_hi) in enumerate(group_pieces):
-            items.append(Item(cluster_id=q, phase=phase.index, seq=seq, group=g, kb_lo=kb_lo, kb_hi=kb_hi,
-                              part=part, parts=len(group_pieces), slot0=slot_of_group[g]))
-    items.sort(key=lambda it: (it.phase, it.cluster_id, it.seq))
-    return items, slot
+        for part, (q, order, _, kb_lo, kb_hi) in enumerate(group_pieces):
+            items.append((q, part == len(group_pieces) - 1, order,
+                          dict(group=g, kb_lo=kb_lo, kb_hi=kb_hi, part=part, parts=len(group_pieces), slot0=slot0[g])))
+    items.sort(key=lambda x: (x[0], x[1], x[2]))
+    result, seq_of = [], {}
+    for q, _, _, fields in items:
+        seq = seq_of.get(q, 0)
+        seq_of[q] = seq + 1
+        result.append(Item(cluster_id=q, phase=phase.index, seq=seq, **fields))
+    return result, blocks
 
 
 def _tiles(items: list[Item], phases: tuple[Phase, ...], cluster: int) -> list[Tile]:
@@ -272,7 +288,7 @@ def _tiles(items: list[Item], phases: tuple[Phase, ...], cluster: int) -> list[T
                 continue  # the last group's missing tiles: that rank only receives the multicast
             tiles.append(Tile(cta=it.cluster_id * cluster + rank, cluster_id=it.cluster_id, rank=rank,
                               phase=it.phase, seq=it.seq, m_tile=m_tile, kb_lo=it.kb_lo, kb_hi=it.kb_hi,
-                              part=it.part, parts=it.parts, slot=it.slot0 + rank * it.parts + it.part))
+                              part=it.part, parts=it.parts, slot=it.slot0 + it.part))
     return tiles
 
 
@@ -396,10 +412,11 @@ def plan(design: str, direction: str, B: int, H: int, dtype_bytes: int, device: 
         raise ValueError(f"block_m must be a positive multiple of 4 and block_k positive, got {block_m}, {block_k}")
     ctas = clusters * cluster
     phases = phases_for(direction, H, block_m, block_k)
-    items, slot = [], 0
+    items, slots = [], 0
     for phase in phases:
-        phase_items, slot = _partition(phase, clusters, cluster, slot)
+        phase_items, blocks = _partition(phase, clusters, cluster)
         items += phase_items
+        slots = max(slots, blocks)
     tiles = _tiles(items, phases, cluster)
     BB = batch_block(B)
     e = dtype_bytes
@@ -407,11 +424,12 @@ def plan(design: str, direction: str, B: int, H: int, dtype_bytes: int, device: 
     if design == "stationary":
         blocks = max(sum(t.kb_hi - t.kb_lo for t in tiles if t.cta == cta) for cta in range(ctas))
         resident = blocks * block_m * block_k * e
-        if resident + STAGES * BB * block_k * e + 8192 > SMEM_PER_BLOCK:
+        # Beside the resident tiles: the activation ring, one idle weight stage and the barriers.
+        if resident + STAGES * BB * block_k * e + block_m * block_k * e + 4096 > SMEM_PER_BLOCK:
             return None
     active = min(len({t.cta for t in tiles if t.phase == p.index}) for p in phases)
     return Schedule(design=design, direction=direction, B=B, H=H, dtype_bytes=e, ctas=ctas, cluster=cluster,
                     active_sms=active, split_k=max(it.parts for it in items), reduction="l2",
                     resident_weight_bytes_per_cta=resident, block_m=block_m, block_k=block_k, block_b=BB,
-                    stages=STAGES, phases=phases, items=tuple(items), tiles=tuple(tiles), slots=slot,
+                    stages=STAGES, phases=phases, items=tuple(items), tiles=tuple(tiles), slots=slots,
                     **_bytes(design, direction, B, H, e, BB, phases, items, tiles))

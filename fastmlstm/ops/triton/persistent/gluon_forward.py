@@ -1,0 +1,194 @@
+"""The persistent forward kernel (Gluon, sm_90a): every step of a call in one launch.
+
+Legend as in :mod:`.gluon_common`; T steps, B rows, H units. Phase instance n = 2 t + p.
+
+    phase 0 "hm":  hm = h_{t-1} Wmh^T (K = H)   epilogue m = xm * hm -> m buffer (and act xm, hm)
+    phase 1 "z":   z = m Wh^T + xg (K = H)      epilogue gates, c_t, h_t (and act gates)
+
+Buffers the host lays out (:mod:`.launch`): ``h`` [T+1, B, H] with h[0] = h0 and h[t+1] = h_t
+(the output is h[1:]), ``c`` [c_mod, B, H] float32 with c[0] = c0 and c_t in c[(t+1) % c_mod]
+(c_mod = T+1 keeps every cell state, 2 ping-pongs), ``m`` [B, H]. The activation operands are
+read by TMA from ``h`` (rows t*B ...) and ``m``; rows past B belong to other steps or are out of
+bounds: they only fill MMA columns the epilogue never stores.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+from .gluon_common import (
+    EPI_B, GATE_UNITS, PRODUCER_REGS, ROWS, W_GATES, W_KMAJOR, broadcast, chunk_index, finish_phase, gather,
+    hand_over, load_resident, mma_gates, mma_rows, phase_blocks, produce_phase, store_partial, wait_grid,
+    wait_resident,
+)
+
+
+@gluon.jit
+def _sigmoid(x):
+    # exp(-x) overflows to inf for very negative x: 1 / inf = 0, never NaN.
+    return 1.0 / (1.0 + gl.exp(-x))
+
+
+@gluon.jit
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@gluon.jit
+def epilogue_hm(p_ws, slot0, parts, group, t, B, H, p_proj, p_act, p_m, SAVE: gl.constexpr, C: gl.constexpr):
+    """m = xm * hm for the CTA's 256 units, chunk by chunk (hm summed over the parts in order)."""
+    for u0 in range(0, ROWS, GATE_UNITS):
+        for b0 in range(0, B, EPI_B):
+            o_n, rank, o_u, o_b = chunk_index(group, u0, b0, ROWS, C)
+            k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
+            b_hm = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C)
+            o_bt = (t * B + o_b).to(gl.int64)
+            b_xm = gl.load(p_proj + o_bt[None, :] * (5 * H) + 4 * H + o_n[:, None], mask=k_nb, other=0.0)
+            b_m = b_hm * b_xm.to(gl.float32)
+            gl.store(p_m + o_b[None, :] * H + o_n[:, None], b_m.to(p_m.dtype.element_ty), mask=k_nb)
+            if SAVE:
+                p_a = p_act + o_bt[None, :] * (6 * H) + o_n[:, None]
+                gl.store(p_a + 4 * H, b_xm, mask=k_nb)
+                gl.store(p_a + 5 * H, b_hm.to(p_act.dtype.element_ty), mask=k_nb)
+
+
+@gluon.jit
+def epilogue_z(p_ws, slot0, parts, group, t, B, H, p_proj, p_h, p_c, c_mod, p_act, p_len, SAVE: gl.constexpr,
+               HAS_LEN: gl.constexpr, C: gl.constexpr):
+    """Gates, c_t and h_t for the CTA's 64 units (of each gate): z summed over the parts in order."""
+    for b0 in range(0, B, EPI_B):
+        o_n, rank, o_u, o_b = chunk_index(group, 0, b0, GATE_UNITS, C)
+        o_row = rank * GATE_UNITS + o_u
+        k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
+        o_bt = (t * B + o_b).to(gl.int64)
+        p_x = p_proj + o_bt[None, :] * (5 * H) + o_n[:, None]
+        b_i = _sigmoid(gather(p_ws, slot0, parts, o_row, o_b, k_nb, B, C)
+                       + gl.load(p_x, mask=k_nb, other=0.0).to(gl.float32))
+        b_f = _sigmoid(gather(p_ws, slot0, parts, C * GATE_UNITS + o_row, o_b, k_nb, B, C)
+                       + gl.load(p_x + H, mask=k_nb, other=0.0).to(gl.float32))
+        b_o = _sigmoid(gather(p_ws, slot0, parts, 2 * C * GATE_UNITS + o_row, o_b, k_nb, B, C)
+                       + gl.load(p_x + 2 * H, mask=k_nb, other=0.0).to(gl.float32))
+        b_u = _tanh(gather(p_ws, slot0, parts, 3 * C * GATE_UNITS + o_row, o_b, k_nb, B, C)
+                    + gl.load(p_x + 3 * H, mask=k_nb, other=0.0).to(gl.float32))
+        o_state = o_b[None, :] * H + o_n[:, None]
+        plane = B * H
+        p_c_prev = p_c + (t % c_mod).to(gl.int64) * plane + o_state
+        b_c_prev = gl.load(p_c_prev, mask=k_nb, other=0.0, cache_modifier=".cg")
+        b_c = b_f * b_c_prev + b_i * b_u
+        b_h = b_o * _tanh(b_c)
+        if HAS_LEN:
+            # A row past its length keeps its state: h and c are carried through unchanged.
+            b_active = (t < gl.load(p_len + o_b, mask=o_b < B, other=0))[None, :]
+            b_h_prev = gl.load(p_h + t.to(gl.int64) * plane + o_state, mask=k_nb, other=0.0, cache_modifier=".cg")
+            b_c = gl.where(b_active, b_c, b_c_prev)
+            b_h = gl.where(b_active, b_h, b_h_prev.to(gl.float32))
+        gl.store(p_c + ((t + 1) % c_mod).to(gl.int64) * plane + o_state, b_c, mask=k_nb)
+        gl.store(p_h + (t + 1).to(gl.int64) * plane + o_state, b_h.to(p_h.dtype.element_ty), mask=k_nb)
+        if SAVE:
+            dtype = p_act.dtype.element_ty
+            p_a = p_act + o_bt[None, :] * (6 * H) + o_n[:, None]
+            gl.store(p_a, b_i.to(dtype), mask=k_nb)
+            gl.store(p_a + H, b_f.to(dtype), mask=k_nb)
+            gl.store(p_a + 2 * H, b_o.to(dtype), mask=k_nb)
+            gl.store(p_a + 3 * H, b_u.to(dtype), mask=k_nb)
+
+
+@gluon.jit
+def forward_consumer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, p_proj, p_h, p_c, c_mod,
+                     p_act, p_m, p_len, p_ws, p_tickets, p_sync, p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas,
+                     tile_base1, timeout_ns, C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr, SAVE: gl.constexpr,
+                     HAS_LEN: gl.constexpr, RESIDENT: gl.constexpr, max_items):
+    cluster = gl.program_id(0)
+    if RESIDENT:
+        wait_resident(res_ready, p_table, p_counts, cluster, n_clusters, max_items)
+    r1 = phase_blocks(p_table, p_counts, 0, cluster, n_clusters, max_items)
+    it = 0
+    for t in range(T):
+        n = 2 * t
+        wait_grid(p_sync, n - 1, n_ctas, p_err, timeout_ns, C)
+        r = 0
+        for i in range(gl.load(p_counts + cluster)):
+            p_row = p_table + (cluster * max_items + i) * 6
+            g, kb_lo, kb_hi, part, parts, slot0 = (gl.load(p_row), gl.load(p_row + 1), gl.load(p_row + 2),
+                                                   gl.load(p_row + 3), gl.load(p_row + 4), gl.load(p_row + 5))
+            acc = mma_rows(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S,
+                           False, RESIDENT)
+            store_partial(acc, p_ws, slot0 + part, 0, B, C, BB)
+            it += kb_hi - kb_lo
+            r += kb_hi - kb_lo
+            if hand_over(p_tickets, 0, g, part, parts, n, p_err, timeout_ns, C):
+                epilogue_hm(p_ws, slot0, parts, g, t, B, H, p_proj, p_act, p_m, SAVE, C)
+        finish_phase(p_sync, n, C)
+
+        n = 2 * t + 1
+        wait_grid(p_sync, n - 1, n_ctas, p_err, timeout_ns, C)
+        r = r1
+        for i in range(gl.load(p_counts + n_clusters + cluster)):
+            p_row = p_table + ((n_clusters + cluster) * max_items + i) * 6
+            g, kb_lo, kb_hi, part, parts, slot0 = (gl.load(p_row), gl.load(p_row + 1), gl.load(p_row + 2),
+                                                   gl.load(p_row + 3), gl.load(p_row + 4), gl.load(p_row + 5))
+            acc_i, acc_f, acc_o, acc_u = mma_gates(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r,
+                                                   kb_hi - kb_lo, C, BB, S, RESIDENT)
+            store_partial(acc_i, p_ws, slot0 + part, 0, B, C, BB)
+            store_partial(acc_f, p_ws, slot0 + part, C * GATE_UNITS, B, C, BB)
+            store_partial(acc_o, p_ws, slot0 + part, 2 * C * GATE_UNITS, B, C, BB)
+            store_partial(acc_u, p_ws, slot0 + part, 3 * C * GATE_UNITS, B, C, BB)
+            it += kb_hi - kb_lo
+            r += kb_hi - kb_lo
+            if hand_over(p_tickets, tile_base1, g, part, parts, n, p_err, timeout_ns, C):
+                epilogue_z(p_ws, slot0, parts, g, t, B, H, p_proj, p_h, p_c, c_mod, p_act, p_len, SAVE, HAS_LEN, C)
+        finish_phase(p_sync, n, C)
+
+
+@gluon.jit
+def forward_producer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, h_desc, m_desc, p_sync,
+                     p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas, timeout_ns, C: gl.constexpr,
+                     S: gl.constexpr, RESIDENT: gl.constexpr, max_items):
+    cluster = gl.program_id(0)
+    if RESIDENT:
+        load_resident(w0_desc, w1_desc, res, res_ready, p_table, p_counts, cluster, n_clusters, H, C, W_KMAJOR,
+                      W_GATES, max_items)
+    it = 0
+    for t in range(T):
+        it = produce_phase(w0_desc, h_desc, t * B, w_ring, a_ring, ready, w_empty, a_empty, p_table, p_counts, 0,
+                           cluster, n_clusters, it, p_sync, 2 * t, n_ctas, p_err, timeout_ns, H, C, S, W_KMAJOR, RESIDENT,
+                           max_items)
+        it = produce_phase(w1_desc, m_desc, 0, w_ring, a_ring, ready, w_empty, a_empty, p_table, p_counts, 1,
+                           cluster, n_clusters, it, p_sync, 2 * t + 1, n_ctas, p_err, timeout_ns, H, C, S, W_GATES,
+                           RESIDENT, max_items)
+
+
+@gluon.jit(do_not_specialize=["T", "B", "H", "c_mod", "n_clusters", "n_ctas", "tile_base1", "max_items"])
+def forward_kernel(w0_desc, w1_desc, h_desc, m_desc, p_proj, p_h, p_c, p_act, p_m, p_len, p_ws, p_tickets, p_sync,
+                   p_err, p_table, p_counts, T, B, H, c_mod, n_clusters, n_ctas, tile_base1, max_items, timeout_ns,
+                   C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr, SAVE: gl.constexpr, HAS_LEN: gl.constexpr,
+                   RESIDENT: gl.constexpr, RES_BLOCKS: gl.constexpr):
+    """One launch of the forward recurrence; grid = (clusters,), num_ctas = C, 8 warps + 1."""
+    if RESIDENT:
+        w_ring = gl.allocate_shared_memory(w0_desc.dtype, [1] + w0_desc.block_shape, w0_desc.layout)
+        res = gl.allocate_shared_memory(w0_desc.dtype, [RES_BLOCKS] + w0_desc.block_shape, w0_desc.layout)
+    else:
+        w_ring = gl.allocate_shared_memory(w0_desc.dtype, [S] + w0_desc.block_shape, w0_desc.layout)
+        res = w_ring
+    a_ring = gl.allocate_shared_memory(h_desc.dtype, [S] + h_desc.block_shape, h_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [S, C], mbarrier.MBarrierLayout.multicta(C))
+    w_empty = gl.allocate_shared_memory(gl.int64, [S, C], mbarrier.MBarrierLayout.multicta(C))
+    a_empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout(cga_layout=broadcast(C, 1)))
+    res_ready = gl.allocate_shared_memory(gl.int64, [RES_BLOCKS, C], mbarrier.MBarrierLayout.multicta(C))
+    for s in gl.static_range(S):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(w_empty.index(s), count=1)
+        mbarrier.init(a_empty.index(s), count=1)
+    for r in gl.static_range(RES_BLOCKS):
+        mbarrier.init(res_ready.index(r), count=1)
+    gl.warp_specialize([
+        (forward_consumer, (w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, p_proj, p_h,
+                            p_c, c_mod, p_act, p_m, p_len, p_ws, p_tickets, p_sync, p_err, p_table, p_counts, T, B, H,
+                            n_clusters, n_ctas, tile_base1, timeout_ns, C, BB, S, SAVE, HAS_LEN, RESIDENT,
+                            max_items)),
+        (forward_producer, (w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, h_desc, m_desc,
+                            p_sync, p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas, timeout_ns, C, S, RESIDENT,
+                            max_items)),
+    ], [1], [PRODUCER_REGS])
