@@ -42,8 +42,8 @@ try:
 except ImportError:  # Windows has no advisory locks: concurrent writers of one folder are not serialized
     fcntl = None
 
-__all__ = ["FileSet", "atomic_save", "atomic_write", "committed_path", "fsync_directory", "interrupted",
-           "make_directory", "TXN_DIR"]
+__all__ = ["FileSet", "atomic_save", "atomic_write", "committed_path", "folder_lock", "fsync_directory",
+           "interrupted", "make_directory", "recover", "TXN_DIR"]
 
 TXN_DIR = ".fastmlstm-txn"
 _JOURNAL = "journal.json"
@@ -214,14 +214,30 @@ def _recover(folder: Path) -> None:
         shutil.rmtree(txn)
 
 
+def recover(folder: str | os.PathLike) -> None:
+    """Put back the previous files of a :class:`FileSet` replacement in ``folder`` that could not
+    finish (nor undo itself), and clear what it left; nothing happens to a folder without one."""
+    folder = Path(folder)
+    if (folder / TXN_DIR).exists():
+        with folder_lock(folder):
+            _recover(folder)
+
+
 @contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """One writer per folder at a time (advisory, on the folder itself: no lock file is left behind)."""
+def folder_lock(folder: str | os.PathLike, waiting: str | None = None):
+    """Hold an exclusive advisory lock on ``folder`` itself (no lock file is left behind). If another
+    process holds it, log ``waiting`` (when given) and wait. Where the system has no such locks
+    (Windows, some network file systems) this does nothing."""
     fd = None
     if fcntl is not None:
         with contextlib.suppress(OSError):
             fd = os.open(folder, os.O_RDONLY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting:
+                    logger.warning("%s", waiting)
+                fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         yield
     finally:
@@ -272,7 +288,7 @@ class FileSet:
     def _enter_existing(self) -> None:
         if not os.access(self.folder, os.W_OK | os.X_OK):
             raise InputError(f"cannot write into the {self.what} {self.folder}: permission denied")
-        self._lock.enter_context(_folder_lock(self.folder))
+        self._lock.enter_context(folder_lock(self.folder))
         try:
             _recover(self.folder)
             os.mkdir(self.folder / TXN_DIR)

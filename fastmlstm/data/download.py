@@ -15,7 +15,14 @@ Pretrained models have their own registry and download (:mod:`fastmlstm.models.p
 
 Every file goes through :func:`fastmlstm.data.fetch.fetch`: it streams into ``<file>.part``, resumes an interrupted
 transfer with an HTTP Range request when the result will be checked, and renames the file into
-place only once it matches.
+place only once it matches. ``timeout=`` bounds the whole call; a stalled transfer ends by the
+minimum-progress rule (``stall_bytes`` in ``stall_seconds``) either way.
+
+The dataset's folder is written as one set (:class:`fastmlstm._atomic.FileSet`): every file is
+extracted in full first, then all of them replace their predecessors in one step, so a failed or
+interrupted download leaves the folder as it was (a partly extracted folder could otherwise load
+with part of its examples). Files in it that the download does not write are left alone. One
+download at a time writes into a data folder (a lock on ``<data>/downloads``).
 
 ``mirror=`` fetches every file from ``<mirror>/<filename>`` instead of its canonical URL (for a
 local copy, or where a canonical host has gone offline: the SemEval 2014 SICK host is old).
@@ -28,13 +35,15 @@ import re
 import shutil
 import tarfile
 import zipfile
+from zlib import error as zlib_error
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._atomic import atomic_write
+from .._atomic import FileSet, atomic_write, folder_lock, make_directory, recover
 from ..errors import InputError
 from .datasets import DATASETS, data_dir
-from .fetch import ChecksumError, DownloadError, fetch, file_digest, parse_checksum
+from .fetch import (DEFAULT_TIMEOUT, STALL_BYTES, STALL_SECONDS, ChecksumError, Deadline, DownloadError, fetch,
+                    file_digest, parse_checksum)
 
 __all__ = ["SOURCES", "ChecksumError", "DownloadError", "Remote", "download", "fetch", "file_digest"]
 
@@ -115,40 +124,69 @@ def _write_manifest(folder: Path, entries: dict[str, str]) -> None:
         f.write("".join(f"{d}  {n}\n" for n, d in sorted(entries.items())))
 
 
-def _safe_target(folder: Path, relative: str) -> Path:
+def _member_name(folder: Path, relative: str) -> str:
+    """``relative`` as a path inside ``folder`` (posix form), refusing one that would leave it."""
     target = (folder / relative).resolve()
     if folder.resolve() not in target.parents:
         raise InputError(f"archive member would be written outside {folder}: {relative!r}")
-    return target
+    return target.relative_to(folder.resolve()).as_posix()
 
 
-def _extract(archive: Path, members: tuple[tuple[str, str], ...], folder: Path) -> list[Path]:
+def _extract(archive: Path, members: tuple[tuple[str, str], ...], folder: Path, files: FileSet) -> int:
+    """Write the archive's members that match ``members`` into the set ``files``; returns how many."""
     patterns = [(re.compile(p), dest) for p, dest in members]
-    written = []
+    written = 0
 
     def place(name: str, read) -> None:
+        nonlocal written
         for pattern, dest in patterns:
             if pattern.search(name):
-                target = _safe_target(folder, pattern.sub(dest, name))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_write(target, suffix=".part") as out:
+                with files.open(_member_name(folder, pattern.sub(dest, name))) as out:
                     shutil.copyfileobj(read(), out)
-                written.append(target)
+                written += 1
                 return
 
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as z:
-            for info in z.infolist():
-                if not info.is_dir():
-                    place(info.filename, lambda info=info: z.open(info))
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive, "r:*") as t:
-            for member in t:
-                if member.isfile():
-                    place(member.name, lambda member=member: t.extractfile(member))
-    else:
-        raise InputError(f"{archive} is neither a zip nor a tar archive")
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                for info in z.infolist():
+                    if not info.is_dir():
+                        place(info.filename, lambda info=info: z.open(info))
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive, "r:*") as t:
+                for member in t:
+                    if member.isfile():
+                        place(member.name, lambda member=member: t.extractfile(member))
+        else:
+            raise InputError(f"{archive} is neither a zip nor a tar archive")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib_error) as exc:
+        raise InputError(f"{archive} is a damaged archive ({type(exc).__name__}: {exc}); delete it and retry") from None
     return written
+
+
+def _fetch_checked(remote: Remote, cache: Path, manifest: dict[str, str], *, force: bool, mirror: str | None,
+                   checksums: dict[str, str] | None, deadline, progress: bool) -> Path:
+    """The remote's file in ``cache``, fetched (or, if already there, checked again) and recorded."""
+    archive = cache / remote.filename
+    pinned = (checksums or {}).get(remote.filename) or remote.checksum
+    recorded = manifest.get(remote.filename)
+    if force or not archive.is_file():
+        url = f"{mirror.rstrip('/')}/{remote.filename}" if mirror else remote.url
+        checksum = pinned or (f"sha256:{recorded}" if recorded else None)
+        sha = fetch(url, archive, checksum=checksum, progress=progress, deadline=deadline())
+    else:  # an earlier download: check it again before use
+        sha = file_digest(archive)
+        if pinned:
+            algorithm, expected = parse_checksum(pinned)
+            got = sha if algorithm == "sha256" else file_digest(archive, algorithm)
+            if got != expected:
+                raise ChecksumError(f"{archive}: {algorithm} is {got}, expected {expected}; delete it and retry")
+        elif recorded and sha != recorded:
+            raise ChecksumError(f"{archive}: sha256 is {sha}, but {recorded} was recorded when it was first "
+                                f"downloaded ({cache / _MANIFEST}); delete it and retry")
+    manifest[remote.filename] = sha
+    _write_manifest(cache, manifest)
+    return archive
 
 
 def download(
@@ -159,7 +197,9 @@ def download(
     force: bool = False,
     checksums: dict[str, str] | None = None,
     progress: bool = True,
-    timeout: float = 60.0,
+    timeout: float | None = None,
+    stall_bytes: int = STALL_BYTES,
+    stall_seconds: float = STALL_SECONDS,
 ) -> Path:
     """Fetch dataset ``name`` (see :data:`SOURCES`) and lay it out for :func:`fastmlstm.datasets.load`.
 
@@ -170,21 +210,36 @@ def download(
         force: fetch again even if the dataset already loads.
         checksums: ``{filename: "sha256:<hex>" | "md5:<hex>"}`` overriding the pinned/recorded ones.
         progress: show download progress bars.
-        timeout: socket timeout in seconds.
+        timeout: the deadline in seconds for the whole call (every file, retries included); None
+            (default): each file gets :func:`~fastmlstm.data.fetch.fetch`'s own deadline (one hour).
+        stall_bytes, stall_seconds: a transfer receiving fewer than ``stall_bytes`` bytes in
+            ``stall_seconds`` (default 16 KiB in 60 s) has stalled (see :func:`~fastmlstm.data.fetch.fetch`).
 
     Returns:
         The dataset's folder, ``<root>/<folder>``.
 
+    Raises:
+        InputError: an unknown name, or a ``root`` that is a file or cannot be written (named).
+        DownloadError, ChecksumError: as :func:`~fastmlstm.data.fetch.fetch`.
+
     Example::
 
-        >>> fastmlstm.download.download("sst2")                 # doctest: +SKIP
+        >>> fastmlstm.download.download("sst2", timeout=600)     # doctest: +SKIP
         PosixPath('/home/me/.cache/fastmlstm/data/sst2')
     """
     if name not in SOURCES:
         known = ", ".join(SOURCES)
         raise InputError(f"no download source for {name!r}; downloadable: {known}")
+    whole_call = Deadline.starting_now(timeout, stall_bytes, stall_seconds)  # the rules are checked up front
+
+    def deadline() -> Deadline:  # the call's one clock, or each file its own default one
+        return whole_call if timeout is not None else Deadline.starting_now(DEFAULT_TIMEOUT, stall_bytes,
+                                                                             stall_seconds)
+
     base = Path(root).expanduser() if root is not None else data_dir()
     folder = base / DATASETS[name].folder
+    if folder.is_dir():
+        recover(folder)
     if not force:
         try:
             DATASETS[name].loader(folder)
@@ -192,33 +247,19 @@ def download(
         except FileNotFoundError:
             pass
     cache = base / "downloads"
-    cache.mkdir(parents=True, exist_ok=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = _read_manifest(cache)
-    for remote in SOURCES[name]:
-        archive = cache / remote.filename
-        pinned = (checksums or {}).get(remote.filename) or remote.checksum
-        recorded = manifest.get(remote.filename)
-        if force or not archive.is_file():
-            url = f"{mirror.rstrip('/')}/{remote.filename}" if mirror else remote.url
-            checksum = pinned or (f"sha256:{recorded}" if recorded else None)
-            sha = fetch(url, archive, checksum=checksum, timeout=timeout, progress=progress)
-        else:  # an earlier download: check it again before use
-            sha = file_digest(archive)
-            if pinned:
-                algorithm, expected = parse_checksum(pinned)
-                got = sha if algorithm == "sha256" else file_digest(archive, algorithm)
-                if got != expected:
-                    raise ChecksumError(f"{archive}: {algorithm} is {got}, expected {expected}; delete it and retry")
-            elif recorded and sha != recorded:
-                raise ChecksumError(f"{archive}: sha256 is {sha}, but {recorded} was recorded when it was first "
-                                    f"downloaded ({cache / _MANIFEST}); delete it and retry")
-        manifest[remote.filename] = sha
-        _write_manifest(cache, manifest)
-        if remote.members is None:
-            shutil.copyfile(archive, _safe_target(folder, remote.destination_file or remote.filename))
-        elif not _extract(archive, remote.members, folder):
-            raise InputError(f"{archive} holds none of the files {name} needs "
-                             f"({', '.join(p for p, _ in remote.members)})")
+    make_directory(cache, "download folder")
+    with folder_lock(cache, f"fastmlstm: waiting for another process that is downloading into {base}"):
+        manifest = _read_manifest(cache)
+        archives = [(remote, _fetch_checked(remote, cache, manifest, force=force, mirror=mirror, checksums=checksums,
+                                            deadline=deadline, progress=progress)) for remote in SOURCES[name]]
+        with FileSet(folder, what="dataset folder") as files:
+            for remote, archive in archives:
+                if remote.members is None:
+                    with open(archive, "rb") as src, files.open(
+                            _member_name(folder, remote.destination_file or remote.filename)) as out:
+                        shutil.copyfileobj(src, out)
+                elif not _extract(archive, remote.members, folder, files):
+                    raise InputError(f"{archive} holds none of the files {name} needs "
+                                     f"({', '.join(p for p, _ in remote.members)})")
     DATASETS[name].loader(folder)  # what was fetched must load
     return folder

@@ -2,6 +2,13 @@
 models): :func:`fetch` streams a URL into ``<file>.part``, resumes an interrupted transfer with an
 HTTP Range request when the result will be checked, checks size and checksum (``md5``, ``sha256`` or
 git's blob id), and renames the file into place only once it matches.
+
+Every transfer ends: an overall deadline (``timeout``, default :data:`DEFAULT_TIMEOUT`) bounds the
+whole call, retries included, and a minimum-progress rule ends a stalled transfer (fewer than
+``stall_bytes`` received in any ``stall_seconds``; no byte at all for ``stall_seconds`` is one
+too). The body is read in pieces of at most 64 KiB as they arrive, so every byte received is on
+disk when a transfer stops; a stall is retried from where it stopped (HTTP Range), and what a
+checked transfer received is kept in ``<file>.part`` for the next call to resume.
 """
 
 from __future__ import annotations
@@ -9,18 +16,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import math
 import os
 import re
+import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .._atomic import fsync_directory, make_directory
 from ..errors import InputError
 
-__all__ = ["ChecksumError", "DownloadError", "fetch", "file_digest", "file_digests", "parse_checksum",
-           "partial_path", "fsync_directory"]
+__all__ = ["DEFAULT_TIMEOUT", "STALL_BYTES", "STALL_SECONDS", "ChecksumError", "DownloadError", "Deadline", "fetch",
+           "file_digest", "file_digests", "parse_checksum", "partial_path", "fsync_directory"]
+
+# One file's default deadline: a 67 MB file (the released model's largest) needs 19 kB/s to make it.
+DEFAULT_TIMEOUT = 3600.0
+# A stall: fewer than STALL_BYTES in STALL_SECONDS (about 270 bytes/s), or no byte for STALL_SECONDS.
+STALL_BYTES = 16 * 1024
+STALL_SECONDS = 60.0
+_PIECE = 64 * 1024
 
 
 class DownloadError(InputError):
@@ -74,22 +92,76 @@ def partial_path(destination: str | os.PathLike) -> Path:
     return destination.with_name(destination.name + ".part")
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """When a download must end and what counts as a stall; one is shared by all files of a call.
+
+    Attributes:
+        timeout: seconds from ``start`` for everything (connections, retries, bodies); None: no deadline.
+        stall_bytes, stall_seconds: a transfer receiving fewer than ``stall_bytes`` bytes in any
+            ``stall_seconds`` (or none at all for ``stall_seconds``) has stalled.
+        start: ``time.monotonic()`` when the clock started.
+    """
+
+    timeout: float | None = DEFAULT_TIMEOUT
+    stall_bytes: int = STALL_BYTES
+    stall_seconds: float = STALL_SECONDS
+    start: float = 0.0
+
+    @classmethod
+    def starting_now(cls, timeout: float | None = DEFAULT_TIMEOUT, stall_bytes: int = STALL_BYTES,
+                     stall_seconds: float = STALL_SECONDS) -> "Deadline":
+        """The rules, checked (one InputError naming the bad value), with the clock started now."""
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not math.isfinite(timeout) or timeout <= 0):
+            raise InputError(f"timeout must be a positive number of seconds (or None for no deadline), got {timeout!r}")
+        if isinstance(stall_bytes, bool) or not isinstance(stall_bytes, int) or stall_bytes < 0:
+            raise InputError(f"stall_bytes must be a whole number of bytes >= 0, got {stall_bytes!r}")
+        if (isinstance(stall_seconds, bool) or not isinstance(stall_seconds, (int, float))
+                or not math.isfinite(stall_seconds) or stall_seconds <= 0):
+            raise InputError(f"stall_seconds must be a positive number of seconds, got {stall_seconds!r}")
+        return cls(timeout, stall_bytes, float(stall_seconds), time.monotonic())
+
+    def remaining(self) -> float | None:
+        return None if self.timeout is None else self.start + self.timeout - time.monotonic()
+
+    def wait_limit(self) -> float:
+        """How long one network operation may block: the stall time, less if the deadline is nearer."""
+        remaining = self.remaining()
+        return self.stall_seconds if remaining is None else max(0.001, min(self.stall_seconds, remaining))
+
+    def passed(self) -> bool:
+        remaining = self.remaining()
+        return remaining is not None and remaining <= 0
+
+    def describe(self) -> str:
+        return f"the {self.timeout:g} s deadline (timeout=) passed"
+
+
 class _Interrupted(Exception):
-    """A transfer that stopped before its last byte (connection cut or reset, a timeout mid-body)."""
+    """A transfer that stopped before its last byte (connection cut or reset, a stall, the deadline)."""
 
-    def __init__(self, reason: str, received: int):
+    def __init__(self, reason: str, received: int, final: bool = False):
         super().__init__(reason)
-        self.reason, self.received = reason, received
+        self.reason, self.received, self.final = reason, received, final
 
 
-def _open(url: str, offset: int, timeout: float):
+def _set_read_timeout(response, seconds: float) -> None:
+    """Bound the next socket read of ``response`` (http.client keeps its socket at fp.raw._sock)."""
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.settimeout(seconds)
+
+
+def _open(url: str, offset: int, deadline: Deadline):
     """The response for ``url`` from byte ``offset`` on (a Range request when ``offset`` > 0), or None
     when the server cannot serve that range."""
     headers = {"User-Agent": "fastmlstm-download"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=deadline.wait_limit())
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and offset:
@@ -112,22 +184,42 @@ def _body_range(response, offset: int) -> tuple[int, int | None]:
     return 0, int(length) if length.isdigit() else None
 
 
-def _stream(response, out, *, start: int, total: int | None, size: int | None, progress: bool, label: str):
-    """Copy the body into ``out`` from file offset ``start``: (bytes received, the error that cut it or
-    None, whether it ran past ``size``)."""
+def _stream(response, out, *, start: int, total: int | None, size: int | None, progress: bool, label: str,
+            deadline: Deadline):
+    """Copy the body into ``out`` from file offset ``start``: (bytes received, why it stopped short
+    (an exception) or None, whether it ran past ``size``). Reads what has arrived, at most 64 KiB at a
+    time, so that nothing received is lost when the transfer stops."""
     out.seek(start)
     out.truncate()
     received = 0
+    window_start, window_bytes = time.monotonic(), 0
     with tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
               disable=not progress, leave=False) as bar:
         try:
-            for block in iter(lambda: response.read(1 << 20), b""):
+            while True:
+                if deadline.passed():
+                    return received, TimeoutError(deadline.describe()), False
+                _set_read_timeout(response, deadline.wait_limit())
+                block = response.read1(_PIECE)
+                if not block:
+                    break
                 if size is not None and start + received + len(block) > size:
                     return received, None, True  # stop early: no point fetching more of a file that cannot match
                 out.write(block)
                 received += len(block)
+                window_bytes += len(block)
                 bar.update(len(block))
+                now = time.monotonic()
+                if now - window_start >= deadline.stall_seconds:
+                    if window_bytes < deadline.stall_bytes:
+                        return received, TimeoutError(
+                            f"stalled: {window_bytes} bytes in {now - window_start:.0f} s, fewer than the "
+                            f"{deadline.stall_bytes} in {deadline.stall_seconds:g} s required"), False
+                    window_start, window_bytes = now, 0
         except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, reset, timed out
+            if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+                exc = TimeoutError(deadline.describe() if deadline.passed() else
+                                   f"stalled: no byte for {deadline.stall_seconds:g} s")
             return received, exc, False
         finally:
             out.flush()
@@ -138,16 +230,16 @@ def _stream(response, out, *, start: int, total: int | None, size: int | None, p
     return received, None, False
 
 
-def _transfer(url: str, part: Path, *, size: int | None, timeout: float, progress: bool, label: str) -> None:
+def _transfer(url: str, part: Path, *, size: int | None, deadline: Deadline, progress: bool, label: str) -> None:
     """Append what the server has beyond ``part``'s current bytes to ``part`` (or start it over)."""
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset >= size:
         if offset == size:
             return  # complete already (an earlier call stopped between its last byte and the check)
         offset = 0
-    response = _open(url, offset, timeout)
+    response = _open(url, offset, deadline)
     if response is None:
-        offset, response = 0, _open(url, 0, timeout)
+        offset, response = 0, _open(url, 0, deadline)
     with response:
         start, total = _body_range(response, offset)
         if size is not None and total is not None and total != size:  # the server says so up front
@@ -156,20 +248,24 @@ def _transfer(url: str, part: Path, *, size: int | None, timeout: float, progres
                                 "nothing was kept")
         with open(part, "r+b" if part.exists() else "wb") as out:
             received, cut, too_long = _stream(response, out, start=start, total=total, size=size,
-                                              progress=progress, label=label)
+                                              progress=progress, label=label, deadline=deadline)
     got = start + received
     if too_long or (cut is None and size is not None and got != size):
         part.unlink()
         raise ChecksumError(f"{label} from {url}: the server sent {f'more than {size}' if too_long else got} "
                             f"bytes where {size} were expected; the download was deleted")
     if cut is not None:
-        what = f"{type(cut).__name__}: {cut}" if str(cut) else type(cut).__name__
-        raise _Interrupted(f"the connection broke after {got} of {total if total is not None else '?'} bytes "
-                           f"({what[:200]})", received)
+        what = str(cut) if isinstance(cut, TimeoutError) and str(cut) else (
+            f"{type(cut).__name__}: {cut}" if str(cut) else type(cut).__name__)
+        stopped = "stopped" if isinstance(cut, TimeoutError) else "the connection broke"
+        raise _Interrupted(f"{stopped} after {got} of {total if total is not None else '?'} bytes "
+                           f"({what[:200]})", received, final=deadline.passed())
 
 
 def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = None, size: int | None = None,
-          timeout: float = 60.0, progress: bool = True, resume: bool | None = None, retries: int = 3) -> str:
+          timeout: float | None = DEFAULT_TIMEOUT, stall_bytes: int = STALL_BYTES,
+          stall_seconds: float = STALL_SECONDS, progress: bool = True, resume: bool | None = None, retries: int = 3,
+          deadline: Deadline | None = None) -> str:
     """Download ``url`` to ``destination`` atomically and return the file's SHA-256.
 
     The body streams into ``<destination>.part``; the complete file is checked against ``checksum``
@@ -181,27 +277,38 @@ def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = No
         destination: the file to write.
         checksum: ``"md5:<hex>"``, ``"sha256:<hex>"`` or ``"git-blob:<hex>"`` (git's blob id), or None.
         size: the exact size in bytes, or None. A longer body is cut off early and rejected.
-        timeout: socket timeout in seconds.
+        timeout: the deadline in seconds for the whole call (connecting, every retry, the body);
+            None: none. Default one hour (:data:`DEFAULT_TIMEOUT`).
+        stall_bytes, stall_seconds: the minimum-progress rule: fewer than ``stall_bytes`` bytes
+            received in ``stall_seconds`` (default 16 KiB in 60 s), or no byte at all for
+            ``stall_seconds``, is a stall. A stall after some progress is retried (within
+            ``retries`` and the deadline) from where it stopped.
         progress: show a progress bar.
         resume: continue a ``.part`` file left by an interrupted call with an HTTP Range request
             (a server that ignores Range sends the whole file, which then starts over). Default:
             only with a ``checksum``, so that a file stitched from two transfers is always verified.
-        retries: a connection cut after some progress is resumed this many times within the call;
-            after that the ``.part`` file is kept (when resumable) and the next call continues it.
+        retries: a transfer cut or stalled after some progress is resumed this many times within
+            the call; after that (or at the deadline) the ``.part`` file is kept (when resumable) and
+            the next call continues it.
+        deadline: a :class:`Deadline` already running (several files sharing one ``timeout``);
+            it replaces ``timeout``, ``stall_bytes`` and ``stall_seconds``.
 
     Raises:
-        DownloadError: no connection, an HTTP error (404...), or a transfer cut too often; the message
-            names the URL. ChecksumError: wrong size or checksum. InputError: not an http(s) URL.
+        DownloadError: no connection, an HTTP error (404...), a transfer cut too often, a stall, or
+            the deadline; the message names the URL and the bytes received. ChecksumError: wrong
+            size or checksum. InputError: not an http(s) URL, a bad rule, or a destination folder
+            that cannot be created or written.
 
     Example::
 
         >>> fetch("https://example.org/0.npy", "model/0.npy", size=65616,            # doctest: +SKIP
-        ...       checksum="git-blob:64046c2bfcc46b04001ecc72c523fa06ea49da26")
+        ...       checksum="git-blob:64046c2bfcc46b04001ecc72c523fa06ea49da26", timeout=600)
     """
-    if not re.match(r"^https?://", url):
+    if not isinstance(url, str) or not re.match(r"^https?://", url):
         raise InputError(f"only http(s) URLs are fetched, got {url!r}")
+    deadline = deadline or Deadline.starting_now(timeout, stall_bytes, stall_seconds)
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(destination.parent, "download folder")
     algorithm, expected = parse_checksum(checksum) if checksum else (None, None)
     resumable = expected is not None if resume is None else resume
     part = partial_path(destination)
@@ -209,17 +316,14 @@ def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = No
         if not resumable:
             part.unlink(missing_ok=True)  # only a checked file may be stitched together from two transfers
         try:
-            _transfer(url, part, size=size, timeout=timeout, progress=progress, label=destination.name)
+            if deadline.passed():
+                raise _Interrupted(f"{deadline.describe()} before the transfer began", 0, final=True)
+            _transfer(url, part, size=size, deadline=deadline, progress=progress, label=destination.name)
             break
         except _Interrupted as cut:
-            if cut.received and attempt < retries:
+            if cut.received and attempt < retries and not cut.final:
                 continue  # it was moving: pick up where it stopped
-            kept = resumable and part.exists() and part.stat().st_size > 0
-            if not kept:
-                part.unlink(missing_ok=True)
-            raise DownloadError(f"could not fetch {url}: {cut.reason}" + (
-                f"; the {part.stat().st_size} bytes received are kept in {part} and the same command resumes "
-                "from there" if kept else "")) from None
+            _give_up(url, part, cut.reason, resumable)
     digests = file_digests(part, {"sha256", *([algorithm] if algorithm else [])})
     if expected is not None and digests[algorithm] != expected:
         got = part.stat().st_size
@@ -231,10 +335,11 @@ def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = No
     return digests["sha256"]
 
 
-def fsync_directory(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # make a rename durable where the OS allows
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _give_up(url: str, part: Path, reason: str, resumable: bool) -> None:
+    """Raise the DownloadError for a transfer that stopped for good, keeping what a resumable one received."""
+    kept = resumable and part.exists() and part.stat().st_size > 0
+    if not kept:
+        part.unlink(missing_ok=True)
+    raise DownloadError(f"could not fetch {url}: {reason}" + (
+        f"; the {part.stat().st_size} bytes received are kept in {part} and the same command resumes "
+        "from there" if kept else "")) from None

@@ -5,6 +5,14 @@
 ``$FASTMLSTM_MODELS`` or ``~/.cache/fastmlstm/models``), every file checked against the git blob id
 its source repository publishes, through :func:`fastmlstm.data.fetch.fetch`.
 :func:`fastmlstm.from_pretrained` calls it for a registered name.
+
+The folder is complete when its marker ``fastmlstm-verified.json`` says so: it is removed before
+any file changes and written last, once every file has verified, with each file's size, blob id,
+inode and modification and change times. Loading trusts the marker only while all of these are
+unchanged (the change time moves on any write, even one that restores the modification time);
+anything else re-hashes the files, with one log line, and fetches what does not match. Every file
+in the folder has verified against its id when it was renamed into place, so an interrupted or
+failed download leaves only files of the model.
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .._atomic import atomic_write
-from ..data.fetch import ChecksumError, DownloadError, fetch, file_digest
+from .._atomic import atomic_write, make_directory
+from ..data.fetch import (DEFAULT_TIMEOUT, STALL_BYTES, STALL_SECONDS, ChecksumError, Deadline, DownloadError, fetch,
+                          file_digest)
 from ..errors import InputError
 
 try:
@@ -165,17 +174,29 @@ def _marker_entries(folder: Path, files: tuple[ModelFile, ...]) -> dict:
     entries = {}
     for f in files:
         st = (folder / f.filename).stat()
-        entries[f.filename] = {"size": st.st_size, "blob_id": f.blob_id, "mtime_ns": st.st_mtime_ns}
+        entries[f.filename] = {"size": st.st_size, "blob_id": f.blob_id, "mtime_ns": st.st_mtime_ns,
+                               "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
     return entries
 
 
-def _marker_matches(folder: Path, name: str, files: tuple[ModelFile, ...]) -> bool:
-    """Whether the folder's marker says every file verified against these ids and none changed since."""
+def _marker_problem(folder: Path, name: str, files: tuple[ModelFile, ...]) -> str | None:
+    """Why the folder's marker does not vouch for these files as they are now (None: it does)."""
     try:
         marker = json.loads((folder / MARKER).read_text())
-        return marker.get("model") == name and marker.get("files") == _marker_entries(folder, files)
-    except (OSError, ValueError):
-        return False
+    except FileNotFoundError:
+        return "it has no marker"
+    except (OSError, ValueError) as exc:
+        return f"its marker cannot be read ({type(exc).__name__})"
+    if not isinstance(marker, dict) or marker.get("model") != name or not isinstance(marker.get("files"), dict):
+        return "its marker is for another model"
+    try:
+        now = _marker_entries(folder, files)
+    except OSError:
+        return "a file is missing"
+    for filename, entry in now.items():
+        if marker["files"].get(filename) != entry:
+            return f"{filename} changed since it was verified"
+    return None
 
 
 @contextlib.contextmanager
@@ -222,7 +243,9 @@ def download_model(
     force: bool = False,
     recheck: bool = True,
     progress: bool = True,
-    timeout: float = 60.0,
+    timeout: float | None = None,
+    stall_bytes: int = STALL_BYTES,
+    stall_seconds: float = STALL_SECONDS,
 ) -> Path:
     """Fetch registered model ``name`` (see :data:`MODELS`) into ``<models>/<name>/`` and verify it.
 
@@ -239,34 +262,48 @@ def download_model(
         checksums: ``{"0.npy": (size, blob_id), ...}`` replacing the published values of those files.
         force: fetch every file again.
         recheck: re-hash the files already present (offline); a bad one is removed and fetched again.
-            False trusts a marker whose sizes and modification times still match (what loading does).
+            False trusts a marker whose files are unchanged since it was written (what loading does).
         progress: progress bars on stderr.
-        timeout: socket timeout in seconds.
+        timeout: the deadline in seconds for the whole call (every file, retries included); None
+            (default): each file gets :func:`~fastmlstm.data.fetch.fetch`'s own deadline (one hour).
+            What was received is kept and the same call resumes it.
+        stall_bytes, stall_seconds: a transfer receiving fewer than ``stall_bytes`` bytes in
+            ``stall_seconds`` (default 16 KiB in 60 s) has stalled (see :func:`~fastmlstm.data.fetch.fetch`).
 
     Returns:
         The model's folder.
 
+    Raises:
+        InputError: an unknown name, bad rules, or a ``root`` that is a file or cannot be written
+        (named). DownloadError, ChecksumError: as :func:`~fastmlstm.data.fetch.fetch`.
+
     Example::
 
-        >>> fastmlstm.download.download_model("openai-sentiment")       # doctest: +SKIP
+        >>> fastmlstm.download.download_model("openai-sentiment", timeout=1800)   # doctest: +SKIP
         PosixPath('/home/me/.cache/fastmlstm/models/openai-sentiment')
     """
     model = registered_model(name)
     files = model_files(name, checksums)
+    whole_call = Deadline.starting_now(timeout, stall_bytes, stall_seconds)  # the rules are checked up front
     folder = models_dir(root) / name
-    folder.mkdir(parents=True, exist_ok=True)
+    make_directory(folder, "models folder")
     with _folder_lock(folder):
-        if not force and not recheck and _marker_matches(folder, name, files):
+        problem = None if force or recheck else _marker_problem(folder, name, files)
+        if not force and not recheck and problem is None:
             return folder
+        if problem is not None and problem != "it has no marker":
+            logger.warning("fastmlstm: checking %s again: %s", folder, problem)
         if force:
             (folder / MARKER).unlink(missing_ok=True)
         todo = list(files) if force else _recheck(folder, files, progress)
         if todo:
             (folder / MARKER).unlink(missing_ok=True)
         for f in todo:
+            deadline = whole_call if timeout is not None else Deadline.starting_now(DEFAULT_TIMEOUT, stall_bytes,
+                                                                                     stall_seconds)
             fetch(model.url(f.filename, mirror), folder / f.filename, checksum=f"git-blob:{f.blob_id}",
-                  size=f.size if f.size_exact else None, timeout=timeout, progress=progress)
-        if todo or not _marker_matches(folder, name, files):
+                  size=f.size if f.size_exact else None, progress=progress, deadline=deadline)
+        if todo or _marker_problem(folder, name, files) is not None:
             with atomic_write(folder / MARKER, "w") as out:
                 json.dump({"model": name, "files": _marker_entries(folder, files)}, out, indent=1)
     return folder
