@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 from typing import NamedTuple, Union
@@ -13,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..ops.registry import BACKENDS
 from ..errors import InputError, InputTypeError
 from ..ops.interface import accumulation_dtype
+from ..ops.registry import BACKENDS
+from ..options import check
 from .functional import SUPPORTED_DTYPES, multiplicative_lstm
 from .weight_cache import ENV_WEIGHT_CACHE, cached_weights, forget  # noqa: F401  (ENV_WEIGHT_CACHE: documented here)
 
@@ -82,12 +82,6 @@ def _suffix(layer: int, reverse: bool) -> str:
     return f"_l{layer}" + ("_reverse" if reverse else "")
 
 
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InputError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _flag(name: str, value) -> bool:
     if not isinstance(value, (bool, int)) or isinstance(value, int) and value not in (0, 1):
         raise InputTypeError(f"{name} must be True or False, got {value!r}")
@@ -108,7 +102,8 @@ class FastMLSTM(nn.Module):
         hidden_size: H.
         num_layers: stacked layers; layer k > 0 reads layer k-1's output (both directions'
             outputs concatenated when bidirectional). Each layer runs through the fused recurrence.
-        bias: learn the gate bias b [4H] of every layer and direction.
+        bias: learn the gate bias b [4H] of every layer and direction. ``rnn.bias`` is this bool,
+            as with nn.LSTM; the bias parameters are ``bias_ih``, ``bias_ih_l1``, ... (below).
         batch_first: input and output are [B, T, ...] instead of [T, B, ...] (h and c are not).
         dropout: as nn.LSTM's: dropout with this probability on the outputs of every layer but
             the last, in training mode only.
@@ -125,9 +120,12 @@ class FastMLSTM(nn.Module):
 
     Parameters are named like nn.LSTM's, with layer 0's forward direction unsuffixed:
     ``weight_ih``, ``weight_hh`` (applied to m), ``weight_im``, ``weight_hm`` (each as ``_v`` and
-    ``_g`` with weight norm) and ``bias`` for layer 0; ``weight_ih_l1``, ``bias_l1``,
-    ``weight_ih_l0_reverse``, ... for the others. Reading any matrix name (``rnn.weight_hh``,
-    ``rnn.weight_hh_l1``) gives the effective weight, [out, in].
+    ``_g`` with weight norm) and ``bias_ih`` (the gate bias, added with x W_ih^T; there is no
+    ``bias_hh``) for layer 0; ``weight_ih_l1``, ``bias_ih_l1``, ``weight_ih_l0_reverse``, ... for
+    the others. Reading any matrix name (``rnn.weight_hh``, ``rnn.weight_hh_l1``) gives the
+    effective weight, [out, in]; nn.LSTM's layer-0 names (``rnn.weight_hh_l0``, ``rnn.bias_ih_l0``)
+    read the same tensors as the unsuffixed ones. State dicts saved when the bias was called
+    ``bias``, ``bias_l1``, ... still load (:meth:`_load_from_state_dict` renames the keys).
 
     Shapes of ``forward(input, hx=None)``: input [T, B, I] ([B, T, I] with ``batch_first``), [T, I]
     unbatched, or a ``PackedSequence``; hx = (h_0, c_0), each [L * D, B, H] ([L * D, H] unbatched)
@@ -150,16 +148,14 @@ class FastMLSTM(nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
                  device=None, dtype=None, *, weight_norm: bool = True, backend: str = "auto"):
         super().__init__()
-        self.input_size = _positive_int("input_size", input_size)
-        self.hidden_size = _positive_int("hidden_size", hidden_size)
-        self.num_layers = _positive_int("num_layers", num_layers)
-        self.bias_enabled = _flag("bias", bias)
+        self.input_size = check("input_size", input_size)
+        self.hidden_size = check("hidden_size", hidden_size)
+        self.num_layers = check("num_layers", num_layers)
+        self.bias = _flag("bias", bias)  # nn.LSTM's attribute: the bool (the parameters are bias_ih...)
         self.batch_first = _flag("batch_first", batch_first)
         self.bidirectional = _flag("bidirectional", bidirectional)
         self.weight_norm = _flag("weight_norm", weight_norm)
-        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-            raise InputError(f"dropout must be a number in [0, 1], got {dropout!r}")
-        self.dropout = float(dropout)
+        self.dropout = check("dropout", dropout)
         if dropout > 0 and num_layers == 1:
             warnings.warn(f"dropout={dropout} and num_layers=1: dropout is applied between stacked layers only, "
                           "so it has no effect here (as with nn.LSTM)", stacklevel=2)
@@ -173,19 +169,47 @@ class FastMLSTM(nn.Module):
         self.proj_size = 0
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
-        H, D = hidden_size, self.num_directions
         for layer, reverse in self._layers():
-            I = input_size if layer == 0 else D * H
-            suffix = _suffix(layer, reverse)
-            shapes = {"weight_ih": (4 * H, I), "weight_hh": (4 * H, H), "weight_im": (H, I), "weight_hm": (H, H)}
-            for name, shape in shapes.items():
-                if weight_norm:
-                    self.register_parameter(f"{name}{suffix}_v", nn.Parameter(torch.empty(shape, **factory)))
-                    self.register_parameter(f"{name}{suffix}_g", nn.Parameter(torch.empty(shape[0], **factory)))
-                else:
-                    self.register_parameter(f"{name}{suffix}", nn.Parameter(torch.empty(shape, **factory)))
-            self.register_parameter(f"bias{suffix}", nn.Parameter(torch.empty(4 * H, **factory)) if bias else None)
+            for name, shape in self._parameter_shapes(layer, reverse).items():
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)) if shape else None)
         self.reset_parameters()
+
+    @property
+    def bias_enabled(self) -> bool:
+        """The same as :attr:`bias` (the constructor's bool), under its earlier name."""
+        return self.bias
+
+    def _parameter_shapes(self, layer: int, reverse: bool) -> dict[str, tuple[int, ...] | None]:
+        """The parameters of one layer and direction, by name, in registration order (None: absent)."""
+        H, suffix = self.hidden_size, _suffix(layer, reverse)
+        I = self.input_size if layer == 0 else self.num_directions * H
+        shapes = {}
+        for name, shape in zip(_MATRICES, ((4 * H, I), (4 * H, H), (H, I), (H, H))):
+            if self.weight_norm:
+                shapes |= {f"{name}{suffix}_v": shape, f"{name}{suffix}_g": shape[:1]}
+            else:
+                shapes[f"{name}{suffix}"] = shape
+        shapes[f"bias_ih{suffix}"] = (4 * H,) if self.bias else None
+        return shapes
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """The parameters of every layer and direction in nn.LSTM's order (l0, l0_reverse, l1, ...),
+        each as a list in registration order, like nn.LSTM's ``all_weights``."""
+        return [[getattr(self, name) for name, shape in self._parameter_shapes(layer, reverse).items() if shape]
+                for layer, reverse in self._layers()]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The bias parameters were called bias, bias_l1, bias_l0_reverse, ... until ``bias`` became
+        # nn.LSTM's bool; files written then load with their tensors unchanged under the new names.
+        if self.bias:
+            for layer, reverse in self._layers():
+                old, new = (f"{prefix}{name}{_suffix(layer, reverse)}" for name in ("bias", "bias_ih"))
+                if old in state_dict and new not in state_dict:
+                    state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def num_directions(self) -> int:
@@ -212,6 +236,8 @@ class FastMLSTM(nn.Module):
         params = self.__dict__.get("_parameters", {})
         if name.startswith(_MATRICES) and f"{name}_v" in params:
             return weight_norm(params[f"{name}_v"], params[f"{name}_g"])
+        if "_l0" in name and "_l0_reverse" not in name and name.startswith((*_MATRICES, "bias_ih")):
+            return getattr(self, name.replace("_l0", "", 1))  # nn.LSTM's name for layer 0
         return super().__getattr__(name)
 
     def train(self, mode: bool = True) -> FastMLSTM:
@@ -223,7 +249,7 @@ class FastMLSTM(nn.Module):
 
     def _layer_weights(self, layer: int, reverse: bool) -> MLSTMWeights:
         suffix = _suffix(layer, reverse)
-        return MLSTMWeights(*(getattr(self, name + suffix) for name in _MATRICES), getattr(self, f"bias{suffix}"))
+        return MLSTMWeights(*(getattr(self, name + suffix) for name in _MATRICES), getattr(self, f"bias_ih{suffix}"))
 
     def effective_weights(self) -> EffectiveWeights:
         """All effective weights (weight norm applied); pass them to ``forward`` or ``step`` as
@@ -260,7 +286,7 @@ class FastMLSTM(nn.Module):
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
-        if not self.bias_enabled:
+        if not self.bias:
             s += ", bias=False"
         if self.batch_first:
             s += ", batch_first=True"

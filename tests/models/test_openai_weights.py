@@ -179,7 +179,7 @@ def test_the_real_released_files_load_with_their_real_shapes(tmp_path):
     assert rnn.weight_im_v.shape == (H, E) and rnn.weight_hm_v.shape == (H, H)
     assert model.readout.weight.shape == (256, H)
     # each real array lands where the released equations use it
-    for tensor, i in [(model.embedding.weight, 0), (rnn.bias, 8), (rnn.weight_ih_g, 9), (rnn.weight_hh_g, 10),
+    for tensor, i in [(model.embedding.weight, 0), (rnn.bias_ih, 8), (rnn.weight_ih_g, 9), (rnn.weight_hh_g, 10),
                       (rnn.weight_im_g, 11), (rnn.weight_hm_g, 12), (model.readout.bias, 14)]:
         assert np.array_equal(tensor.detach().numpy(), real[i]), i
     assert np.array_equal(rnn.weight_im_v.detach().numpy(), real[6].T)

@@ -72,13 +72,13 @@ def test_effective_weights_are_torch_layout_attributes(weight_norm):
             torch.testing.assert_close(getattr(rnn, name).norm(dim=1), getattr(rnn, f"{name}_g").detach())
         else:
             assert isinstance(w, nn.Parameter)
-    assert rnn.bias.shape == (4 * H,)
+    assert rnn.bias is True and rnn.bias_ih.shape == (4 * H,)
     # m = (x W_im^T) * (h W_hm^T), z = x W_ih^T + m W_hh^T + b, computed from the attributes alone:
     x = torch.randn(6, 2, I, device=DEVICE)
     out, (h, c) = rnn(x)
     w = {k: getattr(rnn, k).detach().double() for k in shapes}
     ref, h_ref, c_ref, _ = mlstm_f64(x.double(), w["weight_ih"], w["weight_hh"], w["weight_im"], w["weight_hm"],
-                                     rnn.bias.detach().double(), torch.zeros(2, H, dtype=torch.float64, device=DEVICE),
+                                     rnn.bias_ih.detach().double(), torch.zeros(2, H, dtype=torch.float64, device=DEVICE),
                                      torch.zeros(2, H, dtype=torch.float64, device=DEVICE))
     assert rel_err(out, ref) < 1e-5 and rel_err(c[0], c_ref) < 1e-5
 
@@ -124,7 +124,7 @@ def test_state_dict_round_trip_and_dtype_move():
     x = torch.randn(4, 2, 3)
     assert torch.equal(a(x)[0], b(x)[0])
     assert set(a.state_dict()) == {f"{n}_{s}" for n in ("weight_ih", "weight_hh", "weight_im", "weight_hm")
-                                   for s in "vg"} | {"bias"}
+                                   for s in "vg"} | {"bias_ih"}
     half = b.to(torch.bfloat16)
     out, (h, c) = half(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and h.dtype == c.dtype == torch.float32
@@ -198,3 +198,101 @@ def test_functional_rejects_mixed_devices_and_shapes():
         multiplicative_lstm(x, w[0], w[1], w[2].t(), w[3])
     with pytest.raises(ValueError, match="bias must have shape"):
         multiplicative_lstm(x, *w, torch.zeros(H))
+
+
+def _old_bias_names(state: dict, prefix: str = "") -> dict:
+    """``state`` with the bias keys as fastmlstm wrote them before ``bias`` became nn.LSTM's bool."""
+    return {prefix + k.replace("bias_ih", "bias"): v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("layers, bidirectional, weight_norm", [(1, False, True), (2, True, True), (2, False, False)])
+def test_state_dicts_with_the_old_bias_names_still_load(layers, bidirectional, weight_norm):
+    g = torch.Generator().manual_seed(3)
+    like = FastMLSTM(3, 5, layers, bidirectional=bidirectional, weight_norm=weight_norm)
+    raw = {k: torch.randn(v.shape, generator=g) for k, v in like.state_dict().items()}  # tensors of no module
+    old = _old_bias_names(raw)
+    assert "bias" in old and not any(k.startswith("bias_ih") for k in old)
+    if layers > 1:
+        assert "bias_l1" in old and (not bidirectional or "bias_l0_reverse" in old)
+    rnn = FastMLSTM(3, 5, layers, bidirectional=bidirectional, weight_norm=weight_norm)
+    assert not rnn.load_state_dict(old).missing_keys
+    loaded = rnn.state_dict()
+    assert loaded.keys() == raw.keys()
+    assert all(torch.equal(loaded[k], raw[k]) for k in raw)  # byte-identical, under the new names
+    assert torch.equal(rnn.bias_ih, raw["bias_ih"])
+
+
+def test_old_bias_names_load_into_a_byte_lm_and_from_a_model_file(tmp_path):
+    from fastmlstm import ByteLM, load
+
+    g = torch.Generator().manual_seed(4)
+    model = ByteLM(hidden_size=8, embed_size=4)
+    raw = {k: torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
+    old = {k.replace("rnn.bias_ih", "rnn.bias"): v for k, v in raw.items()}
+    assert "rnn.bias" in old and "rnn.bias_ih" not in old
+    fresh = ByteLM(hidden_size=8, embed_size=4)
+    fresh.load_state_dict(old)
+    assert all(torch.equal(fresh.state_dict()[k], raw[k]) for k in raw)
+    # A model file of the earlier layout, written as fastmlstm wrote them (format, version, config, state_dict).
+    record = model.to_record()
+    record["state_dict"] = old
+    torch.save(record, tmp_path / "old.pt")
+    loaded = load(tmp_path / "old.pt")
+    assert all(torch.equal(loaded.state_dict()[k], raw[k]) for k in raw)
+
+
+def test_a_bias_false_module_does_not_take_a_bias():
+    rnn = FastMLSTM(3, 5, bias=False)
+    state = {**rnn.state_dict(), "bias": torch.zeros(20)}
+    with pytest.raises(RuntimeError, match='Unexpected key.*"bias"'):
+        rnn.load_state_dict(state)
+
+
+NN_LSTM_ATTRIBUTES = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
+                      "proj_size")
+
+
+@pytest.mark.parametrize("args, kwargs", [
+    ((3, 5), {}),
+    ((3, 5, 2), {"bias": False, "batch_first": True, "dropout": 0.25, "bidirectional": True}),
+    ((4, 6, 3, True, False, 0, True), {}),
+    ((2, 3), {"dropout": 1, "num_layers": 2}),
+])
+def test_public_attributes_equal_nn_lstms(args, kwargs):
+    ours, theirs = FastMLSTM(*args, **kwargs), nn.LSTM(*args, **kwargs)
+    for name in NN_LSTM_ATTRIBUTES:
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert a == b and type(a) is type(b), (name, a, b)
+    assert ours.extra_repr() == theirs.extra_repr()
+    # nn.LSTM's per-layer names read the tensors of the same shapes (weight_hh is applied to m here).
+    for layer in range(ours.num_layers):
+        for suffix in (f"_l{layer}", f"_l{layer}_reverse")[: 1 + ours.bidirectional]:
+            for name in ("weight_ih", "weight_hh") + (("bias_ih",) if ours.bias else ()):
+                assert getattr(ours, name + suffix).shape == getattr(theirs, name + suffix).shape, name + suffix
+    assert len(ours.all_weights) == len(theirs.all_weights)
+    assert all(isinstance(p, nn.Parameter) for group in ours.all_weights for p in group)
+    assert [p for group in ours.all_weights for p in group] == list(ours.parameters())
+    assert ours.bias_enabled is ours.bias
+    if ours.bias:
+        assert ours.bias_ih_l0 is ours.bias_ih
+    else:
+        assert ours.bias_ih is None
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"dropout": float("nan")}, "dropout must be a finite number in [0, 1], got nan"),
+    ({"dropout": float("inf")}, "dropout must be a finite number in [0, 1], got inf"),
+    ({"dropout": -0.1}, "dropout must be a finite number in [0, 1], got -0.1"),
+    ({"dropout": True}, "dropout must be a finite number in [0, 1], got True"),
+    ({"hidden_size": 0}, "hidden_size must be an integer >= 1, got 0"),
+    ({"hidden_size": 4.0}, "hidden_size must be an integer >= 1, got 4.0"),
+    ({"input_size": -2}, "input_size must be an integer >= 1, got -2"),
+    ({"num_layers": True}, "num_layers must be an integer >= 1, got True"),
+])
+def test_numeric_arguments_are_checked(kwargs, error):
+    import fastmlstm
+
+    args = {"input_size": 3, "hidden_size": 5, "num_layers": 2, **kwargs}
+    with pytest.raises(fastmlstm.InputError) as info:
+        FastMLSTM(**args)
+    assert str(info.value) == error

@@ -27,17 +27,17 @@ def test_constructor_takes_nn_lstms_words_in_nn_lstms_order():
     assert params["backend"].kind is inspect.Parameter.KEYWORD_ONLY
     # The positional calls that meant something else before now mean what nn.LSTM means.
     rnn = FastMLSTM(8, 16, 2, True, True)
-    assert (rnn.num_layers, rnn.bias is not None, rnn.batch_first) == (2, True, True)
+    assert (rnn.num_layers, rnn.bias, rnn.batch_first) == (2, True, True)
     rnn = FastMLSTM(8, 16, 1, False)
-    assert rnn.bias is None and not rnn.batch_first
-    with pytest.raises(fastmlstm.InputError, match="num_layers must be a positive int, got 0"):
+    assert rnn.bias is False and rnn.bias_ih is None and not rnn.batch_first
+    with pytest.raises(fastmlstm.InputError, match="num_layers must be an integer >= 1, got 0"):
         FastMLSTM(8, 16, 0)
 
 
 def test_nn_lstm_options_that_do_not_apply_are_refused_clearly():
     with pytest.raises(fastmlstm.InputError, match="proj_size=4: FastMLSTM has no output projection"):
         FastMLSTM(8, 16, proj_size=4)
-    with pytest.raises(fastmlstm.InputError, match=r"dropout must be a number in \[0, 1\]"):
+    with pytest.raises(fastmlstm.InputError, match=r"dropout must be a finite number in \[0, 1\]"):
         FastMLSTM(8, 16, 2, dropout=1.5)
     with pytest.raises(fastmlstm.InputTypeError, match="bidirectional must be True or False"):
         FastMLSTM(8, 16, bidirectional="yes")
@@ -51,12 +51,12 @@ def test_parameter_names_follow_nn_lstm_with_layer_0_unsuffixed():
     rnn = FastMLSTM(3, 5, 2, bidirectional=True)
     names = set(dict(rnn.named_parameters()))
     for suffix in ("", "_l0_reverse", "_l1", "_l1_reverse"):
-        assert {f"{m}{suffix}_{s}" for m in MATRICES for s in "vg"} | {f"bias{suffix}"} <= names
+        assert {f"{m}{suffix}_{s}" for m in MATRICES for s in "vg"} | {f"bias_ih{suffix}"} <= names
     assert len(names) == 4 * 9
     assert rnn.weight_ih_l1_v.shape == (20, 10)  # layer 1 reads both directions of layer 0
     assert rnn.weight_hh_l1_reverse.shape == (20, 5)  # the effective weight, by nn.LSTM's name
     # A one-layer module keeps the names every saved model and the released layout use.
-    assert set(dict(FastMLSTM(3, 5).named_parameters())) == {f"{m}_{s}" for m in MATRICES for s in "vg"} | {"bias"}
+    assert set(dict(FastMLSTM(3, 5).named_parameters())) == {f"{m}_{s}" for m in MATRICES for s in "vg"} | {"bias_ih"}
 
 
 def test_hidden_state_shapes_match_nn_lstm():
@@ -96,7 +96,7 @@ def _stack_f64(params, x, h0, c0, lengths, layers, bidirectional):
         for d in range(dirs):
             suffix = "" if layer == 0 and d == 0 else f"_l{layer}" + ("_reverse" if d else "")
             w = [weight_norm_f64(params[f"{m}{suffix}_v"], params[f"{m}{suffix}_g"]) for m in MATRICES]
-            b, k = params[f"bias{suffix}"], layer * dirs + d
+            b, k = params[f"bias_ih{suffix}"], layer * dirs + d
             if d == 0:
                 out, h, c, _ = mlstm_f64(inp, *w, b, h0[k], c0[k], lengths)
             else:

@@ -36,7 +36,7 @@ def _case(T, B, I, H, seed=0):
         for name, p in rnn.named_parameters():
             if name.endswith("_g"):  # gains away from the rows' norms, so their gradients matter
                 p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name == "bias":
+            elif name == "bias_ih":
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
     state = {k: v.clone() for k, v in rnn.state_dict().items()}
     x = torch.randn(T, B, I, generator=g)
@@ -79,7 +79,7 @@ def _truth(dtype, T, B, I, H, lengths):
     c0 = c0.double().requires_grad_()
     w = {n: weight_norm_f64(leaf[f"{n}_v"], leaf[f"{n}_g"]) for n in ("weight_ih", "weight_hh", "weight_im", "weight_hm")}
     out, h_n, c_n, cells = mlstm_f64(x, w["weight_ih"], w["weight_hh"], w["weight_im"], w["weight_hm"],
-                                     leaf["bias"], h0, c0, lengths)
+                                     leaf["bias_ih"], h0, c0, lengths)
     loss = ((out * w_out.double()).sum() + (h_n * w_h.double()).sum() + (c_n * w_c.double()).sum()
             + (cells * w_cells.double()).sum())
     loss.backward()
