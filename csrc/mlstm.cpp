@@ -3,7 +3,7 @@
 //
 // Legend: T time, B batch rows, H hidden units, G = 4 gates (i, f, o, u); dtype is the activation
 // dtype (float32, float16 or bfloat16), f32 is float32. The contract, shapes and numerics are those of
-// fastmlstm/ops/common.py; the order of operations follows fastmlstm/ops/reference.py.
+// fastmlstm/ops/interface.py; the order of operations follows fastmlstm/ops/reference/recurrence.py.
 //
 // Per forward step (two GEMMs that depend on each other, each followed by one fused kernel):
 //   hm = h_{t-1} Wmh^T    (cuBLAS, f32 out)   ->  forward_m:    m = xm * hm, save xm, hm
@@ -259,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
     }
   }
 
-  // The weight gradients as large GEMMs over all T*B rows (fastmlstm.ops.common.recurrent_weight_grads):
+  // The weight gradients as large GEMMs over all T*B rows (fastmlstm.ops.interface.recurrent_weight_grads):
   // dWh = sum_t dz_t^T m_t with m_t = xm_t * hm_t recomputed from act; dWmh = sum_t dhm_t^T h_{t-1}.
   Tensor grad_weight_hh, grad_weight_hm;
   if (T == 0) {

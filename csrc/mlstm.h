@@ -1,6 +1,6 @@
 // The fused pointwise kernels of the multiplicative LSTM step, as seen from the host driver.
 //
-// Legend (as in fastmlstm/ops/common.py)
+// Legend (as in fastmlstm/ops/interface.py)
 //   T time steps    B batch rows    H hidden units    G = 4 gates, order i, f, o, u
 //   dtype: the activation dtype (float32, float16 or bfloat16); f32: always float32
 //

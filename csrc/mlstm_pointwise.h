@@ -6,9 +6,9 @@
 // step's [B, H] elements, b the batch row, n the hidden unit. Row strides: proj and dproj 5H, act 6H,
 // z 4H, everything else H (layouts in mlstm.h).
 //
-// Numerics (the contract of fastmlstm/ops/common.py): loads widen to float32, all arithmetic is
+// Numerics (the contract of fastmlstm/ops/interface.py): loads widen to float32, all arithmetic is
 // float32, stores round to the activation dtype (round to nearest even); c, dh and dc stay float32.
-// The formulas and their evaluation order follow fastmlstm/ops/reference.py. A null pointer means
+// The formulas and their evaluation order follow fastmlstm/ops/reference/recurrence.py. A null pointer means
 // "absent" (no saving, no lengths, no incoming gradient).
 #pragma once
 
