@@ -269,7 +269,7 @@ class FileSet:
         self._stage: Path | None = None
         self._fresh = False
 
-    def __enter__(self) -> "FileSet":
+    def __enter__(self) -> FileSet:
         folder = self.folder
         if folder.exists():
             if not folder.is_dir():

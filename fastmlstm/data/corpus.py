@@ -13,7 +13,8 @@ of equal length, one per batch row of the *global* batch; update ``s`` gives eve
 or ranks ever read the same bytes. When a region is used up every row starts over at its beginning
 (a new epoch), which is where the carried recurrent state is reset.
 
-The stream is a cache, ``corpus.bin``, with its record ``corpus.json`` written after it. Every
+The stream is a cache, ``corpus.bin``, with its record ``corpus.json``; the two are replaced together
+(:class:`fastmlstm._atomic.FileSet`), so a failed build leaves the previous pair as it was. Every
 :func:`build_stream` (so every training start and resume) checks it before reuse: the SHA-256 of
 each source file's bytes must equal the one recorded when the cache was built (so a same-size edit
 of a source is seen), and the SHA-256 of the cache's own bytes must equal its record (so a cache
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._atomic import atomic_write
+from .._atomic import FileSet
 from ..errors import InputError, MissingInputError
 
 __all__ = ["Source", "build_stream", "content_digest", "open_stream", "RowBatcher"]
@@ -61,7 +62,7 @@ class Source:
     column: str | None = None
 
     @classmethod
-    def parse(cls, spec: str | os.PathLike) -> "Source":
+    def parse(cls, spec: str | os.PathLike) -> Source:
         spec = str(spec)
         column = None
         if "#" in spec:
@@ -289,18 +290,17 @@ def build_stream(sources: list[Source], path: str | os.PathLike) -> dict:
     if (record is not None and "format" not in record and record.get("fingerprint") == fingerprint(sources)
             and path.is_file() and path.stat().st_size == record.get("bytes")):
         legacy = content_digest(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as out:
-        writer = _HashingWriter(out)
-        total = sum(source.write_records(writer) for source in sources)
+    with FileSet(path.parent, what="corpus folder") as files:  # the stream and its record replace the old pair together
+        with files.open(path.name) as out:
+            writer = _HashingWriter(out)
+            total = sum(source.write_records(writer) for source in sources)
         if total == 0:
             raise InputError(f"the corpus is empty: {', '.join(str(s.path) for s in sources)} hold no bytes")
-    identity = record["fingerprint"] if legacy is not None and legacy == writer.digest() else fingerprint(
-        sources, digests)
-    meta = {"format": _RECORD_FORMAT, "fingerprint": identity, "bytes": total, "sha256": writer.digest(),
-            "sources": [dict(s.describe(), sha256=d) for s, d in zip(sources, digests)]}
-    with atomic_write(meta_path, "w") as f:
-        json.dump(meta, f, indent=1)
+        identity = record["fingerprint"] if legacy is not None and legacy == writer.digest() else fingerprint(
+            sources, digests)
+        meta = {"format": _RECORD_FORMAT, "fingerprint": identity, "bytes": total, "sha256": writer.digest(),
+                "sources": [dict(s.describe(), sha256=d) for s, d in zip(sources, digests)]}
+        files.write(meta_path.name, json.dumps(meta, indent=1).encode())
     return meta
 
 

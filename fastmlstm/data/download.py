@@ -35,15 +35,24 @@ import re
 import shutil
 import tarfile
 import zipfile
-from zlib import error as zlib_error
 from dataclasses import dataclass
 from pathlib import Path
+from zlib import error as zlib_error
 
 from .._atomic import FileSet, atomic_write, folder_lock, make_directory, recover
 from ..errors import InputError
 from .datasets import DATASETS, data_dir
-from .fetch import (DEFAULT_TIMEOUT, STALL_BYTES, STALL_SECONDS, ChecksumError, Deadline, DownloadError, fetch,
-                    file_digest, parse_checksum)
+from .fetch import (
+    DEFAULT_TIMEOUT,
+    STALL_BYTES,
+    STALL_SECONDS,
+    ChecksumError,
+    Deadline,
+    DownloadError,
+    fetch,
+    file_digest,
+    parse_checksum,
+)
 
 __all__ = ["SOURCES", "ChecksumError", "DownloadError", "Remote", "download", "fetch", "file_digest"]
 

@@ -110,7 +110,7 @@ class Deadline:
 
     @classmethod
     def starting_now(cls, timeout: float | None = DEFAULT_TIMEOUT, stall_bytes: int = STALL_BYTES,
-                     stall_seconds: float = STALL_SECONDS) -> "Deadline":
+                     stall_seconds: float = STALL_SECONDS) -> Deadline:
         """The rules, checked (one InputError naming the bad value), with the clock started now."""
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not math.isfinite(timeout) or timeout <= 0):

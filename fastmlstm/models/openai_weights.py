@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._atomic import FileSet, committed_path, interrupted
+from .._atomic import FileSet, committed_path
 from ..errors import InputError, MissingInputError, ModelFileError
 
 __all__ = ["NUM_FILES", "SENTIMENT_UNIT", "is_openai_dir", "read_released", "released_arrays", "write_released"]

@@ -28,8 +28,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .._atomic import atomic_write, make_directory
-from ..data.fetch import (DEFAULT_TIMEOUT, STALL_BYTES, STALL_SECONDS, ChecksumError, Deadline, DownloadError, fetch,
-                          file_digest)
+from ..data.fetch import (
+    DEFAULT_TIMEOUT,
+    STALL_BYTES,
+    STALL_SECONDS,
+    ChecksumError,
+    Deadline,
+    DownloadError,
+    fetch,
+    file_digest,
+)
 from ..errors import InputError
 
 try:

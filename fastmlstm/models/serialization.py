@@ -223,8 +223,8 @@ def save(model, path: str | os.PathLike) -> None:
 
 
 # How a file begins tells what it is, to say so when torch cannot read it.
-_SIGNATURES = ((b"\x93NUMPY", "a NumPy .npy array (the released layout is a folder of them: use "
-                "fastmlstm.load_openai or fastmlstm.from_pretrained on the folder)"),
+_SIGNATURES = ((b"\x93NUMPY", ("a NumPy .npy array (the released layout is a folder of them: use "
+                              "fastmlstm.load_openai or fastmlstm.from_pretrained on the folder)")),
                (b"\x1f\x8b", "a gzip file"), (b"PK\x05\x06", "an empty zip archive"))
 
 
@@ -287,7 +287,7 @@ def _read_record(path: Path, map_location) -> dict:
         with warnings.catch_warnings():  # torch's remarks on pickle protocols are not the user's business
             warnings.simplefilter("ignore")
             record = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated, a broken archive, text, a pickle naming a disallowed global
+    except Exception as exc:  # noqa: BLE001 (truncated, a broken archive, text, a refused pickle: all one answer)
         raise ModelFileError(f"{path} is not a readable fastmlstm model file: {_load_problem(exc, head)}") from None
     if not isinstance(record, dict):
         raise ModelFileError(f"{path} is not a fastmlstm model file (it holds a {type(record).__name__})")
