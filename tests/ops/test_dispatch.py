@@ -1,0 +1,344 @@
+"""The self-validating dispatch of the Triton backend (fastmlstm/ops/triton/dispatch.py and
+fastmlstm/ops/verdicts.py), on a CPU: stand-in candidates (a correct and faster one, a wrong one,
+a slower one, one that raises, one that hangs) checked against a stand-in per-step path on a
+stand-in device, so that the verdicts, their cache, FASTMLSTM_KERNEL and the log lines are all
+exercised here; one test runs the real check (the interpreter's per-step path against float64).
+The rule's designs come from the persistent schedules (pure functions of the shape)."""
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import tolerances
+
+from fastmlstm import InputError
+from fastmlstm.ops import reference, verdicts
+from fastmlstm.ops.triton import dispatch
+from fastmlstm.ops.triton.configs import Device
+from fastmlstm.ops.triton.persistent import schedule
+
+H100 = Device(132, (9, 0), "NVIDIA H100 80GB HBM3")
+B, H = 3, 8
+
+
+def _site(capability=(8, 0), driver="driver-1"):
+    return verdicts.Site(torch.device("cpu"), "Test GPU", capability, 8, driver, "runtime-1")
+
+
+def _slow(fn, seconds):
+    def run(*args):
+        time.sleep(seconds)
+        return fn(*args)
+
+    return run
+
+
+def _candidate(name="graph", forward=reference.forward, backward=reference.backward):
+    calls = []
+
+    def counted_forward(*args):
+        calls.append("forward")
+        return forward(*args)
+
+    return dispatch.Candidate(name, lambda *a: True, counted_forward, backward), calls
+
+
+@pytest.fixture
+def stand_in(monkeypatch, tmp_path):
+    """A stand-in device (no persistent design: not Hopper), a stand-in per-step path (the
+    reference backend, 20 ms slower per call), a fresh cache and no registered candidates."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(verdicts.ENV_KERNEL, raising=False)
+    monkeypatch.setattr(dispatch, "_site", lambda device: _site())
+    monkeypatch.setattr(dispatch, "STEP", dispatch.Candidate("step", lambda *a: True, _slow(reference.forward, 0.02),
+                                                             _slow(reference.backward, 0.02)))
+    monkeypatch.setattr(dispatch, "CASES", ((3, False, False), (4, True, True)))
+    monkeypatch.setattr(dispatch, "TIMING_T", 2)
+    monkeypatch.setattr(dispatch, "_CANDIDATES", {})
+    monkeypatch.setattr(dispatch, "_LOADERS", [])
+    monkeypatch.setattr(dispatch, "_LOADED", [True])
+    dispatch.reset()
+    yield tmp_path / "cache" / "fastmlstm" / "kernels"
+    dispatch.reset()
+
+
+def _files(cache: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
+
+
+def _choose(direction="forward", b=B, h=H):
+    return dispatch.choose(b, h, torch.float32, torch.device("cpu"), direction)
+
+
+# ---------------------------------------------------------------------------------- the rule
+
+def test_design_for_follows_the_schedules():
+    assert dispatch.design_for(128, 4096, torch.bfloat16, H100) == "cluster"
+    assert dispatch.design_for(64, 1024, "bfloat16", H100) == "stationary"
+    assert dispatch.design_for(64, 1024, torch.float32, H100) == "graph"  # no 32-bit persistent kernel
+    assert dispatch.design_for(128, 4096, torch.float32, H100) == "step"  # not host-bound: nothing to gain
+    assert dispatch.design_for(64, 1024, torch.bfloat16, None) == "step"
+    assert dispatch.design_for(64, 1024, torch.bfloat16, Device(108, (8, 0), "A100")) == "graph"
+    for B_, H_ in ((128, 4096), (128, 2048), (64, 1024), (1, 4096), (5, 72)):
+        for direction in ("forward", "backward"):
+            design = dispatch.design_for(B_, H_, torch.bfloat16, H100, direction)
+            if design in dispatch.PERSISTENT_DESIGNS:
+                assert schedule.plan(design, direction, B_, H_, 2, H100) is not None
+            found = dispatch.designs(B_, H_, torch.bfloat16, H100, direction)
+            assert found[0] == design and set(found) <= set(dispatch.DESIGNS)
+
+
+def test_cpu_tensors_take_the_step_path_without_any_check(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "graph")
+    dispatch.reset()
+    assert dispatch.choose(4, 64, torch.bfloat16, torch.device("cpu")) == "step"
+    assert not tmp_path.exists() or not any(tmp_path.rglob("*.json"))
+
+
+def test_the_backend_never_asks_the_dispatcher_for_cpu_tensors(monkeypatch):
+    import fastmlstm.ops.triton as backend
+
+    def refuse(*args):
+        raise AssertionError("dispatch.choose called for CPU tensors")
+
+    monkeypatch.setattr(dispatch, "choose", refuse)
+    proj = torch.randn(2, 2, 5 * 16)
+    w_hh, w_hm, h0, c0 = torch.randn(64, 16) / 4, torch.randn(16, 16) / 4, torch.zeros(2, 16), torch.zeros(2, 16)
+    out, c_n, cells, act = backend.forward(proj, w_hh, w_hm, h0, c0, None, True, False)
+    want = reference.forward(proj, w_hh, w_hm, h0, c0, None, True, False)
+    assert tolerances.rel_err(out, want[0]) <= 1e-5 and tolerances.rel_err(c_n, want[1]) <= 1e-5
+    grads = backend.backward(torch.ones_like(out), None, None, w_hh, w_hm, h0, c0, None, out, cells, act)
+    assert len(grads) == 5 and torch.isfinite(grads[0]).all()
+
+
+# ------------------------------------------------------------------------------ the verdicts
+
+def test_a_correct_faster_candidate_is_checked_once_kept_and_used(stand_in, caplog):
+    candidate, calls = _candidate()
+    dispatch.register(candidate)
+    with caplog.at_level(logging.INFO, logger="fastmlstm"):
+        assert _choose() == "graph" and _choose("backward") == "graph"
+    checked = len(calls)
+    assert checked > 0
+    [stored] = _files(stand_in)
+    assert stored["verdict"]["status"] == "passed" and stored["key"]["candidate"] == "graph"
+    assert stored["key"]["driver"] == "driver-1" and stored["key"]["B_class"] == 4 and stored["key"]["H"] == H
+    assert set(stored["verdict"]["step_ms"]) == {"forward", "backward"}
+    errors = stored["verdict"]["errors"]["T=4 with lengths and cell states"]
+    assert {"output", "c_n", "cell_states", "act", "grad_proj", "grad_weight_hh", "grad_weight_hm", "grad_h0",
+            "grad_c0", "output (no saves)"} <= set(errors)
+    assert sum("runs the forward and backward" in r.message for r in caplog.records) == 1
+    assert any("checking the 'graph' kernel" in r.message for r in caplog.records)
+    # The same shape class again, then a new process (memory dropped): no second check.
+    assert dispatch.choose(4, H, torch.float32, torch.device("cpu")) == "graph"
+    dispatch.reset()
+    assert _choose() == "graph" and len(calls) == checked
+
+
+@pytest.mark.parametrize("kind", ["wrong", "slower", "raises", "hangs"])
+def test_a_bad_candidate_is_refused_with_one_log_line(stand_in, caplog, monkeypatch, kind):
+    release = threading.Event()
+    monkeypatch.setattr(verdicts, "BOUND_S", 2.0 if kind == "hangs" else 60.0)
+
+    def wrong_backward(*args):
+        grads = list(reference.backward(*args))
+        grads[2] = grads[2] * 1.01  # one gradient of one weight, slightly off
+        return tuple(grads)
+
+    def raises(*args):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    def hangs(*args):
+        release.wait(30)
+        raise RuntimeError("released")
+
+    forward, backward = reference.forward, reference.backward
+    if kind == "wrong":
+        backward = wrong_backward
+    elif kind == "slower":
+        forward, backward = _slow(forward, 0.06), _slow(backward, 0.06)
+    elif kind == "raises":
+        forward = raises
+    else:
+        forward = hangs
+    dispatch.register(_candidate(forward=forward, backward=backward)[0])
+    start = time.perf_counter()
+    try:
+        with caplog.at_level(logging.INFO, logger="fastmlstm"):
+            assert _choose() == "step" and _choose() == "step"
+    finally:
+        release.set()
+    assert time.perf_counter() - start < 20
+    [stored] = _files(stand_in)
+    verdict = stored["verdict"]
+    reason = {"wrong": "grad_weight_hm error", "slower": "", "raises": "raised RuntimeError: kernel exploded",
+              "hangs": "did not finish within 2 s"}[kind]
+    assert verdict["status"] == ("passed" if kind == "slower" else "failed") and reason in verdict["reason"]
+    assert "second line" not in verdict["reason"]
+    lines = [r for r in caplog.records if "per-step path" in r.message and "checking" not in r.message]
+    assert len(lines) == 1
+    assert lines[0].levelno == (logging.INFO if kind == "slower" else logging.WARNING)
+    assert ("not faster" if kind == "slower" else reason) in lines[0].message
+
+
+def test_a_candidate_faster_in_one_direction_runs_only_there(stand_in):
+    dispatch.register(_candidate(backward=_slow(reference.backward, 0.06))[0])
+    assert _choose("forward") == "graph" and _choose("backward") == "step"
+
+
+def test_a_changed_key_part_checks_again_and_drops_the_old_verdict(stand_in, monkeypatch):
+    candidate, calls = _candidate()
+    dispatch.register(candidate)
+    _choose()
+    first = len(calls)
+    [old] = list(stand_in.glob("*.json"))
+    monkeypatch.setattr(dispatch, "_site", lambda device: _site(driver="driver-2"))
+    dispatch.reset()
+    _choose()
+    assert len(calls) > first
+    [new] = list(stand_in.glob("*.json"))
+    assert new != old and json.loads(new.read_text())["key"]["driver"] == "driver-2"
+    # Another dtype or shape class is another key, kept beside it.
+    dispatch.choose(9, H, torch.float32, torch.device("cpu"))
+    assert len(list(stand_in.glob("*.json"))) == 2
+
+
+def test_a_corrupt_verdict_is_ignored_with_one_log_line_and_rewritten(stand_in, caplog):
+    candidate, calls = _candidate()
+    dispatch.register(candidate)
+    _choose()
+    [path] = list(stand_in.glob("*.json"))
+    for garbage in ("{not json", json.dumps({"format": 1, "key": {}, "verdict": {"status": "passed"}}),
+                    path.read_text().replace('"passed"', '"maybe"')):
+        path.write_text(garbage)
+        dispatch.reset()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fastmlstm"):
+            assert _choose() == "graph"
+        assert sum("ignoring the corrupt kernel verdict" in r.message for r in caplog.records) == 1
+        assert json.loads(path.read_text())["verdict"]["status"] == "passed"
+
+
+def test_an_unfinished_check_is_a_failure_and_a_live_one_is_waited_for(stand_in):
+    candidate, calls = _candidate()
+    dispatch.register(candidate)
+    _choose()
+    [path] = list(stand_in.glob("*.json"))
+    stored = json.loads(path.read_text())
+    # Another live process is checking: the step path meanwhile, and nothing is run or remembered.
+    stored["verdict"].update(status="running", pid=os.getppid(), host=os.uname().nodename, started=time.time())
+    path.write_text(json.dumps(stored))
+    dispatch.reset()
+    before = len(calls)
+    assert _choose() == "step" and len(calls) == before
+    # That process died (no such pid): the check never finished, so the candidate failed.
+    stored["verdict"]["pid"] = 2**22 + 12345
+    path.write_text(json.dumps(stored))
+    assert _choose() == "step"
+    verdict = json.loads(path.read_text())["verdict"]
+    assert verdict["status"] == "failed" and "did not finish" in verdict["reason"] and len(calls) == before
+
+
+def test_a_read_only_cache_still_decides_for_this_process(stand_in, caplog):
+    stand_in.parent.mkdir(parents=True)
+    stand_in.write_text("a file where the folder should be")
+    dispatch.register(_candidate()[0])
+    with caplog.at_level(logging.WARNING, logger="fastmlstm"):
+        assert _choose() == "graph"
+    assert any("cannot write the kernel verdict" in r.message for r in caplog.records)
+
+
+def test_a_decided_call_costs_a_dict_lookup(stand_in, monkeypatch):
+    dispatch.register(_candidate()[0])
+    assert _choose() == "graph"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("decided again")
+
+    monkeypatch.setattr(dispatch, "_decide", refuse)
+    monkeypatch.setattr(verdicts, "decide", refuse)
+    assert _choose() == "graph"
+
+
+# ------------------------------------------------------------------------ FASTMLSTM_KERNEL
+
+def test_kernel_step_checks_nothing_and_a_bad_value_is_a_clear_error(stand_in, monkeypatch):
+    candidate, calls = _candidate()
+    dispatch.register(candidate)
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "step")
+    assert _choose() == "step" and not calls and not stand_in.exists()
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "fastest")
+    with pytest.raises(InputError, match="FASTMLSTM_KERNEL must be one of .*'fastest'"):
+        _choose()
+
+
+def test_kernel_forces_a_failed_candidate_with_a_warning(stand_in, monkeypatch, caplog):
+    dispatch.register(_candidate(forward=lambda *a: (_ for _ in ()).throw(RuntimeError("broken")))[0])
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "graph")
+    with caplog.at_level(logging.WARNING, logger="fastmlstm"):
+        assert _choose() == "graph"
+    assert any("FASTMLSTM_KERNEL=graph runs the 'graph' kernel" in r.message and "failed its check" in r.message
+               for r in caplog.records)
+    monkeypatch.delenv(verdicts.ENV_KERNEL)
+    assert _choose() == "step"  # not forced: the failed candidate never runs
+
+
+def test_kernel_persistent_where_none_applies_is_a_clear_error(stand_in, monkeypatch):
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "persistent")
+    dispatch.register(_candidate("cluster")[0])
+    with pytest.raises(InputError, match=r"FASTMLSTM_KERNEL=persistent: no persistent kernel applies to float32 H=8 B<=4"):
+        _choose()
+
+
+def test_kernel_persistent_runs_the_design_the_rule_picks(stand_in, monkeypatch):
+    monkeypatch.setattr(dispatch, "_site", lambda device: _site(capability=(9, 0)))
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "persistent")
+    for name in ("stationary", "cluster", "graph"):
+        dispatch.register(_candidate(name)[0])
+    site = _site(capability=(9, 0))
+    want = dispatch.design_for(4, 64, torch.bfloat16, Device(site.sms, site.capability, site.name))
+    assert want in dispatch.PERSISTENT_DESIGNS
+    assert dispatch.choose(4, 64, torch.bfloat16, torch.device("cpu")) == want
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "graph")
+    assert dispatch.choose(4, 64, torch.bfloat16, torch.device("cpu")) == "graph"
+
+
+# -------------------------------------------------------------------------- the real check
+
+def test_the_check_against_the_interpreters_step_path(monkeypatch):
+    """The real per-step path (Triton's interpreter) against float64: the reference backend in the
+    same dtype passes as a candidate, and the same with one gradient slightly off fails."""
+    monkeypatch.setattr(dispatch, "CASES", ((2, False, False), (3, True, True)))
+    monkeypatch.setattr(dispatch, "TIMING_T", 1)
+    monkeypatch.setattr(verdicts, "time_ms", lambda fn, device, reps=5, warmup=1: (fn(), 1.0)[1])
+    good = dispatch.Candidate("graph", lambda *a: True, reference.forward, reference.backward)
+    for dtype in (torch.float32, torch.bfloat16):
+        verdict = dispatch.check(good, 2, 16, dtype, torch.device("cpu"))
+        assert verdict.passed, verdict.reason
+
+    def off(*args):
+        grads = list(reference.backward(*args))
+        grads[0] = grads[0] + 0.05 * grads[0].abs().max()
+        return tuple(grads)
+
+    bad = dispatch.Candidate("graph", lambda *a: True, reference.forward, off)
+    verdict = dispatch.check(bad, 2, 16, torch.float32, torch.device("cpu"))
+    assert not verdict.passed and verdict.reason.startswith("T=2: grad_proj error")
+
+
+def test_the_rule_uses_the_test_suites_tolerances():
+    assert verdicts.FACTOR == tolerances.FACTOR and verdicts.ABS == tolerances.ABS
+
+
+def test_the_cache_lives_in_the_users_cache_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert verdicts.cache_dir() == tmp_path / "fastmlstm" / "kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert verdicts.cache_dir() == tmp_path / "home" / ".cache" / "fastmlstm" / "kernels"
