@@ -146,7 +146,7 @@ class GraphCache:
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._entries: collections.OrderedDict[Any, tuple[Any, int]] = collections.OrderedDict()
         self.lock = threading.RLock()
-        self.captures = 0  # graphs captured so far (tests read it)
+        self.captures = 0  # graphs kept since the last clear() (tests read it)
 
     def get(self, key) -> Any | None:
         with self.lock:
@@ -177,6 +177,7 @@ class GraphCache:
     def clear(self) -> None:
         with self.lock:
             self._entries.clear()
+            self.captures = 0
 
 
 class StepGraph:

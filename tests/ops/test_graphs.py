@@ -1,0 +1,166 @@
+"""CUDA graphs' host side on a CPU (fastmlstm/ops/capture.py, fastmlstm/ops/triton/graphs.py): the
+capture's stand-in replays on the same static buffers a graph would, so the copies in and out, the
+skipped weight copies, the cache and its bounds, and the graphed step loop's results (equal to the
+per-step path's, call after call) are checked here; the real capture runs on a GPU (gpu_check)."""
+
+import logging
+
+import pytest
+import torch
+
+from fastmlstm.ops import capture, verdicts
+from fastmlstm.ops.triton import dispatch, graphs, recurrence
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_graphs():
+    graphs.clear()
+    yield
+    graphs.clear()
+
+
+def test_the_stand_in_replays_on_the_static_buffers():
+    x = torch.zeros(3)
+    replay, (double, nothing, [plus]) = capture.capture(lambda: (x * 2, None, [x + 1]), CPU)
+    x.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    replay()
+    assert double.tolist() == [2.0, 4.0, 6.0] and nothing is None and plus.tolist() == [2.0, 3.0, 4.0]
+    sizes = iter([3, 4])
+    replay, _ = capture.capture(lambda: torch.zeros(next(sizes)), CPU)
+    with pytest.raises(RuntimeError, match="another shape"):
+        replay()
+
+
+def test_static_inputs_copy_what_changed_and_skip_an_unchanged_weight():
+    weight, x = torch.randn(4, 4), torch.randn(2, 4)
+    static = capture.StaticInputs({"weight": weight, "x": x, "lengths": None})
+    static.load({"weight": weight, "x": x, "lengths": None})
+    assert static.copies == 2 and torch.equal(static.buffers["weight"], weight)
+    static.load({"weight": weight, "x": torch.randn(2, 4), "lengths": None})
+    assert static.copies == 3  # the same weight, unchanged: not copied again
+    with torch.no_grad():
+        weight.mul_(2)  # an in-place update (an optimizer step) bumps the version: copied
+    static.load({"weight": weight, "x": x, "lengths": None})
+    assert static.copies == 5 and torch.equal(static.buffers["weight"], weight)
+    other = weight.clone()  # equal values, another tensor: copied
+    static.load({"weight": other, "x": x, "lengths": None})
+    assert static.copies == 6
+    with pytest.raises(ValueError, match="'lengths' is None in one call"):
+        static.load({"weight": weight, "x": x, "lengths": torch.ones(2)})
+
+
+def test_the_cache_keeps_the_most_recent_graphs_within_its_bounds():
+    cache = capture.GraphCache(max_entries=2, max_bytes=100)
+    assert cache.put("a", 1, 40) and cache.put("b", 2, 40)
+    assert cache.get("a") == 1  # now b is the least recently used
+    assert cache.put("c", 3, 40)
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3
+    assert cache.put("d", 4, 90) and len(cache) == 1 and cache.held_bytes() == 90  # bytes bound evicts both
+    assert not cache.put("e", 5, 101) and cache.get("e") is None and cache.get("d") == 4
+
+
+def _inputs(T=3, B=2, H=16, dtype=torch.float32, lengths=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(T, B, 5 * H, generator=g).to(dtype)
+    w_hh = (torch.randn(4 * H, H, generator=g) / H ** 0.5).to(dtype)
+    w_hm = (torch.randn(H, H, generator=g) / H ** 0.5).to(dtype)
+    h0, c0 = torch.randn(B, H, generator=g) / 2, torch.randn(B, H, generator=g)
+    lens = torch.tensor([T, 1][:B] + [T] * max(0, B - 2)) if lengths else None
+    return proj, w_hh, w_hm, h0, c0, lens
+
+
+@pytest.mark.parametrize("dtype,lengths,cells", [(torch.float32, False, False), (torch.bfloat16, True, True)])
+def test_the_graphed_loop_equals_the_per_step_path_call_after_call(dtype, lengths, cells):
+    _, w_hh, w_hm, *_ = _inputs(dtype=dtype, lengths=lengths)
+    kept = None
+    for seed in (1, 2):  # the same shapes with new values: one capture, replayed on the copies
+        proj, _, _, h0, c0, lens = _inputs(dtype=dtype, lengths=lengths, seed=seed)
+        got = graphs.forward(proj, w_hh, w_hm, h0, c0, lens, True, cells)
+        want = recurrence.forward(proj, w_hh, w_hm, h0, c0, lens, True, cells)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        grads = (torch.randn_like(want[0]), torch.randn_like(want[1]), torch.randn_like(want[2]) if cells else None)
+        got_grads = graphs.backward(*grads, w_hh, w_hm, h0, c0, lens, *got[0:1], got[2], got[3])
+        want_grads = recurrence.backward(*grads, w_hh, w_hm, h0, c0, lens, want[0], want[2], want[3])
+        assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+        if kept is None:
+            kept = [t.clone() for t in got], got
+    assert graphs._CACHE.captures == 2  # one forward and one backward graph
+    # Results are the caller's: a later replay does not overwrite them.
+    assert all(torch.equal(a, b) for a, b in zip(*kept))
+
+
+def test_another_shape_or_plan_is_another_graph():
+    proj, w_hh, w_hm, h0, c0, _ = _inputs()
+    graphs.forward(proj, w_hh, w_hm, h0, c0, None, False, False)
+    graphs.forward(proj[:2], w_hh, w_hm, h0, c0, None, False, False)
+    graphs.forward(proj, w_hh, w_hm, h0, c0, None, True, False)
+    assert graphs._CACHE.captures == 3
+    from fastmlstm.ops.triton import configs
+
+    with configs.override(configs.INTERPRETER_CONFIG):
+        graphs.forward(proj, w_hh, w_hm, h0, c0, None, False, False)
+    assert graphs._CACHE.captures == 4
+
+
+def test_inside_someone_elses_capture_or_too_big_the_step_path_runs(monkeypatch):
+    proj, w_hh, w_hm, h0, c0, _ = _inputs()
+    monkeypatch.setattr(capture, "capturing", lambda device: True)
+    out = graphs.forward(proj, w_hh, w_hm, h0, c0, None, False, False)
+    assert graphs._CACHE.captures == 0 and torch.equal(out[0], recurrence.forward(proj, w_hh, w_hm, h0, c0, None,
+                                                                                  False, False)[0])
+    monkeypatch.setattr(capture, "capturing", lambda device: False)
+    monkeypatch.setattr(graphs._CACHE, "max_bytes", 1000)
+    graphs.forward(proj, w_hh, w_hm, h0, c0, None, False, False)
+    assert graphs._CACHE.captures == 0
+
+
+def test_a_failed_capture_is_logged_once_and_the_step_path_runs(monkeypatch, caplog):
+    proj, w_hh, w_hm, h0, c0, _ = _inputs()
+
+    def broken(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(capture, "capture", broken)
+    verdicts.log_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="fastmlstm"):
+        for _ in range(2):
+            out = graphs.forward(proj, w_hh, w_hm, h0, c0, None, False, False)
+    assert torch.equal(out[0], recurrence.forward(proj, w_hh, w_hm, h0, c0, None, False, False)[0])
+    assert sum("capturing the forward step loop as a CUDA graph failed" in r.message for r in caplog.records) == 1
+
+
+def test_the_graph_candidate_passes_the_dispatch_check(monkeypatch):
+    monkeypatch.setattr(dispatch, "CASES", ((2, True, True),))
+    monkeypatch.setattr(dispatch, "TIMING_T", 1)
+    monkeypatch.setattr(verdicts, "time_ms", lambda fn, device, reps=5, warmup=1: (fn(), 1.0)[1])
+    [candidate] = graphs.candidates()
+    assert candidate.name == "graph" and candidate.applies(64, 1024, torch.bfloat16, dispatch.Device(132, (9, 0)))
+    assert not candidate.applies(64, 4096, torch.bfloat16, dispatch.Device(132, (9, 0)))
+    verdict = dispatch.check(candidate, 2, 16, torch.float32, CPU)
+    assert verdict.passed, verdict.reason
+    errors = verdict.errors["T=2 with lengths and cell states"]
+    assert all(e["candidate"] == e["tested"] for e in errors.values())  # the same kernels, replayed
+
+
+def test_a_step_graph_keeps_its_state_between_replays():
+    weight = torch.tensor([[0.5, 0.0], [0.0, 2.0]])
+
+    def step(inputs, state):
+        (h,) = state
+        h_next = h @ weight + inputs["x"]
+        return (h_next.sum(dim=1),), (h_next,)
+
+    h0 = torch.ones(1, 2)
+    graph = capture.StepGraph(step, {"x": torch.zeros(1, 2)}, (h0,), CPU)
+    assert torch.equal(graph.state[0], h0)  # capturing did not advance it
+    h, outs = h0.clone(), []
+    for value in (1.0, 2.0, 3.0):
+        x = torch.full((1, 2), value)
+        outs.append(graph({"x": x})[0])
+        h = h @ weight + x
+        assert torch.equal(graph.state[0], h) and torch.equal(outs[-1], h.sum(dim=1))
+    assert outs[0].item() != outs[1].item()  # clones: an earlier output was not overwritten
+    graph.load_state((h0,))
+    assert torch.equal(graph({"x": torch.zeros(1, 2)})[0], (h0 @ weight).sum(dim=1))
