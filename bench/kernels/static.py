@@ -1,24 +1,30 @@
-"""Static kernel report: every Triton kernel at every configuration the dispatcher can choose,
-compiled ahead of time for sm_90a and sm_80 without a GPU, plus the cost model's predictions.
+"""Static kernel report: every kernel the dispatcher can launch, compiled ahead of time without a
+GPU, beside cost model v2's rows and issue 22's done criteria.
 
     python bench/kernels/static.py                # bench/results/static.json and static.md
-    python bench/kernels/static.py --json PATH [--md PATH] [--jobs N] [--no-cache]
+    python bench/kernels/static.py --json PATH [--md PATH] [--jobs N] [--no-cache] [--require-targets]
 
-For each kernel x configuration (``sweep.dispatch_space``, bench/kernels/sweep.py) x dtype (bf16,
-fp16, fp32 with IEEE and TF32 dots) x architecture, ``triton.compile`` runs on an ``ASTSource`` for
-``GPUTarget("cuda", 90 | 80, 32)`` (no driver needed), and Triton's bundled ``ptxas -v`` reports
-registers, spills and shared memory. Each kernel is compiled in its heaviest variant (every
-optional input and the saves on: most live registers), with 16-byte-aligned pointers and B, H
-multiples of 16, which is what Triton specializes on at the real sizes. ``mma`` says which matrix
-instruction the PTX uses: wgmma (Hopper's warpgroup MMA), mma.sync, or none (fma).
+- The per-step Triton kernels (``fused_step.py``): each kernel x configuration of the dispatch
+  space (``sweep.dispatch_space``) x dtype (bf16, fp16, fp32 with IEEE and TF32 dots) x
+  architecture (sm_90a, sm_80), in its heaviest variant (every optional input and save on), with
+  16-byte-aligned pointers and B, H multiples of 16, which is what Triton specializes on at the
+  real sizes. ``mma``: the matrix instruction in the PTX (wgmma, mma.sync, or fma).
+- The persistent Gluon kernels (``fastmlstm.ops.triton.persistent.targets.compile_targets``, GPU-B1's
+  list of every configuration the dispatcher can pick for the model shapes) for sm_90a, in bf16 and
+  fp16, with ``GluonASTSource``; each must hold the PTX its design names (``expected_ptx``:
+  ``wgmma``, ``cp.async.bulk.tensor``, ``multicast::cluster``, ``barrier.cluster``).
 
-JSON: {"kernels": [{"kernel", "dtype", "arch", "config", "ok", "registers", "spill_bytes",
-"shared_bytes", "mma", ...}], "model": [bench/kernels/costmodel.py rows], "limits", "triton", ...}.
-``tests/bench/test_static.py`` fails on a compile error, a spill in a 16-bit dtype or shared memory over
-the architecture's limit.
+Registers, spills and shared memory come from Triton's bundled ``ptxas -v``. Violations (the
+command exits 1, ``tests/bench/test_static.py`` fails): a compile error, a spill in a 16-bit
+dtype, shared memory over the architecture's limit, a missing PTX marker, an epilogue operand not
+loaded before the K loop where the cost model counts on it, and a model row with B >= 64 whose
+design leaves an SM idle. The model's ratio targets are reported (met or not, and why); with
+``--require-targets`` a miss is a violation too.
+
+JSON: {"kernels": [...], "gluon": [...], "model": [costmodel rows], "targets": [...], "limits", "triton", ...}.
 
 Results are cached on disk (``--cache-dir``, default ``~/.cache/fastmlstm/static``), keyed by the
-kernel source, Triton's version and the configuration, so an unchanged kernel is not recompiled.
+kernels' sources, Triton's version and the job, so an unchanged kernel is not recompiled.
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ import datetime
 import hashlib
 import io
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -53,6 +58,7 @@ sys.path.insert(0, str(REPO / "bench"))  # measure.py, the benchmark's host fact
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import costmodel  # noqa: E402
+import static_gluon  # noqa: E402
 import sweep  # noqa: E402
 
 from fastmlstm.ops.triton import configs as _configs  # noqa: E402
@@ -131,25 +137,8 @@ def _signature(fn, const: dict, ptr: str) -> tuple[dict, dict]:
     return sig, attrs
 
 
-def _parse_ptxas(log: str) -> dict:
-    regs = re.search(r"Used (\d+) registers", log)
-    spill_st = re.search(r"(\d+) bytes spill stores", log)
-    spill_ld = re.search(r"(\d+) bytes spill loads", log)
-    stack = re.search(r"(\d+) bytes stack frame", log)
-    if not regs:
-        raise RuntimeError(f"no register count in the ptxas log:\n{log[-2000:]}")
-    return {"registers": int(regs.group(1)),
-            "spill_bytes": int(spill_st.group(1)) + int(spill_ld.group(1)) if spill_st and spill_ld else 0,
-            "spill_store_bytes": int(spill_st.group(1)) if spill_st else 0,
-            "stack_bytes": int(stack.group(1)) if stack else 0}
-
-
-def _mma(ptx: str) -> str:
-    if "wgmma.mma_async" in ptx:
-        return "wgmma"
-    if "mma.sync" in ptx:
-        return "mma.sync"
-    return "fma"
+_parse_ptxas = static_gluon.parse_ptxas
+_mma = static_gluon.mma_kind
 
 
 def _loads_before_loop(ptx: str) -> int:
@@ -167,6 +156,8 @@ def _loads_before_loop(ptx: str) -> int:
 
 def compile_one(job: dict) -> dict:
     """Compile one job in this process (a worker); returns the report entry."""
+    if job.get("kind") == "gluon":
+        return static_gluon.compile_job(job)
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -201,22 +192,29 @@ def compile_one(job: dict) -> dict:
     return entry
 
 
+# Bumped when what a Triton compile job produces changes (its flags, signature or parsing above):
+# a new cache key, without recompiling everything on any other edit of this file.
+SCHEME = "triton-2"
+
+
 def source_key() -> str:
-    """What a cached result depends on besides its job: the kernels' source and Triton's version."""
+    """What a cached per-step kernel result depends on besides its job: the kernels' source,
+    Triton's version and SCHEME."""
     import triton
 
     h = hashlib.sha256(KERNEL_FILE.read_bytes())
-    h.update(triton.__version__.encode())
-    h.update(Path(__file__).read_bytes())  # the signature, flags and parsing above
+    h.update(f"{triton.__version__} {SCHEME}".encode())
     return h.hexdigest()[:16]
 
 
-def _cache_path(cache_dir: Path, src: str, job: dict) -> Path:
-    # The constexprs too: some (EPI_BN, GATHER) are derived from the config by fastmlstm's
-    # configs.py, which the source key does not cover.
-    const = _constexprs(job["kernel"], _configs.KernelConfig(**job["config"]), job["precision"])
-    key = hashlib.sha256(json.dumps([src, job, const], sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir / f"{key}.json"
+def _cache_path(cache_dir: Path, src: dict, job: dict) -> Path:
+    if job.get("kind") == "gluon":
+        key = [src["gluon"], job]
+    else:
+        # The constexprs too: some (EPI_BN, GATHER) are derived from the config by fastmlstm's
+        # configs.py, which the source key does not cover.
+        key = [src["triton"], job, _constexprs(job["kernel"], _configs.KernelConfig(**job["config"]), job["precision"])]
+    return cache_dir / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
 
 
 def _init_worker():
@@ -226,7 +224,7 @@ def _init_worker():
 
 def run(jobs_: list[dict], n_jobs: int, cache_dir: Path | None, progress=None) -> tuple[list[dict], int]:
     """Results for every job (in order) and how many came from the cache."""
-    src = source_key()
+    src = {"triton": source_key(), "gluon": static_gluon.source_key()}
     results: list[dict | None] = [None] * len(jobs_)
     todo = []
     for i, job in enumerate(jobs_):
@@ -267,8 +265,9 @@ PREFETCHING = ("fwd_m", "fwd_z", "bwd_m")
 
 def violations(doc: dict) -> list[str]:
     """The bounds the static report must meet: compiles, no spill in 16-bit, shared memory within
-    the architecture's limit, and the epilogue's operands loaded before the K loop where the cost
-    model assumes so."""
+    the architecture's limit, the epilogue's operands loaded before the K loop where the cost
+    model assumes so, the Gluon kernels' own checks (``static_gluon.violations``), every SM busy in
+    the model's rows with B >= 64, and, when the report was asked to require them, the ratio targets."""
     bad = []
     for e in doc["kernels"]:
         name = f"{e['kernel']} {e['dtype']} {e['arch']} {e['config']}"
@@ -282,30 +281,53 @@ def violations(doc: dict) -> list[str]:
         if e["kernel"] in PREFETCHING and e["config"]["split"] == 1 and not e.get("loads_before_loop"):
             bad.append(f"{name}: no load before the K loop (the cost model counts on the epilogue's "
                        "operands being prefetched)")
+    bad += static_gluon.violations(doc.get("gluon", []))
+    for t in doc.get("targets", []):
+        if not t["met"] and (t["check"] == "every SM busy" or doc.get("require_targets")):
+            bad.append(f"target {t['gpu']} H={t['H']} B={t['B']} {t['direction']} ({t['design']}): {t['check']} "
+                       f"not met, {t['detail']}: {t['why_not']}")
     return bad
 
 
-def markdown(doc: dict) -> str:
-    lines = [f"# Static kernel report ({doc['date']}, triton {doc['triton']})", "",
-             f"Device: {doc['device']}.", "",
-             f"`{doc['command']}`: {len(doc['kernels'])} compiles ({doc['cache_hits']} from the cache), "
-             f"{doc['seconds']:.0f} s.", ""]
-    bad = violations(doc)
-    lines += [f"**Bounds**: {'all met' if not bad else f'{len(bad)} violations'} (compiles; no spill in 16-bit; "
-              "shared memory within 227 KB on sm_90a, 163 KB on sm_80).", ""]
-    lines += [f"- {b}" for b in bad[:50]]
-    lines += ["", "## Kernels", "",
-              "| kernel | dtype | arch | BB | BN | BK | warps | stages | split | pdl | precision | registers | "
-              "spill B | shared KB | mma |", "|" + "---|" * 15]
-    for e in doc["kernels"]:
+def _kernels_table(kernels: list[dict]) -> list[str]:
+    lines = ["## Per-step Triton kernels", "",
+             "| kernel | dtype | arch | BB | BN | BK | warps | stages | split | pdl | precision | registers | "
+             "spill B | shared KB | mma |", "|" + "---|" * 15]
+    for e in kernels:
         c = e["config"]
         shared = "" if e["shared_bytes"] is None else f"{e['shared_bytes'] / 1024:.0f}"
         lines.append(f"| {e['kernel']} | {e['dtype']} | {e['arch']} | {c['BB']} | {c['BN']} | {c['BK']} | "
                      f"{c['num_warps']} | {c['num_stages']} | {'>1' if c['split'] > 1 else 1} | {int(c['pdl'])} | "
                      f"{c['precision']} | {e['registers'] if e['ok'] else 'ERROR'} | {e['spill_bytes']} | {shared} | "
                      f"{e['mma']} |")
-    lines += ["", "## Cost model (one time step, `bench/kernels/costmodel.py`)", "", costmodel.table(doc["model"]), "",
-              "### Its numbers", "", costmodel.sources_table(), ""]
+    return [*lines, ""]
+
+
+def markdown(doc: dict) -> str:
+    gluon = doc.get("gluon", [])
+    lines = [f"# Static kernel report ({doc['date']}, triton {doc['triton']})", "",
+             f"Device: {doc['device']}.", "",
+             f"`{doc['command']}`: {len(doc['kernels']) + len(gluon)} compiles ({doc['cache_hits']} from the "
+             f"cache), {doc['seconds']:.0f} s.", ""]
+    bad = violations(doc)
+    lines += [f"**Bounds**: {'all met' if not bad else f'{len(bad)} violations'} (compiles; no spill in 16-bit; "
+              "shared memory within 227 KB on sm_90a, 163 KB on sm_80; the PTX each Gluon design names; every SM "
+              "busy in the model's rows with B >= 64" + ("; the ratio targets" if doc.get("require_targets") else "")
+              + ").", ""]
+    lines += [f"- {b}" for b in bad[:50]]
+    targets = doc.get("targets", [])
+    missed = sorted({f"{t['gpu']} ({t['H']}, {t['B']}) {t['direction']}" for t in targets if not t["met"]})
+    summary = f"{sum(t['met'] for t in targets)} of {len(targets)} checks met"
+    lines += ["", "## Issue 22's done criteria (cost model v2, bf16)", "",
+              summary + (f"; not met: {', '.join(missed)}" if missed else "") + ".", "",
+              costmodel.targets_table(targets), ""]
+    lines += static_gluon.markdown(gluon, doc.get("gluon_note", ""))
+    lines += _kernels_table(doc["kernels"])
+    lines += ["## Cost model v2 (one time step, `bench/kernels/costmodel.py`)", "", costmodel.table(doc["model"]), "",
+              "Every design at each shape (predicted us; '-': does not apply):", "",
+              costmodel.designs_table(doc["model"]), "", "### Its numbers", "", costmodel.sources_table(), "",
+              "Assumptions `bench/kernels/gpu_check.sh` measures first: "
+              + ", ".join(f"`{a}`" for a in costmodel.assumptions()) + ".", ""]
     return "\n".join(lines)
 
 
@@ -317,8 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="results cache (default %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="compile everything again")
-    p.add_argument("--kernels", help="comma-separated subset of " + ",".join(_configs.KERNELS))
+    p.add_argument("--kernels", help="comma-separated subset of " + ",".join(_configs.KERNELS)
+                   + " and the Gluon targets' names")
     p.add_argument("--dtypes", help="comma-separated subset of bf16,fp16,fp32")
+    p.add_argument("--require-targets", action="store_true",
+                   help="count a missed ratio target of issue 22 as a violation (exit 1)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -340,10 +365,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import triton
 
-    all_jobs = jobs()
+    gluon_jobs, gluon_note = static_gluon.jobs()
+    all_jobs = jobs() + gluon_jobs
     if args.kernels:
         wanted = set(args.kernels.split(","))
-        unknown = wanted - set(_configs.KERNELS)
+        unknown = wanted - set(_configs.KERNELS) - {j["kernel"] for j in gluon_jobs}
         if unknown:
             print(f"static.py: unknown kernels {sorted(unknown)}", file=sys.stderr)
             return 1
@@ -362,6 +388,7 @@ def main(argv=None) -> int:
             print(f"   compiled {done}/{total} ({time.perf_counter() - start:.0f} s)", flush=True)
 
     results, hits = run(all_jobs, max(1, args.jobs), None if args.no_cache else args.cache_dir, progress)
+    model = costmodel.model_rows()
     import measure  # bench/measure.py: the host's name, as every results file gives it
 
     host = measure.cpu_name()
@@ -374,10 +401,13 @@ def main(argv=None) -> int:
         "host": host,
         "command": "python bench/kernels/static.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "kernel_source": str(KERNEL_FILE.relative_to(REPO)), "source_key": source_key(),
+        "gluon_source": str(static_gluon.PERSISTENT_DIR.relative_to(REPO)), "gluon_source_key": static_gluon.source_key(),
         "limits": {"shared_bytes": SMEM_LIMIT, "spill_bytes_16bit": 0},
         "cache_hits": hits, "seconds": round(time.perf_counter() - start, 1),
-        "kernels": results,
-        "model": costmodel.model_rows(),
+        "kernels": [r for r in results if r.get("kind") != "gluon"],
+        "gluon": [r for r in results if r.get("kind") == "gluon"], "gluon_note": gluon_note,
+        "model": model, "targets": costmodel.target_report(model), "require_targets": args.require_targets,
+        "assumptions": costmodel.assumptions(),
         "model_gpus": {name: dataclasses.asdict(g) for name, g in costmodel.GPUS.items()},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -391,6 +421,13 @@ def main(argv=None) -> int:
               f"{doc['seconds']:.0f} s; wrote {args.json} and {md}")
         for b in bad[:20]:
             print("   " + b)
+        if gluon_note:
+            print("   " + gluon_note)
+        missed = [t for t in doc["targets"] if not t["met"]]
+        print(f"== issue 22's targets: {len(doc['targets']) - len(missed)} of {len(doc['targets'])} checks met")
+        for t in missed:
+            print(f"   NOT met: {t['gpu']} H={t['H']} B={t['B']} {t['direction']} {t['design']}: {t['check']} "
+                  f"{t['detail']} ({t['why_not']})")
     return 1 if bad else 0
 
 
