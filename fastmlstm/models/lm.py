@@ -19,6 +19,7 @@ from ..errors import InputError, InputTypeError
 from ..nn.functional import multiplicative_lstm_recurrence
 from ..nn.precision import linear
 from ..nn.modules import FastMLSTM, MLSTMWeights, autocast_dtype, cast_weights
+from .generation import ByteStepper
 from .serialization import FORMAT, ModelFileMixin
 
 __all__ = ["ByteLM", "pad_bytes", "to_bytes"]
@@ -200,8 +201,8 @@ class ByteLM(ModelFileMixin, nn.Module):
             for t in range(start.shape[0]):  # hold the units at every prefix step too
                 last, state = advance(start[t : t + 1], state)
         samples = torch.empty(num_samples, n_bytes, dtype=torch.long, device=device)
+        logits, step = self._generation_steps(advance, last, state, num_samples, units is not None)
         for i in range(n_bytes):
-            logits = linear(last.to(self.readout.weight.dtype), self.readout.weight, self.readout.bias).float()
             if temperature == 0:
                 byte = logits.argmax(dim=-1)
             else:
@@ -212,8 +213,21 @@ class ByteLM(ModelFileMixin, nn.Module):
                 byte = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
             samples[:, i] = byte
             if i + 1 < n_bytes:
-                last, state = advance(byte.unsqueeze(0), state)
+                logits = step(byte)
         return [bytes(row) for row in samples.cpu().tolist()]
+
+    def _generation_steps(self, advance, last: Tensor, state, batch: int, steered: bool):
+        """The first logits [B, 256] (from the prefix's last output) and the per-byte step
+        ``step(byte [B]) -> logits``: eager, or one CUDA graph per step once checked on this GPU
+        (:mod:`.generation`)."""
+        weight, bias = self.readout.weight, self.readout.bias
+
+        def readout(out: Tensor) -> Tensor:
+            return linear(out.to(weight.dtype), weight, bias).float()
+
+        describe = {"dtype": weight.dtype, "H": self.rnn.hidden_size, "B": batch, "backend": self.rnn.backend,
+                    "steered": steered}
+        return readout(last), ByteStepper(advance, readout, state, describe)
 
 
 def pad_bytes(texts: Sequence[bytes], device=None) -> tuple[Tensor, list[int]]:

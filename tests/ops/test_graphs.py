@@ -164,3 +164,81 @@ def test_a_step_graph_keeps_its_state_between_replays():
     assert outs[0].item() != outs[1].item()  # clones: an earlier output was not overwritten
     graph.load_state((h0,))
     assert torch.equal(graph({"x": torch.zeros(1, 2)})[0], (h0 @ weight).sum(dim=1))
+
+
+# --------------------------------------------------------------------- the generation step
+
+@pytest.fixture
+def graphed_generation(monkeypatch, tmp_path):
+    """A stand-in GPU for ByteLM.generate's step: the capture's stand-in on CPU tensors."""
+    from fastmlstm.models import generation
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(verdicts.ENV_KERNEL, raising=False)
+    monkeypatch.setattr(verdicts, "site_of", lambda device: verdicts.Site(device, "Test GPU", (9, 0), 8, "d", "r"))
+    monkeypatch.setattr(generation.ByteStepper, "_may_graph",
+                        lambda self: verdicts.kernel_choice() in ("auto", "graph"))
+    monkeypatch.setattr(generation, "TIMING_STEPS", 2)
+    replays = []
+    real_call = capture.StepGraph.__call__
+    monkeypatch.setattr(capture.StepGraph, "__call__", lambda self, inputs: replays.append(1) or real_call(self, inputs))
+    verdicts.forget_process_memory()
+    yield generation, replays, tmp_path / "fastmlstm" / "kernels"
+    verdicts.forget_process_memory()
+
+
+def _generate(model, monkeypatch, kernel, **kwargs):
+    monkeypatch.setenv(verdicts.ENV_KERNEL, kernel)
+    return model.generate("ab", 6, num_samples=3, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"seed": 3, "fixed_units": {1: 0.5, 5: -1.0}}])
+def test_the_graphed_generation_step_samples_what_the_eager_step_samples(graphed_generation, monkeypatch, kwargs):
+    from fastmlstm import ByteLM
+
+    _, replays, cache = graphed_generation
+    torch.manual_seed(0)
+    model = ByteLM(hidden_size=16, embed_size=8, backend="reference")
+    eager = _generate(model, monkeypatch, "step", **kwargs)
+    assert not replays
+    graphed = _generate(model, monkeypatch, "graph", **kwargs)
+    assert graphed == eager and len(replays) >= 4  # the check's bytes, then the samples' steps
+    [stored] = [p for p in cache.glob("generate-graph-*.json")]
+    assert '"status": "passed"' in stored.read_text()
+
+
+def test_a_generation_graph_that_fails_its_check_is_not_used(graphed_generation, monkeypatch, caplog):
+    from fastmlstm import ByteLM
+
+    generation, replays, _ = graphed_generation
+    model = ByteLM(hidden_size=16, embed_size=8, backend="reference")
+    eager = _generate(model, monkeypatch, "step", temperature=0)
+
+    original = generation.ByteStepper._graph_step
+
+    def stale(self, inputs, state):  # a graph that forgets to carry its state
+        return original(self, inputs, state)[0], state
+
+    monkeypatch.setattr(generation.ByteStepper, "_graph_step", stale)
+    with caplog.at_level(logging.WARNING, logger="fastmlstm"):
+        assert _generate(model, monkeypatch, "auto", temperature=0) == eager
+    assert sum("generation step failed its check" in r.message and "differs from the eager step" in r.message
+               for r in caplog.records) == 1
+    replays.clear()
+    assert _generate(model, monkeypatch, "auto", temperature=0) == eager and not replays  # the verdict is kept
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_generation_graph_runs_only_where_it_is_faster(graphed_generation, monkeypatch, caplog, faster):
+    from fastmlstm import ByteLM
+
+    generation, replays, _ = graphed_generation
+    times = iter([2.0, 1.0] if faster else [1.0, 1.0])
+    monkeypatch.setattr(verdicts, "time_ms", lambda fn, device, reps=5, warmup=1: next(times))
+    model = ByteLM(hidden_size=16, embed_size=8, backend="reference")
+    with caplog.at_level(logging.INFO, logger="fastmlstm"):
+        _generate(model, monkeypatch, "auto", temperature=0)
+    after_check = generation.CHECK_STEPS
+    assert (len(replays) > after_check) == faster
+    want = "run as one CUDA graph" if faster else "is not faster"
+    assert sum(want in r.message for r in caplog.records) == 1
