@@ -367,6 +367,8 @@ def hand_over(p_tickets, tile_base, group, part, parts, n, p_err, timeout_ns, C:
 
 @gluon.jit
 def finish_phase(p_sync, n, C: gl.constexpr):
-    """This CTA's epilogues of phase instance n are stored: count it on the grid flag."""
+    """This CTA's epilogues of phase instance n are stored: count it on the grid flag. (The next
+    phase reads some of what they stored by TMA: the proxy fence here and after the wait.)"""
+    proxy_fence()
     gl.barrier()
     arrive_each(p_sync + n + ranks(C) * 0)

@@ -11,6 +11,7 @@ Dimension letters: T steps, B rows, H units (legend of :mod:`.schedule` for the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Optional
@@ -178,6 +179,16 @@ def _descriptor(tensor, shape, strides, direction, sched, key):
     return TensorDescriptor(tensor, list(shape), list(strides), block, layout)
 
 
+def _guard(device: torch.device):
+    """Triton launches on the current CUDA device: make the tensors' device current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _lengths(lengths, device):
+    # Without lengths the kernels never read it; an int64 stand-in keeps the compiled variant.
+    return lengths if lengths is not None else torch.zeros(1, dtype=torch.int64, device=device)
+
+
 def _launch(kernel, sched: _schedule.Schedule, args: dict, err: torch.Tensor, T: int) -> None:
     from .targets import NUM_WARPS, constexprs
 
@@ -201,9 +212,9 @@ def gpu_forward(sched: _schedule.Schedule, b: ForwardBuffers) -> None:
         h_desc=_descriptor(b.h, ((T + 1) * B, H), (H, 1), "forward", sched, "a"),
         m_desc=_descriptor(b.m, (B, H), (H, 1), "forward", sched, "a"),
         p_proj=b.proj, p_h=b.h, p_c=b.c, p_act=b.act if b.act is not None else b.h, p_m=b.m,
-        p_len=b.lengths if b.lengths is not None else args["p_ws"], T=T, B=B, H=H, c_mod=b.c_mod,
+        p_len=_lengths(b.lengths, dev), T=T, B=B, H=H, c_mod=b.c_mod,
         SAVE=b.save, HAS_LEN=b.lengths is not None)
-    with torch.cuda.device(dev):
+    with _guard(dev):
         _launch(forward_kernel, sched, args, err, T)
 
 
@@ -221,8 +232,8 @@ def gpu_backward(sched: _schedule.Schedule, b: BackwardBuffers) -> None:
         dz_desc=_descriptor(b.grad_proj, (T * B, 4 * H), (5 * H, 1), "backward", sched, "a"),
         p_dout=b.dout if b.dout is not None else b.ghm, p_dh=b.dh, p_dc=b.dc,
         p_dcells=b.dcells if b.dcells is not None else b.dh, p_act=b.act, p_cells=b.cells, p_c0=b.c0,
-        p_dproj=b.grad_proj, p_ghm=b.ghm, p_len=b.lengths if b.lengths is not None else args["p_ws"],
+        p_dproj=b.grad_proj, p_ghm=b.ghm, p_len=_lengths(b.lengths, dev),
         T=T, B=B, H=H, HAS_DOUT=b.dout is not None, HAS_DCELLS=b.dcells is not None,
         HAS_LEN=b.lengths is not None)
-    with torch.cuda.device(dev):
+    with _guard(dev):
         _launch(backward_kernel, sched, args, err, T)
