@@ -292,7 +292,12 @@ class FileSet:
         try:
             _recover(self.folder)
             os.mkdir(self.folder / TXN_DIR)
-            os.mkdir(self.folder / TXN_DIR / "new")
+            try:
+                os.mkdir(self.folder / TXN_DIR / "new")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.folder / TXN_DIR)
+                raise
         except BaseException:
             self._lock.close()
             raise
@@ -335,13 +340,10 @@ class FileSet:
     def _abort(self) -> None:
         if not self._fresh and interrupted(self.folder):
             return  # a roll-back that failed: the journal and the staged files tell readers where things are
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self._stage)
+        with contextlib.suppress(OSError):  # without a journal nothing in it is needed any more
+            shutil.rmtree(self._stage if self._fresh else self.folder / TXN_DIR)
         if self._fresh:
             _remove_created(self._created)
-        else:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.folder / TXN_DIR)
 
     def _commit(self) -> None:
         try:

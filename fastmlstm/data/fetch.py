@@ -135,7 +135,7 @@ class Deadline:
         return remaining is not None and remaining <= 0
 
     def describe(self) -> str:
-        return f"the {self.timeout:g} s deadline (timeout=) passed"
+        return f"the {self.timeout:g} s time limit (timeout, --timeout) ran out"
 
 
 class _Interrupted(Exception):

@@ -1,0 +1,168 @@
+"""Every model writer under injected faults: a failure at any file-system step (tests/faults.py)
+leaves the previous model loadable and its files byte-identical; a completed write gives the new
+one. Writers: save_pretrained (into a user's folder, and a new one), ByteLM.save (.pt),
+save_openai, training checkpoints, download_model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/faults.py
+from faults import fresh_copy, hunt, snapshot  # noqa: E402
+from test_model_download import NAME, same_weights, server, standins  # noqa: E402, F401 (fixtures)
+
+import fastmlstm  # noqa: E402
+from fastmlstm._atomic import TXN_DIR, committed_path  # noqa: E402
+from fastmlstm.models.pretrained import MARKER, download_model  # noqa: E402
+
+
+def model(seed: int) -> fastmlstm.ByteLM:
+    torch.manual_seed(seed)
+    return fastmlstm.ByteLM(hidden_size=8, embed_size=4)
+
+
+OLD, NEW = model(1), model(2)
+
+
+def previous_model_folder(load, keep_hidden: bool = False):
+    """A ``previous_ok`` for a folder: byte-identical to the template, and the old model loads."""
+
+    def check(state: Path, error) -> None:
+        assert snapshot(state) == snapshot(state.parent / "template"), error
+        assert same_weights(load(state / "m"), OLD), error
+    return check
+
+
+def test_save_pretrained_into_a_users_folder(tmp_path):
+    template = tmp_path / "template"
+    OLD.save_pretrained(template / "m")
+    (template / "m" / "README.md").write_text("the user's notes")
+
+    def new_ok(state: Path) -> None:
+        assert same_weights(fastmlstm.from_pretrained(state / "m"), NEW)
+        assert (state / "m" / "README.md").read_text() == "the user's notes"
+        names = {p.name for p in (state / "m").iterdir()}
+        assert names <= {"config.json", "model.safetensors", "README.md", TXN_DIR}, names
+
+    steps = hunt(lambda: fresh_copy(template, tmp_path / "work"), lambda s: NEW.save_pretrained(s / "m"),
+                 previous_model_folder(fastmlstm.from_pretrained), new_ok)
+    assert steps >= 8  # the staged writes, their fsyncs, the journal, four renames, the commit
+
+
+def test_save_pretrained_into_a_new_folder_appears_whole_or_not_at_all(tmp_path):
+    (tmp_path / "template").mkdir()
+
+    def previous_ok(state: Path, error) -> None:
+        assert snapshot(state) == {}, (error, snapshot(state))  # no half folder, no staging left beside it
+
+    hunt(lambda: fresh_copy(tmp_path / "template", tmp_path / "work"),
+         lambda s: NEW.save_pretrained(s / "new" / "m"), previous_ok,
+         lambda s: same_weights(fastmlstm.from_pretrained(s / "new" / "m"), NEW) or pytest.fail("new model"))
+
+
+def test_save_pretrained_when_the_disk_fails_for_good(tmp_path):
+    """Every step from the k-th on fails (undoing fails too): the old model still loads, through the
+    journal where files were moved aside, and the next save tidies the folder."""
+    template = tmp_path / "template"
+    OLD.save_pretrained(template / "m")
+    journals = []
+
+    def previous_ok(state: Path, error) -> None:
+        assert same_weights(fastmlstm.from_pretrained(state / "m"), OLD), error
+        if (state / "m" / TXN_DIR / "journal.json").exists():
+            journals.append(committed_path(state / "m", "model.safetensors"))
+        NEW.save_pretrained(state / "m")  # the disk is back
+        assert same_weights(fastmlstm.from_pretrained(state / "m"), NEW)
+        assert {p.name for p in (state / "m").iterdir()} == {"config.json", "model.safetensors"}
+
+    hunt(lambda: fresh_copy(template, tmp_path / "work"), lambda s: NEW.save_pretrained(s / "m"), previous_ok,
+         lambda s: None, lasting=True)
+    assert any(TXN_DIR in str(p) for p in journals)  # some runs did leave a journal for the reader
+
+
+def test_model_file_save(tmp_path):
+    template = tmp_path / "template"
+    template.mkdir()
+    OLD.save(template / "m")
+    hunt(lambda: fresh_copy(template, tmp_path / "work"), lambda s: NEW.save(s / "m"),
+         previous_model_folder(fastmlstm.load),
+         lambda s: same_weights(fastmlstm.load(s / "m"), NEW) or pytest.fail("new model"))
+
+
+def test_save_openai(tmp_path):
+    template = tmp_path / "template"
+    fastmlstm.save_openai(OLD, template / "m")
+    (template / "m" / "notes.txt").write_text("kept")
+
+    def new_ok(state: Path) -> None:
+        assert same_weights(fastmlstm.load_openai(state / "m"), NEW)
+        assert (state / "m" / "notes.txt").read_text() == "kept"
+
+    steps = hunt(lambda: fresh_copy(template, tmp_path / "work"), lambda s: fastmlstm.save_openai(NEW, s / "m"),
+                 previous_model_folder(fastmlstm.load_openai), new_ok)
+    assert steps >= 15 * 3
+
+
+def test_training_checkpoints(tmp_path):
+    from fastmlstm.training.checkpoints import find_latest_checkpoint, save_checkpoint
+    from fastmlstm.training.distributed import Context
+    from fastmlstm.training.metrics import LogWindow
+    from fastmlstm.training.state import TrainState
+
+    ctx = Context(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    net = model(3)
+    h, c = torch.zeros(2, 8), torch.zeros(2, 8)
+
+    def state(step: int) -> TrainState:
+        return TrainState(net, torch.optim.Adam(net.parameters()), h, c, step)
+
+    template = tmp_path / "template"
+    template.mkdir()
+    for step in (2, 4):
+        save_checkpoint(ctx, template, state(step), LogWindow(ctx.device), {"run": 1}, 0, keep=2)
+    old = snapshot(template)
+
+    def previous_ok(out: Path, error) -> None:
+        # every earlier checkpoint is intact, unless the new one is complete and it was the one to prune
+        latest, unreadable = find_latest_checkpoint(out)
+        assert not unreadable and latest is not None and latest["step"] in (4, 6), error
+        now = snapshot(out)
+        assert all(now.get(name) == digest for name, digest in old.items()
+                   if not (latest["step"] == 6 and name == "ckpt-00000002.pt")), error
+        assert set(now) <= set(old) | {"ckpt-00000006.pt"}, (error, now)  # no temporary file left
+
+    def new_ok(out: Path) -> None:
+        assert sorted(snapshot(out)) == ["ckpt-00000004.pt", "ckpt-00000006.pt"]
+        assert find_latest_checkpoint(out)[0]["step"] == 6
+
+    hunt(lambda: fresh_copy(template, tmp_path / "work"),
+         lambda out: save_checkpoint(ctx, out, state(6), LogWindow(ctx.device), {"run": 1}, 0, keep=2),
+         previous_ok, new_ok)
+
+
+def test_download_model_again(server, standins, tmp_path):
+    """force=True over a verified folder: the files that were there stay byte-identical whatever
+    fails (only the marker, a record, goes first), and the next call completes the folder."""
+    _, table = standins
+    template = tmp_path / "template"
+    download_model(NAME, root=template, mirror=server.url, checksums=table, progress=False)
+    old = {k: v for k, v in snapshot(template).items() if k.endswith(".npy")}
+    reference = fastmlstm.load_openai(template / NAME)
+
+    def previous_ok(root: Path, error) -> None:
+        now = snapshot(root)
+        assert {k: v for k, v in now.items() if k.endswith(".npy")} == old, error
+        assert set(now) <= set(old) | {NAME, f".{NAME}.lock", f"{NAME}/{MARKER}"} | {
+            f"{k}.part" for k in old}, (error, set(now) - set(old))
+        assert same_weights(fastmlstm.load_openai(root / NAME), reference), error
+        download_model(NAME, root=root, mirror=server.url, checksums=table, progress=False, recheck=False)
+        assert (root / NAME / MARKER).is_file()
+
+    hunt(lambda: fresh_copy(template, tmp_path / "work"),
+         lambda root: download_model(NAME, root=root, mirror=server.url, checksums=table, progress=False,
+                                     force=True),
+         previous_ok, lambda root: same_weights(fastmlstm.load_openai(root / NAME), reference) or pytest.fail())
