@@ -191,21 +191,22 @@ def _tile_work(sched, tile) -> tuple[float, int]:
     return flops, weights + sched.B * k_len * sched.dtype_bytes
 
 
-def _reduce_us(gpu: GPU, reduction: str, parts: int) -> float:
+def _reduce_us(gpu: GPU, reduction: str, parts: int, prefetched: bool = False) -> float:
     """Exposed latency of a split tile's reduction after its last contribution: "l2" (B1's scheme:
-    partials in a workspace, a ticket, the last contributor loads the parts together): the ticket's
-    round trip, then the parts' loads (their latency overlapping the epilogue operands' HBM
-    latency); "dsmem": one remote round per further part; "tma_add": one L2 round trip."""
+    partials in a workspace, a ticket, the finisher loads the parts together): the ticket's round
+    trip, then the parts' loads, their latency overlapping the epilogue operands' HBM latency
+    unless those were ``prefetched``; "dsmem" (the parts in one cluster): a tree of
+    ceil(log2(parts)) remote rounds, each behind a cluster barrier; "tma_add": one L2 round trip."""
     if parts <= 1 or reduction == "none":
         return 0.0
     if reduction == "l2":
-        return gpu.l2_latency_us + max(gpu.l2_latency_us, gpu.hbm_latency_us)
+        return gpu.l2_latency_us + (gpu.l2_latency_us if prefetched else max(gpu.l2_latency_us, gpu.hbm_latency_us))
     if reduction == "dsmem":
-        return (parts - 1) * gpu.dsmem_latency_us
+        return math.ceil(math.log2(parts)) * (gpu.dsmem_latency_us + gpu.cluster_sync_us)
     return gpu.l2_latency_us
 
 
-def persistent_cost(gpu: GPU, sched) -> dict:
+def persistent_cost(gpu: GPU, sched, prefetched: bool = False) -> dict:
     """A persistent kernel from its schedule (``fastmlstm.ops.triton.persistent.schedule``).
 
     The weights stream (or sit in shared memory) independently of the step's dependency chain: a
@@ -216,7 +217,8 @@ def persistent_cost(gpu: GPU, sched) -> dict:
     the phase's synchronisation ("grid": ``grid_sync_us`` and an L2 read of what it waited for;
     "cluster": ``cluster_sync_us`` and a DSMEM read). Step = max(HBM, L2, shared-memory reads,
     chain). It assumes the prefetch outlasts a barrier (a 1 us barrier at 3 TB/s is 3 MB chip-wide,
-    23 KB per SM, inside the pipeline's stages).
+    23 KB per SM, inside the pipeline's stages). ``prefetched``: the epilogues' operands are
+    loaded before the phase's reduction (not what the kernels do today; a lever, ``levers.py``).
     """
     chain, phase_rows = 0.0, []
     for phase in sched.phases:
@@ -234,7 +236,7 @@ def persistent_cost(gpu: GPU, sched) -> dict:
         sync = getattr(phase, "sync", "grid")
         sync_us = (gpu.grid_sync_us + gpu.l2_latency_us if sync == "grid"
                    else gpu.cluster_sync_us + gpu.dsmem_latency_us if sync == "cluster" else 0.0)
-        reduce_us = _reduce_us(gpu, sched.reduction, parts)
+        reduce_us = _reduce_us(gpu, sched.reduction, parts, prefetched)
         took = max(math_us, ingest_us) + reduce_us + sync_us
         chain += took
         phase_rows.append({"product": phase.product, "sync": sync, "ctas": len(per_cta), "parts": parts,
@@ -532,3 +534,4 @@ if __name__ == "__main__":
     if "--sensitivity" in sys.argv:
         print()
         print(sensitivity())
+

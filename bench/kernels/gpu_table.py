@@ -53,10 +53,6 @@ TABLE = [
      "trips plus arrival skew")),
     ("cluster_sync_us", 0.15, 0.15, "assumption: barrier.cluster arrive.release + wait.acquire, about 300 cycles"),
     ("dsmem_latency_us", 0.1, 0.1, "assumption: one remote shared-memory access in the cluster, about 200 cycles"),
-    ("dsmem_TBps", 3.3, 3.3,
-     ("assumption: aggregate SM-to-SM (distributed shared memory) bandwidth; Luo et al., 'Benchmarking "
-     "and Dissecting the Nvidia Hopper GPU Architecture' (arXiv 2402.13499) measured it on an H800 and "
-     "found it depends on cluster and block size")),
     ("smem_bytes_per_clock", 128, 128,
      "CUDA programming guide, compute capability 9.0: 32 banks of 4 bytes per clock per SM"),
     ("launch_gap_us", 2.0, 2.0,
