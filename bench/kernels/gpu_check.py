@@ -1,9 +1,17 @@
-"""The stages of bench/kernels/gpu_check.sh that are Python: the plan, the measured ceilings, and the
-correctness-gated sweep over launch configurations that writes the tuned table.
+"""The stages of bench/kernels/gpu_check.sh that are Python: the plan, the parity of the kernels no CPU
+can run, the measured ceilings, and the correctness-gated sweep over launch configurations that
+writes the tuned table.
 
-    python bench/kernels/gpu_check.py plan              # stages, configurations, predictions (any machine)
+    python bench/kernels/gpu_check.py plan              # stages, validation order, configurations, predictions
+    python bench/kernels/gpu_check.py parity --out DIR  # every candidate kernel checked -> DIR/parity.json
     python bench/kernels/gpu_check.py ceilings --out DIR  # HBM copy, L2 read, launch cost -> DIR/ceilings.json
     python bench/kernels/gpu_check.py sweep --out DIR   # DIR/sweep.json, DIR/tuned.py and the package's table
+
+The parity stage runs first: at each target shape, every candidate the dispatcher could pick there
+(fastmlstm/ops/triton/dispatch.py: the persistent designs, the CUDA-graphed step loop) is checked the
+way the library checks it on first use (against the per-step path and a float64 run, then timed),
+and the verdicts go to DIR/parity.json and to the verdict cache the later stages read; then
+ByteLM.generate's CUDA-graphed step is checked against its eager step.
 
 The sweep, per target shape: start from the rule's plan; for each kernel in turn try each of its
 candidates (``sweep.sweep_candidates``) with the other kernels at their best so far; a candidate
@@ -45,9 +53,13 @@ TARGETS = (("bfloat16", 4096, 128), ("bfloat16", 2048, 128), ("bfloat16", 1024, 
 GATE = {"bfloat16": 5e-2, "float16": 1e-2, "float32": 1e-4}
 
 STAGES = (
+    ("parity", "the kernels no CPU can run, first: each candidate the dispatcher could pick at the target shapes "
+               "against the per-step path and the float64 truth, then timed; the generation graph against the "
+               "eager step", "python bench/kernels/gpu_check.py parity --out OUTDIR"),
     ("tests", "GPU test suite at real sizes, the CUDA extension built and checked against the reference and "
               "the float64 truth", "python -m pytest -q -x tests/ops/test_recurrence.py tests/ops/test_cuda.py "
-              "tests/ops/test_triton_configs.py tests/nn/test_modules.py -k 'not (float64_truth and H4096)'"),
+              "tests/ops/test_triton_configs.py tests/ops/test_dispatch.py tests/ops/test_graphs.py "
+              "tests/ops/test_persistent_*.py tests/nn/test_modules.py -k 'not (float64_truth and H4096)'"),
     ("ceilings", "HBM copy and L2 read bandwidth, host cost of a Triton launch; the model again with them",
      "python bench/kernels/gpu_check.py ceilings --out OUTDIR"),
     ("sweep", "correctness-gated sweep over the launch configurations at the target shapes (the gate and "
@@ -67,6 +79,12 @@ def plan_text(sms: int = 132, name: str = "H100-SXM") -> str:
     lines = ["== gpu_check plan", ""]
     for i, (stage, what, command) in enumerate(STAGES, 1):
         lines.append(f"{i}. {stage}: {what}\n     {command}")
+    lines += ["", f"== validation order (stage 1, before anything else is timed) on a {sms}-SM Hopper"]
+    for n, (dtype, H, B, names) in enumerate(parity_order(device), 1):
+        lines.append(f"   {n}. {dtype} H={H} B={B}: " + (", ".join(names) if names else "no candidate applies")
+                     + " -- each vs the per-step path and float64 (outputs, states, all gradients), then timed")
+    lines.append(f"   {len(TARGETS) + 1}. generate-graph {GENERATION[0]} H={GENERATION[1]} B={GENERATION[2]}: "
+                 "ByteLM.generate's CUDA-graphed step vs its eager step, then timed")
     lines += ["", f"== sweep candidates on a {sms}-SM Hopper (BB BN BK warps stages split pdl)"]
     for dtype, H, B in TARGETS:
         e = 2 if dtype != "float32" else 4
@@ -82,6 +100,133 @@ def plan_text(sms: int = 132, name: str = "H100-SXM") -> str:
 
 def _short(c: configs.KernelConfig) -> str:
     return f"{c.BB}/{c.BN}/{c.BK}/{c.num_warps}/{c.num_stages}/{c.split}/{int(c.pdl)}"
+
+
+# -------------------------------------------------------------------------------------- parity
+
+# ByteLM.generate's graphed step is checked at this (dtype, H, samples): the host-bound case.
+GENERATION = ("bfloat16", 1024, 64)
+PARITY_BOUND_S = 60.0
+
+
+def parity_order(device) -> list[tuple[str, int, int, tuple[str, ...]]]:
+    """(dtype, H, B, candidates in the order they are checked) per target: the designs the
+    dispatcher's rule allows there, in either direction."""
+    import torch
+
+    from fastmlstm.ops.triton import dispatch
+
+    order = []
+    for dtype, H, B in TARGETS:
+        names = []
+        for direction in ("forward", "backward"):
+            names += [n for n in dispatch.designs(B, H, getattr(torch, dtype), device, direction) if n not in names]
+        order.append((dtype, H, B, tuple(names)))
+    return order
+
+
+def provenance(site=None) -> dict:
+    """Where and when: device, driver, versions, commit, date (for every results file); ``site``: the
+    device checked (default: the GPU here, if any)."""
+    import datetime
+    import platform
+    import subprocess
+
+    import torch
+
+    from fastmlstm.ops import verdicts
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit or os.environ.get("FASTMLSTM_COMMIT", "unknown"), "host": platform.node(),
+            **verdicts.software(), "cuda": torch.version.cuda}
+    if site is None and torch.cuda.is_available():
+        site = verdicts.site_of(torch.device("cuda"))
+    info.update(site.identity() if site is not None else {"device": "none"})
+    return info
+
+
+def _margin(errors: dict, dtype) -> float:
+    """The worst candidate error as a fraction of what the accuracy rule allows (<= 1 passes)."""
+    from fastmlstm.ops import verdicts
+
+    worst = 0.0
+    for case in errors.values():
+        for e in case.values():
+            if isinstance(e, dict):
+                worst = max(worst, e["candidate"] / (verdicts.FACTOR * e["tested"] + verdicts.ABS[dtype]))
+    return worst
+
+
+def _record(out: Path, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "parity.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def parity(out: Path, targets=None, site=None, generation: bool = True) -> dict:
+    """Check every candidate at every target (``site``: a stand-in device for tests) and the
+    generation graph; DIR/parity.json is rewritten after each check."""
+    import dataclasses
+
+    import torch
+
+    from fastmlstm.ops import verdicts
+    from fastmlstm.ops.triton import dispatch
+
+    site = site or verdicts.site_of(torch.device("cuda"))
+    device = dispatch._device(site)
+    verdicts.BOUND_S = PARITY_BOUND_S
+    dispatch._load_candidates()
+    report = {"provenance": provenance(site), "checks": []}
+    order = parity_order(device) if targets is None else [(d, H, B, tuple(n)) for d, H, B, n in targets]
+    for dtype_name, H, B, names in order:
+        dtype = getattr(torch, dtype_name)
+        for name in names:
+            row = {"dtype": dtype_name, "H": H, "B": B, "candidate": name}
+            candidate = dispatch._CANDIDATES.get(name)
+            if candidate is None or not candidate.applies(B, H, dtype, device):
+                row["status"] = "not registered" if candidate is None else "does not apply"
+            else:
+                verdict = dispatch._verdict(candidate, B, H, dtype, site)
+                row.update(dataclasses.asdict(verdict), margin=_margin(verdict.errors, dtype),
+                           runs=[d for d in ("forward", "backward") if verdict.faster(d)])
+            report["checks"].append(row)
+            _record(out, report)
+            speed = ", ".join(f"{d} {row['step_ms'][d] / row['candidate_ms'][d]:.2f}x"
+                              for d in row.get("candidate_ms", {}) if row["candidate_ms"][d])
+            print(f"   {row['status'].upper():<8} {name:<10} {dtype_name} H={H} B={B}"
+                  + (f": {row['reason']}" if row.get("reason") else "")
+                  + (f"; error {row['margin']:.2f} of the allowed; speed {speed} of the per-step path; runs "
+                     f"{', '.join(row['runs']) or 'nowhere'}" if row["status"] == "passed" else ""), flush=True)
+    if generation:
+        report["generation"] = _generation_check()
+        _record(out, report)
+    failed = [c for c in report["checks"] if c["status"] == "failed"]
+    print(f"== parity: {len(report['checks'])} checks, {len(failed)} failed; {out / 'parity.json'}", flush=True)
+    return report
+
+
+def _generation_check() -> dict:
+    """ByteLM.generate once at :data:`GENERATION` on the GPU: its first use checks the graphed step."""
+    import torch
+
+    from fastmlstm import ByteLM
+    from fastmlstm.ops import verdicts
+
+    dtype, H, B = GENERATION
+    torch.manual_seed(0)
+    model = ByteLM(hidden_size=H, embed_size=64, device="cuda", dtype=getattr(torch, dtype))
+    start = time.perf_counter()
+    model.generate("\n", 32, num_samples=B, seed=0)
+    found = sorted(verdicts.cache_dir().glob("generate-graph-*.json"))
+    result = {"dtype": dtype, "H": H, "B": B, "seconds": time.perf_counter() - start,
+              "verdict": json.loads(found[-1].read_text())["verdict"] if found else None}
+    v = result["verdict"]
+    print(f"   {(v or {}).get('status', 'not checked').upper():<8} generate-graph {dtype} H={H} B={B}"
+          + (f": {v['reason']}" if v and v.get("reason") else "")
+          + (f"; {v['step_ms']['step'] / v['candidate_ms']['step']:.2f}x the eager step's speed"
+             if v and v.get("candidate_ms") else ""), flush=True)
+    return result
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -378,7 +523,7 @@ def tuned_source(entries: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python bench/kernels/gpu_check.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=("plan", "ceilings", "sweep"))
+    p.add_argument("stage", choices=("plan", "parity", "ceilings", "sweep", "provenance"))
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     p.add_argument("--T", type=int, default=8, help="steps per timed call in the sweep")
     p.add_argument("--targets", help="comma-separated dtype:H:B (default: the target shapes)")
@@ -393,6 +538,12 @@ def main(argv=None) -> int:
     if args.stage == "ceilings":
         ceilings(args.out)
         return 0
+    if args.stage == "provenance":
+        print(json.dumps(provenance()))
+        return 0
+    if args.stage == "parity":
+        report = parity(args.out)
+        return 1 if any(c["status"] == "failed" for c in report["checks"]) else 0
     targets = TARGETS
     if args.targets:
         targets = tuple((d, int(h), int(b)) for d, h, b in (t.split(":") for t in args.targets.split(",")))

@@ -1,8 +1,10 @@
 """bench/kernels/gpu_check.sh, the one command for the first GPU, works before any GPU has run it: its dry
-run prints the plan, the configurations and the predictions (CI runs it here), it refuses to run
-without a GPU, and its Python stages' code paths (the gated sweep writing the tuned table) run
-under Triton's interpreter at a tiny shape."""
+run prints the plan, the validation order of the kernels no CPU can run (first, before any timing),
+the configurations and the predictions (CI runs it here), it refuses to run without a GPU, and its
+Python stages' code paths (the parity of the candidates, the gated sweep writing the tuned table)
+run under Triton's interpreter at a tiny shape."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -30,8 +32,16 @@ def test_dry_run_prints_the_plan_configurations_and_predictions(tmp_path):
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = proc.stdout
-    for stage in ("tests", "ceilings", "sweep", "bench"):
-        assert f"{stage}:" in text
+    positions = [text.index(f"{i}. {stage}:") for i, stage in enumerate(("parity", "tests", "ceilings", "sweep",
+                                                                        "bench"), 1)]
+    assert positions == sorted(positions)
+    assert "stages to run, in this order: parity tests ceilings sweep bench" in text
+    # The validation order: every candidate the rule allows at each target, then the generation graph.
+    order = text[text.index("== validation order"):text.index("== sweep candidates")]
+    assert "1. bfloat16 H=4096 B=128: cluster --" in order
+    assert "3. bfloat16 H=1024 B=64: stationary, cluster, graph --" in order
+    assert "6. generate-graph bfloat16 H=1024 B=64" in order
+    assert "tests/ops/test_dispatch.py tests/ops/test_graphs.py" in text
     assert "tests/ops/test_cuda.py" in text and "--preset gpu-targets" in text
     assert "-- bfloat16 H=4096 B=128" in text and "fwd_m  rule 128/128/64/8/4/" in text
     assert "| H100-SXM | bf16 | 4096 | 128 | fwd |" in text and "| H200 | bf16 | 4096 | 1 | bwd |" in text
@@ -40,7 +50,8 @@ def test_dry_run_prints_the_plan_configurations_and_predictions(tmp_path):
 
 @needs_bash
 def test_usage_errors(tmp_path):
-    for args in ([], ["--bogus", str(tmp_path)], [str(tmp_path), str(tmp_path / "b")]):
+    for args in ([], ["--bogus", str(tmp_path)], [str(tmp_path), str(tmp_path / "b")], ["--only", "parity,nope", "x"],
+                 [str(tmp_path), "--only"]):
         proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=60, cwd=REPO)
         assert proc.returncode == 2 and "usage" in proc.stderr
 
@@ -77,3 +88,35 @@ def test_a_refused_candidate_is_never_chosen(monkeypatch):
     monkeypatch.setattr(gpu_check, "_rel_diff", lambda values, reference: 1.0)
     assert not gpu_check.gate(job)["passed"]
     assert torch.isfinite(torch.tensor(gpu_check.GATE["bfloat16"]))
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter run; a GPU runs the real parity stage in gpu_check.sh")
+def test_the_parity_stage_checks_each_candidate_and_records_where_and_when(tmp_path, monkeypatch):
+    """The parity stage on a stand-in device: the graphed step loop (the capture's CPU stand-in)
+    against the interpreter's per-step path and float64, a candidate that is not registered named
+    as such, and the results file with the device, versions, commit and date."""
+    from fastmlstm.ops import verdicts
+    from fastmlstm.ops.triton import dispatch
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(verdicts, "BOUND_S", verdicts.BOUND_S)  # the stage sets its own bound
+    monkeypatch.setattr(dispatch, "CASES", ((2, True, True),))
+    monkeypatch.setattr(dispatch, "TIMING_T", 1)
+    monkeypatch.setattr(dispatch, "_CANDIDATES", {})
+    monkeypatch.setattr(dispatch, "_LOADED", [False])
+    dispatch.reset()
+    site = verdicts.Site(torch.device("cpu"), "Test GPU", (8, 0), 8, "driver-t", "runtime-t")
+    report = gpu_check.parity(tmp_path / "out", targets=[("float32", 16, 2, ("graph", "nonexistent"))], site=site,
+                              generation=False)
+    stored = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert stored == json.loads(json.dumps(report))
+    graph, missing = stored["checks"]
+    assert graph["candidate"] == "graph" and graph["status"] == "passed", graph.get("reason")
+    assert 0 <= graph["margin"] <= 1 and set(graph["step_ms"]) == {"forward", "backward"}
+    assert missing["status"] == "not registered"
+    where = stored["provenance"]
+    assert where["device"] == "Test GPU" and where["driver"] == "driver-t"
+    assert {"date", "commit", "torch", "triton", "fastmlstm"} <= set(where) and where["commit"]
+    # The verdict went to the cache the later stages read.
+    assert len(list((tmp_path / "cache" / "fastmlstm" / "kernels").glob("graph-*.json"))) == 1
+    dispatch.reset()
