@@ -90,3 +90,21 @@ def test_a_failed_wait_raises_naming_the_step(monkeypatch, direction):
 def test_inapplicable_design_is_a_clear_error():
     with pytest.raises(ValueError, match="stationary kernel does not apply.*fit on chip"):
         launch.forward("stationary", HOPPER, launch.gpu_forward, *_forward_args(1, 2, 4096))
+
+
+def test_compile_targets_cover_the_dispatchable_configurations():
+    found = targets.compile_targets("bf16")
+    assert targets.compile_targets("fp32") == []
+    names = {t.name for t in found}
+    assert len(names) == len(found)
+    for device in targets.DEVICES:
+        for H, B in targets.MODEL_SHAPES:
+            for design in schedule.DESIGNS:
+                for direction in schedule.DIRECTIONS:
+                    sched = schedule.plan(design, direction, B, H, 2, device)
+                    if sched is not None:
+                        assert targets.target_for(sched, "bf16").name in names
+    for t in found:
+        assert t.num_ctas == t.schedule.cluster and t.cluster_dims == (t.num_ctas, 1, 1) and t.arch == 90
+        assert set(t.expected_ptx) == {"wgmma", "cp.async.bulk.tensor", "multicast::cluster", "barrier.cluster"}
+        assert t.signature["p_proj" if t.schedule.direction == "forward" else "p_dproj"] == "*bf16"

@@ -206,10 +206,12 @@ class Schedule:
         return table, counts
 
     def resident_blocks(self) -> int:
-        """Weight tiles [BM, BK] the busiest CTA keeps resident (stationary design), else 0."""
+        """Weight tiles [BM, BK] the busiest CTA keeps resident (stationary design), else 0: every
+        K block of its cluster's items (a rank without a tile in a last, partial group loads
+        zeros for it, so that all ranks walk the same blocks)."""
         if self.design != "stationary":
             return 0
-        return max(sum(t.kb_hi - t.kb_lo for t in self.tiles if t.cta == cta) for cta in range(self.ctas))
+        return _blocks_per_cluster(self.items, self.clusters)
 
     def barrier_target(self, instance: int) -> int:
         """The grid counter's value that releases phase instance ``instance + 1``."""
@@ -290,6 +292,13 @@ def _tiles(items: list[Item], phases: tuple[Phase, ...], cluster: int) -> list[T
                               phase=it.phase, seq=it.seq, m_tile=m_tile, kb_lo=it.kb_lo, kb_hi=it.kb_hi,
                               part=it.part, parts=it.parts, slot=it.slot0 + it.part))
     return tiles
+
+
+def _blocks_per_cluster(items, clusters: int) -> int:
+    blocks = [0] * clusters
+    for it in items:
+        blocks[it.cluster_id] += it.kb_hi - it.kb_lo
+    return max(blocks)
 
 
 def batch_block(B: int) -> int:
@@ -422,8 +431,7 @@ def plan(design: str, direction: str, B: int, H: int, dtype_bytes: int, device: 
     e = dtype_bytes
     resident = 0
     if design == "stationary":
-        blocks = max(sum(t.kb_hi - t.kb_lo for t in tiles if t.cta == cta) for cta in range(ctas))
-        resident = blocks * block_m * block_k * e
+        resident = _blocks_per_cluster(items, clusters) * block_m * block_k * e
         # Beside the resident tiles: the activation ring, one idle weight stage and the barriers.
         if resident + STAGES * BB * block_k * e + block_m * block_k * e + 4096 > SMEM_PER_BLOCK:
             return None
