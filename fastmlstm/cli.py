@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .ops.registry import BACKENDS
+from ._atomic import atomic_write
 from .diagnostics import backend_report, environment, parity_tolerance
 from .errors import InputError, MissingInputError
+from .ops.registry import BACKENDS
+from .options import ArgumentParser, argument, check
 
 
 def cmd_info(args) -> int:
@@ -64,12 +66,29 @@ def load_model(path: str, *, device: str | None = None, dtype: str | None = None
     return load(path, device=device, dtype=_DTYPES[dtype] if dtype else None, backend=backend)
 
 
-def _write(path: str, write) -> None:
-    """Run ``write(path)``; an unwritable destination is the user's input, reported in one line."""
+def _write(path: str, write, mode: str = "wb") -> None:
+    """Write ``path`` atomically with ``write(file)`` (a reader, or a crash, sees the old file or the
+    whole new one); an unwritable destination is the user's input, reported in one line."""
+    if Path(path).is_dir():
+        raise InputError(f"cannot write {path}: it is a directory (give a file name)")
     try:
-        write(path)
+        with atomic_write(path, mode) as f:
+            write(f)
     except OSError as exc:
         raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _read_file(flag: str, path: str) -> bytes:
+    """The bytes of the file a flag names; a missing file, a directory or an unreadable file is one line."""
+    file = Path(path)
+    if file.is_dir():
+        raise InputError(f"{flag} {path} is a directory; give a file")
+    if not file.exists():
+        raise MissingInputError(f"{flag} {path}: no such file")
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
 
 
 # How --input lines become the model's bytes. "bytes" is what the Python API does with bytes: the
@@ -108,9 +127,10 @@ def _read_texts(args) -> list:
     """
     texts = [_argument_bytes(t) for t in args.text or []]
     if args.input is not None:
-        if args.input != "-" and not Path(args.input).is_file():
-            raise MissingInputError(f"--input {args.input}: no such file")
-        data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+        data = sys.stdin.buffer.read() if args.input == "-" else _read_file("--input", args.input)
+        if not data:
+            raise InputError(f"--input {'(stdin)' if args.input == '-' else args.input} is empty: it holds "
+                             "no texts (one text per line)")
         if args.input_encoding != "bytes":
             data = data.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is the file's, not the text's
         lines = data.split(b"\n")
@@ -158,7 +178,7 @@ def cmd_featurize(args) -> int:
     features = featurize(model, texts, batch_size=args.batch_size, activation=None if args.raw else "tanh",
                          progress=False if args.no_progress else None)
     seconds = time.perf_counter() - start
-    _write(args.output, lambda path: np.save(path, features))
+    _write(args.output, lambda f: np.save(f, features))
     chars = sum(len(t.encode("utf-8", errors="surrogateescape")) if isinstance(t, str) else len(t) for t in texts)
     print(json.dumps({"output": args.output, "shape": list(features.shape), "dtype": str(features.dtype),
                       "texts": len(texts), "chars": chars, "seconds": round(seconds, 3),
@@ -191,21 +211,25 @@ def cmd_probe(args) -> int:
         metrics["plots"] = written
     text = json.dumps(metrics)
     if args.output:
-        _write(args.output, lambda path: Path(path).write_text(text + "\n"))
+        _write(args.output, lambda f: f.write(text + "\n"), mode="w")
     print(text)
     return 0
 
 
 def _unit_from_probe(path: str) -> tuple[int, int]:
+    """(sentiment unit, its sign) from the JSON that ``fastmlstm probe`` printed."""
+    data = _read_file("--probe", path)
     try:
-        record = json.loads(Path(path).read_text())
+        record = json.loads(data)
         unit, sign = record["sentiment_unit"], record.get("unit_sign") or 1
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"--probe {path}: expected the JSON that `fastmlstm probe` prints, with a "
-                           f"sentiment_unit ({type(exc).__name__}: {exc})") from None
+                         f"sentiment_unit ({type(exc).__name__}: {exc})") from None
     if unit is None:
         raise InputError(f"--probe {path}: that probe found no sentiment unit (it used no feature); give --unit")
-    return int(unit), int(sign)
+    if sign not in (1, -1) or isinstance(sign, bool):
+        raise InputError(f"--probe {path}: unit_sign must be 1 or -1, got {sign!r}")
+    return check("unit", unit, f"--probe {path}: sentiment_unit"), int(sign)
 
 
 def cmd_visualize(args) -> int:
@@ -234,16 +258,32 @@ def cmd_visualize(args) -> int:
     return 0
 
 
-def _parse_fixed(items: list[str]) -> dict[int, float]:
+def _fixed_unit(text: str) -> tuple[int, float]:
+    """argparse's ``type=`` for ``--fix UNIT=VALUE``: a unit >= 0 and a finite cell value."""
+    unit, sep, value = text.partition("=")
+    form = f"takes UNIT=VALUE (e.g. 2388=1.0), got {text!r}"
+    if not sep:
+        raise argparse.ArgumentTypeError(form)
+    try:
+        return argument("unit")(unit.strip()), argument("cell_value")(value.strip())
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{form}: {'UNIT' if not _is_unit(unit) else 'VALUE'} {exc}") from None
+
+
+def _is_unit(text: str) -> bool:
+    try:
+        argument("unit")(text.strip())
+    except argparse.ArgumentTypeError:
+        return False
+    return True
+
+
+def _parse_fixed(items: list[tuple[int, float]] | None) -> dict[int, float]:
     fixed = {}
-    for item in items or []:
-        unit, sep, value = item.partition("=")
-        try:
-            fixed[int(unit)] = float(value)
-        except ValueError:
-            raise InputError(f"--fix takes UNIT=VALUE (e.g. 2388=1.0), got {item!r}") from None
-        if not sep:
-            raise InputError(f"--fix takes UNIT=VALUE (e.g. 2388=1.0), got {item!r}")
+    for unit, value in items or []:
+        if unit in fixed:
+            raise InputError(f"--fix names unit {unit} twice")
+        fixed[unit] = value
     return fixed
 
 
@@ -279,15 +319,19 @@ def cmd_download(args) -> int:
     from .data.download import download
     from .models.pretrained import MODELS, download_model, model_files
 
-    if args.name in MODELS:
-        folder = download_model(args.name, root=args.root, mirror=args.mirror, force=args.force,
-                                progress=not args.no_progress)
-        files = [{"file": f.filename, "url": MODELS[args.name].url(f.filename, args.mirror), "size": f.size,
-                  "blob_id": f.blob_id} for f in model_files(args.name)]
-        print(json.dumps({"model": args.name, "folder": str(folder), "files": files}))
-        return 0
-    folder = download(args.name, root=args.root, mirror=args.mirror, force=args.force,
-                      progress=not args.no_progress)
+    common = {"root": args.root, "mirror": args.mirror, "force": args.force, "progress": not args.no_progress}
+    try:
+        if args.name in MODELS:
+            folder = download_model(args.name, **common)
+            files = [{"file": f.filename, "url": MODELS[args.name].url(f.filename, args.mirror), "size": f.size,
+                      "blob_id": f.blob_id} for f in model_files(args.name)]
+            print(json.dumps({"model": args.name, "folder": str(folder), "files": files}))
+            return 0
+        folder = download(args.name, **common)
+    except OSError as exc:  # e.g. a --root that is a file or unwritable, a full disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise InputError(f"cannot download {args.name} (--root {args.root or 'default'}): {where}"
+                         f"{exc.strerror or exc}") from None
     print(json.dumps({"dataset": args.name, "folder": str(folder)}))
     return 0
 
@@ -339,7 +383,7 @@ def _add_featurize(sub) -> None:
     p.add_argument("--dataset", help="NAME[:SPLIT] of an evaluation set, e.g. sst2:dev")
     p.add_argument("--data-dir", help="the dataset's folder (default $FASTMLSTM_DATA/<folder>)")
     p.add_argument("--output", "-o", required=True, help="where the .npy goes")
-    p.add_argument("--batch-size", type=int, default=None, help="texts per fused pass (default 512)")
+    p.add_argument("--batch-size", type=argument("batch_size"), default=None, help="texts per fused pass (default 512)")
     p.add_argument("--raw", action="store_true", help="the raw final cell state, without tanh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_featurize)
@@ -354,13 +398,14 @@ def _add_probe(sub) -> None:
     _model_args(p)
     p.add_argument("--task", required=True, choices=list(DATASETS))
     p.add_argument("--data-dir", help="the dataset's folder (default $FASTMLSTM_DATA/<folder>)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many examples per split (quick runs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=argument("limit"), default=None,
+                   help="at most this many examples per split (quick runs)")
+    p.add_argument("--seed", type=argument("seed"), default=0)
     p.add_argument("--curve", action="store_true", help="also the data-efficiency curve (splits tasks)")
-    p.add_argument("--draws", type=int, default=10, help="random draws per size for --curve")
+    p.add_argument("--draws", type=argument("draws"), default=10, help="random draws per size for --curve")
     p.add_argument("--plots", help="folder for the PNGs (unit histogram; data efficiency with --curve)")
     p.add_argument("--output", help="also write the JSON here")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=argument("batch_size"), default=None, help="texts per fused pass")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_probe)
 
@@ -368,15 +413,16 @@ def _add_probe(sub) -> None:
 def _add_visualize(sub) -> None:
     p = sub.add_parser("visualize", help="colour a text by a unit's cell value (HTML/PNG)")
     _model_args(p)
-    p.add_argument("--unit", type=int, help="the unit (e.g. 2388 for the released model)")
+    p.add_argument("--unit", type=argument("unit"), help="the unit (e.g. 2388 for the released model)")
     p.add_argument("--probe", help="JSON from `fastmlstm probe`: use its sentiment unit")
     p.add_argument("--text", action="append", help="the text")
     p.add_argument("--input", help="a file holding the text on one line, '-' for stdin")
     _encoding_arg(p)
     p.add_argument("--html", help="write the self-contained HTML page here")
     p.add_argument("--png", help="write the PNG here")
-    p.add_argument("--scale", type=float, default=None, help="value at full colour (default: largest |value|)")
-    p.add_argument("--width", type=int, default=80, help="characters per line in the PNG")
+    p.add_argument("--scale", type=argument("scale"), default=None,
+                   help="value at full colour, > 0 (default: largest |value|)")
+    p.add_argument("--width", type=argument("width"), default=80, help="characters per line in the PNG")
     p.set_defaults(func=cmd_visualize)
 
 
@@ -384,13 +430,15 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="sample text; --fix / --steer hold units (steered generation)")
     _model_args(p)
     p.add_argument("--prefix", default="\n ", help="text to continue (default: the paper's start token)")
-    p.add_argument("--n-bytes", type=int, default=200)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--fix", action="append", metavar="UNIT=VALUE", help="hold a unit's cell value (repeatable)")
-    p.add_argument("--steer", type=int, metavar="UNIT", help="samples with UNIT held at +1 and at -1")
+    p.add_argument("--n-bytes", type=argument("n_bytes"), default=200, help="bytes to sample (default 200)")
+    p.add_argument("--num-samples", type=argument("num_samples"), default=1)
+    p.add_argument("--temperature", type=argument("temperature"), default=1.0,
+                   help="softmax temperature, >= 0 (0: the most likely byte)")
+    p.add_argument("--top-k", type=argument("top_k"), default=None, help="sample among the k most likely bytes")
+    p.add_argument("--seed", type=argument("seed"), default=None)
+    p.add_argument("--fix", action="append", type=_fixed_unit, metavar="UNIT=VALUE",
+                   help="hold a unit's cell value (repeatable)")
+    p.add_argument("--steer", type=argument("unit"), metavar="UNIT", help="samples with UNIT held at +1 and at -1")
     p.add_argument("--unit-sign", type=int, choices=(1, -1), default=1, help="flip --steer's values")
     p.add_argument("--probe", help="JSON from `fastmlstm probe`: steer its sentiment unit (and sign)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -411,6 +459,9 @@ def _add_download(sub) -> None:
                    "models folder for a model (default $FASTMLSTM_MODELS or ~/.cache/fastmlstm/models)")
     p.add_argument("--mirror", help="fetch <mirror>/<filename> instead of the canonical URLs")
     p.add_argument("--force", action="store_true", help="fetch again even if present")
+    p.add_argument("--timeout", type=argument("timeout"), default=None, metavar="SECONDS",
+                   help="give up on a download that has not finished after this many seconds (default: "
+                   "no overall limit)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_download)
 
@@ -419,7 +470,7 @@ COMMANDS = (_add_info, _add_train, _add_featurize, _add_probe, _add_visualize, _
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmlstm", description=__doc__,
+    parser = ArgumentParser(prog="fastmlstm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
@@ -428,11 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Bad input (the :class:`~fastmlstm.errors.InputError` family: a missing or
+    """Run one command and return its exit status. Bad input (a malformed command line, a number
+    out of range or not finite, and the :class:`~fastmlstm.errors.InputError` family: a missing or
     foreign file, an unknown split, texts that cannot be encoded, one-class labels...) is reported
     as one ``fastmlstm <command>: error: ...`` line with exit status 2; anything else is a bug and
     keeps its traceback."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a malformed command line already reported in one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except InputError as exc:

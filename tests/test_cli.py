@@ -141,6 +141,37 @@ def test_visualize_and_generate(models, tmp_path, capsys):
         (["featurize", "--model", "{small}", "--text", "\ud800", "-o", "{tmp}/x.npy"], "surrogate"),
         (["featurize", "--model", "{small}", "--text", "a", "-o", "{tmp}/no/such/dir/x.npy"], "cannot write"),
         (["featurize", "--model", "{small}", "--input", "{tmp}/none.txt", "-o", "{tmp}/x.npy"], "no such file"),
+        (["featurize", "--model", "{small}", "--input", "{tmp}", "-o", "{tmp}/x.npy"], "--input {tmp} is a directory"),
+        (["featurize", "--model", "{small}", "--input", "{tmp}/empty.txt", "-o", "{tmp}/x.npy"],
+         "--input {tmp}/empty.txt is empty"),
+        (["featurize", "--model", "{small}", "--text", "a", "-o", "{tmp}"], "cannot write {tmp}: it is a directory"),
+        (["featurize", "--model", "{small}", "--text", "a", "--batch-size", "0", "-o", "{tmp}/x.npy"],
+         "argument --batch-size: must be an integer >= 1, got '0'"),
+        (["featurize", "--model", "{tmp}/empty.txt", "--text", "a", "-o", "{tmp}/x.npy"], "empty.txt"),
+        (["probe", "--model", "{small}", "--task", "sst2", "--data-dir", "{sst}", "--output", "{tmp}"],
+         "it is a directory"),
+        (["visualize", "--model", "{small}", "--probe", "{tmp}", "--text", "a", "--html", "{tmp}/v.html"],
+         "--probe {tmp} is a directory"),
+        (["visualize", "--model", "{small}", "--probe", "{tmp}/none.json", "--text", "a", "--html", "{tmp}/v.html"],
+         "--probe {tmp}/none.json: no such file"),
+        (["visualize", "--model", "{small}", "--probe", "{tmp}/bad_unit.json", "--text", "a", "--html", "{tmp}/v.html"],
+         "sentiment_unit must be an integer >= 0, got 'two'"),
+        (["visualize", "--model", "{small}", "--unit", "1", "--input", "{tmp}/empty.txt", "--html", "{tmp}/v.html"],
+         "is empty"),
+        (["visualize", "--model", "{small}", "--unit", "1", "--text", "a", "--html", "{tmp}/v.html", "--scale", "0"],
+         "argument --scale: must be a finite number > 0, got '0'"),
+        (["generate", "--model", "{small}", "--temperature", "nan"],
+         "argument --temperature: must be a finite number >= 0, got 'nan'"),
+        (["generate", "--model", "{small}", "--fix", "3=1", "--fix", "3=2"], "--fix names unit 3 twice"),
+        (["generate", "--model", "{small}", "--steer", "99"], "fixed_units must name units in [0, 16)"),
+        (["download", "sst2", "--root", "{tmp}/empty.txt", "--no-progress"], "{tmp}/empty.txt"),
+        (["download", "openai-sentiment", "--root", "{tmp}/empty.txt", "--no-progress"], "{tmp}/empty.txt"),
+        (["download", "sst2", "--timeout", "0"], "argument --timeout: must be a finite number > 0, got '0'"),
+        (["train", "--data", "{tmp}/empty.txt", "--out", "{tmp}/run", "--lr", "nan"],
+         "argument --lr: must be a finite number > 0, got 'nan'"),
+        ([], "the following arguments are required: command"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["featurize", "--text", "a"], "the following arguments are required: --model, --output/-o"),
     ],
 )
 def test_bad_input_gives_one_line_errors(models, sst, tmp_path, capsys, argv, match):
@@ -149,10 +180,14 @@ def test_bad_input_gives_one_line_errors(models, sst, tmp_path, capsys, argv, ma
     onecls.mkdir()
     (onecls / "mpqa.pos").write_text("good\nfine\nnice\n")
     (onecls / "mpqa.neg").write_text("\n")  # only blank lines: no negative example
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "bad_unit.json").write_text('{"sentiment_unit": "two"}')
     argv = [a.format(tmp=tmp_path, small=small, sst=sst, onecls=onecls) for a in argv]
     code, _, err = run(capsys, *argv)
-    assert code == 2 and match in err and "Traceback" not in err
-    assert err.startswith(f"fastmlstm {argv[0]}: error:")
+    assert code == 2 and match.format(tmp=tmp_path) in err and "Traceback" not in err, err
+    assert err.startswith(f"fastmlstm {argv[0]}: error:" if argv and argv[0] != "bogus" else "fastmlstm: error:")
+    assert err.count("\n") == 1, err  # one line, no usage block
+    assert not (tmp_path / "run").exists()
 
 
 def test_info_still_works(capsys):

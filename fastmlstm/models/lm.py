@@ -19,6 +19,7 @@ from ..errors import InputError, InputTypeError
 from ..nn.functional import multiplicative_lstm_recurrence
 from ..nn.precision import linear
 from ..nn.modules import FastMLSTM, MLSTMWeights, autocast_dtype, cast_weights
+from ..options import check
 from .generation import ByteStepper
 from .serialization import FORMAT, ModelFileMixin
 
@@ -92,6 +93,17 @@ class ByteLM(ModelFileMixin, nn.Module):
         bias = None if weights.bias is None else torch.cat([weights.bias, weights.bias.new_zeros(H)])
         return linear(self.embedding.weight.to(matrix.dtype), matrix, bias)
 
+    def _check_fixed_units(self, fixed_units) -> dict[int, float]:
+        """``{unit: value}`` with every unit an int in [0, H) and every value finite."""
+        if not isinstance(fixed_units, Mapping):
+            raise InputTypeError(f"fixed_units must be a mapping {{unit: value}}, got {type(fixed_units).__name__}")
+        H = self.rnn.hidden_size
+        fixed = {check("unit", u, "a unit of fixed_units"): check("cell_value", v, f"fixed_units[{u!r}]")
+                 for u, v in fixed_units.items()}
+        if max(fixed) >= H:
+            raise InputError(f"fixed_units must name units in [0, {H}), got {sorted(fixed)}")
+        return fixed
+
     def _check_input(self, input) -> Tensor:
         if not isinstance(input, Tensor):
             raise InputTypeError(f"input must be a tensor of bytes [B, T], got {type(input).__name__}")
@@ -150,13 +162,17 @@ class ByteLM(ModelFileMixin, nn.Module):
 
         Args:
             prefix: text or bytes to condition on (at least one byte; the paper's start token is "\\n").
-            n_bytes: bytes to sample after the prefix.
-            temperature: softmax temperature; 0 picks the most likely byte.
-            num_samples: independent samples, run as one batch.
-            fixed_units: ``{unit: value}`` cell-state units held at a value at every step, prefix
-                included (the paper's steered generation, e.g. ``{sentiment_unit: 1.0}``).
-            top_k: sample only among the k most likely bytes.
-            seed / generator: make sampling reproducible (a seed builds a generator on the model's device).
+            n_bytes: bytes to sample after the prefix (an int >= 0).
+            temperature: softmax temperature, a finite number >= 0; 0 picks the most likely byte.
+            num_samples: independent samples, run as one batch (an int >= 1).
+            fixed_units: ``{unit: value}`` cell-state units held at a finite value at every step,
+                prefix included (the paper's steered generation, e.g. ``{sentiment_unit: 1.0}``).
+            top_k: sample only among the k most likely bytes (1 <= k <= 256).
+            seed / generator: make sampling reproducible (a seed, an int >= 0, builds a generator on
+                the model's device).
+
+        Bad arguments (NaN or inf, a number out of range, a fractional count) raise
+        :class:`~fastmlstm.errors.InputError` (see :mod:`fastmlstm.options`).
 
         Returns:
             ``num_samples`` byte strings, each the sampled continuation (prefix not included). Decode
@@ -165,20 +181,15 @@ class ByteLM(ModelFileMixin, nn.Module):
         prefix = to_bytes(prefix)
         if not prefix:
             raise InputError("prefix must hold at least one byte (the paper starts from '\\n')")
-        if n_bytes < 0 or num_samples < 1:
-            raise InputError(f"n_bytes must be >= 0 and num_samples >= 1, got {n_bytes} and {num_samples}")
-        if temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and not 1 <= top_k <= 256:
-            raise InputError(f"top_k must lie in [1, 256], got {top_k}")
+        n_bytes, num_samples = check("n_bytes", n_bytes), check("num_samples", num_samples)
+        temperature, top_k = check("temperature", temperature), check("top_k", top_k)
+        seed = None if seed is None else check("seed", seed)
         device = self.readout.weight.device
-        H = self.rnn.hidden_size
         units, values = None, None
         if fixed_units:
-            units = torch.tensor(list(fixed_units.keys()), dtype=torch.long, device=device)
-            if int(units.min()) < 0 or int(units.max()) >= H:
-                raise InputError(f"fixed_units must name units in [0, {H}), got {sorted(fixed_units)}")
-            values = torch.tensor([float(v) for v in fixed_units.values()], device=device)
+            fixed = self._check_fixed_units(fixed_units)
+            units = torch.tensor(list(fixed), dtype=torch.long, device=device)
+            values = torch.tensor(list(fixed.values()), device=device)
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
 

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..ops.registry import REGISTRY, resolve_backend
 from ..errors import InputError, InputTypeError
 from ..models.lm import pad_bytes
+from ..ops.registry import REGISTRY, resolve_backend
+from ..options import check
 
 __all__ = ["cell_trace", "encode_texts", "featurize", "preprocess"]
 
@@ -106,8 +107,6 @@ def _chunk_steps(model, rows: int, chunk_size: int | None) -> int:
     [T, B, H] outputs must also fit a memory budget (512 MB on CPU, 2 GB on a GPU).
     """
     if chunk_size is not None:
-        if chunk_size < 1:
-            raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
     H = model.hidden_size
     device = _model_device(model)
@@ -191,6 +190,7 @@ def featurize(
     """
     if activation not in ("tanh", None):
         raise InputError(f"activation must be 'tanh' or None, got {activation!r}")
+    batch_size, chunk_size = check("batch_size", batch_size), check("chunk_size", chunk_size)
     seqs = encode_texts(texts, preprocess_texts=preprocess)
     H = model.hidden_size
     features = np.zeros((len(seqs), H), dtype=np.float32)
@@ -198,8 +198,6 @@ def featurize(
         return features
     if batch_size is None:
         batch_size = 512
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     total = sum(len(s) for s in seqs)
     show = total >= PROGRESS_MIN_BYTES if progress is None else progress
@@ -247,6 +245,7 @@ def cell_trace(
         >>> cell_trace(model, "so good", units=[3, 5]).shape   # "\\n so good " is 10 bytes
         (10, 2)
     """
+    chunk_size = check("chunk_size", chunk_size)
     seq = encode_texts([text], preprocess_texts=preprocess)[0]
     H = model.hidden_size
     if units is None:

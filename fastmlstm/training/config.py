@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..ops.registry import BACKENDS
 from ..errors import InputError
+from ..ops.registry import BACKENDS
+from ..options import ArgumentParser, argument, check_all
 
-__all__ = ["DESCRIPTION", "PRESETS", "RUN_KEYS", "add_arguments", "build_parser", "parse_args", "resolve"]
+__all__ = ["DESCRIPTION", "NUMERIC", "PRESETS", "RUN_KEYS", "add_arguments", "build_parser", "check", "parse_args",
+           "resolve"]
 
 DESCRIPTION = """\
 Train the byte-level multiplicative-LSTM language model of Radford et al. (2017).
@@ -27,16 +29,20 @@ writes a checkpoint first (exit status 130 / 143).
 
 PRESETS = {
     # The paper: one layer, H = 4096, E = 64, 128 x 256 bytes, Adam 5e-4 decayed to zero over one epoch.
-    "paper": dict(hidden=4096, embed=64, batch=128, seq=256, lr=5e-4, steps=None, clip=1.0,
-                  eval_every=1000, ckpt_every=1000, log_every=10, eval_bytes=None),
+    "paper": {"hidden": 4096, "embed": 64, "batch": 128, "seq": 256, "lr": 5e-4, "steps": None, "clip": 1.0,
+              "eval_every": 1000, "ckpt_every": 1000, "log_every": 10, "eval_bytes": None},
     # Minutes on a laptop CPU: small enough to see bits/byte fall well below 3 on review text.
-    "tiny": dict(hidden=256, embed=64, batch=32, seq=64, lr=2e-3, steps=2000, clip=1.0,
-                 eval_every=250, ckpt_every=250, log_every=10, eval_bytes=200_000),
+    "tiny": {"hidden": 256, "embed": 64, "batch": 32, "seq": 64, "lr": 2e-3, "steps": 2000, "clip": 1.0,
+             "eval_every": 250, "ckpt_every": 250, "log_every": 10, "eval_bytes": 200_000},
 }
 
 # Settings that define the run: a checkpoint made with other values belongs to another run.
 RUN_KEYS = ("hidden", "embed", "weight_norm", "batch", "seq", "lr", "steps", "clip", "seed", "precision",
             "corpus", "eval")
+
+# The job's numeric settings; their ranges are fastmlstm.options.OPTIONS's.
+NUMERIC = ("steps", "hidden", "embed", "batch", "seq", "lr", "clip", "eval_every", "ckpt_every", "log_every",
+           "keep", "eval_bytes", "seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -45,28 +51,31 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="corpus file (text, .gz, .csv/.tsv[.gz] with #column, default column 'text'); repeatable")
     p.add_argument("--eval-data", action="append", metavar="FILE[#COLUMN]",
                    help="held-out corpus (repeatable); default: the last --eval-bytes of --data")
-    p.add_argument("--eval-bytes", type=int, default=None,
+    p.add_argument("--eval-bytes", type=argument("eval_bytes"), default=None,
                    help="bytes held out from the end of --data for evaluation (paper preset: 1%%, at most "
                         "10 MB; tiny preset: 200 kB)")
     p.add_argument("--out", required=True, help="run directory: metrics, checkpoints, final model")
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                    help="defaults for the flags below (default: paper)")
-    p.add_argument("--steps", type=int, help="optimizer updates (paper preset: one epoch)")
-    p.add_argument("--hidden", type=int, help="hidden size H")
-    p.add_argument("--embed", type=int, help="byte embedding size E")
+    p.add_argument("--steps", type=argument("steps"), help="optimizer updates (paper preset: one epoch)")
+    p.add_argument("--hidden", type=argument("hidden"), help="hidden size H")
+    p.add_argument("--embed", type=argument("embed"), help="byte embedding size E")
     p.add_argument("--no-weight-norm", dest="weight_norm", action="store_false", help="plain recurrent matrices")
-    p.add_argument("--batch", type=int, help="global batch: rows of the byte stream per update, split across ranks")
-    p.add_argument("--seq", type=int, help="bytes per row per update (truncated BPTT length)")
-    p.add_argument("--lr", type=float, help="Adam learning rate, decayed linearly to zero over --steps")
-    p.add_argument("--clip", type=float, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--batch", type=argument("batch"),
+                   help="global batch: rows of the byte stream per update, split across ranks")
+    p.add_argument("--seq", type=argument("seq"), help="bytes per row per update (truncated BPTT length)")
+    p.add_argument("--lr", type=argument("lr"), help="Adam learning rate, decayed linearly to zero over --steps")
+    p.add_argument("--clip", type=argument("clip"), help="clip the gradient norm to this (0: off)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="recurrence backend")
-    p.add_argument("--eval-every", type=int, help="evaluate every N updates (0: only at the end)")
-    p.add_argument("--ckpt-every", type=int, help="checkpoint every N updates (0: only at the end)")
-    p.add_argument("--log-every", type=int, help="write a metrics record every N updates")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="initialization seed")
+    p.add_argument("--eval-every", type=argument("eval_every"),
+                   help="evaluate every N updates (0: only at the end)")
+    p.add_argument("--ckpt-every", type=argument("ckpt_every"),
+                   help="checkpoint every N updates (0: only at the end)")
+    p.add_argument("--log-every", type=argument("log_every"), help="write a metrics record every N updates")
+    p.add_argument("--keep", type=argument("keep"), default=3, help="checkpoints kept (default 3)")
+    p.add_argument("--seed", type=argument("seed"), default=0, help="initialization seed")
     p.add_argument("--start-over", action="store_true",
                    help="when --out holds checkpoints and none can be read, train from step 0 anyway (they are "
                         "kept aside as <name>.unreadable); without it such a run stops with an error")
@@ -75,26 +84,31 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+    parser = ArgumentParser(prog=prog, description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_arguments(parser)
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left unset from the preset, then check every value; raises InputError."""
+    if args.preset not in PRESETS:
+        raise InputError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {args.preset!r}")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    for key in ("hidden", "embed", "batch", "seq", "log_every", "keep"):
-        if getattr(args, key) < 1:
-            raise InputError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    for key in ("eval_every", "ckpt_every"):
-        if getattr(args, key) < 0:
-            raise InputError(f"--{key.replace('_', '-')} must be >= 0")
-    if args.steps is not None and args.steps < 1:
-        raise InputError(f"--steps must be at least 1, got {args.steps}")
-    if args.lr <= 0 or args.clip < 0:
-        raise InputError("--lr must be > 0 and --clip >= 0")
+    return check(args)
+
+
+def check(args: argparse.Namespace) -> argparse.Namespace:
+    """Check the numeric settings of resolved ``args`` (every one finite and in its range, see
+    :data:`fastmlstm.options.OPTIONS`) and store them converted; raises InputError naming the flag.
+    ``train()`` calls it too, so a Namespace built in Python gets the command line's checks."""
+    missing = [key for key in NUMERIC if not hasattr(args, key)]
+    if missing:
+        raise InputError(f"the training settings lack {', '.join(missing)}: build them with "
+                         "fastmlstm.training.parse_args([...])")
+    for key, value in check_all({key: getattr(args, key) for key in NUMERIC}, flags=True).items():
+        setattr(args, key, value)
     return args
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from ..errors import InputError
 from .checkpoints import (check_writable, find_latest_checkpoint, move_aside, refuse_unreadable,
                           remove_stale_temporaries, save_checkpoint)
-from .config import parse_args
+from .config import check, parse_args
 from .data import prepare_data
 from .distributed import Context, init_context, run_collectively
 from .metrics import LogWindow, Reporter, evaluate
@@ -82,19 +83,50 @@ def _loop(args: argparse.Namespace, ctx: Context, out: Path, state, data, run: d
     return None
 
 
+def _new_folders(path: Path) -> list[Path]:
+    """The folders of ``path`` (itself included) that do not exist yet, outermost first."""
+    missing = []
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing[::-1]
+
+
+def _accept(args: argparse.Namespace, ctx: Context, out: Path):
+    """Check the run before its first update: (data, run descriptor, checkpoint or None, unreadable
+    checkpoints). A run rejected here (an InputError) leaves no folder behind that it created: what
+    it made of --out (the byte streams) goes with it; a folder that was there is left as it was."""
+    created = _new_folders(out)
+    try:
+        check_writable(out)
+        if ctx.main:
+            remove_stale_temporaries(out)
+        data = prepare_data(args, ctx, out)
+        run = run_descriptor(args, data)
+        ckpt, unreadable = run_collectively(ctx, lambda: find_latest_checkpoint(out))
+        if ckpt is None:
+            refuse_unreadable(unreadable, start_over=args.start_over, out=out)
+        else:
+            check_same_run(ckpt["run"], run, out)
+    except InputError:
+        # No barrier here: a rank may be rejecting alone. Only local rank 0 writes the streams.
+        if ctx.main and created:
+            shutil.rmtree(created[0], ignore_errors=True)
+        raise
+    return data, run, ckpt, unreadable
+
+
 def train(args: argparse.Namespace, ctx: Context) -> int:
-    """Train (or resume) the run ``args`` describes on this rank; returns the process's exit code."""
+    """Train (or resume) the run ``args`` describes on this rank; returns the process's exit code.
+
+    ``args`` is what :func:`fastmlstm.training.parse_args` returns; its numbers are checked again
+    here (finite, in range; :data:`fastmlstm.options.OPTIONS`), so a Namespace edited in Python is
+    held to the command line's rules. Bad input raises :class:`~fastmlstm.errors.InputError`.
+    """
+    check(args)
     out = Path(args.out)
-    check_writable(out)
-    if ctx.main:
-        remove_stale_temporaries(out)
-    data = prepare_data(args, ctx, out)
-    run = run_descriptor(args, data)
-    ckpt, unreadable = run_collectively(ctx, lambda: find_latest_checkpoint(out))
-    if ckpt is None:
-        refuse_unreadable(unreadable, start_over=args.start_over, out=out)
-    else:
-        check_same_run(ckpt["run"], run, out)
+    data, run, ckpt, unreadable = _accept(args, ctx, out)
     ctx.barrier()  # every rank has read its checkpoint before rank 0 renames anything
     if ctx.main:
         move_aside(unreadable)
@@ -124,6 +156,8 @@ def main(argv: list[str] | None = None, prog: str = "fastmlstm train") -> int:
     try:
         args = parse_args(argv, prog)
         ctx = init_context()
+    except SystemExit as exc:  # --help (0), or a malformed command line already reported in one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     except InputError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

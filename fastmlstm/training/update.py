@@ -10,6 +10,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from ..options import check
 from .state import TrainState
 
 __all__ = ["LN2", "autocast_for", "cross_entropy_sum", "learning_rate", "train_step"]
@@ -39,7 +40,10 @@ def train_step(state: TrainState, forward, x: torch.Tensor, y: torch.Tensor, new
 
     ``forward`` is the model or its DistributedDataParallel wrapper. The carried (h, c) restarts
     from zero where the rows' regions start over (``new_epoch``) and is detached afterwards.
+    ``clip`` > 0 clips the gradient norm, 0 does not; anything else (NaN, inf, < 0) is an InputError,
+    so that no value turns clipping off by accident.
     """
+    clip = check("clip", clip)
     if new_epoch:
         state.h.zero_()
         state.c.zero_()

@@ -135,6 +135,7 @@ def test_a_checkpoint_from_a_different_run_is_refused(corpus, tmp_path, capsys):
     assert train.main([*base, "--hidden", "40"]) == 2
     assert re.search(r"^fastmlstm train: error: .*different run \(hidden: 32 in the checkpoint, 40 now\)",
                      capsys.readouterr().err)
+    assert (tmp_path / "model.pt").exists() and list(tmp_path.glob("ckpt-*.pt"))  # the run it refused is kept
 
 
 @pytest.mark.parametrize(
@@ -145,16 +146,21 @@ def test_a_checkpoint_from_a_different_run_is_refused(corpus, tmp_path, capsys):
         (["--data", "{d}/short.txt", "--eval-bytes", "0"], "too few for one batch"),
         (["--data", "{d}/short.txt"], "leaves nothing of the 10-byte corpus"),
         (["--data", "{d}/ok.txt", "--out", "{d}/file/sub"], "cannot write to --out"),
-        (["--data", "{d}/ok.txt", "--batch", "0"], "--batch must be at least 1"),
+        (["--data", "{d}/ok.txt", "--batch", "0"], "argument --batch: must be an integer >= 1, got '0'"),
+        (["--data", "{d}/ok.txt", "--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+        (["--data", "{d}/ok.txt", "--clip", "nan"], "argument --clip: must be a finite number >= 0, got 'nan'"),
+        (["--data", "{d}/no-files"], "holds no files"),
         (["--data", "{d}/ok.txt"], None),  # bytes that are not UTF-8 at all: fine for a byte model
     ],
-    ids=["missing", "empty", "short", "short-heldout", "unwritable", "batch-0", "not-utf8-ok"],
+    ids=["missing", "empty", "short", "short-heldout", "unwritable", "batch-0", "lr-nan", "clip-nan", "empty-dir",
+         "not-utf8-ok"],
 )
 def test_bad_input_gives_a_clear_error(extra, message, tmp_path, capsys):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "short.txt").write_bytes(b"too short\n")
     (tmp_path / "ok.txt").write_bytes(bytes(range(256)) * 40)
     (tmp_path / "file").write_text("a file, not a directory")
+    (tmp_path / "no-files").mkdir()
     argv = [*SMALL, "--steps", "2", "--eval-bytes", "1000", "--out", str(tmp_path / "run"),
             *(a.format(d=tmp_path) for a in extra)]
     if message is None:
@@ -164,6 +170,18 @@ def test_bad_input_gives_a_clear_error(extra, message, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("fastmlstm train: error: ") and message in err and err.count("\n") == 1, err
     assert not list(tmp_path.rglob("*.tmp"))
+    # A rejected run leaves no --out folder behind (it made one to build the byte stream in).
+    assert (tmp_path / "run").exists() == (message is None)
+
+
+def test_a_rejected_run_leaves_an_existing_out_folder_as_it_was(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert train.main([*SMALL, "--data", str(tmp_path / "empty.txt"), "--out", str(out)]) == 2
+    assert "the corpus is empty" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_checkpoints_are_never_half_written(tmp_path, monkeypatch):
