@@ -96,9 +96,10 @@ def test_the_parity_stage_checks_each_candidate_and_records_where_and_when(tmp_p
     against the interpreter's per-step path and float64, a candidate that is not registered named
     as such, and the results file with the device, versions, commit and date."""
     from fastmlstm.ops import verdicts
-    from fastmlstm.ops.triton import dispatch
+    from fastmlstm.ops.triton import dispatch, graphs
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(graphs, "MIN_T", 1)  # graphs at the interpreter's few steps
     monkeypatch.setattr(verdicts, "BOUND_S", verdicts.BOUND_S)  # the stage sets its own bound
     monkeypatch.setattr(dispatch, "CASES", ((2, True, True),))
     monkeypatch.setattr(dispatch, "TIMING_T", 1)
@@ -113,7 +114,8 @@ def test_the_parity_stage_checks_each_candidate_and_records_where_and_when(tmp_p
     graph, missing = stored["checks"]
     assert graph["candidate"] == "graph" and graph["status"] == "passed", graph.get("reason")
     assert 0 <= graph["margin"] <= 1 and set(graph["step_ms"]) == {"forward", "backward"}
-    assert missing["status"] == "not registered"
+    assert missing["status"] == "not registered" and graphs._CACHE.captures > 0  # the graphs did run
+    graphs.clear()
     where = stored["provenance"]
     assert where["device"] == "Test GPU" and where["driver"] == "driver-t"
     assert {"date", "commit", "torch", "triton", "fastmlstm"} <= set(where) and where["commit"]

@@ -342,3 +342,22 @@ def test_the_cache_lives_in_the_users_cache_directory(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert verdicts.cache_dir() == tmp_path / "home" / ".cache" / "fastmlstm" / "kernels"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real first use needs a GPU")
+def test_on_a_gpu_the_first_call_checks_and_keeps_a_verdict(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(verdicts.ENV_KERNEL, raising=False)
+    dispatch.reset()
+    cuda = torch.device("cuda")
+    site = verdicts.site_of(cuda)
+    allowed = dispatch.designs(8, 128, torch.bfloat16, Device(site.sms, site.capability, site.name))
+    assert "graph" in allowed
+    name = dispatch.choose(8, 128, torch.bfloat16, cuda)
+    assert name == "step" or name in allowed
+    stored = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
+    assert stored and all(s["verdict"]["status"] in ("passed", "failed") for s in stored)
+    assert all(s["key"]["device"] == torch.cuda.get_device_name(cuda) for s in stored)
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "step")
+    assert dispatch.choose(8, 128, torch.bfloat16, cuda) == "step"
+    dispatch.reset()

@@ -15,8 +15,10 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def _fresh_graphs():
+def _fresh_graphs(monkeypatch):
+    """No graphs kept from another test; graphs at the few steps the interpreter runs quickly."""
     graphs.clear()
+    monkeypatch.setattr(graphs, "MIN_T", 1)
     yield
     graphs.clear()
 
@@ -104,8 +106,12 @@ def test_another_shape_or_plan_is_another_graph():
     assert graphs._CACHE.captures == 4
 
 
-def test_inside_someone_elses_capture_or_too_big_the_step_path_runs(monkeypatch):
+def test_inside_someone_elses_capture_too_short_or_too_big_the_step_path_runs(monkeypatch):
     proj, w_hh, w_hm, h0, c0, _ = _inputs()
+    monkeypatch.setattr(graphs, "MIN_T", 4)
+    out = graphs.forward(proj, w_hh, w_hm, h0, c0, None, False, False)
+    assert graphs._CACHE.captures == 0 and out[0].shape[0] == 3 < graphs.MIN_T
+    monkeypatch.setattr(graphs, "MIN_T", 1)
     monkeypatch.setattr(capture, "capturing", lambda device: True)
     out = graphs.forward(proj, w_hh, w_hm, h0, c0, None, False, False)
     assert graphs._CACHE.captures == 0 and torch.equal(out[0], recurrence.forward(proj, w_hh, w_hm, h0, c0, None,
@@ -142,6 +148,7 @@ def test_the_graph_candidate_passes_the_dispatch_check(monkeypatch):
     assert verdict.passed, verdict.reason
     errors = verdict.errors["T=2 with lengths and cell states"]
     assert all(e["candidate"] == e["tested"] for e in errors.values())  # the same kernels, replayed
+    assert graphs._CACHE.captures > 0
 
 
 def test_a_step_graph_keeps_its_state_between_replays():
@@ -242,3 +249,55 @@ def test_the_generation_graph_runs_only_where_it_is_faster(graphed_generation, m
     assert (len(replays) > after_check) == faster
     want = "run as one CUDA graph" if faster else "is not faster"
     assert sum(want in r.message for r in caplog.records) == 1
+
+
+# ------------------------------------------------------------------------ on a real GPU
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_cuda_graphs_replay_the_per_step_path(dtype):
+    from tolerances import ABS, rel_err
+
+    cuda = torch.device("cuda")
+    _, w_hh, w_hm, *_ = (t.to(cuda) if t is not None else t for t in _inputs(T=5, B=8, H=256, dtype=dtype))
+    for seed in (1, 2):
+        proj, _, _, h0, c0, lens = (t.to(cuda) if t is not None else t
+                                    for t in _inputs(T=5, B=8, H=256, dtype=dtype, lengths=True, seed=seed))
+        got = graphs.forward(proj, w_hh, w_hm, h0, c0, lens, True, False)
+        want = recurrence.forward(proj, w_hh, w_hm, h0, c0, lens, True, False)
+        assert all(rel_err(a, b) <= ABS[dtype] for a, b in zip(got, want))
+        grads = (torch.randn_like(want[0]), torch.randn_like(want[1]), None)
+        got_grads = graphs.backward(*grads, w_hh, w_hm, h0, c0, lens, got[0], got[2], got[3])
+        want_grads = recurrence.backward(*grads, w_hh, w_hm, h0, c0, lens, want[0], want[2], want[3])
+        assert all(rel_err(a, b) <= ABS[dtype] for a, b in zip(got_grads, want_grads))
+    assert graphs._CACHE.captures == 2
+
+
+@needs_gpu
+def test_a_real_step_graph_and_the_graphed_generation(monkeypatch, tmp_path):
+    from fastmlstm import ByteLM
+
+    cuda = torch.device("cuda")
+    weight = torch.randn(4, 4, device=cuda)
+    graph = capture.StepGraph(lambda i, s: ((s[0] @ weight + i["x"],), (s[0] @ weight + i["x"],)),
+                              {"x": torch.zeros(2, 4, device=cuda)}, (torch.ones(2, 4, device=cuda),), cuda)
+    h = torch.ones(2, 4, device=cuda)
+    for _ in range(3):
+        x = torch.randn(2, 4, device=cuda)
+        out = graph({"x": x})[0]
+        h = h @ weight + x
+        assert torch.allclose(out, h, rtol=1e-5, atol=1e-5) and torch.allclose(graph.state[0], h, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    verdicts.forget_process_memory()
+    torch.manual_seed(0)
+    model = ByteLM(hidden_size=128, embed_size=16, device=cuda)
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "step")
+    eager = model.generate("ab", 12, temperature=0, num_samples=4)
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "graph")
+    assert model.generate("ab", 12, temperature=0, num_samples=4) == eager
+    [stored] = list(tmp_path.rglob("generate-graph-*.json"))
+    assert '"status": "passed"' in stored.read_text(), stored.read_text()
+    verdicts.forget_process_memory()

@@ -1,7 +1,7 @@
 """The per-step path as CUDA graphs: the "graph" candidate of :mod:`.dispatch`.
 
 Each step of :mod:`.recurrence` is two kernel launches; at H <= 2048 the host takes longer to
-launch them than the GPU to run them. Here a whole call's step loop (forward, or backward) is
+launch them than the GPU to run them. Here a whole call's step loop (of at least :data:`MIN_T` steps) (forward, or backward) is
 captured once per (direction, shapes and dtypes of every input, launch plan) and replayed with the
 call's inputs copied into the graph's static buffers (weights that did not change since the last
 call are not copied again) and its outputs cloned out. Captured graphs are kept in a
@@ -24,8 +24,12 @@ from . import configs as _configs
 from . import recurrence
 from .dispatch import GRAPH_MAX_H, Candidate
 
-__all__ = ["MAX_BYTES", "MAX_GRAPHS", "backward", "candidates", "clear", "forward"]
+__all__ = ["MAX_BYTES", "MAX_GRAPHS", "MIN_T", "backward", "candidates", "clear", "forward"]
 
+# Shorter calls run the per-step path directly: a replay's copies in and out are about as many
+# host-side launches as the 2 T step launches they would replace (a generation step is T = 1; its
+# whole step is graphed by fastmlstm.models.generation instead).
+MIN_T = 8
 MAX_GRAPHS = 8
 # Static buffers of all kept graphs together: a graph holds a whole call's inputs and outputs.
 MAX_BYTES = 2 * 2**30
@@ -52,7 +56,8 @@ def _shape_key(direction: str, inputs: dict, flags: tuple) -> tuple:
 def _run_graphed(direction: str, inputs: dict, flags: tuple, run, direct):
     """``run(static_buffers)`` as a graph: captured on first use of its key, then replayed."""
     device = next(v.device for v in inputs.values() if v is not None)
-    if capture.capturing(device):  # inside someone else's capture: be part of theirs
+    steps = (inputs.get("proj") if inputs.get("proj") is not None else inputs["output"]).shape[0]
+    if steps < MIN_T or capture.capturing(device):  # inside someone else's capture: be part of theirs
         return direct()
     key = _shape_key(direction, inputs, flags)
     if key in _FAILED:
