@@ -319,7 +319,8 @@ def cmd_download(args) -> int:
     from .data.download import download
     from .models.pretrained import MODELS, download_model, model_files
 
-    common = {"root": args.root, "mirror": args.mirror, "force": args.force, "progress": not args.no_progress}
+    common = {"root": args.root, "mirror": args.mirror, "force": args.force, "progress": not args.no_progress,
+              "timeout": args.timeout}
     try:
         if args.name in MODELS:
             folder = download_model(args.name, **common)
@@ -460,8 +461,8 @@ def _add_download(sub) -> None:
     p.add_argument("--mirror", help="fetch <mirror>/<filename> instead of the canonical URLs")
     p.add_argument("--force", action="store_true", help="fetch again even if present")
     p.add_argument("--timeout", type=argument("timeout"), default=None, metavar="SECONDS",
-                   help="give up on a download that has not finished after this many seconds (default: "
-                   "no overall limit)")
+                   help="deadline for the whole download, every file and retry included (default: one hour "
+                   "per file); a transfer that stalls (under 16 KiB in 60 s) is retried from where it stopped")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_download)
 

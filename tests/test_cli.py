@@ -202,3 +202,41 @@ def test_console_entry_point_end_to_end(models, sst, tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["task"] == "sst2"
+
+
+def test_download_timeout_is_the_whole_downloads_deadline(tmp_path, capsys):
+    """--timeout reaches the download: a server that accepts and never answers ends in one line, in time."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    stop = threading.Event()
+
+    def accept():  # take connections and never answer them
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        code, _, err = run(capsys, "download", "sst2", "--root", tmp_path, "--no-progress", "--timeout", "1.5",
+                           "--mirror", f"http://127.0.0.1:{server.getsockname()[1]}")
+        seconds = time.monotonic() - start
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+    assert code == 2 and err.startswith("fastmlstm download: error:") and err.count("\n") == 1, err
+    # Without --timeout the wait would be the stall rule's 60 s per attempt.
+    assert ("timed out" in err or "time limit" in err) and 1.4 < seconds < 30, (err, seconds)
