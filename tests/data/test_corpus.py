@@ -2,6 +2,8 @@
 never overlap across rows or ranks."""
 
 import gzip
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -104,3 +106,92 @@ def test_real_csv_column_is_read(tmp_path):
     lines = bytes(data[:200_000]).split(b"\n")
     assert meta["bytes"] > 30_000_000 and len(lines) > 10
     assert not lines[0].startswith(b"label")
+
+
+# ------------------------------------------------------------------------------------------
+# The cache's content check
+
+
+def _train(corpus, out, *extra):
+    from fastmlstm.training import main as train
+
+    return train(["--preset", "tiny", "--hidden", "8", "--embed", "4", "--batch", "2", "--seq", "16", "--steps", "6",
+                  "--ckpt-every", "3", "--eval-bytes", "1000", "--seed", "3", "--data", str(corpus), "--out", str(out),
+                  *extra])
+
+
+def _corpus(path, seed=0, size=120_000):
+    rng = np.random.default_rng(seed)
+    words = np.array([b"good ", b"bad ", b"movie ", b"plot ", b"was ", b"the ", b"great\n", b"dull\n"])
+    text = b"".join(rng.choice(words, size // 4))[: size - 1] + b"\n"
+    path.write_bytes(text)
+    return text
+
+
+def test_a_cache_overwritten_in_place_is_rebuilt_and_training_resumes_as_if_nothing_happened(tmp_path, caplog):
+    import torch
+
+    import fastmlstm
+
+    corpus = tmp_path / "corpus.txt"
+    _corpus(corpus)
+    assert _train(corpus, tmp_path / "fresh") == 0
+    # The same run as if killed after step 3 (a copy without its later files), then 50 KB of its
+    # cache overwritten in place.
+    out = tmp_path / "run"
+    shutil.copytree(tmp_path / "fresh", out)
+    for name in ("ckpt-00000006.pt", "model.pt"):
+        (out / name).unlink()
+    cache = out / "corpus.bin"
+    size = cache.stat().st_size
+    with open(cache, "r+b") as f:
+        f.seek(20_000)
+        f.write(np.random.default_rng(1).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+    assert cache.stat().st_size == size
+    caplog.clear()
+    assert _train(corpus, out) == 0
+    lines = [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+    assert lines == [f"fastmlstm: rebuilding {cache}: its bytes changed since it was built (damaged or overwritten)"]
+    assert bytes(open_stream(cache)) == bytes(open_stream(tmp_path / "fresh" / "corpus.bin"))
+    resumed, fresh = fastmlstm.load(out / "model.pt"), fastmlstm.load(tmp_path / "fresh" / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_a_same_size_edit_of_a_source_is_seen(tmp_path, caplog):
+    corpus = tmp_path / "corpus.txt"
+    text = _corpus(corpus, size=20_000)
+    out = tmp_path / "out" / "corpus.bin"
+    first = build_stream([Source.parse(corpus)], out)
+    caplog.clear()
+    assert build_stream([Source.parse(corpus)], out) == first and not caplog.records  # unchanged: reused
+    edited = text[:5000] + text[5000:5100].upper() + text[5100:]
+    corpus.write_bytes(edited)
+    second = build_stream([Source.parse(corpus)], out)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"fastmlstm: rebuilding {out}: {corpus} changed since it was built (its content hash differs)"]
+    assert bytes(open_stream(out)) == edited and second["bytes"] == first["bytes"]
+    assert second["fingerprint"] != first["fingerprint"]  # checkpoints of the old content are another run's
+    # a damaged or missing record is a rebuild too, never a reuse
+    (out.with_suffix(".json")).write_text("{not json")
+    caplog.clear()
+    build_stream([Source.parse(corpus)], out)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"fastmlstm: rebuilding {out}: its record is missing or unreadable"]
+
+
+def test_a_cache_of_an_older_fastmlstm_keeps_its_runs_name(tmp_path, caplog):
+    """corpus.json of the format before content hashes: the cache is rebuilt once, and if its bytes
+    were right, the run's fingerprint stays the old one, so its checkpoints still resume."""
+    from fastmlstm.data.corpus import fingerprint
+
+    corpus = tmp_path / "corpus.txt"
+    _corpus(corpus, size=5000)
+    out = tmp_path / "corpus.bin"
+    build_stream([Source.parse(corpus)], out)
+    old = fingerprint([Source.parse(corpus)])
+    out.with_suffix(".json").write_text(json.dumps({"fingerprint": old, "bytes": out.stat().st_size,
+                                                    "sources": [Source.parse(corpus).describe()]}))
+    assert build_stream([Source.parse(corpus)], out)["fingerprint"] == old
+    assert "older fastmlstm" in caplog.records[0].getMessage()
+    caplog.clear()
+    assert build_stream([Source.parse(corpus)], out)["fingerprint"] == old and not caplog.records
