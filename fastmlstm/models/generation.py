@@ -10,8 +10,9 @@ every dispatch decision is made there), then, where allowed, captures the step a
 The graph is a candidate like the recurrence's (:mod:`fastmlstm.ops.verdicts`): on first use for a
 key (device, driver, versions, sources, dtype, backend, H, B rounded up to a power of two, whether
 units are held) it is compared with the eager step over :data:`CHECK_STEPS` bytes (logits and both
-states may differ by at most ``verdicts.ABS[dtype]``, relative: the same kernels replayed) and both
-are timed; it is used only if it passed and is faster. ``FASTMLSTM_KERNEL=graph`` forces it (with
+states may differ by at most ``verdicts.ABS[dtype]``, relative: the same kernels replayed, since a
+capture takes the tested path of every backend and so does the eager step it is compared with) and
+both are timed (the eager step as it would run); it is used only if it passed and is faster. ``FASTMLSTM_KERNEL=graph`` forces it (with
 a warning if it failed), ``step`` or ``persistent`` keep the eager step.
 """
 
@@ -130,8 +131,10 @@ class ByteStepper:
             for k in range(CHECK_STEPS):
                 b = (byte + 7 * k) % 256
                 got = graph({"byte": b})[0]
-                last, state = self.advance(b.unsqueeze(0), state)
-                pairs = {"logits": (got, self.readout(last)), "h": (graph.state[0], state[0]),
+                with verdicts.tested_path():  # the kernels the capture recorded
+                    last, state = self.advance(b.unsqueeze(0), state)
+                    want = self.readout(last)
+                pairs = {"logits": (got, want), "h": (graph.state[0], state[0]),
                          "c": (graph.state[1], state[1])}
                 for name, (a, want) in pairs.items():
                     errors[f"step {k} {name}"] = err = verdicts.rel_err(a, want)

@@ -24,6 +24,7 @@ Three protections against a kernel that misbehaves while it is checked:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -44,7 +45,7 @@ from .._atomic import atomic_write
 from ..errors import InputError
 
 __all__ = ["ABS", "ENV_KERNEL", "FACTOR", "KERNEL_CHOICES", "Verdict", "bounded", "cache_dir", "decide",
-           "kernel_choice", "parity", "rel_err", "site_of", "source_hash", "time_ms"]
+           "kernel_choice", "parity", "rel_err", "site_of", "source_hash", "tested_only", "tested_path", "time_ms"]
 
 logger = logging.getLogger("fastmlstm")
 
@@ -73,6 +74,26 @@ def kernel_choice() -> str:
         raise InputError(f"the environment variable {ENV_KERNEL} must be one of {KERNEL_CHOICES}, "
                          f"got {os.environ[ENV_KERNEL]!r}")
     return value
+
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def tested_path():
+    """Inside this block (this thread), backends run their tested path, not a candidate: what a
+    check compares against when a candidate may not run (a graph's capture takes the tested path)."""
+    before = getattr(_LOCAL, "tested_only", False)
+    _LOCAL.tested_only = True
+    try:
+        yield
+    finally:
+        _LOCAL.tested_only = before
+
+
+def tested_only() -> bool:
+    """Whether this thread is inside :func:`tested_path`."""
+    return getattr(_LOCAL, "tested_only", False)
 
 
 @functools.lru_cache(maxsize=None)

@@ -117,6 +117,23 @@ def test_the_backend_never_asks_the_dispatcher_for_cpu_tensors(monkeypatch):
     assert len(grads) == 5 and torch.isfinite(grads[0]).all()
 
 
+def test_a_chosen_candidate_yields_to_the_tested_path_where_it_may_not_run():
+    cpu = torch.device("cpu")
+    assert dispatch.runs_here("graph", cpu) and dispatch.runs_here("cluster", cpu)
+    with verdicts.tested_path():
+        assert not dispatch.runs_here("graph", cpu) and not dispatch.runs_here("stationary", cpu)
+        with verdicts.tested_path():
+            pass
+        assert verdicts.tested_only()
+    assert not verdicts.tested_only()
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(verdicts.tested_only()))
+    with verdicts.tested_path():
+        worker.start()
+        worker.join()
+    assert seen == [False]  # per thread
+
+
 # ------------------------------------------------------------------------------ the verdicts
 
 def test_a_correct_faster_candidate_is_checked_once_kept_and_used(stand_in, caplog):

@@ -26,7 +26,7 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
     """The contract of :mod:`fastmlstm.ops.interface`'s ``forward``."""
     if proj.device.type == "cuda":
         name = dispatch.choose(proj.shape[1], proj.shape[2] // 5, proj.dtype, proj.device, "forward")
-        if name != "step":
+        if name != "step" and dispatch.runs_here(name, proj.device):
             return dispatch.candidate(name).forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward,
                                                     return_cell_states)
     return _step.forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, return_cell_states)
@@ -38,7 +38,7 @@ def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, 
     args = (grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0, lengths, output, cell_states, act)
     if output.device.type == "cuda":
         name = dispatch.choose(output.shape[1], output.shape[2], output.dtype, output.device, "backward")
-        if name != "step":
+        if name != "step" and dispatch.runs_here(name, output.device):
             return dispatch.candidate(name).backward(*args)
     return _step.backward(*args)
 

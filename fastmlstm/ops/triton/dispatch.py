@@ -44,7 +44,7 @@ from . import recurrence
 from .configs import Device
 
 __all__ = ["Candidate", "DESIGNS", "GRAPH_MAX_H", "KERNEL_CHOICES", "add_loader", "candidate", "check", "choose",
-           "design_for", "designs", "register"]
+           "design_for", "designs", "register", "runs_here"]
 
 # The designs a candidate can implement, in the order the rule prefers them where they apply.
 PERSISTENT_DESIGNS = ("stationary", "cluster")
@@ -116,6 +116,15 @@ def _load_candidates() -> None:
 def candidate(name: str) -> Candidate:
     """The registered candidate called ``name`` (what :func:`choose` returned), or :data:`STEP`."""
     return STEP if name == "step" else _CANDIDATES[name]
+
+
+def runs_here(name: str, device: torch.device) -> bool:
+    """Whether candidate ``name`` (not "step"), chosen for this shape, may run this call: not inside
+    :func:`fastmlstm.ops.verdicts.tested_path`, and, for the kernels that wait on the host (the
+    persistent ones read their error word), not while the stream is being captured into a graph."""
+    if verdicts.tested_only():
+        return False
+    return name == "graph" or not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def reset() -> None:
