@@ -325,15 +325,25 @@ def _check(path: Path, key: dict, check: Callable[[], Verdict], bound_s: float) 
     _forget_stale(path)
     marker = Verdict("running", pid=os.getpid(), host=socket.gethostname(), started=time.time())
     _write(path, key, marker)
+    keep = True
     try:
         verdict = bounded(check, bound_s)
     except BoundExceeded as exc:
         verdict = Verdict("failed", str(exc))
+    except torch.cuda.OutOfMemoryError:
+        # Says nothing about the kernel: refused for this process only, checked again in the next.
+        verdict, keep = Verdict("failed", "out of memory while checking (not kept: checked again next time)"), False
     except Exception as exc:  # a candidate that raises is refused, whatever it raised
         verdict = Verdict("failed", f"raised {type(exc).__name__}: {_first_line(exc)}")
     verdict.pid, verdict.host, verdict.started = marker.pid, marker.host, marker.started
     verdict.finished = time.time()
-    _write(path, key, verdict)
+    if keep:
+        _write(path, key, verdict)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
     return verdict
 
 

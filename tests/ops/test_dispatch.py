@@ -204,6 +204,17 @@ def test_a_bad_candidate_is_refused_with_one_log_line(stand_in, caplog, monkeypa
     assert ("not faster" if kind == "slower" else reason) in lines[0].message
 
 
+def test_running_out_of_memory_while_checking_is_not_kept(stand_in):
+    def oom(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    dispatch.register(_candidate(forward=oom)[0])
+    assert _choose() == "step" and not list(stand_in.glob("*.json"))
+    dispatch.register(_candidate()[0])  # the next process (and a candidate that fits) checks again
+    dispatch.reset()
+    assert _choose() == "graph"
+
+
 def test_a_candidate_faster_in_one_direction_runs_only_there(stand_in):
     dispatch.register(_candidate(backward=_slow(reference.backward, 0.06))[0])
     assert _choose("forward") == "graph" and _choose("backward") == "step"
