@@ -191,19 +191,37 @@ def _tile_work(sched, tile) -> tuple[float, int]:
     return flops, weights + sched.B * k_len * sched.dtype_bytes
 
 
-def _reduce_us(gpu: GPU, reduction: str, parts: int, prefetched: bool = False) -> float:
-    """Exposed latency of a split tile's reduction after its last contribution: "l2" (B1's scheme:
-    partials in a workspace, a ticket, the finisher loads the parts together): the ticket's round
-    trip, then the parts' loads, their latency overlapping the epilogue operands' HBM latency
-    unless those were ``prefetched``; "dsmem" (the parts in one cluster): a tree of
-    ceil(log2(parts)) remote rounds, each behind a cluster barrier; "tma_add": one L2 round trip."""
-    if parts <= 1 or reduction == "none":
-        return 0.0
-    if reduction == "l2":
-        return gpu.l2_latency_us + (gpu.l2_latency_us if prefetched else max(gpu.l2_latency_us, gpu.hbm_latency_us))
-    if reduction == "dsmem":
-        return math.ceil(math.log2(parts)) * (gpu.dsmem_latency_us + gpu.cluster_sync_us)
-    return gpu.l2_latency_us
+# How GPU-B1's Gluon kernels finish a tile (persistent/gluon_common.py: EPI_M, EPI_B and gather();
+# gluon_forward/backward's epilogues): chunk by chunk, EPILOGUE_ROWS units x EPILOGUE_COLS batch rows
+# per CTA, one chunk after another; in each chunk the finisher loads the parts one after another
+# (GATHER_UNROLL at a time: one L2 round trip each), then the epilogue's operands (one HBM
+# latency). A schedule that says otherwise carries epilogue_rows, epilogue_cols, gather_unroll and
+# epilogue_prefetch; tests/bench/test_costmodel.py checks these against the kernels' source.
+EPILOGUE_ROWS, EPILOGUE_COLS, GATHER_UNROLL = 64, 32, 1
+
+
+def _finish_us(gpu: GPU, sched, phase, parts: int, prefetched: bool) -> float:
+    """Time a finisher CTA spends on one output tile after its MMA (B1's reduction "l2": partials
+    in a workspace, the finisher gathers them in part order): per epilogue chunk, ceil(parts /
+    unroll) L2 round trips, then the operands' HBM latency unless ``prefetched``; at least the
+    parts' bytes at the SM's ingest rate. With ``finish_split`` every part finishes 1/parts of the
+    tile's chunks. "dsmem": a tree of ceil(log2(parts)) remote rounds behind
+    cluster barriers; "tma_add": one L2 round trip; both then the chunks' operand latencies."""
+    rows, cols = getattr(sched, "epilogue_rows", EPILOGUE_ROWS), getattr(sched, "epilogue_cols", EPILOGUE_COLS)
+    chunks = math.ceil(phase.block_m / rows) * math.ceil(sched.B / cols)
+    share = parts if getattr(sched, "finish_split", False) else 1  # every part finishes 1/parts of the tile
+    chunks = math.ceil(chunks / share)
+    prefetched = prefetched or getattr(sched, "epilogue_prefetch", False)
+    operands = 0.0 if prefetched else chunks * gpu.hbm_latency_us
+    if sched.reduction == "l2":
+        rounds = math.ceil(parts / getattr(sched, "gather_unroll", GATHER_UNROLL))
+        by_latency = chunks * (rounds * gpu.l2_latency_us + (0.0 if prefetched else gpu.hbm_latency_us))
+        return max(by_latency, parts * phase.block_m * sched.B * 4 / share / (gpu.sm_ingest_GBps * 1e3))
+    if sched.reduction == "dsmem" and parts > 1:
+        return math.ceil(math.log2(parts)) * (gpu.dsmem_latency_us + gpu.cluster_sync_us) + operands
+    if sched.reduction == "tma_add" and parts > 1:
+        return gpu.l2_latency_us + operands
+    return operands
 
 
 def persistent_cost(gpu: GPU, sched, prefetched: bool = False) -> dict:
@@ -212,36 +230,45 @@ def persistent_cost(gpu: GPU, sched, prefetched: bool = False) -> dict:
     The weights stream (or sit in shared memory) independently of the step's dependency chain: a
     CTA prefetches the next phase's weight tiles while it waits at a barrier, so the HBM, L2 and
     shared-memory traffic overlaps the chain. The chain is, per phase in dependency order, the
-    busiest CTA's tensor-core time over its tiles (at its SM's share of the measured rate) or its
-    operand ingest, whichever is longer, then the exposed reduction latency of split tiles, then
-    the phase's synchronisation ("grid": ``grid_sync_us`` and an L2 read of what it waited for;
-    "cluster": ``cluster_sync_us`` and a DSMEM read). Step = max(HBM, L2, shared-memory reads,
-    chain). It assumes the prefetch outlasts a barrier (a 1 us barrier at 3 TB/s is 3 MB chip-wide,
-    23 KB per SM, inside the pipeline's stages). ``prefetched``: the epilogues' operands are
-    loaded before the phase's reduction (not what the kernels do today; a lever, ``levers.py``).
+    slowest CTA: its tensor-core time over its tiles (at its SM's share of the measured rate) or its
+    operand ingest, whichever is longer; then, with the "l2" reduction, storing its float32
+    partials and, where it finishes a tile, a ticket round trip and the tile's finish
+    (:func:`_finish_us`); then the phase's synchronisation ("grid": ``grid_sync_us`` and an L2 read of
+    what it waited for; "cluster": ``cluster_sync_us`` and a DSMEM read). Step = max(HBM, L2,
+    shared-memory reads, chain). It assumes the prefetch outlasts a barrier (a 1 us barrier at
+    3 TB/s is 3 MB chip-wide, 23 KB per SM, inside the pipeline's stages). ``prefetched``: the
+    epilogues' operands loaded before the gather (a lever, ``levers.py``).
     """
     chain, phase_rows = 0.0, []
+    ingest_rate = gpu.sm_ingest_GBps * 1e3
     for phase in sched.phases:
         per_cta: dict[int, list[float]] = {}
-        parts = 1
         for tile in sched.tiles:
-            if tile.phase == phase.index:
-                flops, ingest = _tile_work(sched, tile)
-                acc = per_cta.setdefault(tile.cta, [0.0, 0.0])
-                acc[0] += flops
-                acc[1] += ingest
-                parts = max(parts, tile.parts)
-        math_us = max((a[0] for a in per_cta.values()), default=0.0) / (gpu.mma_TFLOPs_16bit * 1e6 / gpu.sms)
-        ingest_us = max((a[1] for a in per_cta.values()), default=0.0) / (gpu.sm_ingest_GBps * 1e3)
+            if tile.phase != phase.index:
+                continue
+            flops, ingest = _tile_work(sched, tile)
+            acc = per_cta.setdefault(tile.cta, [0.0, 0.0, 0.0, 0.0])  # flops, ingest, partial stores, finishing
+            acc[0] += flops
+            acc[1] += ingest
+            if sched.reduction == "l2":
+                acc[2] += phase.block_m * sched.B * 4 / ingest_rate
+            if tile.part == tile.parts - 1 or getattr(sched, "finish_split", False):
+                acc[3] += _finish_us(gpu, sched, phase, tile.parts, prefetched) + (
+                    gpu.l2_latency_us if tile.parts > 1 else 0.0)
+        rate = gpu.mma_TFLOPs_16bit * 1e6 / gpu.sms
+        times = {cta: max(a[0] / rate, a[1] / ingest_rate) + a[2] + a[3] for cta, a in per_cta.items()}
+        slowest = max(times, key=times.get)
+        a = per_cta[slowest]
         sync = getattr(phase, "sync", "grid")
         sync_us = (gpu.grid_sync_us + gpu.l2_latency_us if sync == "grid"
                    else gpu.cluster_sync_us + gpu.dsmem_latency_us if sync == "cluster" else 0.0)
-        reduce_us = _reduce_us(gpu, sched.reduction, parts, prefetched)
-        took = max(math_us, ingest_us) + reduce_us + sync_us
+        took = times[slowest] + sync_us
         chain += took
-        phase_rows.append({"product": phase.product, "sync": sync, "ctas": len(per_cta), "parts": parts,
-                           "math_us": round(math_us, 3), "ingest_us": round(ingest_us, 3),
-                           "reduce_us": round(reduce_us, 3), "sync_us": round(sync_us, 3), "us": round(took, 3)})
+        phase_rows.append({"product": phase.product, "sync": sync, "ctas": len(per_cta),
+                           "parts": max(t.parts for t in sched.tiles if t.phase == phase.index),
+                           "math_us": round(a[0] / rate, 3), "ingest_us": round(a[1] / ingest_rate, 3),
+                           "store_us": round(a[2], 3), "finish_us": round(a[3], 3), "sync_us": round(sync_us, 3),
+                           "us": round(took, 3)})
     terms = {
         "hbm": _hbm_us(gpu, sched.hbm_bytes_per_step),
         "l2": _l2_us(gpu, sched.l2_bytes_per_step),

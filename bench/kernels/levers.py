@@ -12,39 +12,50 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import costmodel  # noqa: E402
 
 # (name, H, B, design, changes): see what_if for the changes.
+# The finish that every lever below builds on (FAST): each chunk loads up to 4 parts at once
+# (fused_step.py's GATHER), the epilogue's operands are loaded before the gather, and with SPLIT
+# every part finishes 1/parts of the tile (a reduce-scatter) instead of one finisher doing all.
+FAST = {"gather_unroll": 4, "epilogue_prefetch": True}
+SPLIT = {**FAST, "finish_split": True}
 LEVERS = (
     ("as scheduled", 4096, 128, "cluster", {}),
-    ("xm not saved (item 7)", 4096, 128, "cluster", {"save_xm": False}),
+    ("gather 4 parts at once + operands prefetched", 4096, 128, "cluster", {"kernel": FAST}),
+    ("... + every part finishes a slice", 4096, 128, "cluster", {"kernel": SPLIT}),
+    ("... + xm not saved (item 7)", 4096, 128, "cluster", {"kernel": SPLIT, "save_xm": False}),
     ("as scheduled", 2048, 128, "cluster", {}),
-    ("64-row tiles (fewer split-K parts)", 2048, 128, "cluster", {"plan": {"block_m": 64}}),
-    ("weights kept in L2 across steps", 2048, 128, "cluster", {"weights": "l2"}),
-    ("64-row tiles + weights kept in L2", 2048, 128, "cluster", {"plan": {"block_m": 64}, "weights": "l2"}),
-    ("weights on chip (smem + registers)", 2048, 128, "cluster", {"weights": "on chip"}),
+    ("gather 4 at once + prefetched + slices", 2048, 128, "cluster", {"kernel": SPLIT}),
+    ("... + 64-row tiles (fewer parts)", 2048, 128, "cluster", {"kernel": SPLIT, "plan": {"block_m": 64}}),
+    ("... + weights kept in L2 across steps", 2048, 128, "cluster",
+     {"kernel": SPLIT, "plan": {"block_m": 64}, "weights": "l2"}),
+    ("... + weights on chip (smem + registers)", 2048, 128, "cluster",
+     {"kernel": SPLIT, "plan": {"block_m": 64}, "weights": "on chip"}),
     ("as scheduled", 1024, 64, "stationary", {}),
-    ("epilogue operands prefetched", 1024, 64, "stationary", {"prefetched": True}),
-    ("grid dependency 0.5 us", 1024, 64, "stationary", {"grid_sync_us": 0.5}),
-    ("prefetched + 0.5 us grid dependency", 1024, 64, "stationary", {"prefetched": True, "grid_sync_us": 0.5}),
-    ("64-row tiles + prefetched + 0.5 us", 1024, 64, "stationary",
-     {"plan": {"block_m": 64}, "prefetched": True, "grid_sync_us": 0.5}),
+    ("gather 4 at once + prefetched + slices", 1024, 64, "stationary", {"kernel": SPLIT}),
+    ("... + 64-row tiles (fewer parts)", 1024, 64, "stationary", {"kernel": SPLIT, "plan": {"block_m": 64}}),
+    ("... + grid dependency 0.5 us", 1024, 64, "stationary",
+     {"kernel": SPLIT, "plan": {"block_m": 64}, "grid_sync_us": 0.5}),
     ("as scheduled", 4096, 1, "cluster", {}),
-    ("40 MB of weights kept in L2 across steps", 4096, 1, "cluster", {"weights": 40e6}),
+    ("gather 4 at once + prefetched + slices", 4096, 1, "cluster", {"kernel": SPLIT}),
+    ("... + 40 MB of weights kept in L2 across steps", 4096, 1, "cluster", {"kernel": SPLIT, "weights": 40e6}),
 )
 
 
 def what_if(gpu, direction: str, B: int, H: int, design: str, weights="as scheduled", save_xm: bool = True,
-            prefetched: bool = False, plan: dict | None = None, **table_changes) -> dict | None:
+            kernel: dict | None = None, plan: dict | None = None, **table_changes) -> dict | None:
     """``design``'s schedule with changes: ``plan`` keyword arguments of ``schedule.plan`` (tile
     sizes); ``weights`` "l2" (kept in L2 across steps: no longer read from HBM), a byte count (that
     much of them kept in L2) or "on chip" (in shared memory and registers: neither from HBM nor
     through L2, and no weight ingest); ``save_xm`` False: the forward does not write xm into act
-    (B H e bytes less per step); ``prefetched``: the epilogues' operands loaded before the
-    reduction; ``table_changes``: GPU table quantities (e.g. ``grid_sync_us``)."""
+    (B H e bytes less per step); ``kernel``: how the kernel finishes a tile (``gather_unroll``,
+    ``epilogue_prefetch``, ``finish_split``: see ``costmodel._finish_us``); ``table_changes``: GPU
+    table quantities (e.g. ``grid_sync_us``)."""
     from fastmlstm.ops.triton.persistent import schedule
 
     gpu = dataclasses.replace(gpu, **table_changes)
@@ -57,7 +68,9 @@ def what_if(gpu, direction: str, B: int, H: int, design: str, weights="as schedu
     changes = {"hbm_bytes_per_step": sched.hbm_bytes_per_step - kept - xm}
     if weights == "on chip":
         changes.update(design="stationary", l2_bytes_per_step=sched.l2_bytes_per_step - w)
-    cost = costmodel.persistent_cost(gpu, dataclasses.replace(sched, **changes), prefetched=prefetched)
+    changed = {f.name: getattr(sched, f.name) for f in dataclasses.fields(sched)}
+    changed.update(changes, **(kernel or {}))
+    cost = costmodel.persistent_cost(gpu, types.SimpleNamespace(**changed))
     cost["weights_per_cta_KB"] = round(5 * H * H * sched.dtype_bytes / sched.ctas / 1024, 1)
     return cost
 

@@ -85,46 +85,60 @@ def test_math_with_a_partial_last_wave():
     assert costmodel._busiest_math_us(gpu, 2e6, 2, gpu.mma_TFLOPs_16bit) == pytest.approx(1.0)  # 2 SMs idle
 
 
-def _toy_schedule(design="cluster", reduction="l2", parts=2):
-    """Two phases on 2 CTAs: phase 0 K = 128 (2 blocks of 64), 64-row tiles; phase 1 K = 64."""
-    phases = (types.SimpleNamespace(index=0, product="hm", K=128, block_m=64, block_k=64, sync="grid"),
-              types.SimpleNamespace(index=1, product="z", K=64, block_m=64, block_k=64, sync="grid"))
+def _toy_schedule(design="cluster", reduction="l2", **kernel):
+    """Two phases on 2 CTAs, 64-row tiles, K blocks of 64, B = 8 (MMA N 16): phase 0 is one tile
+    split in two parts (CTA 0 then CTA 1, which finishes it); in phase 1 each CTA owns a tile."""
+    phase = types.SimpleNamespace
+    phases = (phase(index=0, product="hm", K=128, block_m=64, block_k=64, sync="grid"),
+              phase(index=1, product="z", K=64, block_m=64, block_k=64, sync="grid"))
     tile = types.SimpleNamespace
-    tiles = (tile(cta=0, phase=0, kb_lo=0, kb_hi=2, parts=1), tile(cta=1, phase=0, kb_lo=0, kb_hi=1, parts=parts),
-             tile(cta=0, phase=1, kb_lo=0, kb_hi=1, parts=1), tile(cta=1, phase=1, kb_lo=0, kb_hi=1, parts=1))
+    tiles = (tile(cta=0, phase=0, kb_lo=0, kb_hi=1, part=0, parts=2), tile(cta=1, phase=0, kb_lo=1, kb_hi=2, part=1, parts=2),
+             tile(cta=0, phase=1, kb_lo=0, kb_hi=1, part=0, parts=1), tile(cta=1, phase=1, kb_lo=0, kb_hi=1, part=0, parts=1))
     return types.SimpleNamespace(
-        design=design, direction="forward", B=8, H=64, dtype_bytes=2, ctas=2, cluster=2, active_sms=2, split_k=parts,
+        design=design, direction="forward", B=8, H=64, dtype_bytes=2, ctas=2, cluster=2, active_sms=2, split_k=2,
         reduction=reduction, resident_weight_bytes_per_cta=0, block_b=16, phases=phases, tiles=tiles,
         hbm_bytes_per_step=4e6, l2_bytes_per_step=3e6, onchip_bytes_per_step=0, multicast_bytes_saved_per_step=0,
-        weight_bytes_per_call=0)
+        weight_bytes_per_call=0, **kernel)
 
 
 def test_persistent_cost_by_hand():
-    # 2 SMs at 1e6 FLOP/us each; 1e3 B/us of ingest per SM; HBM 1e6 B/us; L2 2e6 B/us.
-    gpu = costmodel.gpus(sms=2, mma_TFLOPs_16bit=2, sm_ingest_GBps=1, hbm_TBps=1, hbm_efficiency=1, l2_TBps=2,
+    # 2 SMs at 1e6 FLOP/us each; 1e5 B/us of ingest per SM; HBM 1e6 B/us; L2 2e6 B/us.
+    gpu = costmodel.gpus(sms=2, mma_TFLOPs_16bit=2, sm_ingest_GBps=100, hbm_TBps=1, hbm_efficiency=1, l2_TBps=2,
                          grid_sync_us=1.0, l2_latency_us=0.5, hbm_latency_us=0.8)["H100-SXM"]
+    mma = 2 * 64 * 16 * 64 / 1e6          # one K block: 64 rows x 16 batch columns x 64 -> 0.131 us
+    store = 64 * 8 * 4 / 1e5              # the float32 partial [64, 8] -> 0.0205 us
+    sync = 1.0 + 0.5                      # grid dependency, then an L2 read of what it waited for
+    # Phase 0: CTA 1 finishes the 2-part tile: ticket 0.5, then its one epilogue chunk (64 units x
+    # 32 batch rows covers B = 8) loads the parts one after another (2 x 0.5) and then the operands
+    # (0.8); the parts' 4 KB at the ingest rate are less.
+    p0 = mma + store + 0.5 + (2 * 0.5 + 0.8) + sync
+    # Phase 1: each CTA finishes its own 1-part tile: one round (0.5) + operands (0.8), no ticket.
+    p1 = mma + store + (0.5 + 0.8) + sync
     c = costmodel.persistent_cost(gpu, _toy_schedule())
-    # Phase 0, CTA 0: 2 blocks: MMA 2 x 64 rows x 16 batch columns x 128 = 262,144 FLOP -> 0.262 us;
-    # ingest 64 x 128 x 2 weights + 8 x 128 x 2 activation = 18,432 B -> 18.43 us (binding).
-    # Reduction of the 2-part tile: ticket 0.5 + max(0.5, 0.8) = 1.3; grid sync 1.0 + L2 read 0.5.
-    p0 = 18.432 + 1.3 + 1.5
-    # Phase 1: one block each: ingest 64 x 64 x 2 + 8 x 64 x 2 = 9,216 B -> 9.216 us; no split.
-    p1 = 9.216 + 1.5
-    assert [p["us"] for p in c["phases"]] == pytest.approx([p0, p1], abs=1e-3)
-    assert c["terms_us"]["chain"] == pytest.approx(p0 + p1, abs=1e-3)
+    assert [p["us"] for p in c["phases"]] == pytest.approx([p0, p1], abs=2e-3)
     assert c["terms_us"]["hbm"] == pytest.approx(4.0) and c["terms_us"]["l2"] == pytest.approx(1.5)
-    assert c["time_us"] == pytest.approx(p0 + p1, abs=1e-3) and c["bound"] == "chain"
-    # A stationary design receives no weights: phase 0's CTA 0 ingests only 2,048 B of activation;
-    # its MMA (0.262 us) is still shorter, so 2.048 us.
+    assert c["time_us"] == pytest.approx(p0 + p1, abs=2e-3) and c["bound"] == "chain"
+    # Four parts per round and the operands prefetched: one L2 round trip per chunk.
+    fast = costmodel.persistent_cost(gpu, _toy_schedule(gather_unroll=4, epilogue_prefetch=True))
+    assert [p["us"] for p in fast["phases"]] == pytest.approx([mma + store + 0.5 + 0.5 + sync,
+                                                              mma + store + 0.5 + sync], abs=2e-3)
+    # A stationary design receives no weights: only the activation tile [8, 64], 1,024 B.
     s = costmodel.persistent_cost(gpu, _toy_schedule(design="stationary"))
-    assert s["phases"][0]["ingest_us"] == pytest.approx(2.048, abs=1e-3)
-    # A DSMEM reduction of 2 parts: one tree round, a remote access (0.1) behind a cluster barrier
-    # (0.15), instead of the workspace's 1.3 us; with the epilogue operands prefetched the
-    # workspace costs two L2 round trips.
+    assert s["phases"][0]["ingest_us"] == pytest.approx(1024 / 1e5, abs=1e-3)
+    # A DSMEM reduction of 2 parts stores no partial: one tree round, a remote access (0.1) behind a
+    # cluster barrier (0.15), after the ticket; then the operands (0.8).
     d = costmodel.persistent_cost(gpu, _toy_schedule(reduction="dsmem"))
-    assert d["phases"][0]["reduce_us"] == pytest.approx(0.25)
-    p = costmodel.persistent_cost(gpu, _toy_schedule(), prefetched=True)
-    assert p["phases"][0]["reduce_us"] == pytest.approx(1.0)
+    assert d["phases"][0]["finish_us"] == pytest.approx(0.5 + 0.25 + 0.8, abs=1e-3)
+    assert d["phases"][0]["store_us"] == 0
+
+
+def test_the_model_reads_the_kernels_epilogue_as_written():
+    """The epilogue chunk the model assumes is the Gluon kernels' (EPI_M x EPI_B per CTA)."""
+    import re
+
+    source = (LAB.parents[1] / "fastmlstm" / "ops" / "triton" / "persistent" / "gluon_common.py").read_text()
+    assert int(re.search(r"EPI_M = gl.constexpr\((\d+)\)", source).group(1)) == costmodel.EPILOGUE_ROWS
+    assert int(re.search(r"EPI_B = gl.constexpr\((\d+)\)", source).group(1)) == costmodel.EPILOGUE_COLS
 
 
 def test_rows_price_what_the_dispatcher_picks():
@@ -238,3 +252,25 @@ def test_benchmark_predictions_carry_the_floor_and_the_per_call_cost():
         assert row["per_call_us"] >= W1024 / HBM_H100
     assert costmodel.predict("H100-SXM", "featurize", "bfloat16", 4096, 128) is None
     assert costmodel.predict("H100-SXM", "fwd", "float32", 4096, 128) is None
+
+
+def test_levers_price_the_real_schedules():
+    """levers.py: "as scheduled" is the design's own cost; dropping the xm save takes B H e bytes off
+    the forward's HBM traffic and nothing off the backward's; a faster finish never costs time."""
+    import levers
+
+    rows = {(r["gpu"], r["H"], r["B"], r["direction"], r["lever"]): r for r in levers.lever_rows()}
+    for (gpu, H, B, direction, lever), r in rows.items():
+        if lever == "as scheduled":
+            cost = costmodel.design_cost(costmodel.GPUS[gpu], r["design"], direction, B, H)
+            assert r["predicted_us"] == pytest.approx(cost["time_us"], abs=0.01)
+    split, no_xm = "... + every part finishes a slice", "... + xm not saved (item 7)"
+    base, fewer = rows[("H100-SXM", 4096, 128, "fwd", split)], rows[("H100-SXM", 4096, 128, "fwd", no_xm)]
+    assert base["hbm_MB"] - fewer["hbm_MB"] == pytest.approx(128 * 4096 * 2 / 1e6, abs=0.11)
+    assert rows[("H100-SXM", 4096, 128, "bwd", no_xm)]["hbm_MB"] == rows[("H100-SXM", 4096, 128, "bwd", split)]["hbm_MB"]
+    for gpu in ("H100-SXM", "H200"):
+        for H, B in costmodel.MODEL_SHAPES:
+            for direction in costmodel.DIRECTIONS:
+                same = [r for (g, h, b, d, _), r in rows.items() if (g, h, b, d) == (gpu, H, B, direction)]
+                plain = [r for r in same if r["lever"] == "as scheduled"]
+                assert all(r["predicted_us"] <= plain[0]["predicted_us"] + 1e-6 for r in same if "gather" in r["lever"])
