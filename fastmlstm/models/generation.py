@@ -12,8 +12,9 @@ key (device, driver, versions, sources, dtype, backend, H, B rounded up to a pow
 units are held) it is compared with the eager step over :data:`CHECK_STEPS` bytes (logits and both
 states may differ by at most ``verdicts.ABS[dtype]``, relative: the same kernels replayed, since a
 capture takes the tested path of every backend and so does the eager step it is compared with) and
-both are timed (the eager step as it would run); it is used only if it passed and is faster. ``FASTMLSTM_KERNEL=graph`` forces it (with
-a warning if it failed), ``step`` or ``persistent`` keep the eager step.
+both are timed (the eager step as it would run); it is used only if it passed and is faster.
+``FASTMLSTM_KERNEL=graph`` forces it (with a warning if it failed), ``step`` or ``persistent`` keep
+the eager step.
 """
 
 from __future__ import annotations

@@ -188,7 +188,8 @@ def graphed_generation(monkeypatch, tmp_path):
     monkeypatch.setattr(generation, "TIMING_STEPS", 2)
     replays = []
     real_call = capture.StepGraph.__call__
-    monkeypatch.setattr(capture.StepGraph, "__call__", lambda self, inputs: replays.append(1) or real_call(self, inputs))
+    monkeypatch.setattr(capture.StepGraph, "__call__",
+                        lambda self, inputs: replays.append(1) or real_call(self, inputs))
     verdicts.forget_process_memory()
     yield generation, replays, tmp_path / "fastmlstm" / "kernels"
     verdicts.forget_process_memory()

@@ -1,10 +1,10 @@
 """The per-step path as CUDA graphs: the "graph" candidate of :mod:`.dispatch`.
 
 Each step of :mod:`.recurrence` is two kernel launches; at H <= 2048 the host takes longer to
-launch them than the GPU to run them. Here a whole call's step loop (of at least :data:`MIN_T` steps) (forward, or backward) is
-captured once per (direction, shapes and dtypes of every input, launch plan) and replayed with the
-call's inputs copied into the graph's static buffers (weights that did not change since the last
-call are not copied again) and its outputs cloned out. Captured graphs are kept in a
+launch them than the GPU to run them. Here a whole call's step loop (forward, or backward; at least
+:data:`MIN_T` steps) is captured once per (direction, shapes and dtypes of every input, launch
+plan) and replayed with the call's inputs copied into the graph's static buffers (weights that did
+not change since the last call are not copied again) and its outputs cloned out. Captured graphs are kept in a
 :class:`fastmlstm.ops.capture.GraphCache` bounded by :data:`MAX_GRAPHS` and :data:`MAX_BYTES`; a
 call too big to keep, or one made while someone else is capturing a graph, runs the per-step path
 directly. Like every candidate, the graphs run only after :mod:`.dispatch` checked them on the
