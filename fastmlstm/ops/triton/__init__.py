@@ -24,7 +24,7 @@ def is_available() -> tuple[bool, str]:
 
 def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, return_cell_states):
     """The contract of :mod:`fastmlstm.ops.interface`'s ``forward``."""
-    if proj.device.type == "cuda":
+    if proj.device.type == "cuda" and proj.numel():  # nothing to run: no kernel to choose (or check)
         name = dispatch.choose(proj.shape[1], proj.shape[2] // 5, proj.dtype, proj.device, "forward")
         if name != "step" and dispatch.runs_here(name, proj.device):
             return dispatch.candidate(name).forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward,
@@ -36,7 +36,7 @@ def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, 
              act):
     """The contract of :mod:`fastmlstm.ops.interface`'s ``backward``."""
     args = (grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0, lengths, output, cell_states, act)
-    if output.device.type == "cuda":
+    if output.device.type == "cuda" and output.numel():
         name = dispatch.choose(output.shape[1], output.shape[2], output.dtype, output.device, "backward")
         if name != "step" and dispatch.runs_here(name, output.device):
             return dispatch.candidate(name).backward(*args)

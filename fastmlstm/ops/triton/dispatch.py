@@ -191,7 +191,7 @@ def choose(B: int, H: int, dtype: torch.dtype, device: torch.device, direction: 
         return name
     mode = verdicts.kernel_choice()
     site = _site(device)
-    if site is None or mode == "step":
+    if site is None or mode == "step" or B < 1 or H < 1:
         name, final = "step", True
     else:
         _load_candidates()
