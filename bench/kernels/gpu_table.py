@@ -50,9 +50,13 @@ TABLE = [
     ("grid_sync_us", 1.0, 1.0,
      ("assumption: one grid-wide step dependency in a persistent kernel with 132 CTAs (release fence, "
      "arrival on L2 flags or a counter, polling until the last arrives): about three loaded L2 round "
-     "trips plus arrival skew")),
+     "trips plus arrival skew. Zhang et al., 'A Study of Single and Multi-device Synchronization Methods in "
+      "Nvidia GPUs' (arXiv 2004.05371), measured grid synchronisation on GPUs before Hopper")),
     ("cluster_sync_us", 0.15, 0.15, "assumption: barrier.cluster arrive.release + wait.acquire, about 300 cycles"),
-    ("dsmem_latency_us", 0.1, 0.1, "assumption: one remote shared-memory access in the cluster, about 200 cycles"),
+    ("dsmem_latency_us", 0.1, 0.1,
+     ("assumption: one remote shared-memory access in the cluster, about 200 cycles; Luo et al., 'Benchmarking "
+      "and Dissecting the Nvidia Hopper GPU Architecture' (arXiv 2402.13499), measured distributed shared "
+      "memory on an H800, its throughput depending on cluster and block size")),
     ("smem_bytes_per_clock", 128, 128,
      "CUDA programming guide, compute capability 9.0: 32 banks of 4 bytes per clock per SM"),
     ("launch_gap_us", 2.0, 2.0,
