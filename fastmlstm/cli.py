@@ -171,6 +171,7 @@ def cmd_featurize(args) -> int:
         texts = splits[split].texts
     else:
         texts = _read_texts(args)
+    _check_file("--output", args.output)
     if not texts:
         raise InputError("no texts: give --text, --input FILE (one text per line) or --dataset NAME[:SPLIT]")
     model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
@@ -186,29 +187,58 @@ def cmd_featurize(args) -> int:
     return 0
 
 
-def cmd_probe(args) -> int:
-    from .probe import evaluate, plot_data_efficiency, plot_unit_histogram
+def _check_folder(flag: str, path: str | None) -> None:
+    """Refuse, before any work, a folder flag that names a file (or lies under one)."""
+    if path is None:
+        return
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"{flag} {path}: {folder} is a file, not a folder")
+            return
 
+
+def _check_file(flag: str, path: str | None) -> None:
+    """Refuse, before any work, a file flag that names a directory."""
+    if path is not None and Path(path).is_dir():
+        raise InputError(f"{flag} {path} is a directory; give a file name")
+
+
+def _probe_plots(args, result, metrics: dict) -> dict:
+    """Write the probe's PNGs into --plots; returns {name: path} of those written."""
+    from .probe import plot_data_efficiency, plot_unit_histogram
+
+    plots = Path(args.plots)
+    written = {}
+    if result.probe is not None and result.probe.sentiment_unit is not None:
+        unit = result.probe.sentiment_unit
+        written["unit_histogram"] = str(plot_unit_histogram(
+            result.eval_features[:, unit], result.eval_labels, plots / f"{args.task}_unit_histogram.png",
+            unit=unit, class_names=("objective", "subjective") if args.task == "subj" else None,
+            title=f"{args.task}: unit {unit} on {metrics.get('evaluated_on', 'evaluation data')}"))
+    if result.curve is not None:
+        paper = metrics.get("paper", {}).get("accuracy")
+        written["data_efficiency"] = str(plot_data_efficiency(
+            result.curve, plots / f"{args.task}_data_efficiency.png", title=f"{args.task}: data efficiency",
+            reference={"paper (full data)": paper} if paper else None))
+    return written
+
+
+def cmd_probe(args) -> int:
+    from .probe import evaluate
+
+    _check_folder("--plots", args.plots)
+    _check_file("--output", args.output)
     model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     result = evaluate(model, args.task, root=args.data_dir, limit=args.limit, seed=args.seed, curve=args.curve,
                       curve_draws=args.draws, batch_size=args.batch_size,
                       progress=False if args.no_progress else None)
     metrics = dict(result.metrics)
     if args.plots:
-        plots = Path(args.plots)
-        written = {}
-        if result.probe is not None and result.probe.sentiment_unit is not None:
-            unit = result.probe.sentiment_unit
-            written["unit_histogram"] = str(plot_unit_histogram(
-                result.eval_features[:, unit], result.eval_labels, plots / f"{args.task}_unit_histogram.png",
-                unit=unit, class_names=("objective", "subjective") if args.task == "subj" else None,
-                title=f"{args.task}: unit {unit} on {metrics.get('evaluated_on', 'evaluation data')}"))
-        if result.curve is not None:
-            paper = metrics.get("paper", {}).get("accuracy")
-            written["data_efficiency"] = str(plot_data_efficiency(
-                result.curve, plots / f"{args.task}_data_efficiency.png", title=f"{args.task}: data efficiency",
-                reference={"paper (full data)": paper} if paper else None))
-        metrics["plots"] = written
+        try:
+            metrics["plots"] = _probe_plots(args, result, metrics)
+        except OSError as exc:
+            raise InputError(f"cannot write the plots into {args.plots}: {exc.strerror or exc}") from None
     text = json.dumps(metrics)
     if args.output:
         _write(args.output, lambda f: f.write(text + "\n"), mode="w")
@@ -240,6 +270,8 @@ def cmd_visualize(args) -> int:
     unit = args.unit if args.unit is not None else _unit_from_probe(args.probe)[0]
     if not (args.html or args.png):
         raise InputError("say where to write: --html FILE and/or --png FILE")
+    _check_file("--html", args.html)
+    _check_file("--png", args.png)
     texts = _read_texts(args)
     if len(texts) != 1:
         raise InputError(f"visualize takes one text (--text or a one-line --input), got {len(texts)}")

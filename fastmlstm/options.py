@@ -102,7 +102,8 @@ def _show(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e16 else f"{bound:g}"
 
 
-_SEED = Number(int, 0, 2**64 - 1)  # torch.Generator.manual_seed's range; numpy's seeds are >= 0 too
+# Seeds go to torch, numpy and scikit-learn (whose limit is 2**32 - 1); the probe adds small offsets.
+_SEED = Number(int, 0, 2**31 - 1)
 
 # Every numeric option, by the name the Python API gives it (a flag's name with '-' for '_').
 OPTIONS: dict[str, Number] = {
@@ -130,7 +131,7 @@ OPTIONS: dict[str, Number] = {
     # featurizing and probing (featurize, evaluate, fastmlstm featurize / probe / visualize)
     "batch_size": Number(int, 1, optional=True),
     "chunk_size": Number(int, 1, optional=True),
-    "limit": Number(int, 1, optional=True),
+    "limit": Number(int, 2, optional=True),  # a split needs two examples
     "draws": Number(int, 1),
     "width": Number(int, 1),
     "scale": Number(float, 0, low_open=True, optional=True),

@@ -98,8 +98,8 @@ def test_the_training_scripts_parser_refuses_them_too(capsys):
 def test_good_values_pass_and_are_numbers():
     parser = COMMANDS["generate"]
     args = parser.parse_args(["--model", "m", "--temperature", "0", "--top-k", "256", "--n-bytes", "0",
-                              "--seed", str(2**64 - 1), "--fix", "7=-2.5"])
-    assert (args.temperature, args.top_k, args.n_bytes, args.seed, args.fix) == (0.0, 256, 0, 2**64 - 1,
+                              "--seed", str(2**31 - 1), "--fix", "7=-2.5"])
+    assert (args.temperature, args.top_k, args.n_bytes, args.seed, args.fix) == (0.0, 256, 0, 2**31 - 1,
                                                                                  [(7, -2.5)])
     args = config.parse_args(["--data", "x", "--out", "y", "--clip", "0", "--eval-every", "0", "--lr", "1e-3"])
     assert args.clip == 0.0 and args.eval_every == 0 and args.lr == 1e-3
