@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ class Source:
                 try:
                     with opener(path, "rb") as f:
                         record = f.read().replace(b"\r\n", b" ").replace(b"\n", b" ").replace(b"\r", b" ")
-                except (OSError, EOFError) as exc:
+                except (OSError, EOFError, zlib.error) as exc:
                     raise InputError(f"cannot read corpus file {path}: {exc}") from exc
                 if record:
                     out.write(record + b"\n")
@@ -141,8 +142,9 @@ class Source:
                 header = [h.lstrip("\ufeff") for h in header]
                 column = self.column or "text"
                 if column not in header:
-                    raise InputError(f"{self.path}: no column {column!r} (columns: {', '.join(header)}); "
-                                     f"name one as {self.path}#COLUMN")
+                    shown = ", ".join(h if h.isprintable() and len(h) <= 40 else repr(h[:40]) for h in header[:20])
+                    raise InputError(f"{self.path}: no column {column!r} (columns: {shown}"
+                                     f"{', ...' if len(header) > 20 else ''}); name one as {self.path}#COLUMN")
                 index = header.index(column)
                 for row in reader:
                     if len(row) <= index:
@@ -151,7 +153,7 @@ class Source:
                     data = record.encode("utf-8", errors="surrogateescape") + b"\n"
                     out.write(data)
                     written += len(data)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: a damaged gzip stream
             raise InputError(f"cannot read corpus file {self.path}: {exc}") from exc
         except csv.Error as exc:
             raise InputError(f"{self.path}: malformed {'CSV' if self.delimiter == ',' else 'TSV'}: {exc}") from exc

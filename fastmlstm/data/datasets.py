@@ -49,6 +49,7 @@ import html
 import io
 import os
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,10 @@ def _read_bytes(path: Path) -> bytes:
     with open(path, "rb") as f:
         data = f.read()
     if data[:2] == b"\x1f\x8b":  # gzip magic, whatever the name says
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(f"{path} is a damaged gzip file ({exc})") from None
     return data
 
 

@@ -19,6 +19,7 @@ over unchanged. Gate order is i, f, o, u in both.
 from __future__ import annotations
 
 import os
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,23 @@ def is_openai_dir(path: str | os.PathLike) -> bool:
     return path.is_dir() and all(f is not None and f.is_file() for f in _files(path))
 
 
+def _read_array(file: Path, shown: Path, name: str) -> np.ndarray:
+    """One array of the layout (``shown`` is its name in the folder, ``file`` where it is read)."""
+    try:
+        with open(file, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":  # np.load would also take a pickle or an .npz archive
+            raise ValueError("it does not begin like a .npy file")
+        a = np.load(file, allow_pickle=False)
+    except (OSError, ValueError, EOFError, SyntaxError, TypeError, OverflowError, MemoryError,
+            tokenize.TokenError) as exc:  # truncated, a header numpy cannot parse, an object array
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{shown} ({name}) is not a readable .npy array: {reason}") from None
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ModelFileError(f"{shown} ({name}) holds {a.dtype}, expected floating point weights")
+    return a
+
+
 def _read_arrays(path: Path) -> list[np.ndarray]:
     if not path.exists():
         raise MissingInputError(f"no released-weights directory at {path}")
@@ -61,16 +79,7 @@ def _read_arrays(path: Path) -> list[np.ndarray]:
         raise MissingInputError(f"{path} is missing {', '.join(missing)} of the released layout (0.npy .. 14.npy)")
     arrays = []
     for i, file in enumerate(files):
-        shown = path / f"{i}.npy"
-        try:
-            a = np.load(file, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:  # truncated, not .npy, or an object array
-            raise ModelFileError(f"{shown} ({_NAMES[i]}) is not a readable .npy array: "
-                                 f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
-                                 ) from None
-        if not np.issubdtype(a.dtype, np.floating):
-            raise ModelFileError(f"{shown} ({_NAMES[i]}) holds {a.dtype}, expected floating point weights")
-        arrays.append(a)
+        arrays.append(_read_array(file, path / f"{i}.npy", _NAMES[i]))
     return arrays
 
 

@@ -6,19 +6,16 @@ run gives the new state."""
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import pytest
+from faults import fresh_copy, hunt, snapshot
+from test_fetch import Slow, slow  # noqa: F401 (the server fixture)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/faults.py
-from faults import fresh_copy, hunt, snapshot  # noqa: E402
-from test_fetch import Slow, slow  # noqa: E402, F401 (the server fixture)
-
-from fastmlstm.data.corpus import Source, build_stream, open_stream  # noqa: E402
-from fastmlstm.data.datasets import load  # noqa: E402
-from fastmlstm.data.download import download  # noqa: E402
-from fastmlstm.data.fetch import fetch  # noqa: E402
+from fastmlstm.data.corpus import Source, build_stream, open_stream
+from fastmlstm.data.datasets import load
+from fastmlstm.data.download import download
+from fastmlstm.data.fetch import fetch
 
 assert Slow
 
@@ -27,7 +24,7 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def test_fetch_over_an_existing_file(slow, tmp_path):
+def test_fetch_over_an_existing_file(slow, tmp_path):  # noqa: F811
     old, new = b"old contents\n" * 100, b"new contents!\n" * 100
     slow.files["f.bin"] = new
     template = tmp_path / "template"
@@ -51,7 +48,7 @@ def _sst2(label: str) -> dict[str, bytes]:
             for split in ("train", "dev", "test")}
 
 
-def test_a_dataset_downloaded_again(slow, tmp_path):
+def test_a_dataset_downloaded_again(slow, tmp_path):  # noqa: F811
     """force=True with new files on the server: the dataset folder (and a file the user put there)
     stays byte-identical whatever fails; the archives already fetched are kept and checked."""
     old, new = _sst2("old"), _sst2("new")

@@ -5,19 +5,16 @@ save_openai, training checkpoints, download_model."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from faults import fresh_copy, hunt, snapshot
+from test_model_download import NAME, same_weights, server, standins  # noqa: F401 (fixtures)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/faults.py
-from faults import fresh_copy, hunt, snapshot  # noqa: E402
-from test_model_download import NAME, same_weights, server, standins  # noqa: E402, F401 (fixtures)
-
-import fastmlstm  # noqa: E402
-from fastmlstm._atomic import TXN_DIR, committed_path  # noqa: E402
-from fastmlstm.models.pretrained import MARKER, download_model  # noqa: E402
+import fastmlstm
+from fastmlstm._atomic import TXN_DIR, committed_path
+from fastmlstm.models.pretrained import MARKER, download_model
 
 
 def model(seed: int) -> fastmlstm.ByteLM:
@@ -28,12 +25,15 @@ def model(seed: int) -> fastmlstm.ByteLM:
 OLD, NEW = model(1), model(2)
 
 
-def previous_model_folder(load, keep_hidden: bool = False):
-    """A ``previous_ok`` for a folder: byte-identical to the template, and the old model loads."""
+def previous_model_folder(load):
+    """A ``previous_ok`` for a folder: byte-identical to the template (which loads as the old model)."""
+    checked = []
 
     def check(state: Path, error) -> None:
         assert snapshot(state) == snapshot(state.parent / "template"), error
-        assert same_weights(load(state / "m"), OLD), error
+        if not checked:
+            assert same_weights(load(state.parent / "template" / "m"), OLD)
+            checked.append(True)
     return check
 
 
@@ -144,7 +144,7 @@ def test_training_checkpoints(tmp_path):
          previous_ok, new_ok)
 
 
-def test_download_model_again(server, standins, tmp_path):
+def test_download_model_again(server, standins, tmp_path):  # noqa: F811
     """force=True over a verified folder: the files that were there stay byte-identical whatever
     fails (only the marker, a record, goes first), and the next call completes the folder."""
     _, table = standins
@@ -158,7 +158,6 @@ def test_download_model_again(server, standins, tmp_path):
         assert {k: v for k, v in now.items() if k.endswith(".npy")} == old, error
         assert set(now) <= set(old) | {NAME, f".{NAME}.lock", f"{NAME}/{MARKER}"} | {
             f"{k}.part" for k in old}, (error, set(now) - set(old))
-        assert same_weights(fastmlstm.load_openai(root / NAME), reference), error
         download_model(NAME, root=root, mirror=server.url, checksums=table, progress=False, recheck=False)
         assert (root / NAME / MARKER).is_file()
 
