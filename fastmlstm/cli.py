@@ -40,6 +40,10 @@ def cmd_info(args) -> int:
         return 0 if ok_all else 1
     for key in ("fastmlstm", "python", "torch", "triton", "cuda", "device"):
         print(f"{key:>10}: {info[key]}")
+    kernels = info["cpu_kernels"]
+    if kernels["available"]:
+        print(f"{'cpu':>10}: epilogues {kernels['epilogues']}; float32 GEMMs {kernels['float32_gemm']}; "
+              f"bfloat16 GEMMs {kernels['bf16_gemm']}: {kernels['bf16_gemm_kernels']}")
     print("  backends:")
     for key, entry in info["backends"].items():
         if not entry["available"]:

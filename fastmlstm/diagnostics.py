@@ -11,10 +11,11 @@ import platform
 
 import torch
 
+from .ops import registry
 from .ops.registry import BACKENDS, backend_status
 from .nn.modules import FastMLSTM
 
-__all__ = ["environment", "parity_tolerance", "self_check", "backend_report"]
+__all__ = ["environment", "cpu_kernels", "parity_tolerance", "self_check", "backend_report"]
 
 
 def parity_tolerance(dtype: torch.dtype, *, tf32: bool = False) -> float:
@@ -71,7 +72,8 @@ def self_check(device: torch.device | str, backend: str, dtype: torch.dtype = to
 
 
 def environment() -> dict:
-    """Versions of what fastmlstm runs on, and the device it would use."""
+    """Versions of what fastmlstm runs on, the device it would use, and the CPU backend's kernels
+    (:func:`cpu_kernels`)."""
     from ._version import __version__
 
     info = {"fastmlstm": __version__, "python": platform.python_version(), "torch": torch.__version__}
@@ -83,7 +85,20 @@ def environment() -> dict:
         info["triton"] = f"unavailable ({type(exc).__name__})"
     info["cuda"] = torch.version.cuda
     info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    info["cpu_kernels"] = cpu_kernels()
     return info
+
+
+def cpu_kernels() -> dict:
+    """What the ``cpu`` backend runs on this machine: the instruction set of its fused epilogues
+    (``"avx512"``, ``"avx2"`` or the portable ``"default"``, chosen from what the CPU reports and
+    ``ATEN_CPU_CAPABILITY``), the micro-kernels of its float32 and bfloat16 GEMMs (oneDNN's, with
+    AVX-512-BF16 dot products or AMX tiles where the CPU has them; ``$FASTMLSTM_CPU_BF16`` chooses
+    another), or why the backend is unavailable."""
+    ok, why = backend_status("cpu", "cpu")
+    if not ok:
+        return {"available": False, "reason": why}
+    return {"available": True, **registry.module("cpu").kernel_report()}
 
 
 def backend_report(*, check: bool = True) -> dict[str, dict]:

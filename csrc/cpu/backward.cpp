@@ -35,6 +35,7 @@ struct BackwardArgs {
   Tensor grad_proj;     // [T, B, 5H] D, filled when given (the proj contract); else only chunks exist
   Tensor x, weight_in;  // the input projection's x [T, B, I] and [5H, I] weight, when computed in the loop
   Layout layout = kFloat32;
+  Packing p_hh_t{}, p_hm_t{};  // the packings of packed_hh_t and packed_hm_t
   bool portable = false;  // VNNI weights through the portable twin
   bool poison = false;
 };
@@ -130,8 +131,8 @@ BackwardPass<D, E>::BackwardPass(const BackwardArgs& args)
   const auto options = a.output.options();
   const auto f32 = options.dtype(at::kFloat);
   // Wmh^T [H, H] and Wh^T [H, 4H], both plain: rec = dhm Wmh, dm = dz Wh.
-  w_rec = view_of<E>(a.packed_hm_t, H, H, false, a.layout, a.portable);
-  w_dm = view_of<E>(a.packed_hh_t, H, kGates * H, false, a.layout, a.portable);
+  w_rec = view_of<E>(a.packed_hm_t, a.p_hm_t, a.portable);
+  w_dm = view_of<E>(a.packed_hh_t, a.p_hh_t, a.portable);
   const auto e_options = options.dtype(c10::CppTypeToScalarType<E>::value);
   dz_op = alias ? Tensor() : at::empty({B, kGates * H}, e_options);
   dhm_op = alias ? Tensor() : at::empty({B, H}, e_options);
@@ -209,7 +210,7 @@ void BackwardPass<D, E>::step(int64_t t, int64_t t0) {
     if (has_rec) {
       tile_gemm(n_rows, dhm_next + row0 * H, H, w_rec, j, tile, false);
     }
-    k.backward_cell(n_rows, block_width(w_rec.p, j), H, has_rec ? tile : nullptr, kColumnBlock, dh_p + at,
+    k.backward_cell(n_rows, block_width(w_rec.p, j), H, has_rec ? tile : nullptr, w_rec.p.cols, dh_p + at,
                     dc_p + at, H, gout_t != nullptr ? gout_t + at : nullptr, H,
                     gcells_t != nullptr ? gcells_t + at : nullptr, H, act_t + row0 * 6 * H + n0, 6 * H,
                     cell_t + at, cell_prev + at, H, dproj_t + row0 * 5 * H + n0, 5 * H,
@@ -218,7 +219,7 @@ void BackwardPass<D, E>::step(int64_t t, int64_t t0) {
   for_each_tile<E>(w_dm.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
     const int64_t n0 = j * w_dm.p.units;
     tile_gemm(n_rows, dz_t + row0 * ld_dz, ld_dz, w_dm, j, tile, false);
-    k.backward_m(n_rows, block_width(w_dm.p, j), H, tile, kColumnBlock, act_t + row0 * 6 * H + n0, 6 * H,
+    k.backward_m(n_rows, block_width(w_dm.p, j), H, tile, w_dm.p.cols, act_t + row0 * 6 * H + n0, 6 * H,
                  dproj_t + row0 * 5 * H + n0, 5 * H, ghm_t + row0 * H + n0, H,
                  alias ? nullptr : dhm_t + row0 * H + n0, H);
   });
@@ -262,7 +263,7 @@ void BackwardPass<D, E>::h0_gradient() {
   for_each_tile<E>(w_rec.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
     const int64_t at = row0 * H + j * w_rec.p.units;
     tile_gemm(n_rows, dhm_next + row0 * H, H, w_rec, j, tile, false);
-    k.grad_h0(n_rows, block_width(w_rec.p, j), tile, kColumnBlock, dh_p + at, H, gh0_p + at, H,
+    k.grad_h0(n_rows, block_width(w_rec.p, j), tile, w_rec.p.cols, dh_p + at, H, gh0_p + at, H,
               len_p != nullptr ? len_p + row0 : nullptr);
   });
 }
@@ -270,6 +271,7 @@ void BackwardPass<D, E>::h0_gradient() {
 struct BackwardInputs {
   Tensor grad_output, grad_c_n, grad_cells, h0, c0, lengths;
   Layout layout;
+  Packing p_hh_t, p_hm_t;
 };
 
 // The checks both backward operators share; returns the optional inputs as (possibly undefined) tensors.
@@ -290,14 +292,14 @@ BackwardInputs check_backward(const std::optional<Tensor>& grad_output, const st
   check_input(cell_states, "cell_states", at::kFloat, {T, B, H});
   const Layout layout = layout_of(packed_hh_t, "packed_hh_t", dtype);
   TORCH_CHECK(layout != kNarrow, kWho, "the backward takes float32 or VNNI-packed weights");
-  check_packed(packed_hh_t, "packed_hh_t", layout, dtype, H, kGates * H, false);
-  check_packed(packed_hm_t, "packed_hm_t", layout, dtype, H, H, false);
+  const Packing p_hh_t = check_packed(packed_hh_t, "packed_hh_t", layout, dtype, H, kGates * H, false);
+  const Packing p_hm_t = check_packed(packed_hm_t, "packed_hm_t", layout, dtype, H, H, false);
   check_state(h0, c0, lengths, B, H);
   check_optional(grad_output, "grad_output", dtype, {T, B, H});
   check_optional(grad_c_n, "grad_c_n", at::kFloat, {B, H});
   check_optional(grad_cell_states, "grad_cell_states", at::kFloat, {T, B, H});
   return {defined_or_undefined(grad_output), defined_or_undefined(grad_c_n), defined_or_undefined(grad_cell_states),
-          h0, c0, defined_or_undefined(lengths), layout};
+          h0, c0, defined_or_undefined(lengths), layout, p_hh_t, p_hm_t};
 }
 
 BackwardArgs backward_args(const BackwardInputs& in, const Tensor& packed_hh_t, const Tensor& packed_hm_t,
@@ -316,6 +318,8 @@ BackwardArgs backward_args(const BackwardInputs& in, const Tensor& packed_hh_t, 
   a.act = act;
   a.dc = in.grad_c_n.defined() ? in.grad_c_n.clone() : at::zeros_like(in.c0);
   a.layout = in.layout;
+  a.p_hh_t = in.p_hh_t;
+  a.p_hm_t = in.p_hm_t;
   a.poison = poison;
   a.portable = portable;
   return a;

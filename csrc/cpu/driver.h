@@ -9,8 +9,8 @@
 //   forward.cpp    the forward time loop (the operators forward and forward_input)
 //   backward.cpp   the backward time loop and the gradients summed over time (backward, backward_input)
 // The step epilogues they call are mlstm_cpu_kernels.h (interface and layouts: mlstm_cpu.h),
-// compiled by kernels_default.cpp and kernels_avx2.cpp, which are linked after the driver's
-// translation units (see kernels_avx2.cpp).
+// compiled by kernels_default.cpp, kernels_avx2.cpp and kernels_avx512.cpp, which are linked after
+// the driver's translation units (see kernels_avx2.cpp).
 //
 // Legend: T time, B batch rows, H hidden units, I input features, G = 4 gates (i, f, o, u); D the
 // activation dtype, E the GEMM operand dtype (mlstm_cpu.h). The contract, shapes and numerics are
@@ -64,68 +64,52 @@ using c10::Half;
 constexpr const char* kWho = "fastmlstm cpu backend: ";
 
 // ------------------------------------------------------------------------------------------------
-// Instruction set of the epilogues: AVX2 wherever ATen itself runs AVX2 or AVX-512 kernels
-// (use_avx2, mlstm_cpu.cpp).
+// Instruction set of the epilogues, chosen at run time (mlstm_cpu.cpp): AVX-512 where ATen itself
+// runs AVX-512 kernels, AVX2 where it runs AVX2 ones (at::get_cpu_capability, which honours
+// ATEN_CPU_CAPABILITY), else the portable copy; set_kernel_isa may choose a lower one (tests and
+// benchmarks compare them in one process).
 
-bool use_avx2();
+enum class Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa kernel_isa_in_use();
+
+#if defined(FASTMLSTM_HAVE_AVX512_KERNELS) && defined(FASTMLSTM_HAVE_AVX2_KERNELS)
+#define FASTMLSTM_BY_ISA(...)                 \
+  switch (kernel_isa_in_use()) {              \
+    case Isa::kAvx512:                        \
+      return isa_avx512::__VA_ARGS__;         \
+    case Isa::kAvx2:                          \
+      return isa_avx2::__VA_ARGS__;           \
+    default:                                  \
+      return isa_default::__VA_ARGS__;        \
+  }
+#else
+#define FASTMLSTM_BY_ISA(...) return isa_default::__VA_ARGS__;
+#endif
 
 template <typename D, typename E>
 const StepKernels<D, E>& kernels() {
-#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
-  if (use_avx2()) {
-    return isa_avx2::step_kernels<D, E>();
-  }
-#endif
-  return isa_default::step_kernels<D, E>();
+  FASTMLSTM_BY_ISA(step_kernels<D, E>())
 }
 
 template <typename D>
 RecomputeM<D> recompute_m_kernel() {
-#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
-  if (use_avx2()) {
-    return isa_avx2::recompute_m<D>();
-  }
-#endif
-  return isa_default::recompute_m<D>();
+  FASTMLSTM_BY_ISA(recompute_m<D>())
 }
 
 template <typename D>
 Widen<D> widen_kernel() {
-#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
-  if (use_avx2()) {
-    return isa_avx2::widen<D>();
-  }
-#endif
-  return isa_default::widen<D>();
+  FASTMLSTM_BY_ISA(widen<D>())
 }
 
 template <typename W>
 SmallGemm<W> small_gemm_kernel() {
-#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
-  if (use_avx2()) {
-    return isa_avx2::small_gemm<W>();
-  }
-#endif
-  return isa_default::small_gemm<W>();
+  FASTMLSTM_BY_ISA(small_gemm<W>())
 }
 
-inline VnniGemm vnni_gemm_kernel() {
-#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
-  if (use_avx2()) {
-    return isa_avx2::vnni_gemm();
-  }
-#endif
-  return isa_default::vnni_gemm();
-}
+inline VnniGemm vnni_gemm_kernel() { FASTMLSTM_BY_ISA(vnni_gemm()) }
 
-inline Fingerprint fingerprint_kernel() {
-#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
-  if (use_avx2()) {
-    return &isa_avx2::fingerprint;
-  }
-#endif
-  return &isa_default::fingerprint;
-}
+inline Fingerprint fingerprint_kernel() { FASTMLSTM_BY_ISA(fingerprint) }
 
 // ------------------------------------------------------------------------------------------------
 // Input checks (mlstm_cpu.cpp).
@@ -154,15 +138,16 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ------------------------------------------------------------------------------------------------
 // Packed weights (pack.cpp). A weight W [N, K] (torch's [out, in] layout, used as x W^T) becomes
-// column blocks of kColumnBlock (32) output columns each, zero-padded, in one of three layouts:
-//   kFloat32  float32 [blocks, K, 32]         block j, row k, column c = W[row(j, c), k]; oneDNN's
-//                                             float32 micro-kernels (any input dtype, widened exactly)
-//   kVnni     bfloat16 [blocks, K/2, 32, 2]   the same with pairs of consecutive k interleaved, for
-//                                             the CPU's native bfloat16 micro-kernels
-//   kNarrow   16-bit [blocks, K, 32]          the float32 layout in the weight's own 16-bit dtype, for
-//                                             small batches (small_gemm): half the bytes to read
-// row(j, c) is j * 32 + c for a plain weight. For the gate weight Wh [4H, H] ("gates") a block
-// holds q = 8 hidden units and its columns are [i(q) f(q) o(q) u(q)]: row(j, c) = g * H + j * q + c'
+// column blocks of C = kNarrowColumns (32) or kWideColumns (64) output columns each (the pack's
+// `cols`; the loops read it from the packed shape), zero-padded, in one of three layouts:
+//   kFloat32  float32 [blocks, K, C]         block j, row k, column c = W[row(j, c), k]; oneDNN's
+//                                            float32 micro-kernels (any input dtype, widened exactly)
+//   kVnni     bfloat16 [blocks, K/2, C, 2]   the same with pairs of consecutive k interleaved, for
+//                                            the CPU's native bfloat16 micro-kernels
+//   kNarrow   16-bit [blocks, K, C]          the float32 layout in the weight's own 16-bit dtype, for
+//                                            small batches (small_gemm): half the bytes to read
+// row(j, c) is j * C + c for a plain weight. For the gate weight Wh [4H, H] ("gates") a block
+// holds q = C / 4 hidden units and its columns are [i(q) f(q) o(q) u(q)]: row(j, c) = g * H + j * q + c'
 // with g = c / q_j, c' = c % q_j (the last block has q_j = H - j * q units).
 
 enum Layout : int64_t { kFloat32 = 0, kVnni = 1, kNarrow = 2 };
@@ -171,12 +156,15 @@ struct Packing {
   int64_t N, K, blocks, units;  // units: output columns (plain) or hidden units (gates) per block
   bool gates;
   Layout layout;
+  int64_t cols;  // columns per block (kNarrowColumns or kWideColumns): a block's and a tile's row stride
 };
 
-inline Packing packing_of(int64_t N, int64_t K, bool gates, Layout layout) {
-  const int64_t units = gates ? kColumnBlock / kGates : kColumnBlock;
+inline bool valid_columns(int64_t cols) { return cols == kNarrowColumns || cols == kWideColumns; }
+
+inline Packing packing_of(int64_t N, int64_t K, bool gates, Layout layout, int64_t cols) {
+  const int64_t units = gates ? cols / kGates : cols;
   const int64_t outputs = gates ? N / kGates : N;
-  return {N, K, ceil_div(outputs, units), units, gates, layout};
+  return {N, K, ceil_div(outputs, units), units, gates, layout, cols};
 }
 
 inline int64_t block_units(const Packing& p, int64_t j) {
@@ -191,25 +179,27 @@ inline int64_t block_width(const Packing& p, int64_t j) {
 
 std::vector<int64_t> packed_shape(const Packing& p);
 
-// Packs W [N, K] (float32, float16 or bfloat16) in `layout` (a Layout value), where W is `weight`,
-// or [weight | input_weight] (concatenated along the input axis: z = [m | x] [Wh | Wx]^T), or, with
-// `transposed`, weight^T (for the backward's products with the transposed weights).
+// Packs W [N, K] (float32, float16 or bfloat16) in `layout` (a Layout value) with blocks of `cols`
+// columns, where W is `weight`, or [weight | input_weight] (concatenated along the input axis:
+// z = [m | x] [Wh | Wx]^T), or, with `transposed`, weight^T (for the backward's products with the
+// transposed weights).
 Tensor pack_weight(const Tensor& weight, bool gates, int64_t layout, const std::optional<Tensor>& input_weight,
-                   bool transposed);
+                   bool transposed, int64_t cols);
 
 // The layout of a packed tensor, from its dtype and rank, for activations of `dtype`.
 Layout layout_of(const Tensor& packed, const char* name, at::ScalarType dtype);
 
-// The layout a packed tensor must have to serve as the weight [N, K] of the loops.
-void check_packed(const Tensor& packed, const char* name, Layout layout, at::ScalarType dtype, int64_t N, int64_t K,
-                  bool gates);
+// Checks that a packed tensor can serve as the weight [N, K] of the loops in `layout`; returns its
+// packing (with the block width it was packed with).
+Packing check_packed(const Tensor& packed, const char* name, Layout layout, at::ScalarType dtype, int64_t N,
+                     int64_t K, bool gates);
 
 // The dtype of the GEMMs' activation operand for a layout: bfloat16 for the native VNNI layout,
 // float32 otherwise.
 inline at::ScalarType operand_dtype(Layout layout) { return layout == kVnni ? at::kBFloat16 : at::kFloat; }
 
 // ------------------------------------------------------------------------------------------------
-// Tile GEMMs: C [M, width(j)] (float32, row stride kColumnBlock) (+)= A [M, K] (row stride lda) x block j.
+// Tile GEMMs: C [M, width(j)] (float32, row stride p.cols) (+)= A [M, K] (row stride lda) x block j.
 
 template <typename E>
 struct PackedView {
@@ -219,39 +209,39 @@ struct PackedView {
   bool portable = false;  // VNNI blocks multiplied by the portable twin instead of oneDNN (mlstm_cpu.h)
   template <typename W>
   const W* block(int64_t j) const {
-    return static_cast<const W*>(data) + j * p.K * kColumnBlock;
+    return static_cast<const W*>(data) + j * p.K * p.cols;
   }
 };
 
+// A packed tensor, already checked (check_packed), as the loops read it.
 template <typename E>
-PackedView<E> view_of(const Tensor& packed, int64_t N, int64_t K, bool gates, Layout layout, bool portable) {
-  return {packed.data_ptr(), packing_of(N, K, gates, layout), packed.scalar_type(), portable};
+PackedView<E> view_of(const Tensor& packed, const Packing& p, bool portable) {
+  return {packed.data_ptr(), p, packed.scalar_type(), portable};
 }
 
 template <typename E>
 void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64_t j, float* C, bool add_C) {
   const int64_t N = block_width(w.p, j);
+  const int64_t cols = w.p.cols;
   if constexpr (std::is_same_v<E, float>) {
     if (w.p.layout == kNarrow) {
       TORCH_INTERNAL_ASSERT(!add_C);
       if (w.weight_dtype == at::kBFloat16) {
-        small_gemm_kernel<BFloat16>()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), C);
+        small_gemm_kernel<BFloat16>()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), cols, C);
       } else {
-        small_gemm_kernel<Half>()(M, N, w.p.K, A, lda, w.template block<Half>(j), C);
+        small_gemm_kernel<Half>()(M, N, w.p.K, A, lda, w.template block<Half>(j), cols, C);
       }
       return;
     }
-    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A, w.template block<float>(j),
-                                C, false);
+    at::native::cpublas::brgemm(M, N, w.p.K, lda, cols, cols, add_C, A, w.template block<float>(j), C, false);
   } else if (w.portable) {
-    vnni_gemm_kernel()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), C, add_C);
+    vnni_gemm_kernel()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), cols, C, add_C);
   } else {
-    at::native::cpublas::brgemm(M, N, w.p.K, lda, kColumnBlock, kColumnBlock, add_C, A,
-                                w.template block<BFloat16>(j), C, true);
+    at::native::cpublas::brgemm(M, N, w.p.K, lda, cols, cols, add_C, A, w.template block<BFloat16>(j), C, true);
   }
 }
 
-constexpr int64_t kTileElems = kRowBlock * kColumnBlock;
+constexpr int64_t kTileElems = kRowBlock * kMaxColumns;
 constexpr int64_t kTilesPerThread = 2;
 
 inline std::vector<float> tile_buffers() {

@@ -77,15 +77,13 @@ struct ForwardState {
 };
 
 template <typename D, typename E>
-void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const Tensor& packed_hh,
-                  const Tensor& packed_hm, Layout layout, bool portable, const Tensor& h0, const Tensor& lengths,
-                  ForwardState& st, bool save_for_backward, bool keep_cells) {
+void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const PackedView<E>& w_hh,
+                  const PackedView<E>& w_hm, const Tensor& h0, const Tensor& lengths, ForwardState& st,
+                  bool save_for_backward, bool keep_cells) {
   const auto& k = kernels<D, E>();
   const bool fused = in.proj == nullptr;
   const int64_t I = fused ? in.I : 0;
   const int64_t ld_m = H + I;  // the gate GEMM's operand: m, then (fused) x_t
-  const PackedView<E> w_hm = view_of<E>(packed_hm, H, H, false, layout, portable);
-  const PackedView<E> w_hh = view_of<E>(packed_hh, kGates * H, H + I, true, layout, portable);
   // The GEMM operands: h (the running state, rounded to D) and [m | x_t], in private buffers.
   Tensor h = h0.to(st.output.scalar_type()).to(c10::CppTypeToScalarType<E>::value, false, /*copy=*/true);
   Tensor mx = at::empty({B, ld_m}, h.options());
@@ -141,7 +139,7 @@ void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const
           prefetch_block(proj_t + row0 * 5 * H + g * H + n0, n_rows, width, 5 * H);
         }
       }
-      k.forward_m(n_rows, width, H, tile, kColumnBlock, fused ? nullptr : proj_t + row0 * 5 * H + n0, 5 * H,
+      k.forward_m(n_rows, width, H, tile, w_hm.p.cols, fused ? nullptr : proj_t + row0 * 5 * H + n0, 5 * H,
                   fused ? xm_t + row0 * H + n0 : nullptr, H, m_p + row0 * ld_m + n0, ld_m,
                   act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H);
     });
@@ -154,7 +152,7 @@ void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const
       }
       // Fused inputs: the gate GEMM already holds x Wx^T, the bias is added to every row (row stride 0).
       const D* pre = fused ? (in.bias != nullptr ? in.bias + n0 : nullptr) : proj_t + row0 * 5 * H + n0;
-      k.forward_cell(n_rows, units, H, tile, kColumnBlock, pre, fused ? 0 : 5 * H, h_p + row0 * H + n0, H,
+      k.forward_cell(n_rows, units, H, tile, w_hh.p.cols, pre, fused ? 0 : 5 * H, h_p + row0 * H + n0, H,
                      c_p + row0 * H + n0, H, out_t + row0 * H + n0, H,
                      cell_t != nullptr ? cell_t + row0 * H + n0 : nullptr, H,
                      act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H,
@@ -187,8 +185,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Ten
   const at::ScalarType dtype = proj.scalar_type();
   const Layout layout = layout_of(packed_hh, "packed_hh", dtype);
   const at::ScalarType e = operand_dtype(layout);
-  check_packed(packed_hh, "packed_hh", layout, dtype, kGates * H, H, true);
-  check_packed(packed_hm, "packed_hm", layout, dtype, H, H, false);
+  const Packing p_hh = check_packed(packed_hh, "packed_hh", layout, dtype, kGates * H, H, true);
+  const Packing p_hm = check_packed(packed_hm, "packed_hm", layout, dtype, H, H, false);
   check_state(h0, c0, lengths, B, H);
   ForwardState st = new_forward_state(T, B, H, proj.options(), c0, save_for_backward, return_cell_states,
                                       poison_buffers);
@@ -198,7 +196,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Ten
     using E = decltype(e_);
     Inputs<D, E> in;
     in.proj = proj.data_ptr<D>();
-    forward_loop<D, E>(T, B, H, in, packed_hh, packed_hm, layout, portable_bf16, h0, len, st, save_for_backward,
+    forward_loop<D, E>(T, B, H, in, view_of<E>(packed_hh, p_hh, portable_bf16),
+                       view_of<E>(packed_hm, p_hm, portable_bf16), h0, len, st, save_for_backward,
                        save_for_backward || return_cell_states);
   });
   return {st.output, st.c, st.cell_states, st.act};
@@ -218,8 +217,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
   check_input(weight_im_t, "weight_im_t (W_im^T, float32)", at::kFloat, {I, H});
   const Layout layout = layout_of(packed_hh_ih, "packed_hh_ih", dtype);
   const at::ScalarType e = operand_dtype(layout);
-  check_packed(packed_hh_ih, "packed_hh_ih", layout, dtype, kGates * H, H + I, true);
-  check_packed(packed_hm, "packed_hm", layout, dtype, H, H, false);
+  const Packing p_hh = check_packed(packed_hh_ih, "packed_hh_ih", layout, dtype, kGates * H, H + I, true);
+  const Packing p_hm = check_packed(packed_hm, "packed_hm", layout, dtype, H, H, false);
   check_optional(bias, "bias", dtype, {kGates * H});
   check_state(h0, c0, lengths, B, H);
   ForwardState st = new_forward_state(T, B, H, x.options(), c0, save_for_backward, return_cell_states,
@@ -239,8 +238,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
     in.w_im_t = weight_im_t;
     in.I = I;
     in.bias = ptr_or_null<D>(b);
-    forward_loop<D, E>(T, B, H, in, packed_hh_ih, packed_hm, layout, portable_bf16, h0, len, st,
-                       save_for_backward, save_for_backward || return_cell_states);
+    forward_loop<D, E>(T, B, H, in, view_of<E>(packed_hh_ih, p_hh, portable_bf16),
+                       view_of<E>(packed_hm, p_hm, portable_bf16), h0, len, st, save_for_backward,
+                       save_for_backward || return_cell_states);
   });
   return {st.output, st.c, st.cell_states, st.act};
 }

@@ -4,12 +4,13 @@
 // The loops and the packing live beside this file (forward.cpp, backward.cpp, pack.cpp); driver.h
 // holds what they share, the legend, and the shape of the loops.
 //
-// This is the first translation unit of the library, ahead of kernels_avx2.cpp: inline functions
-// that both instantiate resolve to the baseline code (see kernels_avx2.cpp).
+// This is the first translation unit of the library, ahead of kernels_avx2.cpp and kernels_avx512.cpp:
+// inline functions that they also instantiate resolve to the baseline code (see kernels_avx2.cpp).
 
 #include "driver.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -26,24 +27,54 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/randn.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 namespace fastmlstm {
 namespace cpu {
 
 // ------------------------------------------------------------------------------------------------
-// Instruction set of the epilogues: AVX2 wherever ATen itself runs AVX2 or AVX-512 kernels.
+// Instruction set of the epilogues.
 
-bool use_avx2() {
-#ifdef FASTMLSTM_HAVE_AVX2_KERNELS
-  static const bool avx2 = [] {
-    const std::string capability = at::get_cpu_capability();
-    return capability == "AVX2" || capability == "AVX512";
-  }();
-  return avx2;
-#else
-  return false;
+namespace {
+
+// The best set this CPU runs, as far as ATen runs it too (ATEN_CPU_CAPABILITY can lower it).
+Isa best_kernel_isa() {
+  const std::string capability = at::get_cpu_capability();
+#if defined(FASTMLSTM_HAVE_AVX512_KERNELS) && defined(FASTMLSTM_HAVE_AVX2_KERNELS)
+  if (capability == "AVX512") {
+    return Isa::kAvx512;
+  }
+  if (capability == "AVX2") {
+    return Isa::kAvx2;
+  }
 #endif
+  return Isa::kDefault;
+}
+
+// -1 until first asked; then the set in use. Atomic: the loops read it from every thread.
+std::atomic<int> g_kernel_isa{-1};
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "default";
+  }
+}
+
+}  // namespace
+
+Isa kernel_isa_in_use() {
+  int isa = g_kernel_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    isa = static_cast<int>(best_kernel_isa());
+    g_kernel_isa.store(isa, std::memory_order_relaxed);
+  }
+  return static_cast<Isa>(isa);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -136,29 +167,62 @@ std::vector<int64_t> fingerprints(const std::vector<Tensor>& tensors) {
   return out;
 }
 
-std::string kernel_isa() { return use_avx2() ? "avx2" : "default"; }
+std::string kernel_isa() { return isa_name(kernel_isa_in_use()); }
+
+// The sets this CPU can run, best first.
+std::vector<std::string> kernel_isas() {
+  std::vector<std::string> out;
+  for (int isa = static_cast<int>(best_kernel_isa()); isa >= 0; --isa) {
+    out.emplace_back(isa_name(static_cast<Isa>(isa)));
+  }
+  return out;
+}
+
+// Runs the epilogues with `name` from now on (one of kernel_isas(); "" for the best one), for tests
+// and benchmarks that compare the sets in one process. Not meant to change while a loop runs.
+std::string set_kernel_isa(const std::string& name) {
+  const Isa best = best_kernel_isa();
+  if (name.empty()) {
+    g_kernel_isa.store(static_cast<int>(best));
+    return isa_name(best);
+  }
+  for (int isa = static_cast<int>(best); isa >= 0; --isa) {
+    if (name == isa_name(static_cast<Isa>(isa))) {
+      g_kernel_isa.store(isa);
+      return name;
+    }
+  }
+  TORCH_CHECK(false, kWho, "kernel instruction set '", name, "' cannot run here; choose one of ",
+              c10::Join(", ", kernel_isas()));
+}
 
 // Whether the bfloat16 GEMM on VNNI-packed weights (oneDNN's, or with `portable` its portable twin)
-// runs here and gives the float32 products of the same numbers (checked on a small problem with
-// awkward sizes; any exception means no).
+// runs here and gives the float32 products of the same numbers, with blocks of either width
+// (checked on a small problem with awkward sizes; any exception means no).
 bool bf16_gemm_works(bool portable) {
   try {
-    const int64_t M = 5, N = 2 * kColumnBlock + 24, K = 96;
-    const Tensor a = at::randn({M, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
-    const Tensor w = at::randn({N, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
-    const Tensor packed = pack_weight(w, false, kVnni, std::nullopt, false);
-    const PackedView<BFloat16> view = view_of<BFloat16>(packed, N, K, false, kVnni, portable);
-    Tensor out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
-    std::vector<float> tiles = tile_buffers();
-    for_each_tile<BFloat16>(view.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t rows, float* tile) {
-      tile_gemm(rows, a.data_ptr<BFloat16>() + row0 * K, K, view, j, tile, false);
-      for (int64_t r = 0; r < rows; ++r) {
-        std::memcpy(out.data_ptr<float>() + (row0 + r) * N + j * kColumnBlock, tile + r * kColumnBlock,
-                    block_width(view.p, j) * sizeof(float));
+    for (const int64_t cols : {kNarrowColumns, kWideColumns}) {
+      const int64_t M = 5, N = 2 * cols + 24, K = 96;
+      const Tensor a = at::randn({M, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
+      const Tensor w = at::randn({N, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
+      const Tensor packed = pack_weight(w, false, kVnni, std::nullopt, false, cols);
+      const PackedView<BFloat16> view =
+          view_of<BFloat16>(packed, check_packed(packed, "w", kVnni, at::kBFloat16, N, K, false), portable);
+      Tensor out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
+      std::vector<float> tiles = tile_buffers();
+      for_each_tile<BFloat16>(view.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t rows, float* tile) {
+        tile_gemm(rows, a.data_ptr<BFloat16>() + row0 * K, K, view, j, tile, false);
+        for (int64_t r = 0; r < rows; ++r) {
+          std::memcpy(out.data_ptr<float>() + (row0 + r) * N + j * cols, tile + r * cols,
+                      block_width(view.p, j) * sizeof(float));
+        }
+      });
+      const Tensor expected = at::mm(a.to(at::kFloat), w.to(at::kFloat).t());
+      if (out.sub(expected).abs().max().item<float>() > 1e-4f * (1.0f + expected.abs().max().item<float>())) {
+        return false;
       }
-    });
-    const Tensor expected = at::mm(a.to(at::kFloat), w.to(at::kFloat).t());
-    return out.sub(expected).abs().max().item<float>() <= 1e-4f * (1.0f + expected.abs().max().item<float>());
+    }
+    return true;
   } catch (const std::exception&) {
     return false;
   }
@@ -171,7 +235,9 @@ bool bf16_gemm_works(bool portable) {
 // The namespace is fixed: the build on first use and the ahead-of-time build register the same
 // operators, and only one of them is ever loaded into a process.
 TORCH_LIBRARY(fastmlstm_cpu, m) {
-  m.def("pack_weight(Tensor weight, bool gates, int layout, Tensor? input_weight=None, bool transposed=False) -> Tensor");
+  m.def(
+      "pack_weight(Tensor weight, bool gates, int layout, Tensor? input_weight=None, bool transposed=False, "
+      "int cols=32) -> Tensor");
   m.def(
       "forward(Tensor proj, Tensor packed_hh, Tensor packed_hm, Tensor h0, Tensor c0, Tensor? lengths, "
       "bool save_for_backward, bool return_cell_states, bool poison_buffers=False, "
@@ -193,6 +259,8 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
   m.def("fingerprint(Tensor tensor) -> int");
   m.def("fingerprints(Tensor[] tensors) -> int[]");
   m.def("kernel_isa() -> str", &fastmlstm::cpu::kernel_isa);
+  m.def("kernel_isas() -> str[]", &fastmlstm::cpu::kernel_isas);
+  m.def("set_kernel_isa(str name) -> str", &fastmlstm::cpu::set_kernel_isa);
   m.def("bf16_gemm_works(bool portable=False) -> bool", &fastmlstm::cpu::bf16_gemm_works);
 }
 

@@ -13,7 +13,7 @@
 // block, over row blocks; right after a tile's GEMM the matching epilogue below consumes the tile
 // while it is still in L1. Every pointer argument is already offset to the tile's first row and
 // first hidden unit n0; ld_* are row strides in elements. Tiles hold at most kRowBlock rows and
-// kColumnBlock columns. A null pointer means "absent" (no saving, no lengths, no gradient).
+// one column block. A null pointer means "absent" (no saving, no lengths, no gradient).
 //
 // Layouts (row-major):
 //   proj_t  [B, 5H] D   gate pre-activations x Wx + b (i, f, o, u), then xm = x Wmx
@@ -35,10 +35,14 @@ namespace fastmlstm {
 namespace cpu {
 
 constexpr int64_t kGates = 4;
-// Column block of the packed weights (hidden units for the m GEMMs, gate columns for z: 8 units x
-// 4 gates) and the largest row block a tile holds. 32 columns ran faster than 64 or 128 with
-// oneDNN's AVX2 micro-kernels (see bench/kernels/NOTES.md).
-constexpr int64_t kColumnBlock = 32;
+// Column blocks of the packed weights (hidden units for the m GEMMs, gate columns for z: units x 4
+// gates) are kNarrowColumns or kWideColumns wide, chosen per packed weight (driver.h, "Packed
+// weights"): the wide blocks give the AVX-512 epilogues whole 16-float vectors per gate; the narrow
+// ones suit AVX2's 8-float vectors (see bench/kernels/NOTES.md, "CPU"). A tile's float32 rows are
+// one block wide (ld = its width). Tiles hold at most kRowBlock rows.
+constexpr int64_t kNarrowColumns = 32;
+constexpr int64_t kWideColumns = 64;
+constexpr int64_t kMaxColumns = kWideColumns;
 constexpr int64_t kRowBlock = 64;
 
 template <typename D, typename E>
@@ -89,26 +93,29 @@ using RecomputeM = void (*)(int64_t rows, int64_t H, const D* act, float* m);
 template <typename D>
 using Widen = void (*)(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* out);
 
-// C [M, N] (float32, row stride kColumnBlock) = A [M, K] (float32, row stride lda) x B, for a block
-// of weights kept in their 16-bit dtype W ([K, kColumnBlock], zero-padded): the GEMM of small
-// batches (generation), where reading the weights is the whole cost and 16-bit weights halve it.
+// C [M, N] (float32, row stride cols) = A [M, K] (float32, row stride lda) x B, for a block of
+// weights kept in their 16-bit dtype W ([K, cols], zero-padded; cols is kNarrowColumns or
+// kWideColumns): the GEMM of small batches (generation), where reading the weights is the whole
+// cost and 16-bit weights halve it.
 template <typename W>
-using SmallGemm = void (*)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const W* B, float* C);
+using SmallGemm = void (*)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const W* B, int64_t cols,
+                           float* C);
 
-// C [M, N] (float32, row stride kColumnBlock) (+)= A [M, K] (bfloat16, row stride lda) x a VNNI
-// block [K/2, kColumnBlock, 2] (bfloat16, K even): the portable twin of the native bfloat16
+// C [M, N] (float32, row stride cols) (+)= A [M, K] (bfloat16, row stride lda) x a VNNI block
+// [K/2, cols, 2] (bfloat16, K even): the portable twin of the native bfloat16
 // micro-kernels (oneDNN on AVX-512-BF16 or AMX). It reads the same packed layout and forms the same
 // products (a product of two bfloat16 values is exact in float32) in the order of the CPU's bf16
 // dot-product instruction (per pair of k, the odd one first), so every CPU can run and test the
 // VNNI path: a packing or indexing bug cannot hide on machines without the instruction.
 using VnniGemm = void (*)(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda,
-                          const c10::BFloat16* B, float* C, bool add_C);
+                          const c10::BFloat16* B, int64_t cols, float* C, bool add_C);
 
 // 64-bit fingerprint of a byte range: position dependent (a permutation or a one-bit change gives
 // another value), not cryptographic; for the effective-weight cache's "did this parameter change".
 using Fingerprint = uint64_t (*)(const void* data, int64_t bytes);
 
-// One set per instruction set: kernels_default.cpp (portable C++) and, on x86-64, kernels_avx2.cpp.
+// One set per instruction set: kernels_default.cpp (portable C++, the twin every other set is
+// tested against) and, on x86-64, kernels_avx2.cpp and kernels_avx512.cpp.
 #define FASTMLSTM_DECLARE_KERNELS(isa)                                                  \
   namespace isa {                                                                      \
   template <typename D, typename E>                                                    \
@@ -126,7 +133,9 @@ using Fingerprint = uint64_t (*)(const void* data, int64_t bytes);
 FASTMLSTM_DECLARE_KERNELS(isa_default)
 #if defined(__x86_64__) || defined(_M_X64)
 #define FASTMLSTM_HAVE_AVX2_KERNELS 1
+#define FASTMLSTM_HAVE_AVX512_KERNELS 1
 FASTMLSTM_DECLARE_KERNELS(isa_avx2)
+FASTMLSTM_DECLARE_KERNELS(isa_avx512)
 #endif
 
 }  // namespace cpu

@@ -1,15 +1,16 @@
 // The epilogues of mlstm_cpu.h written once with ATen's at::vec::Vectorized<float>, compiled once per
-// instruction set: kernels_default.cpp (whatever the compiler's baseline gives) and kernels_avx2.cpp
-// (AVX2 + FMA + F16C). Each includer defines FASTMLSTM_ISA, the namespace its copy lands in; the
-// driver picks one at run time (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY).
+// instruction set: kernels_default.cpp (whatever the compiler's baseline gives), kernels_avx2.cpp
+// (AVX2 + FMA + F16C) and kernels_avx512.cpp (AVX-512 F/BW/VL/DQ). Each includer defines
+// FASTMLSTM_ISA, the namespace its copy lands in; the driver picks one at run time
+// (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY).
 //
 // Legend and layouts: mlstm_cpu.h. Inner loops run over hidden units, V at a time (V = the vector
 // width in floats), with a partial vector at the tail; the same expressions, in the same order, as
 // the reference loop (sigmoid as 1 / (1 + exp(0 - x)), like torch.sigmoid's CPU kernel), with
 // sigmoid and tanh built on ATen's fast vector exp (see sigmoid() below).
 //
-// This header must not define static data with dynamic initialization: the AVX2 copy is compiled
-// for AVX2 and its initializers would run when the library loads, on any CPU.
+// This header must not define static data with dynamic initialization: the AVX2 and AVX-512 copies
+// are compiled for those sets and their initializers would run when the library loads, on any CPU.
 #pragma once
 
 #ifndef FASTMLSTM_ISA
@@ -35,12 +36,21 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t V = Vec::size();
 
-#if defined(CPU_CAPABILITY_AVX2)
-// One vector of 8 16-bit values <-> 8 floats in registers (at::vec's partial 16-bit loads and stores
-// go through memory, and the epilogues move 8 values at a time). Round to nearest even, as c10's.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#define FASTMLSTM_VEC16 1
+// One vector of V 16-bit values <-> V floats in registers (at::vec's partial 16-bit loads and stores
+// go through memory, and the epilogues move V values at a time). Round to nearest even, as c10's.
+#if defined(CPU_CAPABILITY_AVX512)
+using Raw16 = __m256i;
+using RawF = __m512;
+#else
+using Raw16 = __m128i;
+using RawF = __m256;
+#endif
+
 template <typename T>
-inline Vec widen8(__m128i raw) {
-  __m256 out;
+inline Vec widen16(Raw16 raw) {
+  RawF out;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     at::vec::cvtbf16_fp32(raw, out);
   } else {
@@ -50,11 +60,11 @@ inline Vec widen8(__m128i raw) {
 }
 
 template <typename T>
-inline __m128i narrow8(const Vec& v) {
+inline Raw16 narrow16(const Vec& v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    return at::vec::cvtfp32_bf16(__m256(v));
+    return at::vec::cvtfp32_bf16(RawF(v));
   } else {
-    return at::vec::cvtfp32_fp16(__m256(v));
+    return at::vec::cvtfp32_fp16(RawF(v));
   }
 }
 #endif
@@ -64,13 +74,19 @@ inline Vec load(const T* p, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     return n == V ? Vec::loadu(p) : Vec::loadu(p, n);
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    // Masked loads and stores of the tail: no round trip through memory.
+    return widen16<T>(n == V ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                             : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p));
+#else
 #if defined(CPU_CAPABILITY_AVX2)
     if (n == V) {
-      return widen8<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return widen16<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     }
 #endif
     const auto packed = at::vec::Vectorized<T>::loadu(p, n);
     return std::get<0>(at::vec::convert_to_float<T>(packed));
+#endif
   }
 }
 
@@ -79,13 +95,21 @@ inline void store(T* p, const Vec& v, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     v.store(p, static_cast<int>(n));
   } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (n == V) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow16<T>(v));
+    } else {
+      _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), narrow16<T>(v));
+    }
+#else
 #if defined(CPU_CAPABILITY_AVX2)
     if (n == V) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow8<T>(v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), narrow16<T>(v));
       return;
     }
 #endif
     at::vec::convert_from_float<T>(v, v).store(p, static_cast<int>(n));
+#endif
   }
 }
 
@@ -95,8 +119,8 @@ inline Vec round_to(const Vec& v) {
   if constexpr (std::is_same_v<D, float>) {
     return v;
   } else {
-#if defined(CPU_CAPABILITY_AVX2)
-    return widen8<D>(narrow8<D>(v));
+#if defined(FASTMLSTM_VEC16)
+    return widen16<D>(narrow16<D>(v));
 #else
     return std::get<0>(at::vec::convert_to_float<D>(at::vec::convert_from_float<D>(v, v)));
 #endif
@@ -328,15 +352,14 @@ void widen_impl(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* o
   }
 }
 
-template <typename W>
-void small_gemm_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const W* B, float* C) {
-  // Up to 4 rows at a time, all kColumnBlock (= 4 V with AVX2) columns of the block in registers;
-  // the padded columns of the last block hold zero weights and give zeros.
-  constexpr int64_t kCols = kColumnBlock;
+template <typename W, int64_t kCols>
+void small_gemm_cols(int64_t M, const float* A, int64_t lda, int64_t K, const W* B, float* C) {
+  // All kCols columns of the block in registers for up to kRows rows at a time (as many as the
+  // vector registers hold besides the weights'); the padded columns of the last block hold zero
+  // weights and give zeros.
   static_assert(kCols % (2 * V) == 0, "a weight block must hold whole pairs of vectors");
   constexpr int64_t kVecs = kCols / V;
-  constexpr int64_t kRows = 4;
-  (void)N;
+  constexpr int64_t kRows = kVecs <= 4 ? 4 : 1;
   for (int64_t r0 = 0; r0 < M; r0 += kRows) {
     const int64_t rows = std::min(kRows, M - r0);
     Vec acc[kRows][kVecs];
@@ -366,36 +389,46 @@ void small_gemm_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t ld
   }
 }
 
+template <typename W>
+void small_gemm_impl(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const W* B, int64_t cols,
+                     float* C) {
+  (void)N;
+  if (cols == kWideColumns) {
+    small_gemm_cols<W, kWideColumns>(M, A, lda, K, B, C);
+  } else {
+    small_gemm_cols<W, kNarrowColumns>(M, A, lda, K, B, C);
+  }
+}
+
 void vnni_gemm_impl(int64_t M, int64_t N, int64_t K, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* B,
-                    float* C, bool add_C) {
-  constexpr int64_t kCols = kColumnBlock;
+                    int64_t cols, float* C, bool add_C) {
   constexpr int64_t kRows = 4;
   for (int64_t r0 = 0; r0 < M; r0 += kRows) {
     const int64_t rows = std::min(kRows, M - r0);
-    float acc[kRows][kCols];
+    float acc[kRows][kMaxColumns];
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < kCols; ++c) {
-        acc[r][c] = add_C && c < N ? C[(r0 + r) * kCols + c] : 0.0f;
+      for (int64_t c = 0; c < cols; ++c) {
+        acc[r][c] = add_C && c < N ? C[(r0 + r) * cols + c] : 0.0f;
       }
     }
     for (int64_t kp = 0; kp < K / 2; ++kp) {
-      const c10::BFloat16* pair = B + kp * 2 * kCols;
-      float even[kCols], odd[kCols];
-      for (int64_t c = 0; c < kCols; ++c) {
+      const c10::BFloat16* pair = B + kp * 2 * cols;
+      float even[kMaxColumns], odd[kMaxColumns];
+      for (int64_t c = 0; c < cols; ++c) {
         even[c] = static_cast<float>(pair[2 * c]);
         odd[c] = static_cast<float>(pair[2 * c + 1]);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const float a_even = static_cast<float>(A[(r0 + r) * lda + 2 * kp]);
         const float a_odd = static_cast<float>(A[(r0 + r) * lda + 2 * kp + 1]);
-        for (int64_t c = 0; c < kCols; ++c) {
+        for (int64_t c = 0; c < cols; ++c) {
           // Exact products: one rounding per addition, fused or not.
           acc[r][c] = (acc[r][c] + a_odd * odd[c]) + a_even * even[c];
         }
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
-      std::memcpy(C + (r0 + r) * kCols, acc[r], N * sizeof(float));
+      std::memcpy(C + (r0 + r) * cols, acc[r], N * sizeof(float));
     }
   }
 }

@@ -42,12 +42,12 @@ struct Source {
 // Where element (k, c) of a block goes: [K, 32], or [K/2, 32, 2] (VNNI: pairs of consecutive k
 // side by side). Every pack writes through this one function, whatever it reads.
 inline int64_t packed_index(const Packing& p, int64_t k, int64_t c) {
-  return p.layout == kVnni ? (k / 2) * kColumnBlock * 2 + c * 2 + (k % 2) : k * kColumnBlock + c;
+  return p.layout == kVnni ? (k / 2) * p.cols * 2 + c * 2 + (k % 2) : k * p.cols + c;
 }
 
 template <typename In, typename Out>
 void pack_blocks(const Source<In>& src, Out* out, const Packing& p) {
-  const int64_t block_elems = p.K * kColumnBlock;
+  const int64_t block_elems = p.K * p.cols;
   const int64_t k_second = p.K - src.k_first;
   at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
@@ -55,7 +55,7 @@ void pack_blocks(const Source<In>& src, Out* out, const Packing& p) {
       std::fill(block, block + block_elems, Out(0));
       const int64_t width = block_width(p, j);
       if (src.transposed) {
-        // Blocks of W^T: row k of the block is W[k, j*32 : j*32 + width], contiguous.
+        // Blocks of W^T: row k of the block is W[k, j*C : j*C + width], contiguous.
         const int64_t n0 = j * p.units;
         for (int64_t k = 0; k < p.K; ++k) {
           const In* row = src.first + k * src.N + n0;
@@ -81,18 +81,20 @@ void pack_blocks(const Source<In>& src, Out* out, const Packing& p) {
 
 std::vector<int64_t> packed_shape(const Packing& p) {
   if (p.layout == kVnni) {
-    return {p.blocks, p.K / 2, kColumnBlock, 2};
+    return {p.blocks, p.K / 2, p.cols, 2};
   }
-  return {p.blocks, p.K, kColumnBlock};
+  return {p.blocks, p.K, p.cols};
 }
 
 Tensor pack_weight(const Tensor& weight, bool gates, int64_t layout, const std::optional<Tensor>& input_weight,
-                   bool transposed) {
+                   bool transposed, int64_t cols) {
   TORCH_CHECK(weight.defined() && weight.device().is_cpu(), kWho, "pack_weight expects a CPU tensor");
   TORCH_CHECK(weight.dim() == 2, kWho, "pack_weight expects a 2-D weight [N, K], got shape ", weight.sizes());
   TORCH_CHECK(is_activation_dtype(weight.scalar_type()), kWho,
               "pack_weight expects float32, float16 or bfloat16, got ", weight.scalar_type());
   TORCH_CHECK(layout == kFloat32 || layout == kVnni || layout == kNarrow, kWho, "unknown packing layout ", layout);
+  TORCH_CHECK(valid_columns(cols), kWho, "pack_weight: blocks of ", kNarrowColumns, " or ", kWideColumns,
+              " columns, got ", cols);
   const Tensor second = defined_or_undefined(input_weight);
   TORCH_CHECK(!(second.defined() && transposed), kWho, "pack_weight: transposed takes one weight");
   if (second.defined()) {
@@ -113,7 +115,7 @@ Tensor pack_weight(const Tensor& weight, bool gates, int64_t layout, const std::
               "the narrow layout keeps a 16-bit weight's dtype; got a float32 weight");
   const Tensor w = weight.contiguous();
   const Tensor w2 = second.defined() ? second.contiguous() : Tensor();
-  const Packing p = packing_of(N, K, gates, static_cast<Layout>(layout));
+  const Packing p = packing_of(N, K, gates, static_cast<Layout>(layout), cols);
   const auto out_dtype = layout == kFloat32 ? at::kFloat : weight.scalar_type();
   Tensor out = at::empty(packed_shape(p), weight.options().dtype(out_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "fastmlstm_cpu_pack", [&] {
@@ -142,14 +144,18 @@ Layout layout_of(const Tensor& packed, const char* name, at::ScalarType dtype) {
   return packed.dim() == 4 ? kVnni : kNarrow;
 }
 
-void check_packed(const Tensor& packed, const char* name, Layout layout, at::ScalarType dtype, int64_t N, int64_t K,
-                  bool gates) {
+Packing check_packed(const Tensor& packed, const char* name, Layout layout, at::ScalarType dtype, int64_t N,
+                     int64_t K, bool gates) {
   TORCH_CHECK(layout_of(packed, name, dtype) == layout, kWho, name,
               " must be packed in the same layout as the other weights of the call");
-  const Packing p = packing_of(N, K, gates, layout);
+  const int64_t cols = packed.size(2);  // [blocks, K, C] or [blocks, K/2, C, 2]
+  TORCH_CHECK(valid_columns(cols), kWho, name, " is not a packed weight (blocks of ", cols, " columns, shape ",
+              packed.sizes(), ")");
+  const Packing p = packing_of(N, K, gates, layout, cols);
   const std::vector<int64_t> shape = packed_shape(p);
   TORCH_CHECK(packed.sizes() == at::IntArrayRef(shape), kWho, name, " must have the packed shape ",
               at::IntArrayRef(shape), " of a [", N, ", ", K, "] weight, got ", packed.sizes());
+  return p;
 }
 
 }  // namespace cpu

@@ -261,7 +261,7 @@ def test_results_do_not_depend_on_the_thread_count():
 
 def _unpack(packed, N, K, gates):
     """The weight [N, K] a packed tensor holds (float64), from the layout's definition."""
-    blocks, cols = packed.shape[0], 32
+    blocks, cols = packed.shape[0], packed.shape[2]
     p = packed.double()
     if p.dim() == 4:  # VNNI: [blocks, K/2, 32, 2] -> [blocks, K, 32]
         p = p.permute(0, 1, 3, 2).reshape(blocks, K, cols)

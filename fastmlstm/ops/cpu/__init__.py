@@ -3,8 +3,9 @@ it; :mod:`.recurrence` calls it with the contract of :mod:`fastmlstm.ops.interfa
 projections; :mod:`.layer` runs whole layers, the input projections inside the time loop).
 
 The time loops run in C++: per step two GEMMs on prepacked weights (oneDNN's micro-kernels through
-ATen, bfloat16 natively where the CPU has it) with the pointwise work fused into each GEMM tile and
-vectorized (AVX2 where the CPU has it, chosen at run time).
+ATen, bfloat16 natively where the CPU has it: AVX-512-BF16 dot products or AMX tiles) with the
+pointwise work fused into each GEMM tile and vectorized (AVX-512 or AVX2 where the CPU has it,
+chosen at run time; :func:`kernel_report` says what runs here).
 
 Importing this package compiles nothing; :func:`is_available` builds the extension on first use
 (ninja and a C++ compiler, cached) and reports ``(False, reason)`` when it cannot, so that
@@ -15,6 +16,6 @@ from __future__ import annotations
 
 from .build import status as is_available
 from .layer import layer_backward, layer_forward
-from .recurrence import backward, fingerprints, forward
+from .recurrence import backward, fingerprints, forward, kernel_report
 
-__all__ = ["is_available", "forward", "backward", "layer_forward", "layer_backward", "fingerprints"]
+__all__ = ["is_available", "forward", "backward", "layer_forward", "layer_backward", "fingerprints", "kernel_report"]

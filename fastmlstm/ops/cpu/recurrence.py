@@ -34,7 +34,8 @@ from ..weight_cache import derived
 from .build import load_library
 
 __all__ = ["forward", "backward", "layout", "native_bf16", "bf16_gemm", "forced_bf16_gemm", "BF16_GEMMS",
-           "kernel_isa", "fingerprint", "fingerprints"]
+           "kernel_isa", "kernel_isas", "forced_kernel_isa", "column_block", "kernel_report", "fingerprint",
+           "fingerprints"]
 
 logger = logging.getLogger("fastmlstm")
 
@@ -118,8 +119,71 @@ def portable_bf16() -> bool:
 
 
 def kernel_isa() -> str:
-    """The instruction set of the fused epilogues in use: ``"avx2"`` or ``"default"``."""
+    """The instruction set of the fused epilogues in use: ``"avx512"``, ``"avx2"`` or ``"default"``
+    (the portable copy): the best one this CPU runs, as far as ATen runs it too
+    (``ATEN_CPU_CAPABILITY`` lowers it), unless :func:`forced_kernel_isa` chose another."""
     return str(_ops().kernel_isa())
+
+
+def kernel_isas() -> tuple[str, ...]:
+    """The instruction sets of the epilogues this CPU can run, best first (``"default"`` last)."""
+    return tuple(_ops().kernel_isas())
+
+
+@contextlib.contextmanager
+def forced_kernel_isa(isa: str):
+    """Run the epilogues with ``isa`` (one of :func:`kernel_isas`) inside the block; for tests and
+    benchmarks that compare the copies in one process."""
+    ops = _ops()
+    if isa not in kernel_isas():
+        raise ValueError(f"kernel instruction set must be one of {kernel_isas()} on this CPU, got {isa!r}")
+    previous = kernel_isa()
+    ops.set_kernel_isa(isa)
+    try:
+        yield
+    finally:
+        ops.set_kernel_isa(previous)
+
+
+def _onednn_cpu_isa() -> str:
+    """The instruction set oneDNN's micro-kernels use here, from what the CPU reports (the one
+    oneDNN itself picks: AMX tiles, then AVX-512 with bfloat16 dot products, then AVX-512, AVX2)."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "avx512_core_amx"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_core_bf16"
+    return {"AVX512": "avx512_core", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "none")
+
+
+def kernel_report() -> dict:
+    """What the CPU backend runs on this machine, for ``fastmlstm.diagnostics.environment()`` (and so
+    ``fastmlstm info``): the epilogues' instruction set (:func:`kernel_isa`) and the others this CPU
+    can run, the packed weights' column blocks, and which micro-kernels multiply float32 and
+    bfloat16 operands.
+
+    Example::
+
+        >>> kernel_report()["epilogues"] in ("avx512", "avx2", "default")
+        True
+    """
+    onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    isa = _onednn_cpu_isa()
+    mode = bf16_gemm()
+    bf16_kernels = {
+        "native": f"oneDNN brgemm ({'AMX tiles' if isa == 'avx512_core_amx' else 'AVX-512-BF16 dot products'})",
+        "portable": "portable twin of the native micro-kernels (scalar, same VNNI layout)",
+        "float32": "float32 GEMMs on float32 copies of the weights",
+    }[mode]
+    return {
+        "epilogues": kernel_isa(),
+        "epilogues_available": list(kernel_isas()),
+        "column_block": {"gates": column_block("hh"), "other": column_block("hm")},
+        "float32_gemm": f"oneDNN brgemm ({isa})" if onednn and isa != "none" else "ATen gemm (BLAS)",
+        "bf16_gemm": mode,
+        "bf16_gemm_kernels": bf16_kernels,
+        "onednn_isa": isa,
+    }
 
 
 def fingerprint(tensor: torch.Tensor) -> int:
@@ -150,6 +214,20 @@ def layout(dtype: torch.dtype, rows: int, *ks: int, backward: bool = False) -> i
     return FLOAT32
 
 
+# Columns per packed block (csrc/cpu/driver.h, "Packed weights"). The gate weight's blocks hold
+# cols / 4 hidden units of each gate: 64 columns where the epilogues run on AVX-512 (whole 16-float
+# vectors per gate), 32 elsewhere (AVX2's 8-float vectors). The other weights' epilogues read whole
+# vectors either way, and their narrower blocks stay in L2 beside the rows they multiply at large K
+# (the backward's Wh^T has K = 4H).
+WIDE_COLUMNS, NARROW_COLUMNS = 64, 32
+
+
+def column_block(kind: str = "hh") -> int:
+    """The width of the column blocks of a packed weight of ``kind`` (see :func:`_packed`) for the
+    epilogues in use (:func:`kernel_isa`)."""
+    return WIDE_COLUMNS if kind == "hh" and kernel_isa() == "avx512" else NARROW_COLUMNS
+
+
 def _packed(weight: torch.Tensor, kind: str, layout: int = FLOAT32,
             input_weight: torch.Tensor | None = None) -> torch.Tensor:
     """A weight as the loops read it: ``"hh"`` z = m Wh^T (gate-interleaved blocks; with
@@ -157,19 +235,20 @@ def _packed(weight: torch.Tensor, kind: str, layout: int = FLOAT32,
     backward ``"hh_t"``, ``"hm_t"`` (the transposed weights: rec = dhm Wmh, dm = dz Wh), and
     ``"xm"``: Wmx^T as float32 [I, H] for the xm GEMMs. Packed once while the weights are unchanged."""
     weights = (weight,) if input_weight is None else (weight, input_weight)
+    cols = column_block(kind)
 
     def pack() -> torch.Tensor:
         ops = _ops()
         with torch.no_grad():
             if kind == "hh":
-                return ops.pack_weight(weight, True, layout, input_weight)  # [Wh | Wx], without a copy
+                return ops.pack_weight(weight, True, layout, input_weight, False, cols)  # [Wh | Wx], no copy
             if kind == "hm":
-                return ops.pack_weight(weight, False, layout)
+                return ops.pack_weight(weight, False, layout, None, False, cols)
             if kind == "xm":
                 return weight.float().t().contiguous()
-            return ops.pack_weight(weight, False, layout, None, True)  # weight^T, read in place
+            return ops.pack_weight(weight, False, layout, None, True, cols)  # weight^T, read in place
 
-    return derived(weights, ("cpu", kind, layout), pack)
+    return derived(weights, ("cpu", kind, layout, cols), pack)
 
 
 def _optional(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

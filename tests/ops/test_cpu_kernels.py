@@ -1,0 +1,171 @@
+"""The CPU backend's instruction-set dispatch (issue 24, item 2): every copy of the epilogues that this
+CPU can run (AVX-512, AVX2 and the portable one, which runs everywhere) passes the parity tests in
+one process, whatever copy the machine would pick; the packed column blocks each copy reads; the
+choice shown in ``fastmlstm.diagnostics``; and the AMX path where the CPU has AMX tiles.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tolerances import ABS, rel_err
+
+import fastmlstm
+from fastmlstm.ops import registry
+
+REPO = Path(__file__).resolve().parents[2]
+AVAILABLE, WHY = registry.backend_status("cpu", "cpu")
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"the CPU extension is unavailable: {WHY}")
+ISAS = ("avx512", "avx2", "default")
+
+
+def _recurrence():
+    from fastmlstm.ops.cpu import recurrence
+
+    return recurrence
+
+
+def _isa(isa):
+    """The epilogues of ``isa`` for the test's duration, or a skip where this CPU cannot run them (the
+    portable copy runs on every CPU, so its parity runs everywhere)."""
+    recurrence = _recurrence()
+    if isa not in recurrence.kernel_isas():
+        pytest.skip(f"this CPU does not run the {isa} kernels (it runs {recurrence.kernel_isas()})")
+    return recurrence.forced_kernel_isa(isa)
+
+
+def test_the_kernels_follow_what_aten_runs():
+    recurrence = _recurrence()
+    isas = recurrence.kernel_isas()
+    assert isas[-1] == "default" and recurrence.kernel_isa() == isas[0]
+    expected = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "default")
+    assert isas[0] == expected
+    assert list(isas) == [i for i in ISAS if ISAS.index(i) >= ISAS.index(expected)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_kernel_copy_matches_the_float64_truth(isa, dtype):
+    """The whole layer (input projections in the loop) and the recurrence on precomputed
+    projections, forward and every gradient, ragged, at shapes spanning several row tiles and
+    column blocks of either width, with the epilogues of ``isa``."""
+    from test_cpu import _contract_failures, _layer_failures
+    from test_recurrence import _ragged_lengths
+
+    with _isa(isa):
+        failures = _layer_failures(dtype, (dtype, 3, 67, 6, 130, _ragged_lengths(3, 67)))
+        failures += _layer_failures(dtype, (dtype, 2, 1, 64, 96, None))
+        failures += _contract_failures(dtype, (4, 67, 130), True)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_kernel_copy_runs_the_vnni_path_through_the_portable_twin(isa):
+    """bfloat16 operands on VNNI-packed weights through the portable twin of the native
+    micro-kernels, with each copy of the epilogues (and so each block width)."""
+    from test_cpu import _layer_failures
+
+    recurrence = _recurrence()
+    with _isa(isa), recurrence.forced_bf16_gemm("portable"):
+        assert recurrence.layout(torch.bfloat16, 67, 130, 6) == recurrence.VNNI
+        failures = _layer_failures(torch.bfloat16, (torch.bfloat16, 3, 67, 6, 130, None))
+    assert not failures, "\n".join(failures)
+
+
+def test_the_kernel_copies_agree():
+    """Every copy computes the same function: the others' results sit within float32 summation
+    noise of the portable one's (they are not bit-equal: FMA contraction differs)."""
+    recurrence = _recurrence()
+    torch.manual_seed(0)
+    rnn = fastmlstm.FastMLSTM(5, 70, backend="cpu")
+    x = torch.randn(4, 9, 5, requires_grad=True)
+    results = {}
+    for isa in recurrence.kernel_isas():
+        with recurrence.forced_kernel_isa(isa):
+            out, (h, c) = rnn(x, lengths=[4, 4, 3, 3, 2, 2, 1, 1, 1])
+            results[isa] = [out, h, c, *torch.autograd.grad(out.sum() + c.sum(), [x, *rnn.parameters()])]
+    for isa, values in results.items():
+        for a, b in zip(values, results["default"]):
+            assert rel_err(a, b) <= ABS[torch.float32], isa
+
+
+def test_forcing_a_kernel_copy_is_checked():
+    recurrence = _recurrence()
+    with pytest.raises(ValueError, match="kernel instruction set must be one of"):
+        with recurrence.forced_kernel_isa("sse9"):
+            pass
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        recurrence._ops().set_kernel_isa("sse9")
+    before = recurrence.kernel_isa()
+    with recurrence.forced_kernel_isa("default"):
+        assert recurrence.kernel_isa() == "default" and recurrence.column_block("hh") == 32
+    assert recurrence.kernel_isa() == before
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_copy_reads_its_own_column_blocks(isa):
+    recurrence = _recurrence()
+    with _isa(isa):
+        assert recurrence.column_block("hh") == (64 if isa == "avx512" else 32)
+        assert recurrence.column_block("hm") == recurrence.column_block("hh_t") == 32
+
+
+def test_packed_blocks_of_either_width_hold_the_weight_and_others_are_refused():
+    from test_cpu import _unpack
+
+    ops = _recurrence()._ops()
+    for cols in (32, 64):
+        for gates, (N, K) in ((False, (70, 46)), (True, (4 * 21, 46))):
+            for layout, dtype in ((0, torch.float32), (1, torch.bfloat16), (2, torch.float16)):
+                w = torch.randn(N, K).to(dtype)
+                packed = ops.pack_weight(w, gates, layout, None, False, cols)
+                assert packed.shape[2] == cols
+                assert torch.equal(_unpack(packed, N, K, gates), w.double()), (cols, gates, layout)
+    with pytest.raises(RuntimeError, match="blocks of 32 or 64 columns, got 48"):
+        ops.pack_weight(torch.randn(8, 8), False, 0, None, False, 48)
+    assert ops.bf16_gemm_works(True)
+
+
+def test_diagnostics_show_the_kernels_in_use():
+    recurrence = _recurrence()
+    info = fastmlstm.diagnostics.environment()["cpu_kernels"]
+    assert info["available"] and info["epilogues"] == recurrence.kernel_isa()
+    assert info["epilogues_available"] == list(recurrence.kernel_isas())
+    assert info["bf16_gemm"] == recurrence.bf16_gemm()
+    assert info["column_block"] == {"gates": recurrence.column_block("hh"), "other": 32}
+    with recurrence.forced_bf16_gemm("portable"):
+        assert "portable twin" in fastmlstm.diagnostics.cpu_kernels()["bf16_gemm_kernels"]
+
+
+def test_aten_cpu_capability_lowers_the_kernels():
+    """ATEN_CPU_CAPABILITY (which lowers ATen's own kernels) lowers ours the same way."""
+    recurrence = _recurrence()
+    if "avx2" not in recurrence.kernel_isas():
+        pytest.skip("this CPU runs no AVX2 kernels")
+    code = ("from fastmlstm.ops.cpu import recurrence as r; "
+            "assert r.kernel_isa() == 'avx2' and r.column_block() == 32, r.kernel_isa()")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO, timeout=300)
+
+
+def test_amx_tiles_multiply_the_bfloat16_gemms_where_the_cpu_has_them():
+    """On a CPU with AMX tiles oneDNN's bfloat16 micro-kernels run on them: the VNNI path then gives
+    its portable twin's numbers (up to float32 summation order) and passes the parity tests. Here
+    (no AMX) the same packed layout and products ran through the twin in the tests above."""
+    from test_cpu import _layer_failures
+
+    recurrence = _recurrence()
+    if not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        pytest.skip("this CPU has no AMX tiles; the portable twin of the same path ran above")
+    assert recurrence.kernel_report()["onednn_isa"] == "avx512_core_amx" and recurrence.native_bf16()
+    ops = recurrence._ops()
+    assert ops.bf16_gemm_works(False) and ops.bf16_gemm_works(True)
+    with recurrence.forced_bf16_gemm("native"):
+        assert "AMX tiles" in recurrence.kernel_report()["bf16_gemm_kernels"]
+        failures = _layer_failures(torch.bfloat16, (torch.bfloat16, 3, 67, 6, 130, None))
+    assert not failures, "\n".join(failures)
