@@ -369,9 +369,14 @@ class FileSet:
             fsync_directory(self.folder.parent)
             return True
         staged, self._fresh = self._stage, False
-        self._enter_existing()
-        os.rmdir(self._stage)
-        os.rename(staged, self._stage)
+        try:
+            self._enter_existing()
+            os.rmdir(self._stage)
+            os.rename(staged, self._stage)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(staged)
+            raise
         return False
 
     def _swap(self) -> None:

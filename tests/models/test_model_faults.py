@@ -165,3 +165,19 @@ def test_download_model_again(server, standins, tmp_path):  # noqa: F811
          lambda root: download_model(NAME, root=root, mirror=server.url, checksums=table, progress=False,
                                      force=True),
          previous_ok, lambda root: same_weights(fastmlstm.load_openai(root / NAME), reference) or pytest.fail())
+
+
+def test_a_new_folder_that_appears_while_it_is_written(tmp_path):
+    """Another writer creates the folder first: the set then replaces its files like any folder's,
+    leaving the others, and nothing is left beside it."""
+    from fastmlstm._atomic import FileSet
+
+    target = tmp_path / "m"
+    with FileSet(target) as files:
+        files.write("a.bin", b"new")
+        target.mkdir()
+        (target / "a.bin").write_bytes(b"old")
+        (target / "theirs.txt").write_bytes(b"kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert (target / "a.bin").read_bytes() == b"new" and (target / "theirs.txt").read_bytes() == b"kept"
+    assert sorted(p.name for p in target.iterdir()) == ["a.bin", "theirs.txt"]
