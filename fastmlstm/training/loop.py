@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from .checkpoints import (check_writable, find_latest_checkpoint, move_aside, refuse_unreadable,
+from .checkpoints import (check_writable, checkpoint_paths, find_latest_checkpoint, move_aside, refuse_unreadable,
                           remove_stale_temporaries, save_checkpoint)
 from .config import check, parse_args
 from .data import prepare_data
@@ -143,6 +143,10 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
     if code is None:
         if ctx.main:
             state.model.save(out / "model.pt")
+            # A run killed between its last checkpoint and the pruning after it resumes at the last
+            # step and writes no checkpoint, so nothing would prune again: keep --keep here too.
+            for old in checkpoint_paths(out)[: -args.keep]:
+                old.unlink(missing_ok=True)
             print(f"fastmlstm: done, {args.steps} updates; model written to {out / 'model.pt'}", flush=True)
         code = 0
     # Leave together: a rank that tears its process group down while another still works can make

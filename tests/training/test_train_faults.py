@@ -1,7 +1,8 @@
 """Training never loses data: killed at random points (an update, a checkpoint write, an evaluation,
-a metrics line, the final model write), a re-run of the same command always finishes with the
-uninterrupted run's model and metrics; unreadable checkpoints stop a run instead of being silently
-replaced, and pruning never deletes what the run just wrote."""
+a metrics line, the final model write, and anywhere at all: the n-th call into the package or the
+n-th file operation, n drawn from a fixed seed), a re-run of the same command always finishes with
+the uninterrupted run's model and metrics; unreadable checkpoints stop a run instead of being
+silently replaced, and pruning never deletes what the run just wrote."""
 
 import json
 import os
@@ -21,10 +22,16 @@ ARGS = ["--preset", "tiny", "--hidden", "24", "--embed", "8", "--batch", "4", "-
         "--keep", "2"]
 
 # Installs one fault, then runs the training job; FAULT is "<point>:<n>": die (SIGKILL, no cleanup)
-# at the n-th occurrence of the point.
+# at the n-th occurrence of the point. The points "call" (every call into fastmlstm's code and every
+# C function it calls, the kernels in fastmlstm/ops aside: their first use may build and cache an
+# extension, which would make the count differ between runs) and "io" (only the file operations
+# among those: open, write, flush, fsync, rename, unlink...) are counted by a profile hook;
+# "count:0" runs to the end and writes both counts to $EVENTS. With $CLI the job runs as
+# `fastmlstm train` (fastmlstm.cli.main).
 FAULTY = r'''
-import os, signal, sys
+import json, os, signal, sys
 import torch
+import fastmlstm
 from fastmlstm.training import loop, main, metrics
 
 point, n = os.environ["FAULT"].split(":")
@@ -66,7 +73,45 @@ elif point == "metrics":
             die()
         write(self, record)
     metrics.Metrics.write = half_line
-sys.exit(main(sys.argv[1:]))
+elif point in ("call", "io", "count"):
+    package = os.path.dirname(fastmlstm.__file__)
+    kernels = os.path.join(package, "ops")
+    IO = {"open", "write", "writelines", "flush", "fsync", "fdatasync", "replace", "rename", "unlink", "remove",
+          "close", "truncate", "ftruncate", "mkdir", "rmdir", "fchmod", "chmod", "utime", "save"}
+    counts = {"call": 0, "io": 0}
+
+    def ours(frame):
+        if frame is None:
+            return False
+        file = frame.f_code.co_filename
+        return file.startswith(package) and not file.startswith(kernels)
+
+    def hook(frame, event, arg):
+        if event == "call" and ours(frame):
+            counts["call"] += 1
+        elif event == "c_call" and (ours(frame) or ours(frame.f_back)):  # f_back: through pathlib, os
+            counts["call"] += 1
+            counts["io"] += getattr(arg, "__name__", "") in IO
+        else:
+            return
+        if point != "count" and counts[point] == int(n):
+            where = f"{os.path.relpath(frame.f_code.co_filename, package)}:{frame.f_lineno} {frame.f_code.co_name}"
+            sys.stderr.write(f"killed at {point} {n}: {where}" + (f" -> {arg.__name__}" if event == "c_call" else "")
+                             + "\n")
+            sys.stderr.flush()
+            die()
+
+    sys.setprofile(hook)
+if os.environ.get("CLI"):
+    from fastmlstm.cli import main as cli_main
+    code = cli_main(["train", *sys.argv[1:]])
+else:
+    code = main(sys.argv[1:])
+sys.setprofile(None)
+if point == "count":
+    with open(os.environ["EVENTS"], "w") as f:
+        json.dump(counts, f)
+sys.exit(code)
 '''
 
 
@@ -80,11 +125,13 @@ def corpus(tmp_path_factory):
     return path
 
 
-def _run(out, corpus, fault=None):
+def _run(out, corpus, fault=None, cli=False, events=None):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if fault:
-        env["FAULT"] = fault
+        env.update({"FAULT": fault, "CLI": "1" if cli else "", "EVENTS": str(events or "")})
         cmd = [sys.executable, "-c", FAULTY]
+    elif cli:
+        cmd = [sys.executable, "-m", "fastmlstm", "train"]
     else:
         cmd = [sys.executable, str(REPO / "train.py")]
     return subprocess.run([*cmd, *ARGS, "--data", str(corpus), "--out", str(out)], capture_output=True, text=True,
@@ -105,10 +152,19 @@ def _strip_speed(records):
 
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory):
+    """The run without interruption, counting its calls and file operations (into ``<out>.events``)."""
     out = tmp_path_factory.mktemp("clean")
-    done = _run(out, corpus)
+    done = _run(out, corpus, "count:0", cli=True, events=out.with_suffix(".events"))
     assert done.returncode == 0, done.stdout + done.stderr
     return out
+
+
+def _check_same_result(out, uninterrupted):
+    clean, resumed = _state(uninterrupted / "model.pt"), _state(out / "model.pt")
+    assert clean.keys() == resumed.keys() and all(torch.equal(clean[k], resumed[k]) for k in clean)
+    assert _strip_speed(_metrics(out)) == _strip_speed(_metrics(uninterrupted))
+    assert not list(out.glob(".*.tmp"))  # temporaries of the killed writes are gone
+    assert len(list(out.glob("ckpt-*.pt"))) <= 2
 
 
 _rng = random.Random(20261130)
@@ -129,11 +185,29 @@ def test_rerunning_after_a_kill_finishes_with_the_uninterrupted_model(faults, co
         assert killed.returncode == -signal.SIGKILL, (fault, killed.returncode, killed.stdout + killed.stderr)
     done = _run(tmp_path, corpus)
     assert done.returncode == 0, done.stdout + done.stderr
-    clean, resumed = _state(uninterrupted / "model.pt"), _state(tmp_path / "model.pt")
-    assert clean.keys() == resumed.keys() and all(torch.equal(clean[k], resumed[k]) for k in clean)
-    assert _strip_speed(_metrics(tmp_path)) == _strip_speed(_metrics(uninterrupted))
-    assert not list(tmp_path.glob(".*.tmp"))  # temporaries of the killed writes are gone
-    assert len(list(tmp_path.glob("ckpt-*.pt"))) <= 2
+    _check_same_result(tmp_path, uninterrupted)
+
+
+# Kill points anywhere in a run: (what is counted, the point as a fraction of the uninterrupted
+# run's count) for each kill of a case, then a re-run to the end. A second kill is drawn in the
+# re-run's own count, which is shorter (it resumes), so it may not come: then that re-run finished.
+_kill_rng = random.Random(25)
+RANDOM_KILLS = [[(kind, round(_kill_rng.random(), 3)) for kind in kinds] for kinds in (("call",), ("io",), ("io", "call"))]
+
+
+@pytest.mark.parametrize("kills", RANDOM_KILLS, ids=lambda k: "+".join(f"{kind}@{at}" for kind, at in k))
+def test_killed_anywhere_then_rerun_gives_the_uninterrupted_model(kills, corpus, uninterrupted, tmp_path):
+    totals = json.loads(uninterrupted.with_suffix(".events").read_text())
+    assert totals["io"] > 100 and totals["call"] > 10 * totals["io"], totals  # the hook saw the run
+    for i, (kind, at) in enumerate(kills):
+        n = max(1, round(at * totals[kind]))
+        killed = _run(tmp_path, corpus, f"{kind}:{n}", cli=True)
+        # The first kill always comes: a fresh run makes exactly the counted calls.
+        allowed = (-signal.SIGKILL,) if i == 0 else (-signal.SIGKILL, 0)
+        assert killed.returncode in allowed, (kind, n, killed.returncode, killed.stdout + killed.stderr)
+    done = _run(tmp_path, corpus, cli=True)  # `fastmlstm train`, the same command again
+    assert done.returncode == 0, done.stdout + done.stderr
+    _check_same_result(tmp_path, uninterrupted)
 
 
 def _small(tmp_path, corpus, *extra):
@@ -179,3 +253,14 @@ def test_a_newer_unreadable_checkpoint_is_set_aside_and_the_older_one_resumed(co
 def test_pruning_keeps_the_newest_by_step_and_never_what_it_just_wrote(corpus, tmp_path):
     assert main(_small(tmp_path, corpus, "--keep", "1")) == 0
     assert [p.name for p in tmp_path.glob("ckpt-*.pt")] == ["ckpt-00000020.pt"]
+
+
+def test_a_run_resumed_at_its_last_step_still_keeps_only_keep_checkpoints(corpus, tmp_path):
+    # Killed after the last checkpoint was written and before the older ones were pruned (found by
+    # the random kills above): the re-run resumes at the last step and writes no checkpoint.
+    assert main(_small(tmp_path, corpus, "--ckpt-every", "5", "--keep", "3")) == 0
+    assert len(list(tmp_path.glob("ckpt-*.pt"))) == 3
+    (tmp_path / "model.pt").unlink()
+    assert main(_small(tmp_path, corpus, "--ckpt-every", "5")) == 0  # --keep 2
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == ["ckpt-00000015.pt", "ckpt-00000020.pt"]
+    assert (tmp_path / "model.pt").exists()
