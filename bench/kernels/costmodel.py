@@ -191,36 +191,61 @@ def _tile_work(sched, tile) -> tuple[float, int]:
     return flops, weights + sched.B * k_len * sched.dtype_bytes
 
 
-# How GPU-B1's Gluon kernels finish a tile (persistent/gluon_common.py: EPI_M, EPI_B and gather();
-# gluon_forward/backward's epilogues): chunk by chunk, EPILOGUE_ROWS units x EPILOGUE_COLS batch rows
-# per CTA, one chunk after another; in each chunk the finisher loads the parts one after another
-# (GATHER_UNROLL at a time: one L2 round trip each), then the epilogue's operands (one HBM
-# latency). A schedule that says otherwise carries epilogue_rows, epilogue_cols, gather_unroll and
-# epilogue_prefetch; tests/bench/test_costmodel.py checks these against the kernels' source.
-EPILOGUE_ROWS, EPILOGUE_COLS, GATHER_UNROLL = 64, 32, 1
+# How a schedule finishes its tiles when it does not say (the kernels before issue 22's finish
+# rework, and the toy schedules of the tests): one finisher per tile, the parts loaded one at a
+# time, then the operands. The kernels' schedules carry their own (``schedule.Schedule``:
+# epilogue_rows, epilogue_values, gather_unroll, gate_gather_unroll, epilogue_prefetch,
+# finish_split); tests/bench/test_costmodel.py ties those to the Gluon source.
+FINISH_DEFAULTS = {"epilogue_rows": 64, "epilogue_values": 2048, "gather_unroll": 1, "gate_gather_unroll": 1,
+                   "epilogue_prefetch": False, "finish_split": False}
 
 
-def _finish_us(gpu: GPU, sched, phase, parts: int, prefetched: bool) -> float:
-    """Time a finisher CTA spends on one output tile after its MMA (B1's reduction "l2": partials
-    in a workspace, the finisher gathers them in part order): per epilogue chunk, ceil(parts /
-    unroll) L2 round trips, then the operands' HBM latency unless ``prefetched``; at least the
-    parts' bytes at the SM's ingest rate. With ``finish_split`` every part finishes 1/parts of the
-    tile's chunks. "dsmem": a tree of ceil(log2(parts)) remote rounds behind
-    cluster barriers; "tma_add": one L2 round trip; both then the chunks' operand latencies."""
-    rows, cols = getattr(sched, "epilogue_rows", EPILOGUE_ROWS), getattr(sched, "epilogue_cols", EPILOGUE_COLS)
-    chunks = math.ceil(phase.block_m / rows) * math.ceil(sched.B / cols)
-    share = parts if getattr(sched, "finish_split", False) else 1  # every part finishes 1/parts of the tile
-    chunks = math.ceil(chunks / share)
-    prefetched = prefetched or getattr(sched, "epilogue_prefetch", False)
-    operands = 0.0 if prefetched else chunks * gpu.hbm_latency_us
+def _finish(sched, key):
+    return getattr(sched, key, FINISH_DEFAULTS[key])
+
+
+def _chunks(sched, phase) -> int:
+    """Epilogue chunks of one output tile (``schedule.chunk_count``: units-major chunks of at most
+    epilogue_rows units and epilogue_values values per CTA)."""
+    units_per_tile = getattr(phase, "units_per_tile", phase.block_m // 4 if phase.product == "z" else phase.block_m)
+    rows = min(_finish(sched, "epilogue_rows"), units_per_tile)
+    cols = max(1, _finish(sched, "epilogue_values") // rows)
+    return math.ceil(units_per_tile / rows) * math.ceil(sched.B / cols)
+
+
+def _finish_us(gpu: GPU, sched, phase, tile, prefetched: bool = False) -> float:
+    """Time a CTA spends finishing its share of ``tile`` once its contributions are stored (B1's
+    reduction "l2": partials in a workspace, gathered in part order).
+
+    With ``finish_split`` every part finishes chunks [p n / P, (p + 1) n / P) of the tile's n
+    epilogue chunks, else the last part all of them. A split tile first waits for its ticket (an L2
+    round trip). Each chunk loads its parts in ceil(P / unroll) rounds of L2 round trips (unroll:
+    ``gather_unroll``, ``gate_gather_unroll`` for "z", whose rounds load every gate) and its
+    operands (one HBM latency): issued before the gather (``epilogue_prefetch``, or ``prefetched``:
+    a lever) they overlap it, max of the two, else one after the other. At least the parts' bytes
+    at the SM's ingest rate. "dsmem": a tree of ceil(log2(P)) remote rounds behind cluster
+    barriers; "tma_add": one L2 round trip; both then the chunks' operand latencies (no schedule
+    uses either)."""
+    parts, n = tile.parts, _chunks(sched, phase)
+    if _finish(sched, "finish_split"):
+        mine = (tile.part + 1) * n // parts - tile.part * n // parts
+    else:
+        mine = n if tile.part == parts - 1 else 0
+    if mine == 0:
+        return gpu.l2_latency_us if parts > 1 and _finish(sched, "finish_split") else 0.0
+    ticket = gpu.l2_latency_us if parts > 1 else 0.0
+    overlap = prefetched or _finish(sched, "epilogue_prefetch")
     if sched.reduction == "l2":
-        rounds = math.ceil(parts / getattr(sched, "gather_unroll", GATHER_UNROLL))
-        by_latency = chunks * (rounds * gpu.l2_latency_us + (0.0 if prefetched else gpu.hbm_latency_us))
-        return max(by_latency, parts * phase.block_m * sched.B * 4 / share / (gpu.sm_ingest_GBps * 1e3))
+        unroll = _finish(sched, "gate_gather_unroll" if phase.product == "z" else "gather_unroll")
+        gather = math.ceil(parts / unroll) * gpu.l2_latency_us
+        chunk = max(gather, gpu.hbm_latency_us) if overlap else gather + gpu.hbm_latency_us
+        by_bytes = parts * phase.block_m * sched.B * 4 * mine / n / (gpu.sm_ingest_GBps * 1e3)
+        return ticket + max(mine * chunk, by_bytes)
+    operands = 0.0 if overlap else mine * gpu.hbm_latency_us
     if sched.reduction == "dsmem" and parts > 1:
-        return math.ceil(math.log2(parts)) * (gpu.dsmem_latency_us + gpu.cluster_sync_us) + operands
+        return ticket + math.ceil(math.log2(parts)) * (gpu.dsmem_latency_us + gpu.cluster_sync_us) + operands
     if sched.reduction == "tma_add" and parts > 1:
-        return gpu.l2_latency_us + operands
+        return ticket + gpu.l2_latency_us + operands
     return operands
 
 
@@ -232,12 +257,13 @@ def persistent_cost(gpu: GPU, sched, prefetched: bool = False) -> dict:
     shared-memory traffic overlaps the chain. The chain is, per phase in dependency order, the
     slowest CTA: its tensor-core time over its tiles (at its SM's share of the measured rate) or its
     operand ingest, whichever is longer; then, with the "l2" reduction, storing its float32
-    partials and, where it finishes a tile, a ticket round trip and the tile's finish
-    (:func:`_finish_us`); then the phase's synchronisation ("grid": ``grid_sync_us`` and an L2 read of
+    partials and its share of the finish of each of its tiles (:func:`_finish_us`: the ticket of a
+    split tile, the chunks it finishes); then the phase's synchronisation ("grid": ``grid_sync_us`` and an L2 read of
     what it waited for; "cluster": ``cluster_sync_us`` and a DSMEM read). Step = max(HBM, L2,
     shared-memory reads, chain). It assumes the prefetch outlasts a barrier (a 1 us barrier at
     3 TB/s is 3 MB chip-wide, 23 KB per SM, inside the pipeline's stages). ``prefetched``: the
-    epilogues' operands loaded before the gather (a lever, ``levers.py``).
+    epilogues' operands loaded before the gather where the schedule does not say so (a lever,
+    ``levers.py``).
     """
     chain, phase_rows = 0.0, []
     ingest_rate = gpu.sm_ingest_GBps * 1e3
@@ -252,9 +278,7 @@ def persistent_cost(gpu: GPU, sched, prefetched: bool = False) -> dict:
             acc[1] += ingest
             if sched.reduction == "l2":
                 acc[2] += phase.block_m * sched.B * 4 / ingest_rate
-            if tile.part == tile.parts - 1 or getattr(sched, "finish_split", False):
-                acc[3] += _finish_us(gpu, sched, phase, tile.parts, prefetched) + (
-                    gpu.l2_latency_us if tile.parts > 1 else 0.0)
+            acc[3] += _finish_us(gpu, sched, phase, tile, prefetched)
         rate = gpu.mma_TFLOPs_16bit * 1e6 / gpu.sms
         times = {cta: max(a[0] / rate, a[1] / ingest_rate) + a[2] + a[3] for cta, a in per_cta.items()}
         slowest = max(times, key=times.get)

@@ -118,10 +118,16 @@ def test_persistent_cost_by_hand():
     assert [p["us"] for p in c["phases"]] == pytest.approx([p0, p1], abs=2e-3)
     assert c["terms_us"]["hbm"] == pytest.approx(4.0) and c["terms_us"]["l2"] == pytest.approx(1.5)
     assert c["time_us"] == pytest.approx(p0 + p1, abs=2e-3) and c["bound"] == "chain"
-    # Four parts per round and the operands prefetched: one L2 round trip per chunk.
+    # Four parts per round and the operands issued before them: the chunk waits for the longer of
+    # one L2 round trip (0.5) and the operands' HBM latency (0.8).
     fast = costmodel.persistent_cost(gpu, _toy_schedule(gather_unroll=4, epilogue_prefetch=True))
-    assert [p["us"] for p in fast["phases"]] == pytest.approx([mma + store + 0.5 + 0.5 + sync,
-                                                              mma + store + 0.5 + sync], abs=2e-3)
+    assert [p["us"] for p in fast["phases"]] == pytest.approx([mma + store + 0.5 + 0.8 + sync,
+                                                              mma + store + 0.8 + sync], abs=2e-3)
+    # Every part finishes a slice: the 2-part tile's one chunk falls to part 1 (chunks [p/2, (p+1)/2)
+    # of 1), and part 0 still waits for the ticket before its empty slice: both CTAs take
+    # mma + store + ticket, CTA 1 also its chunk.
+    split = costmodel.persistent_cost(gpu, _toy_schedule(gather_unroll=4, epilogue_prefetch=True, finish_split=True))
+    assert split["phases"][0]["finish_us"] == pytest.approx(0.5 + 0.8, abs=1e-3)
     # A stationary design receives no weights: only the activation tile [8, 64], 1,024 B.
     s = costmodel.persistent_cost(gpu, _toy_schedule(design="stationary"))
     assert s["phases"][0]["ingest_us"] == pytest.approx(1024 / 1e5, abs=1e-3)
@@ -133,12 +139,39 @@ def test_persistent_cost_by_hand():
 
 
 def test_the_model_reads_the_kernels_epilogue_as_written():
-    """The epilogue chunk the model assumes is the Gluon kernels' (EPI_M x EPI_B per CTA)."""
+    """The finish the model prices is the Gluon kernels': the schedule's epilogue chunk and gather
+    rounds are the kernels' EPI_M x EPI_B, GATHER and GATE_GATHER, and the model's chunk count is
+    the schedule's."""
     import re
 
+    from fastmlstm.ops.triton.persistent import schedule
+
     source = (LAB.parents[1] / "fastmlstm" / "ops" / "triton" / "persistent" / "gluon_common.py").read_text()
-    assert int(re.search(r"EPI_M = gl.constexpr\((\d+)\)", source).group(1)) == costmodel.EPILOGUE_ROWS
-    assert int(re.search(r"EPI_B = gl.constexpr\((\d+)\)", source).group(1)) == costmodel.EPILOGUE_COLS
+
+    def constant(name):
+        return int(re.search(rf"^{name} = gl.constexpr\((\d+)\)", source, re.M).group(1))
+
+    assert constant("EPI_M") == schedule.EPILOGUE_ROWS
+    assert constant("EPI_M") * constant("EPI_B") == schedule.EPILOGUE_VALUES
+    assert constant("GATHER") == schedule.GATHER_UNROLL and constant("GATE_GATHER") == schedule.GATE_GATHER_UNROLL
+    for H, B in costmodel.MODEL_SHAPES:
+        sched = costmodel.schedule_for("cluster", "fwd", B, H, 2, H100)
+        assert sched.finish_split and sched.epilogue_prefetch
+        for phase in sched.phases:
+            assert costmodel._chunks(sched, phase) == sched.chunks(phase)
+
+
+def test_the_finish_as_the_kernels_run_it_by_hand():
+    """H100, H = 4096, B = 128, forward hm: 256-unit tiles of 16 chunks (4 x 64 units, 4 x 32 rows),
+    split in up to 9 parts; the CTA of the part that finishes the most chunks (2) waits for its
+    ticket (0.3 us), then per chunk max(ceil(9 / 4) = 3 L2 round trips, the operands' 0.8 us)."""
+    sched = costmodel.schedule_for("cluster", "fwd", 128, 4096, 2, H100)
+    hm = sched.phases[0]
+    tile = max((t for t in sched.tiles if t.phase == 0 and t.parts == 9),
+               key=lambda t: sched.finish_slice(hm, t.part, t.parts)[1] - sched.finish_slice(hm, t.part, t.parts)[0])
+    lo, hi = sched.finish_slice(hm, tile.part, tile.parts)
+    assert (sched.chunks(hm), hi - lo) == (16, 2)
+    assert costmodel._finish_us(H100, sched, hm, tile) == pytest.approx(0.3 + 2 * max(3 * 0.3, 0.8), abs=1e-6)
 
 
 def test_rows_price_what_the_dispatcher_picks():

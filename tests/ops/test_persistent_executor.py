@@ -14,9 +14,11 @@ from fastmlstm.ops.triton.configs import Device
 from fastmlstm.ops.triton.persistent import executor, launch, schedule
 from fastmlstm.ops.triton.persistent.executor import Deadlock, SpinTimeout
 
-# (T, B, H, SMs, block_m, block_k): T = 1; B = 1 and B not a multiple of 8; H not a multiple of
-# the tiles; SM counts that leave one SM out of a cluster (7) and split K across many clusters.
-SHAPES = [(1, 1, 24, 4, 8, 16), (5, 5, 40, 10, 16, 8), (3, 37, 72, 7, 32, 8)]
+# (T, B, H, SMs, block_m, block_k, epilogue_rows, epilogue_values): T = 1; B = 1 and B not a
+# multiple of 8; H not a multiple of the tiles; SM counts that leave one SM out of a cluster (7)
+# and split K across many clusters; epilogue chunks small enough that the parts of a tile finish
+# several slices, some of them empty.
+SHAPES = [(1, 1, 24, 4, 8, 16, 4, 8), (5, 5, 40, 10, 16, 8, 4, 8), (3, 37, 72, 7, 32, 8, 8, 64)]
 
 
 def _inputs(T, B, H, dtype, seed=0):
@@ -59,12 +61,12 @@ CASES += [("cluster", torch.bfloat16, SHAPES[1], True, False)]
 @pytest.mark.parametrize("design, dtype, shape, ragged, all_grads", CASES,
                          ids=lambda v: str(v) if not isinstance(v, tuple) else "T{}-B{}-H{}-P{}".format(*v))
 def test_schedule_computes_the_recurrence(design, dtype, shape, ragged, all_grads):
-    T, B, H, sms, bm, bk = shape
+    T, B, H, sms, bm, bk, er, ev = shape
     proj, w_hh, w_hm, h0, c0, lengths, upstream = _inputs(T, B, H, dtype)
     lengths = lengths if ragged else None
     if not all_grads:
         upstream = (upstream[0], None, None)
-    device, tiles = Device(sms, (9, 0)), {"block_m": bm, "block_k": bk}
+    device, tiles = Device(sms, (9, 0)), {"block_m": bm, "block_k": bk, "epilogue_rows": er, "epilogue_values": ev}
     record = []
 
     def fwd(*args):
@@ -87,11 +89,31 @@ def test_schedule_computes_the_recurrence(design, dtype, shape, ragged, all_grad
     if rel_err(got["act"], ref["act"]) > ABS[dtype]:
         failures.append(f"act differs from the reference's by {rel_err(got['act'], ref['act']):.2e}")
     assert not failures, "\n".join(failures)
-    # Each output tile of each phase instance ran its epilogue exactly once.
+    # Each epilogue chunk of each output tile of each phase instance was finished exactly once.
     for sched, steps, finished in record:
-        instances = 2 * steps + (sched.direction == "backward")
-        expected = {(n, m): 1 for n in range(instances) for m in range(sched.phases[n % 2].m_tiles)}
-        assert finished == expected
+        assert finished == _every_chunk_once(sched, steps)
+
+
+def _every_chunk_once(sched, steps):
+    instances = 2 * steps + (sched.direction == "backward")
+    return {(n, m, c): 1 for n in range(instances) for m in range(sched.phases[n % 2].m_tiles)
+            for c in range(sched.chunks(sched.phases[n % 2]))}
+
+
+def test_every_part_finishes_a_slice():
+    """The finish is spread over the parts: in the small shapes above, tiles with several parts
+    have more than one part finishing chunks, and the slices of a tile cover its chunks once."""
+    s = schedule.plan("cluster", "forward", 5, 40, 2, Device(10, (9, 0)), block_m=16, block_k=8, epilogue_rows=4,
+                      epilogue_values=8)
+    spread = 0
+    for phase in s.phases:
+        for m_tile in range(phase.m_tiles):
+            parts = sorted((t for t in s.tiles if t.phase == phase.index and t.m_tile == m_tile), key=lambda t: t.part)
+            slices = [s.finish_slice(phase, t.part, t.parts) for t in parts]
+            assert slices[0][0] == 0 and slices[-1][1] == s.chunks(phase)
+            assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+            spread += sum(1 for lo, hi in slices if hi > lo) > 1
+    assert spread > 0
 
 
 def test_split_k_is_exercised():
@@ -116,9 +138,7 @@ def test_model_schedules_never_deadlock_in_random_orders(design, H, B, direction
     T = 2
     for seed in range(3):
         finished = executor.execute(sched, _protocol_only(sched, T), T, seed=seed, spin_limit=1 << 30)
-        instances = 2 * T + (direction == "backward")
-        assert len(finished) == sum(sched.phases[n % 2].m_tiles for n in range(instances))
-        assert set(finished.values()) == {1}
+        assert finished == _every_chunk_once(sched, T)
 
 
 @pytest.mark.parametrize("direction", schedule.DIRECTIONS)
@@ -185,7 +205,7 @@ def test_empty_sequence_and_inapplicable_shapes():
 def test_results_do_not_depend_on_the_order_ctas_run_in():
     """Parts are summed in part order whoever stores first: bitwise the same for every interleaving."""
     proj, w_hh, w_hm, h0, c0, lengths, upstream = _inputs(2, 5, 40, torch.bfloat16, seed=1)
-    device, tiles = Device(10, (9, 0)), {"block_m": 16, "block_k": 8}
+    device, tiles = Device(10, (9, 0)), {"block_m": 16, "block_k": 8, "epilogue_rows": 4, "epilogue_values": 8}
     runs = []
     for seed in (0, 1):
         def fwd(*args, seed=seed):

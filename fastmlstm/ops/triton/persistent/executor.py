@@ -1,14 +1,15 @@
 """Runs a persistent kernel's :class:`~.schedule.Schedule` on the CPU with torch, tile by tile, so that
 CI can check what no CPU can run: the schedule computes the recurrence (against the reference
-backend), every output tile is finished exactly once per step, and the flag protocol neither
+backend), every epilogue chunk of every output tile is finished exactly once per step, and the flag protocol neither
 deadlocks nor spins forever whatever order the CTAs run in.
 
 Each CTA is a Python generator that follows the kernels' program (:mod:`.gluon_forward`,
 :mod:`.gluon_backward`) item by item: the grid flag at the start of a phase, the partial of each
 item computed from the buffers as they are at that moment (the kernels load the activation tile
-after the flag), the cluster barrier before a contribution is counted, the ticket (count it, or, for
-the tile's last part, wait for the others, sum the parts in part order, run the epilogue, put the
-ticket back), the cluster barrier and the grid flag at the end of a phase. A CTA that must wait
+after the flag), the cluster barrier before a contribution is counted on its tile's ticket; then,
+item by item again, the wait for the ticket to count every part and the item's slice of its
+tile's epilogue chunks, each summing the parts in part order; the cluster barrier and the grid
+flag at the end of a phase. A CTA that must wait
 yields; the scheduler picks the next CTA at random (seeded) among all that are not finished, and a
 waiting CTA that is picked polls its flag once. Two failures, each naming the step:
 
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .schedule import Schedule
+from .schedule import Schedule, ticket_target
 
 
 class Deadlock(RuntimeError):
@@ -116,8 +117,10 @@ class Flags:
 @dataclasses.dataclass
 class Hooks:
     """What a direction computes: ``partial(phase, t, m_tile, kb_lo, kb_hi)`` -> a float32 tensor
-    (or a tuple of 4 for the gates) and ``epilogue(phase, t, m_tile, parts)`` from the parts in
-    order; ``steps`` the (t, phase instance base) walk order; ``tail`` the backward's extra phase."""
+    [B, units of the tile] (or a tuple of 4 for the gates) and ``epilogue(phase, t, units, rows,
+    parts)`` for one chunk (a slice of units and one of batch rows) from its values of the parts,
+    in part order; ``steps`` the (t, phase instance base) walk order; ``tail`` the backward's extra
+    phase."""
 
     partial: Callable
     epilogue: Callable
@@ -137,29 +140,48 @@ def cta_program(sched: Schedule, flags: Flags, hooks: Hooks, cta: int, ws: dict,
         what = describe(sched, n, T)
         yield from flags.wait_grid(n - 1, describe(sched, n - 1, T) if n > 0 else what)
         phase = sched.phases[p]
-        for it in sched.items_of(q, p):
+        mine = sched.items_of(q, p)
+        # Pass 1: every contribution, counted on its tile's ticket where the tile is split.
+        for it in mine:
             m_tile = it.group * sched.cluster + rank
             real = m_tile < phase.m_tiles
             ws[(p, it.slot0 + it.part, rank)] = hooks.partial(p, t, m_tile, it.kb_lo, it.kb_hi) if real else None
             yield from flags.cluster_barrier(cta, barriers, what)
-            ticket = flags.tile_base[p] + m_tile
-            if it.part < it.parts - 1:
-                flags.tickets[ticket] += 1
+            if it.parts > 1:
+                flags.tickets[flags.tile_base[p] + m_tile] += 1
+        # Pass 2: each contribution's slice of its tile, once every part is stored.
+        for it in mine:
+            m_tile = it.group * sched.cluster + rank
+            ticket, target = flags.tile_base[p] + m_tile, ticket_target(n, it.parts)
+            if it.parts > 1 and flags.tickets[ticket] != target:
+                yield Wait(lambda: flags.tickets[ticket] == target, f"the other parts of tile {m_tile}, {what}")
+            if m_tile >= phase.m_tiles:
                 continue
-            if flags.tickets[ticket] != it.parts - 1:
-                yield Wait(lambda: flags.tickets[ticket] == it.parts - 1, f"the other parts of tile {m_tile}, {what}")
-            flags.tickets[ticket] = 0
-            if real:
-                hooks.epilogue(p, t, m_tile, [ws[(p, it.slot0 + j, rank)] for j in range(it.parts)])
-                key = (n, m_tile)
+            parts = [ws[(p, it.slot0 + j, rank)] for j in range(it.parts)]
+            lo, hi = sched.finish_slice(phase, it.part, it.parts)
+            for c in range(lo, hi):
+                units, rows = sched.chunk_rect(phase, m_tile, c)
+                if units.stop > units.start and rows.stop > rows.start:
+                    hooks.epilogue(p, t, units, rows, _chunk_of(parts, units.start - m_tile * phase.units_per_tile,
+                                                                units.stop - units.start, rows))
+                key = (n, m_tile, c)
                 finished[key] = finished.get(key, 0) + 1
         yield from flags.cluster_barrier(cta, barriers, what)
         flags.arrive_grid(cta, n)
 
 
+def _chunk_of(parts: list, u0: int, units: int, rows: slice) -> list:
+    """The parts' values of one chunk: [rows, units u0 .. u0 + units) of each (each gate's)."""
+    if parts[0] is None:  # hooks that compute nothing (the protocol alone)
+        return parts
+    if isinstance(parts[0], tuple):
+        return [tuple(g[rows, u0:u0 + units] for g in part) for part in parts]
+    return [part[rows, u0:u0 + units] for part in parts]
+
+
 def execute(sched: Schedule, hooks: Hooks, T: int, seed: int = 0, spin_limit: int = 1 << 20,
             fault: tuple[int, int] | None = None) -> dict:
-    """Run every CTA of ``sched`` to the end; returns {(phase instance, tile): epilogues run}.
+    """Run every CTA of ``sched`` to the end; returns {(phase instance, tile, chunk): times finished}.
 
     ``fault`` = (cta, n): that CTA does not count itself on the grid flag of instance n (a test of
     the bounded waits)."""
@@ -218,43 +240,44 @@ def forward_hooks(sched: Schedule, b) -> Hooks:
             return b.h[t][:, k].float() @ b.w_hm[u, k].float().t()
         return tuple(b.m[:, k].float() @ b.w_hh[g * H + u.start:g * H + u.stop, k].float().t() for g in range(4))
 
-    def epilogue(p, t, m_tile, parts):
-        u, total = units(p, m_tile), _ordered_sum(parts)
+    def epilogue(p, t, u, bs, parts):
+        total = _ordered_sum(parts)
+        proj = b.proj[t][bs]
         if sched.phases[p].product == "hm":
-            xm = b.proj[t][:, 4 * H + u.start:4 * H + u.stop]
-            b.m[:, u] = (total * xm.float()).to(dtype)
+            xm = proj[:, 4 * H + u.start:4 * H + u.stop]
+            b.m[bs, u] = (total * xm.float()).to(dtype)
             if b.save:
-                b.act[t][:, 4 * H + u.start:4 * H + u.stop] = xm
-                b.act[t][:, 5 * H + u.start:5 * H + u.stop] = total.to(dtype)
+                b.act[t][bs, 4 * H + u.start:4 * H + u.stop] = xm
+                b.act[t][bs, 5 * H + u.start:5 * H + u.stop] = total.to(dtype)
             return
-        x = [b.proj[t][:, g * H + u.start:g * H + u.stop].float() for g in range(4)]
+        x = [proj[:, g * H + u.start:g * H + u.stop].float() for g in range(4)]
         i, f, o = (_sigmoid(total[g] + x[g]) for g in range(3))
         g_u = _tanh(total[3] + x[3])
-        c_prev = b.c[t % b.c_mod][:, u]
+        c_prev = b.c[t % b.c_mod][bs, u]
         c = f * c_prev + i * g_u
         h = o * _tanh(c)
         if b.lengths is not None:
-            active = (t < b.lengths)[:, None]
+            active = (t < b.lengths[bs])[:, None]
             c = torch.where(active, c, c_prev)
-            h = torch.where(active, h, b.h[t][:, u].float())
-        b.c[(t + 1) % b.c_mod][:, u] = c
-        b.h[t + 1][:, u] = h.to(dtype)
+            h = torch.where(active, h, b.h[t][bs, u].float())
+        b.c[(t + 1) % b.c_mod][bs, u] = c
+        b.h[t + 1][bs, u] = h.to(dtype)
         if b.save:
             for g, gate in enumerate((i, f, o, g_u)):
-                b.act[t][:, g * H + u.start:g * H + u.stop] = gate.to(dtype)
+                b.act[t][bs, g * H + u.start:g * H + u.stop] = gate.to(dtype)
 
     return Hooks(partial=partial, epilogue=epilogue, steps=[(t, 2 * t) for t in range(b.T)])
 
 
-def _cell_backward(b, t, u, dh, active):
-    """Step t's cell derivatives for units u: dz into grad_proj, dc_{t-1} into b.dc."""
+def _cell_backward(b, t, u, bs, dh, active):
+    """Step t's cell derivatives for units u, batch rows bs: dz into grad_proj, dc_{t-1} into b.dc."""
     H, dtype = b.H, b.grad_proj.dtype
-    i, f, o, g_u = (b.act[t][:, g * H + u.start:g * H + u.stop].float() for g in range(4))
-    c = b.cells[t][:, u]
-    c_prev = b.cells[t - 1][:, u] if t > 0 else b.c0[:, u]
-    dc = b.dc[:, u].clone()
+    i, f, o, g_u = (b.act[t][bs, g * H + u.start:g * H + u.stop].float() for g in range(4))
+    c = b.cells[t][bs, u]
+    c_prev = b.cells[t - 1][bs, u] if t > 0 else b.c0[bs, u]
+    dc = b.dc[bs, u].clone()
     if b.dcells is not None:
-        dc += b.dcells[t][:, u]
+        dc += b.dcells[t][bs, u]
     tanh_c = _tanh(c)
     from_h = dh * o * (1.0 - tanh_c * tanh_c)
     dc += torch.where(active, from_h, 0.0) if active is not None else from_h
@@ -263,9 +286,9 @@ def _cell_backward(b, t, u, dh, active):
     if active is not None:
         dz = [torch.where(active, d, 0.0) for d in dz]
         dc_prev = torch.where(active, dc_prev, dc)
-    b.dc[:, u] = dc_prev
+    b.dc[bs, u] = dc_prev
     for g, d in enumerate(dz):
-        b.grad_proj[t][:, g * H + u.start:g * H + u.stop] = d.to(dtype)
+        b.grad_proj[t][bs, g * H + u.start:g * H + u.stop] = d.to(dtype)
 
 
 def backward_hooks(sched: Schedule, b) -> Hooks:
@@ -279,26 +302,26 @@ def backward_hooks(sched: Schedule, b) -> Hooks:
             return b.ghm[t + 1][:, k].float() @ b.w_hm[k, u].float()
         return b.grad_proj[t][:, k].float() @ b.w_hh[k, u].float()
 
-    def epilogue(p, t, m_tile, parts):
-        u, total = units(p, m_tile), _ordered_sum(parts)
+    def epilogue(p, t, u, bs, parts):
+        total = _ordered_sum(parts)
         if sched.phases[p].product == "dm":
-            act = b.act[t]
-            b.grad_proj[t][:, 4 * H + u.start:4 * H + u.stop] = (total * act[:, 5 * H + u.start:5 * H + u.stop].float()
-                                                                  ).to(dtype)
-            b.ghm[t][:, u] = (total * act[:, 4 * H + u.start:4 * H + u.stop].float()).to(dtype)
+            act = b.act[t][bs]
+            b.grad_proj[t][bs, 4 * H + u.start:4 * H + u.stop] = (
+                total * act[:, 5 * H + u.start:5 * H + u.stop].float()).to(dtype)
+            b.ghm[t][bs, u] = (total * act[:, 4 * H + u.start:4 * H + u.stop].float()).to(dtype)
             return
         dh, active = total, None
         if b.lengths is not None:
-            active = (t < b.lengths)[:, None]
-            dh = dh + torch.where((t + 1 < b.lengths)[:, None], 0.0, b.dh[:, u])
+            active = (t < b.lengths[bs])[:, None]
+            dh = dh + torch.where((t + 1 < b.lengths[bs])[:, None], 0.0, b.dh[bs, u])
         if t < 0:
-            b.dh[:, u] = dh
+            b.dh[bs, u] = dh
             return
         if b.dout is not None:
-            dh = dh + b.dout[t][:, u].float()
+            dh = dh + b.dout[t][bs, u].float()
         if b.lengths is not None:
-            b.dh[:, u] = dh
-        _cell_backward(b, t, u, dh, active)
+            b.dh[bs, u] = dh
+        _cell_backward(b, t, u, bs, dh, active)
 
     return Hooks(partial=partial, epilogue=epilogue, steps=[(t, 2 * (b.T - 1 - t)) for t in range(b.T - 1, -1, -1)],
                  tail=2 * b.T)
@@ -307,7 +330,7 @@ def backward_hooks(sched: Schedule, b) -> Hooks:
 def runner(direction: str, seed: int = 0, spin_limit: int = 1 << 20, record: list | None = None,
            fault: tuple[int, int] | None = None):
     """A :data:`.launch.Runner` that executes the schedule on the CPU instead of launching it
-    (``record`` collects, per call, how many epilogues each (phase instance, tile) ran)."""
+    (``record`` collects, per call, how often each (phase instance, tile, chunk) was finished)."""
 
     def run(sched: Schedule, bufs) -> None:
         hooks = forward_hooks(sched, bufs) if direction == "forward" else backward_hooks(sched, bufs)

@@ -20,30 +20,18 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .gluon_common import (
-    EPI_B, GATE_UNITS, PRODUCER_REGS, ROWS, W_MNMAJOR, broadcast, chunk_index, finish_phase, gather, hand_over,
-    load_resident, mma_rows, phase_blocks, produce_phase, store_partial, wait_grid, wait_resident,
+    EPI_B, EPI_M, PRODUCER_REGS, ROWS, W_MNMAJOR, broadcast, chunk_index, contribute, finish_chunks, finish_phase,
+    gather, item, load_resident, mma_rows, phase_blocks, produce_phase, store_partial, take_over, wait_grid,
+    wait_resident,
 )
 from .gluon_forward import _tanh
 
 
 @gluon.jit
-def _cell_backward(b_dh, o_n, o_bt, o_state, k_nb, b_active, t, B, H, p_act, p_cells, p_c0, p_dc, p_dcells,
-                   p_dproj, HAS_LEN: gl.constexpr, HAS_DCELLS: gl.constexpr):
-    """From dh_t and the carried dc: dz_t (into dproj's first 4H columns) and dc_{t-1} (into dc)."""
-    p_a = p_act + o_bt[None, :] * (6 * H) + o_n[:, None]
-    b_i = gl.load(p_a, mask=k_nb, other=0.0).to(gl.float32)
-    b_f = gl.load(p_a + H, mask=k_nb, other=0.0).to(gl.float32)
-    b_o = gl.load(p_a + 2 * H, mask=k_nb, other=0.0).to(gl.float32)
-    b_u = gl.load(p_a + 3 * H, mask=k_nb, other=0.0).to(gl.float32)
-    plane = B * H
-    b_c = gl.load(p_cells + t.to(gl.int64) * plane + o_state, mask=k_nb, other=0.0)
-    if t > 0:
-        b_c_prev = gl.load(p_cells + (t - 1).to(gl.int64) * plane + o_state, mask=k_nb, other=0.0)
-    else:
-        b_c_prev = gl.load(p_c0 + o_state, mask=k_nb, other=0.0)
-    b_dc = gl.load(p_dc + o_state, mask=k_nb, other=0.0, cache_modifier=".cg")
-    if HAS_DCELLS:
-        b_dc += gl.load(p_dcells + t.to(gl.int64) * plane + o_state, mask=k_nb, other=0.0)
+def _cell_backward(b_dh, o_n, o_bt, o_state, k_nb, b_active, b_i, b_f, b_o, b_u, b_c, b_c_prev, b_dc, H, p_dc,
+                   p_dproj, HAS_LEN: gl.constexpr):
+    """From dh_t, the saved gates and cells and the carried dc: dz_t (into dproj's first 4H
+    columns) and dc_{t-1} (into dc)."""
     b_tanh_c = _tanh(b_c)
     b_dc_from_h = b_dh * b_o * (1.0 - b_tanh_c * b_tanh_c)
     if HAS_LEN:
@@ -70,52 +58,83 @@ def _cell_backward(b_dh, o_n, o_bt, o_state, k_nb, b_active, t, B, H, p_act, p_c
 
 
 @gluon.jit
-def epilogue_dh(p_ws, slot0, parts, group, t, B, H, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj,
-                p_len, DO_CELL: gl.constexpr, HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr,
-                HAS_LEN: gl.constexpr, C: gl.constexpr):
-    """dh_t for the CTA's 256 units, then (DO_CELL) step t's cell derivatives; the tail (t = -1)
-    leaves the gradient of h0 in dh."""
-    for u0 in range(0, ROWS, GATE_UNITS):
-        for b0 in range(0, B, EPI_B):
-            o_n, rank, o_u, o_b = chunk_index(group, u0, b0, ROWS, C)
-            k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
-            o_state = o_b[None, :] * H + o_n[:, None]
-            b_dh = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C)
-            if HAS_LEN:
-                b_len = gl.load(p_len + o_b, mask=o_b < B, other=0)[None, :]
-                b_active = t < b_len
-                # A row that was padding at t+1 passed h_t through: its gradient passes straight back.
-                b_dh += gl.where(t + 1 < b_len, 0.0, gl.load(p_dh + o_state, mask=k_nb, other=0.0,
-                                                                cache_modifier=".cg"))
-            else:
-                b_active = k_nb
-            if DO_CELL:
-                o_bt = (t * B + o_b).to(gl.int64)
-                if HAS_DOUT:
-                    b_dh += gl.load(p_dout + o_bt[None, :] * H + o_n[:, None], mask=k_nb, other=0.0).to(gl.float32)
-                if HAS_LEN:
-                    gl.store(p_dh + o_state, b_dh, mask=k_nb)
-                _cell_backward(b_dh, o_n, o_bt, o_state, k_nb, b_active, t, B, H, p_act, p_cells, p_c0, p_dc,
-                               p_dcells, p_dproj, HAS_LEN, HAS_DCELLS)
-            else:
-                gl.store(p_dh + o_state, b_dh, mask=k_nb)
+def _cell_operands(o_n, o_bt, o_state, k_nb, t, B, H, p_dout, p_act, p_cells, p_c0, p_dc, p_dcells,
+                   HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr):
+    """What step t's cell derivatives read besides dh: dout_t, the gates, c_t, c_{t-1} and the
+    carried dc (+ the cell-state gradient), loaded before the chunk's gather."""
+    b_dout = gl.zeros(o_state.shape, gl.float32, o_state.type.layout)
+    if HAS_DOUT:
+        b_dout = gl.load(p_dout + o_bt[None, :] * H + o_n[:, None], mask=k_nb, other=0.0).to(gl.float32)
+    p_a = p_act + o_bt[None, :] * (6 * H) + o_n[:, None]
+    b_i = gl.load(p_a, mask=k_nb, other=0.0).to(gl.float32)
+    b_f = gl.load(p_a + H, mask=k_nb, other=0.0).to(gl.float32)
+    b_o = gl.load(p_a + 2 * H, mask=k_nb, other=0.0).to(gl.float32)
+    b_u = gl.load(p_a + 3 * H, mask=k_nb, other=0.0).to(gl.float32)
+    plane = B * H
+    b_c = gl.load(p_cells + t.to(gl.int64) * plane + o_state, mask=k_nb, other=0.0)
+    if t > 0:
+        b_c_prev = gl.load(p_cells + (t - 1).to(gl.int64) * plane + o_state, mask=k_nb, other=0.0)
+    else:
+        b_c_prev = gl.load(p_c0 + o_state, mask=k_nb, other=0.0)
+    b_dc = gl.load(p_dc + o_state, mask=k_nb, other=0.0, cache_modifier=".cg")
+    if HAS_DCELLS:
+        b_dc += gl.load(p_dcells + t.to(gl.int64) * plane + o_state, mask=k_nb, other=0.0)
+    return b_dout, b_i, b_f, b_o, b_u, b_c, b_c_prev, b_dc
 
 
 @gluon.jit
-def epilogue_dm(p_ws, slot0, parts, group, t, B, H, p_act, p_dproj, p_ghm, C: gl.constexpr):
-    """dxm = dm * hm into dproj's last H columns, dhm_t = dm * xm into ghm[t]."""
-    for u0 in range(0, ROWS, GATE_UNITS):
-        for b0 in range(0, B, EPI_B):
-            o_n, rank, o_u, o_b = chunk_index(group, u0, b0, ROWS, C)
-            k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
-            b_dm = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C)
-            o_bt = (t * B + o_b).to(gl.int64)
-            p_a = p_act + o_bt[None, :] * (6 * H) + o_n[:, None]
-            b_xm = gl.load(p_a + 4 * H, mask=k_nb, other=0.0).to(gl.float32)
-            b_hm = gl.load(p_a + 5 * H, mask=k_nb, other=0.0).to(gl.float32)
-            gl.store(p_dproj + o_bt[None, :] * (5 * H) + 4 * H + o_n[:, None],
-                     (b_dm * b_hm).to(p_dproj.dtype.element_ty), mask=k_nb)
-            gl.store(p_ghm + o_bt[None, :] * H + o_n[:, None], (b_dm * b_xm).to(p_ghm.dtype.element_ty), mask=k_nb)
+def epilogue_dh(p_ws, slot0, parts, group, t, B, H, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj,
+                p_len, c_lo, c_hi, DO_CELL: gl.constexpr, HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr,
+                HAS_LEN: gl.constexpr, C: gl.constexpr):
+    """dh_t for chunks [c_lo, c_hi) of the CTA's 256 units, then (DO_CELL) step t's cell
+    derivatives; the tail (t = -1) leaves the gradient of h0 in dh."""
+    n_b = gl.cdiv(B, EPI_B)
+    for c in range(c_lo, c_hi):
+        o_n, rank, o_u, o_b = chunk_index(group, (c // n_b) * EPI_M, (c % n_b) * EPI_B, ROWS, C)
+        k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
+        o_state = o_b[None, :] * H + o_n[:, None]
+        o_bt = (t * B + o_b).to(gl.int64)
+        # The operands before the parts: their HBM latency overlaps the gather's L2 round trips.
+        if HAS_LEN:
+            b_len = gl.load(p_len + o_b, mask=o_b < B, other=0)[None, :]
+            b_dh_next = gl.load(p_dh + o_state, mask=k_nb, other=0.0, cache_modifier=".cg")
+        if DO_CELL:
+            b_dout, b_i, b_f, b_o, b_u, b_c, b_c_prev, b_dc = _cell_operands(
+                o_n, o_bt, o_state, k_nb, t, B, H, p_dout, p_act, p_cells, p_c0, p_dc, p_dcells, HAS_DOUT,
+                HAS_DCELLS)
+        b_dh = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C)
+        if HAS_LEN:
+            b_active = t < b_len
+            # A row that was padding at t+1 passed h_t through: its gradient passes straight back.
+            b_dh += gl.where(t + 1 < b_len, 0.0, b_dh_next)
+        else:
+            b_active = k_nb
+        if DO_CELL:
+            b_dh += b_dout
+            if HAS_LEN:
+                gl.store(p_dh + o_state, b_dh, mask=k_nb)
+            _cell_backward(b_dh, o_n, o_bt, o_state, k_nb, b_active, b_i, b_f, b_o, b_u, b_c, b_c_prev, b_dc, H,
+                           p_dc, p_dproj, HAS_LEN)
+        else:
+            gl.store(p_dh + o_state, b_dh, mask=k_nb)
+
+
+@gluon.jit
+def epilogue_dm(p_ws, slot0, parts, group, t, B, H, p_act, p_dproj, p_ghm, c_lo, c_hi, C: gl.constexpr):
+    """dxm = dm * hm into dproj's last H columns, dhm_t = dm * xm into ghm[t], for chunks
+    [c_lo, c_hi) of the CTA's 256 units."""
+    n_b = gl.cdiv(B, EPI_B)
+    for c in range(c_lo, c_hi):
+        o_n, rank, o_u, o_b = chunk_index(group, (c // n_b) * EPI_M, (c % n_b) * EPI_B, ROWS, C)
+        k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
+        o_bt = (t * B + o_b).to(gl.int64)
+        p_a = p_act + o_bt[None, :] * (6 * H) + o_n[:, None]
+        b_xm = gl.load(p_a + 4 * H, mask=k_nb, other=0.0).to(gl.float32)
+        b_hm = gl.load(p_a + 5 * H, mask=k_nb, other=0.0).to(gl.float32)
+        b_dm = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C)
+        gl.store(p_dproj + o_bt[None, :] * (5 * H) + 4 * H + o_n[:, None],
+                 (b_dm * b_hm).to(p_dproj.dtype.element_ty), mask=k_nb)
+        gl.store(p_ghm + o_bt[None, :] * H + o_n[:, None], (b_dm * b_xm).to(p_ghm.dtype.element_ty), mask=k_nb)
 
 
 @gluon.jit
@@ -125,19 +144,46 @@ def _dh_phase(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, n, t, c
               DO_CELL: gl.constexpr, HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr, HAS_LEN: gl.constexpr,
               RESIDENT: gl.constexpr, max_items):
     wait_grid(p_sync, n - 1, n_ctas, p_err, timeout_ns, C)
+    count = gl.load(p_counts + cluster)
     r = 0
-    for i in range(gl.load(p_counts + cluster)):
-        p_row = p_table + (cluster * max_items + i) * 6
-        g, kb_lo, kb_hi, part, parts, slot0 = (gl.load(p_row), gl.load(p_row + 1), gl.load(p_row + 2),
-                                               gl.load(p_row + 3), gl.load(p_row + 4), gl.load(p_row + 5))
+    for i in range(count):
+        g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 0, cluster, i, n_clusters, max_items)
         acc = mma_rows(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S, True,
                        RESIDENT)
         store_partial(acc, p_ws, slot0 + part, 0, B, C, BB)
         it += kb_hi - kb_lo
         r += kb_hi - kb_lo
-        if hand_over(p_tickets, 0, g, part, parts, n, p_err, timeout_ns, C):
-            epilogue_dh(p_ws, slot0, parts, g, t, B, H, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj,
-                        p_len, DO_CELL, HAS_DOUT, HAS_DCELLS, HAS_LEN, C)
+        contribute(p_tickets, 0, g, parts, C)
+    for i in range(count):
+        g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 0, cluster, i, n_clusters, max_items)
+        take_over(p_tickets, 0, g, parts, n, p_err, timeout_ns, C)
+        c_lo, c_hi = finish_chunks(part, parts, (ROWS // EPI_M) * gl.cdiv(B, EPI_B))
+        epilogue_dh(p_ws, slot0, parts, g, t, B, H, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj,
+                    p_len, c_lo, c_hi, DO_CELL, HAS_DOUT, HAS_DCELLS, HAS_LEN, C)
+    finish_phase(p_sync, n, C)
+    return it
+
+
+@gluon.jit
+def _dm_phase(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r1, n, t, cluster, p_table, p_counts, p_ws,
+              p_tickets, p_sync, p_err, p_act, p_dproj, p_ghm, B, H, n_clusters, n_ctas, tile_base1, timeout_ns,
+              C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr, RESIDENT: gl.constexpr, max_items):
+    wait_grid(p_sync, n - 1, n_ctas, p_err, timeout_ns, C)
+    count = gl.load(p_counts + n_clusters + cluster)
+    r = r1
+    for i in range(count):
+        g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 1, cluster, i, n_clusters, max_items)
+        acc = mma_rows(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S, True,
+                       RESIDENT)
+        store_partial(acc, p_ws, slot0 + part, 0, B, C, BB)
+        it += kb_hi - kb_lo
+        r += kb_hi - kb_lo
+        contribute(p_tickets, tile_base1, g, parts, C)
+    for i in range(count):
+        g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 1, cluster, i, n_clusters, max_items)
+        take_over(p_tickets, tile_base1, g, parts, n, p_err, timeout_ns, C)
+        c_lo, c_hi = finish_chunks(part, parts, (ROWS // EPI_M) * gl.cdiv(B, EPI_B))
+        epilogue_dm(p_ws, slot0, parts, g, t, B, H, p_act, p_dproj, p_ghm, c_lo, c_hi, C)
     finish_phase(p_sync, n, C)
     return it
 
@@ -159,21 +205,9 @@ def backward_consumer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_e
                        p_counts, p_ws, p_tickets, p_sync, p_err, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0,
                        p_dproj, p_len, B, H, n_clusters, n_ctas, timeout_ns, C, BB, S, True, HAS_DOUT, HAS_DCELLS,
                        HAS_LEN, RESIDENT, max_items)
-        n = 2 * s + 1
-        wait_grid(p_sync, n - 1, n_ctas, p_err, timeout_ns, C)
-        r = r1
-        for i in range(gl.load(p_counts + n_clusters + cluster)):
-            p_row = p_table + ((n_clusters + cluster) * max_items + i) * 6
-            g, kb_lo, kb_hi, part, parts, slot0 = (gl.load(p_row), gl.load(p_row + 1), gl.load(p_row + 2),
-                                                   gl.load(p_row + 3), gl.load(p_row + 4), gl.load(p_row + 5))
-            acc = mma_rows(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S,
-                           True, RESIDENT)
-            store_partial(acc, p_ws, slot0 + part, 0, B, C, BB)
-            it += kb_hi - kb_lo
-            r += kb_hi - kb_lo
-            if hand_over(p_tickets, tile_base1, g, part, parts, n, p_err, timeout_ns, C):
-                epilogue_dm(p_ws, slot0, parts, g, t, B, H, p_act, p_dproj, p_ghm, C)
-        finish_phase(p_sync, n, C)
+        it = _dm_phase(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r1, 2 * s + 1, t, cluster, p_table,
+                       p_counts, p_ws, p_tickets, p_sync, p_err, p_act, p_dproj, p_ghm, B, H, n_clusters, n_ctas,
+                       tile_base1, timeout_ns, C, BB, S, RESIDENT, max_items)
     # The tail: dhm_0 Wmh, the gradient of h0 (t = -1 for the padding rule).
     _dh_phase(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, 2 * T, -1, cluster, p_table, p_counts, p_ws,
               p_tickets, p_sync, p_err, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj, p_len, B, H,

@@ -18,8 +18,10 @@ one into all of them).
 
 Grid flags: ``sync[n]`` counts the CTAs that finished phase instance n (every CTA adds 1 after
 its epilogues; a per-instance counter, so polling for equality cannot miss an overshoot), and
-``tickets[phase, tile]`` counts the contributions stored for a tile (its finisher waits for
-parts - 1, then puts it back to 0). Every wait is ``gl.atomic_poll`` with a time limit; a wait
+``tickets[phase, tile]`` counts the contributions stored for a split tile over the whole launch
+(every part adds 1, then waits for parts x uses: ``schedule.ticket_target``; never reset). A
+phase runs in two passes (``schedule``'s module docstring): the contributions, then each one's
+slice of its tile's epilogue chunks. Every wait is ``gl.atomic_poll`` with a time limit; a wait
 that runs out records its code in ``err`` (max over CTAs) and every later wait of the launch
 returns at once, so a broken launch ends quickly and the host raises (:mod:`.launch`).
 """
@@ -35,6 +37,10 @@ ROWS = gl.constexpr(256)
 GATE_UNITS = gl.constexpr(64)
 EPI_M = gl.constexpr(64)
 EPI_B = gl.constexpr(32)
+# Parts a chunk's gather loads per round, all in flight at once (schedule.GATHER_UNROLL); the
+# gate product loads that many parts of each of its four gates (schedule.GATE_GATHER_UNROLL).
+GATHER = gl.constexpr(4)
+GATE_GATHER = gl.constexpr(2)
 CONSUMER_WARPS = gl.constexpr(8)
 # Producer partition: one warp, few registers (setmaxnreg gives the rest to the consumers).
 PRODUCER_REGS = gl.constexpr(40)
@@ -325,15 +331,51 @@ def store_partial(acc, p_ws, block, row0, B, C: gl.constexpr, BB: gl.constexpr):
 
 
 @gluon.jit
+def _part(p_ws, block, stride, o_ws, mask):
+    # .cg: the partials were written by other SMs.
+    return gl.load(p_ws + block.to(gl.int64) * stride + o_ws, mask=mask, other=0.0, cache_modifier=".cg")
+
+
+@gluon.jit
 def gather(p_ws, block0, parts, o_row, o_b, k_nb, B, C: gl.constexpr):
-    """Sum of a chunk's parts (block rows o_row, batch rows o_b) in part order: bitwise the same
-    whoever stored first. .cg: the partials were written by other SMs."""
+    """Sum of a chunk's parts (block rows o_row, batch rows o_b) in part order, GATHER parts
+    loaded per round (all in flight together): bitwise the same whoever stored first."""
     b_sum = gl.zeros([C * EPI_M, EPI_B], gl.float32, epi_layout(C))
     o_ws = o_b[None, :] * (C * ROWS) + o_row[:, None]
-    for part in range(parts):
-        p_block = p_ws + (block0 + part).to(gl.int64) * B * (C * ROWS)
-        b_sum += gl.load(p_block + o_ws, mask=k_nb, other=0.0, cache_modifier=".cg")
+    stride = B * (C * ROWS)
+    for p0 in range(0, parts, GATHER):
+        b_0 = _part(p_ws, block0 + p0, stride, o_ws, k_nb)
+        b_1 = _part(p_ws, block0 + p0 + 1, stride, o_ws, k_nb & (p0 + 1 < parts))
+        b_2 = _part(p_ws, block0 + p0 + 2, stride, o_ws, k_nb & (p0 + 2 < parts))
+        b_3 = _part(p_ws, block0 + p0 + 3, stride, o_ws, k_nb & (p0 + 3 < parts))
+        b_sum = b_sum + b_0 + b_1 + b_2 + b_3
     return b_sum
+
+
+@gluon.jit
+def _gate_round(b_sum, p_ws, block, stride, o_ws, k_nb, p0, parts):
+    b_0 = _part(p_ws, block, stride, o_ws, k_nb)
+    b_1 = _part(p_ws, block + 1, stride, o_ws, k_nb & (p0 + 1 < parts))
+    return b_sum + b_0 + b_1
+
+
+@gluon.jit
+def gather_gates(p_ws, block0, parts, o_row, o_b, k_nb, B, C: gl.constexpr):
+    """The four gates' sums of a chunk (gate g's rows at g * C * 64 + o_row), each in part order;
+    a round loads GATE_GATHER parts of every gate (one basic block: all in flight together)."""
+    b_i = gl.zeros([C * EPI_M, EPI_B], gl.float32, epi_layout(C))
+    b_f = gl.zeros([C * EPI_M, EPI_B], gl.float32, epi_layout(C))
+    b_o = gl.zeros([C * EPI_M, EPI_B], gl.float32, epi_layout(C))
+    b_u = gl.zeros([C * EPI_M, EPI_B], gl.float32, epi_layout(C))
+    o_ws = o_b[None, :] * (C * ROWS) + o_row[:, None]
+    gate = C * GATE_UNITS
+    stride = B * (C * ROWS)
+    for p0 in range(0, parts, GATE_GATHER):
+        b_i = _gate_round(b_i, p_ws, block0 + p0, stride, o_ws, k_nb, p0, parts)
+        b_f = _gate_round(b_f, p_ws, block0 + p0, stride, o_ws + gate, k_nb, p0, parts)
+        b_o = _gate_round(b_o, p_ws, block0 + p0, stride, o_ws + 2 * gate, k_nb, p0, parts)
+        b_u = _gate_round(b_u, p_ws, block0 + p0, stride, o_ws + 3 * gate, k_nb, p0, parts)
+    return b_i, b_f, b_o, b_u
 
 
 @gluon.jit
@@ -349,20 +391,26 @@ def chunk_index(group, u0, b0, UNITS: gl.constexpr, C: gl.constexpr):
 
 
 @gluon.jit
-def hand_over(p_tickets, tile_base, group, part, parts, n, p_err, timeout_ns, C: gl.constexpr):
-    """After a contribution's partial stores. Not the tile's last part: count it on the tile's
-    ticket. The last part (its finisher): wait for the other parts, then put the ticket back to
-    0 for the next step (the grid flag orders that before any next-step count). True for the
-    finisher, which then runs the epilogue."""
+def contribute(p_tickets, tile_base, group, parts, C: gl.constexpr):
+    """After a contribution's partial stores (pass 1): every thread's stores ordered before what
+    follows; a split tile's part counts itself on the tile's ticket."""
     gl.barrier()
-    p_flags = p_tickets + tile_base + group * C + ranks(C)
-    finisher = part == parts - 1
-    if finisher:
-        wait_count(p_flags, parts - 1, p_err, n + 1, timeout_ns, C)
-        gl.store(p_flags, 0)
-    else:
-        arrive_each(p_flags)
-    return finisher
+    if parts > 1:
+        arrive_each(p_tickets + tile_base + group * C + ranks(C))
+
+
+@gluon.jit
+def take_over(p_tickets, tile_base, group, parts, n, p_err, timeout_ns, C: gl.constexpr):
+    """Before a contribution's slice of the finish (pass 2): a split tile's every part stored
+    (``schedule.ticket_target``: phase instance n is its tiles' (n // 2 + 1)-th use)."""
+    if parts > 1:
+        wait_count(p_tickets + tile_base + group * C + ranks(C), parts * (n // 2 + 1), p_err, n + 1, timeout_ns, C)
+
+
+@gluon.jit
+def finish_chunks(part, parts, n_chunks):
+    """Chunks [lo, hi) of its tile that part ``part`` of ``parts`` finishes (schedule.finish_slice)."""
+    return part * n_chunks // parts, (part + 1) * n_chunks // parts
 
 
 @gluon.jit

@@ -19,9 +19,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .gluon_common import (
-    EPI_B, GATE_UNITS, PRODUCER_REGS, ROWS, W_GATES, W_KMAJOR, broadcast, chunk_index, finish_phase, gather,
-    hand_over, load_resident, mma_gates, mma_rows, phase_blocks, produce_phase, store_partial, wait_grid,
-    wait_resident,
+    EPI_B, EPI_M, GATE_UNITS, PRODUCER_REGS, ROWS, W_GATES, W_KMAJOR, broadcast, chunk_index, contribute,
+    finish_chunks, finish_phase, gather, gather_gates, item, load_resident, mma_gates, mma_rows, phase_blocks,
+    produce_phase, store_partial, take_over, wait_grid, wait_resident,
 )
 
 
@@ -37,51 +37,58 @@ def _tanh(x):
 
 
 @gluon.jit
-def epilogue_hm(p_ws, slot0, parts, group, t, B, H, p_proj, p_act, p_m, SAVE: gl.constexpr, C: gl.constexpr):
-    """m = xm * hm for the CTA's 256 units, chunk by chunk (hm summed over the parts in order)."""
-    for u0 in range(0, ROWS, GATE_UNITS):
-        for b0 in range(0, B, EPI_B):
-            o_n, rank, o_u, o_b = chunk_index(group, u0, b0, ROWS, C)
-            k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
-            b_hm = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C)
-            o_bt = (t * B + o_b).to(gl.int64)
-            b_xm = gl.load(p_proj + o_bt[None, :] * (5 * H) + 4 * H + o_n[:, None], mask=k_nb, other=0.0)
-            b_m = b_hm * b_xm.to(gl.float32)
-            gl.store(p_m + o_b[None, :] * H + o_n[:, None], b_m.to(p_m.dtype.element_ty), mask=k_nb)
-            if SAVE:
-                p_a = p_act + o_bt[None, :] * (6 * H) + o_n[:, None]
-                gl.store(p_a + 4 * H, b_xm, mask=k_nb)
-                gl.store(p_a + 5 * H, b_hm.to(p_act.dtype.element_ty), mask=k_nb)
+def epilogue_hm(p_ws, slot0, parts, group, t, B, H, p_proj, p_act, p_m, c_lo, c_hi, SAVE: gl.constexpr,
+                C: gl.constexpr):
+    """m = xm * hm for chunks [c_lo, c_hi) of the CTA's 256 units (units-major, EPI_M x EPI_B each;
+    hm summed over the parts in order)."""
+    n_b = gl.cdiv(B, EPI_B)
+    for c in range(c_lo, c_hi):
+        o_n, rank, o_u, o_b = chunk_index(group, (c // n_b) * EPI_M, (c % n_b) * EPI_B, ROWS, C)
+        k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
+        o_bt = (t * B + o_b).to(gl.int64)
+        # The operand before the parts: its HBM latency overlaps the gather's L2 round trips.
+        b_xm = gl.load(p_proj + o_bt[None, :] * (5 * H) + 4 * H + o_n[:, None], mask=k_nb, other=0.0)
+        b_hm = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C)
+        b_m = b_hm * b_xm.to(gl.float32)
+        gl.store(p_m + o_b[None, :] * H + o_n[:, None], b_m.to(p_m.dtype.element_ty), mask=k_nb)
+        if SAVE:
+            p_a = p_act + o_bt[None, :] * (6 * H) + o_n[:, None]
+            gl.store(p_a + 4 * H, b_xm, mask=k_nb)
+            gl.store(p_a + 5 * H, b_hm.to(p_act.dtype.element_ty), mask=k_nb)
 
 
 @gluon.jit
-def epilogue_z(p_ws, slot0, parts, group, t, B, H, p_proj, p_h, p_c, c_mod, p_act, p_len, SAVE: gl.constexpr,
-               HAS_LEN: gl.constexpr, C: gl.constexpr):
-    """Gates, c_t and h_t for the CTA's 64 units (of each gate): z summed over the parts in order."""
-    for b0 in range(0, B, EPI_B):
-        o_n, rank, o_u, o_b = chunk_index(group, 0, b0, GATE_UNITS, C)
+def epilogue_z(p_ws, slot0, parts, group, t, B, H, p_proj, p_h, p_c, c_mod, p_act, p_len, c_lo, c_hi,
+               SAVE: gl.constexpr, HAS_LEN: gl.constexpr, C: gl.constexpr):
+    """Gates, c_t and h_t for chunks [c_lo, c_hi) of the CTA's 64 units (of each gate; a chunk is
+    EPI_B batch rows): z summed over the parts in order."""
+    plane = B * H
+    for c in range(c_lo, c_hi):
+        o_n, rank, o_u, o_b = chunk_index(group, 0, c * EPI_B, GATE_UNITS, C)
         o_row = rank * GATE_UNITS + o_u
         k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
         o_bt = (t * B + o_b).to(gl.int64)
-        p_x = p_proj + o_bt[None, :] * (5 * H) + o_n[:, None]
-        b_i = _sigmoid(gather(p_ws, slot0, parts, o_row, o_b, k_nb, B, C)
-                       + gl.load(p_x, mask=k_nb, other=0.0).to(gl.float32))
-        b_f = _sigmoid(gather(p_ws, slot0, parts, C * GATE_UNITS + o_row, o_b, k_nb, B, C)
-                       + gl.load(p_x + H, mask=k_nb, other=0.0).to(gl.float32))
-        b_o = _sigmoid(gather(p_ws, slot0, parts, 2 * C * GATE_UNITS + o_row, o_b, k_nb, B, C)
-                       + gl.load(p_x + 2 * H, mask=k_nb, other=0.0).to(gl.float32))
-        b_u = _tanh(gather(p_ws, slot0, parts, 3 * C * GATE_UNITS + o_row, o_b, k_nb, B, C)
-                    + gl.load(p_x + 3 * H, mask=k_nb, other=0.0).to(gl.float32))
         o_state = o_b[None, :] * H + o_n[:, None]
-        plane = B * H
-        p_c_prev = p_c + (t % c_mod).to(gl.int64) * plane + o_state
-        b_c_prev = gl.load(p_c_prev, mask=k_nb, other=0.0, cache_modifier=".cg")
+        # The operands before the parts: their HBM latency overlaps the gather's L2 round trips.
+        p_x = p_proj + o_bt[None, :] * (5 * H) + o_n[:, None]
+        b_xi = gl.load(p_x, mask=k_nb, other=0.0)
+        b_xf = gl.load(p_x + H, mask=k_nb, other=0.0)
+        b_xo = gl.load(p_x + 2 * H, mask=k_nb, other=0.0)
+        b_xu = gl.load(p_x + 3 * H, mask=k_nb, other=0.0)
+        b_c_prev = gl.load(p_c + (t % c_mod).to(gl.int64) * plane + o_state, mask=k_nb, other=0.0,
+                           cache_modifier=".cg")
+        if HAS_LEN:
+            b_active = (t < gl.load(p_len + o_b, mask=o_b < B, other=0))[None, :]
+            b_h_prev = gl.load(p_h + t.to(gl.int64) * plane + o_state, mask=k_nb, other=0.0, cache_modifier=".cg")
+        z_i, z_f, z_o, z_u = gather_gates(p_ws, slot0, parts, o_row, o_b, k_nb, B, C)
+        b_i = _sigmoid(z_i + b_xi.to(gl.float32))
+        b_f = _sigmoid(z_f + b_xf.to(gl.float32))
+        b_o = _sigmoid(z_o + b_xo.to(gl.float32))
+        b_u = _tanh(z_u + b_xu.to(gl.float32))
         b_c = b_f * b_c_prev + b_i * b_u
         b_h = b_o * _tanh(b_c)
         if HAS_LEN:
             # A row past its length keeps its state: h and c are carried through unchanged.
-            b_active = (t < gl.load(p_len + o_b, mask=o_b < B, other=0))[None, :]
-            b_h_prev = gl.load(p_h + t.to(gl.int64) * plane + o_state, mask=k_nb, other=0.0, cache_modifier=".cg")
             b_c = gl.where(b_active, b_c, b_c_prev)
             b_h = gl.where(b_active, b_h, b_h_prev.to(gl.float32))
         gl.store(p_c + ((t + 1) % c_mod).to(gl.int64) * plane + o_state, b_c, mask=k_nb)
@@ -104,31 +111,34 @@ def forward_consumer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_em
     if RESIDENT:
         wait_resident(res_ready, p_table, p_counts, cluster, n_clusters, max_items)
     r1 = phase_blocks(p_table, p_counts, 0, cluster, n_clusters, max_items)
+    n_b = gl.cdiv(B, EPI_B)
+    count0 = gl.load(p_counts + cluster)
+    count1 = gl.load(p_counts + n_clusters + cluster)
     it = 0
     for t in range(T):
         n = 2 * t
         wait_grid(p_sync, n - 1, n_ctas, p_err, timeout_ns, C)
         r = 0
-        for i in range(gl.load(p_counts + cluster)):
-            p_row = p_table + (cluster * max_items + i) * 6
-            g, kb_lo, kb_hi, part, parts, slot0 = (gl.load(p_row), gl.load(p_row + 1), gl.load(p_row + 2),
-                                                   gl.load(p_row + 3), gl.load(p_row + 4), gl.load(p_row + 5))
+        for i in range(count0):
+            g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 0, cluster, i, n_clusters, max_items)
             acc = mma_rows(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S,
                            False, RESIDENT)
             store_partial(acc, p_ws, slot0 + part, 0, B, C, BB)
             it += kb_hi - kb_lo
             r += kb_hi - kb_lo
-            if hand_over(p_tickets, 0, g, part, parts, n, p_err, timeout_ns, C):
-                epilogue_hm(p_ws, slot0, parts, g, t, B, H, p_proj, p_act, p_m, SAVE, C)
+            contribute(p_tickets, 0, g, parts, C)
+        for i in range(count0):
+            g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 0, cluster, i, n_clusters, max_items)
+            take_over(p_tickets, 0, g, parts, n, p_err, timeout_ns, C)
+            c_lo, c_hi = finish_chunks(part, parts, (ROWS // EPI_M) * n_b)
+            epilogue_hm(p_ws, slot0, parts, g, t, B, H, p_proj, p_act, p_m, c_lo, c_hi, SAVE, C)
         finish_phase(p_sync, n, C)
 
         n = 2 * t + 1
         wait_grid(p_sync, n - 1, n_ctas, p_err, timeout_ns, C)
         r = r1
-        for i in range(gl.load(p_counts + n_clusters + cluster)):
-            p_row = p_table + ((n_clusters + cluster) * max_items + i) * 6
-            g, kb_lo, kb_hi, part, parts, slot0 = (gl.load(p_row), gl.load(p_row + 1), gl.load(p_row + 2),
-                                                   gl.load(p_row + 3), gl.load(p_row + 4), gl.load(p_row + 5))
+        for i in range(count1):
+            g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 1, cluster, i, n_clusters, max_items)
             acc_i, acc_f, acc_o, acc_u = mma_gates(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r,
                                                    kb_hi - kb_lo, C, BB, S, RESIDENT)
             store_partial(acc_i, p_ws, slot0 + part, 0, B, C, BB)
@@ -137,8 +147,13 @@ def forward_consumer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_em
             store_partial(acc_u, p_ws, slot0 + part, 3 * C * GATE_UNITS, B, C, BB)
             it += kb_hi - kb_lo
             r += kb_hi - kb_lo
-            if hand_over(p_tickets, tile_base1, g, part, parts, n, p_err, timeout_ns, C):
-                epilogue_z(p_ws, slot0, parts, g, t, B, H, p_proj, p_h, p_c, c_mod, p_act, p_len, SAVE, HAS_LEN, C)
+            contribute(p_tickets, tile_base1, g, parts, C)
+        for i in range(count1):
+            g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 1, cluster, i, n_clusters, max_items)
+            take_over(p_tickets, tile_base1, g, parts, n, p_err, timeout_ns, C)
+            c_lo, c_hi = finish_chunks(part, parts, n_b)
+            epilogue_z(p_ws, slot0, parts, g, t, B, H, p_proj, p_h, p_c, c_mod, p_act, p_len, c_lo, c_hi, SAVE,
+                       HAS_LEN, C)
         finish_phase(p_sync, n, C)
 
 

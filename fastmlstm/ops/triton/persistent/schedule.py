@@ -32,14 +32,22 @@ SM is busy whatever H and the SM count). A range that crosses a group boundary b
 An output tile whose K blocks fall to several clusters gets one partial per cluster ("parts"),
 numbered in K order.
 
-Reduction ("l2"). Each contribution stores its float32 partial to workspace block ``slot0 + part``
-of its group (rank r's rows at r * BM), then, unless it is the tile's last part, adds 1 to the
-tile's ticket. The last part's cluster (the tile's finisher) waits for the ticket to count the
-other parts, sums the parts in part order (bitwise the same whoever stored first), runs the fused
-epilogue and puts the ticket back to 0. Why not DSMEM or TMA reduce-add: the parts of a tile sit
-in different clusters (the cluster is laid along the output rows, for the multicast), out of each
-other's shared memory; and a TMA reduce-add sums in arrival order, which would make results differ
-from run to run and break the bit-exact chunked-call guarantee the other backends keep.
+Reduction ("l2") and the finish. Each contribution stores its float32 partial to workspace block
+``slot0 + part`` of its group (rank r's rows at r * BM). A phase runs in two passes per CTA: first
+every contribution of its list (MMA, partial stores, and, for a split tile, +1 on the tile's
+ticket), then the finish of each: every part finishes a slice of its tile (``finish_split``: the
+tile's epilogue chunks of ``chunk_shape`` units x batch rows, part p of P taking chunks
+[p n / P, (p + 1) n / P)), once the ticket shows all P parts stored. A chunk's sum is taken over
+the parts in part order, ``gather_unroll`` parts loaded at a time (bitwise the same whoever stored
+first; ``gate_gather_unroll`` parts of each of the four gates for "z"), with the epilogue's own
+operands loaded before the parts (``epilogue_prefetch``). Tickets
+only ever count up: a tile's ticket reaches P (k + 1) at its (k + 1)-th use in the launch
+(:func:`ticket_target`), so nothing resets it and no wait can see a later use's count. The
+arrivals of a pass all precede its waits, so no chain of waits runs through the clusters, and no
+cycle. Why not DSMEM or TMA reduce-add: the parts of a tile sit in different clusters (the cluster
+is laid along the output rows, for the multicast), out of each other's shared memory; and a TMA
+reduce-add sums in arrival order, which would make results differ from run to run and break the
+bit-exact chunked-call guarantee the other backends keep.
 
 Synchronisation ("grid"). After its epilogues each CTA adds 1 to the counter of the phase instance
 (n = 0, 1, ... over the whole call: 2 per step, plus the backward's tail); phase instance n + 1
@@ -83,6 +91,14 @@ MAX_BATCH = 128
 # its resident weights: the activation ring and the barriers.
 SMEM_PER_BLOCK = 232448
 STAGES = 4
+# The finish (module docstring): an epilogue chunk holds at most EPILOGUE_ROWS units and
+# EPILOGUE_VALUES values per CTA (8 per thread of the two consumer warpgroups); parts loaded per
+# round of a chunk's gather, and for the gate product per gate (four gates at once: what fits the
+# consumers' registers without a spill, bench/kernels/static.py).
+EPILOGUE_ROWS = 64
+EPILOGUE_VALUES = 2048
+GATHER_UNROLL = 4
+GATE_GATHER_UNROLL = 2
 # Columns of item_table(): group, first K block, end K block, part, parts, first workspace block of
 # the group.
 ITEM_FIELDS = ("group", "kb_lo", "kb_hi", "part", "parts", "slot0")
@@ -176,6 +192,12 @@ class Schedule:
     onchip_bytes_per_step: int
     multicast_bytes_saved_per_step: int
     weight_bytes_per_call: int
+    epilogue_rows: int = EPILOGUE_ROWS
+    epilogue_values: int = EPILOGUE_VALUES
+    gather_unroll: int = GATHER_UNROLL
+    gate_gather_unroll: int = GATE_GATHER_UNROLL
+    epilogue_prefetch: bool = True
+    finish_split: bool = True
 
     @property
     def clusters(self) -> int:
@@ -213,9 +235,60 @@ class Schedule:
             return 0
         return _blocks_per_cluster(self.items, self.clusters)
 
+    def chunk_shape(self, phase: Phase) -> tuple[int, int]:
+        """(units, batch rows) of one epilogue chunk of ``phase`` per CTA."""
+        return chunk_shape(phase.units_per_tile, self.epilogue_rows, self.epilogue_values)
+
+    def chunks(self, phase: Phase) -> int:
+        """Epilogue chunks of one output tile of ``phase``, numbered units-major."""
+        return chunk_count(phase.units_per_tile, self.B, self.epilogue_rows, self.epilogue_values)
+
+    def chunk_rect(self, phase: Phase, m_tile: int, c: int) -> tuple[slice, slice]:
+        """(units, batch rows) chunk ``c`` of tile ``m_tile`` covers (empty past H or B)."""
+        rows, cols = self.chunk_shape(phase)
+        n_b = math.ceil(self.B / cols)
+        u0 = m_tile * phase.units_per_tile + (c // n_b) * rows
+        u_end = min(self.H, (m_tile + 1) * phase.units_per_tile, u0 + rows)
+        b0 = (c % n_b) * cols
+        return slice(u0, max(u0, u_end)), slice(b0, min(self.B, b0 + cols))
+
+    def finish_slice(self, phase: Phase, part: int, parts: int) -> tuple[int, int]:
+        """Chunks [lo, hi) of its tile that part ``part`` of ``parts`` finishes."""
+        if self.finish_split:
+            return finish_slice(self.chunks(phase), part, parts)
+        return (0, self.chunks(phase)) if part == parts - 1 else (0, 0)
+
+    def unroll(self, phase: Phase) -> int:
+        """Parts a round of ``phase``'s gather loads (of each gate, for "z")."""
+        return self.gate_gather_unroll if phase.product == "z" else self.gather_unroll
+
     def barrier_target(self, instance: int) -> int:
         """The grid counter's value that releases phase instance ``instance + 1``."""
         return self.ctas * (instance + 1)
+
+
+def chunk_shape(units_per_tile: int, rows: int = EPILOGUE_ROWS, values: int = EPILOGUE_VALUES) -> tuple[int, int]:
+    """An epilogue chunk: min(rows, units of a tile) units x the batch rows that fill ``values``."""
+    units = min(rows, units_per_tile)
+    return units, max(1, values // units)
+
+
+def chunk_count(units_per_tile: int, B: int, rows: int = EPILOGUE_ROWS, values: int = EPILOGUE_VALUES) -> int:
+    units, cols = chunk_shape(units_per_tile, rows, values)
+    return math.ceil(units_per_tile / units) * math.ceil(B / cols)
+
+
+def finish_slice(chunks: int, part: int, parts: int) -> tuple[int, int]:
+    """Chunks [lo, hi) of ``chunks`` that part ``part`` of ``parts`` finishes (the kernels compute
+    the same two integer divisions)."""
+    return part * chunks // parts, (part + 1) * chunks // parts
+
+
+def ticket_target(instance: int, parts: int) -> int:
+    """A split tile's ticket once all ``parts`` parts of phase instance ``instance`` are stored:
+    each phase runs once per step (the backward's tail is phase 0's (T+1)-th use), and the count
+    is never reset."""
+    return parts * (instance // 2 + 1)
 
 
 def phases_for(direction: str, H: int, block_m: int = BLOCK_M, block_k: int = BLOCK_K) -> tuple[Phase, ...]:
@@ -240,9 +313,9 @@ def _partition(phase: Phase, clusters: int, cluster: int) -> tuple[list[Item], i
     A group's pieces are its parts in K order; part p of group g stores into block
     ``slot0(g) + p`` (one block holds the partials of the group's C tiles).
 
-    Each cluster walks its pieces that are not a tile's last part first, then the ones that are
-    (it finishes those tiles, so it waits for the other parts): the pieces it waits for never
-    wait themselves, so no chain of waits runs through the clusters, and no cycle.
+    Each cluster lists its pieces that are not a tile's last part first, then the ones that are
+    (the order a single-finisher protocol needs to keep waits from chaining; with the two-pass
+    finish every arrival precedes every wait anyway).
     """
     groups = math.ceil(phase.m_tiles / cluster)
     KB = phase.k_blocks
@@ -392,13 +465,15 @@ def block_k_for(direction: str, H: int, clusters: int, cluster: int, block_m: in
 
 
 def plan(design: str, direction: str, B: int, H: int, dtype_bytes: int, device: Device | None, *,
-         cluster: int = DEFAULT_CLUSTER, block_m: int = BLOCK_M, block_k: int | None = None) -> Schedule | None:
+         cluster: int = DEFAULT_CLUSTER, block_m: int = BLOCK_M, block_k: int | None = None,
+         epilogue_rows: int = EPILOGUE_ROWS, epilogue_values: int = EPILOGUE_VALUES) -> Schedule | None:
     """The schedule of ``design`` for one direction at (B, H), or None where it does not apply
     (not Hopper, not 16-bit, H not a multiple of 8, B over 256, or, for "stationary", weights
     that do not fit the CTAs' shared memory).
 
-    ``cluster``, ``block_m`` and ``block_k`` are the kernels' (2, 128, and 64, 32 or 16 by
-    :func:`block_k_for`); tests pass small tiles to exercise many splits at small shapes.
+    ``cluster``, ``block_m`` and ``block_k`` are the kernels' (2, 256, and 64, 32 or 16 by
+    :func:`block_k_for`), ``epilogue_rows`` and ``epilogue_values`` their epilogue chunk; tests
+    pass small tiles and chunks to exercise many splits and slices at small shapes.
 
     Example::
 
@@ -440,4 +515,5 @@ def plan(design: str, direction: str, B: int, H: int, dtype_bytes: int, device: 
                     active_sms=active, split_k=max(it.parts for it in items), reduction="l2",
                     resident_weight_bytes_per_cta=resident, block_m=block_m, block_k=block_k, block_b=BB,
                     stages=STAGES, phases=phases, items=tuple(items), tiles=tuple(tiles), slots=slots,
+                    epilogue_rows=epilogue_rows, epilogue_values=epilogue_values,
                     **_bytes(design, direction, B, H, e, BB, phases, items, tiles))
