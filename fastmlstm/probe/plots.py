@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .._atomic import atomic_write
 from ..errors import InputError, require
+from ..options import check
 from .features import END, START, cell_trace, encode_texts
 from .linear import DataEfficiency
 
@@ -32,10 +34,14 @@ def _pyplot():
 
 
 def _save(fig, path) -> Path:
+    """Write ``fig`` as a PNG atomically: ``path`` holds the old picture or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -160,7 +166,8 @@ def text_html(chars: Sequence[tuple[str, float]], path=None, *, unit: int | None
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(page, encoding="utf-8")
+        with atomic_write(path, "wb") as f:
+            f.write(page.encode("utf-8"))
     return page
 
 
@@ -212,6 +219,7 @@ def visualize_text(model, text: str | bytes, unit: int, *, html_path=None, png_p
         >>> visualize_text(model, "Great product, awful box.", unit=2388,
         ...                html_path="fig4.html", png_path="fig4.png")   # doctest: +SKIP
     """
+    scale, width = check("scale", scale), check("width", width)
     data = encode_texts([text])[0]
     values = cell_trace(model, text, units=[unit])[:, 0]
     chars = text_values(data, values)
