@@ -223,3 +223,20 @@ def test_a_nan_clip_never_turns_clipping_off():
     # The last line of defence: the update itself refuses what would make `clip > 0` false.
     with pytest.raises(InputError, match="clip must be a finite number >= 0, got nan"):
         update.train_step(None, None, None, None, False, 1e-3, None, math.nan)
+
+
+def test_evaluate_and_visualize_check_their_numbers(model, tmp_path):
+    from fastmlstm.probe import evaluate, visualize_text
+
+    for kwargs, match in (({"limit": math.nan}, "limit must be an integer >= 2"),
+                          ({"seed": -1}, r"seed must be an integer in \[0, 2147483647\]"),
+                          ({"curve_draws": 0}, "curve_draws must be an integer >= 1"),
+                          ({"batch_size": 0}, "batch_size must be an integer >= 1")):
+        with pytest.raises(InputError, match=match):  # before any data is read
+            evaluate(model, "sst2", root=tmp_path / "none", **kwargs)
+    for kwargs, match in (({"scale": math.nan}, "scale must be a finite number > 0"),
+                          ({"scale": 0}, "scale must be a finite number > 0"),
+                          ({"width": 0}, "width must be an integer >= 1")):
+        with pytest.raises(InputError, match=match):
+            visualize_text(model, "good", 1, html_path=tmp_path / "v.html", **kwargs)
+    assert not (tmp_path / "v.html").exists()

@@ -30,6 +30,7 @@ import torch
 from ..data import datasets
 from ..data.datasets import PairSplit, TextSplit
 from ..errors import InputError, InputTypeError
+from ..options import check
 from .features import featurize
 from .linear import (
     C_GRID,
@@ -295,6 +296,8 @@ def evaluate(
     """
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    limit, seed, batch_size = check("limit", limit), check("seed", seed), check("batch_size", batch_size)
+    curve_draws = check("draws", curve_draws, "curve_draws")
     featurize_fn = _featurizer(model, batch_size, progress)
     splits = datasets.load(task, root) if splits is None else dict(splits)
     splits = {name: _limit(s, limit, seed) for name, s in splits.items()}
