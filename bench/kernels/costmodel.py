@@ -4,8 +4,11 @@ Per GPU, shape (H, B) and direction (forward: hm = h Wmh^T, then z = m Wh^T and 
 backward: dh = dhm Wmh, the cell derivatives, then dm = dz Wh) a row gives three times:
 
 ``predicted_us``
-    the design the dispatcher picks (``fastmlstm.ops.triton.dispatch.design_for``, as it would
-    once the design is validated on the device), priced from what it launches:
+    the design the dispatcher picks, priced from what it launches. The dispatcher checks every
+    candidate that applies on the device at hand and runs the fastest of those that passed
+    (``fastmlstm.ops.triton.dispatch.design_for`` on the checks' timings); the model applies the
+    same rule to its own predictions: a row's design is the fastest under the model of the designs
+    that apply there (``dispatch.designs`` and the per-step path), as if every candidate passed.
 
     - "step" / "graph": the per-step Triton kernels (``fused_step.py``) with the configs of
       ``fastmlstm.ops.triton.configs``, one kernel after the other, :func:`kernel_cost` each;
@@ -384,14 +387,21 @@ MODEL_SHAPES = ((4096, 128), (2048, 128), (1024, 64), (4096, 1))
 DESIGN_NAMES = ("stationary", "cluster", "graph", "step")
 
 
-def picked_design(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16") -> tuple[str, str]:
-    """(design, where the choice came from): the dispatcher's rule once the design is validated."""
+def picked_design(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16",
+                  costs: dict[str, dict | None] | None = None) -> tuple[str, str]:
+    """(design, where the choice came from): the dispatcher's rule (``dispatch.design_for``: the
+    fastest design that applies) on the model's predicted times (``costs``: :func:`design_cost` of
+    each design, computed here when not given)."""
     try:
         from fastmlstm.ops.triton.dispatch import design_for
     except ImportError:
         return "step", "no fastmlstm.ops.triton.dispatch in this checkout: the per-step path"
     torch_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
-    return design_for(B, H, torch_name, device_of(gpu), direction=LONG[direction]), "dispatch.design_for"
+    if costs is None:
+        costs = {d: design_cost(gpu, d, direction, B, H, dtype) for d in DESIGN_NAMES}
+    times = {d: c["time_us"] for d, c in costs.items() if c is not None}
+    design = design_for(B, H, torch_name, device_of(gpu), direction=LONG[direction], times=times)
+    return design, "dispatch.design_for on the predicted times (the fastest design that applies)"
 
 
 def design_cost(gpu: GPU, design: str, direction: str, B: int, H: int, dtype: str = "bf16") -> dict | None:
@@ -410,9 +420,12 @@ def direction_cost(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16"
     if plan is not None:
         design, source = "step", "the plan given"
         cost = step_cost(gpu, direction, B, H, dtype, precision, plan)
+    elif design:
+        source, cost = "asked for", design_cost(gpu, design, direction, B, H, dtype)
     else:
-        design, source = (design, "asked for") if design else picked_design(gpu, direction, B, H, dtype)
-        cost = design_cost(gpu, design, direction, B, H, dtype)
+        costs = {d: design_cost(gpu, d, direction, B, H, dtype) for d in DESIGN_NAMES}
+        design, source = picked_design(gpu, direction, B, H, dtype, costs)
+        cost = costs[design]
         if cost is None:
             raise ValueError(f"design {design!r} does not apply to H={H}, B={B} ({direction}) on {gpu.name}")
     ideal = 5 * H * H * e / (gpu.hbm_TBps * 1e6)
@@ -432,7 +445,7 @@ def direction_cost(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16"
         "floor_bound": floor["bound"], "floor_terms_us": floor["terms_us"],
         "floor_weights_from": floor["weights_from"],
         "floor_streaming_us": round(floor_cost(gpu, direction, B, H, dtype, weights_stream=True)["floor_us"], 2),
-        "target_ratio": target, "meets_target": None if target is None else cost["time_us"] <= target * ideal,
+        "target_ratio": target, "meets_target": None if target is None else bool(cost["time_us"] <= target * ideal),
         "every_sm_busy": cost["active_sms"] >= gpu.sms, "busy_required": busy_needed,
     }
     row["per_call_us"] = round(cost.get("per_call_us", 0.0), 2)
@@ -441,11 +454,21 @@ def direction_cost(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16"
     return row
 
 
+def applicable(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16") -> tuple[str, ...]:
+    """The designs the dispatcher may run at a shape (``dispatch.designs``, and the per-step path)."""
+    try:
+        from fastmlstm.ops.triton.dispatch import designs
+    except ImportError:
+        return ("step",)
+    torch_name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+    return (*designs(B, H, torch_name, device_of(gpu), LONG[direction]), "step")
+
+
 def alternatives(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16") -> dict[str, float | None]:
-    """Every design's predicted time at a shape (None where it does not apply)."""
-    out = {}
+    """Every design's predicted time at a shape (None where the dispatcher would not run it)."""
+    out, allowed = {}, applicable(gpu, direction, B, H, dtype)
     for design in DESIGN_NAMES:
-        cost = design_cost(gpu, design, direction, B, H, dtype)
+        cost = design_cost(gpu, design, direction, B, H, dtype) if design in allowed else None
         out[design] = None if cost is None else round(cost["time_us"], 2)
     return out
 

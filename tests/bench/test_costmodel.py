@@ -175,19 +175,26 @@ def test_the_finish_as_the_kernels_run_it_by_hand():
 
 
 def test_rows_price_what_the_dispatcher_picks():
-    from fastmlstm.ops.triton.dispatch import design_for
+    """A row's design is the dispatcher's rule (the fastest design that applies) on the model's
+    predictions: no design the dispatcher may run there is predicted faster."""
+    from fastmlstm.ops.triton.dispatch import design_for, designs
 
     for gpu in costmodel.GPUS.values():
         for H, B in costmodel.MODEL_SHAPES:
             for direction in costmodel.DIRECTIONS:
                 row = costmodel.direction_cost(gpu, direction, B, H)
+                allowed = (*designs(B, H, "bfloat16", costmodel.device_of(gpu), costmodel.LONG[direction]), "step")
+                times = {d: costmodel.design_cost(gpu, d, direction, B, H)["time_us"] for d in allowed}
                 assert row["design"] == design_for(B, H, "bfloat16", costmodel.device_of(gpu),
-                                                   direction=costmodel.LONG[direction])
-                sched = costmodel.schedule_for(row["design"], direction, B, H, 2, gpu)
-                if sched is not None:  # the schedule's own byte counts and launch shape, unchanged
+                                                   direction=costmodel.LONG[direction], times=times)
+                assert row["predicted_us"] == pytest.approx(min(times.values()), abs=0.01)
+                if row["design"] in ("cluster", "stationary"):  # the schedule's own bytes and launch shape
+                    sched = costmodel.schedule_for(row["design"], direction, B, H, 2, gpu)
                     assert (row["hbm_bytes"], row["l2_bytes"], row["ctas"], row["cluster"], row["active_sms"]) == (
                         sched.hbm_bytes_per_step, sched.l2_bytes_per_step, sched.ctas, sched.cluster,
                         sched.active_sms)
+                alternatives = costmodel.alternatives(gpu, direction, B, H)
+                assert {d for d, t in alternatives.items() if t is not None} == set(allowed)
 
 
 def test_the_per_step_path_is_host_bound_without_a_graph():

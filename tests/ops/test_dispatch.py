@@ -324,17 +324,72 @@ def test_kernel_persistent_where_none_applies_is_a_clear_error(stand_in, monkeyp
         _choose()
 
 
-def test_kernel_persistent_runs_the_design_the_rule_picks(stand_in, monkeypatch):
+def _hopper(monkeypatch):
+    """The stand-in site as a Hopper part: at bf16, B = 4, H = 64 every design applies."""
     monkeypatch.setattr(dispatch, "_site", lambda device: _site(capability=(9, 0)))
-    monkeypatch.setenv(verdicts.ENV_KERNEL, "persistent")
-    for name in ("stationary", "cluster", "graph"):
-        dispatch.register(_candidate(name)[0])
     site = _site(capability=(9, 0))
-    want = dispatch.design_for(4, 64, torch.bfloat16, Device(site.sms, site.capability, site.name))
-    assert want in dispatch.PERSISTENT_DESIGNS
-    assert dispatch.choose(4, 64, torch.bfloat16, torch.device("cpu")) == want
+    device = Device(site.sms, site.capability, site.name)
+    assert set(dispatch.designs(4, 64, torch.bfloat16, device)) == {"stationary", "cluster", "graph"}
+    return device
+
+
+def _bf16(direction="forward"):
+    return dispatch.choose(4, 64, torch.bfloat16, torch.device("cpu"), direction)
+
+
+def test_kernel_persistent_runs_the_fastest_persistent_candidate(stand_in, monkeypatch):
+    _hopper(monkeypatch)
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "persistent")
+    dispatch.register(_candidate("stationary", _slow(reference.forward, 0.01), _slow(reference.backward, 0.01))[0])
+    dispatch.register(_candidate("cluster")[0])
+    dispatch.register(_candidate("graph")[0])
+    assert _bf16() == "cluster"
     monkeypatch.setenv(verdicts.ENV_KERNEL, "graph")
-    assert dispatch.choose(4, 64, torch.bfloat16, torch.device("cpu")) == "graph"
+    assert _bf16() == "graph"
+
+
+def test_the_fastest_passing_candidate_runs(stand_in, monkeypatch, caplog):
+    """Three candidates apply and pass, each faster than the per-step path (20 ms slower per call):
+    the fastest runs, in each direction on its own; one log line each says what it does."""
+    _hopper(monkeypatch)
+    dispatch.register(_candidate("stationary", _slow(reference.forward, 0.01), _slow(reference.backward, 0.01))[0])
+    dispatch.register(_candidate("cluster", reference.forward, _slow(reference.backward, 0.015))[0])
+    dispatch.register(_candidate("graph", _slow(reference.forward, 0.005), _slow(reference.backward, 0.005))[0])
+    with caplog.at_level(logging.INFO, logger="fastmlstm"):
+        assert _bf16("forward") == "cluster" and _bf16("backward") == "graph"
+    assert {f["key"]["candidate"] for f in _files(stand_in)} == {"stationary", "cluster", "graph"}
+    said = [r.message for r in caplog.records if "checking" not in r.message]
+    assert sum("'cluster' kernel runs the forward for" in m and "fastest" in m for m in said) == 1
+    assert sum("'graph' kernel runs the backward for" in m for m in said) == 1
+    assert sum("'stationary' kernel passed its check" in m and "'cluster' and 'graph' kernel is faster" in m
+               for m in said) == 1
+
+
+def test_a_failed_fastest_candidate_leaves_the_next_fastest(stand_in, monkeypatch):
+    _hopper(monkeypatch)
+
+    def wrong_forward(*args):
+        out = list(reference.forward(*args))
+        out[0] = out[0] * 1.01
+        return tuple(out)
+
+    dispatch.register(_candidate("cluster", wrong_forward)[0])
+    dispatch.register(_candidate("graph", _slow(reference.forward, 0.005), _slow(reference.backward, 0.005))[0])
+    assert _bf16() == "graph"
+    assert {f["key"]["candidate"]: f["verdict"]["status"] for f in _files(stand_in)} == {"cluster": "failed",
+                                                                                       "graph": "passed"}
+
+
+def test_the_rule_takes_the_fastest_design_that_applies():
+    times = {"step": 1.0, "graph": 0.5, "cluster": 0.4, "stationary": 0.3}
+    assert dispatch.design_for(64, 1024, torch.bfloat16, H100, times=times) == "stationary"
+    # A design that does not apply there never wins, whatever its time.
+    assert dispatch.design_for(128, 4096, torch.bfloat16, H100, times=times) == "cluster"
+    assert dispatch.design_for(128, 4096, torch.bfloat16, H100, times={"step": 1.0, "stationary": 0.1}) == "step"
+    # No time: not a candidate (failed or not checked); ties go to the earlier design.
+    assert dispatch.design_for(64, 1024, torch.bfloat16, H100, times={"step": 1.0, "graph": 1.0}) == "graph"
+    assert dispatch.design_for(64, 1024, torch.bfloat16, H100, times={}) == "step"
+    assert dispatch.design_for(64, 1024, torch.bfloat16, None, times=times) == "step"
 
 
 # -------------------------------------------------------------------------- the real check

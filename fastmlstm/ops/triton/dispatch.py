@@ -6,17 +6,19 @@ A candidate is never trusted blindly. On first use for a key (device, driver, ve
 kernels' sources, dtype, shape class: H exact, B rounded up to a power of two) it is checked
 against the per-step path and a float64 run (outputs, final states, saved activations, every
 gradient; :func:`fastmlstm.ops.verdicts.parity`) and both are timed; the verdict is kept on disk
-(:mod:`fastmlstm.ops.verdicts`). The candidate runs only if it passed and is faster, per direction;
-otherwise one log line says why and the per-step path runs. Once decided, a call costs one dict
-lookup.
+(:mod:`fastmlstm.ops.verdicts`). Every candidate that applies is checked; per direction the fastest
+of those that passed and beat the per-step path runs (:func:`design_for` on the checks' timings),
+otherwise the per-step path; one log line per candidate says what it does and why. Once decided,
+a call costs one dict lookup.
 
 ``FASTMLSTM_KERNEL`` forces a choice: ``step`` (nothing checked), ``persistent`` or ``graph`` (the
 candidate runs even if it failed its check, with a warning; one that does not apply to the shape
 is an :class:`~fastmlstm.InputError`), ``auto`` (default).
 
 Interface (fixed for the kernels' and the cost model's authors): :class:`Candidate`,
-:func:`register`, :func:`design_for` (the pure rule: the design the dispatcher runs once
-validated), :func:`choose`.
+:func:`register`, :func:`design_for` (the pure rule: the fastest design that applies, by the
+checks' timings here and by the cost model's predictions in ``bench/kernels/costmodel.py``),
+:func:`choose`.
 
 Example::
 
@@ -158,20 +160,33 @@ def designs(B: int, H: int, dtype, device: Device | None, direction: str = "forw
     return tuple(found)
 
 
-def design_for(B: int, H: int, dtype, device: Device | None, direction: str = "forward") -> str:
-    """The design the dispatcher runs for ``(B, H, dtype)`` on ``device`` once validated (what the
-    cost model prices): the first of :func:`designs`, else "step". Pure: it reads only its
-    arguments and the schedules. ``dtype``: a torch dtype or "bfloat16"/"float16"/"float32";
-    ``direction``: "forward" or "backward".
+def design_for(B: int, H: int, dtype, device: Device | None, direction: str = "forward",
+               times: dict[str, float] | None = None) -> str:
+    """The design the dispatcher runs for ``(B, H, dtype)`` on ``device``: of the designs that apply
+    (:func:`designs`) and "step", the fastest by ``times`` (design -> time of ``direction``, any
+    unit; a design without a time is out: not checked, failed, or not faster). :func:`choose`
+    passes the times its checks measured, each relative to the per-step path timed in the same
+    check; the cost model passes its predictions. Ties go to the earlier of :data:`DESIGNS`.
+    Without ``times``: the first of :func:`designs`, else "step" (the preference when nothing is
+    known about speed). Pure: it reads only its arguments and the schedules. ``dtype``: a torch
+    dtype or "bfloat16"/"float16"/"float32"; ``direction``: "forward" or "backward".
 
     Example::
 
         >>> from fastmlstm.ops.triton.configs import Device
-        >>> design_for(64, 8192, "bfloat16", Device(132, (9, 0), "NVIDIA H100 80GB HBM3")) in DESIGNS
-        True
+        >>> h100 = Device(132, (9, 0), "NVIDIA H100 80GB HBM3")
+        >>> design_for(64, 1024, "bfloat16", h100, times={"step": 1.0, "graph": 0.5, "stationary": 0.3})
+        'stationary'
+        >>> design_for(64, 1024, "bfloat16", h100, times={"step": 1.0, "graph": 0.5})
+        'graph'
     """
     found = designs(B, H, dtype, device, direction)
-    return found[0] if found else "step"
+    if times is None:
+        return found[0] if found else "step"
+    timed = [d for d in (*found, "step") if times.get(d) is not None]
+    if not timed:
+        return "step"
+    return min(timed, key=lambda d: (times[d], DESIGNS.index(d)))
 
 
 # ----------------------------------------------------------------------------- the choice
@@ -223,38 +238,65 @@ def _decide(mode: str, B: int, H: int, dtype: torch.dtype, site: verdicts.Site, 
     wanted = designs(B, H, dtype, device, direction)
     if mode != "auto":
         return _forced(mode, wanted, B, H, dtype, site, direction)
+    checked = _checked(wanted, B, H, dtype, site, device)
+    if checked is None:  # a check cannot run now (a graph capture, or it runs elsewhere): decide later
+        return "step", False
+    winners = {d: design_for(B, H, dtype, device, d, times=_times(checked, d)) for d in ("forward", "backward")}
+    for candidate, verdict in checked:
+        _report(candidate, verdict, winners, checked, B, H, dtype, site)
+    return winners[direction], True
+
+
+def _checked(wanted, B, H, dtype, site, device) -> list | None:
+    """(candidate, verdict) for every registered candidate of ``wanted`` that applies, checking
+    those not yet checked; None where a check cannot run now."""
+    found = []
     for name in wanted:
         candidate = _CANDIDATES.get(name)
         if candidate is None or not candidate.applies(B, H, dtype, device):
             continue
-        if _capturing():  # a check cannot run inside someone's graph capture: decide later
-            return "step", False
+        if _capturing():  # a check cannot run inside someone's graph capture
+            return None
         verdict = _verdict(candidate, B, H, dtype, site)
         if verdict is None:  # being checked elsewhere right now
-            return "step", False
-        _report(candidate, verdict, B, H, dtype, site)
-        if verdict.faster(direction):
-            return name, True
-    return "step", True
+            return None
+        found.append((candidate, verdict))
+    return found
+
+
+def _times(checked: list, direction: str) -> dict[str, float]:
+    """Each candidate that passed and beat the per-step path in ``direction``: its time relative to
+    that path timed in its own check (the per-step path is 1), so that candidates checked apart
+    compare on one scale."""
+    times = {"step": 1.0}
+    times.update({c.name: 1.0 / v.speedup(direction) for c, v in checked if v.faster(direction)})
+    return times
 
 
 def _forced(mode, wanted, B, H, dtype, site, direction) -> tuple[str, bool]:
+    """FASTMLSTM_KERNEL=persistent|graph: the fastest of the group's candidates that passed its
+    check, else the first that applies (with a warning if it failed)."""
     group = PERSISTENT_DESIGNS if mode == "persistent" else ("graph",)
     device = _device(site)
-    for name in (d for d in wanted if d in group):
-        candidate = _CANDIDATES.get(name)
-        if candidate is None or not candidate.applies(B, H, dtype, device):
-            continue
-        verdict = None if _capturing() else _verdict(candidate, B, H, dtype, site)
-        if verdict is not None and not verdict.passed:
-            verdicts.log_once(f"fastmlstm: {verdicts.ENV_KERNEL}={mode} runs the {name!r} kernel for "
-                              f"{_case(B, H, dtype)} on {site.name} although it failed its check: {verdict.reason}",
-                              logging.WARNING)
-        return name, verdict is not None
-    available = sorted(n for n in _CANDIDATES if n in group)
-    raise InputError(f"{verdicts.ENV_KERNEL}={mode}: no {mode} kernel applies to {_case(B, H, dtype)} "
-                     f"({direction}) on {site.name} (available: {', '.join(available) or 'none'}); "
-                     f"set it to auto or step")
+    applying = [_CANDIDATES[n] for n in wanted if n in group and n in _CANDIDATES
+                and _CANDIDATES[n].applies(B, H, dtype, device)]
+    if not applying:
+        available = sorted(n for n in _CANDIDATES if n in group)
+        raise InputError(f"{verdicts.ENV_KERNEL}={mode}: no {mode} kernel applies to {_case(B, H, dtype)} "
+                         f"({direction}) on {site.name} (available: {', '.join(available) or 'none'}); "
+                         f"set it to auto or step")
+    if _capturing():
+        return applying[0].name, False
+    checked = [(c, _verdict(c, B, H, dtype, site)) for c in applying]
+    passed = {c.name: 1.0 / max(v.speedup(direction), 1e-9) for c, v in checked if v is not None and v.passed}
+    if passed:
+        return min(passed, key=lambda n: (passed[n], DESIGNS.index(n))), all(v is not None for _, v in checked)
+    candidate, verdict = checked[0]
+    if verdict is not None:
+        verdicts.log_once(f"fastmlstm: {verdicts.ENV_KERNEL}={mode} runs the {candidate.name!r} kernel for "
+                          f"{_case(B, H, dtype)} on {site.name} although it failed its check: {verdict.reason}",
+                          logging.WARNING)
+    return candidate.name, verdict is not None
 
 
 def _verdict(candidate: Candidate, B: int, H: int, dtype: torch.dtype, site: verdicts.Site):
@@ -277,7 +319,8 @@ def _sources(candidate: Candidate) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
-def _report(candidate: Candidate, verdict: verdicts.Verdict, B, H, dtype, site) -> None:
+def _report(candidate: Candidate, verdict: verdicts.Verdict, winners: dict, checked: list, B, H, dtype,
+            site) -> None:
     """One log line per candidate and case: what runs, and why."""
     where = f"{_case(B, H, dtype)} on {site.name}"
     name = candidate.name
@@ -287,10 +330,16 @@ def _report(candidate: Candidate, verdict: verdicts.Verdict, B, H, dtype, site) 
                           logging.WARNING)
         return
     speed = ", ".join(f"{d} {verdict.speedup(d):.2f}x" for d in ("forward", "backward"))
-    used = [d for d in ("forward", "backward") if verdict.faster(d)]
+    used = [d for d in ("forward", "backward") if winners[d] == name]
+    beaten = sorted({winners[d] for d in ("forward", "backward") if verdict.faster(d) and winners[d] != name})
     if used:
+        others = "" if len(checked) == 1 else "; the fastest of the checked kernels"
         verdicts.log_once(f"fastmlstm: the {name!r} kernel runs the {' and '.join(used)} for {where} (checked "
-                          f"against the per-step path; speed {speed} of it)", logging.INFO)
+                          f"against the per-step path; speed {speed} of it{others})", logging.INFO)
+    elif beaten:
+        verdicts.log_once(f"fastmlstm: the {name!r} kernel passed its check for {where} (speed {speed} of the "
+                          f"per-step path) but the {' and '.join(map(repr, beaten))} kernel is faster and runs",
+                          logging.INFO)
     else:
         verdicts.log_once(f"fastmlstm: the {name!r} kernel passed its check for {where} but is not faster "
                           f"({speed} the per-step path's speed); the per-step path runs", logging.INFO)
