@@ -4,7 +4,9 @@ Timing
     CUDA: one pair of CUDA events around every timed call, a 256 MiB buffer overwritten between
     calls so no call finds the previous one's data in L2 (what ``triton.testing.do_bench`` does),
     warm-up first, then at least ``min_runs`` calls and about ``rep_ms`` of them; the median is
-    reported with the 10th and 90th percentiles. CPU: the same with ``time.perf_counter``.
+    reported with the 10th and 90th percentiles. CPU: the same with ``time.perf_counter``; presets
+    that say ``interleave`` (and ``run.py --interleave``) time the implementations of a case call by
+    call in turn (``time_interleaved``), so a load that changes meanwhile weighs on all alike.
 
 Peak memory (``peak_mem_mb`` = ``static_mem_mb`` + ``activation_mem_mb``)
     ``static_mem_mb``: the bytes of the tensors the case holds before a call (parameters, optimizer
@@ -97,6 +99,36 @@ def _time_cpu(fn, warmup_ms, rep_ms, min_runs, max_runs) -> Timing:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return _summarize(times)
+
+
+def time_interleaved(fns: dict, *, warmup_ms: float, rep_ms: float, min_runs: int, max_runs: int = 1000) -> dict:
+    """Median times of several ``fn()`` on the CPU, called in turn round after round (the order
+    rotates every round): each sees the same share of whatever else the machine runs meanwhile, so
+    their ratios hold under a load that changes over minutes. Returns ``{name: Timing}``."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        estimate = {}
+        for name, fn in fns.items():
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            estimate[name] = (time.perf_counter() - t0) * 1e3
+        per_round = sum(estimate.values())
+        for _ in range(_call_count(per_round, warmup_ms, 0, max_runs) - 1):
+            for fn in fns.values():
+                fn()
+        names = list(fns)
+        times = {name: [] for name in names}
+        for r in range(_call_count(per_round, rep_ms, min_runs, max_runs)):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        return {name: _summarize(v) for name, v in times.items()}
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _L2_FLUSH: dict[int, torch.Tensor] = {}

@@ -97,7 +97,7 @@ PRESETS = {
     # whose fraction of the machine's own GEMM rate at the step's shape is the roofline target
     # (run.py's step_gemm). `ratio_targets` are judged by run.py at the end of the run.
     "cpu-targets": {
-        "device": "cpu", "threads": 2, "T": 64, "I": 64, "dtypes": ("float32", "bfloat16"),
+        "device": "cpu", "threads": 2, "interleave": True, "T": 64, "I": 64, "dtypes": ("float32", "bfloat16"),
         "impls": ("fastmlstm-cpu", "cudnn-lstm"),
         "grid": {
             "fwd": [(H, B) for H in (512, 1024) for B in (16, 64)],

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: the preset's; cpu presets use 1 because the cores are shared)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
+    p.add_argument("--interleave", action="store_true",
+                   help="CPU: time the implementations of each case call by call in turn (the cpu-targets preset "
+                        "always does), so that their ratios see the same load")
     p.add_argument("--warmup-ms", type=float)
     p.add_argument("--rep-ms", type=float, help="time budget of the timed calls per case")
     p.add_argument("--min-runs", type=int, help="timed calls per case, at least")
@@ -115,15 +118,20 @@ def roofline(record: dict, family: str, ceilings: dict, elem_bytes: int, batches
             "frac_roofline": max(t_bytes, t_flops) / seconds}
 
 
-def run_case(impl: implementations.Impl, case: registry.Case, device: torch.device, ctx: dict, ceilings: dict,
-             timing: dict) -> dict:
+def build_case(impl: implementations.Impl, case: registry.Case, device: torch.device, ctx: dict):
+    """(built case, first call's ms): the first call runs outside the timing (compilation,
+    autotuning, lazy initialization)."""
     built = impl.build(case, device, ctx)
     t_first = time.perf_counter()
-    built.call()  # first call outside the timing: compilation, autotuning, lazy init
+    built.call()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    first_call_ms = (time.perf_counter() - t_first) * 1e3
-    t = measure.time_calls(built.call, device, **timing)
+    return built, (time.perf_counter() - t_first) * 1e3
+
+
+def case_record(impl: implementations.Impl, case: registry.Case, built, t: measure.Timing, first_call_ms: float,
+                device: torch.device, ctx: dict, ceilings: dict) -> dict:
+    """The result of one timed case: times, rates, memory (one more call), rooflines."""
     activation = measure.activation_memory_mb(built.call, device)
     static = measure.tensor_bytes(built.held()) / measure.MiB
     record = {
@@ -147,8 +155,24 @@ def run_case(impl: implementations.Impl, case: registry.Case, device: torch.devi
     record["roofline"] = roofline(record, impl.family, ceilings, elem, built.batches, built.params)
     if case.mode == "featurize" and device.type == "cpu":
         record["step_gemm"] = step_gemm_roofline(record, impl.family, case, ctx)
-    del built
     return record
+
+
+def run_case(impl: implementations.Impl, case: registry.Case, device: torch.device, ctx: dict, ceilings: dict,
+             timing: dict) -> dict:
+    built, first_call_ms = build_case(impl, case, device, ctx)
+    t = measure.time_calls(built.call, device, **timing)
+    return case_record(impl, case, built, t, first_call_ms, device, ctx, ceilings)
+
+
+def run_case_interleaved(impls: list, case: registry.Case, device: torch.device, ctx: dict, ceilings: dict,
+                         timing: dict) -> list[dict]:
+    """Every implementation of one case built first, then timed call by call in turn
+    (measure.time_interleaved): the ratios between them see the same load."""
+    built = {impl.name: (impl, *build_case(impl, case, device, ctx)) for impl in impls}
+    times = measure.time_interleaved({name: b[1].call for name, b in built.items()}, **timing)
+    return [case_record(impl, case, b, times[name], first, device, ctx, ceilings)
+            for name, (impl, b, first) in built.items()]
 
 
 def step_gemm_roofline(record: dict, family: str, case: registry.Case, ctx: dict) -> dict:
@@ -248,7 +272,10 @@ def describe_run(args, argv, preset_name: str, preset: dict, device: torch.devic
         "preset": preset_name, "torch_threads": torch.get_num_threads(), "tf32": tf32,
         "load_average_start": measure.load_average(),
         "timing_method": ("CUDA events per call, L2 flushed between calls" if device.type == "cuda"
-                          else "time.perf_counter per call") + f"; median of >= {timing['min_runs']} calls "
+                          else "time.perf_counter per call") +
+                         ("; the implementations of a case called in turn, call by call"
+                          if device.type == "cpu" and (args.interleave or preset.get("interleave")) else "") +
+                         f"; median of >= {timing['min_runs']} calls "
                           f"after warm-up, inputs rotated among several sets; {timing}",
         "memory_method": ("peak_mem_mb = static_mem_mb (parameters, optimizer state, one input set) + "
                           "activation_mem_mb (growth during one call: " +
@@ -286,40 +313,60 @@ def gate_implementations(impls: list, cases: list, device: torch.device, ctx: di
     return active
 
 
+def _report(record: dict, device: torch.device, device_name: str, ceilings: dict) -> None:
+    label = f"{record['impl']:<22} {record['mode']:<9} {record['dtype']:<8} H={record['H']:<5} B={record['B']:<4}"
+    mem = "n/a" if record["peak_mem_mb"] is None else f"{record['peak_mem_mb']:.1f} MiB"
+    record["model"] = costmodel.annotate(record, device_name, ceilings) if device.type == "cuda" else None
+    model = "" if not record["model"] else (f"  model {record['model']['predicted_ms']:.3f} ms"
+                                            f" (floor {record['model']['floor_ms']:.3f})")
+    print(f"   {label} {record['median_ms']:10.3f} ms  {record['chars_per_s']:12.0f} chars/s  "
+          f"peak {mem}  roofline {record['roofline']['frac_roofline']:.1%}{model}", flush=True)
+
+
+def _error(impl, case, device, exc: Exception) -> dict:
+    message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    print(f"   {impl.label(device):<22} {case.mode:<9} {case.dtype:<8} H={case.H:<5} B={case.B:<4} ERROR {message}",
+          flush=True)
+    if os.environ.get("BENCH_TRACEBACK"):
+        traceback.print_exc()
+    return {"impl": impl.label(device), **case.__dict__, "error": message}
+
+
 def time_cases(active: list, cases: list, device: torch.device, ctx: dict, ceilings: dict,
-               timing: dict, device_name: str) -> tuple[list, list]:
-    """Every case, every implementation in turn within it (same load, same minute): (results, errors,
-    the cases an implementation does not time, with why)."""
+               timing: dict, device_name: str, interleave: bool = False) -> tuple[list, list]:
+    """Every case, every implementation in turn within it (same load, same minute; with
+    ``interleave``, call by call): (results, errors, the cases an implementation does not time,
+    with why)."""
     results, errors, skipped_cases = [], [], []
     for case in cases:
+        impls = []
         for impl in active:
             if case.mode not in impl.modes:
                 continue
-            label = f"{impl.label(device):<22} {case.mode:<9} {case.dtype:<8} H={case.H:<5} B={case.B:<4}"
             ok, why = impl.case_status(case, device, ctx)
-            if not ok:
+            if ok:
+                impls.append(impl)
+            else:
                 skipped_cases.append({"impl": impl.label(device), **case.__dict__, "reason": why})
-                continue
+        records = []
+        if interleave and len(impls) > 1:
             try:
-                record = run_case(impl, case, device, ctx, ceilings, timing)
+                records = run_case_interleaved(impls, case, device, ctx, ceilings, timing)
+                impls = []
+            except Exception:  # time them one by one, which says which one failed
+                records = []
+        for impl in impls:
+            try:
+                records.append(run_case(impl, case, device, ctx, ceilings, timing))
             except Exception as exc:
-                message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                errors.append({"impl": impl.label(device), **case.__dict__, "error": message})
-                print(f"   {label} ERROR {message}", flush=True)
-                if os.environ.get("BENCH_TRACEBACK"):
-                    traceback.print_exc()
-                continue
+                errors.append(_error(impl, case, device, exc))
             finally:
                 if device.type == "cuda":
                     gc.collect()
                     torch.cuda.empty_cache()
-            results.append(record)
-            mem = "n/a" if record["peak_mem_mb"] is None else f"{record['peak_mem_mb']:.1f} MiB"
-            record["model"] = costmodel.annotate(record, device_name, ceilings) if device.type == "cuda" else None
-            model = "" if not record["model"] else (f"  model {record['model']['predicted_ms']:.3f} ms"
-                                                    f" (floor {record['model']['floor_ms']:.3f})")
-            print(f"   {label} {record['median_ms']:10.3f} ms  {record['chars_per_s']:12.0f} chars/s  "
-                  f"peak {mem}  roofline {record['roofline']['frac_roofline']:.1%}{model}", flush=True)
+        for record in records:
+            _report(record, device, device_name, ceilings)
+        results += records
     return results, errors, skipped_cases
 
 
@@ -365,7 +412,10 @@ def main(argv=None) -> int:
         ctx["texts"], doc["featurize_data"] = workload.load_texts(args.featurize_texts or preset["featurize_texts"])
 
     active = gate_implementations(impls, cases, device, ctx, doc)
-    results, errors, skipped_cases = time_cases(active, cases, device, ctx, ceilings, timing, doc["device"])
+    interleave = device.type == "cpu" and (args.interleave or preset.get("interleave", False))
+    doc["interleaved"] = interleave
+    results, errors, skipped_cases = time_cases(active, cases, device, ctx, ceilings, timing, doc["device"],
+                                                interleave)
     doc.update(errors=errors, results=results, skipped_cases=skipped_cases, load_average_end=measure.load_average(),
                finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if preset.get("ratio_targets") or preset.get("roofline_targets"):
