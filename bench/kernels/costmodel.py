@@ -185,13 +185,18 @@ def step_cost(gpu: GPU, direction: str, B: int, H: int, dtype: str = "bf16", pre
 def _tile_work(sched, tile) -> tuple[float, int]:
     """(tensor-core FLOPs, bytes into the SM) of one contribution of a schedule: the MMA runs on
     whole tiles (block_m rows of weights x block_b batch columns, whole K blocks); the SM receives
-    its weight tile (unless it is resident) and the multicast activation tile [B, its K range]."""
+    its weight tiles but the resident ones (``tile.resident`` leading blocks; a schedule that does
+    not say: all of a stationary design's) and the multicast activation tile [B, its K range]."""
     phase = sched.phases[tile.phase]
     blocks = tile.kb_hi - tile.kb_lo
-    k_len = min(tile.kb_hi * phase.block_k, phase.K) - tile.kb_lo * phase.block_k
+    resident = getattr(tile, "resident", blocks if sched.design == "stationary" else 0)
+
+    def k_len(lo):
+        return max(0, min(tile.kb_hi * phase.block_k, phase.K) - lo * phase.block_k)
+
     flops = 2.0 * phase.block_m * sched.block_b * blocks * phase.block_k
-    weights = 0 if sched.design == "stationary" else phase.block_m * k_len * sched.dtype_bytes
-    return flops, weights + sched.B * k_len * sched.dtype_bytes
+    weights = phase.block_m * k_len(tile.kb_lo + resident) * sched.dtype_bytes
+    return flops, weights + sched.B * k_len(tile.kb_lo) * sched.dtype_bytes
 
 
 # How a schedule finishes its tiles when it does not say (the kernels before issue 22's finish
@@ -296,8 +301,12 @@ def persistent_cost(gpu: GPU, sched, prefetched: bool = False) -> dict:
                            "math_us": round(a[0] / rate, 3), "ingest_us": round(a[1] / ingest_rate, 3),
                            "store_us": round(a[2], 3), "finish_us": round(a[3], 3), "sync_us": round(sync_us, 3),
                            "us": round(took, 3)})
+    # Weights a schedule keeps in L2 across steps count as HBM traffic where they exceed what this
+    # GPU's L2 is assumed to hold beside the step's own traffic (l2_keep_MB).
+    kept = getattr(sched, "l2_weight_bytes_per_step", 0)
+    spilled = kept if kept > gpu.l2_keep_MB * 1e6 else 0
     terms = {
-        "hbm": _hbm_us(gpu, sched.hbm_bytes_per_step),
+        "hbm": _hbm_us(gpu, sched.hbm_bytes_per_step + spilled),
         "l2": _l2_us(gpu, sched.l2_bytes_per_step),
         "smem": sched.onchip_bytes_per_step / (gpu.sms * gpu.smem_bytes_per_clock * gpu.clock_GHz * 1e3),
         "chain": chain,
@@ -306,7 +315,8 @@ def persistent_cost(gpu: GPU, sched, prefetched: bool = False) -> dict:
     return {"design": sched.design, "time_us": terms[bound], "bound": bound,
             "terms_us": {k: round(v, 3) for k, v in terms.items()}, "phases": phase_rows,
             "ctas": sched.ctas, "cluster": sched.cluster, "active_sms": sched.active_sms, "split_k": sched.split_k,
-            "reduction": sched.reduction, "hbm_bytes": int(sched.hbm_bytes_per_step),
+            "reduction": sched.reduction, "hbm_bytes": int(sched.hbm_bytes_per_step + spilled),
+            "l2_kept_bytes": int(kept - spilled),
             "l2_bytes": int(sched.l2_bytes_per_step), "onchip_bytes": int(sched.onchip_bytes_per_step),
             "multicast_bytes_saved": int(sched.multicast_bytes_saved_per_step),
             "resident_weight_bytes_per_cta": int(sched.resident_weight_bytes_per_cta),

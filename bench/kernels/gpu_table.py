@@ -28,6 +28,12 @@ TABLE = [
      "L2): h200.txt 9.7-10.2 TB/s for 5-40 MB data sets (an H200, 132 SMs); h100_pcie.txt 6.9-7.1 TB/s "
      "for 6-33 MB (114 SMs, 1.755 GHz), which scaled by SMs x clock to the SXM part (132 SMs, 1.98 "
      "GHz, x1.31) gives 9.0-9.3. H100 SXM: 9.0 (the scaled low end); H200: 9.8 (its measured middle)"),
+    ("l2_keep_MB", 25, 30,
+     ("assumption: weights a persistent kernel can keep in L2 across steps by loading them with an "
+      "evict-last policy while the rest of each step's traffic streams past: half of the L2 (50 MB on "
+      "the H100 SXM, Hopper whitepaper; 60 MB on the H200 as PyTorch reported it here). The gpu-l2-cache "
+      "run on an H100 PCIe (te42kyfo/gpu-benches, h100_pcie.txt) kept full bandwidth for data sets up to "
+      "about 33 of its 50 MB; nobody has measured the eviction policy's effect here")),
     ("sm_ingest_GBps", 127, 127,
      ("assumption: 64 bytes per clock per SM from L2 at 1.98 GHz (the gpu-l2-cache run above reached "
      "13.5 TB/s over the H200's 132 SMs from a 1.5 MB data set, 102 GB/s per SM, so at least that)")),

@@ -132,7 +132,7 @@ def _protocol_only(sched, T):
 
 
 @pytest.mark.parametrize("direction", schedule.DIRECTIONS)
-@pytest.mark.parametrize("design, H, B", [("cluster", 4096, 128), ("stationary", 1024, 64)])
+@pytest.mark.parametrize("design, H, B", [("cluster", 4096, 128), ("stationary", 1024, 64), ("stationary", 2048, 128)])
 def test_model_schedules_never_deadlock_in_random_orders(design, H, B, direction):
     sched = schedule.plan(design, direction, B, H, 2, Device(132, (9, 0)))
     T = 2

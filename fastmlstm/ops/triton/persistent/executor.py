@@ -154,7 +154,8 @@ def cta_program(sched: Schedule, flags: Flags, hooks: Hooks, cta: int, ws: dict,
             m_tile = it.group * sched.cluster + rank
             ticket, target = flags.tile_base[p] + m_tile, ticket_target(n, it.parts)
             if it.parts > 1 and flags.tickets[ticket] != target:
-                yield Wait(lambda: flags.tickets[ticket] == target, f"the other parts of tile {m_tile}, {what}")
+                yield Wait(lambda ticket=ticket, target=target: flags.tickets[ticket] == target,
+                           f"the other parts of tile {m_tile}, {what}")
             if m_tile >= phase.m_tiles:
                 continue
             parts = [ws[(p, it.slot0 + j, rank)] for j in range(it.parts)]

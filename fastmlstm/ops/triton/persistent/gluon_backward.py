@@ -1,7 +1,7 @@
 """The persistent backward kernel (Gluon, sm_90a): every step of the reverse recurrence in one launch.
 
 Legend as in :mod:`.gluon_common`; steps are walked t = T-1 .. 0, step s = T-1-t, phase instance
-n = 2 s + p, then one tail instance n = 2T.
+n = 2 s + p, then one tail instance n = 2T. ROWS, RES_BLOCKS and STREAM as in :mod:`.gluon_forward`.
 
     phase 0 "dh":  dh_t = dhm_{t+1} Wmh (K = H)   epilogue the cell derivatives -> dz_t, dc_{t-1}
     phase 1 "dm":  dm = dz_t Wh (K = 4H)          epilogue dxm = dm * hm, dhm_t = dm * xm
@@ -20,10 +20,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .gluon_common import (
-    EPI_B, EPI_M, PRODUCER_REGS, ROWS, W_MNMAJOR, broadcast, chunk_index, contribute, finish_chunks, finish_phase,
-    gather, item, load_resident, mma_rows, phase_blocks, produce_phase, store_partial, take_over, wait_grid,
-    wait_resident,
+    EPI_B, EPI_M, PRODUCER_REGS, W_MNMAJOR, at_least_one, broadcast, item, load_resident, mma_rows, phase_blocks,
+    produce_phase, w_slots, wait_grid, wait_resident,
 )
+from .gluon_finish import chunk_index, contribute, finish_chunks, finish_phase, gather, store_partial, take_over
 from .gluon_forward import _tanh
 
 
@@ -85,12 +85,12 @@ def _cell_operands(o_n, o_bt, o_state, k_nb, t, B, H, p_dout, p_act, p_cells, p_
 @gluon.jit
 def epilogue_dh(p_ws, slot0, parts, group, t, B, H, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj,
                 p_len, c_lo, c_hi, DO_CELL: gl.constexpr, HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr,
-                HAS_LEN: gl.constexpr, C: gl.constexpr):
-    """dh_t for chunks [c_lo, c_hi) of the CTA's 256 units, then (DO_CELL) step t's cell
+                HAS_LEN: gl.constexpr, C: gl.constexpr, ROWS: gl.constexpr):
+    """dh_t for chunks [c_lo, c_hi) of the CTA's ROWS units, then (DO_CELL) step t's cell
     derivatives; the tail (t = -1) leaves the gradient of h0 in dh."""
     n_b = gl.cdiv(B, EPI_B)
     for c in range(c_lo, c_hi):
-        o_n, rank, o_u, o_b = chunk_index(group, (c // n_b) * EPI_M, (c % n_b) * EPI_B, ROWS, C)
+        o_n, rank, o_u, o_b = chunk_index(group, (c // n_b) * EPI_M, (c % n_b) * EPI_B, ROWS, C, EPI_M)
         k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
         o_state = o_b[None, :] * H + o_n[:, None]
         o_bt = (t * B + o_b).to(gl.int64)
@@ -102,7 +102,7 @@ def epilogue_dh(p_ws, slot0, parts, group, t, B, H, p_dout, p_dh, p_dc, p_dcells
             b_dout, b_i, b_f, b_o, b_u, b_c, b_c_prev, b_dc = _cell_operands(
                 o_n, o_bt, o_state, k_nb, t, B, H, p_dout, p_act, p_cells, p_c0, p_dc, p_dcells, HAS_DOUT,
                 HAS_DCELLS)
-        b_dh = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C)
+        b_dh = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C, ROWS, EPI_M)
         if HAS_LEN:
             b_active = t < b_len
             # A row that was padding at t+1 passed h_t through: its gradient passes straight back.
@@ -120,37 +120,38 @@ def epilogue_dh(p_ws, slot0, parts, group, t, B, H, p_dout, p_dh, p_dc, p_dcells
 
 
 @gluon.jit
-def epilogue_dm(p_ws, slot0, parts, group, t, B, H, p_act, p_dproj, p_ghm, c_lo, c_hi, C: gl.constexpr):
+def epilogue_dm(p_ws, slot0, parts, group, t, B, H, p_act, p_dproj, p_ghm, c_lo, c_hi, C: gl.constexpr,
+                ROWS: gl.constexpr):
     """dxm = dm * hm into dproj's last H columns, dhm_t = dm * xm into ghm[t], for chunks
-    [c_lo, c_hi) of the CTA's 256 units."""
+    [c_lo, c_hi) of the CTA's ROWS units."""
     n_b = gl.cdiv(B, EPI_B)
     for c in range(c_lo, c_hi):
-        o_n, rank, o_u, o_b = chunk_index(group, (c // n_b) * EPI_M, (c % n_b) * EPI_B, ROWS, C)
+        o_n, rank, o_u, o_b = chunk_index(group, (c // n_b) * EPI_M, (c % n_b) * EPI_B, ROWS, C, EPI_M)
         k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
         o_bt = (t * B + o_b).to(gl.int64)
         p_a = p_act + o_bt[None, :] * (6 * H) + o_n[:, None]
         b_xm = gl.load(p_a + 4 * H, mask=k_nb, other=0.0).to(gl.float32)
         b_hm = gl.load(p_a + 5 * H, mask=k_nb, other=0.0).to(gl.float32)
-        b_dm = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C)
+        b_dm = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C, ROWS, EPI_M)
         gl.store(p_dproj + o_bt[None, :] * (5 * H) + 4 * H + o_n[:, None],
                  (b_dm * b_hm).to(p_dproj.dtype.element_ty), mask=k_nb)
         gl.store(p_ghm + o_bt[None, :] * H + o_n[:, None], (b_dm * b_xm).to(p_ghm.dtype.element_ty), mask=k_nb)
 
 
 @gluon.jit
-def _dh_phase(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, n, t, cluster, p_table, p_counts, p_ws,
-              p_tickets, p_sync, p_err, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj, p_len, B, H,
-              n_clusters, n_ctas, timeout_ns, C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr,
-              DO_CELL: gl.constexpr, HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr, HAS_LEN: gl.constexpr,
-              RESIDENT: gl.constexpr, max_items):
+def _dh_phase(w0_desc, wbuf, a_ring, ready, w_empty, a_empty, it, n, t, cluster, p_table, p_counts, p_ws, p_tickets,
+              p_sync, p_err, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj, p_len, B, H, n_clusters,
+              n_ctas, timeout_ns, C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr, DO_CELL: gl.constexpr,
+              HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr, HAS_LEN: gl.constexpr, ROWS: gl.constexpr,
+              RES_BLOCKS: gl.constexpr, STREAM: gl.constexpr, max_items):
     wait_grid(p_sync, n - 1, n_ctas, p_err, timeout_ns, C)
     count = gl.load(p_counts + cluster)
     r = 0
     for i in range(count):
         g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 0, cluster, i, n_clusters, max_items)
-        acc = mma_rows(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S, True,
-                       RESIDENT)
-        store_partial(acc, p_ws, slot0 + part, 0, B, C, BB)
+        acc = mma_rows(w0_desc, wbuf, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S, ROWS, W_MNMAJOR,
+                       RES_BLOCKS, STREAM)
+        store_partial(acc, p_ws, slot0 + part, 0, B, C, BB, ROWS)
         it += kb_hi - kb_lo
         r += kb_hi - kb_lo
         contribute(p_tickets, 0, g, parts, C)
@@ -159,23 +160,24 @@ def _dh_phase(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, n, t, c
         take_over(p_tickets, 0, g, parts, n, p_err, timeout_ns, C)
         c_lo, c_hi = finish_chunks(part, parts, (ROWS // EPI_M) * gl.cdiv(B, EPI_B))
         epilogue_dh(p_ws, slot0, parts, g, t, B, H, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj,
-                    p_len, c_lo, c_hi, DO_CELL, HAS_DOUT, HAS_DCELLS, HAS_LEN, C)
+                    p_len, c_lo, c_hi, DO_CELL, HAS_DOUT, HAS_DCELLS, HAS_LEN, C, ROWS)
     finish_phase(p_sync, n, C)
     return it
 
 
 @gluon.jit
-def _dm_phase(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r1, n, t, cluster, p_table, p_counts, p_ws,
+def _dm_phase(w1_desc, wbuf, a_ring, ready, w_empty, a_empty, it, r1, n, t, cluster, p_table, p_counts, p_ws,
               p_tickets, p_sync, p_err, p_act, p_dproj, p_ghm, B, H, n_clusters, n_ctas, tile_base1, timeout_ns,
-              C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr, RESIDENT: gl.constexpr, max_items):
+              C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, RES_BLOCKS: gl.constexpr,
+              STREAM: gl.constexpr, max_items):
     wait_grid(p_sync, n - 1, n_ctas, p_err, timeout_ns, C)
     count = gl.load(p_counts + n_clusters + cluster)
     r = r1
     for i in range(count):
         g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 1, cluster, i, n_clusters, max_items)
-        acc = mma_rows(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S, True,
-                       RESIDENT)
-        store_partial(acc, p_ws, slot0 + part, 0, B, C, BB)
+        acc = mma_rows(w1_desc, wbuf, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S, ROWS, W_MNMAJOR,
+                       RES_BLOCKS, STREAM)
+        store_partial(acc, p_ws, slot0 + part, 0, B, C, BB, ROWS)
         it += kb_hi - kb_lo
         r += kb_hi - kb_lo
         contribute(p_tickets, tile_base1, g, parts, C)
@@ -183,76 +185,75 @@ def _dm_phase(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r1, n, 
         g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 1, cluster, i, n_clusters, max_items)
         take_over(p_tickets, tile_base1, g, parts, n, p_err, timeout_ns, C)
         c_lo, c_hi = finish_chunks(part, parts, (ROWS // EPI_M) * gl.cdiv(B, EPI_B))
-        epilogue_dm(p_ws, slot0, parts, g, t, B, H, p_act, p_dproj, p_ghm, c_lo, c_hi, C)
+        epilogue_dm(p_ws, slot0, parts, g, t, B, H, p_act, p_dproj, p_ghm, c_lo, c_hi, C, ROWS)
     finish_phase(p_sync, n, C)
     return it
 
 
 @gluon.jit
-def backward_consumer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, p_dout, p_dh, p_dc,
-                      p_dcells, p_act, p_cells, p_c0, p_dproj, p_ghm, p_len, p_ws, p_tickets, p_sync, p_err, p_table,
-                      p_counts, T, B, H, n_clusters, n_ctas, tile_base1, timeout_ns, C: gl.constexpr,
-                      BB: gl.constexpr, S: gl.constexpr, HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr,
-                      HAS_LEN: gl.constexpr, RESIDENT: gl.constexpr, max_items):
+def backward_consumer(w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, res_ready, p_dout, p_dh, p_dc, p_dcells,
+                      p_act, p_cells, p_c0, p_dproj, p_ghm, p_len, p_ws, p_tickets, p_sync, p_err, p_table, p_counts, T,
+                      B, H, n_clusters, n_ctas, tile_base1, timeout_ns, C: gl.constexpr, BB: gl.constexpr,
+                      S: gl.constexpr, HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr, HAS_LEN: gl.constexpr,
+                      ROWS: gl.constexpr, RES_BLOCKS: gl.constexpr, STREAM: gl.constexpr, max_items):
     cluster = gl.program_id(0)
-    if RESIDENT:
-        wait_resident(res_ready, p_table, p_counts, cluster, n_clusters, max_items)
+    if RES_BLOCKS > 0:
+        wait_resident(res_ready, p_table, p_counts, cluster, n_clusters, RES_BLOCKS, max_items)
     r1 = phase_blocks(p_table, p_counts, 0, cluster, n_clusters, max_items)
     it = 0
     for s in range(T):
         t = T - 1 - s
-        it = _dh_phase(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, 2 * s, t, cluster, p_table,
-                       p_counts, p_ws, p_tickets, p_sync, p_err, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0,
-                       p_dproj, p_len, B, H, n_clusters, n_ctas, timeout_ns, C, BB, S, True, HAS_DOUT, HAS_DCELLS,
-                       HAS_LEN, RESIDENT, max_items)
-        it = _dm_phase(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r1, 2 * s + 1, t, cluster, p_table,
+        it = _dh_phase(w0_desc, wbuf, a_ring, ready, w_empty, a_empty, it, 2 * s, t, cluster, p_table, p_counts, p_ws,
+                       p_tickets, p_sync, p_err, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj, p_len, B,
+                       H, n_clusters, n_ctas, timeout_ns, C, BB, S, True, HAS_DOUT, HAS_DCELLS, HAS_LEN, ROWS,
+                       RES_BLOCKS, STREAM, max_items)
+        it = _dm_phase(w1_desc, wbuf, a_ring, ready, w_empty, a_empty, it, r1, 2 * s + 1, t, cluster, p_table,
                        p_counts, p_ws, p_tickets, p_sync, p_err, p_act, p_dproj, p_ghm, B, H, n_clusters, n_ctas,
-                       tile_base1, timeout_ns, C, BB, S, RESIDENT, max_items)
+                       tile_base1, timeout_ns, C, BB, S, ROWS, RES_BLOCKS, STREAM, max_items)
     # The tail: dhm_0 Wmh, the gradient of h0 (t = -1 for the padding rule).
-    _dh_phase(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, 2 * T, -1, cluster, p_table, p_counts, p_ws,
+    _dh_phase(w0_desc, wbuf, a_ring, ready, w_empty, a_empty, it, 2 * T, -1, cluster, p_table, p_counts, p_ws,
               p_tickets, p_sync, p_err, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj, p_len, B, H,
-              n_clusters, n_ctas, timeout_ns, C, BB, S, False, HAS_DOUT, HAS_DCELLS, HAS_LEN, RESIDENT, max_items)
+              n_clusters, n_ctas, timeout_ns, C, BB, S, False, HAS_DOUT, HAS_DCELLS, HAS_LEN, ROWS, RES_BLOCKS, STREAM,
+              max_items)
 
 
 @gluon.jit
-def backward_producer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, dhm_desc, dz_desc,
-                      p_sync, p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas, timeout_ns, C: gl.constexpr,
-                      S: gl.constexpr, RESIDENT: gl.constexpr, max_items):
+def backward_producer(w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, res_ready, dhm_desc, dz_desc, p_sync,
+                      p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas, timeout_ns, C: gl.constexpr,
+                      S: gl.constexpr, ROWS: gl.constexpr, RES_BLOCKS: gl.constexpr, STREAM: gl.constexpr, max_items):
     cluster = gl.program_id(0)
-    if RESIDENT:
-        load_resident(w0_desc, w1_desc, res, res_ready, p_table, p_counts, cluster, n_clusters, H, C, W_MNMAJOR,
-                      W_MNMAJOR, max_items)
+    if RES_BLOCKS > 0:
+        load_resident(w0_desc, w1_desc, wbuf, res_ready, p_table, p_counts, cluster, n_clusters, H, C, ROWS, W_MNMAJOR,
+                      W_MNMAJOR, RES_BLOCKS, max_items)
+    r1 = phase_blocks(p_table, p_counts, 0, cluster, n_clusters, max_items)
     it = 0
     for s in range(T):
         t = T - 1 - s
-        it = produce_phase(w0_desc, dhm_desc, (t + 1) * B, w_ring, a_ring, ready, w_empty, a_empty, p_table, p_counts,
-                           0, cluster, n_clusters, it, p_sync, 2 * s, n_ctas, p_err, timeout_ns, H, C, S, W_MNMAJOR,
-                           RESIDENT, max_items)
-        it = produce_phase(w1_desc, dz_desc, t * B, w_ring, a_ring, ready, w_empty, a_empty, p_table, p_counts, 1,
-                           cluster, n_clusters, it, p_sync, 2 * s + 1, n_ctas, p_err, timeout_ns, H, C, S, W_MNMAJOR,
-                           RESIDENT, max_items)
-    produce_phase(w0_desc, dhm_desc, 0, w_ring, a_ring, ready, w_empty, a_empty, p_table, p_counts, 0, cluster,
-                  n_clusters, it, p_sync, 2 * T, n_ctas, p_err, timeout_ns, H, C, S, W_MNMAJOR, RESIDENT, max_items)
+        it = produce_phase(w0_desc, dhm_desc, (t + 1) * B, wbuf, a_ring, ready, w_empty, a_empty, p_table, p_counts,
+                           0, cluster, n_clusters, it, 0, p_sync, 2 * s, n_ctas, p_err, timeout_ns, H, C, S, ROWS,
+                           W_MNMAJOR, RES_BLOCKS, STREAM, max_items)
+        it = produce_phase(w1_desc, dz_desc, t * B, wbuf, a_ring, ready, w_empty, a_empty, p_table, p_counts, 1,
+                           cluster, n_clusters, it, r1, p_sync, 2 * s + 1, n_ctas, p_err, timeout_ns, H, C, S, ROWS,
+                           W_MNMAJOR, RES_BLOCKS, STREAM, max_items)
+    produce_phase(w0_desc, dhm_desc, 0, wbuf, a_ring, ready, w_empty, a_empty, p_table, p_counts, 0, cluster,
+                  n_clusters, it, 0, p_sync, 2 * T, n_ctas, p_err, timeout_ns, H, C, S, ROWS, W_MNMAJOR, RES_BLOCKS,
+                  STREAM, max_items)
 
 
 @gluon.jit(do_not_specialize=["T", "B", "H", "n_clusters", "n_ctas", "tile_base1", "max_items"])
 def backward_kernel(w0_desc, w1_desc, dhm_desc, dz_desc, p_dout, p_dh, p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj,
                     p_ghm, p_len, p_ws, p_tickets, p_sync, p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas,
                     tile_base1, max_items, timeout_ns, C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr,
-                    HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr, HAS_LEN: gl.constexpr, RESIDENT: gl.constexpr,
-                    RES_BLOCKS: gl.constexpr):
+                    HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr, HAS_LEN: gl.constexpr, ROWS: gl.constexpr,
+                    RES_BLOCKS: gl.constexpr, STREAM: gl.constexpr):
     """One launch of the backward recurrence; grid = (clusters,), num_ctas = C, 8 warps + 1."""
-    if RESIDENT:
-        w_ring = gl.allocate_shared_memory(w0_desc.dtype, [1] + w0_desc.block_shape, w0_desc.layout)
-        res = gl.allocate_shared_memory(w0_desc.dtype, [RES_BLOCKS] + w0_desc.block_shape, w0_desc.layout)
-    else:
-        w_ring = gl.allocate_shared_memory(w0_desc.dtype, [S] + w0_desc.block_shape, w0_desc.layout)
-        res = w_ring
+    wbuf = gl.allocate_shared_memory(w0_desc.dtype, [w_slots(RES_BLOCKS, S, STREAM)] + w0_desc.block_shape,
+                                     w0_desc.layout)
     a_ring = gl.allocate_shared_memory(dhm_desc.dtype, [S] + dhm_desc.block_shape, dhm_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [S, C], mbarrier.MBarrierLayout.multicta(C))
     w_empty = gl.allocate_shared_memory(gl.int64, [S, C], mbarrier.MBarrierLayout.multicta(C))
     a_empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout(cga_layout=broadcast(C, 1)))
-    res_ready = gl.allocate_shared_memory(gl.int64, [RES_BLOCKS, C], mbarrier.MBarrierLayout.multicta(C))
+    res_ready = gl.allocate_shared_memory(gl.int64, [at_least_one(RES_BLOCKS), C], mbarrier.MBarrierLayout.multicta(C))
     for s in gl.static_range(S):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(w_empty.index(s), count=1)
@@ -260,11 +261,11 @@ def backward_kernel(w0_desc, w1_desc, dhm_desc, dz_desc, p_dout, p_dh, p_dc, p_d
     for r in gl.static_range(RES_BLOCKS):
         mbarrier.init(res_ready.index(r), count=1)
     gl.warp_specialize([
-        (backward_consumer, (w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, p_dout, p_dh,
-                             p_dc, p_dcells, p_act, p_cells, p_c0, p_dproj, p_ghm, p_len, p_ws, p_tickets, p_sync,
-                             p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas, tile_base1, timeout_ns, C, BB, S,
-                             HAS_DOUT, HAS_DCELLS, HAS_LEN, RESIDENT, max_items)),
-        (backward_producer, (w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, dhm_desc,
-                             dz_desc, p_sync, p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas, timeout_ns, C, S,
-                             RESIDENT, max_items)),
+        (backward_consumer, (w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, res_ready, p_dout, p_dh, p_dc,
+                             p_dcells, p_act, p_cells, p_c0, p_dproj, p_ghm, p_len, p_ws, p_tickets, p_sync, p_err,
+                             p_table, p_counts, T, B, H, n_clusters, n_ctas, tile_base1, timeout_ns, C, BB, S,
+                             HAS_DOUT, HAS_DCELLS, HAS_LEN, ROWS, RES_BLOCKS, STREAM, max_items)),
+        (backward_producer, (w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, res_ready, dhm_desc, dz_desc,
+                             p_sync, p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas, timeout_ns, C, S, ROWS,
+                             RES_BLOCKS, STREAM, max_items)),
     ], [1], [PRODUCER_REGS])

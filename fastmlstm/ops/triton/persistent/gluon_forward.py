@@ -1,6 +1,8 @@
 """The persistent forward kernel (Gluon, sm_90a): every step of a call in one launch.
 
-Legend as in :mod:`.gluon_common`; T steps, B rows, H units. Phase instance n = 2 t + p.
+Legend as in :mod:`.gluon_common`; T steps, B rows, H units. Phase instance n = 2 t + p. The tile
+height ROWS (256 or 64), the resident weight tiles (RES_BLOCKS) and whether others stream (STREAM)
+are compile-time: one kernel serves both designs (``targets.constexprs``).
 
     phase 0 "hm":  hm = h_{t-1} Wmh^T (K = H)   epilogue m = xm * hm -> m buffer (and act xm, hm)
     phase 1 "z":   z = m Wh^T + xg (K = H)      epilogue gates, c_t, h_t (and act gates)
@@ -19,9 +21,11 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .gluon_common import (
-    EPI_B, EPI_M, GATE_UNITS, PRODUCER_REGS, ROWS, W_GATES, W_KMAJOR, broadcast, chunk_index, contribute,
-    finish_chunks, finish_phase, gather, gather_gates, item, load_resident, mma_gates, mma_rows, phase_blocks,
-    produce_phase, store_partial, take_over, wait_grid, wait_resident,
+    EPI_B, EPI_M, PRODUCER_REGS, W_GATES, W_KMAJOR, at_least_one, broadcast, epi_cols, item, load_resident, mma_gates,
+    mma_rows, phase_blocks, produce_phase, w_slots, wait_grid, wait_resident,
+)
+from .gluon_finish import (
+    chunk_index, contribute, finish_chunks, finish_phase, gather, gather_gates, store_partial, take_over,
 )
 
 
@@ -38,17 +42,17 @@ def _tanh(x):
 
 @gluon.jit
 def epilogue_hm(p_ws, slot0, parts, group, t, B, H, p_proj, p_act, p_m, c_lo, c_hi, SAVE: gl.constexpr,
-                C: gl.constexpr):
-    """m = xm * hm for chunks [c_lo, c_hi) of the CTA's 256 units (units-major, EPI_M x EPI_B each;
-    hm summed over the parts in order)."""
+                C: gl.constexpr, ROWS: gl.constexpr):
+    """m = xm * hm for chunks [c_lo, c_hi) of the CTA's ROWS units (units-major, EPI_M x EPI_B
+    each; hm summed over the parts in order)."""
     n_b = gl.cdiv(B, EPI_B)
     for c in range(c_lo, c_hi):
-        o_n, rank, o_u, o_b = chunk_index(group, (c // n_b) * EPI_M, (c % n_b) * EPI_B, ROWS, C)
+        o_n, rank, o_u, o_b = chunk_index(group, (c // n_b) * EPI_M, (c % n_b) * EPI_B, ROWS, C, EPI_M)
         k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
         o_bt = (t * B + o_b).to(gl.int64)
         # The operand before the parts: its HBM latency overlaps the gather's L2 round trips.
         b_xm = gl.load(p_proj + o_bt[None, :] * (5 * H) + 4 * H + o_n[:, None], mask=k_nb, other=0.0)
-        b_hm = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C)
+        b_hm = gather(p_ws, slot0, parts, rank * ROWS + o_u, o_b, k_nb, B, C, ROWS, EPI_M)
         b_m = b_hm * b_xm.to(gl.float32)
         gl.store(p_m + o_b[None, :] * H + o_n[:, None], b_m.to(p_m.dtype.element_ty), mask=k_nb)
         if SAVE:
@@ -57,15 +61,27 @@ def epilogue_hm(p_ws, slot0, parts, group, t, B, H, p_proj, p_act, p_m, c_lo, c_
             gl.store(p_a + 5 * H, b_hm.to(p_act.dtype.element_ty), mask=k_nb)
 
 
+@gluon.constexpr_function
+def gate_geometry(C, ROWS):
+    """(units of each gate per tile, rows between a rank's units, rows between gates) in the
+    workspace: four accumulators for a 256-row tile, one gate-major accumulator for 64 rows."""
+    C, ROWS = int(C), int(ROWS)
+    units = ROWS // 4
+    return (units, units, C * units) if ROWS == 256 else (units, ROWS, units)
+
+
 @gluon.jit
 def epilogue_z(p_ws, slot0, parts, group, t, B, H, p_proj, p_h, p_c, c_mod, p_act, p_len, c_lo, c_hi,
-               SAVE: gl.constexpr, HAS_LEN: gl.constexpr, C: gl.constexpr):
-    """Gates, c_t and h_t for chunks [c_lo, c_hi) of the CTA's 64 units (of each gate; a chunk is
-    EPI_B batch rows): z summed over the parts in order."""
+               SAVE: gl.constexpr, HAS_LEN: gl.constexpr, C: gl.constexpr, ROWS: gl.constexpr):
+    """Gates, c_t and h_t for chunks [c_lo, c_hi) of the CTA's ROWS / 4 units (of each gate; a
+    chunk is all of them x EB batch rows): z summed over the parts in order."""
+    GU: gl.constexpr = gate_geometry(C, ROWS)[0]
+    RANK_ROWS: gl.constexpr = gate_geometry(C, ROWS)[1]
+    GATE_STEP: gl.constexpr = gate_geometry(C, ROWS)[2]
+    EB: gl.constexpr = epi_cols(GU)
     plane = B * H
     for c in range(c_lo, c_hi):
-        o_n, rank, o_u, o_b = chunk_index(group, 0, c * EPI_B, GATE_UNITS, C)
-        o_row = rank * GATE_UNITS + o_u
+        o_n, rank, o_u, o_b = chunk_index(group, 0, c * EB, GU, C, GU)
         k_nb = (o_n < H)[:, None] & (o_b < B)[None, :]
         o_bt = (t * B + o_b).to(gl.int64)
         o_state = o_b[None, :] * H + o_n[:, None]
@@ -80,7 +96,8 @@ def epilogue_z(p_ws, slot0, parts, group, t, B, H, p_proj, p_h, p_c, c_mod, p_ac
         if HAS_LEN:
             b_active = (t < gl.load(p_len + o_b, mask=o_b < B, other=0))[None, :]
             b_h_prev = gl.load(p_h + t.to(gl.int64) * plane + o_state, mask=k_nb, other=0.0, cache_modifier=".cg")
-        z_i, z_f, z_o, z_u = gather_gates(p_ws, slot0, parts, o_row, o_b, k_nb, B, C)
+        z_i, z_f, z_o, z_u = gather_gates(p_ws, slot0, parts, rank * RANK_ROWS + o_u, GATE_STEP, o_b, k_nb, B, C,
+                                          ROWS, GU)
         b_i = _sigmoid(z_i + b_xi.to(gl.float32))
         b_f = _sigmoid(z_f + b_xf.to(gl.float32))
         b_o = _sigmoid(z_o + b_xo.to(gl.float32))
@@ -103,15 +120,36 @@ def epilogue_z(p_ws, slot0, parts, group, t, B, H, p_proj, p_h, p_c, c_mod, p_ac
 
 
 @gluon.jit
-def forward_consumer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, p_proj, p_h, p_c, c_mod,
+def _z_contribution(w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, it, r, n_kb, p_ws, block, B,
+                    C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr, ROWS: gl.constexpr, RES_BLOCKS: gl.constexpr,
+                    STREAM: gl.constexpr):
+    """The gate product over one item's blocks, its partials stored: four accumulators for a
+    256-row tile, one (rows gate-major, the tile viewed as a Wmh box) for 64 rows."""
+    if ROWS == 256:
+        acc_i, acc_f, acc_o, acc_u = mma_gates(w1_desc, wbuf, a_ring, ready, w_empty, a_empty, it, r, n_kb, C, BB, S,
+                                               RES_BLOCKS, STREAM)
+        store_partial(acc_i, p_ws, block, 0, B, C, BB, ROWS)
+        store_partial(acc_f, p_ws, block, C * 64, B, C, BB, ROWS)
+        store_partial(acc_o, p_ws, block, 2 * C * 64, B, C, BB, ROWS)
+        store_partial(acc_u, p_ws, block, 3 * C * 64, B, C, BB, ROWS)
+    else:
+        acc = mma_rows(w0_desc, wbuf, a_ring, ready, w_empty, a_empty, it, r, n_kb, C, BB, S, ROWS, W_KMAJOR,
+                       RES_BLOCKS, STREAM)
+        store_partial(acc, p_ws, block, 0, B, C, BB, ROWS)
+
+
+@gluon.jit
+def forward_consumer(w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, res_ready, p_proj, p_h, p_c, c_mod,
                      p_act, p_m, p_len, p_ws, p_tickets, p_sync, p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas,
                      tile_base1, timeout_ns, C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr, SAVE: gl.constexpr,
-                     HAS_LEN: gl.constexpr, RESIDENT: gl.constexpr, max_items):
+                     HAS_LEN: gl.constexpr, ROWS: gl.constexpr, RES_BLOCKS: gl.constexpr, STREAM: gl.constexpr,
+                     max_items):
     cluster = gl.program_id(0)
-    if RESIDENT:
-        wait_resident(res_ready, p_table, p_counts, cluster, n_clusters, max_items)
+    if RES_BLOCKS > 0:
+        wait_resident(res_ready, p_table, p_counts, cluster, n_clusters, RES_BLOCKS, max_items)
     r1 = phase_blocks(p_table, p_counts, 0, cluster, n_clusters, max_items)
     n_b = gl.cdiv(B, EPI_B)
+    n_bz = gl.cdiv(B, epi_cols(ROWS // 4))
     count0 = gl.load(p_counts + cluster)
     count1 = gl.load(p_counts + n_clusters + cluster)
     it = 0
@@ -121,9 +159,9 @@ def forward_consumer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_em
         r = 0
         for i in range(count0):
             g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 0, cluster, i, n_clusters, max_items)
-            acc = mma_rows(w0_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S,
-                           False, RESIDENT)
-            store_partial(acc, p_ws, slot0 + part, 0, B, C, BB)
+            acc = mma_rows(w0_desc, wbuf, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, C, BB, S, ROWS,
+                           W_KMAJOR, RES_BLOCKS, STREAM)
+            store_partial(acc, p_ws, slot0 + part, 0, B, C, BB, ROWS)
             it += kb_hi - kb_lo
             r += kb_hi - kb_lo
             contribute(p_tickets, 0, g, parts, C)
@@ -131,7 +169,7 @@ def forward_consumer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_em
             g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 0, cluster, i, n_clusters, max_items)
             take_over(p_tickets, 0, g, parts, n, p_err, timeout_ns, C)
             c_lo, c_hi = finish_chunks(part, parts, (ROWS // EPI_M) * n_b)
-            epilogue_hm(p_ws, slot0, parts, g, t, B, H, p_proj, p_act, p_m, c_lo, c_hi, SAVE, C)
+            epilogue_hm(p_ws, slot0, parts, g, t, B, H, p_proj, p_act, p_m, c_lo, c_hi, SAVE, C, ROWS)
         finish_phase(p_sync, n, C)
 
         n = 2 * t + 1
@@ -139,59 +177,52 @@ def forward_consumer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_em
         r = r1
         for i in range(count1):
             g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 1, cluster, i, n_clusters, max_items)
-            acc_i, acc_f, acc_o, acc_u = mma_gates(w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, it, r,
-                                                   kb_hi - kb_lo, C, BB, S, RESIDENT)
-            store_partial(acc_i, p_ws, slot0 + part, 0, B, C, BB)
-            store_partial(acc_f, p_ws, slot0 + part, C * GATE_UNITS, B, C, BB)
-            store_partial(acc_o, p_ws, slot0 + part, 2 * C * GATE_UNITS, B, C, BB)
-            store_partial(acc_u, p_ws, slot0 + part, 3 * C * GATE_UNITS, B, C, BB)
+            _z_contribution(w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, it, r, kb_hi - kb_lo, p_ws,
+                            slot0 + part, B, C, BB, S, ROWS, RES_BLOCKS, STREAM)
             it += kb_hi - kb_lo
             r += kb_hi - kb_lo
             contribute(p_tickets, tile_base1, g, parts, C)
         for i in range(count1):
             g, kb_lo, kb_hi, part, parts, slot0 = item(p_table, 1, cluster, i, n_clusters, max_items)
             take_over(p_tickets, tile_base1, g, parts, n, p_err, timeout_ns, C)
-            c_lo, c_hi = finish_chunks(part, parts, n_b)
+            c_lo, c_hi = finish_chunks(part, parts, n_bz)
             epilogue_z(p_ws, slot0, parts, g, t, B, H, p_proj, p_h, p_c, c_mod, p_act, p_len, c_lo, c_hi, SAVE,
-                       HAS_LEN, C)
+                       HAS_LEN, C, ROWS)
         finish_phase(p_sync, n, C)
 
 
 @gluon.jit
-def forward_producer(w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, h_desc, m_desc, p_sync,
-                     p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas, timeout_ns, C: gl.constexpr,
-                     S: gl.constexpr, RESIDENT: gl.constexpr, max_items):
+def forward_producer(w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, res_ready, h_desc, m_desc, p_sync, p_err,
+                     p_table, p_counts, T, B, H, n_clusters, n_ctas, timeout_ns, C: gl.constexpr, S: gl.constexpr,
+                     ROWS: gl.constexpr, RES_BLOCKS: gl.constexpr, STREAM: gl.constexpr, max_items):
     cluster = gl.program_id(0)
-    if RESIDENT:
-        load_resident(w0_desc, w1_desc, res, res_ready, p_table, p_counts, cluster, n_clusters, H, C, W_KMAJOR,
-                      W_GATES, max_items)
+    if RES_BLOCKS > 0:
+        load_resident(w0_desc, w1_desc, wbuf, res_ready, p_table, p_counts, cluster, n_clusters, H, C, ROWS, W_KMAJOR,
+                      W_GATES, RES_BLOCKS, max_items)
+    r1 = phase_blocks(p_table, p_counts, 0, cluster, n_clusters, max_items)
     it = 0
     for t in range(T):
-        it = produce_phase(w0_desc, h_desc, t * B, w_ring, a_ring, ready, w_empty, a_empty, p_table, p_counts, 0,
-                           cluster, n_clusters, it, p_sync, 2 * t, n_ctas, p_err, timeout_ns, H, C, S, W_KMAJOR, RESIDENT,
-                           max_items)
-        it = produce_phase(w1_desc, m_desc, 0, w_ring, a_ring, ready, w_empty, a_empty, p_table, p_counts, 1,
-                           cluster, n_clusters, it, p_sync, 2 * t + 1, n_ctas, p_err, timeout_ns, H, C, S, W_GATES,
-                           RESIDENT, max_items)
+        it = produce_phase(w0_desc, h_desc, t * B, wbuf, a_ring, ready, w_empty, a_empty, p_table, p_counts, 0,
+                           cluster, n_clusters, it, 0, p_sync, 2 * t, n_ctas, p_err, timeout_ns, H, C, S, ROWS,
+                           W_KMAJOR, RES_BLOCKS, STREAM, max_items)
+        it = produce_phase(w1_desc, m_desc, 0, wbuf, a_ring, ready, w_empty, a_empty, p_table, p_counts, 1,
+                           cluster, n_clusters, it, r1, p_sync, 2 * t + 1, n_ctas, p_err, timeout_ns, H, C, S, ROWS,
+                           W_GATES, RES_BLOCKS, STREAM, max_items)
 
 
 @gluon.jit(do_not_specialize=["T", "B", "H", "c_mod", "n_clusters", "n_ctas", "tile_base1", "max_items"])
 def forward_kernel(w0_desc, w1_desc, h_desc, m_desc, p_proj, p_h, p_c, p_act, p_m, p_len, p_ws, p_tickets, p_sync,
                    p_err, p_table, p_counts, T, B, H, c_mod, n_clusters, n_ctas, tile_base1, max_items, timeout_ns,
                    C: gl.constexpr, BB: gl.constexpr, S: gl.constexpr, SAVE: gl.constexpr, HAS_LEN: gl.constexpr,
-                   RESIDENT: gl.constexpr, RES_BLOCKS: gl.constexpr):
+                   ROWS: gl.constexpr, RES_BLOCKS: gl.constexpr, STREAM: gl.constexpr):
     """One launch of the forward recurrence; grid = (clusters,), num_ctas = C, 8 warps + 1."""
-    if RESIDENT:
-        w_ring = gl.allocate_shared_memory(w0_desc.dtype, [1] + w0_desc.block_shape, w0_desc.layout)
-        res = gl.allocate_shared_memory(w0_desc.dtype, [RES_BLOCKS] + w0_desc.block_shape, w0_desc.layout)
-    else:
-        w_ring = gl.allocate_shared_memory(w0_desc.dtype, [S] + w0_desc.block_shape, w0_desc.layout)
-        res = w_ring
+    wbuf = gl.allocate_shared_memory(w0_desc.dtype, [w_slots(RES_BLOCKS, S, STREAM)] + w0_desc.block_shape,
+                                     w0_desc.layout)
     a_ring = gl.allocate_shared_memory(h_desc.dtype, [S] + h_desc.block_shape, h_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [S, C], mbarrier.MBarrierLayout.multicta(C))
     w_empty = gl.allocate_shared_memory(gl.int64, [S, C], mbarrier.MBarrierLayout.multicta(C))
     a_empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout(cga_layout=broadcast(C, 1)))
-    res_ready = gl.allocate_shared_memory(gl.int64, [RES_BLOCKS, C], mbarrier.MBarrierLayout.multicta(C))
+    res_ready = gl.allocate_shared_memory(gl.int64, [at_least_one(RES_BLOCKS), C], mbarrier.MBarrierLayout.multicta(C))
     for s in gl.static_range(S):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(w_empty.index(s), count=1)
@@ -199,11 +230,11 @@ def forward_kernel(w0_desc, w1_desc, h_desc, m_desc, p_proj, p_h, p_c, p_act, p_
     for r in gl.static_range(RES_BLOCKS):
         mbarrier.init(res_ready.index(r), count=1)
     gl.warp_specialize([
-        (forward_consumer, (w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, p_proj, p_h,
-                            p_c, c_mod, p_act, p_m, p_len, p_ws, p_tickets, p_sync, p_err, p_table, p_counts, T, B, H,
-                            n_clusters, n_ctas, tile_base1, timeout_ns, C, BB, S, SAVE, HAS_LEN, RESIDENT,
-                            max_items)),
-        (forward_producer, (w0_desc, w1_desc, w_ring, res, a_ring, ready, w_empty, a_empty, res_ready, h_desc, m_desc,
-                            p_sync, p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas, timeout_ns, C, S, RESIDENT,
-                            max_items)),
+        (forward_consumer, (w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, res_ready, p_proj, p_h, p_c,
+                            c_mod, p_act, p_m, p_len, p_ws, p_tickets, p_sync, p_err, p_table, p_counts, T, B, H,
+                            n_clusters, n_ctas, tile_base1, timeout_ns, C, BB, S, SAVE, HAS_LEN, ROWS, RES_BLOCKS,
+                            STREAM, max_items)),
+        (forward_producer, (w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, res_ready, h_desc, m_desc,
+                            p_sync, p_err, p_table, p_counts, T, B, H, n_clusters, n_ctas, timeout_ns, C, S, ROWS,
+                            RES_BLOCKS, STREAM, max_items)),
     ], [1], [PRODUCER_REGS])

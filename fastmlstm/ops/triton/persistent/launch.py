@@ -83,7 +83,8 @@ def _plan(design: str, direction: str, B: int, H: int, dtype: torch.dtype, devic
           tiles: dict | None):
     sched = _schedule.plan(design, direction, B, H, torch.finfo(dtype).bits // 8, device, **(tiles or {}))
     if sched is None:
-        why = _schedule.applies(B, H, torch.finfo(dtype).bits // 8, device) or "its weights do not fit on chip"
+        why = _schedule.applies(B, H, torch.finfo(dtype).bits // 8, device) or (
+            "its weights fit neither on chip nor, for the rest, in the L2 it may keep")
         raise ValueError(f"the persistent {design} kernel does not apply to B={B}, H={H}, {dtype}: {why}")
     return sched
 
@@ -175,7 +176,7 @@ def _descriptor(tensor, shape, strides, direction, sched, key):
     from .targets import layouts
 
     dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}[tensor.dtype]
-    block, layout = layouts(direction, sched.cluster, sched.block_k, sched.block_b, dtype)[key]
+    block, layout = layouts(direction, sched.cluster, sched.block_k, sched.block_b, dtype, sched.block_m)[key]
     return TensorDescriptor(tensor, list(shape), list(strides), block, layout)
 
 

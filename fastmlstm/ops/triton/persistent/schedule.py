@@ -60,9 +60,13 @@ GPCs: hence C = 2 by default (an H100 SXM's GPCs hold an even number of SMs, not
 of 4); where a GPU cannot hold them all, the waits run out and the launch fails cleanly.
 
 Designs
-    "cluster"     weights streamed from HBM/L2 every step (any H the TMA can address).
-    "stationary"  each CTA's weight tiles are loaded into its shared memory once per call and reused
-                  every step: applies where they fit (H up to about 1500 in 16-bit on 132 SMs).
+    "cluster"     weights streamed from HBM/L2 every step (any H the TMA can address), 256-row tiles.
+    "stationary"  64-row tiles (fewer parts per tile); each CTA loads the first ``res_blocks``
+                  weight tiles of its walk (phase 0's, then phase 1's) into its shared memory once
+                  per call and reuses them every step; where they do not all fit, the rest stream
+                  through the ring every step with an L2 evict-last policy, so that they stay in L2
+                  across steps (at most :data:`L2_KEEP_BYTES` of them: H up to 2048-2176 in 16-bit
+                  on 132 SMs).
 """
 
 from __future__ import annotations
@@ -81,6 +85,12 @@ SYNCS = ("grid", "cluster", "none")
 # Rows of an output tile per CTA: two consumer warpgroups of 64-row MMAs, twice (the gate product:
 # 64 units of each of the four gates, each gate one 64-row MMA).
 BLOCK_M = 256
+# The stationary design's tiles: one 64-row MMA (the two consumer warpgroups split the batch), so
+# that a CTA's share of the weights comes in more, smaller tiles with fewer parts each.
+STATIONARY_BLOCK_M = 64
+# Weights a stationary schedule may leave in L2 across steps (marked evict-last): about half of an
+# H100's 50 MB L2, the rest for the step's own traffic (partials, state, activations).
+L2_KEEP_BYTES = 24 * 2**20
 # 64 16-bit values: 128-byte rows, the TMA's widest swizzle.
 BLOCK_K = 64
 DEFAULT_CLUSTER = 2
@@ -91,6 +101,10 @@ MAX_BATCH = 128
 # its resident weights: the activation ring and the barriers.
 SMEM_PER_BLOCK = 232448
 STAGES = 4
+# The ring of a stationary schedule whose weights do not all fit: three stages of weight and
+# activation tiles keep two loads in flight (at 64-row tiles, 48 KB: over an L2 round trip, more
+# than one SM's assumed ingest rate) and leave the rest of shared memory to resident weights.
+STREAM_STAGES = 3
 # The finish (module docstring): an epilogue chunk holds at most EPILOGUE_ROWS units and
 # EPILOGUE_VALUES values per CTA (8 per thread of the two consumer warpgroups); parts loaded per
 # round of a chunk's gather, and for the gate product per gate (four gates at once: what fits the
@@ -141,13 +155,15 @@ class Tile:
     part: int
     parts: int
     slot: int
+    resident: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class Item:
     """What one cluster does at one place of its list: K blocks [kb_lo, kb_hi) of the group's C
     tiles (tile group * C + rank for each rank that exists), as part ``part`` of ``parts``, its
-    partials into workspace block ``slot0 + part``."""
+    partials into workspace block ``slot0 + part``; its first ``resident`` blocks' weights are in
+    shared memory (stationary design), the rest stream through the ring."""
 
     cluster_id: int
     phase: int
@@ -158,6 +174,7 @@ class Item:
     part: int
     parts: int
     slot0: int
+    resident: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +183,10 @@ class Schedule:
 
     Byte counts are per step (per direction) for the whole GPU; the I/O counts assume training:
     the forward saves what backward needs, the backward gets a gradient for the outputs only.
+    ``res_blocks``: weight tiles each CTA keeps in shared memory (stationary), the first of its
+    walk; ``l2_weight_bytes_per_step``: the stationary design's other weights, streamed from L2
+    every step (counted in ``l2_bytes_per_step``, not in ``hbm_bytes_per_step``: they are marked to
+    stay in L2; the first step reads them from HBM, counted in ``weight_bytes_per_call``).
     """
 
     design: str
@@ -192,6 +213,8 @@ class Schedule:
     onchip_bytes_per_step: int
     multicast_bytes_saved_per_step: int
     weight_bytes_per_call: int
+    res_blocks: int = 0
+    l2_weight_bytes_per_step: int = 0
     epilogue_rows: int = EPILOGUE_ROWS
     epilogue_values: int = EPILOGUE_VALUES
     gather_unroll: int = GATHER_UNROLL
@@ -228,12 +251,15 @@ class Schedule:
         return table, counts
 
     def resident_blocks(self) -> int:
-        """Weight tiles [BM, BK] the busiest CTA keeps resident (stationary design), else 0: every
-        K block of its cluster's items (a rank without a tile in a last, partial group loads
-        zeros for it, so that all ranks walk the same blocks)."""
-        if self.design != "stationary":
-            return 0
-        return _blocks_per_cluster(self.items, self.clusters)
+        """Weight tiles [BM, BK] a CTA keeps resident (stationary design), else 0: the first
+        ``res_blocks`` K blocks of its cluster's walk (a rank without a tile in a last, partial
+        group loads zeros for it, so that all ranks walk the same blocks)."""
+        return self.res_blocks if self.design == "stationary" else 0
+
+    @property
+    def streams(self) -> bool:
+        """Whether some weight tiles stream through the ring every step."""
+        return self.design == "cluster" or any(it.resident < it.kb_hi - it.kb_lo for it in self.items)
 
     def chunk_shape(self, phase: Phase) -> tuple[int, int]:
         """(units, batch rows) of one epilogue chunk of ``phase`` per CTA."""
@@ -363,7 +389,7 @@ def _tiles(items: list[Item], phases: tuple[Phase, ...], cluster: int) -> list[T
                 continue  # the last group's missing tiles: that rank only receives the multicast
             tiles.append(Tile(cta=it.cluster_id * cluster + rank, cluster_id=it.cluster_id, rank=rank,
                               phase=it.phase, seq=it.seq, m_tile=m_tile, kb_lo=it.kb_lo, kb_hi=it.kb_hi,
-                              part=it.part, parts=it.parts, slot=it.slot0 + it.part))
+                              part=it.part, parts=it.parts, slot=it.slot0 + it.part, resident=it.resident))
     return tiles
 
 
@@ -372,6 +398,32 @@ def _blocks_per_cluster(items, clusters: int) -> int:
     for it in items:
         blocks[it.cluster_id] += it.kb_hi - it.kb_lo
     return max(blocks)
+
+
+def _mark_resident(items: list[Item], res_blocks: int) -> list[Item]:
+    """Each item's leading blocks among the first ``res_blocks`` of its cluster's walk (phase 0's
+    items in list order, then phase 1's)."""
+    left: dict[int, int] = {}
+    out = []
+    for it in sorted(items, key=lambda it: (it.cluster_id, it.phase, it.seq)):
+        free = left.get(it.cluster_id, res_blocks)
+        take = min(free, it.kb_hi - it.kb_lo)
+        left[it.cluster_id] = free - take
+        out.append(dataclasses.replace(it, resident=take))
+    return sorted(out, key=lambda it: (it.phase, it.cluster_id, it.seq))
+
+
+def _residency(items: list[Item], clusters: int, block_m: int, block_k: int, BB: int, e: int) -> tuple[int, int] | None:
+    """(weight tiles a CTA of the stationary design keeps in shared memory, ring stages): all of
+    its walk where they fit beside a STAGES-deep activation ring and one idle weight stage; else
+    as many as fit beside a STREAM_STAGES-deep ring of both (the rest stream through it); None
+    where not even one fits."""
+    tile = block_m * block_k * e
+    needed = _blocks_per_cluster(items, clusters)
+    if needed * tile + STAGES * BB * block_k * e + tile + 4096 <= SMEM_PER_BLOCK:
+        return needed, STAGES
+    room = (SMEM_PER_BLOCK - STREAM_STAGES * (BB + block_m) * block_k * e - 4096) // tile
+    return (room, STREAM_STAGES) if room >= 1 else None
 
 
 def batch_block(B: int) -> int:
@@ -411,8 +463,13 @@ def io_bytes(direction: str, B: int, H: int, e: int) -> tuple[int, int]:
 def _bytes(design: str, direction: str, B: int, H: int, e: int, BB: int, phases: tuple[Phase, ...],
            items: list[Item], tiles: list[Tile]) -> dict:
     """Bytes per step, counted from the tile plan (module docstring: where each byte comes from)."""
-    weights = sum(_valid_rows(phases[t.phase], t.m_tile, H) * _k_len(phases[t.phase], t.kb_lo, t.kb_hi) * e
-                  for t in tiles)
+    weights = streamed = 0
+    for t in tiles:
+        phase = phases[t.phase]
+        rows = _valid_rows(phase, t.m_tile, H)
+        weights += rows * _k_len(phase, t.kb_lo, t.kb_hi) * e
+        if t.kb_lo + t.resident < t.kb_hi:
+            streamed += rows * _k_len(phase, t.kb_lo + t.resident, t.kb_hi) * e
     activations = saved = 0
     for it in items:
         phase = phases[it.phase]
@@ -423,12 +480,12 @@ def _bytes(design: str, direction: str, B: int, H: int, e: int, BB: int, phases:
     partials = sum(2 * _valid_rows(phases[t.phase], t.m_tile, H) * B * 4 for t in tiles)
     smem = sum((phases[t.phase].block_m + BB) * (t.kb_hi - t.kb_lo) * phases[t.phase].block_k * e for t in tiles)
     io_hbm, io_l2 = io_bytes(direction, B, H, e)
-    streamed = weights if design == "cluster" else 0
-    return {"hbm_bytes_per_step": streamed + io_hbm,
+    return {"hbm_bytes_per_step": (streamed if design == "cluster" else 0) + io_hbm,
             "l2_bytes_per_step": streamed + activations + partials + io_hbm + io_l2,
             "onchip_bytes_per_step": smem,
             "multicast_bytes_saved_per_step": saved,
-            "weight_bytes_per_call": weights if design == "stationary" else 0}
+            "weight_bytes_per_call": weights if design == "stationary" else 0,
+            "l2_weight_bytes_per_step": streamed if design == "stationary" else 0}
 
 
 def _check_args(design: str, direction: str, B: int, H: int, dtype_bytes: int) -> None:
@@ -465,14 +522,15 @@ def block_k_for(direction: str, H: int, clusters: int, cluster: int, block_m: in
 
 
 def plan(design: str, direction: str, B: int, H: int, dtype_bytes: int, device: Device | None, *,
-         cluster: int = DEFAULT_CLUSTER, block_m: int = BLOCK_M, block_k: int | None = None,
+         cluster: int = DEFAULT_CLUSTER, block_m: int | None = None, block_k: int | None = None,
          epilogue_rows: int = EPILOGUE_ROWS, epilogue_values: int = EPILOGUE_VALUES) -> Schedule | None:
     """The schedule of ``design`` for one direction at (B, H), or None where it does not apply
-    (not Hopper, not 16-bit, H not a multiple of 8, B over 256, or, for "stationary", weights
-    that do not fit the CTAs' shared memory).
+    (not Hopper, not 16-bit, H not a multiple of 8, B over 128, or, for "stationary", weights
+    that fit neither the CTAs' shared memory nor, for the rest, :data:`L2_KEEP_BYTES` of L2).
 
-    ``cluster``, ``block_m`` and ``block_k`` are the kernels' (2, 256, and 64, 32 or 16 by
-    :func:`block_k_for`), ``epilogue_rows`` and ``epilogue_values`` their epilogue chunk; tests
+    ``cluster``, ``block_m`` and ``block_k`` are the kernels' (2; 256 for "cluster", 64 for
+    "stationary"; 64, 32 or 16 by :func:`block_k_for`), ``epilogue_rows`` and ``epilogue_values``
+    their epilogue chunk; tests
     pass small tiles and chunks to exercise many splits and slices at small shapes.
 
     Example::
@@ -490,6 +548,8 @@ def plan(design: str, direction: str, B: int, H: int, dtype_bytes: int, device: 
     clusters = device.sms // cluster
     if clusters < 1:
         return None
+    if block_m is None:
+        block_m = STATIONARY_BLOCK_M if design == "stationary" else BLOCK_M
     if block_k is None:
         block_k = block_k_for(direction, H, clusters, cluster, block_m)
     if block_m % 4 or block_m < 4 or block_k < 1:
@@ -501,19 +561,23 @@ def plan(design: str, direction: str, B: int, H: int, dtype_bytes: int, device: 
         phase_items, blocks = _partition(phase, clusters, cluster)
         items += phase_items
         slots = max(slots, blocks)
-    tiles = _tiles(items, phases, cluster)
     BB = batch_block(B)
     e = dtype_bytes
-    resident = 0
+    res_blocks, stages = 0, STAGES
     if design == "stationary":
-        resident = _blocks_per_cluster(items, clusters) * block_m * block_k * e
-        # Beside the resident tiles: the activation ring, one idle weight stage and the barriers.
-        if resident + STAGES * BB * block_k * e + block_m * block_k * e + 4096 > SMEM_PER_BLOCK:
+        fit = _residency(items, clusters, block_m, block_k, BB, e)
+        if fit is None:
             return None
+        res_blocks, stages = fit
+        items = _mark_resident(items, res_blocks)
+    tiles = _tiles(items, phases, cluster)
+    counts = _bytes(design, direction, B, H, e, BB, phases, items, tiles)
+    if counts["l2_weight_bytes_per_step"] > L2_KEEP_BYTES:
+        return None
     active = min(len({t.cta for t in tiles if t.phase == p.index}) for p in phases)
     return Schedule(design=design, direction=direction, B=B, H=H, dtype_bytes=e, ctas=ctas, cluster=cluster,
                     active_sms=active, split_k=max(it.parts for it in items), reduction="l2",
-                    resident_weight_bytes_per_cta=resident, block_m=block_m, block_k=block_k, block_b=BB,
-                    stages=STAGES, phases=phases, items=tuple(items), tiles=tuple(tiles), slots=slots,
-                    epilogue_rows=epilogue_rows, epilogue_values=epilogue_values,
-                    **_bytes(design, direction, B, H, e, BB, phases, items, tiles))
+                    resident_weight_bytes_per_cta=res_blocks * block_m * block_k * e, block_m=block_m,
+                    block_k=block_k, block_b=BB, stages=stages, phases=phases, items=tuple(items), tiles=tuple(tiles),
+                    slots=slots, res_blocks=res_blocks, epilogue_rows=epilogue_rows, epilogue_values=epilogue_values,
+                    **counts)

@@ -5,9 +5,11 @@ GPU needed) and what :mod:`.launch` launches (the same signatures and shared-mem
     python -m fastmlstm.ops.triton.persistent.targets [--dtype bf16]   # compile all, print the report
 
 Each target's compile-time parameters come from its :class:`~.schedule.Schedule`: the cluster size
-C, the reduction block BK (the descriptors' boxes), the batch tile BB and, for the stationary
-design, how many weight tiles a CTA keeps (RES_BLOCKS). The flags (SAVE, HAS_LEN, HAS_DOUT,
-HAS_DCELLS) are compiled in their heaviest variant, the one that needs the most registers.
+C, the reduction block BK (the descriptors' boxes), the batch tile BB, the ring's stages S, the
+tile height ROWS (256 "cluster", 64 "stationary") and, for the stationary design, how many weight
+tiles a CTA keeps (RES_BLOCKS) and whether the others stream (STREAM, with an L2 evict-last
+policy: the PTX then holds ``L2::cache_hint``). The flags (SAVE, HAS_LEN, HAS_DOUT, HAS_DCELLS)
+are compiled in their heaviest variant, the one that needs the most registers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ MODEL_SHAPES = ((4096, 128), (2048, 128), (1024, 64), (4096, 1))
 DEVICES = (Device(132, (9, 0), "NVIDIA H100 80GB HBM3"), Device(132, (9, 0), "NVIDIA H200"))
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 EXPECTED_PTX = ("wgmma", "cp.async.bulk.tensor", "multicast::cluster", "barrier.cluster")
+# A stationary schedule's streamed weight tiles carry an L2 eviction policy.
+KEEP_PTX = "L2::cache_hint"
 # The default partition: two consumer warpgroups (the producer warp comes on top).
 NUM_WARPS = 8
 ARCH = 90
@@ -53,11 +57,11 @@ def gl_dtype(dtype: str):
     return {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
 
-def layouts(direction: str, C: int, BK: int, BB: int, dtype: str) -> dict:
+def layouts(direction: str, C: int, BK: int, BB: int, dtype: str, rows: int = 256) -> dict:
     """The shared-memory layouts of the kernels' tiles (and so of their TMA descriptors).
 
-    forward: "w0" Wmh boxes [C*256, BK] and "w1" Wh boxes [C*64, BK] (one per gate), each CTA its
-    rows; backward: "w0", "w1" boxes [BK, C*256] of Wmh and Wh read transposed; "a": the
+    forward: "w0" Wmh boxes [C*rows, BK] and "w1" Wh boxes [C*rows/4, BK] (one per gate), each CTA
+    its rows; backward: "w0", "w1" boxes [BK, C*rows] of Wmh and Wh read transposed; "a": the
     activation box [BB, BK], every CTA a copy (the multicast).
     """
     from triton.experimental.gluon import language as gl
@@ -66,23 +70,24 @@ def layouts(direction: str, C: int, BK: int, BB: int, dtype: str) -> dict:
 
     t = gl_dtype(dtype)
     # .fn: the plain function behind a Gluon constexpr_function.
-    rows, cols, every = split_dim.fn(C, 2, 0), split_dim.fn(C, 2, 1), broadcast.fn(C, 2)
+    by_rows, by_cols, every = split_dim.fn(C, 2, 0), split_dim.fn(C, 2, 1), broadcast.fn(C, 2)
     a = gl.NVMMASharedLayout.get_default_for([BB, BK], t, cga_layout=every)
     if direction == "forward":
-        return {"w0": ([C * 256, BK], gl.NVMMASharedLayout.get_default_for([C * 256, BK], t, cga_layout=rows)),
-                "w1": ([C * 64, BK], gl.NVMMASharedLayout.get_default_for([C * 64, BK], t, cga_layout=rows)),
+        w0, w1 = [C * rows, BK], [C * rows // 4, BK]
+        return {"w0": (w0, gl.NVMMASharedLayout.get_default_for(w0, t, cga_layout=by_rows)),
+                "w1": (w1, gl.NVMMASharedLayout.get_default_for(w1, t, cga_layout=by_rows)),
                 "a": ([BB, BK], a)}
-    w = gl.NVMMASharedLayout.get_default_for([BK, C * 256], t, cga_layout=cols)
-    return {"w0": ([BK, C * 256], w), "w1": ([BK, C * 256], w), "a": ([BB, BK], a)}
+    w = gl.NVMMASharedLayout.get_default_for([BK, C * rows], t, cga_layout=by_cols)
+    return {"w0": ([BK, C * rows], w), "w1": ([BK, C * rows], w), "a": ([BB, BK], a)}
 
 
 def _desc(dtype: str, block: list, layout) -> str:
     return f"tensordesc<{dtype}[{','.join(map(str, block))}],{layout!r}>"
 
 
-def signature(direction: str, C: int, BK: int, BB: int, dtype: str) -> dict:
+def signature(direction: str, C: int, BK: int, BB: int, dtype: str, rows: int = 256) -> dict:
     """The kernel's runtime parameters and their types, in order (the constexprs apart)."""
-    lay = layouts(direction, C, BK, BB, dtype)
+    lay = layouts(direction, C, BK, BB, dtype, rows)
     w0, w1, a = (_desc(dtype, *lay[k]) for k in ("w0", "w1", "a"))
     act, f32, i32 = f"*{dtype}", "*fp32", "*i32"
     if direction == "forward":
@@ -101,9 +106,8 @@ def signature(direction: str, C: int, BK: int, BB: int, dtype: str) -> dict:
 
 def constexprs(sched: _schedule.Schedule, heaviest: bool = True) -> dict:
     """The compile-time parameters of ``sched``'s kernel (flags: all on with ``heaviest``)."""
-    resident = sched.design == "stationary"
-    base = {"C": sched.cluster, "BB": sched.block_b, "S": sched.stages, "RESIDENT": resident,
-            "RES_BLOCKS": max(1, sched.resident_blocks())}
+    base = {"C": sched.cluster, "BB": sched.block_b, "S": sched.stages, "ROWS": sched.block_m,
+            "RES_BLOCKS": sched.resident_blocks(), "STREAM": sched.streams}
     if sched.direction == "forward":
         return {**base, "SAVE": heaviest, "HAS_LEN": heaviest}
     return {**base, "HAS_DOUT": heaviest, "HAS_DCELLS": heaviest, "HAS_LEN": heaviest}
@@ -122,11 +126,15 @@ def kernel_fn(direction: str):
 def target_for(sched: _schedule.Schedule, dtype: str) -> CompileTarget:
     const = constexprs(sched)
     name = (f"persistent_{sched.design}_{sched.direction}_C{sched.cluster}_BK{sched.block_k}_BB{sched.block_b}"
-            + (f"_R{const['RES_BLOCKS']}" if const["RESIDENT"] else ""))
+            f"_M{sched.block_m}" + (f"_R{const['RES_BLOCKS']}" if const["RES_BLOCKS"] else "")
+            + ("_S" + str(sched.stages) if const["RES_BLOCKS"] and const["STREAM"] else ""))
+    keeps = const["RES_BLOCKS"] > 0 and const["STREAM"]
     return CompileTarget(name=name, fn=kernel_fn(sched.direction),
-                         signature=signature(sched.direction, sched.cluster, sched.block_k, sched.block_b, dtype),
+                         signature=signature(sched.direction, sched.cluster, sched.block_k, sched.block_b, dtype,
+                                             sched.block_m),
                          constexprs=const, num_warps=NUM_WARPS, num_ctas=sched.cluster,
-                         cluster_dims=(sched.cluster, 1, 1), arch=ARCH, expected_ptx=EXPECTED_PTX, schedule=sched)
+                         cluster_dims=(sched.cluster, 1, 1), arch=ARCH,
+                         expected_ptx=EXPECTED_PTX + ((KEEP_PTX,) if keeps else ()), schedule=sched)
 
 
 def compile_targets(dtype: str) -> list[CompileTarget]:
