@@ -191,21 +191,28 @@ def cmd_featurize(args) -> int:
     return 0
 
 
+def _blocking_file(path: Path) -> Path | None:
+    """The file that stands where ``path`` or one of its folders should be, if any."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return None if folder.is_dir() else folder
+    return None
+
+
 def _check_folder(flag: str, path: str | None) -> None:
     """Refuse, before any work, a folder flag that names a file (or lies under one)."""
-    if path is None:
-        return
-    for folder in (Path(path), *Path(path).parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise InputError(f"{flag} {path}: {folder} is a file, not a folder")
-            return
+    if path is not None and (blocking := _blocking_file(Path(path))) is not None:
+        raise InputError(f"{flag} {path}: {blocking} is a file, not a folder")
 
 
 def _check_file(flag: str, path: str | None) -> None:
-    """Refuse, before any work, a file flag that names a directory."""
-    if path is not None and Path(path).is_dir():
+    """Refuse, before any work, a file flag that names a directory (or lies under a file)."""
+    if path is None:
+        return
+    if Path(path).is_dir():
         raise InputError(f"{flag} {path} is a directory; give a file name")
+    if (blocking := _blocking_file(Path(path).parent)) is not None:
+        raise InputError(f"{flag} {path}: {blocking} is a file, not a folder")
 
 
 def _probe_plots(args, result, metrics: dict) -> dict:

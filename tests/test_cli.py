@@ -153,6 +153,8 @@ def test_visualize_and_generate(models, tmp_path, capsys):
         (["probe", "--model", "{small}", "--task", "sst2", "--data-dir", "{sst}", "--plots", "{tmp}/empty.txt/sub"],
          "--plots {tmp}/empty.txt/sub: {tmp}/empty.txt is a file, not a folder"),
         (["visualize", "--model", "{small}", "--unit", "1", "--text", "a", "--png", "{tmp}"], "--png {tmp} is a directory"),
+        (["visualize", "--model", "{small}", "--unit", "1", "--text", "a", "--html", "{tmp}/empty.txt/v.html"],
+         "--html {tmp}/empty.txt/v.html: {tmp}/empty.txt is a file, not a folder"),
         (["probe", "--model", "{small}", "--task", "sst2", "--data-dir", "{sst}", "--seed", "-1"],
          "argument --seed: must be an integer in [0, 2147483647], got '-1'"),
         (["probe", "--model", "{small}", "--task", "sst2", "--data-dir", "{sst}", "--draws", "0"],
