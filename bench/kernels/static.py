@@ -410,10 +410,15 @@ def main(argv=None) -> int:
         "assumptions": costmodel.assumptions(),
         "model_gpus": {name: dataclasses.asdict(g) for name, g in costmodel.GPUS.items()},
     }
+    from fastmlstm._atomic import atomic_write
+
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=1) + "\n")
     md = args.md or args.json.with_suffix(".md")
-    md.write_text(markdown(doc))
+    # Each file replaced whole: a report cut short leaves the previous one, never half of one.
+    with atomic_write(args.json, "w") as f:
+        f.write(json.dumps(doc, indent=1) + "\n")
+    with atomic_write(md, "w") as f:
+        f.write(markdown(doc))
     bad = violations(doc)
     if not args.quiet:
         ok = sum(e["ok"] for e in results)

@@ -19,7 +19,7 @@ PERSISTENT_DIR = REPO / "fastmlstm" / "ops" / "triton" / "persistent"
 DTYPES = ("bf16", "fp16")
 SMEM_LIMIT = 227 * 1024  # one block on sm_90 (CUDA programming guide, compute capability 9.0)
 # Bumped when what a compile job produces changes (its options, what is parsed): a new cache key.
-SCHEME = "gluon-1"
+SCHEME = "gluon-2"
 
 
 def parse_ptxas(log: str) -> dict:
@@ -56,8 +56,8 @@ def targets(dtype: str) -> list | None:
 def _schedule_summary(sched) -> dict | None:
     if sched is None:
         return None
-    return {k: getattr(sched, k) for k in ("design", "direction", "B", "H", "ctas", "cluster", "active_sms",
-                                            "split_k", "reduction")}
+    return {k: getattr(sched, k, None) for k in ("design", "direction", "B", "H", "ctas", "cluster", "active_sms",
+                                                  "split_k", "reduction", "block_m", "stages", "res_blocks")}
 
 
 def jobs() -> tuple[list[dict], str]:
@@ -141,17 +141,19 @@ def markdown(entries: list[dict], note: str) -> list[str]:
     lines = ["## Persistent Gluon kernels (sm_90a)", ""]
     if note:
         return [*lines, note, ""]
-    lines += ["| kernel | dtype | warps | CTAs per cluster | design, direction, B, H | CTAs (active) | registers | "
-              "spill B | shared KB | mma | PTX markers (count) |", "|" + "---|" * 11]
+    lines += ["| kernel | dtype | warps | CTAs per cluster | design, direction, B, H | CTAs (active) | tile rows, "
+              "resident tiles, stages | registers | spill B | shared KB | mma | PTX markers (count) |", "|" + "---|" * 12]
     for e in entries:
         c, s = e["config"], e["schedule"] or {}
         plan = f"{s.get('design')}, {s.get('direction')}, {s.get('B')}, {s.get('H')}" if s else "-"
         ctas = f"{s.get('ctas')} ({s.get('active_sms')})" if s else "-"
+        tiles = f"{s.get('block_m')}, {s.get('res_blocks')}, {s.get('stages')}" if s else "-"
         if not e["ok"]:
             lines.append(f"| {e['kernel']} | {e['dtype']} | {c['num_warps']} | {c['num_ctas']} | {plan} | {ctas} | "
-                         f"ERROR | | | | {e.get('error', '')[:200]} |")
+                         f"{tiles} | ERROR | | | | {e.get('error', '')[:200]} |")
             continue
         markers = ", ".join(f"{m} ({n})" for m, n in e["ptx_markers"].items())
         lines.append(f"| {e['kernel']} | {e['dtype']} | {c['num_warps']} | {c['num_ctas']} | {plan} | {ctas} | "
-                     f"{e['registers']} | {e['spill_bytes']} | {e['shared_bytes'] / 1024:.0f} | {e['mma']} | {markers} |")
+                     f"{tiles} | {e['registers']} | {e['spill_bytes']} | {e['shared_bytes'] / 1024:.0f} | {e['mma']} | "
+                     f"{markers} |")
     return [*lines, ""]
