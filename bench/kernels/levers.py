@@ -96,9 +96,9 @@ def nosplit_cost(gpu, direction: str, B: int, H: int, k_split: int = 1, **table_
     the cluster's partials reduced in distributed shared memory (one round behind a cluster
     barrier). Its weights sit in shared memory for the whole call. Every phase needs the whole
     activation of the one before ([B, K]: multicast to the CTAs of a cluster of 4 that take the same
-    K share, but each SM still receives its share). Per phase, in dependency order: the grid dependency (``grid_sync_us``, then an L2 read
-    of what it waited for), then the longer of the MMA (M = 64 rows whatever B) and the SM's
-    ingest of its activation share, then the reduction; the epilogue's operands do not depend on
+    K share, but each SM still receives its share). Per phase, in dependency order: the grid
+    dependency (``grid_sync_us``, then an L2 read of what it waited for), then the longer of the MMA
+    (M = 64 rows whatever B) and the SM's ingest of its activation share, then the reduction; the epilogue's operands do not depend on
     the phase before and load during the wait. The backward's second product (dm = dz Wh) has
     K = 4H: its activation is four times the forward's. None where the weights do not fit."""
     gpu = dataclasses.replace(gpu, **table_changes)

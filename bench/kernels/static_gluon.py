@@ -142,7 +142,8 @@ def markdown(entries: list[dict], note: str) -> list[str]:
     if note:
         return [*lines, note, ""]
     lines += ["| kernel | dtype | warps | CTAs per cluster | design, direction, B, H | CTAs (active) | tile rows, "
-              "resident tiles, stages | registers | spill B | shared KB | mma | PTX markers (count) |", "|" + "---|" * 12]
+              "resident tiles, stages | registers | spill B | shared KB | mma | PTX markers (count) |",
+              "|" + "---|" * 12]
     for e in entries:
         c, s = e["config"], e["schedule"] or {}
         plan = f"{s.get('design')}, {s.get('direction')}, {s.get('B')}, {s.get('H')}" if s else "-"
