@@ -22,6 +22,7 @@
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
@@ -81,6 +82,7 @@ class BackwardPass {
  private:
   void step(int64_t t, int64_t t0);
   void flush_chunk(int64_t t0, int64_t t1);
+  void flush_chunk_bf16(int64_t t0, int64_t t1);
   void h0_gradient();
 
   // The GEMM operands dz_t and dhm_t: with float32 activations and operands, the D gradients
@@ -95,6 +97,9 @@ class BackwardPass {
   const bool whole;  // grad_proj is wanted whole (backward), not only chunk by chunk
   const int64_t I;
   const int64_t Tc;  // steps per chunk
+  // bfloat16 activations on a CPU that multiplies bfloat16 natively (the VNNI layout through
+  // oneDNN, not the portable twin): the sums over a chunk are bfloat16 GEMMs too (flush_chunk_bf16).
+  const bool native_bf16;
   PackedView<E> w_rec, w_dm;
   Tensor dz_op, dhm_op;
   E* dz_p = nullptr;
@@ -127,7 +132,8 @@ BackwardPass<D, E>::BackwardPass(const BackwardArgs& args)
       fused(args.x.defined()),
       whole(args.grad_proj.defined()),
       I(fused ? args.x.size(2) : 0),
-      Tc(chunk_steps(T, B, H)) {
+      Tc(chunk_steps(T, B, H)),
+      native_bf16(std::is_same_v<D, BFloat16> && args.layout == kVnni && !args.portable) {
   const auto options = a.output.options();
   const auto f32 = options.dtype(at::kFloat);
   // Wmh^T [H, H] and Wh^T [H, 4H], both plain: rec = dhm Wmh, dm = dz Wh.
@@ -146,19 +152,20 @@ BackwardPass<D, E>::BackwardPass(const BackwardArgs& args)
 
   gproj_chunk = whole ? Tensor() : new_buffer({Tc, B, 5 * H}, options, a.poison);
   ghm_chunk = new_buffer({Tc, B, H}, options, a.poison);
-  scratch_proj = wide ? Tensor() : at::empty({Tc * B * 5 * H}, f32);
-  scratch_hm = wide ? Tensor() : at::empty({Tc * B * H}, f32);
-  scratch_h = wide ? Tensor() : at::empty({Tc * B * H}, f32);
-  m_chunk = at::empty({Tc * B * H}, f32);
+  const bool widen = !wide && !native_bf16;
+  scratch_proj = widen ? at::empty({Tc * B * 5 * H}, f32) : Tensor();
+  scratch_hm = widen ? at::empty({Tc * B * H}, f32) : Tensor();
+  scratch_h = widen ? at::empty({Tc * B * H}, f32) : Tensor();
+  m_chunk = at::empty({Tc * B * H}, native_bf16 ? options : f32);
   r.grad_weight_hh = at::zeros({kGates * H, H}, f32);
   r.grad_weight_hm = at::zeros({H, H}, f32);
   r.grad_h0 = T > 0 ? new_buffer({B, H}, f32, a.poison) : at::zeros({B, H}, f32);
   if (fused) {
     // [x | 1]: one GEMM gives the input weights' gradient and, in its last column, the bias's.
-    x_1 = at::empty({T * B, I + 1}, f32);
+    x_1 = at::empty({T * B, I + 1}, native_bf16 ? options : f32);
     x_1.narrow(1, 0, I).copy_(a.x.reshape({T * B, I}));
     x_1.narrow(1, I, 1).fill_(1.0);
-    w_in_f = a.weight_in.to(at::kFloat);
+    w_in_f = native_bf16 ? a.weight_in : a.weight_in.to(at::kFloat);
     grad_weight_in_1 = at::zeros({5 * H, I + 1}, f32);
     r.grad_x = new_buffer({T, B, I}, options, a.poison);
   }
@@ -229,6 +236,10 @@ void BackwardPass<D, E>::step(int64_t t, int64_t t0) {
 // The sums over the chunk of steps [t0, t1), whose gradients are in the chunk buffers.
 template <typename D, typename E>
 void BackwardPass<D, E>::flush_chunk(int64_t t0, int64_t t1) {
+  if (native_bf16) {
+    flush_chunk_bf16(t0, t1);
+    return;
+  }
   const int64_t steps = t1 - t0, R = steps * B;
   const Tensor gproj_d =
       (whole ? a.grad_proj.narrow(0, t0, steps) : gproj_chunk.narrow(0, 0, steps)).view({R, 5 * H});
@@ -251,6 +262,34 @@ void BackwardPass<D, E>::flush_chunk(int64_t t0, int64_t t1) {
   }
   if (fused) {
     grad_weight_in_1.addmm_(gproj.t(), x_1.narrow(0, t0 * B, R));
+    r.grad_x.narrow(0, t0, steps).view({R, I}).copy_(at::mm(gproj, w_in_f));
+  }
+}
+
+// flush_chunk with bfloat16 GEMMs (oneDNN's, which accumulate in float32): each product over the
+// chunk is rounded to bfloat16 once and added to the float32 sums (the float32 GEMMs on widened
+// copies ran at half the rate). m is recomputed in bfloat16 as recompute_m does (xm * hm rounded).
+template <typename D, typename E>
+void BackwardPass<D, E>::flush_chunk_bf16(int64_t t0, int64_t t1) {
+  const int64_t steps = t1 - t0, R = steps * B;
+  const Tensor gproj = (whole ? a.grad_proj.narrow(0, t0, steps) : gproj_chunk.narrow(0, 0, steps)).view({R, 5 * H});
+  const Tensor act = a.act.narrow(0, t0, steps).view({R, 6 * H});
+  Tensor m = m_chunk.narrow(0, 0, R * H).view({R, H});
+  at::mul_out(m, act.narrow(1, 4 * H, H), act.narrow(1, 5 * H, H));
+  r.grad_weight_hh.add_(at::mm(gproj.narrow(1, 0, kGates * H).t(), m));
+  const Tensor dhm = ghm_chunk.narrow(0, 0, steps).view({R, H});
+  int64_t first = 0;
+  if (t0 == 0) {  // h_{-1} is h0, float32
+    r.grad_weight_hm.addmm_(dhm.narrow(0, 0, B).t().to(at::kFloat), a.h0);
+    first = B;
+  }
+  if (R > first) {
+    const int64_t n = R - first;
+    const Tensor h_prev = a.output.narrow(0, t0 == 0 ? 0 : t0 - 1, n / B).view({n, H});
+    r.grad_weight_hm.add_(at::mm(dhm.narrow(0, first, n).t(), h_prev));
+  }
+  if (fused) {
+    grad_weight_in_1.add_(at::mm(gproj.t(), x_1.narrow(0, t0 * B, R)));
     r.grad_x.narrow(0, t0, steps).view({R, I}).copy_(at::mm(gproj, w_in_f));
   }
 }
