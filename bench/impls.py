@@ -77,10 +77,14 @@ class Impl:
 
     def case_status(self, case: Case, device: torch.device, ctx: dict) -> tuple[bool, str]:
         """Whether this case is timed for this implementation (a preset may limit an
-        implementation's dtypes with ``impl_dtypes``), and why not."""
+        implementation's dtypes with ``impl_dtypes`` and a mode's hidden sizes with ``impl_max_H``),
+        and why not."""
         allowed = ctx.get("impl_dtypes", {}).get(self.name)
         if allowed is not None and case.dtype not in allowed:
             return False, f"the preset times {self.name} in {', '.join(allowed)} only"
+        largest = ctx.get("impl_max_H", {}).get(self.name, {}).get(case.mode)
+        if largest is not None and case.H > largest:
+            return False, f"the preset times {self.name} {case.mode} up to H = {largest} only"
         return True, ""
 
     # Subclasses provide: weight_count(H, I); layer(I, H, device, dtype, ctx) -> nn.Module;

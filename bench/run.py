@@ -398,7 +398,7 @@ def main(argv=None) -> int:
         return 1
     doc = describe_run(args, argv, preset_name, preset, device, timing)
     ctx = {"compile_backend": args.compile_backend or preset.get("compile_backend", "inductor"),
-           "impl_dtypes": preset.get("impl_dtypes", {})}
+           "impl_dtypes": preset.get("impl_dtypes", {}), "impl_max_H": preset.get("impl_max_H", {})}
     doc["compile_backend"] = ctx["compile_backend"]
     print(f"== {doc['device']} | torch {doc['torch']} | triton {doc['triton']} | cuda {doc['cuda']} | "
           f"commit {str(doc['commit'])[:10]}{' (dirty)' if doc['dirty'] else ''}", flush=True)
