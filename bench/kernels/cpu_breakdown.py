@@ -1,9 +1,10 @@
 """Where fwd+bwd time goes on the CPU backend, beside torch.nn.LSTM: the measured cause behind a
 CPU fwd+bwd ratio (bench/kernels/NOTES.md, "CPU").
 
-    python bench/kernels/cpu_breakdown.py [--H 512,1024] [--B 16,64] [--T 64] [--I 64] [--threads 2] [--out FILE.json]
+    python bench/kernels/cpu_breakdown.py [--H 512,1024] [--B 16,64] [--T 64] [--I 64] [--threads 2]
+                                          [--dtypes float32,bfloat16] [--out FILE.json]
 
-For each (H, B), float32, ``--threads`` torch threads (default 2), interleaved call by call:
+For each dtype and (H, B), ``--threads`` torch threads (default 2), interleaved call by call:
 - ``fwd_train``: the forward under autograd (activations saved), fastmlstm and nn.LSTM;
 - ``fwd_bwd``: forward + gradients of the input and every parameter; ``bwd`` = fwd_bwd - fwd_train;
 - ``bwd_gemm_floor``: the backward's GEMMs alone, as MKL runs them with the same shapes: the per-step
@@ -45,16 +46,19 @@ def _median_ms(fns: dict, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _gemm_floor(T, B, H, I, gates_products, part="all"):
+def _gemm_floor(T, B, H, I, gates_products, part="all", dtype=torch.float32):
     """The backward's GEMMs with MKL: ``"recurrent"``, the T steps of the per-step products (the
     sequential chain); ``"batched"``, the weight gradients and the input gradient over all T * B rows
     at once (what does not depend on the chain); ``"all"``, both."""
     rows = T * B
     mlstm = len(gates_products) == 2
-    rec = [(torch.randn(B, k), torch.randn(k, H)) for k in gates_products]
-    wg = [(torch.randn(n, rows), torch.randn(rows, k)) for n, k in
+    def randn(*shape):
+        return torch.randn(*shape).to(dtype)
+
+    rec = [(randn(B, k), randn(k, H)) for k in gates_products]
+    wg = [(randn(n, rows), randn(rows, k)) for n, k in
           ([(4 * H, H), (H, H), (5 * H, I + 1)] if mlstm else [(4 * H, H), (4 * H, I + 1)])]
-    gx = (torch.randn(rows, 5 * H if mlstm else 4 * H), torch.randn(5 * H if mlstm else 4 * H, I))
+    gx = (randn(rows, 5 * H if mlstm else 4 * H), randn(5 * H if mlstm else 4 * H, I))
 
     def run():
         if part in ("all", "recurrent"):
@@ -68,12 +72,12 @@ def _gemm_floor(T, B, H, I, gates_products, part="all"):
     return run
 
 
-def case(H: int, B: int, T: int, I: int, rounds: int) -> dict:
+def case(H: int, B: int, T: int, I: int, rounds: int, dtype: torch.dtype = torch.float32) -> dict:
     torch.manual_seed(0)
-    fast = fastmlstm.FastMLSTM(I, H, backend="cpu")
-    lstm = torch.nn.LSTM(I, H)
-    x = torch.randn(T, B, I, requires_grad=True)
-    gy = torch.randn(T, B, H)
+    fast = fastmlstm.FastMLSTM(I, H, backend="cpu", dtype=dtype)
+    lstm = torch.nn.LSTM(I, H, dtype=dtype)
+    x = torch.randn(T, B, I).to(dtype).requires_grad_()
+    gy = torch.randn(T, B, H).to(dtype)
 
     def fwd(m):
         return lambda: m(x)[0]
@@ -84,13 +88,14 @@ def case(H: int, B: int, T: int, I: int, rounds: int) -> dict:
 
     t = _median_ms({"fast_fwd_train": fwd(fast), "lstm_fwd_train": fwd(lstm),
                     "fast_fwd_bwd": fwd_bwd(fast), "lstm_fwd_bwd": fwd_bwd(lstm),
-                    "fast_bwd_gemm_floor": _gemm_floor(T, B, H, I, (H, 4 * H)),
-                    "lstm_bwd_gemm_floor": _gemm_floor(T, B, H, I, (4 * H,)),
-                    "fast_bwd_recurrent_gemms": _gemm_floor(T, B, H, I, (H, 4 * H), "recurrent"),
-                    "lstm_bwd_recurrent_gemms": _gemm_floor(T, B, H, I, (4 * H,), "recurrent"),
-                    "fast_bwd_batched_gemms": _gemm_floor(T, B, H, I, (H, 4 * H), "batched"),
-                    "lstm_bwd_batched_gemms": _gemm_floor(T, B, H, I, (4 * H,), "batched")}, rounds)
-    out = {"H": H, "B": B, "T": T, "I": I, **{k: round(v, 2) for k, v in t.items()}}
+                    "fast_bwd_gemm_floor": _gemm_floor(T, B, H, I, (H, 4 * H), "all", dtype),
+                    "lstm_bwd_gemm_floor": _gemm_floor(T, B, H, I, (4 * H,), "all", dtype),
+                    "fast_bwd_recurrent_gemms": _gemm_floor(T, B, H, I, (H, 4 * H), "recurrent", dtype),
+                    "lstm_bwd_recurrent_gemms": _gemm_floor(T, B, H, I, (4 * H,), "recurrent", dtype),
+                    "fast_bwd_batched_gemms": _gemm_floor(T, B, H, I, (H, 4 * H), "batched", dtype),
+                    "lstm_bwd_batched_gemms": _gemm_floor(T, B, H, I, (4 * H,), "batched", dtype)}, rounds)
+    out = {"H": H, "B": B, "T": T, "I": I, "dtype": str(dtype).removeprefix("torch."),
+           **{k: round(v, 2) for k, v in t.items()}}
     for who in ("fast", "lstm"):
         out[f"{who}_bwd"] = round(t[f"{who}_fwd_bwd"] - t[f"{who}_fwd_train"], 2)
         out[f"{who}_bwd_rest"] = round(out[f"{who}_bwd"] - t[f"{who}_bwd_gemm_floor"], 2)
@@ -108,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--I", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch threads (issue 24's targets use 2)")
+    p.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16 (the GEMM floors in the same dtype)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -117,10 +123,12 @@ def main(argv=None) -> int:
     doc = {"device": measure.cpu_name(), "cpu_features": measure.cpu_features(), **measure.versions(),
            **measure.git_commit(), "command": "python bench/kernels/cpu_breakdown.py " + " ".join(sys.argv[1:]),
            "torch_threads": torch.get_num_threads(), "load_average_start": measure.load_average(), "cases": []}
-    for H in (int(h) for h in args.H.split(",")):
-        for B in (int(b) for b in args.B.split(",")):
-            doc["cases"].append(case(H, B, args.T, args.I, args.rounds))
-            print(json.dumps(doc["cases"][-1]), flush=True)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    for dtype in (dtypes[d] for d in args.dtypes.split(",")):
+        for H in (int(h) for h in args.H.split(",")):
+            for B in (int(b) for b in args.B.split(",")):
+                doc["cases"].append(case(H, B, args.T, args.I, args.rounds, dtype))
+                print(json.dumps(doc["cases"][-1]), flush=True)
     doc["load_average_end"] = measure.load_average()
     if args.out:
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
