@@ -2,14 +2,15 @@
 
 - :mod:`.schedule`: which CTA computes what, as data; the kernels, the CPU executor and the cost
   model read the same :class:`~.schedule.Schedule`.
-- :mod:`.gluon_forward`, :mod:`.gluon_backward` (on :mod:`.gluon_common`): the kernels.
+- :mod:`.gluon_forward`, :mod:`.gluon_backward` (on :mod:`.gluon_common` and :mod:`.gluon_finish`):
+  the kernels.
 - :mod:`.launch`: the backend contract (buffers, one launch, the error word).
 - :mod:`.executor`: runs a schedule on the CPU with torch, CTAs interleaved in random orders.
 - :mod:`.targets`: every kernel configuration, for the static report.
 
 Two designs, registered with the Triton backend's dispatcher (:mod:`..dispatch`) by
-:func:`candidates`: "stationary" (weights kept in shared memory across steps, where they fit) and
-"cluster" (weights streamed every step). No CPU can run them: the dispatcher checks each against
+:func:`candidates`: "stationary" (weights kept in shared memory across steps and, where they do
+not all fit, the rest in L2) and "cluster" (weights streamed every step). No CPU can run them: the dispatcher checks each against
 the per-step path on the GPU at hand before it uses it.
 
 Importing this package imports neither Triton's Gluon nor torch.cuda, and runs nothing.

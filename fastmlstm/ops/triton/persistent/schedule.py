@@ -14,8 +14,9 @@ Legend
     BK reduction block, KB = ceil(K / BK) blocks, BB batch columns of the MMA (B rounded up)
 
 Every product is computed "swap-AB": out^T [rows, B] = W_view [rows, K] @ act^T [K, B], so the
-hidden units fill the MMA's M (64-row instructions, 256 rows per CTA) and the batch its N (16 to
-128): a batch of 1 wastes MMA columns but nothing of the weight stream. The products of a step, in dependency order:
+hidden units fill the MMA's M (64-row instructions; 256 rows per CTA tile in the cluster design, 64
+in the stationary one) and the batch its N (16 to 128): a batch of 1 wastes MMA columns but
+nothing of the weight stream. The products of a step, in dependency order:
 
     forward   "hm"  rows H,  K H:   hm = h_{t-1} Wmh^T     epilogue m = xm * hm
               "z"   rows 4H, K H:   z = m Wh^T (+ xg)      epilogue gates, c_t, h_t
