@@ -64,7 +64,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_model(path: str, *, device: str | None = None, dtype: str | None = None, backend: str = "auto"):
-    """A ByteLM from what --model names (see :func:`fastmlstm.serialization.load_model`)."""
+    """A ByteLM from what --model names (see :func:`fastmlstm.models.serialization.load_model`)."""
     from .models.serialization import load_model as load
 
     return load(path, device=device, dtype=_DTYPES[dtype] if dtype else None, backend=backend)

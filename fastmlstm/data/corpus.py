@@ -297,7 +297,8 @@ def build_stream(sources: list[Source], path: str | os.PathLike) -> dict:
             writer = _HashingWriter(out)
             total = sum(source.write_records(writer) for source in sources)
         if total == 0:
-            raise InputError(f"the corpus is empty: {', '.join(str(s.path) for s in sources)} hold no bytes")
+            names = ", ".join(str(s.path) for s in sources)
+            raise InputError(f"the corpus is empty: {names} {'hold' if len(sources) > 1 else 'holds'} no bytes")
         identity = record["fingerprint"] if legacy is not None and legacy == writer.digest() else fingerprint(
             sources, digests)
         meta = {"format": _RECORD_FORMAT, "fingerprint": identity, "bytes": total, "sha256": writer.digest(),

@@ -3,7 +3,7 @@
 Only the transfer lives here: :func:`download_files` fetches a repository's files into the Hub's
 own cache (``$HF_HOME``, default ``~/.cache/huggingface``) and :func:`upload_folder` publishes a
 folder. What the files hold (``config.json`` + ``model.safetensors``) is
-:mod:`fastmlstm.serialization`'s business; it calls these for ``from_pretrained("user/repo")`` and
+:mod:`fastmlstm.models.serialization`'s business; it calls these for ``from_pretrained("user/repo")`` and
 ``ByteLM.push_to_hub``. ``huggingface_hub`` is imported on first use only, through
 :func:`fastmlstm.errors.require`, so that without it everything else works and these say what to
 install.

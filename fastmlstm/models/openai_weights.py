@@ -1,5 +1,5 @@
 """The released layout of Radford et al. (2017): conversion between its arrays and a ByteLM's
-config and state dict. File-level loading and saving live in :mod:`fastmlstm.serialization`
+config and state dict. File-level loading and saving live in :mod:`fastmlstm.models.serialization`
 (``fastmlstm.load_openai`` / ``fastmlstm.save_openai``).
 
 The authors released their model as a directory of 15 float32 ``.npy`` files named ``0.npy`` ..

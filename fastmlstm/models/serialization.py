@@ -6,14 +6,14 @@ Formats:
     training checkpoint    ``train.py``'s ``ckpt-<step>.pt``: ``{"format": "fastmlstm.train", ...,
                            "model": <a model file's dict>}``; :func:`load` reads the model out of it
     released layout        the authors' directory of ``0.npy`` .. ``14.npy`` (:func:`load_openai`,
-                           :func:`save_openai`; the array conversion is :mod:`fastmlstm.openai_weights`)
+                           :func:`save_openai`; the array conversion is :mod:`fastmlstm.models.openai_weights`)
     pretrained folder      ``config.json`` (format, version, config, dtype) + ``model.safetensors`` (the
                            state dict: no pickle, read through a memory map): the Hugging Face Hub layout
                            (:meth:`ModelFileMixin.save_pretrained`, :func:`from_pretrained`)
 
 :func:`from_pretrained` (and so every ``--model``) takes any of these paths, a registered name (its
 checked download is :func:`fastmlstm.models.pretrained.download_model`) or a Hugging Face Hub id (the
-transfer is :mod:`fastmlstm.hub`); what the files hold is decided here alone.
+transfer is :mod:`fastmlstm.models.hub`); what the files hold is decided here alone.
 
 Loading never runs code from a file (``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``,
 ``safetensors.safe_open``), and any file that is not a readable model of this library raises
@@ -294,7 +294,7 @@ def _read_record(path: Path, map_location) -> dict:
     if record.get("format") == CHECKPOINT_FORMAT:
         record = record.get("model")
         if not isinstance(record, dict):
-            raise ModelFileError(f"{path} is a train.py checkpoint without a model in it")
+            raise ModelFileError(f"{path} is a training checkpoint without a model in it")
     return record
 
 

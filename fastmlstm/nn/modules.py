@@ -131,8 +131,8 @@ class FastMLSTM(nn.Module):
     unbatched, or a ``PackedSequence``; hx = (h_0, c_0), each [L * D, B, H] ([L * D, H] unbatched)
     with L = num_layers, D = 2 if bidirectional else 1. Returns ``(output, (h_n, c_n))`` like
     nn.LSTM: output [T, B, D * H] in the input dtype, h_n and c_n [L * D, B, H] float32. B = 0
-    gives empty outputs. Feeding (h_n, c_n) back as hx continues the sequences (see the README for
-    the exactness of that).
+    gives empty outputs. Feeding (h_n, c_n) back as hx continues the sequences (docs/backends.md,
+    "Dtypes and numerics", says how exactly).
 
     Example::
 
@@ -259,7 +259,7 @@ class FastMLSTM(nn.Module):
         not require grad) and the parameters are on the CPU, the result is cached and reused while
         the parameters are unchanged, and recomputed as soon as any of them changes (every change
         PyTorch tracks; ``FASTMLSTM_WEIGHT_CACHE=strict`` also catches writes through ``.data``, see
-        :mod:`fastmlstm.weight_cache`). The returned tensors must not be modified in place (if they
+        :mod:`fastmlstm.nn.weight_cache`). The returned tensors must not be modified in place (if they
         are, the next call recomputes them). Under autograd the weight norm is computed afresh, so
         that it is differentiated.
 

@@ -59,7 +59,7 @@ def _read_checkpoint(path: Path) -> dict:
                          ) from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or missing:
-        raise ValueError(f"not a complete train.py checkpoint (missing {', '.join(missing) or 'its format'})")
+        raise ValueError(f"not a complete training checkpoint (missing {', '.join(missing) or 'its format'})")
     return ckpt
 
 
