@@ -116,6 +116,31 @@ def test_every_part_finishes_a_slice():
     assert spread > 0
 
 
+def test_a_partly_resident_schedule_computes_the_recurrence(monkeypatch):
+    """The stationary design where only part of the weights fits shared memory (a small limit
+    stands in for H = 2048's): the resident tiles and the streamed rest change where weights come
+    from, not the result."""
+    monkeypatch.setattr(schedule, "SMEM_PER_BLOCK", 3 * (16 + 16) * 8 * 2 + 4096 + 3 * 16 * 8 * 2)
+    T, B, H = 3, 5, 40
+    device, tiles = Device(10, (9, 0)), {"block_m": 16, "block_k": 8, "epilogue_rows": 4, "epilogue_values": 8}
+    for direction in schedule.DIRECTIONS:
+        sched = schedule.plan("stationary", direction, B, H, 2, device, **tiles)
+        assert sched.streams and sched.res_blocks == 3 and sched.l2_weight_bytes_per_step > 0
+    proj, w_hh, w_hm, h0, c0, lengths, upstream = _inputs(T, B, H, torch.bfloat16, seed=2)
+
+    def fwd(*args):
+        return launch.forward("stationary", device, executor.runner("forward", seed=3), *args, tiles=tiles)
+
+    def bwd(*args):
+        return launch.backward("stationary", device, executor.runner("backward", seed=4), *args, tiles=tiles)
+
+    got = _run(fwd, bwd, proj, w_hh, w_hm, h0, c0, lengths, upstream)
+    ref = _run(reference.forward, reference.backward, proj, w_hh, w_hm, h0, c0, lengths, upstream)
+    truth = _truth(proj, w_hh, w_hm, h0, c0, lengths, upstream)
+    for name, value in truth.items():
+        assert rel_err(got[name], value) <= FACTOR * rel_err(ref[name], value) + ABS[torch.bfloat16], name
+
+
 def test_split_k_is_exercised():
     """The small shapes above really split K over clusters (the parts' order matters)."""
     for direction in schedule.DIRECTIONS:
