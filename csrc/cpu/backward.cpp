@@ -80,7 +80,8 @@ class BackwardPass {
   BackwardResult run();
 
  private:
-  void step(int64_t t, int64_t t0);
+  void step(int64_t t, int64_t t0, int64_t t1, const RowGroup& g, const int64_t* len_g, bool parallel);
+  const E* dhm_operand(int64_t s, int64_t s0, int64_t first) const;
   void flush_chunk(int64_t t0, int64_t t1);
   void flush_chunk_bf16(int64_t t0, int64_t t1);
   void h0_gradient();
@@ -119,7 +120,6 @@ class BackwardPass {
   const float* c0_p = nullptr;
   const int64_t* len_p = nullptr;
   std::vector<float> tiles;
-  const E* dhm_next = nullptr;  // dhm_{t+1}, the operand of step t's first product
 };
 
 template <typename D, typename E>
@@ -181,14 +181,28 @@ BackwardPass<D, E>::BackwardPass(const BackwardArgs& args)
 
 template <typename D, typename E>
 BackwardResult BackwardPass<D, E>::run() {
-  int64_t t1 = T;  // the open chunk is [t0, t1)
-  for (int64_t t = T - 1; t >= 0; --t) {
+  const int64_t G = row_groups(B, packed_bytes(w_rec) + packed_bytes(w_dm));
+  for (int64_t t1 = T; t1 > 0; t1 -= Tc) {  // chunks of steps [t0, t1), from the end
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc);
-    step(t, t0);
-    if (t == t0) {
-      flush_chunk(t0, t1);
-      t1 = t0;
+    if (G == 1) {
+      for (int64_t t = t1 - 1; t >= t0; --t) {
+        step(t, t0, t1, RowGroup{}, len_p, true);
+      }
+    } else {
+      at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
+          const RowGroup group{g, G};
+          const std::vector<int64_t> len_g = group_lengths(len_p, B, group);
+          for (int64_t t = t1 - 1; t >= t0; --t) {
+            step(t, t0, t1, group, len_p != nullptr ? len_g.data() : nullptr, false);
+          }
+        }
+        if constexpr (!std::is_same_v<E, float>) {
+          at::native::cpublas::brgemm_release(true);  // AMX tiles, where the GEMMs used them
+        }
+      });
     }
+    flush_chunk(t0, t1);
   }
   if (T > 0) {
     h0_gradient();
@@ -197,40 +211,66 @@ BackwardResult BackwardPass<D, E>::run() {
   return r;
 }
 
-// Step t (in the open chunk [t0, ...)): rec = dhm_{t+1} Wmh with backward_cell, then dm = dz_t Wh
-// with backward_m, tile by tile.
+// dhm of step s (rows from `first`) as the operand of the product of step s - 1: the chunk buffer
+// of s's chunk [s0, ...) (with float32 operands), else the E copy every step overwrites.
 template <typename D, typename E>
-void BackwardPass<D, E>::step(int64_t t, int64_t t0) {
+const E* BackwardPass<D, E>::dhm_operand(int64_t s, int64_t s0, int64_t first) const {
+  if constexpr (alias) {
+    return reinterpret_cast<const E*>(ghm_chunk.data_ptr<D>()) + ((s - s0) * B + first) * H;
+  } else {
+    return dhm_p + first * H;
+  }
+}
+
+// Step t of the chunk [t0, t1) for the rows of group g: rec = dhm_{t+1} Wmh with backward_cell,
+// then dm = dz_t Wh with backward_m, tile by tile (parallel: over all threads).
+template <typename D, typename E>
+void BackwardPass<D, E>::step(int64_t t, int64_t t0, int64_t t1, const RowGroup& g, const int64_t* len_g,
+                              bool parallel) {
   const bool has_rec = t < T - 1;
-  const D* act_t = act_p + t * B * 6 * H;
-  const float* cell_t = cells_p + t * B * H;
-  const float* cell_prev = t > 0 ? cells_p + (t - 1) * B * H : c0_p;
-  const D* gout_t = gout_p != nullptr ? gout_p + t * B * H : nullptr;
-  const float* gcells_t = gcells_p != nullptr ? gcells_p + t * B * H : nullptr;
-  D* dproj_t = whole ? a.grad_proj.data_ptr<D>() + t * B * 5 * H : gproj_chunk.data_ptr<D>() + (t - t0) * B * 5 * H;
-  D* ghm_t = ghm_chunk.data_ptr<D>() + (t - t0) * B * H;
-  E* dz_t = alias ? reinterpret_cast<E*>(dproj_t) : dz_p;
-  E* dhm_t = alias ? reinterpret_cast<E*>(ghm_t) : dhm_p;
-  for_each_tile<E>(w_rec.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
-    const int64_t n0 = j * w_rec.p.units;
-    const int64_t at = row0 * H + n0;
-    if (has_rec) {
-      tile_gemm(n_rows, dhm_next + row0 * H, H, w_rec, j, tile, false);
+  const int64_t S = g.stride, Bg = g.count(B), row = t * B + g.first, chunk_row = (t - t0) * B + g.first;
+  const int64_t ld_h = S * H, ld_act = S * 6 * H, ld_proj = S * 5 * H, ld_dz_g = S * ld_dz;
+  const D* act_t = act_p + row * 6 * H;
+  const float* cell_t = cells_p + row * H;
+  const float* cell_prev = t > 0 ? cell_t - B * H : c0_p + g.first * H;
+  const D* gout_t = gout_p != nullptr ? gout_p + row * H : nullptr;
+  const float* gcells_t = gcells_p != nullptr ? gcells_p + row * H : nullptr;
+  D* dproj_t = whole ? a.grad_proj.data_ptr<D>() + row * 5 * H : gproj_chunk.data_ptr<D>() + chunk_row * 5 * H;
+  D* ghm_t = ghm_chunk.data_ptr<D>() + chunk_row * H;
+  E* dz_t = alias ? reinterpret_cast<E*>(dproj_t) : dz_p + g.first * ld_dz;
+  E* dhm_t = alias ? reinterpret_cast<E*>(ghm_t) : dhm_p + g.first * H;
+  // dhm_{t+1}: in this chunk, or (t + 1 = t1) the first step of the chunk done before.
+  const E* dhm_next = has_rec ? (t + 1 < t1 ? dhm_operand(t + 1, t0, g.first) : dhm_operand(t1, t1, g.first))
+                              : nullptr;
+  float* dh_g = dh_p + g.first * H;
+  float* dc_g = dc_p + g.first * H;
+  auto tiles_of = [&](int64_t blocks, const auto& body) {
+    if (parallel) {
+      for_each_tile<E>(blocks, Bg, tiles, body);
+    } else {
+      for_each_tile_here(blocks, Bg, tiles, body);
     }
-    k.backward_cell(n_rows, block_width(w_rec.p, j), H, has_rec ? tile : nullptr, w_rec.p.cols, dh_p + at,
-                    dc_p + at, H, gout_t != nullptr ? gout_t + at : nullptr, H,
-                    gcells_t != nullptr ? gcells_t + at : nullptr, H, act_t + row0 * 6 * H + n0, 6 * H,
-                    cell_t + at, cell_prev + at, H, dproj_t + row0 * 5 * H + n0, 5 * H,
-                    alias ? nullptr : dz_t + row0 * ld_dz + n0, ld_dz, len_p != nullptr ? len_p + row0 : nullptr, t);
+  };
+  tiles_of(w_rec.p.blocks, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
+    const int64_t n0 = j * w_rec.p.units;
+    const int64_t at = row0 * ld_h + n0;
+    if (has_rec) {
+      tile_gemm(n_rows, dhm_next + row0 * ld_h, ld_h, w_rec, j, tile, false);
+    }
+    k.backward_cell(n_rows, block_width(w_rec.p, j), H, has_rec ? tile : nullptr, w_rec.p.cols, dh_g + at,
+                    dc_g + at, ld_h, gout_t != nullptr ? gout_t + at : nullptr, ld_h,
+                    gcells_t != nullptr ? gcells_t + at : nullptr, ld_h, act_t + row0 * ld_act + n0, ld_act,
+                    cell_t + at, cell_prev + at, ld_h, dproj_t + row0 * ld_proj + n0, ld_proj,
+                    alias ? nullptr : dz_t + row0 * ld_dz_g + n0, ld_dz_g, len_g != nullptr ? len_g + row0 : nullptr,
+                    t);
   });
-  for_each_tile<E>(w_dm.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
+  tiles_of(w_dm.p.blocks, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
     const int64_t n0 = j * w_dm.p.units;
-    tile_gemm(n_rows, dz_t + row0 * ld_dz, ld_dz, w_dm, j, tile, false);
-    k.backward_m(n_rows, block_width(w_dm.p, j), H, tile, w_dm.p.cols, act_t + row0 * 6 * H + n0, 6 * H,
-                 dproj_t + row0 * 5 * H + n0, 5 * H, ghm_t + row0 * H + n0, H,
-                 alias ? nullptr : dhm_t + row0 * H + n0, H);
+    tile_gemm(n_rows, dz_t + row0 * ld_dz_g, ld_dz_g, w_dm, j, tile, false);
+    k.backward_m(n_rows, block_width(w_dm.p, j), H, tile, w_dm.p.cols, act_t + row0 * ld_act + n0, ld_act,
+                 dproj_t + row0 * ld_proj + n0, ld_proj, ghm_t + row0 * ld_h + n0, ld_h,
+                 alias ? nullptr : dhm_t + row0 * ld_h + n0, ld_h);
   });
-  dhm_next = dhm_t;
 }
 
 // The sums over the chunk of steps [t0, t1), whose gradients are in the chunk buffers.
@@ -299,6 +339,7 @@ void BackwardPass<D, E>::flush_chunk_bf16(int64_t t0, int64_t t1) {
 template <typename D, typename E>
 void BackwardPass<D, E>::h0_gradient() {
   float* gh0_p = r.grad_h0.data_ptr<float>();
+  const E* dhm_next = dhm_operand(0, 0, 0);  // dhm_0 (step 0 is in the chunk [0, ...))
   for_each_tile<E>(w_rec.p.blocks, B, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
     const int64_t at = row0 * H + j * w_rec.p.units;
     tile_gemm(n_rows, dhm_next + row0 * H, H, w_rec, j, tile, false);

@@ -17,10 +17,11 @@
 // those of fastmlstm/ops/common.py; the order of operations follows fastmlstm/ops/reference.py.
 //
 // Per forward step, two GEMMs that depend on each other, each run as one pass over column blocks
-// of a packed weight (at::parallel_for over blocks, the blocks' rows in tiles of at most kRowBlock):
+// of a packed weight (the blocks' rows in tiles of at most kRowBlock; the blocks spread over the
+// threads, or each thread on its own rows: see "RowGroup" below):
 //   hm = h_{t-1} Wmh^T  -> per tile, forward_m:    m = xm * hm (and save xm, hm)
 //   z  = m Wh^T         -> per tile, forward_cell: gates, c_t, h_t, lengths mask (Wh's rows are
-//                          permuted so that one tile holds the four gates of 8 hidden units)
+//                          permuted so that one tile holds the four gates of 8 or 16 hidden units)
 // Per backward step, mirrored:
 //   rec = dhm_{t+1} Wmh -> per tile, backward_cell: dh_t, dz_t, dc_{t-1}
 //   dm  = dz_t Wh       -> per tile, backward_m:    dxm_t, dhm_t
@@ -263,6 +264,61 @@ void for_each_tile(int64_t blocks, int64_t M, std::vector<float>& buffers, const
       at::native::cpublas::brgemm_release(true);  // AMX tiles, where the GEMMs used them
     }
   });
+}
+
+// The same in the calling thread alone (the row-parallel loops below, one thread per row group).
+template <typename Body>
+void for_each_tile_here(int64_t blocks, int64_t M, std::vector<float>& buffers, const Body& body) {
+  float* tiles = buffers.data() + at::get_thread_num() * kTilesPerThread * kTileElems;
+  for (int64_t j = 0; j < blocks; ++j) {
+    for (int64_t row0 = 0; row0 < M; row0 += kRowBlock) {
+      body(j, row0, std::min(kRowBlock, M - row0), tiles);
+    }
+  }
+}
+
+// The batch rows a loop works on: first, first + stride, first + 2 stride, ... Each batch row's
+// recurrence is independent of the others', so the time loops run in one of two ways:
+//   column-parallel  all rows (first 0, stride 1), every step's column blocks spread over the
+//                    threads (for_each_tile): two synchronizations of all threads per step;
+//   row-parallel     thread g takes rows g, g + G, ... (G threads) through a whole chunk of steps
+//                    with its column blocks in turn (for_each_tile_here): no synchronization
+//                    inside a chunk, but every thread reads all the weights every step.
+// Every row is computed the same way in both (the same tile GEMMs over the same K, the same
+// epilogues): the results are bit for bit the same, whatever the thread count. Strided rows sort
+// the longest texts of a featurize batch (rows longest first) across all threads.
+struct RowGroup {
+  int64_t first = 0, stride = 1;
+  // How many of the batch rows [0, n) are in the group.
+  int64_t count(int64_t n) const { return n > first ? (n - first + stride - 1) / stride : 0; }
+};
+
+// Row-parallel (returns the number of groups, one per thread; 1: column-parallel) where every
+// thread gets enough rows to keep its tile GEMMs efficient and the weights every thread reads each
+// step (weight_bytes) stay in a last-level cache: larger ones would be read from memory once per
+// thread instead of once. Without synchronizations inside a chunk, a step does not wait for the
+// slowest thread: on a shared machine a thread that loses its core for a while no longer stalls
+// the other at every step (see bench/kernels/NOTES.md, "CPU", for both sides of the trade).
+constexpr int64_t kMinRowsPerThread = 8;
+constexpr int64_t kRowParallelWeightBytes = int64_t(24) << 20;
+inline int64_t row_groups(int64_t B, int64_t weight_bytes) {
+  const int64_t threads = at::get_num_threads();
+  return threads > 1 && B >= kMinRowsPerThread * threads && weight_bytes <= kRowParallelWeightBytes ? threads : 1;
+}
+
+// The bytes of a packed weight (all its blocks).
+template <typename E>
+int64_t packed_bytes(const PackedView<E>& w) {
+  return w.p.blocks * w.p.K * w.p.cols * static_cast<int64_t>(c10::elementSize(w.weight_dtype));
+}
+
+// lengths [B] of the group's rows, in the group's order (the epilogues read one per tile row).
+inline std::vector<int64_t> group_lengths(const int64_t* lengths, int64_t B, const RowGroup& g) {
+  std::vector<int64_t> out;
+  for (int64_t r = g.first; lengths != nullptr && r < B; r += g.stride) {
+    out.push_back(lengths[r]);
+  }
+  return out;
 }
 
 // Runs fn(D(), E()) for the (activation, operand) dtype pair at hand: the loops' template arguments.

@@ -1,6 +1,7 @@
 // The forward time loop of the CPU backend (the operators forward and forward_input): per step, the
 // GEMM hm = h_{t-1} Wmh^T with the forward_m epilogue, then z = m Wh^T with forward_cell, tile by
-// tile. Legend and the shape of the loops: driver.h.
+// tile, column-parallel or row-parallel (driver.h, "RowGroup"). Legend and the shape of the loops:
+// driver.h.
 
 #include "driver.h"
 
@@ -76,89 +77,165 @@ struct ForwardState {
   Tensor output, c, cell_states, act;
 };
 
+// The forward time loop: run() goes over the steps (column-parallel) or over chunks of steps with
+// one row group per thread (row-parallel, driver.h "RowGroup"); step() is one step of one group:
+// hm = h_{t-1} Wmh^T with forward_m, then z = [m | x_t] [Wh | Wx]^T with forward_cell, tile by tile.
 template <typename D, typename E>
-void forward_loop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const PackedView<E>& w_hh,
-                  const PackedView<E>& w_hm, const Tensor& h0, const Tensor& lengths, ForwardState& st,
-                  bool save_for_backward, bool keep_cells) {
-  const auto& k = kernels<D, E>();
-  const bool fused = in.proj == nullptr;
-  const int64_t I = fused ? in.I : 0;
-  const int64_t ld_m = H + I;  // the gate GEMM's operand: m, then (fused) x_t
-  // The GEMM operands: h (the running state, rounded to D) and [m | x_t], in private buffers.
-  Tensor h = h0.to(st.output.scalar_type()).to(c10::CppTypeToScalarType<E>::value, false, /*copy=*/true);
-  Tensor mx = at::empty({B, ld_m}, h.options());
-  E* h_p = h.data_ptr<E>();
-  E* m_p = mx.data_ptr<E>();
-  float* c_p = st.c.data_ptr<float>();
-  D* out_p = st.output.data_ptr<D>();
-  float* cells_p = keep_cells ? st.cell_states.data_ptr<float>() : nullptr;
-  D* act_p = save_for_backward ? st.act.data_ptr<D>() : nullptr;
-  const int64_t* len_p = ptr_or_null<int64_t>(lengths);
+class ForwardLoop {
+ public:
+  ForwardLoop(int64_t T, int64_t B, int64_t H, const Inputs<D, E>& in, const PackedView<E>& w_hh,
+              const PackedView<E>& w_hm, const Tensor& h0, const Tensor& lengths, ForwardState& st,
+              bool save_for_backward, bool keep_cells);
+  void run();
+
+ private:
+  void xm_chunk_at(int64_t t);
+  void step(int64_t t, const RowGroup& g, const int64_t* len_g, bool parallel);
+
+  const int64_t T, B, H;
+  const Inputs<D, E>& in;
+  const PackedView<E>& w_hh;
+  const PackedView<E>& w_hm;
+  const StepKernels<D, E>& k;
+  const bool fused;
+  const int64_t I, ld_m;  // the gate GEMM's operand: m, then (fused) x_t
+  Tensor h, mx, xm_chunk;  // the GEMM operands h and [m | x_t] (private buffers); xm of Tc steps
+  E* h_p;
+  E* m_p;
+  float* c_p;
+  D* out_p;
+  float* cells_p;
+  D* act_p;
+  const int64_t* len_p;
+  std::vector<int64_t> rows;  // per step, 1 + the last row still running
+  std::vector<float> tiles;
+  int64_t Tc;  // steps per xm chunk (fused inputs)
+};
+
+template <typename D, typename E>
+ForwardLoop<D, E>::ForwardLoop(int64_t T_, int64_t B_, int64_t H_, const Inputs<D, E>& in_,
+                               const PackedView<E>& w_hh_, const PackedView<E>& w_hm_, const Tensor& h0,
+                               const Tensor& lengths, ForwardState& st, bool save_for_backward, bool keep_cells)
+    : T(T_), B(B_), H(H_), in(in_), w_hh(w_hh_), w_hm(w_hm_), k(kernels<D, E>()), fused(in_.proj == nullptr),
+      I(fused ? in_.I : 0), ld_m(H_ + I) {
+  h = h0.to(st.output.scalar_type()).to(c10::CppTypeToScalarType<E>::value, false, /*copy=*/true);
+  mx = at::empty({B, ld_m}, h.options());
+  h_p = h.data_ptr<E>();
+  m_p = mx.data_ptr<E>();
+  c_p = st.c.data_ptr<float>();
+  out_p = st.output.data_ptr<D>();
+  cells_p = keep_cells ? st.cell_states.data_ptr<float>() : nullptr;
+  act_p = save_for_backward ? st.act.data_ptr<D>() : nullptr;
+  len_p = ptr_or_null<int64_t>(lengths);
   // Inference skips the rows past the last running one (featurize sorts texts longest first).
   // Training computes every row: the saved gates of padded rows are part of the contract.
-  const std::vector<int64_t> rows = save_for_backward ? std::vector<int64_t>(T, B) : rows_to_compute(lengths, T, B);
-  std::vector<float> tiles = tile_buffers();
-  // xm for a chunk of steps at a time (fused inputs): [Tc * B, H] float32.
-  const int64_t Tc = fused ? std::max<int64_t>(1, std::min<int64_t>(T, 512 / B)) : 0;
-  Tensor xm_chunk = fused ? at::empty({Tc * B, H}, st.c.options()) : Tensor();
+  rows = save_for_backward ? std::vector<int64_t>(T, B) : rows_to_compute(lengths, T, B);
+  tiles = tile_buffers();
+  Tc = fused ? std::max<int64_t>(1, std::min<int64_t>(T, 512 / B)) : T;
+  xm_chunk = fused ? at::empty({Tc * B, H}, st.c.options()) : Tensor();
+}
 
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t M = rows[t];
-    const D* proj_t = fused ? nullptr : in.proj + t * B * 5 * H;
-    const D* proj_next = !fused && t + 1 < T ? proj_t + B * 5 * H : nullptr;
-    D* out_t = out_p + t * B * H;
-    float* cell_t = cells_p != nullptr ? cells_p + t * B * H : nullptr;
-    D* act_t = act_p != nullptr ? act_p + t * B * 6 * H : nullptr;
-    const float* xm_t = nullptr;
+// xm = x Wmx^T for the chunk of steps from t: one GEMM (fused inputs), outside the time loop.
+template <typename D, typename E>
+void ForwardLoop<D, E>::xm_chunk_at(int64_t t) {
+  const int64_t steps = std::min(Tc, T - t);
+  Tensor out = xm_chunk.narrow(0, 0, steps * B);
+  at::mm_out(out, in.x_f.narrow(0, t * B, steps * B), in.w_im_t);
+}
+
+template <typename D, typename E>
+void ForwardLoop<D, E>::run() {
+  const int64_t G = row_groups(B, packed_bytes(w_hh) + packed_bytes(w_hm));
+  for (int64_t t0 = 0; t0 < T; t0 += Tc) {
+    const int64_t t1 = std::min(T, t0 + Tc);
     if (fused) {
-      if (t % Tc == 0) {
-        const int64_t steps = std::min(Tc, T - t);
-        Tensor out = xm_chunk.narrow(0, 0, steps * B);
-        at::mm_out(out, in.x_f.narrow(0, t * B, steps * B), in.w_im_t);
-      }
-      xm_t = xm_chunk.data_ptr<float>() + (t % Tc) * B * H;
-      const E* x_t = in.x + t * B * I;
-      for (int64_t b = 0; b < M; ++b) {
-        std::memcpy(m_p + b * ld_m + H, x_t + b * I, I * sizeof(E));
-      }
+      xm_chunk_at(t0);
     }
-    if (M < B) {
-      k.carry_state(B - M, H, h_p + M * H, H, c_p + M * H, H, out_t + M * H, H,
-                    cell_t != nullptr ? cell_t + M * H : nullptr, H);
-    }
-    if (M == 0) {
+    if (G == 1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        step(t, RowGroup{}, len_p, true);
+      }
       continue;
     }
-    for_each_tile<E>(w_hm.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
-      const int64_t n0 = j * w_hm.p.units;
-      const int64_t width = block_width(w_hm.p, j);
-      tile_gemm(n_rows, h_p + row0 * H, H, w_hm, j, tile, false);
-      if (!fused) {
-        // The gate columns of these units, which the second pass reads.
-        for (int64_t g = 0; g < kGates; ++g) {
-          prefetch_block(proj_t + row0 * 5 * H + g * H + n0, n_rows, width, 5 * H);
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const RowGroup group{g, G};
+        const std::vector<int64_t> len_g = group_lengths(len_p, B, group);
+        for (int64_t t = t0; t < t1; ++t) {
+          step(t, group, len_p != nullptr ? len_g.data() : nullptr, false);
         }
       }
-      k.forward_m(n_rows, width, H, tile, w_hm.p.cols, fused ? nullptr : proj_t + row0 * 5 * H + n0, 5 * H,
-                  fused ? xm_t + row0 * H + n0 : nullptr, H, m_p + row0 * ld_m + n0, ld_m,
-                  act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H);
-    });
-    for_each_tile<E>(w_hh.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
-      const int64_t n0 = j * w_hh.p.units;
-      const int64_t units = block_units(w_hh.p, j);
-      tile_gemm(n_rows, m_p + row0 * ld_m, ld_m, w_hh, j, tile, false);
-      if (proj_next != nullptr) {  // the xm columns of these units, which the next step's first pass reads
-        prefetch_block(proj_next + row0 * 5 * H + 4 * H + n0, n_rows, units, 5 * H);
+      if constexpr (!std::is_same_v<E, float>) {
+        at::native::cpublas::brgemm_release(true);  // AMX tiles, where the GEMMs used them
       }
-      // Fused inputs: the gate GEMM already holds x Wx^T, the bias is added to every row (row stride 0).
-      const D* pre = fused ? (in.bias != nullptr ? in.bias + n0 : nullptr) : proj_t + row0 * 5 * H + n0;
-      k.forward_cell(n_rows, units, H, tile, w_hh.p.cols, pre, fused ? 0 : 5 * H, h_p + row0 * H + n0, H,
-                     c_p + row0 * H + n0, H, out_t + row0 * H + n0, H,
-                     cell_t != nullptr ? cell_t + row0 * H + n0 : nullptr, H,
-                     act_t != nullptr ? act_t + row0 * 6 * H + n0 : nullptr, 6 * H,
-                     len_p != nullptr ? len_p + row0 : nullptr, t);
     });
   }
+}
+
+template <typename D, typename E>
+void ForwardLoop<D, E>::step(int64_t t, const RowGroup& g, const int64_t* len_g, bool parallel) {
+  const int64_t M = g.count(rows[t]), Bg = g.count(B), S = g.stride;
+  // The group's first row of every per-row array, and the row strides between its rows.
+  const int64_t at_row = t * B + g.first;
+  const D* proj_t = fused ? nullptr : in.proj + at_row * 5 * H;
+  const D* proj_next = !fused && t + 1 < T ? proj_t + B * 5 * H : nullptr;
+  D* out_t = out_p + at_row * H;
+  float* cell_t = cells_p != nullptr ? cells_p + at_row * H : nullptr;
+  D* act_t = act_p != nullptr ? act_p + at_row * 6 * H : nullptr;
+  E* h_g = h_p + g.first * H;
+  float* c_g = c_p + g.first * H;
+  E* m_g = m_p + g.first * ld_m;
+  const float* xm_t = fused ? xm_chunk.data_ptr<float>() + ((t % Tc) * B + g.first) * H : nullptr;
+  const int64_t ld_h = S * H, ld_proj = S * 5 * H, ld_act = S * 6 * H, ld_mg = S * ld_m;
+  if (fused) {
+    const E* x_t = in.x + at_row * I;
+    for (int64_t i = 0; i < M; ++i) {
+      std::memcpy(m_g + i * ld_mg + H, x_t + i * S * I, I * sizeof(E));
+    }
+  }
+  if (M < Bg) {
+    k.carry_state(Bg - M, H, h_g + M * ld_h, ld_h, c_g + M * ld_h, ld_h, out_t + M * ld_h, ld_h,
+                  cell_t != nullptr ? cell_t + M * ld_h : nullptr, ld_h);
+  }
+  if (M == 0) {
+    return;
+  }
+  auto tiles_of = [&](int64_t blocks, const auto& body) {
+    if (parallel) {
+      for_each_tile<E>(blocks, M, tiles, body);
+    } else {
+      for_each_tile_here(blocks, M, tiles, body);
+    }
+  };
+  tiles_of(w_hm.p.blocks, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
+    const int64_t n0 = j * w_hm.p.units;
+    const int64_t width = block_width(w_hm.p, j);
+    tile_gemm(n_rows, h_g + row0 * ld_h, ld_h, w_hm, j, tile, false);
+    if (!fused) {
+      // The gate columns of these units, which the second pass reads.
+      for (int64_t q = 0; q < kGates; ++q) {
+        prefetch_block(proj_t + row0 * ld_proj + q * H + n0, n_rows, width, ld_proj);
+      }
+    }
+    k.forward_m(n_rows, width, H, tile, w_hm.p.cols, fused ? nullptr : proj_t + row0 * ld_proj + n0, ld_proj,
+                fused ? xm_t + row0 * ld_h + n0 : nullptr, ld_h, m_g + row0 * ld_mg + n0, ld_mg,
+                act_t != nullptr ? act_t + row0 * ld_act + n0 : nullptr, ld_act);
+  });
+  tiles_of(w_hh.p.blocks, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
+    const int64_t n0 = j * w_hh.p.units;
+    const int64_t units = block_units(w_hh.p, j);
+    tile_gemm(n_rows, m_g + row0 * ld_mg, ld_mg, w_hh, j, tile, false);
+    if (proj_next != nullptr) {  // the xm columns of these units, which the next step's first pass reads
+      prefetch_block(proj_next + row0 * ld_proj + 4 * H + n0, n_rows, units, ld_proj);
+    }
+    // Fused inputs: the gate GEMM already holds x Wx^T, the bias is added to every row (row stride 0).
+    const D* pre = fused ? (in.bias != nullptr ? in.bias + n0 : nullptr) : proj_t + row0 * ld_proj + n0;
+    k.forward_cell(n_rows, units, H, tile, w_hh.p.cols, pre, fused ? 0 : ld_proj, h_g + row0 * ld_h + n0, ld_h,
+                   c_g + row0 * ld_h + n0, ld_h, out_t + row0 * ld_h + n0, ld_h,
+                   cell_t != nullptr ? cell_t + row0 * ld_h + n0 : nullptr, ld_h,
+                   act_t != nullptr ? act_t + row0 * ld_act + n0 : nullptr, ld_act,
+                   len_g != nullptr ? len_g + row0 : nullptr, t);
+  });
 }
 
 ForwardState new_forward_state(int64_t T, int64_t B, int64_t H, const at::TensorOptions& options,
@@ -196,9 +273,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Ten
     using E = decltype(e_);
     Inputs<D, E> in;
     in.proj = proj.data_ptr<D>();
-    forward_loop<D, E>(T, B, H, in, view_of<E>(packed_hh, p_hh, portable_bf16),
-                       view_of<E>(packed_hm, p_hm, portable_bf16), h0, len, st, save_for_backward,
-                       save_for_backward || return_cell_states);
+    const PackedView<E> w_hh = view_of<E>(packed_hh, p_hh, portable_bf16);
+    const PackedView<E> w_hm = view_of<E>(packed_hm, p_hm, portable_bf16);
+    ForwardLoop<D, E>(T, B, H, in, w_hh, w_hm, h0, len, st, save_for_backward,
+                      save_for_backward || return_cell_states).run();
   });
   return {st.output, st.c, st.cell_states, st.act};
 }
@@ -238,9 +316,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
     in.w_im_t = weight_im_t;
     in.I = I;
     in.bias = ptr_or_null<D>(b);
-    forward_loop<D, E>(T, B, H, in, view_of<E>(packed_hh_ih, p_hh, portable_bf16),
-                       view_of<E>(packed_hm, p_hm, portable_bf16), h0, len, st, save_for_backward,
-                       save_for_backward || return_cell_states);
+    const PackedView<E> w_hh = view_of<E>(packed_hh_ih, p_hh, portable_bf16);
+    const PackedView<E> w_hm = view_of<E>(packed_hm, p_hm, portable_bf16);
+    ForwardLoop<D, E>(T, B, H, in, w_hh, w_hm, h0, len, st, save_for_backward,
+                      save_for_backward || return_cell_states).run();
   });
   return {st.output, st.c, st.cell_states, st.act};
 }

@@ -169,3 +169,36 @@ def test_amx_tiles_multiply_the_bfloat16_gemms_where_the_cpu_has_them():
         assert "AMX tiles" in recurrence.kernel_report()["bf16_gemm_kernels"]
         failures = _layer_failures(torch.bfloat16, (torch.bfloat16, 3, 67, 6, 130, None))
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_parallel_loops_equal_the_column_parallel_ones(dtype):
+    """With two threads and enough rows, every thread runs its own rows (every other one) through
+    whole chunks of steps; with one thread the column blocks of each step are the unit of work.
+    Both compute every row the same way: outputs, states and every gradient bit for bit, with
+    ragged lengths in no particular order, on the layer op and on precomputed projections."""
+    from test_cpu import _inputs
+
+    torch.manual_seed(0)
+    rnn = fastmlstm.FastMLSTM(6, 72, backend="cpu").to(dtype)
+    x = torch.randn(7, 37, 6).to(dtype).requires_grad_()
+    lengths = torch.randint(0, 8, (37,))
+    proj, w_hh, w_hm, h0, c0, _, grads = _inputs(5, 37, 40, dtype)
+    cpu = registry.module("cpu")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, (h, c) = rnn(x, lengths=lengths)
+            got = [out, h, c, *torch.autograd.grad(out.float().sum() + c.sum(), [x, *rnn.parameters()])]
+            with torch.no_grad():
+                got += list(rnn(x, lengths=lengths.sort(descending=True).values)[0:1])
+            fwd = cpu.forward(proj, w_hh, w_hm, h0, c0, lengths[:37] % 6, True, True)
+            got += list(fwd[:3]) + list(cpu.backward(*grads, w_hh, w_hm, h0, c0, lengths[:37] % 6, *fwd[0:1],
+                                                     fwd[2], fwd[3]))
+            results.append(got)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
