@@ -87,7 +87,7 @@ def _weight_norm(v: Tensor, g: Tensor) -> Tensor:
 
 class EagerMLSTM(nn.Module):
     """Weight-normalized multiplicative LSTM layer as plain PyTorch: parameters ``<name>_v``,
-    ``<name>_g`` and ``bias`` like ``fastmlstm.FastMLSTM(weight_norm=True)``, weight norm applied once
+    ``<name>_g`` and ``bias_ih`` like ``fastmlstm.FastMLSTM(weight_norm=True)``, weight norm applied once
     per forward (autograd through it), then ``mlstm_sequence`` with a pluggable step function.
 
     ``compile``: None (eager), ``"step"`` (torch.compile the step function; the loop stays in
@@ -106,7 +106,7 @@ class EagerMLSTM(nn.Module):
             v = nn.Parameter(torch.empty(shape, **factory).uniform_(-bound, bound))
             self.register_parameter(f"{name}_v", v)
             self.register_parameter(f"{name}_g", nn.Parameter(v.detach().float().norm(dim=1).to(v.dtype)))
-        self.bias = nn.Parameter(torch.empty(4 * H, **factory).uniform_(-bound, bound))
+        self.bias_ih = nn.Parameter(torch.empty(4 * H, **factory).uniform_(-bound, bound))
         self.compile_mode = compile
         self._cell, self._masked_cell, self._step, self._sequence = mlstm_cell, mlstm_masked_cell, mlstm_step, None
         if compile == "step":
@@ -122,7 +122,7 @@ class EagerMLSTM(nn.Module):
     def effective_weights(self):
         """(weight_ih, weight_hh, weight_im, weight_hm, bias), weight norm applied."""
         return tuple(_weight_norm(getattr(self, f"{n}_v"), getattr(self, f"{n}_g"))
-                     for n in ("weight_ih", "weight_hh", "weight_im", "weight_hm")) + (self.bias,)
+                     for n in ("weight_ih", "weight_hh", "weight_im", "weight_hm")) + (self.bias_ih,)
 
     def forward(self, x: Tensor, state=None, lengths: Tensor | None = None, weights=None):
         """x [T, B, I], state (h, c) [B, H] -> (output [T, B, H], (h, c))."""
