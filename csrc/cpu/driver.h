@@ -14,7 +14,7 @@
 //
 // Legend: T time, B batch rows, H hidden units, I input features, G = 4 gates (i, f, o, u); D the
 // activation dtype, E the GEMM operand dtype (mlstm_cpu.h). The contract, shapes and numerics are
-// those of fastmlstm/ops/common.py; the order of operations follows fastmlstm/ops/reference.py.
+// those of fastmlstm/ops/interface.py; the order of operations follows fastmlstm/ops/reference/recurrence.py.
 //
 // Per forward step, two GEMMs that depend on each other, each run as one pass over column blocks
 // of a packed weight (the blocks' rows in tiles of at most kRowBlock; the blocks spread over the
@@ -28,7 +28,7 @@
 // A tile's epilogue runs right after its GEMM, while the tile is in L1: z, hm, rec and dm never
 // exist as [B, 4H] or [B, H] arrays. The gradients summed over time are GEMMs over chunks of steps.
 //
-// Two sources of input projections: proj [T, B, 5H] (the contract of fastmlstm/ops/common.py, for
+// Two sources of input projections: proj [T, B, 5H] (the contract of fastmlstm/ops/interface.py, for
 // the byte model's table-gathered inputs), or x [T, B, I] with the input weights, whose products
 // x_t Wx^T and x_t Wmx^T are two more tile GEMMs per step (forward_input / backward_input, used by
 // fastmlstm.multiplicative_lstm): no [T, B, 5H] tensor is ever allocated, written or read back.

@@ -1,7 +1,7 @@
 // The CPU backend's fused step epilogues, as seen from its host driver (driver.h and the files it
 // lists: mlstm_cpu.cpp, pack.cpp, forward.cpp, backward.cpp).
 //
-// Legend (as in fastmlstm/ops/common.py)
+// Legend (as in fastmlstm/ops/interface.py)
 //   T time steps    B batch rows    H hidden units    G = 4 gates, order i, f, o, u
 //   D: the activation dtype (float, c10::BFloat16 or c10::Half); every value the contract stores
 //      in the activation dtype (h, m, proj, the saved gates, the gradients) is a D.
@@ -23,7 +23,7 @@
 //   so that one tile holds the four gates of the same q units (the packed weight is permuted so).
 //
 // Numerics (the contract): loads widen to float32, arithmetic is float32, stores round to D (round
-// to nearest even); c, dh and dc stay float32. The formulas follow fastmlstm/ops/reference.py.
+// to nearest even); c, dh and dc stay float32. The formulas follow fastmlstm/ops/reference/recurrence.py.
 #pragma once
 
 #include <cstdint>

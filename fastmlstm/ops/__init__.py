@@ -5,6 +5,9 @@
 - :mod:`.interface`: the contract every backend implements (shapes, dtypes, saved values).
 - :mod:`.autograd`: the custom ops, their fakes and autograd formulas, written once.
 - :mod:`.weight_cache`: values derived from weights, kept while the weights are unchanged.
+- :mod:`.verdicts`: the on-disk verdicts (parity and speed, per device and software) that switch
+  on kernels no CPU can check; :mod:`.capture`: CUDA graphs behind one interface with a CPU
+  stand-in; :mod:`._extension`: what the CPU and CUDA extension loaders share.
 - the backends, siblings with the same file roles: :mod:`.reference` (the specification),
   :mod:`.cpu`, :mod:`.triton`, :mod:`.cuda`.
 

@@ -1,10 +1,11 @@
 """The C++ CPU backend (``backend="cpu"``, csrc/cpu/, fastmlstm/ops/cpu/).
 
-Beyond the parity suite (test_recurrence.py, test_module.py and test_compile.py run it through
-conftest's BACKENDS): shapes that span several row tiles and column blocks, every packed layout,
-the layer op with the input projection inside the loop, bit-exactness (chunks, thread counts, the
-inference path that skips finished rows), the portable (non-AVX2) kernels, input checks in C++, and
-the build: a missing compiler or a broken source falls back to the reference loop with one log line.
+Beyond the parity suite (tests/ops/test_recurrence.py, tests/nn/test_modules.py and
+tests/nn/test_compile.py run it through conftest's BACKENDS): shapes that span several row tiles
+and column blocks, every packed layout, the layer op with the input projection inside the loop,
+bit-exactness (chunks, thread counts, the inference path that skips finished rows), the portable
+(non-AVX2) kernels, input checks in C++, and the build: a missing compiler or a broken source
+falls back to the reference loop with one log line.
 """
 
 from __future__ import annotations
