@@ -295,12 +295,14 @@ struct RowGroup {
 
 // Row-parallel (returns the number of groups, one per thread; 1: column-parallel) where every
 // thread gets enough rows to keep its tile GEMMs efficient and the weights every thread reads each
-// step (weight_bytes) stay in a last-level cache: larger ones would be read from memory once per
-// thread instead of once. Without synchronizations inside a chunk, a step does not wait for the
-// slowest thread: on a shared machine a thread that loses its core for a while no longer stalls
-// the other at every step (see bench/kernels/NOTES.md, "CPU", for both sides of the trade).
+// step (weight_bytes) are a small part of a last-level cache: when every thread streams larger
+// ones through a shared L3 each step, they evict each other and the doubled reads cost more than
+// the two barriers of a column-parallel step. Without synchronizations inside a chunk, a step does
+// not wait for the slowest thread: on a shared machine a thread that loses its core for a while no
+// longer stalls the other at every step (bench/kernels/NOTES.md, "CPU (issue 24)", for both sides
+// of the trade and the measurements behind the limit).
 constexpr int64_t kMinRowsPerThread = 8;
-constexpr int64_t kRowParallelWeightBytes = int64_t(24) << 20;
+constexpr int64_t kRowParallelWeightBytes = int64_t(8) << 20;
 inline int64_t row_groups(int64_t B, int64_t weight_bytes) {
   const int64_t threads = at::get_num_threads();
   return threads > 1 && B >= kMinRowsPerThread * threads && weight_bytes <= kRowParallelWeightBytes ? threads : 1;
