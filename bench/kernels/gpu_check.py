@@ -29,7 +29,6 @@ import json
 import math
 import os
 import pprint
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -232,27 +231,12 @@ def _generation_check() -> dict:
 # ------------------------------------------------------------------------------------- timing
 
 def _timer(device):
-    import torch
+    """``time_ms(fn, reps=10, warmup=2)``: the verdicts' timer (CUDA events on a GPU) on ``device``."""
+    import functools
 
-    def time_ms(fn, reps: int = 10, warmup: int = 2) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+    from fastmlstm.ops.verdicts import time_ms
 
-    return time_ms
+    return functools.partial(time_ms, device=device, reps=10, warmup=2)
 
 
 # ------------------------------------------------------------------------------------ ceilings
