@@ -2,7 +2,7 @@
 CPU fwd+bwd ratio (bench/kernels/NOTES.md, "CPU").
 
     python bench/kernels/cpu_breakdown.py [--H 512,1024] [--B 16,64] [--T 64] [--I 64] [--threads 2]
-                                          [--dtypes float32,bfloat16] [--out FILE.json]
+                                          [--dtypes float32,bfloat16] [--ops 12] [--out FILE.json]
 
 For each dtype and (H, B), ``--threads`` torch threads (default 2), interleaved call by call:
 - ``fwd_train``: the forward under autograd (activations saved), fastmlstm and nn.LSTM;
@@ -12,7 +12,12 @@ For each dtype and (H, B), ``--threads`` torch threads (default 2), interleaved 
   in a T-step loop (``bwd_recurrent_gemms``), plus the weight-gradient and input-gradient products
   over all T * B rows at once (``bwd_batched_gemms``);
 - ``bwd_rest`` = bwd - bwd_gemm_floor: the pointwise cell derivatives, recomputation, copies, and
-  what the GEMMs lose by running inside the loop.
+  what the GEMMs lose by running inside the loop;
+- ``fast_fwd_bwd_no_weight_norm``: fastmlstm's fwd_bwd without weight normalization (nn.LSTM has
+  none), timed in the same rounds;
+- with ``--ops``, ``fast_ops_ms``: fastmlstm's fwd_bwd by operator (torch.profiler, self CPU ms
+  per call, the largest ``--ops`` operators): the forward and backward loops, the weight-gradient
+  GEMMs, the weight packs, weight normalization's pointwise operators.
 """
 
 from __future__ import annotations
@@ -72,9 +77,10 @@ def _gemm_floor(T, B, H, I, gates_products, part="all", dtype=torch.float32):
     return run
 
 
-def case(H: int, B: int, T: int, I: int, rounds: int, dtype: torch.dtype = torch.float32) -> dict:
+def case(H: int, B: int, T: int, I: int, rounds: int, dtype: torch.dtype = torch.float32, ops: int = 0) -> dict:
     torch.manual_seed(0)
     fast = fastmlstm.FastMLSTM(I, H, backend="cpu", dtype=dtype)
+    plain = fastmlstm.FastMLSTM(I, H, backend="cpu", dtype=dtype, weight_norm=False)
     lstm = torch.nn.LSTM(I, H, dtype=dtype)
     x = torch.randn(T, B, I).to(dtype).requires_grad_()
     gy = torch.randn(T, B, H).to(dtype)
@@ -88,6 +94,7 @@ def case(H: int, B: int, T: int, I: int, rounds: int, dtype: torch.dtype = torch
 
     t = _median_ms({"fast_fwd_train": fwd(fast), "lstm_fwd_train": fwd(lstm),
                     "fast_fwd_bwd": fwd_bwd(fast), "lstm_fwd_bwd": fwd_bwd(lstm),
+                    "fast_fwd_bwd_no_weight_norm": fwd_bwd(plain),
                     "fast_bwd_gemm_floor": _gemm_floor(T, B, H, I, (H, 4 * H), "all", dtype),
                     "lstm_bwd_gemm_floor": _gemm_floor(T, B, H, I, (4 * H,), "all", dtype),
                     "fast_bwd_recurrent_gemms": _gemm_floor(T, B, H, I, (H, 4 * H), "recurrent", dtype),
@@ -102,7 +109,21 @@ def case(H: int, B: int, T: int, I: int, rounds: int, dtype: torch.dtype = torch
     for k in ("fwd_train", "fwd_bwd", "bwd", "bwd_gemm_floor", "bwd_rest", "bwd_recurrent_gemms",
               "bwd_batched_gemms"):
         out[f"ratio_{k}"] = round(out[f"fast_{k}"] / out[f"lstm_{k}"], 3)
+    if ops:
+        out["fast_ops_ms"] = _ops_ms(fwd_bwd(fast), rounds, ops)
     return out
+
+
+def _ops_ms(fn, rounds: int, top: int) -> dict:
+    """Self CPU milliseconds per call of ``fn``'s largest ``top`` operators (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {e.key: round(e.self_cpu_time_total / 1e3 / rounds, 2) for e in events}
 
 
 def main(argv=None) -> int:
@@ -114,6 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2, help="torch threads (issue 24's targets use 2)")
     p.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16 (the GEMM floors in the same dtype)")
+    p.add_argument("--ops", type=int, default=0, help="also profile fastmlstm's fwd+bwd: its N largest operators")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -127,7 +149,7 @@ def main(argv=None) -> int:
     for dtype in (dtypes[d] for d in args.dtypes.split(",")):
         for H in (int(h) for h in args.H.split(",")):
             for B in (int(b) for b in args.B.split(",")):
-                doc["cases"].append(case(H, B, args.T, args.I, args.rounds, dtype))
+                doc["cases"].append(case(H, B, args.T, args.I, args.rounds, dtype, args.ops))
                 print(json.dumps(doc["cases"][-1]), flush=True)
     doc["load_average_end"] = measure.load_average()
     if args.out:
