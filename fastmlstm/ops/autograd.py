@@ -130,6 +130,9 @@ def _link(forward_op, backward_op, saved: Sequence[int]) -> None:
     """
 
     def setup_context(ctx, inputs, output):
+        # No zeros for outputs no gradient reached (act, cell states kept only for the backward, an
+        # unused c_n): the backends take None there. Materialized, act's alone is a [T, B, 6H] fill.
+        ctx.set_materialize_grads(False)
         ctx.backend, ctx.saved, ctx.return_cell_states = inputs[-3:]
         ctx.inputs = [(t.dtype if isinstance(t, Tensor) else None) for t in inputs]
         if ctx.saved:
