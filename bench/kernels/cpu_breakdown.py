@@ -14,7 +14,8 @@ For each dtype and (H, B), ``--threads`` torch threads (default 2), interleaved 
 - ``bwd_rest`` = bwd - bwd_gemm_floor: the pointwise cell derivatives, recomputation, copies, and
   what the GEMMs lose by running inside the loop;
 - ``fast_fwd_bwd_no_weight_norm``: fastmlstm's fwd_bwd without weight normalization (nn.LSTM has
-  none), timed in the same rounds;
+  none), and ``fast_fwd_bwd_eager_weight_norm`` with the eager formula instead of PyTorch's fused
+  kernel (fastmlstm.nn.modules.weight_norm), timed in the same rounds;
 - with ``--ops``, ``fast_ops_ms``: fastmlstm's fwd_bwd by operator (torch.profiler, self CPU ms
   per call, the largest ``--ops`` operators): the forward and backward loops, the weight-gradient
   GEMMs, the weight packs, weight normalization's pointwise operators.
@@ -95,6 +96,7 @@ def case(H: int, B: int, T: int, I: int, rounds: int, dtype: torch.dtype = torch
     t = _median_ms({"fast_fwd_train": fwd(fast), "lstm_fwd_train": fwd(lstm),
                     "fast_fwd_bwd": fwd_bwd(fast), "lstm_fwd_bwd": fwd_bwd(lstm),
                     "fast_fwd_bwd_no_weight_norm": fwd_bwd(plain),
+                    "fast_fwd_bwd_eager_weight_norm": _eager_weight_norm(fwd_bwd(fast)),
                     "fast_bwd_gemm_floor": _gemm_floor(T, B, H, I, (H, 4 * H), "all", dtype),
                     "lstm_bwd_gemm_floor": _gemm_floor(T, B, H, I, (4 * H,), "all", dtype),
                     "fast_bwd_recurrent_gemms": _gemm_floor(T, B, H, I, (H, 4 * H), "recurrent", dtype),
@@ -112,6 +114,20 @@ def case(H: int, B: int, T: int, I: int, rounds: int, dtype: torch.dtype = torch
     if ops:
         out["fast_ops_ms"] = _ops_ms(fwd_bwd(fast), rounds, ops)
     return out
+
+
+def _eager_weight_norm(fn):
+    """``fn`` with fastmlstm's weight norm computed by the eager formula (no fused kernel)."""
+    from fastmlstm.nn import modules
+
+    def run():
+        fused = modules._fused_weight_norm_applies
+        modules._fused_weight_norm_applies = lambda *args: False
+        try:
+            return fn()
+        finally:
+            modules._fused_weight_norm_applies = fused
+    return run
 
 
 def _ops_ms(fn, rounds: int, top: int) -> dict:

@@ -65,12 +65,34 @@ def weight_norm(direction: Tensor, gain: Tensor) -> Tensor:
     """``gain[r] * direction[r] / ||direction[r]||`` for every row r (norm over the input axis).
 
     Computed in float32 (float64 for float64 weights) and returned in ``direction``'s dtype; an
-    all-zero row gives zeros, not NaN.
+    all-zero row gives zeros, and zero gradients, not NaN.
     """
+    if _fused_weight_norm_applies(direction, gain):
+        # PyTorch's fused kernel (row norms accumulated in float32, one rounding of the result, and
+        # a backward in one pass over the rows): a fraction of the eager formula's time and
+        # temporaries on a CPU. It divides by zero on an all-zero row, which the eager formula
+        # below maps to zeros: that rare row sends the call there.
+        weight, norms = torch._weight_norm_interface(direction, gain.unsqueeze(1), 0)
+        if not bool(norms.eq(0).any()):
+            return weight
     acc = accumulation_dtype(direction.dtype)
     v = direction.to(acc)
-    scale = gain.to(acc) / v.norm(dim=1).clamp_min(torch.finfo(acc).tiny)
+    norm = v.norm(dim=1)
+    nonzero = norm > 0
+    # An all-zero row has no direction: its weights and gradients are zero (a division by a tiny
+    # norm instead would send gradients of ~1e38 or inf into the optimizer).
+    scale = torch.where(nonzero, gain.to(acc) / torch.where(nonzero, norm, 1), 0)
     return (v * scale.unsqueeze(1)).to(direction.dtype)
+
+
+def _fused_weight_norm_applies(direction: Tensor, gain: Tensor) -> bool:
+    """On contiguous CPU tensors of a 16- or 32-bit float dtype, outside ``torch.compile`` (whose
+    graph the zero-row check would break); float64 (the reference's gradcheck) keeps the eager
+    formula. Contiguous only: PyTorch 2.13's CPU kernel reads a transposed view's storage as if it
+    were contiguous (wrong weights, no error)."""
+    return (direction.device.type == "cpu" and direction.dim() == 2 and gain.dim() == 1
+            and direction.dtype in (torch.float32, torch.bfloat16, torch.float16) and gain.dtype == direction.dtype
+            and direction.is_contiguous() and gain.is_contiguous() and not torch.compiler.is_compiling())
 
 
 def _suffix(layer: int, reverse: bool) -> str:

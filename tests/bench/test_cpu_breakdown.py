@@ -24,7 +24,7 @@ def test_the_breakdown_reports_every_part_and_the_backends_operators(tmp_path):
     for who in ("fast", "lstm"):
         for part in ("fwd_train", "fwd_bwd", "bwd_gemm_floor", "bwd_recurrent_gemms", "bwd_batched_gemms"):
             assert row[f"{who}_{part}"] > 0, (who, part)
-    assert row["fast_fwd_bwd_no_weight_norm"] > 0
+    assert row["fast_fwd_bwd_no_weight_norm"] > 0 and row["fast_fwd_bwd_eager_weight_norm"] > 0
     ops = row["fast_ops_ms"]
     assert 0 < len(ops) <= 40 and all(ms >= 0 for ms in ops.values())
     assert {"fastmlstm_cpu::forward_input", "fastmlstm_cpu::backward_input"} <= set(ops)

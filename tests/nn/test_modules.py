@@ -296,3 +296,36 @@ def test_numeric_arguments_are_checked(kwargs, error):
     with pytest.raises(fastmlstm.InputError) as info:
         FastMLSTM(**args)
     assert str(info.value) == error
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_norm_fused_and_eager_agree_and_a_zero_row_gives_zeros(dtype, monkeypatch):
+    """weight_norm runs PyTorch's fused kernel on CPU tensors: it agrees with the eager formula
+    (values and both gradients, within one rounding of the dtype), and an all-zero row gives zero
+    weights and zero gradients, not NaN or a huge gradient."""
+    from fastmlstm.nn import modules
+
+    torch.manual_seed(0)
+    v = torch.randn(24, 40).to(dtype)
+    v[5] = 0
+    g = torch.rand(24).add(0.5).to(dtype)
+    grad = torch.randn(24, 40).to(dtype)
+
+    def run(fused: bool, rows: slice):
+        monkeypatch.setattr(modules, "_fused_weight_norm_applies", lambda *a: fused)
+        vv, gg = v[rows].clone().requires_grad_(), g[rows].clone().requires_grad_()
+        w = modules.weight_norm(vv, gg)
+        return (w, *torch.autograd.grad(w, (vv, gg), grad[rows]))
+
+    eps = torch.finfo(dtype).eps
+    for rows in (slice(6, 24), slice(0, 24)):  # without, then with the zero row (the fused call falls back)
+        fused, eager = run(True, rows), run(False, rows)
+        for a, b in zip(fused, eager):
+            assert a.dtype == b.dtype == dtype and torch.isfinite(a.float()).all()
+            assert rel_err(a.float(), b.float()) <= 4 * eps
+    w, grad_v, grad_g = run(True, slice(0, 24))
+    assert not w[5].any() and not grad_v[5].any() and grad_g[5] == 0
+    monkeypatch.undo()
+    square = torch.randn(16, 16).to(dtype)  # a transposed view: the fused kernel is not given it
+    transposed, copied = (modules.weight_norm(w, g[:16]).float() for w in (square.t(), square.t().contiguous()))
+    assert rel_err(transposed, copied) <= 4 * eps
