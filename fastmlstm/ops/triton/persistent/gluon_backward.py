@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from .gluon_common import (
-    EPI_B, EPI_M, PRODUCER_REGS, W_MNMAJOR, at_least_one, broadcast, item, load_resident, mma_rows, phase_blocks,
-    produce_phase, w_slots, wait_grid, wait_resident,
+    EPI_B, EPI_M, PRODUCER_REGS, W_MNMAJOR, item, load_resident, mma_rows, phase_blocks, pipeline_buffers,
+    produce_phase, wait_grid, wait_resident,
 )
 from .gluon_finish import chunk_index, contribute, finish_chunks, finish_phase, gather, store_partial, take_over
 from .gluon_forward import _tanh
@@ -247,19 +246,7 @@ def backward_kernel(w0_desc, w1_desc, dhm_desc, dz_desc, p_dout, p_dh, p_dc, p_d
                     HAS_DOUT: gl.constexpr, HAS_DCELLS: gl.constexpr, HAS_LEN: gl.constexpr, ROWS: gl.constexpr,
                     RES_BLOCKS: gl.constexpr, STREAM: gl.constexpr):
     """One launch of the backward recurrence; grid = (clusters,), num_ctas = C, 8 warps + 1."""
-    wbuf = gl.allocate_shared_memory(w0_desc.dtype, [w_slots(RES_BLOCKS, S, STREAM)] + w0_desc.block_shape,
-                                     w0_desc.layout)
-    a_ring = gl.allocate_shared_memory(dhm_desc.dtype, [S] + dhm_desc.block_shape, dhm_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [S, C], mbarrier.MBarrierLayout.multicta(C))
-    w_empty = gl.allocate_shared_memory(gl.int64, [S, C], mbarrier.MBarrierLayout.multicta(C))
-    a_empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout(cga_layout=broadcast(C, 1)))
-    res_ready = gl.allocate_shared_memory(gl.int64, [at_least_one(RES_BLOCKS), C], mbarrier.MBarrierLayout.multicta(C))
-    for s in gl.static_range(S):
-        mbarrier.init(ready.index(s), count=1)
-        mbarrier.init(w_empty.index(s), count=1)
-        mbarrier.init(a_empty.index(s), count=1)
-    for r in gl.static_range(RES_BLOCKS):
-        mbarrier.init(res_ready.index(r), count=1)
+    wbuf, a_ring, ready, w_empty, a_empty, res_ready = pipeline_buffers(w0_desc, dhm_desc, C, S, RES_BLOCKS, STREAM)
     gl.warp_specialize([
         (backward_consumer, (w0_desc, w1_desc, wbuf, a_ring, ready, w_empty, a_empty, res_ready, p_dout, p_dh, p_dc,
                              p_dcells, p_act, p_cells, p_c0, p_dproj, p_ghm, p_len, p_ws, p_tickets, p_sync, p_err,

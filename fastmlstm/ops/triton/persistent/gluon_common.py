@@ -115,6 +115,31 @@ def at_least_one(n):
     return max(1, int(n))
 
 
+# --------------------------------------------------------------------------------- the pipeline
+
+@gluon.jit
+def pipeline_buffers(w_desc, a_desc, C: gl.constexpr, S: gl.constexpr, RES_BLOCKS: gl.constexpr,
+                     STREAM: gl.constexpr):
+    """The shared memory of a persistent kernel's TMA pipeline, barriers initialized: the weight
+    buffer (resident tiles, then the streaming ring), the activation ring (one tile multicast to
+    the cluster), and the barriers ``ready``, ``w_empty``, ``a_empty`` (per ring stage) and
+    ``res_ready`` (per resident tile). Returns ``(wbuf, a_ring, ready, w_empty, a_empty, res_ready)``."""
+    wbuf = gl.allocate_shared_memory(w_desc.dtype, [w_slots(RES_BLOCKS, S, STREAM)] + w_desc.block_shape,
+                                     w_desc.layout)
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [S] + a_desc.block_shape, a_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [S, C], mbarrier.MBarrierLayout.multicta(C))
+    w_empty = gl.allocate_shared_memory(gl.int64, [S, C], mbarrier.MBarrierLayout.multicta(C))
+    a_empty = gl.allocate_shared_memory(gl.int64, [S, 1], mbarrier.MBarrierLayout(cga_layout=broadcast(C, 1)))
+    res_ready = gl.allocate_shared_memory(gl.int64, [at_least_one(RES_BLOCKS), C], mbarrier.MBarrierLayout.multicta(C))
+    for s in gl.static_range(S):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(w_empty.index(s), count=1)
+        mbarrier.init(a_empty.index(s), count=1)
+    for r in gl.static_range(RES_BLOCKS):
+        mbarrier.init(res_ready.index(r), count=1)
+    return wbuf, a_ring, ready, w_empty, a_empty, res_ready
+
+
 # ------------------------------------------------------------------------------------ grid flags
 
 @gluon.jit
