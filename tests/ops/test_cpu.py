@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import contract
 from conftest import DTYPES
-from mlstm_f64 import recurrence_f64
-from tolerances import ABS, FACTOR, rel_err
+from tolerances import ABS, rel_err
 
 import fastmlstm
 from fastmlstm import FastMLSTM, multiplicative_lstm, multiplicative_lstm_recurrence
@@ -61,13 +61,7 @@ def _bf16_gemms():
 def _layer_failures(dtype, key):
     from test_recurrence import _run, _truth
 
-    truth, ref, got = _truth(*key), _run("reference", *key), _run("cpu", *key)
-    failures = []
-    for name in truth:
-        err_ref, err = rel_err(ref[name], truth[name]), rel_err(got[name], truth[name])
-        if err > FACTOR * err_ref + ABS[dtype]:
-            failures.append(f"{name}: error {err:.2e} > {FACTOR} x reference {err_ref:.2e} + {ABS[dtype]:.0e}")
-    return failures
+    return contract.failures(_run("cpu", *key), _run("reference", *key), _truth(*key), dtype)
 
 
 @needs_cpu
@@ -103,49 +97,7 @@ def test_bf16_vnni_layer_matches_float64_truth(gemm, shape, ragged):
     assert not failures, "\n".join(failures)
 
 
-def _inputs(T, B, H, dtype, ragged=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return scale * torch.randn(*shape, generator=g)
-
-    proj = randn(T, B, 5 * H).to(dtype)
-    w_hh = randn(4 * H, H, scale=H ** -0.5).to(dtype)
-    w_hm = randn(H, H, scale=H ** -0.5).to(dtype)
-    h0 = randn(B, H, scale=0.5).to(dtype).float()  # exact in the activation dtype
-    c0 = randn(B, H)
-    lengths = None
-    if ragged:
-        lens = [(T * (b + 1)) // B for b in range(B)][::-1]
-        if B > 2:
-            lens[1] = 0
-        lengths = torch.tensor(lens)
-    grads = (randn(T, B, H).to(dtype), randn(B, H), randn(T, B, H))
-    return proj, w_hh, w_hm, h0, c0, lengths, grads
-
-
 GRADIENT_SUBSETS = {"all": (0, 1, 2), "output": (0,), "c_n": (1,), "cells": (2,), "none": ()}
-
-
-def _run_contract(name, proj, w_hh, w_hm, h0, c0, lengths, grads):
-    backend = registry.module(name)
-    output, c_n, cells, act = backend.forward(proj, w_hh, w_hm, h0, c0, lengths, True, True)
-    grad_proj, gw_hh, gw_hm, g_h0, g_c0 = backend.backward(*grads, w_hh, w_hm, h0, c0, lengths, output, cells, act)
-    return dict(output=output, c_n=c_n, cell_states=cells, grad_proj=grad_proj, grad_weight_hh=gw_hh,
-                grad_weight_hm=gw_hm, grad_h0=g_h0, grad_c0=g_c0)
-
-
-def _truth_contract(proj, w_hh, w_hm, h0, c0, lengths, grads):
-    leaves = [t.detach().double().requires_grad_() for t in (proj, w_hh, w_hm, h0, c0)]
-    out, _, c, cells = recurrence_f64(*leaves, lengths)
-    loss = leaves[0].sum() * 0.0
-    for value, g in zip((out, c, cells), grads):
-        if g is not None:
-            loss = loss + (value * g.double()).sum()
-    d = torch.autograd.grad(loss, leaves, allow_unused=True)
-    d = [torch.zeros_like(x) if dx is None else dx for x, dx in zip(leaves, d)]
-    return dict(output=out, c_n=c, cell_states=cells, grad_proj=d[0], grad_weight_hh=d[1], grad_weight_hm=d[2],
-                grad_h0=d[3], grad_c0=d[4])
 
 
 @needs_cpu
@@ -174,17 +126,13 @@ def test_bf16_vnni_proj_contract_matches_float64_truth(gemm, shape, ragged):
 
 
 def _contract_failures(dtype, shape, ragged):
-    proj, w_hh, w_hm, h0, c0, lengths, grads = _inputs(*shape, dtype, ragged=ragged)
+    proj, w_hh, w_hm, h0, c0, lengths, grads = contract.inputs(*shape, dtype, ragged=ragged)
     failures = []
     for subset, keep in GRADIENT_SUBSETS.items():
         some = tuple(g if k in keep else None for k, g in enumerate(grads))
         inputs = (proj, w_hh, w_hm, h0, c0, lengths, some)
-        truth = _truth_contract(*inputs)
-        ref, got = _run_contract("reference", *inputs), _run_contract("cpu", *inputs)
-        for key, expected in truth.items():
-            err_ref, err = rel_err(ref[key], expected), rel_err(got[key], expected)
-            if err > FACTOR * err_ref + ABS[dtype]:
-                failures.append(f"{subset} {key}: error {err:.2e} > {FACTOR} x reference {err_ref:.2e}")
+        got, ref = contract.run("cpu", *inputs), contract.run("reference", *inputs)
+        failures += [f"{subset} {f}" for f in contract.failures(got, ref, contract.truth(*inputs), dtype)]
     return failures
 
 
@@ -211,7 +159,7 @@ def test_chunked_module_calls_are_bit_exact(dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_chunked_recurrence_with_lengths_is_bit_exact(dtype):
     T, B, H = 10, 70, 40
-    proj, w_hh, w_hm, *_ = _inputs(T, B, H, dtype)
+    proj, w_hh, w_hm, *_ = contract.inputs(T, B, H, dtype)
     lengths = torch.randint(0, T + 1, (B,)).sort(descending=True).values
     out, (h, c) = multiplicative_lstm_recurrence(proj, w_hh, w_hm, lengths=lengths, backend="cpu")
     state, pieces = None, []
@@ -229,7 +177,7 @@ def test_inference_skipping_finished_rows_equals_training_path(dtype):
     """Without a backward the loop stops multiplying rows past the last running one (sorted texts
     in featurize); every value is the one the full computation gives."""
     T, B, H = 7, 70, 36
-    proj, w_hh, w_hm, h0, c0, _, _ = _inputs(T, B, H, dtype)
+    proj, w_hh, w_hm, h0, c0, _, _ = contract.inputs(T, B, H, dtype)
     lengths = torch.tensor(sorted(torch.randint(0, T + 1, (B,)).tolist(), reverse=True))
     cpu = registry.module("cpu")
     full = cpu.forward(proj, w_hh, w_hm, h0, c0, lengths, True, True)
@@ -339,11 +287,11 @@ def test_native_and_portable_bf16_gemms_agree():
     if "native" not in _bf16_gemms():
         pytest.skip(f"no native bfloat16 GEMM on this CPU (kernels: {recurrence.kernel_isa()})")
     assert _ops().bf16_gemm_works(True) and _ops().bf16_gemm_works(False)
-    proj, w_hh, w_hm, h0, c0, lengths, grads = _inputs(5, 67, 130, torch.bfloat16, ragged=True)
+    proj, w_hh, w_hm, h0, c0, lengths, grads = contract.inputs(5, 67, 130, torch.bfloat16, ragged=True)
     runs = []
     for gemm in ("native", "portable"):
         with recurrence.forced_bf16_gemm(gemm):
-            runs.append(_run_contract("cpu", proj, w_hh, w_hm, h0, c0, lengths, grads))
+            runs.append(contract.run("cpu", proj, w_hh, w_hm, h0, c0, lengths, grads))
     for key in runs[0]:
         assert rel_err(runs[0][key], runs[1][key]) <= ABS[torch.bfloat16], key
 
@@ -414,7 +362,7 @@ def test_portable_kernels_pass_the_parity_tests():
 def test_operators_check_their_inputs():
     ops = _ops()
     T, B, H, I = 2, 3, 40, 5
-    proj, w_hh, w_hm, h0, c0, _, _ = _inputs(T, B, H, torch.float32)
+    proj, w_hh, w_hm, h0, c0, _, _ = contract.inputs(T, B, H, torch.float32)
     packed_hh, packed_hm = ops.pack_weight(w_hh, True, 0), ops.pack_weight(w_hm, False, 0)
     ok = dict(proj=proj, packed_hh=packed_hh, packed_hm=packed_hm, h0=h0, c0=c0, lengths=None)
 
