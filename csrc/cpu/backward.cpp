@@ -184,24 +184,11 @@ BackwardResult BackwardPass<D, E>::run() {
   const int64_t G = row_groups(B, packed_bytes(w_rec) + packed_bytes(w_dm));
   for (int64_t t1 = T; t1 > 0; t1 -= Tc) {  // chunks of steps [t0, t1), from the end
     const int64_t t0 = std::max<int64_t>(0, t1 - Tc);
-    if (G == 1) {
+    for_each_row_group<E>(G, B, len_p, [&](const RowGroup& group, const int64_t* len_g, bool parallel) {
       for (int64_t t = t1 - 1; t >= t0; --t) {
-        step(t, t0, t1, RowGroup{}, len_p, true);
+        step(t, t0, t1, group, len_g, parallel);
       }
-    } else {
-      at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-        for (int64_t g = g0; g < g1; ++g) {
-          const RowGroup group{g, G};
-          const std::vector<int64_t> len_g = group_lengths(len_p, B, group);
-          for (int64_t t = t1 - 1; t >= t0; --t) {
-            step(t, t0, t1, group, len_p != nullptr ? len_g.data() : nullptr, false);
-          }
-        }
-        if constexpr (!std::is_same_v<E, float>) {
-          at::native::cpublas::brgemm_release(true);  // AMX tiles, where the GEMMs used them
-        }
-      });
-    }
+    });
     flush_chunk(t0, t1);
   }
   if (T > 0) {
@@ -244,13 +231,7 @@ void BackwardPass<D, E>::step(int64_t t, int64_t t0, int64_t t1, const RowGroup&
                               : nullptr;
   float* dh_g = dh_p + g.first * H;
   float* dc_g = dc_p + g.first * H;
-  auto tiles_of = [&](int64_t blocks, const auto& body) {
-    if (parallel) {
-      for_each_tile<E>(blocks, Bg, tiles, body);
-    } else {
-      for_each_tile_here(blocks, Bg, tiles, body);
-    }
-  };
+  auto tiles_of = [&](int64_t blocks, const auto& body) { for_tiles<E>(parallel, blocks, Bg, tiles, body); };
   tiles_of(w_rec.p.blocks, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
     const int64_t n0 = j * w_rec.p.units;
     const int64_t at = row0 * ld_h + n0;

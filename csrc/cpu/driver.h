@@ -277,6 +277,16 @@ void for_each_tile_here(int64_t blocks, int64_t M, std::vector<float>& buffers, 
   }
 }
 
+// for_each_tile (parallel: the column blocks over all threads) or for_each_tile_here (this thread).
+template <typename E, typename Body>
+void for_tiles(bool parallel, int64_t blocks, int64_t M, std::vector<float>& buffers, const Body& body) {
+  if (parallel) {
+    for_each_tile<E>(blocks, M, buffers, body);
+  } else {
+    for_each_tile_here(blocks, M, buffers, body);
+  }
+}
+
 // The batch rows a loop works on: first, first + stride, first + 2 stride, ... Each batch row's
 // recurrence is independent of the others', so the time loops run in one of two ways:
 //   column-parallel  all rows (first 0, stride 1), every step's column blocks spread over the
@@ -321,6 +331,27 @@ inline std::vector<int64_t> group_lengths(const int64_t* lengths, int64_t B, con
     out.push_back(lengths[r]);
   }
   return out;
+}
+
+// steps(group, its rows' lengths or null, parallel) for the row groups of B rows: one call over all
+// rows whose tiles spread over the threads (G == 1, column-parallel), or one call per group, each
+// on its own thread with its tiles run there (row-parallel; see RowGroup).
+template <typename E, typename Steps>
+void for_each_row_group(int64_t G, int64_t B, const int64_t* lengths, const Steps& steps) {
+  if (G == 1) {
+    steps(RowGroup{}, lengths, true);
+    return;
+  }
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const RowGroup group{g, G};
+      const std::vector<int64_t> len_g = group_lengths(lengths, B, group);
+      steps(group, lengths != nullptr ? len_g.data() : nullptr, false);
+    }
+    if constexpr (!std::is_same_v<E, float>) {
+      at::native::cpublas::brgemm_release(true);  // AMX tiles, where the GEMMs used them
+    }
+  });
 }
 
 // Runs fn(D(), E()) for the (activation, operand) dtype pair at hand: the loops' template arguments.

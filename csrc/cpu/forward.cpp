@@ -151,22 +151,9 @@ void ForwardLoop<D, E>::run() {
     if (fused) {
       xm_chunk_at(t0);
     }
-    if (G == 1) {
+    for_each_row_group<E>(G, B, len_p, [&](const RowGroup& group, const int64_t* len_g, bool parallel) {
       for (int64_t t = t0; t < t1; ++t) {
-        step(t, RowGroup{}, len_p, true);
-      }
-      continue;
-    }
-    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        const RowGroup group{g, G};
-        const std::vector<int64_t> len_g = group_lengths(len_p, B, group);
-        for (int64_t t = t0; t < t1; ++t) {
-          step(t, group, len_p != nullptr ? len_g.data() : nullptr, false);
-        }
-      }
-      if constexpr (!std::is_same_v<E, float>) {
-        at::native::cpublas::brgemm_release(true);  // AMX tiles, where the GEMMs used them
+        step(t, group, len_g, parallel);
       }
     });
   }
@@ -200,13 +187,7 @@ void ForwardLoop<D, E>::step(int64_t t, const RowGroup& g, const int64_t* len_g,
   if (M == 0) {
     return;
   }
-  auto tiles_of = [&](int64_t blocks, const auto& body) {
-    if (parallel) {
-      for_each_tile<E>(blocks, M, tiles, body);
-    } else {
-      for_each_tile_here(blocks, M, tiles, body);
-    }
-  };
+  auto tiles_of = [&](int64_t blocks, const auto& body) { for_tiles<E>(parallel, blocks, M, tiles, body); };
   tiles_of(w_hm.p.blocks, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
     const int64_t n0 = j * w_hm.p.units;
     const int64_t width = block_width(w_hm.p, j);

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import contract
 from tolerances import ABS, rel_err
 
 import fastmlstm
@@ -177,13 +178,11 @@ def test_row_parallel_loops_equal_the_column_parallel_ones(dtype):
     whole chunks of steps; with one thread the column blocks of each step are the unit of work.
     Both compute every row the same way: outputs, states and every gradient bit for bit, with
     ragged lengths in no particular order, on the layer op and on precomputed projections."""
-    from test_cpu import _inputs
-
     torch.manual_seed(0)
     rnn = fastmlstm.FastMLSTM(6, 72, backend="cpu").to(dtype)
     x = torch.randn(7, 37, 6).to(dtype).requires_grad_()
     lengths = torch.randint(0, 8, (37,))
-    proj, w_hh, w_hm, h0, c0, _, grads = _inputs(5, 37, 40, dtype)
+    proj, w_hh, w_hm, h0, c0, _, grads = contract.inputs(5, 37, 40, dtype)
     cpu = registry.module("cpu")
     threads = torch.get_num_threads()
     results = []
