@@ -142,6 +142,8 @@ OPTIONS: dict[str, Number] = {
     "dropout": Number(float, 0, 1),
     # downloads
     "timeout": Number(float, 0, low_open=True, optional=True),
+    # the environment ($FASTMLSTM_CPU_CACHE_MB)
+    "cpu_cache_mb": Number(int, 0),  # 0 turns the CPU backend's buffer cache off
 }
 
 

@@ -8,6 +8,7 @@
 //   pack.cpp       packed weights: pack_weight and the checks of packed tensors
 //   forward.cpp    the forward time loop (the operators forward and forward_input)
 //   backward.cpp   the backward time loop and the gradients summed over time (backward, backward_input)
+//   buffer_cache.cpp  memory for the activations saved for backward, reused by the next forward
 // The step epilogues they call are mlstm_cpu_kernels.h (interface and layouts: mlstm_cpu.h),
 // compiled by kernels_default.cpp, kernels_avx2.cpp and kernels_avx512.cpp, which are linked after
 // the driver's translation units (see kernels_avx2.cpp).
@@ -134,6 +135,12 @@ T* ptr_or_null(const Tensor& tensor) {
 // A buffer the kernels overwrite completely. Tests ask for NaN-filled buffers so that an element a
 // kernel forgets to write fails the comparison instead of passing by luck.
 Tensor new_buffer(at::IntArrayRef shape, const at::TensorOptions& options, bool poison);
+// The same, for activations a forward saves for its backward: from the buffer cache
+// (buffer_cache.cpp), whose blocks outlive the tensor for the next call to reuse.
+Tensor saved_buffer(at::IntArrayRef shape, const at::TensorOptions& options, bool poison);
+int64_t set_buffer_cache_limit(int64_t bytes);  // returns the previous limit
+int64_t empty_buffer_cache();                    // frees every cached block; returns the bytes freed
+int64_t buffer_cache_bytes();                    // bytes held by cached blocks now
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -223,10 +223,12 @@ ForwardState new_forward_state(int64_t T, int64_t B, int64_t H, const at::Tensor
                                const Tensor& c0, bool save_for_backward, bool return_cell_states, bool poison) {
   const auto f32 = options.dtype(at::kFloat);
   const bool keep_cells = save_for_backward || return_cell_states;
-  return {new_buffer({T, B, H}, options, poison),
-          c0.clone(),
-          keep_cells ? new_buffer({T, B, H}, f32, poison) : at::empty({0}, f32),
-          save_for_backward ? new_buffer({T, B, 6 * H}, options, poison) : at::empty({0}, options)};
+  // Cell states the caller keeps are its own tensors; saved-only ones come from the buffer cache.
+  Tensor cells = !keep_cells ? at::empty({0}, f32)
+                 : return_cell_states ? new_buffer({T, B, H}, f32, poison)
+                                      : saved_buffer({T, B, H}, f32, poison);
+  return {new_buffer({T, B, H}, options, poison), c0.clone(), cells,
+          save_for_backward ? saved_buffer({T, B, 6 * H}, options, poison) : at::empty({0}, options)};
 }
 
 }  // namespace

@@ -262,6 +262,9 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
   m.def("kernel_isas() -> str[]", &fastmlstm::cpu::kernel_isas);
   m.def("set_kernel_isa(str name) -> str", &fastmlstm::cpu::set_kernel_isa);
   m.def("bf16_gemm_works(bool portable=False) -> bool", &fastmlstm::cpu::bf16_gemm_works);
+  m.def("set_buffer_cache_limit(int bytes) -> int", &fastmlstm::cpu::set_buffer_cache_limit);
+  m.def("empty_buffer_cache() -> int", &fastmlstm::cpu::empty_buffer_cache);
+  m.def("buffer_cache_bytes() -> int", &fastmlstm::cpu::buffer_cache_bytes);
 }
 
 // One kernel for every backend key, so that a tensor on another device reaches the operators' checks

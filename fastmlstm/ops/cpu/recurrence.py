@@ -31,6 +31,7 @@ import torch
 from ...errors import InputError
 from .. import interface
 from ..weight_cache import derived
+from .buffer_cache import apply_limit
 from .build import load_library
 
 __all__ = ["forward", "backward", "layout", "native_bf16", "bf16_gemm", "forced_bf16_gemm", "BF16_GEMMS",
@@ -42,6 +43,7 @@ logger = logging.getLogger("fastmlstm")
 
 def _ops():
     load_library()
+    apply_limit()
     return torch.ops.fastmlstm_cpu
 
 
