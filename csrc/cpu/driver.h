@@ -46,6 +46,7 @@
 #include "mlstm_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -227,25 +228,59 @@ PackedView<E> view_of(const Tensor& packed, const Packing& p, bool portable) {
   return {packed.data_ptr(), p, packed.scalar_type(), portable};
 }
 
+// The K range of one micro-kernel call, in elements of E: the whole of K while A's rows span at most
+// 8 KiB of it, else equal pieces of at most 4 KiB (a multiple of 32 elements, so VNNI pairs stay
+// whole). oneDNN's brgemm ran long K ranges up to 2.7x slower than the same product issued in such
+// pieces and summed in C (bench/kernels/NOTES.md, "Long K ranges"). The split depends on K and E
+// only, so every path that calls tile_gemm sums in the same order.
+// The two limits are settable (set_k_split, mlstm_cpu.cpp) for benchmarks that compare splits in one
+// process; not meant to change while a loop runs.
+constexpr int64_t kWholeKBytes = 8192;
+constexpr int64_t kKPieceBytes = 4096;
+extern std::atomic<int64_t> g_whole_k_bytes, g_k_piece_bytes;
+inline int64_t k_piece(int64_t K, int64_t elem_bytes) {
+  if (K * elem_bytes <= g_whole_k_bytes.load(std::memory_order_relaxed)) {
+    return K;
+  }
+  const int64_t pieces = ceil_div(K * elem_bytes, g_k_piece_bytes.load(std::memory_order_relaxed));
+  return ceil_div(ceil_div(K, pieces), 32) * 32;
+}
+
+// C (+)= A [M, k0 + K) x rows [k0, k0 + K) of block j.
 template <typename E>
-void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64_t j, float* C, bool add_C) {
+void tile_gemm_range(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64_t j, int64_t k0, int64_t K,
+                     float* C, bool add_C) {
   const int64_t N = block_width(w.p, j);
   const int64_t cols = w.p.cols;
+  const int64_t at = k0 * cols;  // a block's row k (VNNI: pair k / 2, k even) starts at k * cols
+  if constexpr (std::is_same_v<E, float>) {
+    at::native::cpublas::brgemm(M, N, K, lda, cols, cols, add_C, A + k0, w.template block<float>(j) + at, C,
+                                false);
+  } else if (w.portable) {
+    vnni_gemm_kernel()(M, N, K, A + k0, lda, w.template block<BFloat16>(j) + at, cols, C, add_C);
+  } else {
+    at::native::cpublas::brgemm(M, N, K, lda, cols, cols, add_C, A + k0, w.template block<BFloat16>(j) + at, C,
+                                true);
+  }
+}
+
+template <typename E>
+void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64_t j, float* C, bool add_C) {
   if constexpr (std::is_same_v<E, float>) {
     if (w.p.layout == kNarrow) {
       TORCH_INTERNAL_ASSERT(!add_C);
+      const int64_t N = block_width(w.p, j);
       if (w.weight_dtype == at::kBFloat16) {
-        small_gemm_kernel<BFloat16>()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), cols, C);
+        small_gemm_kernel<BFloat16>()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), w.p.cols, C);
       } else {
-        small_gemm_kernel<Half>()(M, N, w.p.K, A, lda, w.template block<Half>(j), cols, C);
+        small_gemm_kernel<Half>()(M, N, w.p.K, A, lda, w.template block<Half>(j), w.p.cols, C);
       }
       return;
     }
-    at::native::cpublas::brgemm(M, N, w.p.K, lda, cols, cols, add_C, A, w.template block<float>(j), C, false);
-  } else if (w.portable) {
-    vnni_gemm_kernel()(M, N, w.p.K, A, lda, w.template block<BFloat16>(j), cols, C, add_C);
-  } else {
-    at::native::cpublas::brgemm(M, N, w.p.K, lda, cols, cols, add_C, A, w.template block<BFloat16>(j), C, true);
+  }
+  const int64_t piece = k_piece(w.p.K, sizeof(E));
+  for (int64_t k0 = 0; k0 < w.p.K; k0 += piece) {
+    tile_gemm_range(M, A, lda, w, j, k0, std::min(piece, w.p.K - k0), C, add_C || k0 > 0);
   }
 }
 

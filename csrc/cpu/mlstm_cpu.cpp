@@ -33,6 +33,10 @@
 namespace fastmlstm {
 namespace cpu {
 
+// The K split of the tile GEMMs (driver.h, k_piece).
+std::atomic<int64_t> g_whole_k_bytes{kWholeKBytes};
+std::atomic<int64_t> g_k_piece_bytes{kKPieceBytes};
+
 // ------------------------------------------------------------------------------------------------
 // Instruction set of the epilogues.
 
@@ -196,6 +200,16 @@ std::string set_kernel_isa(const std::string& name) {
               c10::Join(", ", kernel_isas()));
 }
 
+// The K split of the tile GEMMs (driver.h, k_piece): [whole, piece] bytes of a row of A; returns the
+// previous pair. For benchmarks comparing splits in one process; 0, 0 restores the defaults.
+std::vector<int64_t> set_k_split(int64_t whole_bytes, int64_t piece_bytes) {
+  TORCH_CHECK(whole_bytes >= 0 && piece_bytes >= 0, kWho, "set_k_split takes byte counts >= 0");
+  std::vector<int64_t> previous{g_whole_k_bytes.load(), g_k_piece_bytes.load()};
+  g_whole_k_bytes.store(whole_bytes > 0 ? whole_bytes : kWholeKBytes);
+  g_k_piece_bytes.store(piece_bytes > 0 ? std::max<int64_t>(piece_bytes, 64) : kKPieceBytes);
+  return previous;
+}
+
 // Whether the bfloat16 GEMM on VNNI-packed weights (oneDNN's, or with `portable` its portable twin)
 // runs here and gives the float32 products of the same numbers, with blocks of either width
 // (checked on a small problem with awkward sizes; any exception means no).
@@ -262,6 +276,7 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
   m.def("kernel_isas() -> str[]", &fastmlstm::cpu::kernel_isas);
   m.def("set_kernel_isa(str name) -> str", &fastmlstm::cpu::set_kernel_isa);
   m.def("bf16_gemm_works(bool portable=False) -> bool", &fastmlstm::cpu::bf16_gemm_works);
+  m.def("set_k_split(int whole_bytes, int piece_bytes) -> int[]", &fastmlstm::cpu::set_k_split);
   m.def("set_buffer_cache_limit(int bytes) -> int", &fastmlstm::cpu::set_buffer_cache_limit);
   m.def("empty_buffer_cache() -> int", &fastmlstm::cpu::empty_buffer_cache);
   m.def("buffer_cache_bytes() -> int", &fastmlstm::cpu::buffer_cache_bytes);

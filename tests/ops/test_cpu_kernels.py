@@ -78,6 +78,43 @@ def test_every_kernel_copy_runs_the_vnni_path_through_the_portable_twin(isa):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("bf16_gemm", ["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tile_gemms_split_along_k_match_the_float64_truth(dtype, bf16_gemm):
+    """Long K ranges run as pieces summed in the tile (driver.h, k_piece): forced here at small
+    shapes (a piece of 32 elements and an odd tail: K = 130 and 136), the layer and the recurrence
+    on projections still meet the float64 truth, forward and every gradient, with the native
+    bfloat16 GEMM and its portable twin."""
+    from test_cpu import _contract_failures, _layer_failures
+
+    recurrence = _recurrence()
+    if dtype != torch.bfloat16 and bf16_gemm == "native":
+        pytest.skip("the bfloat16 GEMM mode matters to bfloat16 only")
+    if bf16_gemm == "native" and not recurrence.native_bf16():
+        pytest.skip("no native bfloat16 GEMM here; its portable twin runs the same split in the other case")
+    with recurrence.forced_bf16_gemm(bf16_gemm), recurrence.forced_k_split(64, 128):
+        failures = _layer_failures(dtype, (dtype, 3, 67, 6, 130, None))
+        failures += _contract_failures(dtype, (4, 67, 130), True)
+    assert not failures, "\n".join(failures)
+
+
+def test_the_k_split_changes_only_the_summation_order():
+    recurrence = _recurrence()
+    torch.manual_seed(0)
+    rnn = fastmlstm.FastMLSTM(5, 70, backend="cpu")
+    x = torch.randn(4, 9, 5, requires_grad=True)
+    results = []
+    for limits in ((1 << 40, 4096), (64, 128)):
+        with recurrence.forced_k_split(*limits):
+            out, (h, c) = rnn(x)
+            results.append([out, h, c, *torch.autograd.grad(out.sum() + c.sum(), [x, *rnn.parameters()])])
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= ABS[torch.float32]
+    with pytest.raises(ValueError, match="K split limits"):
+        with recurrence.forced_k_split(0, 128):
+            pass
+
+
 def test_the_kernel_copies_agree():
     """Every copy computes the same function: the others' results sit within float32 summation
     noise of the portable one's (they are not bit-equal: FMA contraction differs)."""

@@ -35,7 +35,7 @@ from .buffer_cache import apply_limit
 from .build import load_library
 
 __all__ = ["forward", "backward", "layout", "native_bf16", "bf16_gemm", "forced_bf16_gemm", "BF16_GEMMS",
-           "kernel_isa", "kernel_isas", "forced_kernel_isa", "column_block", "kernel_report", "fingerprint",
+           "kernel_isa", "kernel_isas", "forced_kernel_isa", "forced_k_split", "column_block", "kernel_report", "fingerprint",
            "fingerprints"]
 
 logger = logging.getLogger("fastmlstm")
@@ -145,6 +145,22 @@ def forced_kernel_isa(isa: str):
         yield
     finally:
         ops.set_kernel_isa(previous)
+
+
+@contextlib.contextmanager
+def forced_k_split(whole_bytes: int, piece_bytes: int):
+    """Split the tile GEMMs' K ranges as ``csrc/cpu/driver.h`` (``k_piece``) does, but with these
+    limits (bytes of a row of A: kept whole up to ``whole_bytes``, else pieces of at most
+    ``piece_bytes``) inside the block; for tests that reach the split at small shapes and
+    benchmarks that compare splits in one process."""
+    if whole_bytes < 1 or piece_bytes < 1:
+        raise ValueError(f"K split limits must be >= 1 byte, got {whole_bytes}, {piece_bytes}")
+    ops = _ops()
+    previous = ops.set_k_split(whole_bytes, piece_bytes)
+    try:
+        yield
+    finally:
+        ops.set_k_split(*previous)
 
 
 def _onednn_cpu_isa() -> str:

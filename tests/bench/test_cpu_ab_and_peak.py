@@ -1,0 +1,85 @@
+"""Two kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
+(bench/kernels/cpu_ab.py) restores what it switched, and the multiply-add peak
+(bench/kernels/cpu_peak.py) counts its FLOPs right, runs its portable kernel on every machine, and
+turns a results file into bounds that are checked by hand."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmlstm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "kernels"))
+
+import cpu_ab  # noqa: E402
+import cpu_peak  # noqa: E402
+
+CPU = fastmlstm.backend_status("cpu", "cpu")[0]
+
+
+@pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
+@pytest.mark.parametrize("switch", ["k-split", "buffer-cache"])
+def test_the_ab_times_both_sides_and_restores_the_switch(tmp_path, switch, monkeypatch):
+    from fastmlstm.ops.cpu import buffer_cache
+
+    monkeypatch.delenv(buffer_cache.ENV_CACHE_MB, raising=False)
+    out = tmp_path / "ab.json"
+    before = torch.ops.fastmlstm_cpu.set_k_split(0, 0)
+    assert cpu_ab.main(["--switch", switch, "--H", "40", "--B", "3", "--T", "5", "--dtypes", "float32,bfloat16",
+                        "--rounds", "1", "--threads", "1", "--out", str(out)]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["dtype"] for c in cases] == ["float32", "bfloat16"]
+    for c in cases:
+        assert set(c["on_over_off"]) == {"fwd", "fwd-train", "bwd"} and all(v > 0 for v in c["ms"].values())
+    assert torch.ops.fastmlstm_cpu.set_k_split(0, 0) == before  # the defaults, untouched
+    assert buffer_cache.ENV_CACHE_MB not in os.environ
+
+
+def test_the_flops_count_every_thread_chain_and_lane(monkeypatch):
+    class Clock:  # every run takes 1 s per 1e6 iterations, whatever the thread count
+        def run_threads(self, fn, threads, iters):
+            return iters * 1e-6
+
+    monkeypatch.setattr(cpu_peak, "_pointer", lambda so, name: 0)
+    for kernel, per_chain in (("portable", 2), ("avx512-fma", 32), ("avx512-bf16", 64)):
+        got = cpu_peak.measure_peak(Clock(), kernel, 3, 0.5, 2)
+        assert got["GFLOPs"] == round(3 * cpu_peak.CHAINS * per_chain * 1e6 / 1e9, 2)
+    with pytest.raises(RuntimeError, match="could not start"):
+        cpu_peak.measure_peak(type("NoThreads", (), {"run_threads": lambda self, *a: -2.0})(), "portable", 2, 0.1, 1)
+
+
+def test_the_portable_kernel_runs_here():
+    got = cpu_peak.measure_peak(cpu_peak.build(), "portable", 2, 0.02, 1)
+    assert got["GFLOPs"] > 0 and got["iters"] >= 1
+    assert cpu_peak.available(["avx2"]) == ["portable"]  # fma missing: no avx2-fma kernel
+    assert cpu_peak.available(["avx2", "fma", "avx512f", "avx512_bf16"]) == list(cpu_peak.KERNELS)
+
+
+def test_every_kernel_this_cpu_reports_runs():
+    measured = cpu_peak.peaks(1, 0.02, 1)
+    assert set(measured) == set(cpu_peak.available())
+    assert all(m["GFLOPs"] > 0 for m in measured.values())
+
+
+def test_the_bounds_are_flops_over_the_peak_against_the_limit():
+    peaks = {"portable": {"GFLOPs": 10.0}, "avx512-fma": {"GFLOPs": 100.0}, "avx512-bf16": {"GFLOPs": 200.0}}
+
+    def row(impl, mode, dtype, ms, gflop):
+        return {"impl": impl, "mode": mode, "dtype": dtype, "H": 8, "B": 2, "median_ms": ms,
+                "roofline": {"flops": gflop * 1e9}}
+
+    results = {"results": [row("fastmlstm-cpu", "fwd", "float32", 20.0, 1.25), row("nn-lstm", "fwd", "float32", 10.0, 1.0),
+                           row("fastmlstm-cpu", "fwd", "bfloat16", 9.0, 1.25), row("nn-lstm", "fwd", "bfloat16", 8.0, 1.0),
+                           row("fastmlstm-cpu", "step", "float32", 1.0, 1.0), row("nn-lstm", "step", "float32", 1.0, 1.0)]}
+    got = {b["dtype"]: b for b in cpu_peak.bounds(results, peaks)}
+    assert set(got) == {"float32", "bfloat16"}  # no limit for the step
+    # float32: 1.25 GFLOP at 100 GFLOP/s = 12.5 ms > 1.1 x 10 ms: no code could meet it here.
+    assert got["float32"]["bound_ms"] == 12.5 and got["float32"]["limit_ms"] == 11.0
+    assert got["float32"]["verdict"] == "infeasible here" and got["float32"]["nn_lstm_frac_of_peak"] == 1.0
+    # bfloat16: 1.25 GFLOP at 200 = 6.25 ms <= 1.25 x 8 ms.
+    assert got["bfloat16"]["bound_ms"] == 6.25 and got["bfloat16"]["verdict"] == "feasible"
+    assert got["bfloat16"]["peak_kernel"] == "avx512-bf16"
