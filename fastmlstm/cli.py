@@ -43,7 +43,8 @@ def cmd_info(args) -> int:
     kernels = info["cpu_kernels"]
     if kernels["available"]:
         print(f"{'cpu':>10}: epilogues {kernels['epilogues']}; float32 GEMMs {kernels['float32_gemm']}; "
-              f"bfloat16 GEMMs {kernels['bf16_gemm']}: {kernels['bf16_gemm_kernels']}")
+              f"bfloat16 GEMMs {kernels['bf16_gemm']}: {kernels['bf16_gemm_kernels']}; buffer cache "
+              f"{kernels['buffer_cache_MiB']['held']} of {kernels['buffer_cache_MiB']['limit']} MiB held")
     print("  backends:")
     for key, entry in info["backends"].items():
         if not entry["available"]:

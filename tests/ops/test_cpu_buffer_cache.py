@@ -122,6 +122,24 @@ def test_reused_memory_gives_the_results_of_fresh_memory(monkeypatch, dtype):
         assert torch.equal(a, b)
 
 
+def test_a_training_loop_holds_one_block_between_iterations():
+    """What the docs promise: the cache holds, between iterations, the memory the next forward takes,
+    and does not grow with the number of iterations."""
+    torch.manual_seed(0)
+    rnn = fastmlstm.FastMLSTM(I, H, backend="cpu")
+    opt = torch.optim.SGD(rnn.parameters(), lr=0.1)
+    x = torch.randn(T, B, I)
+    held = []
+    for _ in range(4):
+        out, _ = rnn(x)
+        assert _cache().cached_bytes() == 0  # the forward took what the last backward gave back
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        held.append(_cache().cached_bytes())
+    assert held == [T * B * 7 * H * 4] * 4  # act [T, B, 6H] and the cell states, float32
+
+
 def test_setup_builds_the_sources_the_first_use_build_compiles():
     from fastmlstm.ops.cpu import build
 

@@ -173,6 +173,9 @@ def test_diagnostics_show_the_kernels_in_use():
     recurrence = _recurrence()
     info = fastmlstm.diagnostics.environment()["cpu_kernels"]
     assert info["available"] and info["epilogues"] == recurrence.kernel_isa()
+    from fastmlstm.ops.cpu import buffer_cache
+
+    assert info["buffer_cache_MiB"]["limit"] == round(buffer_cache.limit_bytes() / 2**20, 1)
     assert info["epilogues_available"] == list(recurrence.kernel_isas())
     assert info["bf16_gemm"] == recurrence.bf16_gemm()
     assert info["column_block"] == {"gates": recurrence.column_block("hh"), "other": 32}

@@ -31,7 +31,7 @@ import torch
 from ...errors import InputError
 from .. import interface
 from ..weight_cache import derived
-from .buffer_cache import apply_limit
+from .buffer_cache import apply_limit, limit_bytes
 from .build import load_library
 
 __all__ = ["forward", "backward", "layout", "native_bf16", "bf16_gemm", "forced_bf16_gemm", "BF16_GEMMS",
@@ -177,8 +177,8 @@ def _onednn_cpu_isa() -> str:
 def kernel_report() -> dict:
     """What the CPU backend runs on this machine, for ``fastmlstm.diagnostics.environment()`` (and so
     ``fastmlstm info``): the epilogues' instruction set (:func:`kernel_isa`) and the others this CPU
-    can run, the packed weights' column blocks, and which micro-kernels multiply float32 and
-    bfloat16 operands.
+    can run, the packed weights' column blocks, which micro-kernels multiply float32 and bfloat16
+    operands, and the buffer cache's limit and what it holds (:mod:`.buffer_cache`).
 
     Example::
 
@@ -201,6 +201,8 @@ def kernel_report() -> dict:
         "bf16_gemm": mode,
         "bf16_gemm_kernels": bf16_kernels,
         "onednn_isa": isa,
+        "buffer_cache_MiB": {"limit": round(limit_bytes() / 2**20, 1),
+                             "held": round(_ops().buffer_cache_bytes() / 2**20, 1)},
     }
 
 
