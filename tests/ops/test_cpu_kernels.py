@@ -82,10 +82,11 @@ def test_every_kernel_copy_runs_the_vnni_path_through_the_portable_twin(isa):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_tile_gemms_split_along_k_match_the_float64_truth(dtype, bf16_gemm):
     """Long K ranges run as pieces summed in the tile (driver.h, k_piece): forced here at small
-    shapes (a piece of 32 elements and an odd tail: K = 130 and 136), the layer and the recurrence
-    on projections still meet the float64 truth, forward and every gradient, with the native
-    bfloat16 GEMM and its portable twin."""
+    shapes (a piece of 32 elements and an odd tail: K = 130 and 136), the layer (ragged lengths)
+    and the recurrence on projections still meet the float64 truth, forward and every gradient,
+    with the native bfloat16 GEMM and its portable twin."""
     from test_cpu import _contract_failures, _layer_failures
+    from test_recurrence import _ragged_lengths
 
     recurrence = _recurrence()
     if dtype != torch.bfloat16 and bf16_gemm == "native":
@@ -93,7 +94,7 @@ def test_tile_gemms_split_along_k_match_the_float64_truth(dtype, bf16_gemm):
     if bf16_gemm == "native" and not recurrence.native_bf16():
         pytest.skip("no native bfloat16 GEMM here; its portable twin runs the same split in the other case")
     with recurrence.forced_bf16_gemm(bf16_gemm), recurrence.forced_k_split(64, 128):
-        failures = _layer_failures(dtype, (dtype, 3, 67, 6, 130, None))
+        failures = _layer_failures(dtype, (dtype, 3, 67, 6, 130, _ragged_lengths(3, 67)))
         failures += _contract_failures(dtype, (4, 67, 130), True)
     assert not failures, "\n".join(failures)
 
