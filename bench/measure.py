@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import platform
 import re
@@ -367,3 +368,18 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+# ------------------------------------------------------------------------------------ probe files
+def probe_doc(script: str, argv: list[str], **fields) -> dict:
+    """The start of a kernel-lab probe's results file: the machine, the versions and commit, the
+    command that ran (``python <script> <argv>``), ``fields``, and the load average now."""
+    return {"device": cpu_name(), "cpu_features": cpu_features(), **versions(), **git_commit(),
+            "command": " ".join(["python", script, *argv]), **fields, "load_average_start": load_average()}
+
+
+def finish_probe_doc(doc: dict, out) -> None:
+    """Adds the load average at the end and writes ``doc`` as JSON to ``out`` (a Path) if given."""
+    doc["load_average_end"] = load_average()
+    if out:
+        out.write_text(json.dumps(doc, indent=1) + "\n")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -112,19 +113,17 @@ def main(argv=None) -> int:
     if min(args.T, args.threads, args.rounds) < 1:
         p.error("--T, --threads and --rounds must be >= 1")
     torch.set_num_threads(args.threads)
-    doc = {"device": measure.cpu_name(), "cpu_features": measure.cpu_features(), **measure.versions(),
-           **measure.git_commit(), "command": "python bench/kernels/cpu_ab.py " + " ".join(sys.argv[1:]),
-           "switch": args.switch, "torch_threads": args.threads, "load_average_start": measure.load_average(),
-           "cases": []}
-    for dtype in args.dtypes.split(","):
-        for H in (int(h) for h in args.H.split(",")):
-            for B in (int(b) for b in args.B.split(",")):
-                doc["cases"].append(case(args.switch, args.T, B, H, getattr(torch, dtype), args.rounds))
-                print(json.dumps(doc["cases"][-1]), flush=True)
-    doc["load_average_end"] = measure.load_average()
-    if args.out:
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    doc = measure.probe_doc("bench/kernels/cpu_ab.py", sys.argv[1:], switch=args.switch,
+                            torch_threads=args.threads, cases=[])
+    for dtype, H, B in itertools.product(args.dtypes.split(","), _ints(args.H), _ints(args.B)):
+        doc["cases"].append(case(args.switch, args.T, B, H, getattr(torch, dtype), args.rounds))
+        print(json.dumps(doc["cases"][-1]), flush=True)
+    measure.finish_probe_doc(doc, args.out)
     return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
 
 
 if __name__ == "__main__":

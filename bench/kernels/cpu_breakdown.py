@@ -24,6 +24,7 @@ For each dtype and (H, B), ``--threads`` torch threads (default 2), interleaved 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -158,18 +159,13 @@ def main(argv=None) -> int:
     if not fastmlstm.backend_status("cpu", "cpu")[0]:
         print("cpu_breakdown.py: the cpu backend is unavailable here", file=sys.stderr)
         return 1
-    doc = {"device": measure.cpu_name(), "cpu_features": measure.cpu_features(), **measure.versions(),
-           **measure.git_commit(), "command": "python bench/kernels/cpu_breakdown.py " + " ".join(sys.argv[1:]),
-           "torch_threads": torch.get_num_threads(), "load_average_start": measure.load_average(), "cases": []}
+    doc = measure.probe_doc("bench/kernels/cpu_breakdown.py", sys.argv[1:], torch_threads=torch.get_num_threads(),
+                            cases=[])
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    for dtype in (dtypes[d] for d in args.dtypes.split(",")):
-        for H in (int(h) for h in args.H.split(",")):
-            for B in (int(b) for b in args.B.split(",")):
-                doc["cases"].append(case(H, B, args.T, args.I, args.rounds, dtype, args.ops))
-                print(json.dumps(doc["cases"][-1]), flush=True)
-    doc["load_average_end"] = measure.load_average()
-    if args.out:
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    for d, H, B in itertools.product(args.dtypes.split(","), args.H.split(","), args.B.split(",")):
+        doc["cases"].append(case(int(H), int(B), args.T, args.I, args.rounds, dtypes[d], args.ops))
+        print(json.dumps(doc["cases"][-1]), flush=True)
+    measure.finish_probe_doc(doc, args.out)
     return 0
 
 

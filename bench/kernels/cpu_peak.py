@@ -82,7 +82,11 @@ void peak_portable(long iters) {
     float s = 0.f; for (int c = 0; c < CHAINS; ++c) s += RED(a[c]); sink = s;
 
 static float red256(__m256 v) __attribute__((target("avx2,fma")));
-static float red256(__m256 v) { float t[8]; _mm256_storeu_ps(t, v); return t[0] + t[7]; }
+static float red256(__m256 v) {
+    float t[8], s = 0.f; _mm256_storeu_ps(t, v);
+    for (int i = 0; i < 8; ++i) s += t[i];
+    return s;
+}
 __attribute__((target("avx2,fma"))) void peak_avx2(long iters) {
     BODY(__m256, _mm256_set1_ps, _mm256_fmadd_ps(a[c], b, k), red256)
 }
@@ -228,11 +232,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads < 1 or args.seconds <= 0 or args.rounds < 1:
         p.error("--threads and --rounds must be >= 1 and --seconds > 0")
-    doc = {"device": measure.cpu_name(), "cpu_features": measure.cpu_features(), **measure.versions(),
-           **measure.git_commit(), "command": "python bench/kernels/cpu_peak.py " + " ".join(sys.argv[1:]),
-           "load_average_start": measure.load_average(),
-           "peaks": peaks(args.threads, args.seconds, args.rounds)}
-    doc["load_average_end"] = measure.load_average()
+    doc = measure.probe_doc("bench/kernels/cpu_peak.py", sys.argv[1:])
+    doc["peaks"] = peaks(args.threads, args.seconds, args.rounds)
     for k, v in doc["peaks"].items():
         print(f"{k:12s} {args.threads} threads: {v['GFLOPs']:8.1f} GFLOP/s (rounds {v['GFLOPs_rounds']})")
     if args.results:
@@ -245,8 +246,7 @@ def main(argv=None) -> int:
                   f"limit {b['limit']} x {b['nn_lstm_ms']:.2f} = {b['limit_ms']:9.2f} ms "
                   f"(nn.LSTM at {b['nn_lstm_frac_of_peak']:.0%} of peak, fastmlstm at "
                   f"{b['fastmlstm_frac_of_peak']:.0%}): {b['verdict']}")
-    if args.out:
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    measure.finish_probe_doc(doc, args.out)
     return 0
 
 

@@ -86,9 +86,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     saved = os.environ.get(ENV_WEIGHT_CACHE)
-    doc = {"device": measure.cpu_name(), "cpu_features": measure.cpu_features(), **measure.versions(),
-           **measure.git_commit(), "command": "python bench/kernels/cpu_step.py " + " ".join(sys.argv[1:]),
-           "torch_threads": args.threads, "load_average_start": measure.load_average(), "cases": []}
+    doc = measure.probe_doc("bench/kernels/cpu_step.py", sys.argv[1:], torch_threads=args.threads, cases=[])
     try:
         for H in (int(h) for h in args.H.split(",")):
             doc["cases"].append(case(H, args.steps, args.rounds))
@@ -98,9 +96,7 @@ def main(argv=None) -> int:
             os.environ.pop(ENV_WEIGHT_CACHE, None)
         else:
             os.environ[ENV_WEIGHT_CACHE] = saved
-    doc["load_average_end"] = measure.load_average()
-    if args.out:
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    measure.finish_probe_doc(doc, args.out)
     return 0
 
 

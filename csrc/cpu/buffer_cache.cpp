@@ -26,6 +26,7 @@
 
 #include <ATen/ops/from_blob.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/accumulate.h>
 
 namespace fastmlstm {
 namespace cpu {
@@ -66,32 +67,28 @@ class BufferCache {
     std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (bytes > limit_) {
+      if (bytes > limit_) {  // never fits: keep the cache as it is
         drop.push_back(ptr);
       } else {
-        while (!free_.empty() && cached_ + bytes > limit_) {
-          drop.push_back(free_.front().ptr);
-          cached_ -= free_.front().bytes;
-          free_.erase(free_.begin());
-        }
         free_.push_back({ptr, bytes});
         cached_ += bytes;
+        evict_locked(drop);
       }
     }
-    for (void* p : drop) {
-      c10::free_cpu(p);
-    }
+    free_all(drop);
   }
 
   int64_t set_limit(int64_t bytes) {
     TORCH_CHECK(bytes >= 0, kWho, "the buffer cache's limit must be >= 0 bytes, got ", bytes);
+    std::vector<void*> drop;
     int64_t previous;
     {
       std::lock_guard<std::mutex> lock(mu_);
       previous = static_cast<int64_t>(limit_);
       limit_ = static_cast<size_t>(bytes);
+      evict_locked(drop);
     }
-    trim();
+    free_all(drop);
     return previous;
   }
 
@@ -116,17 +113,18 @@ class BufferCache {
   }
 
  private:
-  void trim() {
-    std::vector<void*> drop;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      while (!free_.empty() && cached_ > limit_) {
-        drop.push_back(free_.front().ptr);
-        cached_ -= free_.front().bytes;
-        free_.erase(free_.begin());
-      }
+  // Takes the oldest blocks out while the cache holds more than its limit; the caller frees them
+  // outside the lock.
+  void evict_locked(std::vector<void*>& drop) {
+    while (!free_.empty() && cached_ > limit_) {
+      drop.push_back(free_.front().ptr);
+      cached_ -= free_.front().bytes;
+      free_.erase(free_.begin());
     }
-    for (void* p : drop) {
+  }
+
+  static void free_all(const std::vector<void*>& blocks) {
+    for (void* p : blocks) {
       c10::free_cpu(p);
     }
   }
@@ -146,11 +144,8 @@ BufferCache& cache() {
 }  // namespace
 
 Tensor saved_buffer(at::IntArrayRef shape, const at::TensorOptions& options, bool poison) {
-  int64_t numel = 1;
-  for (const int64_t n : shape) {
-    numel *= n;
-  }
-  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  const size_t bytes =
+      static_cast<size_t>(c10::multiply_integers(shape)) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   if (bytes == 0) {
     return new_buffer(shape, options, poison);
   }

@@ -78,13 +78,16 @@ def test_every_kernel_copy_runs_the_vnni_path_through_the_portable_twin(isa):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("bf16_gemm", ["native", "portable"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_tile_gemms_split_along_k_match_the_float64_truth(dtype, bf16_gemm):
+def test_tile_gemms_split_along_k_match_the_float64_truth(dtype, bf16_gemm, isa, threads):
     """Long K ranges run as pieces summed in the tile (driver.h, k_piece): forced here at small
     shapes (a piece of 32 elements and an odd tail: K = 130 and 136), the layer (ragged lengths)
     and the recurrence on projections still meet the float64 truth, forward and every gradient,
-    with the native bfloat16 GEMM and its portable twin."""
+    with the native bfloat16 GEMM and its portable twin, each copy of the epilogues, and column-
+    (one thread) or row-parallel (two) loops."""
     from test_cpu import _contract_failures, _layer_failures
     from test_recurrence import _ragged_lengths
 
@@ -93,9 +96,14 @@ def test_tile_gemms_split_along_k_match_the_float64_truth(dtype, bf16_gemm):
         pytest.skip("the bfloat16 GEMM mode matters to bfloat16 only")
     if bf16_gemm == "native" and not recurrence.native_bf16():
         pytest.skip("no native bfloat16 GEMM here; its portable twin runs the same split in the other case")
-    with recurrence.forced_bf16_gemm(bf16_gemm), recurrence.forced_k_split(64, 128):
-        failures = _layer_failures(dtype, (dtype, 3, 67, 6, 130, _ragged_lengths(3, 67)))
-        failures += _contract_failures(dtype, (4, 67, 130), True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with _isa(isa), recurrence.forced_bf16_gemm(bf16_gemm), recurrence.forced_k_split(64, 128):
+            failures = _layer_failures(dtype, (dtype, 3, 67, 6, 130, _ragged_lengths(3, 67)))
+            failures += _contract_failures(dtype, (4, 67, 130), True)
+    finally:
+        torch.set_num_threads(previous)
     assert not failures, "\n".join(failures)
 
 

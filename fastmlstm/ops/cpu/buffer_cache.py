@@ -57,16 +57,17 @@ def limit_bytes() -> int:
     return _limit_from(os.environ.get(ENV_CACHE_MB, ""))
 
 
-_applied: list[int] = []
+_applied_limit: int | None = None  # what the extension was last given
 
 
 def apply_limit() -> None:
     """Hands :func:`limit_bytes` to the extension when it changed (every operator call runs this)."""
+    global _applied_limit
     limit = limit_bytes()
-    if _applied != [limit]:
+    if limit != _applied_limit:
         load_library()
         torch.ops.fastmlstm_cpu.set_buffer_cache_limit(limit)
-        _applied[:] = [limit]
+        _applied_limit = limit
 
 
 def empty_cache() -> int:
