@@ -5,6 +5,7 @@ Public API:
     ByteLM                          the byte-level language model; load / save model files
     multiplicative_lstm             functional form over a whole sequence
     multiplicative_lstm_recurrence  the fused recurrence on precomputed input projections
+    multiplicative_lstm_step        one step of it on [B, I], for generation loops
     available_backends, resolve_backend, BackendUnavailableError
     load_openai, save_openai        the paper's released weights (a directory of 15 .npy files)
     from_pretrained, save_pretrained  a model by path, registered name ("openai-sentiment") or Hub id;
@@ -23,7 +24,12 @@ from ._version import __version__
 from .ops.registry import BACKENDS, BackendUnavailableError, available_backends, backend_status, resolve_backend
 from .diagnostics import self_check
 from .errors import InputError, InputTypeError, MissingInputError, ModelFileError
-from .nn.functional import SUPPORTED_DTYPES, multiplicative_lstm, multiplicative_lstm_recurrence
+from .nn.functional import (
+    SUPPORTED_DTYPES,
+    multiplicative_lstm,
+    multiplicative_lstm_recurrence,
+    multiplicative_lstm_step,
+)
 from .models.lm import ByteLM
 from .nn.modules import FastMLSTM, MLSTMWeights, weight_norm
 from .models.serialization import from_pretrained, load, load_openai, save, save_openai, save_pretrained
@@ -47,6 +53,7 @@ __all__ = [
     "load_openai",
     "multiplicative_lstm",
     "multiplicative_lstm_recurrence",
+    "multiplicative_lstm_step",
     "resolve_backend",
     "save",
     "save_openai",

@@ -1,6 +1,7 @@
 """The batch-1 generation step on CPU: FastMLSTM.step through the module (no ``weights=``) in each
-weight-cache mode and dtype, beside torch.nn.LSTM's single-step call. Backs the figures the README
-and fastmlstm/weight_cache.py quote for ``FASTMLSTM_WEIGHT_CACHE=strict``.
+weight-cache mode and dtype, beside the module's forward with T = 1 (how the step ran before it had
+its own path: ``step / forward T=1``) and torch.nn.LSTM's single-step call. Backs the figures the
+README and fastmlstm/weight_cache.py quote for ``FASTMLSTM_WEIGHT_CACHE=strict``.
 
     python bench/kernels/cpu_step.py [--H 256,512,1024] [--threads 1] [--steps 300] [--out FILE.json]
 
@@ -43,6 +44,21 @@ def _fast_loop(H: int, dtype: torch.dtype, mode: str, steps: int):
     return run
 
 
+def _forward_loop(H: int, dtype: torch.dtype, steps: int):
+    """The step as ``FastMLSTM.step`` ran it before it had its own path: forward with T = 1 (the
+    sequence machinery, the same kernel and results)."""
+    rnn = fastmlstm.FastMLSTM(I, H, dtype=dtype)
+    x = torch.randn(1, 1, I).to(dtype)
+
+    def run():
+        os.environ[ENV_WEIGHT_CACHE] = "on"
+        state = None
+        with torch.no_grad():
+            for _ in range(steps):
+                _, state = rnn(x, state)
+    return run
+
+
 def _lstm_loop(H: int, steps: int):
     lstm = torch.nn.LSTM(I, H)
     x = torch.randn(1, 1, I)
@@ -58,6 +74,8 @@ def _lstm_loop(H: int, steps: int):
 def case(H: int, steps: int, rounds: int) -> dict:
     loops = {f"fastmlstm {dt} cache={mode}": _fast_loop(H, getattr(torch, dt), mode, steps)
              for dt in ("float32", "bfloat16") for mode in ("on", "strict", "off")}
+    loops.update({f"fastmlstm {dt} forward T=1": _forward_loop(H, getattr(torch, dt), steps)
+                  for dt in ("float32", "bfloat16")})
     loops["nn-lstm float32"] = _lstm_loop(H, steps)
     times = {k: [] for k in loops}
     for fn in loops.values():
@@ -72,6 +90,8 @@ def case(H: int, steps: int, rounds: int) -> dict:
         "strict / on, float32": round(ms["fastmlstm float32 cache=strict"] / ms["fastmlstm float32 cache=on"], 2),
         "on / nn-lstm, float32": round(ms["fastmlstm float32 cache=on"] / ms["nn-lstm float32"], 2),
         "bfloat16 / float32, cache=on": round(ms["fastmlstm bfloat16 cache=on"] / ms["fastmlstm float32 cache=on"], 2),
+        **{f"step / forward T=1, {dt}": round(ms[f"fastmlstm {dt} cache=on"] / ms[f"fastmlstm {dt} forward T=1"], 2)
+           for dt in ("float32", "bfloat16")},
     }
     return {"H": H, "B": 1, "ms_per_step": ms, "ratios": ratios}
 

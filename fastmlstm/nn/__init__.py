@@ -2,14 +2,15 @@
 functional forms, weight normalization and the effective-weight cache.
 
 - :mod:`.modules`: ``FastMLSTM``, ``MLSTMWeights``, ``weight_norm``.
-- :mod:`.functional`: ``multiplicative_lstm`` (whole sequences from x) and
-  ``multiplicative_lstm_recurrence`` (precomputed input projections), with their input checks.
+- :mod:`.functional`: ``multiplicative_lstm`` (whole sequences from x),
+  ``multiplicative_lstm_recurrence`` (precomputed input projections) and ``multiplicative_lstm_step``
+  (one step, for generation loops), with their input checks.
 - :mod:`.weight_cache`: effective weights kept while a module's parameters are unchanged.
 - :mod:`.precision`: 16-bit products on CPUs without native 16-bit GEMMs.
 """
 
-from .functional import SUPPORTED_DTYPES, multiplicative_lstm, multiplicative_lstm_recurrence
+from .functional import SUPPORTED_DTYPES, multiplicative_lstm, multiplicative_lstm_recurrence, multiplicative_lstm_step
 from .modules import FastMLSTM, MLSTMWeights, weight_norm
 
 __all__ = ["FastMLSTM", "MLSTMWeights", "SUPPORTED_DTYPES", "multiplicative_lstm", "multiplicative_lstm_recurrence",
-           "weight_norm"]
+           "multiplicative_lstm_step", "weight_norm"]

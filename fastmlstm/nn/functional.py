@@ -24,7 +24,7 @@ from .. import ops
 from ..errors import InputError, InputTypeError
 from ..ops.interface import GATES, accumulation_dtype
 
-__all__ = ["multiplicative_lstm", "multiplicative_lstm_recurrence", "SUPPORTED_DTYPES"]
+__all__ = ["multiplicative_lstm", "multiplicative_lstm_recurrence", "multiplicative_lstm_step", "SUPPORTED_DTYPES"]
 
 # float64 runs on the reference backend only (for torch.autograd.gradcheck and float64 models).
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -208,8 +208,69 @@ def multiplicative_lstm(
     if input.dim() != 3:
         layout = "[B, T, I]" if batch_first else "[T, B, I]"
         raise InputError(f"input must be 3-D {layout}, got {input.dim()}-D with shape {list(input.shape)}")
-    _check_dtype("input", input.dtype)
     x = input.transpose(0, 1) if batch_first else input
+    result = _layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, lengths, backend,
+                    return_cell_states)
+    if batch_first:
+        result = (result[0].transpose(0, 1), result[1], *(r.transpose(0, 1) for r in result[2:]))
+    return result
+
+
+def multiplicative_lstm_step(
+    input: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    weight_im: Tensor,
+    weight_hm: Tensor,
+    bias: Tensor | None = None,
+    *,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+    backend: str = "auto",
+):
+    """One time step of :func:`multiplicative_lstm`, for generation loops: the same checks and
+    kernels with T = 1, without a time axis.
+
+    Args:
+        input: [B, I], float32/float16/bfloat16.
+        weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, backend: as in
+            :func:`multiplicative_lstm`.
+
+    Returns:
+        ``(h, (h, c))``: h [B, H] in the input dtype (the step's output), then the state to pass
+        to the next step, h and c [B, H] float32.
+
+    Example::
+
+        >>> B, I, H = 3, 4, 8
+        >>> w = [torch.randn(4 * H, I), torch.randn(4 * H, H), torch.randn(H, I), torch.randn(H, H)]
+        >>> out, state = multiplicative_lstm_step(torch.randn(B, I), *w)
+        >>> out, state = multiplicative_lstm_step(torch.randn(B, I), *w, initial_state=state)
+        >>> out.shape, state[1].shape
+        (torch.Size([3, 8]), torch.Size([3, 8]))
+    """
+    input = _tensor("input", input)
+    if input.dim() != 2:
+        raise InputError(f"step input must be 2-D [B, I], got {input.dim()}-D with shape {list(input.shape)}")
+    x = input.unsqueeze(0)
+    h0, c0, _ = _checked(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, None)
+    output, c_n = ops.layer_step(input, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0,
+                                 _backend_for(backend, x))
+    return output, (output.to(h0.dtype, copy=True), c_n)
+
+
+def _layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, lengths, backend,
+           return_cell_states):
+    """:func:`multiplicative_lstm` on time-major x [T, B, I]."""
+    h0, c0, lengths = _checked(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, lengths)
+    output, c_n, cell_states = ops.layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0, lengths,
+                                         _backend_for(backend, x), return_cell_states)
+    return _returned(output, h0, c_n, cell_states, return_cell_states)
+
+
+def _checked(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, lengths):
+    """The checks of :func:`multiplicative_lstm` on time-major x [T, B, I]: (h0, c0, lengths) as
+    the backends take them."""
+    _check_dtype("input", x.dtype)
     I = x.shape[2]
     weight_hm = _tensor("weight_hm", weight_hm)
     if weight_hm.dim() != 2:
@@ -224,10 +285,4 @@ def multiplicative_lstm(
         raise InputError("weight_hm must be [H, H] with H > 0, got shape [0, 0]")
     _check_matrix("weight_hh", weight_hh, (GATES * H, H), dtype, device)
     h0, c0 = _check_state(initial_state, x.shape[1], H, dtype, device)
-    lengths = _check_lengths(lengths, x.shape[0], x.shape[1], device)
-    output, c_n, cell_states = ops.layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0, lengths,
-                                         _backend_for(backend, x), return_cell_states)
-    result = _returned(output, h0, c_n, cell_states, return_cell_states)
-    if batch_first:
-        result = (result[0].transpose(0, 1), result[1], *(r.transpose(0, 1) for r in result[2:]))
-    return result
+    return h0, c0, _check_lengths(lengths, x.shape[0], x.shape[1], device)

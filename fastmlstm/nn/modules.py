@@ -16,7 +16,7 @@ from ..errors import InputError, InputTypeError
 from ..ops.interface import accumulation_dtype
 from ..ops.registry import BACKENDS
 from ..options import check
-from .functional import SUPPORTED_DTYPES, multiplicative_lstm
+from .functional import SUPPORTED_DTYPES, multiplicative_lstm, multiplicative_lstm_step
 from .weight_cache import ENV_WEIGHT_CACHE, cached_weights, forget  # noqa: F401  (ENV_WEIGHT_CACHE: documented here)
 
 __all__ = ["FastMLSTM", "MLSTMWeights", "weight_norm"]
@@ -339,6 +339,12 @@ class FastMLSTM(nn.Module):
         h, c = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         return [(h[k], c[k]) for k in range(count)]
 
+    def _weights_for(self, weights):
+        """(the cache entry or None, the effective weights of every layer and direction) for a call
+        with ``weights=``: the cached ones where the cache applies."""
+        entry = self._weight_cache_entry() if weights is None else None
+        return entry, (self._check_weights(weights) if entry is None else entry.weights)
+
     def _check_weights(self, weights) -> tuple[MLSTMWeights, ...]:
         if weights is None:
             return self._all_weights()
@@ -385,8 +391,7 @@ class FastMLSTM(nn.Module):
         Returns:
             ``(output, (h_n, c_n))`` or ``(output, (h_n, c_n), cell_states)``.
         """
-        entry = self._weight_cache_entry() if weights is None else None
-        weights = self._check_weights(weights) if entry is None else entry.weights
+        entry, weights = self._weights_for(weights)
         x, lengths, packed, batched = self._as_time_major(input, lengths)
         if x.shape[-1] != self.input_size:
             raise InputError(f"input has {x.shape[-1]} features per step but input_size is {self.input_size}")
@@ -466,6 +471,16 @@ class FastMLSTM(nn.Module):
         if input.dim() == 1:
             output, state = self.forward(input.view(1, -1), hx, weights=weights)
             return output[0], state
+        if self.num_layers == 1 and not self.bidirectional and autocast_dtype(input.device.type) is None:
+            # One layer needs none of the sequence machinery: straight to the functional step. In a
+            # generation loop the Python around the kernel is a good part of a step.
+            if input.shape[-1] != self.input_size:
+                raise InputError(f"input has {input.shape[-1]} features per step but input_size is "
+                                 f"{self.input_size}")
+            (state,) = self._initial_state(hx, True, input.shape[0])
+            output, (h, c) = multiplicative_lstm_step(input, *self._weights_for(weights)[1][0], initial_state=state,
+                                                      backend=self.backend)
+            return output, (h.unsqueeze(0), c.unsqueeze(0))
         seq = input.unsqueeze(1) if self.batch_first else input.unsqueeze(0)
         output, state = self.forward(seq, hx, weights=weights)
         return (output[:, 0] if self.batch_first else output[0]), state

@@ -11,8 +11,8 @@
 - the backends, siblings with the same file roles: :mod:`.reference` (the specification),
   :mod:`.cpu`, :mod:`.triton`, :mod:`.cuda`.
 
-Everything outside this package reaches the backends through :func:`sequence` and :func:`layer`
-(and the registry's functions); nothing outside imports a backend's internals.
+Everything outside this package reaches the backends through :func:`sequence`, :func:`layer` and
+:func:`layer_step` (and the registry's functions); nothing outside imports a backend's internals.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import registry
 from .autograd import layer_forward, no_autocast, sequence_forward
-from .interface import accumulation_dtype, has_layer
+from .interface import accumulation_dtype, has_layer, has_step
 from .registry import (
     BACKENDS,
     REGISTRY,
@@ -31,6 +31,7 @@ from .registry import (
     backend_status,
     resolve_backend,
 )
+from .weight_cache import derived
 
 __all__ = [
     "BACKENDS",
@@ -40,6 +41,7 @@ __all__ = [
     "backend_status",
     "fingerprints",
     "layer",
+    "layer_step",
     "resolve_backend",
     "sequence",
 ]
@@ -93,6 +95,28 @@ def layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_im: Tensor, we
     full_bias = None if bias is None else torch.cat([bias, bias.new_zeros(H)])
     proj = torch.nn.functional.linear(x, weight, full_bias)
     return sequence(proj, weight_hh, weight_hm, h0, c0, lengths, backend, return_cell_states)
+
+
+def layer_step(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_im: Tensor, weight_hm: Tensor,
+               bias: Tensor | None, h0: Tensor, c0: Tensor, backend: str):
+    """One step of :func:`layer` on checked inputs x [B, I]: ``(output [B, H], c_n [B, H])``.
+    Where nothing needs autograd and the backend prepares steps (:data:`.interface.STEP_ENTRIES`),
+    the prepared step is kept while the weights are unchanged (:mod:`.weight_cache`): in a
+    generation loop the Python between the caller and the kernel is a good part of a step."""
+    module = registry.module(backend)
+    weights = (weight_ih, weight_im, bias, weight_hh, weight_hm)
+    if x.shape[0] > 0 and x.shape[1] > 0 and has_step(module) and _direct((x, *weights, h0, c0)):
+        key = ("step", backend, bias is None, *module.step_key(x.dtype, x.shape[0], weight_hm.shape[0], x.shape[1]))
+        step = derived([w for w in weights if w is not None], key, lambda: module.prepare_step(*weights, x.shape[0]))
+        if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+            with no_autocast(x.device.type), torch.no_grad():
+                output, c_n = step(x.unsqueeze(0), h0, c0)
+        else:  # entering the two contexts would cost more than the rest of this function
+            output, c_n = step(x.unsqueeze(0), h0, c0)
+    else:
+        output, c_n, _ = layer(x.unsqueeze(0), weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0, None,
+                               backend, False)
+    return output[0], c_n
 
 
 def fingerprints(tensors: list[Tensor]) -> tuple[int, ...] | None:

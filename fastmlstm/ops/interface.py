@@ -79,11 +79,21 @@ class BackendModule(Protocol):
 
 SEQUENCE_ENTRIES = ("is_available", "forward", "backward")
 LAYER_ENTRIES = ("layer_forward", "layer_backward")
+# Optional, beside the layer entries: a one-step ``layer_forward`` without autograd, prepared once
+# per set of weights (``prepare_step(weight_ih, weight_im, bias, weight_hh, weight_hm, B) ->
+# step(x [1, B, I], h0, c0) -> (output [1, B, H], c_n [B, H])``), valid while the weights and
+# ``step_key(dtype, B, H, I)`` are unchanged. Generation loops call it step by step.
+STEP_ENTRIES = ("step_key", "prepare_step")
 
 
 def has_layer(backend) -> bool:
     """Whether a backend module computes whole layers (input projections inside its loop)."""
     return all(callable(getattr(backend, name, None)) for name in LAYER_ENTRIES)
+
+
+def has_step(backend) -> bool:
+    """Whether a backend module prepares single steps (:data:`STEP_ENTRIES`)."""
+    return has_layer(backend) and all(callable(getattr(backend, name, None)) for name in STEP_ENTRIES)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,5 +1,6 @@
-"""Two kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
-(bench/kernels/cpu_ab.py) restores what it switched, and the multiply-add peak
+"""Three kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
+(bench/kernels/cpu_ab.py) restores what it switched, the batch-1 step loops
+(bench/kernels/cpu_step.py) time every loop and restore the weight-cache mode, and the multiply-add peak
 (bench/kernels/cpu_peak.py) counts its FLOPs right, runs its portable kernel on every machine, and
 turns a results file into bounds that are checked by hand."""
 
@@ -17,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "kernels"
 
 import cpu_ab  # noqa: E402
 import cpu_peak  # noqa: E402
+import cpu_step  # noqa: E402
 
 CPU = fastmlstm.backend_status("cpu", "cpu")[0]
 
@@ -37,6 +39,19 @@ def test_the_ab_times_both_sides_and_restores_the_switch(tmp_path, switch, monke
         assert set(c["on_over_off"]) == {"fwd", "fwd-train", "bwd"} and all(v > 0 for v in c["ms"].values())
     assert torch.ops.fastmlstm_cpu.set_k_split(0, 0) == before  # the defaults, untouched
     assert buffer_cache.ENV_CACHE_MB not in os.environ
+
+
+@pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
+def test_the_step_loops_time_every_loop_and_restore_the_cache_mode(tmp_path, monkeypatch):
+    from fastmlstm.nn.weight_cache import ENV_WEIGHT_CACHE
+
+    monkeypatch.setenv(ENV_WEIGHT_CACHE, "off")
+    out = tmp_path / "step.json"
+    assert cpu_step.main(["--H", "16", "--steps", "2", "--rounds", "1", "--out", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    assert len(case["ms_per_step"]) == 9 and all(v > 0 for v in case["ms_per_step"].values())
+    assert {"step / forward T=1, float32", "step / forward T=1, bfloat16"} <= set(case["ratios"])
+    assert os.environ[ENV_WEIGHT_CACHE] == "off"
 
 
 def test_the_flops_count_every_thread_chain_and_lane(monkeypatch):

@@ -23,22 +23,51 @@ from __future__ import annotations
 import torch
 
 from .. import interface
-from .recurrence import _ops, _optional, _packed, layout, portable_bf16
+from .recurrence import _ops, _optional, _packed, kernel_isa, layout, portable_bf16
 
-__all__ = ["layer_forward", "layer_backward"]
+__all__ = ["layer_forward", "layer_backward", "step_key", "prepare_step"]
+
+
+def _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay):
+    """The packed weights forward_input reads: Wmx^T, [Wh | Wx] and Wmh in layout ``lay``."""
+    return _packed(weight_im, "xm"), _packed(weight_hh, "hh", lay, weight_ih), _packed(weight_hm, "hm", lay)
 
 
 def layer_forward(x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0, lengths, save_for_backward,
                   return_cell_states):
     H, I = weight_hm.shape[0], x.shape[2]
     lay = layout(x.dtype, x.shape[1], H, I)  # one layout for every GEMM of the loop; VNNI needs even K
+    xm, hh, hm = _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay)
     with torch.no_grad():
         return tuple(_ops().forward_input(
-            x.contiguous(), _packed(weight_im, "xm"), None if bias is None else bias.contiguous(),
-            _packed(weight_hh, "hh", lay, weight_ih), _packed(weight_hm, "hm", lay), h0.float().contiguous(),
+            x.contiguous(), xm, None if bias is None else bias.contiguous(), hh, hm, h0.float().contiguous(),
             c0.float().contiguous(), None if lengths is None else lengths.contiguous(), bool(save_for_backward),
             bool(return_cell_states), interface.POISON_BUFFERS, portable_bf16(),
         ))
+
+
+def step_key(dtype: torch.dtype, B: int, H: int, I: int) -> tuple:
+    """What a prepared step depends on besides its weights: the packed layout and the epilogues'
+    instruction set (both switchable at run time), and the batch."""
+    return layout(dtype, B, H, I), kernel_isa(), B
+
+
+def prepare_step(weight_ih, weight_im, bias, weight_hh, weight_hm, B: int):
+    """``layer_forward`` for one step of B rows without autograd, its packed weights bound once:
+    ``step(x [1, B, I], h0, c0) -> (output [1, B, H], c_n [B, H])``. Valid while the weights and
+    :func:`step_key` are unchanged (the caller keys it on both)."""
+    lay = layout(weight_hm.dtype, B, weight_hm.shape[0], weight_im.shape[1])
+    xm, hh, hm = _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay)
+    bias = None if bias is None else bias.contiguous()
+    forward_input = _ops().forward_input
+
+    def step(x, h0, c0):
+        output, c_n, _, _ = forward_input(x.contiguous(), xm, bias, hh, hm, h0.float().contiguous(),
+                                          c0.float().contiguous(), None, False, False, interface.POISON_BUFFERS,
+                                          portable_bf16())
+        return output, c_n
+
+    return step
 
 
 def layer_backward(grad_output, grad_c_n, grad_cell_states, x, weight_ih, weight_im, weight_hh, weight_hm, h0, c0,
