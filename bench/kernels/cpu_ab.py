@@ -1,6 +1,6 @@
 """Interleaved A/B of one of the CPU backend's internal switches, at the layer operators.
 
-    python bench/kernels/cpu_ab.py --switch k-split|buffer-cache [--H 512,1024] [--B 16,64]
+    python bench/kernels/cpu_ab.py --switch k-split|buffer-cache|bf16-xm [--H 512,1024] [--B 16,64]
                                    [--dtypes float32,bfloat16] [--T 64] [--threads 2] [--rounds 7]
                                    [--out FILE.json]
 
@@ -10,6 +10,8 @@ Switches (the "off" side is the behaviour before the change):
   every K range whole.
 - ``buffer-cache``: the saved activations from the buffer cache (``csrc/cpu/buffer_cache.cpp``),
   off: ``FASTMLSTM_CPU_CACHE_MB=0``, fresh memory each call.
+- ``bf16-xm``: with VNNI weights, the inputs' xm = x Wmx^T as a bfloat16 GEMM (``csrc/cpu/forward.cpp``),
+  off: a float32 GEMM of float32 copies (bfloat16 cases only).
 
 Per case, the operators ``layer_forward`` (inference, and training: saving for backward) and
 ``layer_backward`` are timed with the switch on and off in turn, round by round, in one process;
@@ -43,6 +45,16 @@ I = 64
 
 @contextlib.contextmanager
 def _switch(name: str, on: bool):
+    if name == "bf16-xm":
+        real = layer._packed
+        if not on:  # Wmx^T packed as for float32 GEMMs, which forward_input then multiplies in float32
+            layer._packed = lambda w, kind, lay=recurrence.FLOAT32, *rest: real(
+                w, kind, recurrence.FLOAT32 if kind == "xm" else lay, *rest)
+        try:
+            yield
+        finally:
+            layer._packed = real
+        return
     if name == "k-split":
         with contextlib.nullcontext() if on else recurrence.forced_k_split(1 << 40, 4096):
             yield
@@ -101,7 +113,7 @@ def case(switch: str, T: int, B: int, H: int, dtype: torch.dtype, rounds: int) -
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--switch", choices=("k-split", "buffer-cache"), required=True)
+    p.add_argument("--switch", choices=("k-split", "buffer-cache", "bf16-xm"), required=True)
     p.add_argument("--H", default="512,1024")
     p.add_argument("--B", default="16,64")
     p.add_argument("--T", type=int, default=64)

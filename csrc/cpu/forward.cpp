@@ -63,12 +63,15 @@ Tensor as_operand(const Tensor& tensor) {
 // Where the input projections come from: proj [T, B, 5H] (D), or x [T, B, I] multiplied inside the
 // loop. Then the gate GEMM runs on [m_t | x_t] [B, H + I] against [Wh | Wx] packed together (one
 // tile GEMM with K = H + I; the bias is added in the epilogue), and xm = x Wmx^T, which does not
-// depend on the recurrence, is one GEMM per chunk of steps into a small float32 buffer.
+// depend on the recurrence, is one GEMM per chunk of steps into a small buffer: float32 from float32
+// operands, or, where the loop's GEMMs multiply bfloat16 natively (VNNI weights) and Wmx^T comes
+// as bfloat16, a bfloat16 GEMM (float32 sums rounded once to bfloat16, which is what the epilogue
+// rounds a float32 xm to).
 template <typename D, typename E>
 struct Inputs {
   const D* proj = nullptr;
   const E* x = nullptr;     // [T, B, I] as E (copied next to m each step)
-  Tensor x_f, w_im_t;       // x as float32 [T * B, I] and Wmx^T [I, H] float32, for the xm GEMMs
+  Tensor x_xm, w_im_t;      // x [T * B, I] and Wmx^T [I, H] for the xm GEMMs, both float32 or bfloat16
   int64_t I = 0;
   const D* bias = nullptr;  // [4H] or null
 };
@@ -132,7 +135,9 @@ ForwardLoop<D, E>::ForwardLoop(int64_t T_, int64_t B_, int64_t H_, const Inputs<
   rows = save_for_backward ? std::vector<int64_t>(T, B) : rows_to_compute(lengths, T, B);
   tiles = tile_buffers();
   Tc = fused ? std::max<int64_t>(1, std::min<int64_t>(T, 512 / B)) : T;
-  xm_chunk = fused ? at::empty({Tc * B, H}, st.c.options()) : Tensor();
+  // (An empty proj has no data: a T = 0 run looks fused, with no x either.)
+  const at::ScalarType xm_dtype = in.x_xm.defined() ? in.x_xm.scalar_type() : at::kFloat;
+  xm_chunk = fused ? at::empty({Tc * B, H}, st.c.options().dtype(xm_dtype)) : Tensor();
 }
 
 // xm = x Wmx^T for the chunk of steps from t: one GEMM (fused inputs), outside the time loop.
@@ -140,7 +145,7 @@ template <typename D, typename E>
 void ForwardLoop<D, E>::xm_chunk_at(int64_t t) {
   const int64_t steps = std::min(Tc, T - t);
   Tensor out = xm_chunk.narrow(0, 0, steps * B);
-  at::mm_out(out, in.x_f.narrow(0, t * B, steps * B), in.w_im_t);
+  at::mm_out(out, in.x_xm.narrow(0, t * B, steps * B), in.w_im_t);
 }
 
 template <typename D, typename E>
@@ -172,7 +177,11 @@ void ForwardLoop<D, E>::step(int64_t t, const RowGroup& g, const int64_t* len_g,
   E* h_g = h_p + g.first * H;
   float* c_g = c_p + g.first * H;
   E* m_g = m_p + g.first * ld_m;
-  const float* xm_t = fused ? xm_chunk.data_ptr<float>() + ((t % Tc) * B + g.first) * H : nullptr;
+  // The step's xm rows in the chunk buffer (fused inputs): float32, or D from the bfloat16 GEMM.
+  const int64_t xm_at = ((t % Tc) * B + g.first) * H;
+  const bool xm_in_d = fused && xm_chunk.scalar_type() != at::kFloat;
+  const float* xm_t = fused && !xm_in_d ? xm_chunk.data_ptr<float>() + xm_at : nullptr;
+  const D* xm_d_t = xm_in_d ? static_cast<const D*>(xm_chunk.data_ptr()) + xm_at : nullptr;
   const int64_t ld_h = S * H, ld_proj = S * 5 * H, ld_act = S * 6 * H, ld_mg = S * ld_m;
   if (fused) {
     const E* x_t = in.x + at_row * I;
@@ -198,8 +207,9 @@ void ForwardLoop<D, E>::step(int64_t t, const RowGroup& g, const int64_t* len_g,
         prefetch_block(proj_t + row0 * ld_proj + q * H + n0, n_rows, width, ld_proj);
       }
     }
-    k.forward_m(n_rows, width, H, tile, w_hm.p.cols, fused ? nullptr : proj_t + row0 * ld_proj + n0, ld_proj,
-                fused ? xm_t + row0 * ld_h + n0 : nullptr, ld_h, m_g + row0 * ld_mg + n0, ld_mg,
+    const D* xm_d = fused ? (xm_in_d ? xm_d_t + row0 * ld_h + n0 : nullptr) : proj_t + row0 * ld_proj + 4 * H + n0;
+    k.forward_m(n_rows, width, H, tile, w_hm.p.cols, xm_d, fused ? ld_h : ld_proj,
+                xm_t != nullptr ? xm_t + row0 * ld_h + n0 : nullptr, ld_h, m_g + row0 * ld_mg + n0, ld_mg,
                 act_t != nullptr ? act_t + row0 * ld_act + n0 : nullptr, ld_act);
   });
   tiles_of(w_hh.p.blocks, [&](int64_t j, int64_t row0, int64_t n_rows, float* tile) {
@@ -275,8 +285,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
   TORCH_CHECK(weight_im_t.defined() && weight_im_t.dim() == 2, kWho, "weight_im_t must be a [I, H] tensor");
   const int64_t H = weight_im_t.size(1);
   TORCH_CHECK(H > 0, kWho, "hidden_size must be positive");
-  check_input(weight_im_t, "weight_im_t (W_im^T, float32)", at::kFloat, {I, H});
   const Layout layout = layout_of(packed_hh_ih, "packed_hh_ih", dtype);
+  // W_im^T is float32, or bfloat16 where the loop's GEMMs multiply bfloat16 natively.
+  const bool bf16_xm = layout == kVnni && weight_im_t.scalar_type() == at::kBFloat16;
+  check_input(weight_im_t, bf16_xm ? "weight_im_t (W_im^T)" : "weight_im_t (W_im^T, float32; bfloat16 with VNNI weights)",
+              bf16_xm ? at::kBFloat16 : at::kFloat, {I, H});
   const at::ScalarType e = operand_dtype(layout);
   const Packing p_hh = check_packed(packed_hh_ih, "packed_hh_ih", layout, dtype, kGates * H, H + I, true);
   const Packing p_hm = check_packed(packed_hm, "packed_hm", layout, dtype, H, H, false);
@@ -289,13 +302,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
   dispatch_dtypes(dtype, e, [&](auto d, auto e_) {
     using D = decltype(d);
     using E = decltype(e_);
-    // x as float32 for the xm GEMMs (exact), and as the gate GEMM's operand dtype (the same tensor
-    // unless the GEMMs multiply bfloat16 natively).
-    const Tensor x_f = x.to(at::kFloat).reshape({T * B, I});
-    const Tensor x_e = std::is_same_v<E, float> ? x_f : as_operand<E>(x);
+    // x as the gate GEMM's operand dtype, and for the xm GEMMs (float32 unless bf16_xm; both the
+    // same tensor where they agree).
+    const Tensor x_e = std::is_same_v<E, float> ? x.to(at::kFloat).reshape({T * B, I}) : as_operand<E>(x);
     Inputs<D, E> in;
     in.x = x_e.data_ptr<E>();
-    in.x_f = x_f;
+    in.x_xm = bf16_xm || std::is_same_v<E, float> ? x_e.reshape({T * B, I}) : x.to(at::kFloat).reshape({T * B, I});
     in.w_im_t = weight_im_t;
     in.I = I;
     in.bias = ptr_or_null<D>(b);

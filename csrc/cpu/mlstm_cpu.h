@@ -48,10 +48,12 @@ constexpr int64_t kRowBlock = 64;
 template <typename D, typename E>
 struct StepKernels {
   // hm (GEMM tile, f32) -> m = xm * hm rounded to D, written as E for the next GEMM; with act,
-  // saves xm and hm (rounded to D). xm comes from proj's last H columns (proj + 4H), or, when proj
-  // is null, from float32 xm = x Wmx^T (rounded to D first, as if it had been stored in proj).
-  void (*forward_m)(int64_t rows, int64_t width, int64_t H, const float* hm, int64_t ld_hm, const D* proj,
-                    int64_t ld_proj, const float* xm, int64_t ld_xm, E* m, int64_t ld_m, D* act, int64_t ld_act);
+  // saves xm and hm (rounded to D). xm comes as D (xm_d: proj's last H columns, or the bfloat16 xm
+  // GEMM's output), or, when xm_d is null, as float32 (xm_f, rounded to D first, as if it had been
+  // stored in proj).
+  void (*forward_m)(int64_t rows, int64_t width, int64_t H, const float* hm, int64_t ld_hm, const D* xm_d,
+                    int64_t ld_xm_d, const float* xm_f, int64_t ld_xm_f, E* m, int64_t ld_m, D* act,
+                    int64_t ld_act);
 
   // z (GEMM tile, f32, interleaved [i f o u] x units) + the gate columns of proj (nullable; with
   // ld_proj = 0 the same [4H] bias for every row) -> gates, c_t, h_t.

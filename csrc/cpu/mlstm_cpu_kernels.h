@@ -148,12 +148,12 @@ inline Vec tanh(const Vec& x) {
 }
 
 template <typename D, typename E>
-void forward_m(int64_t rows, int64_t width, int64_t H, const float* hm, int64_t ld_hm, const D* proj,
-               int64_t ld_proj, const float* xm, int64_t ld_xm, E* m, int64_t ld_m, D* act, int64_t ld_act) {
+void forward_m(int64_t rows, int64_t width, int64_t H, const float* hm, int64_t ld_hm, const D* xm_d,
+               int64_t ld_xm_d, const float* xm_f, int64_t ld_xm_f, E* m, int64_t ld_m, D* act, int64_t ld_act) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* hm_r = hm + r * ld_hm;
-    const D* xm_proj = proj != nullptr ? proj + r * ld_proj + 4 * H : nullptr;
-    const float* xm_tile = proj != nullptr ? nullptr : xm + r * ld_xm;
+    const D* xm_proj = xm_d != nullptr ? xm_d + r * ld_xm_d : nullptr;
+    const float* xm_tile = xm_d != nullptr ? nullptr : xm_f + r * ld_xm_f;
     E* m_r = m + r * ld_m;
     D* act_r = act != nullptr ? act + r * ld_act : nullptr;
     for (int64_t k = 0; k < width; k += V) {

@@ -24,10 +24,11 @@ CPU = fastmlstm.backend_status("cpu", "cpu")[0]
 
 
 @pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
-@pytest.mark.parametrize("switch", ["k-split", "buffer-cache"])
+@pytest.mark.parametrize("switch", ["k-split", "buffer-cache", "bf16-xm"])
 def test_the_ab_times_both_sides_and_restores_the_switch(tmp_path, switch, monkeypatch):
-    from fastmlstm.ops.cpu import buffer_cache
+    from fastmlstm.ops.cpu import buffer_cache, layer
 
+    packed = layer._packed
     monkeypatch.delenv(buffer_cache.ENV_CACHE_MB, raising=False)
     out = tmp_path / "ab.json"
     before = torch.ops.fastmlstm_cpu.set_k_split(0, 0)
@@ -38,7 +39,7 @@ def test_the_ab_times_both_sides_and_restores_the_switch(tmp_path, switch, monke
     for c in cases:
         assert set(c["on_over_off"]) == {"fwd", "fwd-train", "bwd"} and all(v > 0 for v in c["ms"].values())
     assert torch.ops.fastmlstm_cpu.set_k_split(0, 0) == before  # the defaults, untouched
-    assert buffer_cache.ENV_CACHE_MB not in os.environ
+    assert buffer_cache.ENV_CACHE_MB not in os.environ and layer._packed is packed
 
 
 @pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")

@@ -250,3 +250,33 @@ def test_row_parallel_loops_equal_the_column_parallel_ones(dtype):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("gemm", ["portable", "native"])
+def test_the_bf16_xm_gemm_rounds_what_the_float32_one_computes(gemm):
+    """With VNNI weights the inputs' xm = x Wmx^T runs as one bfloat16 GEMM per chunk of steps (float32
+    sums rounded once to bfloat16, which the epilogue rounds a float32 xm to anyway): the xm it saves
+    is the float32 GEMM's, rounded, but for summation order (nearly all equal, none over one bfloat16
+    ulp apart); W_im^T's dtype picks the path."""
+    recurrence = _recurrence()
+    from fastmlstm.ops.cpu.recurrence import _ops, _packed
+
+    if gemm == "native" and not recurrence.native_bf16():
+        pytest.skip("no native bfloat16 GEMM on this CPU; the portable twin of the same path ran")
+    T, B, I, H = 4, 37, 8, 40
+    g = torch.Generator().manual_seed(0)
+    x, w_ih, w_im, w_hh, w_hm = (torch.randn(*s, generator=g).bfloat16() for s in
+                                 ((T, B, I), (4 * H, I), (H, I), (4 * H, H), (H, H)))
+    h0 = c0 = torch.zeros(B, H)
+    with recurrence.forced_bf16_gemm(gemm):
+        lay = recurrence.layout(torch.bfloat16, B, H, I)
+        assert lay == recurrence.VNNI
+        xm16 = _packed(w_im, "xm", lay)
+        assert xm16.dtype == torch.bfloat16 and xm16.shape == (I, H)
+        acts = [_ops().forward_input(x, xm, None, _packed(w_hh, "hh", lay, w_ih), _packed(w_hm, "hm", lay), h0, c0,
+                                     None, True, False, False, recurrence.portable_bf16())[3]
+                for xm in (xm16, w_im.float().t().contiguous())]
+    got, want = (a[..., 4 * H:5 * H].float() for a in acts)
+    assert torch.equal(want, (x.float() @ w_im.float().t()).bfloat16().float())  # the float32 path: exact, rounded
+    assert (got == want).float().mean() >= 0.98
+    torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)

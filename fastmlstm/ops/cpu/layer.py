@@ -30,7 +30,7 @@ __all__ = ["layer_forward", "layer_backward", "step_key", "prepare_step"]
 
 def _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay):
     """The packed weights forward_input reads: Wmx^T, [Wh | Wx] and Wmh in layout ``lay``."""
-    return _packed(weight_im, "xm"), _packed(weight_hh, "hh", lay, weight_ih), _packed(weight_hm, "hm", lay)
+    return _packed(weight_im, "xm", lay), _packed(weight_hh, "hh", lay, weight_ih), _packed(weight_hm, "hm", lay)
 
 
 def layer_forward(x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0, lengths, save_for_backward,

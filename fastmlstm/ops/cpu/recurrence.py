@@ -253,7 +253,9 @@ def _packed(weight: torch.Tensor, kind: str, layout: int = FLOAT32,
     """A weight as the loops read it: ``"hh"`` z = m Wh^T (gate-interleaved blocks; with
     ``input_weight`` = Wx, [Wh | Wx] for z = [m | x] [Wh | Wx]^T), ``"hm"`` hm = h Wmh^T, for the
     backward ``"hh_t"``, ``"hm_t"`` (the transposed weights: rec = dhm Wmh, dm = dz Wh), and
-    ``"xm"``: Wmx^T as float32 [I, H] for the xm GEMMs. Packed once while the weights are unchanged."""
+    ``"xm"``: Wmx^T [I, H] for the xm GEMMs, float32, or bfloat16 in the VNNI layout (the loops'
+    GEMMs multiply bfloat16 natively there, and so does the xm GEMM). Packed once while the weights
+    are unchanged."""
     weights = (weight,) if input_weight is None else (weight, input_weight)
     cols = column_block(kind)
 
@@ -265,7 +267,7 @@ def _packed(weight: torch.Tensor, kind: str, layout: int = FLOAT32,
             if kind == "hm":
                 return ops.pack_weight(weight, False, layout, None, False, cols)
             if kind == "xm":
-                return weight.float().t().contiguous()
+                return (weight if layout == VNNI else weight.float()).t().contiguous()
             return ops.pack_weight(weight, False, layout, None, True, cols)  # weight^T, read in place
 
     return derived(weights, ("cpu", kind, layout, cols), pack)
