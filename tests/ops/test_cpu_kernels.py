@@ -280,3 +280,33 @@ def test_the_bf16_xm_gemm_rounds_what_the_float32_one_computes(gemm):
     assert torch.equal(want, (x.float() @ w_im.float().t()).bfloat16().float())  # the float32 path: exact, rounded
     assert (got == want).float().mean() >= 0.98
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_copy_computes_the_gates_to_float32_accuracy_and_saturates_exactly(isa):
+    """sigmoid and tanh of every copy (built on exp_u20 in the vector ones) against float64, on
+    pre-activations from -1e4 to 1e4: within 4e-7 relative error (a few float32 roundings) plus an
+    absolute 2.5e-7 (tanh's 1 - 2 / (1 + exp(2z)) cancels near 0); and, once saturated, finite and
+    exactly 1 or -1 (a forget gate a float32 step short of 1 slowly leaks), or within 1 / FLT_MAX of
+    0, also where exp overflows at the top of its range (1 / (1 + inf) is 0; a reciprocal
+    estimate refined by r (2 - d r) gives inf * 0 there, and stalls a float32 step short of 1)."""
+    H = 997  # a partial vector in every copy
+    z = torch.cat([torch.linspace(-30, 30, 4 * H - 8), torch.tensor([-1e4, -89.0, -88.5, -44.0, 44.0, 88.5, 89.0, 1e4])])
+    z = z[torch.randperm(4 * H, generator=torch.Generator().manual_seed(0))].view(1, 1, 4 * H)
+    proj = torch.cat([z, torch.ones(1, 1, H)], -1)  # the gate pre-activations as given, xm = 1
+    zeros = torch.zeros(1, H)
+    from fastmlstm.ops import autograd
+
+    with _isa(isa):
+        act = autograd.sequence_forward(proj, torch.zeros(4 * H, H), torch.zeros(H, H), zeros, zeros, None, "cpu",
+                                        True, False)[3][0, 0, :4 * H].double()
+    zd = z.double()[0, 0]
+    want = torch.cat([torch.sigmoid(zd[:3 * H]), torch.tanh(zd[3 * H:])])
+    assert torch.isfinite(act).all()
+    err = (act - want).abs()
+    worst = (err / (4e-7 * want.abs() + 2.5e-7)).max()  # tanh near 0 cancels: an absolute part too
+    assert worst <= 1, f"{worst}"
+    saturated = zd.abs() > 40
+    ones = saturated & (want.abs() > 0.5)
+    assert torch.equal(act[ones], want[ones].sign())  # 1 or -1 exactly
+    assert (act[saturated & ~ones].abs() <= 4e-39).all()  # 0, or 1 / FLT_MAX where exp was capped
