@@ -1,5 +1,5 @@
 """Where fwd+bwd time goes on the CPU backend, beside torch.nn.LSTM: the measured cause behind a
-CPU fwd+bwd ratio (bench/kernels/NOTES.md, "CPU").
+CPU fwd+bwd ratio (bench/kernels/NOTES-cpu.md).
 
     python bench/kernels/cpu_breakdown.py [--H 512,1024] [--B 16,64] [--T 64] [--I 64] [--threads 2]
                                           [--dtypes float32,bfloat16] [--ops 12] [--out FILE.json]

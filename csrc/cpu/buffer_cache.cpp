@@ -5,7 +5,7 @@
 // Why: these buffers are large ([T, B, 6H] float32 is 96 MiB at H = 1024, B = 64, T = 64). glibc
 // serves allocations over 32 MiB with fresh mmap pages and returns them to the system on free, so
 // every training forward faulted in and zeroed its buffers page by page on its threads' first
-// writes (measured in bench/kernels/NOTES.md, "The buffer cache"). Smaller allocations come back
+// writes (measured in bench/kernels/NOTES-cpu.md, "The buffer cache"). Smaller allocations come back
 // from glibc's heap without it.
 //
 // Policy, the CUDA caching allocator's in miniature: a request takes the smallest cached block that

@@ -231,7 +231,7 @@ PackedView<E> view_of(const Tensor& packed, const Packing& p, bool portable) {
 // The K range of one micro-kernel call, in elements of E: the whole of K while A's rows span at most
 // 8 KiB of it, else equal pieces of at most 4 KiB (a multiple of 32 elements, so VNNI pairs stay
 // whole). oneDNN's brgemm ran long K ranges up to 2.7x slower than the same product issued in such
-// pieces and summed in C (bench/kernels/NOTES.md, "Long K ranges"). The split depends on K and E
+// pieces and summed in C (bench/kernels/NOTES-cpu.md, "Long K ranges"). The split depends on K and E
 // only, so every path that calls tile_gemm sums in the same order.
 // The two limits are settable (set_k_split, mlstm_cpu.cpp) for benchmarks that compare splits in one
 // process; not meant to change while a loop runs.
@@ -351,7 +351,7 @@ struct RowGroup {
 // ones through a shared L3 each step, they evict each other and the doubled reads cost more than
 // the two barriers of a column-parallel step. Without synchronizations inside a chunk, a step does
 // not wait for the slowest thread: on a shared machine a thread that loses its core for a while no
-// longer stalls the other at every step (bench/kernels/NOTES.md, "CPU (issue 24)", for both sides
+// longer stalls the other at every step (bench/kernels/NOTES-cpu.md, "CPU (issue 24)", for both sides
 // of the trade and the measurements behind the limit).
 constexpr int64_t kMinRowsPerThread = 8;
 constexpr int64_t kRowParallelWeightBytes = int64_t(8) << 20;

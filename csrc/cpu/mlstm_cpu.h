@@ -38,7 +38,7 @@ constexpr int64_t kGates = 4;
 // Column blocks of the packed weights (hidden units for the m GEMMs, gate columns for z: units x 4
 // gates) are kNarrowColumns or kWideColumns wide, chosen per packed weight (driver.h, "Packed
 // weights"): the wide blocks give the AVX-512 epilogues whole 16-float vectors per gate; the narrow
-// ones suit AVX2's 8-float vectors (see bench/kernels/NOTES.md, "CPU"). A tile's float32 rows are
+// ones suit AVX2's 8-float vectors (see bench/kernels/NOTES-cpu.md). A tile's float32 rows are
 // one block wide (ld = its width). Tiles hold at most kRowBlock rows.
 constexpr int64_t kNarrowColumns = 32;
 constexpr int64_t kWideColumns = 64;
