@@ -471,16 +471,22 @@ class FastMLSTM(nn.Module):
         if input.dim() == 1:
             output, state = self.forward(input.view(1, -1), hx, weights=weights)
             return output[0], state
-        if self.num_layers == 1 and not self.bidirectional and autocast_dtype(input.device.type) is None:
-            # One layer needs none of the sequence machinery: straight to the functional step. In a
-            # generation loop the Python around the kernel is a good part of a step.
+        if not self.bidirectional and not (self.dropout and self.training) and \
+                autocast_dtype(input.device.type) is None:
+            # One direction needs none of the sequence machinery: the functional step, layer by
+            # layer. In a generation loop the Python around the kernels is a good part of a step.
             if input.shape[-1] != self.input_size:
                 raise InputError(f"input has {input.shape[-1]} features per step but input_size is "
                                  f"{self.input_size}")
-            (state,) = self._initial_state(hx, True, input.shape[0])
-            output, (h, c) = multiplicative_lstm_step(input, *self._weights_for(weights)[1][0], initial_state=state,
-                                                      backend=self.backend)
-            return output, (h.unsqueeze(0), c.unsqueeze(0))
+            states = self._initial_state(hx, True, input.shape[0])
+            output, finals = input, []
+            for layer_weights, state in zip(self._weights_for(weights)[1], states):
+                output, final = multiplicative_lstm_step(output, *layer_weights, initial_state=state,
+                                                         backend=self.backend)
+                finals.append(final)
+            if len(finals) == 1:  # (cheaper than stacking one)
+                return output, (finals[0][0].unsqueeze(0), finals[0][1].unsqueeze(0))
+            return output, (torch.stack([h for h, _ in finals]), torch.stack([c for _, c in finals]))
         seq = input.unsqueeze(1) if self.batch_first else input.unsqueeze(0)
         output, state = self.forward(seq, hx, weights=weights)
         return (output[:, 0] if self.batch_first else output[0]), state

@@ -73,6 +73,18 @@ def test_a_module_steps_through_a_sequence_as_its_forward_does(backend):
         assert rel_err(got, want) <= ABS[torch.float32]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stack_steps_layer_by_layer_as_its_forward_does_with_one_step(backend):
+    rnn = FastMLSTM(I, H, num_layers=3, dropout=0.5, backend=backend).to(DEVICE).eval()  # eval: no dropout
+    x = torch.randn(B, I, device=DEVICE)
+    state = tuple(0.5 * torch.randn(3, B, H, device=DEVICE) for _ in range(2))
+    with torch.no_grad():
+        out, (h, c) = rnn.step(x, state)
+        want, (h_want, c_want) = rnn(x.unsqueeze(0), state)
+    assert h.shape == c.shape == (3, B, H)
+    assert torch.equal(out, want[0]) and torch.equal(h, h_want) and torch.equal(c, c_want)
+
+
 @needs_cpu
 def test_the_prepared_step_sees_weights_written_in_place():
     weights, x, state = _weights(device="cpu"), torch.randn(B, I), _state(device="cpu")
