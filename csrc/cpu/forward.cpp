@@ -103,6 +103,8 @@ class ForwardLoop {
   const bool fused;
   const int64_t I, ld_m;  // the gate GEMM's operand: m, then (fused) x_t
   Tensor h, mx, xm_chunk;  // the GEMM operands h and [m | x_t] (private buffers); xm of Tc steps
+  const float* xm_f_p = nullptr;  // xm_chunk's data: float32, or D from the bfloat16 xm GEMM (one is set
+  const D* xm_d_p = nullptr;      // with fused inputs)
   E* h_p;
   E* m_p;
   float* c_p;
@@ -138,6 +140,8 @@ ForwardLoop<D, E>::ForwardLoop(int64_t T_, int64_t B_, int64_t H_, const Inputs<
   // (An empty proj has no data: a T = 0 run looks fused, with no x either.)
   const at::ScalarType xm_dtype = in.x_xm.defined() ? in.x_xm.scalar_type() : at::kFloat;
   xm_chunk = fused ? at::empty({Tc * B, H}, st.c.options().dtype(xm_dtype)) : Tensor();
+  xm_f_p = fused && xm_dtype == at::kFloat ? xm_chunk.data_ptr<float>() : nullptr;
+  xm_d_p = fused && xm_dtype != at::kFloat ? static_cast<const D*>(xm_chunk.data_ptr()) : nullptr;
 }
 
 // xm = x Wmx^T for the chunk of steps from t: one GEMM (fused inputs), outside the time loop.
@@ -179,9 +183,8 @@ void ForwardLoop<D, E>::step(int64_t t, const RowGroup& g, const int64_t* len_g,
   E* m_g = m_p + g.first * ld_m;
   // The step's xm rows in the chunk buffer (fused inputs): float32, or D from the bfloat16 GEMM.
   const int64_t xm_at = ((t % Tc) * B + g.first) * H;
-  const bool xm_in_d = fused && xm_chunk.scalar_type() != at::kFloat;
-  const float* xm_t = fused && !xm_in_d ? xm_chunk.data_ptr<float>() + xm_at : nullptr;
-  const D* xm_d_t = xm_in_d ? static_cast<const D*>(xm_chunk.data_ptr()) + xm_at : nullptr;
+  const float* xm_t = xm_f_p != nullptr ? xm_f_p + xm_at : nullptr;
+  const D* xm_d_t = xm_d_p != nullptr ? xm_d_p + xm_at : nullptr;
   const int64_t ld_h = S * H, ld_proj = S * 5 * H, ld_act = S * 6 * H, ld_mg = S * ld_m;
   if (fused) {
     const E* x_t = in.x + at_row * I;
@@ -207,7 +210,8 @@ void ForwardLoop<D, E>::step(int64_t t, const RowGroup& g, const int64_t* len_g,
         prefetch_block(proj_t + row0 * ld_proj + q * H + n0, n_rows, width, ld_proj);
       }
     }
-    const D* xm_d = fused ? (xm_in_d ? xm_d_t + row0 * ld_h + n0 : nullptr) : proj_t + row0 * ld_proj + 4 * H + n0;
+    const D* xm_d = fused ? (xm_d_t != nullptr ? xm_d_t + row0 * ld_h + n0 : nullptr)
+                          : proj_t + row0 * ld_proj + 4 * H + n0;
     k.forward_m(n_rows, width, H, tile, w_hm.p.cols, xm_d, fused ? ld_h : ld_proj,
                 xm_t != nullptr ? xm_t + row0 * ld_h + n0 : nullptr, ld_h, m_g + row0 * ld_mg + n0, ld_mg,
                 act_t != nullptr ? act_t + row0 * ld_act + n0 : nullptr, ld_act);

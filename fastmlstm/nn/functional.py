@@ -255,7 +255,7 @@ def multiplicative_lstm_step(
     h0, c0, _ = _checked(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, None)
     output, c_n = ops.layer_step(input, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0,
                                  _backend_for(backend, x))
-    return output, (output.to(h0.dtype, copy=True), c_n)
+    return output, _returned(output.unsqueeze(0), h0, c_n, None, False)[1]
 
 
 def _layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, lengths, backend,
