@@ -1,7 +1,9 @@
 """The batch-1 generation step on CPU: FastMLSTM.step through the module (no ``weights=``) in each
 weight-cache mode and dtype, beside the module's forward with T = 1 (how the step ran before it had
-its own path: ``step / forward T=1``) and torch.nn.LSTM's single-step call. Backs the figures the
-README and fastmlstm/weight_cache.py quote for ``FASTMLSTM_WEIGHT_CACHE=strict``.
+its own path: ``step / forward T=1``), beside the step through the functional step layer by layer
+(how it ran before the module kept prepared steps with its cached weights, ``FastMLSTM._prepared_steps``:
+``prepared / functional``), and torch.nn.LSTM's single-step call. Backs the figures the README,
+docs/backends.md and fastmlstm/weight_cache.py quote for ``FASTMLSTM_WEIGHT_CACHE=strict``.
 
     python bench/kernels/cpu_step.py [--H 256,512,1024] [--threads 1] [--steps 300] [--out FILE.json]
 
@@ -26,21 +28,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: measure.
 import measure  # noqa: E402
 
 import fastmlstm  # noqa: E402
+from fastmlstm.nn.modules import FastMLSTM  # noqa: E402
 from fastmlstm.nn.weight_cache import ENV_WEIGHT_CACHE  # noqa: E402
 
 I = 64
 
 
-def _fast_loop(H: int, dtype: torch.dtype, mode: str, steps: int):
+_PREPARED = FastMLSTM._prepared_steps
+
+
+def _fast_loop(H: int, dtype: torch.dtype, mode: str, steps: int, prepared: bool = True):
     rnn = fastmlstm.FastMLSTM(I, H, dtype=dtype)
     x = torch.randn(1, I).to(dtype)
 
     def run():
         os.environ[ENV_WEIGHT_CACHE] = mode
+        FastMLSTM._prepared_steps = _PREPARED if prepared else (lambda *args: None)
         state = None
-        with torch.no_grad():
-            for _ in range(steps):
-                _, state = rnn.step(x, state)
+        try:
+            with torch.no_grad():
+                for _ in range(steps):
+                    _, state = rnn.step(x, state)
+        finally:
+            FastMLSTM._prepared_steps = _PREPARED
     return run
 
 
@@ -76,6 +86,8 @@ def case(H: int, steps: int, rounds: int) -> dict:
              for dt in ("float32", "bfloat16") for mode in ("on", "strict", "off")}
     loops.update({f"fastmlstm {dt} forward T=1": _forward_loop(H, getattr(torch, dt), steps)
                   for dt in ("float32", "bfloat16")})
+    loops.update({f"fastmlstm {dt} functional step": _fast_loop(H, getattr(torch, dt), "on", steps, prepared=False)
+                  for dt in ("float32", "bfloat16")})
     loops["nn-lstm float32"] = _lstm_loop(H, steps)
     times = {k: [] for k in loops}
     for fn in loops.values():
@@ -92,6 +104,8 @@ def case(H: int, steps: int, rounds: int) -> dict:
         "bfloat16 / float32, cache=on": round(ms["fastmlstm bfloat16 cache=on"] / ms["fastmlstm float32 cache=on"], 2),
         **{f"step / forward T=1, {dt}": round(ms[f"fastmlstm {dt} cache=on"] / ms[f"fastmlstm {dt} forward T=1"], 2)
            for dt in ("float32", "bfloat16")},
+        **{f"prepared / functional, {dt}": round(ms[f"fastmlstm {dt} cache=on"] / ms[f"fastmlstm {dt} functional step"],
+                                                 2) for dt in ("float32", "bfloat16")},
     }
     return {"H": H, "B": 1, "ms_per_step": ms, "ratios": ratios}
 

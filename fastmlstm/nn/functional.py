@@ -258,6 +258,15 @@ def multiplicative_lstm_step(
     return output, _returned(output.unsqueeze(0), h0, c_n, None, False)[1]
 
 
+def _prepared_step(step, input: Tensor, initial_state, H: int):
+    """:func:`multiplicative_lstm_step` through a step the backend prepared for these weights
+    (:func:`fastmlstm.ops.prepare_step`), on an input the caller has checked against them (shape,
+    dtype, device); the state is checked here, as there. For callers that keep prepared steps."""
+    h0, c0 = _check_state(initial_state, input.shape[0], H, input.dtype, input.device)
+    output, c_n = step(input.unsqueeze(0), h0, c0)
+    return output[0], _returned(output, h0, c_n, None, False)[1]
+
+
 def _layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, lengths, backend,
            return_cell_states):
     """:func:`multiplicative_lstm` on time-major x [T, B, I]."""

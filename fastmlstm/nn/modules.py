@@ -13,10 +13,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..errors import InputError, InputTypeError
+from ..ops import prepare_step, resolve_backend, step_key
 from ..ops.interface import accumulation_dtype
 from ..ops.registry import BACKENDS
 from ..options import check
-from .functional import SUPPORTED_DTYPES, multiplicative_lstm, multiplicative_lstm_step
+from .functional import SUPPORTED_DTYPES, _prepared_step, multiplicative_lstm, multiplicative_lstm_step
 from .weight_cache import ENV_WEIGHT_CACHE, cached_weights, forget  # noqa: F401  (ENV_WEIGHT_CACHE: documented here)
 
 __all__ = ["FastMLSTM", "MLSTMWeights", "weight_norm"]
@@ -479,10 +480,15 @@ class FastMLSTM(nn.Module):
                 raise InputError(f"input has {input.shape[-1]} features per step but input_size is "
                                  f"{self.input_size}")
             states = self._initial_state(hx, True, input.shape[0])
+            entry, all_weights = self._weights_for(weights)
+            steps = self._prepared_steps(entry, input, states)
             output, finals = input, []
-            for layer_weights, state in zip(self._weights_for(weights)[1], states):
-                output, final = multiplicative_lstm_step(output, *layer_weights, initial_state=state,
-                                                         backend=self.backend)
+            for k, (layer_weights, state) in enumerate(zip(all_weights, states)):
+                if steps is not None:
+                    output, final = _prepared_step(steps[k], output, state, self.hidden_size)
+                else:
+                    output, final = multiplicative_lstm_step(output, *layer_weights, initial_state=state,
+                                                             backend=self.backend)
                 finals.append(final)
             if len(finals) == 1:  # (cheaper than stacking one)
                 return output, (finals[0][0].unsqueeze(0), finals[0][1].unsqueeze(0))
@@ -490,6 +496,30 @@ class FastMLSTM(nn.Module):
         seq = input.unsqueeze(1) if self.batch_first else input.unsqueeze(0)
         output, state = self.forward(seq, hx, weights=weights)
         return (output[:, 0] if self.batch_first else output[0]), state
+
+
+    def _prepared_steps(self, entry, input: Tensor, states) -> tuple | None:
+        """Every layer's prepared step (:func:`fastmlstm.ops.prepare_step`), kept with the cached
+        weights, for a one-direction step on [B, I] input; None where the step takes the functional
+        path: no cache entry, something to differentiate or not a plain tensor, an input the weights
+        do not match (the functional path names the mismatch), or a backend without prepared steps.
+        The cached weights were checked when the module built them, so a step through here skips
+        those checks and the per-call weight lookups of the functional path."""
+        tensors = (input, *(s for state in states if state is not None for s in state))
+        if entry is None or any(type(t) is not Tensor for t in tensors) or \
+                (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return None
+        like = entry.weights[0].weight_hm
+        if input.dtype != like.dtype or input.device != like.device:
+            return None
+        backend = resolve_backend(self.backend, input.device, input.dtype)
+        B, H = input.shape[0], self.hidden_size
+        # Layer 0 reads the input, the others the layer below: their keys may differ (e.g. an odd I).
+        keys = tuple(step_key(backend, input.dtype, B, H, I) for I in {self.input_size, H} if
+                     I == self.input_size or self.num_layers > 1)
+        if None in keys:
+            return None
+        return entry.memo(keys, lambda: tuple(prepare_step(backend, *w, B) for w in entry.weights))
 
 
 def _reverse_index(T: int, lengths, device) -> Tensor | None:

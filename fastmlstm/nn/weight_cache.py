@@ -47,9 +47,10 @@ Weights = tuple
 
 
 class _Entry:
-    """One module's cached weights, the key they were computed under, and their autocast casts."""
+    """One module's cached weights, the key they were computed under, their autocast casts, and
+    what else is derived from them (``memo``: the prepared steps of ``FastMLSTM.step``)."""
 
-    __slots__ = ("key", "fingerprints", "weights", "versions", "casts")
+    __slots__ = ("key", "fingerprints", "weights", "versions", "casts", "memos")
 
     def __init__(self, key, fingerprints, weights: Weights):
         self.key = key
@@ -57,6 +58,7 @@ class _Entry:
         self.weights = weights
         self.versions = _versions(weights)
         self.casts: dict[torch.dtype, tuple[Weights, tuple]] = {}
+        self.memos: dict = {}
 
     def intact(self) -> bool:
         return _versions(self.weights) == self.versions
@@ -69,6 +71,15 @@ class _Entry:
                 weights = cast(self.weights, dtype)
             hit = self.casts[dtype] = (weights, _versions(weights))
         return hit[0]
+
+    def memo(self, key, make: Callable[[], object]):
+        """``make()``, computed once per ``key`` for these weights and dropped with them: valid while
+        the entry is (the caller has just checked it, :func:`cached_weights`), and while ``key`` covers
+        whatever else the value depends on."""
+        hit = self.memos.get(key)
+        if hit is None:
+            hit = self.memos[key] = make()
+        return hit
 
 
 _ENTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -12,7 +12,8 @@
   :mod:`.cpu`, :mod:`.triton`, :mod:`.cuda`.
 
 Everything outside this package reaches the backends through :func:`sequence`, :func:`layer` and
-:func:`layer_step` (and the registry's functions); nothing outside imports a backend's internals.
+:func:`layer_step` (:func:`step_key` and :func:`prepare_step` for callers that keep prepared steps,
+and the registry's functions); nothing outside imports a backend's internals.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ __all__ = [
     "fingerprints",
     "layer",
     "layer_step",
+    "prepare_step",
     "resolve_backend",
     "sequence",
+    "step_key",
 ]
 
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -97,17 +100,35 @@ def layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_im: Tensor, we
     return sequence(proj, weight_hh, weight_hm, h0, c0, lengths, backend, return_cell_states)
 
 
+def step_key(backend: str, dtype: torch.dtype, B: int, H: int, I: int) -> tuple | None:
+    """What ``backend``'s prepared step of B rows (:func:`prepare_step`) depends on besides its
+    weights, for a layer of H units with I inputs (B, I > 0); None where the backend prepares no
+    steps. Whoever keeps prepared steps keys them on this and on the weights."""
+    module = registry.module(backend)
+    if B == 0 or I == 0 or not has_step(module):
+        return None
+    return ("step", backend, *module.step_key(dtype, B, H, I))
+
+
+def prepare_step(backend: str, weight_ih: Tensor, weight_hh: Tensor, weight_im: Tensor, weight_hm: Tensor,
+                 bias: Tensor | None, B: int):
+    """``backend``'s step of B rows with these weights bound (:data:`.interface.STEP_ENTRIES`):
+    ``step(x [1, B, I], h0, c0) -> (output [1, B, H], c_n [B, H])``, outside autograd, on checked
+    inputs; valid while the weights and :func:`step_key` are unchanged."""
+    return registry.module(backend).prepare_step(weight_ih, weight_im, bias, weight_hh, weight_hm, B)
+
+
 def layer_step(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_im: Tensor, weight_hm: Tensor,
                bias: Tensor | None, h0: Tensor, c0: Tensor, backend: str):
     """One step of :func:`layer` on checked inputs x [B, I]: ``(output [B, H], c_n [B, H])``.
-    Where nothing needs autograd and the backend prepares steps (:data:`.interface.STEP_ENTRIES`),
-    the prepared step is kept while the weights are unchanged (:mod:`.weight_cache`): in a
-    generation loop the Python between the caller and the kernel is a good part of a step."""
-    module = registry.module(backend)
+    Where nothing needs autograd and the backend prepares steps, the prepared step is kept while
+    the weights are unchanged (:mod:`.weight_cache`): in a generation loop the Python between the
+    caller and the kernel is a good part of a step."""
     weights = (weight_ih, weight_im, bias, weight_hh, weight_hm)
-    if x.shape[0] > 0 and x.shape[1] > 0 and has_step(module) and _direct((x, *weights, h0, c0)):
-        key = ("step", backend, bias is None, *module.step_key(x.dtype, x.shape[0], weight_hm.shape[0], x.shape[1]))
-        step = derived([w for w in weights if w is not None], key, lambda: module.prepare_step(*weights, x.shape[0]))
+    key = step_key(backend, x.dtype, x.shape[0], weight_hm.shape[0], x.shape[1])
+    if key is not None and _direct((x, *weights, h0, c0)):
+        step = derived([w for w in weights if w is not None], (*key, bias is None),
+                       lambda: prepare_step(backend, weight_ih, weight_hh, weight_im, weight_hm, bias, x.shape[0]))
         if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
             with no_autocast(x.device.type), torch.no_grad():
                 output, c_n = step(x.unsqueeze(0), h0, c0)

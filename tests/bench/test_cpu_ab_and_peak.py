@@ -44,15 +44,17 @@ def test_the_ab_times_both_sides_and_restores_the_switch(tmp_path, switch, monke
 
 @pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
 def test_the_step_loops_time_every_loop_and_restore_the_cache_mode(tmp_path, monkeypatch):
+    from fastmlstm.nn.modules import FastMLSTM
     from fastmlstm.nn.weight_cache import ENV_WEIGHT_CACHE
 
     monkeypatch.setenv(ENV_WEIGHT_CACHE, "off")
     out = tmp_path / "step.json"
     assert cpu_step.main(["--H", "16", "--steps", "2", "--rounds", "1", "--out", str(out)]) == 0
     (case,) = json.loads(out.read_text())["cases"]
-    assert len(case["ms_per_step"]) == 9 and all(v > 0 for v in case["ms_per_step"].values())
-    assert {"step / forward T=1, float32", "step / forward T=1, bfloat16"} <= set(case["ratios"])
-    assert os.environ[ENV_WEIGHT_CACHE] == "off"
+    assert len(case["ms_per_step"]) == 11 and all(v > 0 for v in case["ms_per_step"].values())
+    assert {"step / forward T=1, float32", "step / forward T=1, bfloat16", "prepared / functional, float32"} <= \
+        set(case["ratios"])
+    assert os.environ[ENV_WEIGHT_CACHE] == "off" and FastMLSTM._prepared_steps is cpu_step._PREPARED
 
 
 def test_the_flops_count_every_thread_chain_and_lane(monkeypatch):

@@ -182,3 +182,85 @@ def test_a_module_step_under_autocast_runs_in_the_autocast_dtype():
 def test_a_bad_step_is_a_clear_error(bad, error, words):
     with pytest.raises(error, match=words):
         bad(_weights(torch.float32, "cpu"), _state(device="cpu"))
+
+
+# FastMLSTM.step through the prepared steps it keeps with its cached weights (FastMLSTM._prepared_steps),
+# against the same module with that path switched off (the functional step) and against its forward.
+
+def _functional_steps(monkeypatch, rnn, x, state):
+    with monkeypatch.context() as m:
+        m.setattr(FastMLSTM, "_prepared_steps", lambda *args: None)
+        return rnn.step(x, state)
+
+
+def _memos(rnn):
+    from fastmlstm.nn import weight_cache
+
+    entry = weight_cache._ENTRIES.get(rnn)
+    return {} if entry is None else entry.memos
+
+
+def _assert_same_stacked(a, b):
+    (out_a, (h_a, c_a)), (out_b, (h_b, c_b)) = a, b
+    assert out_a.dtype == out_b.dtype and h_a.dtype == h_b.dtype == c_a.dtype == torch.float32
+    assert torch.equal(out_a, out_b) and torch.equal(h_a, h_b) and torch.equal(c_a, c_b)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layers, inputs", [(1, I), (2, 6)])
+def test_the_module_step_through_its_prepared_steps_is_the_functional_step_bit_for_bit(monkeypatch, dtype, layers,
+                                                                                      inputs):
+    rnn = FastMLSTM(inputs, H, num_layers=layers, backend="cpu").to(dtype)
+    with torch.no_grad():
+        for rows in (1, 3, 1):  # a new batch size, and back
+            x = torch.randn(rows, inputs).to(dtype)
+            state = tuple(0.5 * torch.randn(layers, rows, H) for _ in range(2))
+            for _ in range(2):  # prepared, then reused
+                got = rnn.step(x, state)
+                _assert_same_stacked(got, _functional_steps(monkeypatch, rnn, x, state))
+                state = got[1]
+            assert _memos(rnn), "the step did not go through the prepared steps"
+            out, (h, c) = rnn(x.unsqueeze(0), state)
+            _assert_same_stacked(rnn.step(x, state), (out[0], (h, c)))
+
+
+@needs_cpu
+def test_the_module_step_follows_its_parameters_and_the_kernel_switches(monkeypatch):
+    from fastmlstm.ops.cpu import recurrence
+
+    inputs = 5  # odd: layer 0 never takes the VNNI layout, layer 1 (K = H) may: both keys must count
+    rnn = FastMLSTM(inputs, H, num_layers=2, backend="cpu").bfloat16()
+    x = torch.randn(6, inputs).bfloat16()
+    state = tuple(0.5 * torch.randn(2, 6, H) for _ in range(2))
+    modes = [m for m in recurrence.BF16_GEMMS if m != "native" or recurrence.native_bf16()]
+    with torch.no_grad():
+        first = rnn.step(x, state)
+        for mode in modes + modes[::-1]:
+            with recurrence.forced_bf16_gemm(mode):
+                _assert_same_stacked(rnn.step(x, state), _functional_steps(monkeypatch, rnn, x, state))
+        for isa in recurrence.kernel_isas():
+            with recurrence.forced_kernel_isa(isa):
+                _assert_same_stacked(rnn.step(x, state), _functional_steps(monkeypatch, rnn, x, state))
+        rnn.weight_hh_l1_g.mul_(1.5)  # an in-place update (of the norm: v alone is scale-free), as a step does
+        after = rnn.step(x, state)
+    assert not torch.equal(first[0], after[0])
+    _assert_same_stacked(after, _functional_steps(monkeypatch, rnn, x, state))
+
+
+@needs_cpu
+def test_the_module_step_keeps_the_functional_checks_and_autograd():
+    rnn = FastMLSTM(I, H, backend="cpu").requires_grad_(False)
+    x, state = torch.randn(B, I), tuple(0.5 * torch.randn(1, B, H) for _ in range(2))
+    with torch.no_grad():
+        rnn.step(x, state)  # prepared
+        with pytest.raises(InputTypeError, match="dtype"):
+            rnn.step(x.bfloat16(), state)
+        with pytest.raises(InputTypeError, match="initial_state h0 has dtype torch.float64"):
+            rnn.step(x, (state[0].double(), state[1]))
+    x.requires_grad_()  # frozen weights, an input to differentiate: the functional path's autograd
+    out, (h, c) = rnn.step(x, state)
+    (grad,) = torch.autograd.grad(out.sum() + c.sum(), [x])
+    with torch.no_grad():
+        want = rnn.step(x, state)
+    assert torch.equal(out, want[0]) and grad.abs().sum() > 0
