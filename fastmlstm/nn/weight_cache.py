@@ -42,6 +42,9 @@ __all__ = ["ENV_WEIGHT_CACHE", "WEIGHT_CACHE_MODES", "cached_weights", "forget"]
 ENV_WEIGHT_CACHE = "FASTMLSTM_WEIGHT_CACHE"
 WEIGHT_CACHE_MODES = ("on", "strict", "off")
 
+# Values an entry keeps besides the weights (its memos), at most; the oldest goes first.
+MAX_MEMOS = 16
+
 # A tuple of MLSTMWeights (one per layer and direction), each a tuple of tensors or None.
 Weights = tuple
 
@@ -78,6 +81,8 @@ class _Entry:
         whatever else the value depends on."""
         hit = self.memos.get(key)
         if hit is None:
+            if len(self.memos) >= MAX_MEMOS:  # e.g. a step per batch size seen: keep the latest
+                del self.memos[next(iter(self.memos))]
             hit = self.memos[key] = make()
         return hit
 

@@ -264,3 +264,14 @@ def test_the_module_step_keeps_the_functional_checks_and_autograd():
     with torch.no_grad():
         want = rnn.step(x, state)
     assert torch.equal(out, want[0]) and grad.abs().sum() > 0
+
+
+@needs_cpu
+def test_the_module_keeps_a_bounded_number_of_prepared_steps():
+    from fastmlstm.nn import weight_cache
+
+    rnn = FastMLSTM(I, H, backend="cpu")
+    with torch.no_grad():
+        for rows in range(1, weight_cache.MAX_MEMOS + 5):  # a prepared step per batch size
+            rnn.step(torch.randn(rows, I))
+    assert len(_memos(rnn)) == weight_cache.MAX_MEMOS
