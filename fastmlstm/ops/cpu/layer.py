@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import interface
-from .recurrence import _ops, _optional, _packed, kernel_isa, layout, portable_bf16
+from .recurrence import _dense, _ops, _optional, _packed, kernel_isa, layout, portable_bf16
 
 __all__ = ["layer_forward", "layer_backward", "step_key", "prepare_step"]
 
@@ -40,8 +40,8 @@ def layer_forward(x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0, l
     xm, hh, hm = _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay)
     with torch.no_grad():
         return tuple(_ops().forward_input(
-            x.contiguous(), xm, None if bias is None else bias.contiguous(), hh, hm, h0.float().contiguous(),
-            c0.float().contiguous(), None if lengths is None else lengths.contiguous(), bool(save_for_backward),
+            _dense(x), xm, None if bias is None else bias.contiguous(), hh, hm, _dense(h0, torch.float32),
+            _dense(c0, torch.float32), None if lengths is None else lengths.contiguous(), bool(save_for_backward),
             bool(return_cell_states), interface.POISON_BUFFERS, portable_bf16(),
         ))
 
@@ -62,8 +62,8 @@ def prepare_step(weight_ih, weight_im, bias, weight_hh, weight_hm, B: int):
     forward_input = _ops().forward_input
 
     def step(x, h0, c0):
-        output, c_n, _, _ = forward_input(x.contiguous(), xm, bias, hh, hm, h0.float().contiguous(),
-                                          c0.float().contiguous(), None, False, False, interface.POISON_BUFFERS,
+        output, c_n, _, _ = forward_input(_dense(x), xm, bias, hh, hm, _dense(h0, torch.float32),
+                                          _dense(c0, torch.float32), None, False, False, interface.POISON_BUFFERS,
                                           portable_bf16())
         return output, c_n
 
