@@ -310,3 +310,33 @@ def test_every_copy_computes_the_gates_to_float32_accuracy_and_saturates_exactly
     ones = saturated & (want.abs() > 0.5)
     assert torch.equal(act[ones], want[ones].sign())  # 1 or -1 exactly
     assert (act[saturated & ~ones].abs() <= 4e-39).all()  # 0, or 1 / FLT_MAX where exp was capped
+
+
+@pytest.mark.parametrize("gemm", ["portable", "native"])
+def test_small_batches_take_the_float32_xm_gemm_with_vnni_weights(gemm):
+    """Up to NARROW_MAX_ROWS batch rows the layer's xm GEMM stays float32 with VNNI weights (oneDNN's
+    bfloat16 matmul costs more per call than a generation step's GEMMs); the choice follows the
+    batch, never T, and a step there equals the one-step sequence."""
+    recurrence = _recurrence()
+    from fastmlstm.ops.cpu import layer
+
+    if gemm == "native" and not recurrence.native_bf16():
+        pytest.skip("no native bfloat16 GEMM on this CPU; the portable twin of the same path ran")
+    I, H = 8, 40
+    g = torch.Generator().manual_seed(1)
+    w_ih, w_im, w_hh, w_hm = (torch.randn(*s, generator=g).bfloat16() for s in ((4 * H, I), (H, I), (4 * H, H), (H, H)))
+    with recurrence.forced_bf16_gemm(gemm):
+        for rows, dtype in ((1, torch.float32), (recurrence.NARROW_MAX_ROWS, torch.float32),
+                            (recurrence.NARROW_MAX_ROWS + 1, torch.bfloat16)):
+            lay = recurrence.layout(torch.bfloat16, rows, H, I)
+            assert lay == recurrence.VNNI
+            assert layer._forward_packs(w_ih, w_im, w_hh, w_hm, lay, rows)[0].dtype == dtype
+        x, zeros = torch.randn(6, 2, I, generator=g).bfloat16(), torch.zeros(2, H)
+        step = layer.prepare_step(w_ih, w_im, None, w_hh, w_hm, 2)
+        seq = layer.layer_forward(x, w_ih, w_im, None, w_hh, w_hm, zeros, zeros, None, False, False)[0]
+        h, c = zeros, zeros
+        for t in range(x.shape[0]):  # six steps and one six-step call: the same xm path, the same bits
+            out, c = step(x[t:t + 1], h, c)
+            h = out[0].float()
+            assert torch.equal(out[0], seq[t])
+

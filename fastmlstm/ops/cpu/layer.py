@@ -23,21 +23,28 @@ from __future__ import annotations
 import torch
 
 from .. import interface
-from .recurrence import _dense, _ops, _optional, _packed, kernel_isa, layout, portable_bf16
+from .recurrence import FLOAT32, NARROW_MAX_ROWS, VNNI, _dense, _ops, _optional, _packed, kernel_isa, layout, \
+    portable_bf16
 
 __all__ = ["layer_forward", "layer_backward", "step_key", "prepare_step"]
 
 
-def _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay):
-    """The packed weights forward_input reads: Wmx^T, [Wh | Wx] and Wmh in layout ``lay``."""
-    return _packed(weight_im, "xm", lay), _packed(weight_hh, "hh", lay, weight_ih), _packed(weight_hm, "hm", lay)
+def _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay, rows):
+    """The packed weights forward_input reads for ``rows`` batch rows: Wmx^T, [Wh | Wx] and Wmh in
+    layout ``lay``. Wmx^T is float32 (xm a float32 GEMM, then rounded) below NARROW_MAX_ROWS + 1
+    rows even with VNNI weights: a bfloat16 GEMM goes through oneDNN's matmul, whose fixed cost per
+    call (about 16 us at one row, against 2 us for the float32 GEMM) outweighs a generation step's
+    GEMMs. Chosen by the batch, never by T, so a row's result does not depend on T."""
+    xm_lay = lay if lay != VNNI or rows > NARROW_MAX_ROWS else FLOAT32
+    return (_packed(weight_im, "xm", xm_lay), _packed(weight_hh, "hh", lay, weight_ih),
+            _packed(weight_hm, "hm", lay))
 
 
 def layer_forward(x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0, lengths, save_for_backward,
                   return_cell_states):
     H, I = weight_hm.shape[0], x.shape[2]
     lay = layout(x.dtype, x.shape[1], H, I)  # one layout for every GEMM of the loop; VNNI needs even K
-    xm, hh, hm = _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay)
+    xm, hh, hm = _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay, x.shape[1])
     with torch.no_grad():
         return tuple(_ops().forward_input(
             _dense(x), xm, None if bias is None else bias.contiguous(), hh, hm, _dense(h0, torch.float32),
@@ -57,7 +64,7 @@ def prepare_step(weight_ih, weight_im, bias, weight_hh, weight_hm, B: int):
     ``step(x [1, B, I], h0, c0) -> (output [1, B, H], c_n [B, H])``. Valid while the weights and
     :func:`step_key` are unchanged (the caller keys it on both)."""
     lay = layout(weight_hm.dtype, B, weight_hm.shape[0], weight_im.shape[1])
-    xm, hh, hm = _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay)
+    xm, hh, hm = _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay, B)
     bias = None if bias is None else bias.contiguous()
     forward_input = _ops().forward_input
 
