@@ -1,6 +1,7 @@
-"""Three kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
+"""Four kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
 (bench/kernels/cpu_ab.py) restores what it switched, the batch-1 step loops
-(bench/kernels/cpu_step.py) time every loop and restore the weight-cache mode, and the multiply-add peak
+(bench/kernels/cpu_step.py) time every loop and restore the weight-cache mode, the generation A/B
+(bench/kernels/cpu_generate.py) restores its layout rule, and the multiply-add peak
 (bench/kernels/cpu_peak.py) counts its FLOPs right, runs its portable kernel on every machine, and
 turns a results file into bounds that are checked by hand."""
 
@@ -17,6 +18,7 @@ import fastmlstm
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "kernels"))
 
 import cpu_ab  # noqa: E402
+import cpu_generate  # noqa: E402
 import cpu_peak  # noqa: E402
 import cpu_step  # noqa: E402
 
@@ -55,6 +57,18 @@ def test_the_step_loops_time_every_loop_and_restore_the_cache_mode(tmp_path, mon
     assert {"step / forward T=1, float32", "step / forward T=1, bfloat16", "prepared / functional, float32"} <= \
         set(case["ratios"])
     assert os.environ[ENV_WEIGHT_CACHE] == "off" and FastMLSTM._prepared_steps is cpu_step._PREPARED
+
+
+@pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
+def test_the_generation_ab_times_both_sides_and_restores_the_rule(tmp_path):
+    from fastmlstm.ops.cpu import recurrence
+
+    before = recurrence.STREAM_MIN_BYTES
+    out = tmp_path / "generate.json"
+    assert cpu_generate.main(["--H", "16", "--bytes", "2", "--rounds", "1", "--threads", "1", "--out", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    assert set(case["ms_per_byte"]) == {"on", "off"} and all(v > 0 for v in case["ms_per_byte"].values())
+    assert case["streamed_layout"] is False and recurrence.STREAM_MIN_BYTES == before
 
 
 def test_the_flops_count_every_thread_chain_and_lane(monkeypatch):

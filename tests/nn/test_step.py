@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE, DTYPES
-from tolerances import ABS, rel_err
+from tolerances import ABS, FACTOR, rel_err
 
 import fastmlstm
 from fastmlstm import FastMLSTM, multiplicative_lstm, multiplicative_lstm_step
@@ -275,3 +275,27 @@ def test_the_module_keeps_a_bounded_number_of_prepared_steps():
         for rows in range(1, weight_cache.MAX_MEMOS + 5):  # a prepared step per batch size
             rnn.step(torch.randn(rows, I))
     assert len(_memos(rnn)) == weight_cache.MAX_MEMOS
+
+
+@needs_cpu
+def test_one_streamed_row_reads_bf16_weights_as_they_are(monkeypatch):
+    """One batch row over weights far past the last-level cache takes the narrow layout (the plain
+    16-bit kernel streams them faster than the VNNI micro-kernel at one row); two rows, and the
+    backward, keep theirs. The threshold is lowered here so that a small layer crosses it."""
+    from fastmlstm.ops.cpu import recurrence
+
+    monkeypatch.setattr(recurrence, "STREAM_MIN_BYTES", 10 * H * H)
+    assert recurrence.layout(torch.bfloat16, 1, H, 6) == recurrence.NARROW
+    assert recurrence.layout(torch.bfloat16, 1, H - 2, 6) != recurrence.NARROW
+    assert recurrence.layout(torch.bfloat16, 2, H, 6) != recurrence.NARROW
+    assert recurrence.layout(torch.bfloat16, 1, H, 6, backward=True) != recurrence.NARROW
+    weights, x = _weights(torch.bfloat16, "cpu", inputs=6), torch.randn(1, 6).bfloat16()
+    state = _state(torch.bfloat16, 1, "cpu")
+    with torch.no_grad():
+        step = multiplicative_lstm_step(x, *weights, initial_state=state, backend="cpu")
+        _assert_same(step, _one_step_sequence(x, weights, state, "cpu"))
+        truth = multiplicative_lstm_step(x.double(), *(w.double() for w in weights),
+                                         initial_state=tuple(s.double() for s in state), backend="reference")
+        ref = multiplicative_lstm_step(x, *weights, initial_state=state, backend="reference")
+    for got, base, want in ((step[0], ref[0], truth[0]), (step[1][1], ref[1][1], truth[1][1])):
+        assert rel_err(got, want) <= FACTOR * rel_err(base, want) + ABS[torch.bfloat16]

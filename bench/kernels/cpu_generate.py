@@ -1,0 +1,74 @@
+"""Byte generation on CPU, ByteLM.generate per sampled byte, with the narrow layout for one streamed row
+(``fastmlstm/ops/cpu/recurrence.py``, ``STREAM_MIN_BYTES``: bfloat16 weights read as they are by the
+plain 16-bit kernel once they are far past the last-level cache) on and off in turn.
+
+    python bench/kernels/cpu_generate.py [--H 2048,3072,4096] [--dtype bfloat16] [--bytes 20]
+                                         [--threads 2] [--rounds 5] [--out FILE.json]
+
+Per case and round, one ``generate`` of ``--bytes`` bytes after the prefix "\\n " (one sample) with the
+rule on, then off (every layout VNNI where the CPU multiplies bfloat16 natively); each figure is the
+median over rounds of the time per byte, and ``on / off`` the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: measure.py
+
+import measure  # noqa: E402
+
+import fastmlstm  # noqa: E402
+from fastmlstm.ops.cpu import recurrence  # noqa: E402
+
+OFF = 1 << 62  # no weights are that large: the rule never applies
+
+
+def case(H: int, dtype: torch.dtype, n_bytes: int, rounds: int) -> dict:
+    lm = fastmlstm.ByteLM(H, 64, weight_norm=True, backend="cpu").to(dtype)
+    on = recurrence.STREAM_MIN_BYTES
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        for r in range(rounds + 1):  # round 0 warms up both sides (packs, caches)
+            for side, limit in (("on", on), ("off", OFF)):
+                recurrence.STREAM_MIN_BYTES = limit
+                t0 = time.perf_counter()
+                lm.generate("\n ", n_bytes, seed=r)
+                if r:
+                    times[side].append((time.perf_counter() - t0) / n_bytes * 1e3)
+    finally:
+        recurrence.STREAM_MIN_BYTES = on
+    ms = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    return {"H": H, "dtype": str(dtype).replace("torch.", ""), "B": 1, "ms_per_byte": ms,
+            "on_over_off": round(ms["on"] / ms["off"], 3),
+            "streamed_layout": recurrence.layout(dtype, 1, H) == recurrence.NARROW}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--H", default="2048,3072,4096")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--bytes", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    doc = measure.probe_doc("bench/kernels/cpu_generate.py", sys.argv[1:] if argv is None else argv,
+                            torch_threads=args.threads, stream_min_bytes=recurrence.STREAM_MIN_BYTES, cases=[])
+    for H in (int(h) for h in args.H.split(",")):
+        doc["cases"].append(case(H, getattr(torch, args.dtype), args.bytes, args.rounds))
+        print(json.dumps(doc["cases"][-1]), flush=True)
+    measure.finish_probe_doc(doc, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
