@@ -352,40 +352,64 @@ void widen_impl(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* o
   }
 }
 
+// kR rows of C [kR, kCols] = A [kR, K] x B [K, kCols] (16-bit B widened in registers), the row count a
+// compile-time constant so that the kR x kCols / V accumulators stay in registers: with a run-time
+// count the compiler kept them on the stack and every multiply-add went through memory.
+template <typename W, int64_t kCols, int64_t kR>
+inline void small_gemm_rows(const float* A, int64_t lda, int64_t K, const W* B, float* C) {
+  constexpr int64_t kVecs = kCols / V;
+  Vec acc[kR][kVecs];
+  for (int64_t r = 0; r < kR; ++r) {
+    for (int64_t v = 0; v < kVecs; ++v) {
+      acc[r][v] = Vec(0.0f);
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec b[kVecs];
+    for (int64_t v = 0; v < kVecs; v += 2) {
+      // A whole 16-bit vector (2 V values) at a time: at::vec's partial 16-bit loads go through memory.
+      std::tie(b[v], b[v + 1]) = at::vec::convert_to_float<W>(at::vec::Vectorized<W>::loadu(B + k * kCols + v * V));
+    }
+    for (int64_t r = 0; r < kR; ++r) {
+      const Vec a(A[r * lda + k]);
+      for (int64_t v = 0; v < kVecs; ++v) {
+        acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
+      }
+    }
+  }
+  for (int64_t r = 0; r < kR; ++r) {
+    for (int64_t v = 0; v < kVecs; ++v) {
+      acc[r][v].store(C + r * kCols + v * V);
+    }
+  }
+}
+
 template <typename W, int64_t kCols>
 void small_gemm_cols(int64_t M, const float* A, int64_t lda, int64_t K, const W* B, float* C) {
   // All kCols columns of the block in registers for up to kRows rows at a time (as many as the
   // vector registers hold besides the weights'); the padded columns of the last block hold zero
-  // weights and give zeros.
+  // weights and give zeros. Each element sums over k in order, whatever the rows taken with it.
   static_assert(kCols % (2 * V) == 0, "a weight block must hold whole pairs of vectors");
-  constexpr int64_t kVecs = kCols / V;
-  constexpr int64_t kRows = kVecs <= 4 ? 4 : 1;
+  constexpr int64_t kRows = kCols / V <= 4 ? 4 : 1;
   for (int64_t r0 = 0; r0 < M; r0 += kRows) {
-    const int64_t rows = std::min(kRows, M - r0);
-    Vec acc[kRows][kVecs];
-    for (int64_t r = 0; r < kRows; ++r) {
-      for (int64_t v = 0; v < kVecs; ++v) {
-        acc[r][v] = Vec(0.0f);
+    const float* a = A + r0 * lda;
+    float* c = C + r0 * kCols;
+    if constexpr (kRows == 4) {
+      switch (std::min(kRows, M - r0)) {
+        case 4:
+          small_gemm_rows<W, kCols, 4>(a, lda, K, B, c);
+          continue;
+        case 3:
+          small_gemm_rows<W, kCols, 3>(a, lda, K, B, c);
+          continue;
+        case 2:
+          small_gemm_rows<W, kCols, 2>(a, lda, K, B, c);
+          continue;
+        default:
+          break;
       }
     }
-    for (int64_t k = 0; k < K; ++k) {
-      Vec b[kVecs];
-      for (int64_t v = 0; v < kVecs; v += 2) {
-        // A whole 16-bit vector (2 V values) at a time: at::vec's partial 16-bit loads go through memory.
-        std::tie(b[v], b[v + 1]) = at::vec::convert_to_float<W>(at::vec::Vectorized<W>::loadu(B + k * kCols + v * V));
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const Vec a(A[(r0 + r) * lda + k]);
-        for (int64_t v = 0; v < kVecs; ++v) {
-          acc[r][v] = at::vec::fmadd(a, b[v], acc[r][v]);
-        }
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t v = 0; v < kVecs; ++v) {
-        acc[r][v].store(C + (r0 + r) * kCols + v * V);
-      }
-    }
+    small_gemm_rows<W, kCols, 1>(a, lda, K, B, c);
   }
 }
 

@@ -1,7 +1,8 @@
-"""Four kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
+"""Five kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
 (bench/kernels/cpu_ab.py) restores what it switched, the batch-1 step loops
 (bench/kernels/cpu_step.py) time every loop and restore the weight-cache mode, the generation A/B
-(bench/kernels/cpu_generate.py) restores its layout rule, and the multiply-add peak
+(bench/kernels/cpu_generate.py) restores its layout rule, the narrow kernel's probe
+(bench/kernels/cpu_narrow.py) times both layouts and restores the layout choice, and the multiply-add peak
 (bench/kernels/cpu_peak.py) counts its FLOPs right, runs its portable kernel on every machine, and
 turns a results file into bounds that are checked by hand."""
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "kernels"
 
 import cpu_ab  # noqa: E402
 import cpu_generate  # noqa: E402
+import cpu_narrow  # noqa: E402
 import cpu_peak  # noqa: E402
 import cpu_step  # noqa: E402
 
@@ -69,6 +71,18 @@ def test_the_generation_ab_times_both_sides_and_restores_the_rule(tmp_path):
     (case,) = json.loads(out.read_text())["cases"]
     assert set(case["ms_per_byte"]) == {"on", "off"} and all(v > 0 for v in case["ms_per_byte"].values())
     assert case["streamed_layout"] is False and recurrence.STREAM_MIN_BYTES == before
+
+
+@pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
+def test_the_narrow_probe_times_both_layouts_and_restores_the_choice(tmp_path, monkeypatch):
+    from fastmlstm.ops.cpu import layer, recurrence
+
+    monkeypatch.setenv("FASTMLSTM_CPU_BF16", "portable")  # VNNI packs on every CPU (the portable twin)
+    out = tmp_path / "narrow.json"
+    assert cpu_narrow.main(["--H", "16", "--B", "1,3", "--rounds", "1", "--threads", "1", "--out", str(out)]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert [(c["H"], c["B"]) for c in cases] == [(16, 1), (16, 3)] and all(c["narrow_over_vnni"] > 0 for c in cases)
+    assert layer.layout is recurrence.layout
 
 
 def test_the_flops_count_every_thread_chain_and_lane(monkeypatch):
