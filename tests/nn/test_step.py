@@ -278,16 +278,17 @@ def test_the_module_keeps_a_bounded_number_of_prepared_steps():
 
 
 @needs_cpu
-def test_one_streamed_row_reads_bf16_weights_as_they_are(monkeypatch):
-    """One batch row over weights far past the last-level cache takes the narrow layout (the plain
-    16-bit kernel streams them faster than the VNNI micro-kernel at one row); two rows, and the
-    backward, keep theirs. The threshold is lowered here so that a small layer crosses it."""
+def test_a_few_streamed_rows_read_bf16_weights_as_they_are(monkeypatch):
+    """One to three batch rows over weights far past the last-level cache take the narrow layout (the
+    plain 16-bit kernel streams them faster than the VNNI micro-kernel at so few rows); four rows, and
+    the backward, keep theirs. The threshold is lowered here so that a small layer crosses it."""
     from fastmlstm.ops.cpu import recurrence
 
     monkeypatch.setattr(recurrence, "STREAM_MIN_BYTES", 10 * H * H)
-    assert recurrence.layout(torch.bfloat16, 1, H, 6) == recurrence.NARROW
+    for rows in range(1, recurrence.STREAM_MAX_ROWS + 1):
+        assert recurrence.layout(torch.bfloat16, rows, H, 6) == recurrence.NARROW
     assert recurrence.layout(torch.bfloat16, 1, H - 2, 6) != recurrence.NARROW
-    assert recurrence.layout(torch.bfloat16, 2, H, 6) != recurrence.NARROW
+    assert recurrence.layout(torch.bfloat16, recurrence.STREAM_MAX_ROWS + 1, H, 6) != recurrence.NARROW
     assert recurrence.layout(torch.bfloat16, 1, H, 6, backward=True) != recurrence.NARROW
     weights, x = _weights(torch.bfloat16, "cpu", inputs=6), torch.randn(1, 6).bfloat16()
     state = _state(torch.bfloat16, 1, "cpu")

@@ -224,17 +224,19 @@ FLOAT32, VNNI, NARROW = 0, 1, 2
 NARROW_MAX_ROWS = 4
 
 
-# At one batch row a step reads every weight once: once the recurrent weights (5 H^2 bfloat16 values)
-# are well past a last-level cache, the step is a read of them from memory, which the narrow kernel
-# (small_gemm) does faster than oneDNN's VNNI micro-kernel at one row (generation 0.83-0.84x at H =
-# 3072 and 4096, 1.03-1.04x at 2048, on bench/kernels/NOTES-cpu.md's machine: "One row from memory").
-STREAM_MIN_BYTES = 64 << 20
+# At one to three batch rows a step reads every weight once and does little with it: once the
+# recurrent weights (5 H^2 bfloat16 values) outgrow a last-level cache, the step is a read of them
+# from memory, which the narrow kernel (small_gemm) does faster than oneDNN's VNNI micro-kernel at so
+# few rows (0.58-0.93x the step's time at H = 2048-4096, 0.93-1.18x at four rows; bfloat16 generation
+# 0.81-0.82x at H = 2048 and 4096: bench/kernels/NOTES-cpu.md, "A few rows from memory").
+STREAM_MIN_BYTES = 32 << 20
+STREAM_MAX_ROWS = 3
 
 
 def layout(dtype: torch.dtype, rows: int, *ks: int, backward: bool = False) -> int:
     """The packed layout of the weights for activations of ``dtype``, ``rows`` batch rows, and GEMMs
     with inner dimensions ``ks`` (the first is H)."""
-    streamed = rows == 1 and not backward and 10 * ks[0] ** 2 >= STREAM_MIN_BYTES
+    streamed = rows <= STREAM_MAX_ROWS and not backward and 10 * ks[0] ** 2 >= STREAM_MIN_BYTES
     if dtype == torch.bfloat16 and all(k % 2 == 0 for k in ks) and bf16_gemm() != "float32" and not streamed:
         return VNNI
     if dtype != torch.float32 and rows <= NARROW_MAX_ROWS and not backward:
