@@ -43,7 +43,9 @@ def cmd_info(args) -> int:
     kernels = info["cpu_kernels"]
     if kernels["available"]:
         print(f"{'cpu':>10}: epilogues {kernels['epilogues']}; float32 GEMMs {kernels['float32_gemm']}; "
-              f"bfloat16 GEMMs {kernels['bf16_gemm']}: {kernels['bf16_gemm_kernels']}; buffer cache "
+              f"bfloat16 GEMMs {kernels['bf16_gemm']}: {kernels['bf16_gemm_kernels']}; narrow bfloat16 steps at "
+              f"up to {kernels['streamed_rows']['max_rows']} rows from "
+              f"{kernels['streamed_rows']['from_MiB']} MiB of weights; buffer cache "
               f"{kernels['buffer_cache_MiB']['held']} of {kernels['buffer_cache_MiB']['limit']} MiB held")
     print("  backends:")
     for key, entry in info["backends"].items():

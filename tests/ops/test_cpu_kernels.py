@@ -340,3 +340,16 @@ def test_small_batches_take_the_float32_xm_gemm_with_vnni_weights(gemm):
             h = out[0].float()
             assert torch.equal(out[0], seq[t])
 
+
+
+def test_the_last_level_cache_size_comes_from_the_largest_cache_linux_reports(tmp_path):
+    from fastmlstm.ops.cpu import recurrence
+
+    for index, size in enumerate(["48K\n", "1024K", "96M", "garbage"]):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size)
+    (tmp_path / "index9").mkdir()  # no size file: skipped
+    assert recurrence.last_level_cache_bytes(str(tmp_path)) == 96 << 20
+    assert recurrence.last_level_cache_bytes(str(tmp_path / "none"), default=7) == 7
+    assert recurrence.kernel_report()["streamed_rows"] == {"max_rows": recurrence.STREAM_MAX_ROWS,
+                                                           "from_MiB": round(recurrence.STREAM_MIN_BYTES / 2**20, 1)}

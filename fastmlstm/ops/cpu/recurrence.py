@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import logging
 import os
 
@@ -201,6 +202,7 @@ def kernel_report() -> dict:
         "bf16_gemm": mode,
         "bf16_gemm_kernels": bf16_kernels,
         "onednn_isa": isa,
+        "streamed_rows": {"max_rows": STREAM_MAX_ROWS, "from_MiB": round(STREAM_MIN_BYTES / 2**20, 1)},
         "buffer_cache_MiB": {"limit": round(limit_bytes() / 2**20, 1),
                              "held": round(_ops().buffer_cache_bytes() / 2**20, 1)},
     }
@@ -225,12 +227,31 @@ NARROW_MAX_ROWS = 4
 
 
 # At one to three batch rows a step reads every weight once and does little with it: once the
-# recurrent weights (5 H^2 bfloat16 values) outgrow a last-level cache, the step is a read of them
+# recurrent weights (5 H^2 bfloat16 values) outgrow the last-level cache, the step is a read of them
 # from memory, which the narrow kernel (small_gemm) does faster than oneDNN's VNNI micro-kernel at so
-# few rows (0.58-0.93x the step's time at H = 2048-4096, 0.93-1.18x at four rows; bfloat16 generation
-# 0.81-0.82x at H = 2048 and 4096: bench/kernels/NOTES-cpu.md, "A few rows from memory").
-STREAM_MIN_BYTES = 32 << 20
+# few rows (0.58-0.93x the step's time at H = 2048-4096 past a 32 MiB L3, 0.93-1.18x at four rows;
+# bfloat16 generation 0.81-0.82x at H = 2048 and 4096; in the cache, 1.12-1.56x: narrow is slower
+# there): bench/kernels/NOTES-cpu.md, "A few rows from memory".
 STREAM_MAX_ROWS = 3
+
+
+def last_level_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache", default: int = 32 << 20) -> int:
+    """The size of the largest CPU cache Linux reports for CPU 0 (``index*/size``, e.g. ``32768K``),
+    or ``default`` where it reports none (other systems, containers without /sys)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for index in sorted(glob.glob(os.path.join(cache_dir, "index*"))):
+        try:
+            with open(os.path.join(index, "size")) as f:
+                text = f.read().strip().upper()
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=0) or default
+
+
+# Recurrent weights of this many bytes or more are read from memory at every step.
+STREAM_MIN_BYTES = last_level_cache_bytes()
 
 
 def layout(dtype: torch.dtype, rows: int, *ks: int, backward: bool = False) -> int:
