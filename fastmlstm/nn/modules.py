@@ -497,7 +497,6 @@ class FastMLSTM(nn.Module):
         output, state = self.forward(seq, hx, weights=weights)
         return (output[:, 0] if self.batch_first else output[0]), state
 
-
     def _prepared_steps(self, entry, input: Tensor, states) -> tuple | None:
         """Every layer's prepared step (:func:`fastmlstm.ops.prepare_step`), kept with the cached
         weights, for a one-direction step on [B, I] input; None where the step takes the functional
@@ -515,8 +514,8 @@ class FastMLSTM(nn.Module):
         backend = resolve_backend(self.backend, input.device, input.dtype)
         B, H = input.shape[0], self.hidden_size
         # Layer 0 reads the input, the others the layer below: their keys may differ (e.g. an odd I).
-        keys = tuple(step_key(backend, input.dtype, B, H, I) for I in {self.input_size, H} if
-                     I == self.input_size or self.num_layers > 1)
+        inputs = (self.input_size,) if self.num_layers == 1 or self.input_size == H else (self.input_size, H)
+        keys = tuple(step_key(backend, input.dtype, B, H, I) for I in inputs)
         if None in keys:
             return None
         return entry.memo(keys, lambda: tuple(prepare_step(backend, *w, B) for w in entry.weights))

@@ -31,8 +31,8 @@ __all__ = ["layer_forward", "layer_backward", "step_key", "prepare_step"]
 
 def _forward_packs(weight_ih, weight_im, weight_hh, weight_hm, lay, rows):
     """The packed weights forward_input reads for ``rows`` batch rows: Wmx^T, [Wh | Wx] and Wmh in
-    layout ``lay``. Wmx^T is float32 (xm a float32 GEMM, then rounded) below NARROW_MAX_ROWS + 1
-    rows even with VNNI weights: a bfloat16 GEMM goes through oneDNN's matmul, whose fixed cost per
+    layout ``lay``. Wmx^T is float32 (xm a float32 GEMM, then rounded) up to NARROW_MAX_ROWS rows
+    even with VNNI weights: a bfloat16 GEMM goes through oneDNN's matmul, whose fixed cost per
     call (about 16 us at one row, against 2 us for the float32 GEMM) outweighs a generation step's
     GEMMs. Chosen by the batch, never by T, so a row's result does not depend on T."""
     xm_lay = lay if lay != VNNI or rows > NARROW_MAX_ROWS else FLOAT32
