@@ -300,3 +300,28 @@ def test_a_few_streamed_rows_read_bf16_weights_as_they_are(monkeypatch):
         ref = multiplicative_lstm_step(x, *weights, initial_state=state, backend="reference")
     for got, base, want in ((step[0], ref[0], truth[0]), (step[1][1], ref[1][1], truth[1][1])):
         assert rel_err(got, want) <= FACTOR * rel_err(base, want) + ABS[torch.bfloat16]
+
+
+@needs_cpu
+def test_a_streamed_forward_and_its_backward_keep_the_parity_rule(monkeypatch):
+    """Below STREAM_MAX_ROWS rows over weights past the cache the forward takes the narrow layout and
+    the backward its own (VNNI where the CPU has it): the gradients still keep the parity rule."""
+    from fastmlstm.ops.cpu import recurrence
+
+    monkeypatch.setattr(recurrence, "STREAM_MIN_BYTES", 10 * H * H)
+    inputs, rows = 6, 2
+    base = [w.requires_grad_() for w in _weights(torch.bfloat16, "cpu", inputs=inputs)]
+    x = torch.randn(4, rows, inputs).bfloat16().requires_grad_()
+    state = _state(torch.float32, rows, "cpu")
+    grad_out = torch.randn(4, rows, H)
+
+    def grads(backend, dtype):
+        tensors = [t.detach().to(dtype).requires_grad_() for t in (x, *base)]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        out, (h, c) = multiplicative_lstm(tensors[0], *tensors[1:], initial_state=tuple(s.to(acc) for s in state),
+                                          backend=backend)
+        return torch.autograd.grad((out.double() * grad_out.double()).sum() + c.double().sum(), tensors)
+
+    truth, ref, got = grads("reference", torch.float64), grads("reference", torch.bfloat16), grads("cpu", torch.bfloat16)
+    for g, r, t in zip(got, ref, truth):
+        assert rel_err(g, t) <= FACTOR * rel_err(r, t) + ABS[torch.bfloat16]
