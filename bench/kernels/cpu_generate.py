@@ -49,9 +49,16 @@ def case(H: int, dtype: torch.dtype, n_bytes: int, rounds: int) -> dict:
     finally:
         recurrence.STREAM_MIN_BYTES = on
     ms = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    layouts = {}
+    try:
+        for side, limit in (("on", on), ("off", OFF)):
+            recurrence.STREAM_MIN_BYTES = limit
+            layouts[side] = recurrence.layout(dtype, 1, H)
+    finally:
+        recurrence.STREAM_MIN_BYTES = on
     return {"H": H, "dtype": str(dtype).replace("torch.", ""), "B": 1, "ms_per_byte": ms,
             "on_over_off": round(ms["on"] / ms["off"], 3),
-            "streamed_layout": recurrence.layout(dtype, 1, H) == recurrence.NARROW}
+            "rule_applies": layouts["on"] != layouts["off"]}  # False: both sides run the same code
 
 
 def main(argv=None) -> int:

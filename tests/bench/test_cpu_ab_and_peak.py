@@ -70,7 +70,7 @@ def test_the_generation_ab_times_both_sides_and_restores_the_rule(tmp_path):
     assert cpu_generate.main(["--H", "16", "--bytes", "2", "--rounds", "1", "--threads", "1", "--out", str(out)]) == 0
     (case,) = json.loads(out.read_text())["cases"]
     assert set(case["ms_per_byte"]) == {"on", "off"} and all(v > 0 for v in case["ms_per_byte"].values())
-    assert case["streamed_layout"] is False and recurrence.STREAM_MIN_BYTES == before
+    assert case["rule_applies"] is False and recurrence.STREAM_MIN_BYTES == before
 
 
 @pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")

@@ -277,8 +277,18 @@ def test_the_module_keeps_a_bounded_number_of_prepared_steps():
     assert len(_memos(rnn)) == weight_cache.MAX_MEMOS
 
 
+@pytest.fixture
+def portable_vnni():
+    """VNNI-packed bfloat16 weights on every CPU: the portable twin where the CPU has no bfloat16 dot
+    products (whose default, the float32 mode, takes the narrow layout at every batch of up to 4 rows)."""
+    from fastmlstm.ops.cpu import recurrence
+
+    with recurrence.forced_bf16_gemm("portable"):
+        yield
+
+
 @needs_cpu
-def test_a_few_streamed_rows_read_bf16_weights_as_they_are(monkeypatch):
+def test_a_few_streamed_rows_read_bf16_weights_as_they_are(monkeypatch, portable_vnni):
     """One to three batch rows over weights far past the last-level cache take the narrow layout (the
     plain 16-bit kernel streams them faster than the VNNI micro-kernel at so few rows); four rows, and
     the backward, keep theirs. The threshold is lowered here so that a small layer crosses it."""
@@ -303,7 +313,7 @@ def test_a_few_streamed_rows_read_bf16_weights_as_they_are(monkeypatch):
 
 
 @needs_cpu
-def test_a_streamed_forward_and_its_backward_keep_the_parity_rule(monkeypatch):
+def test_a_streamed_forward_and_its_backward_keep_the_parity_rule(monkeypatch, portable_vnni):
     """Below STREAM_MAX_ROWS rows over weights past the cache the forward takes the narrow layout and
     the backward its own (VNNI where the CPU has it): the gradients still keep the parity rule."""
     from fastmlstm.ops.cpu import recurrence

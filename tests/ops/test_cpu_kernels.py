@@ -353,3 +353,22 @@ def test_the_last_level_cache_size_comes_from_the_largest_cache_linux_reports(tm
     assert recurrence.last_level_cache_bytes(str(tmp_path / "none"), default=7) == 7
     assert recurrence.kernel_report()["streamed_rows"] == {"max_rows": recurrence.STREAM_MAX_ROWS,
                                                            "from_MiB": round(recurrence.STREAM_MIN_BYTES / 2**20, 1)}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_copy_of_the_narrow_kernel_keeps_parity_at_every_row_count(isa, dtype):
+    """The narrow layout (16-bit weights widened in registers) runs 1, 2, 3 or 4 rows per pass, each
+    count compiled on its own (small_gemm_rows): every count, and 4 + 1, against the float64 truth,
+    forward and every gradient, with the epilogues of ``isa``; bfloat16 in the float32 GEMM mode, where
+    every CPU takes the narrow layout at these batches."""
+    from test_cpu import _layer_failures
+    from test_recurrence import _ragged_lengths
+
+    recurrence = _recurrence()
+    failures = []
+    with _isa(isa), recurrence.forced_bf16_gemm("float32"):
+        for rows in (1, 2, 3, 4, 5):
+            assert recurrence.layout(dtype, rows, 40, 6) == (recurrence.NARROW if rows <= 4 else recurrence.FLOAT32)
+            failures += _layer_failures(dtype, (dtype, 3, rows, 6, 40, _ragged_lengths(3, rows) if rows > 2 else None))
+    assert not failures, "\n".join(failures)
