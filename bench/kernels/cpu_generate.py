@@ -1,20 +1,26 @@
-"""Byte generation on CPU, ByteLM.generate per sampled byte, with the narrow layout for one streamed row
-(``fastmlstm/ops/cpu/recurrence.py``, ``STREAM_MIN_BYTES``: bfloat16 weights read as they are by the
-plain 16-bit kernel once they are far past the last-level cache) on and off in turn.
+"""Byte generation on CPU, ByteLM.generate per sampled byte, with one switch on and off in turn:
 
-    python bench/kernels/cpu_generate.py [--H 2048,3072,4096] [--dtype bfloat16] [--bytes 20]
-                                         [--threads 2] [--rounds 5] [--out FILE.json]
+- ``stream`` (default): the narrow layout for one streamed row (``fastmlstm/ops/cpu/recurrence.py``,
+  ``STREAM_MIN_BYTES``: bfloat16 weights read as they are by the plain 16-bit kernel once they are far
+  past the last-level cache); off, every layout VNNI where the CPU multiplies bfloat16 natively.
+- ``prepared``: each byte through the backend's prepared step (``fastmlstm.ops.prepare_sequence_step``,
+  bound once per ``generate`` call); off, through the functional recurrence, as before it.
+
+    python bench/kernels/cpu_generate.py [--switch stream|prepared] [--H 2048,3072,4096]
+                                         [--dtype bfloat16] [--bytes 20] [--threads 2] [--rounds 5]
+                                         [--out FILE.json]
 
 Per case and round, one ``generate`` of ``--bytes`` bytes after the prefix "\\n " (one sample) with the
-rule on and one with it off (every layout VNNI where the CPU multiplies bfloat16 natively), each side
-first in every other round; each figure is the median over rounds of the time per byte, and
-``on / off`` the ratio of medians. Below the threshold both sides run the same code: their ratio is
-the spread of the run.
+switch on and one with it off, each side first in every other round; each figure is the median over
+rounds of the time per byte, and ``on / off`` the ratio of medians. ``rule_applies`` (stream): whether
+the rule changes the layout at that size; where it does not, both sides run the same code and their
+ratio is the spread of the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -33,36 +39,51 @@ from fastmlstm.ops.cpu import recurrence  # noqa: E402
 OFF = 1 << 62  # no weights are that large: the rule never applies
 
 
-def case(H: int, dtype: torch.dtype, n_bytes: int, rounds: int) -> dict:
+@contextlib.contextmanager
+def _switched(name: str, on: bool):
+    """The switch ``name`` on or off inside the block, restored after it."""
+    if name == "stream":
+        before = recurrence.STREAM_MIN_BYTES
+        recurrence.STREAM_MIN_BYTES = before if on else OFF
+        try:
+            yield
+        finally:
+            recurrence.STREAM_MIN_BYTES = before
+    else:
+        prepare = fastmlstm.ops.prepare_sequence_step
+        fastmlstm.ops.prepare_sequence_step = prepare if on else (lambda *args: None)
+        try:
+            yield
+        finally:
+            fastmlstm.ops.prepare_sequence_step = prepare
+
+
+def case(H: int, dtype: torch.dtype, n_bytes: int, rounds: int, switch: str = "stream") -> dict:
     lm = fastmlstm.ByteLM(H, 64, weight_norm=True, backend="cpu").to(dtype)
-    on = recurrence.STREAM_MIN_BYTES
     times: dict[str, list[float]] = {"on": [], "off": []}
-    try:
-        for r in range(rounds + 1):  # round 0 warms up both sides (packs, caches)
-            sides = (("on", on), ("off", OFF))
-            for side, limit in sides if r % 2 else sides[::-1]:  # each side first in every other round
-                recurrence.STREAM_MIN_BYTES = limit
+    for r in range(rounds + 1):  # round 0 warms up both sides (packs, caches)
+        sides = ("on", "off") if r % 2 else ("off", "on")  # each side first in every other round
+        for side in sides:
+            with _switched(switch, side == "on"):
                 t0 = time.perf_counter()
                 lm.generate("\n ", n_bytes, seed=r)
                 if r:
                     times[side].append((time.perf_counter() - t0) / n_bytes * 1e3)
-    finally:
-        recurrence.STREAM_MIN_BYTES = on
     ms = {k: round(statistics.median(v), 3) for k, v in times.items()}
-    layouts = {}
-    try:
-        for side, limit in (("on", on), ("off", OFF)):
-            recurrence.STREAM_MIN_BYTES = limit
-            layouts[side] = recurrence.layout(dtype, 1, H)
-    finally:
-        recurrence.STREAM_MIN_BYTES = on
-    return {"H": H, "dtype": str(dtype).replace("torch.", ""), "B": 1, "ms_per_byte": ms,
-            "on_over_off": round(ms["on"] / ms["off"], 3),
-            "rule_applies": layouts["on"] != layouts["off"]}  # False: both sides run the same code
+    out = {"H": H, "dtype": str(dtype).replace("torch.", ""), "B": 1, "switch": switch, "ms_per_byte": ms,
+           "on_over_off": round(ms["on"] / ms["off"], 3)}
+    if switch == "stream":
+        layouts = {}
+        for side in ("on", "off"):
+            with _switched("stream", side == "on"):
+                layouts[side] = recurrence.layout(dtype, 1, H)
+        out["rule_applies"] = layouts["on"] != layouts["off"]  # False: both sides run the same code
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--switch", choices=("stream", "prepared"), default="stream")
     p.add_argument("--H", default="2048,3072,4096")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--bytes", type=int, default=20)
@@ -74,7 +95,7 @@ def main(argv=None) -> int:
     doc = measure.probe_doc("bench/kernels/cpu_generate.py", sys.argv[1:] if argv is None else argv,
                             torch_threads=args.threads, stream_min_bytes=recurrence.STREAM_MIN_BYTES, cases=[])
     for H in (int(h) for h in args.H.split(",")):
-        doc["cases"].append(case(H, getattr(torch, args.dtype), args.bytes, args.rounds))
+        doc["cases"].append(case(H, getattr(torch, args.dtype), args.bytes, args.rounds, args.switch))
         print(json.dumps(doc["cases"][-1]), flush=True)
     measure.finish_probe_doc(doc, args.out)
     return 0

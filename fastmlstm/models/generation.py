@@ -1,5 +1,6 @@
 """The per-byte step of :meth:`ByteLM.generate <fastmlstm.models.lm.ByteLM.generate>`: run eagerly,
-or, on a GPU once checked, replayed as one CUDA graph.
+or, on a GPU once checked, replayed as one CUDA graph; and the recurrence it advances
+(:func:`byte_advance`).
 
 A generation step (embedding gather, the recurrence's two kernels, the held units, the readout) is
 a handful of small launches; at H = 1024 and 64 samples the host needs longer to launch them than
@@ -25,14 +26,46 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from .. import ops
+from ..nn.functional import multiplicative_lstm_recurrence
 from ..ops import capture, resolve_backend, verdicts
 
-__all__ = ["ByteStepper"]
+__all__ = ["ByteStepper", "byte_advance"]
 
 CHECK_STEPS = 3
 TIMING_STEPS = 16
+
+
+def byte_advance(table: Tensor, weight_hh: Tensor, weight_hm: Tensor, backend: str, B: int,
+                 held: tuple[Tensor, Tensor] | None = None) -> Callable:
+    """``advance(bytes [T, B] long, state or None) -> (last output [B, H], (h, c))``: the recurrence
+    over bytes whose input projections are rows of ``table`` [256, 5H], with the cell units
+    ``held = (units, values)`` set after every step.
+
+    One byte from a state goes through the backend's prepared step where it has one (the CPU's: the
+    packed weights bound once per call of ``generate``), without the functional recurrence's checks
+    and lookups, which were most of a byte's time at small sizes; the result is the same
+    (``tests/models/test_generation.py``). Anything else takes
+    :func:`~fastmlstm.nn.functional.multiplicative_lstm_recurrence`.
+    """
+    step = ops.prepare_sequence_step(resolve_backend(backend, table.device, table.dtype), weight_hh, weight_hm, B)
+
+    def advance(byte_rows: Tensor, state):
+        proj = F.embedding(byte_rows, table)
+        if step is not None and state is not None and byte_rows.shape[0] == 1:
+            out, c = step(proj, state[0], state[1])
+            h = out[0].float()  # (the state is float32; for float32 weights this is out[0] itself)
+        else:
+            out, (h, c) = multiplicative_lstm_recurrence(proj, weight_hh, weight_hm, initial_state=state,
+                                                         backend=backend)
+        if held is not None:
+            c[:, held[0]] = held[1]
+        return out[-1], (h, c)
+
+    return advance
 
 
 class ByteStepper:

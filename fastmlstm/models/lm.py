@@ -20,7 +20,7 @@ from ..nn.functional import multiplicative_lstm_recurrence
 from ..nn.precision import linear
 from ..nn.modules import FastMLSTM, MLSTMWeights, autocast_dtype, cast_weights
 from ..options import check
-from .generation import ByteStepper
+from .generation import ByteStepper, byte_advance
 from .serialization import FORMAT, ModelFileMixin
 
 __all__ = ["ByteLM", "pad_bytes", "to_bytes"]
@@ -196,13 +196,8 @@ class ByteLM(ModelFileMixin, nn.Module):
         weights = self._weights(None, device.type)
         table = self.input_tables(weights)
 
-        def advance(byte_rows: Tensor, state):  # byte_rows [T, B] -> last output [B, H], state
-            out, (h, c) = multiplicative_lstm_recurrence(
-                F.embedding(byte_rows, table), weights.weight_hh, weights.weight_hm, initial_state=state,
-                backend=self.rnn.backend)
-            if units is not None:
-                c[:, units] = values
-            return out[-1], (h, c)
+        advance = byte_advance(table, weights.weight_hh, weights.weight_hm, self.rnn.backend, num_samples,
+                               None if units is None else (units, values))
 
         start = torch.tensor(list(prefix), dtype=torch.long, device=device).unsqueeze(1).expand(-1, num_samples)
         state = None

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import registry
 from .autograd import layer_forward, no_autocast, sequence_forward
-from .interface import accumulation_dtype, has_layer, has_step
+from .interface import accumulation_dtype, has_layer, has_sequence_step, has_step
 from .registry import (
     BACKENDS,
     REGISTRY,
@@ -43,6 +43,7 @@ __all__ = [
     "fingerprints",
     "layer",
     "layer_step",
+    "prepare_sequence_step",
     "prepare_step",
     "resolve_backend",
     "sequence",
@@ -71,6 +72,18 @@ def sequence(proj: Tensor, weight_hh: Tensor, weight_hm: Tensor, h0: Tensor, c0:
     else:
         output, c_n, cell_states, _ = sequence_forward(*tensors, backend, _needs_grad(tensors), return_cell_states)
     return output, c_n, cell_states
+
+
+def prepare_sequence_step(backend: str, weight_hh: Tensor, weight_hm: Tensor, B: int):
+    """``backend``'s one-step recurrence of B rows with these weights bound
+    (:data:`.interface.SEQUENCE_STEP_ENTRY`): ``step(proj [1, B, 5H], h0, c0) -> (output [1, B, H],
+    c_n [B, H])``, outside autograd, on checked inputs (proj in the weights' dtype, h0 and c0
+    float32, all contiguous); valid while the weights are unchanged. None where the backend
+    prepares no steps, or where anything would need autograd or tracing (then :func:`sequence`)."""
+    module = registry.module(backend)
+    if B < 1 or not has_sequence_step(module) or not _direct((weight_hh, weight_hm)):
+        return None
+    return module.prepare_sequence_step(weight_hh, weight_hm, B)
 
 
 def _needs_grad(tensors) -> bool:

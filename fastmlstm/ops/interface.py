@@ -84,6 +84,11 @@ LAYER_ENTRIES = ("layer_forward", "layer_backward")
 # step(x [1, B, I], h0, c0) -> (output [1, B, H], c_n [B, H])``), valid while the weights and
 # ``step_key(dtype, B, H, I)`` are unchanged. Generation loops call it step by step.
 STEP_ENTRIES = ("step_key", "prepare_step")
+# Optional, beside the sequence entries: a one-step ``forward`` without autograd, prepared once per
+# pair of recurrent weights (``prepare_sequence_step(weight_hh, weight_hm, B) -> step(proj [1, B, 5H],
+# h0, c0) -> (output [1, B, H], c_n [B, H])``, h0 and c0 float32 and contiguous), valid while the
+# weights are unchanged. Byte generation calls it byte by byte.
+SEQUENCE_STEP_ENTRY = "prepare_sequence_step"
 
 
 def has_layer(backend) -> bool:
@@ -94,6 +99,11 @@ def has_layer(backend) -> bool:
 def has_step(backend) -> bool:
     """Whether a backend module prepares single steps (:data:`STEP_ENTRIES`)."""
     return has_layer(backend) and all(callable(getattr(backend, name, None)) for name in STEP_ENTRIES)
+
+
+def has_sequence_step(backend) -> bool:
+    """Whether a backend module prepares single steps of the recurrence (:data:`SEQUENCE_STEP_ENTRY`)."""
+    return callable(getattr(backend, SEQUENCE_STEP_ENTRY, None))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

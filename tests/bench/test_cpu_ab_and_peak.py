@@ -74,6 +74,22 @@ def test_the_generation_ab_times_both_sides_and_restores_the_rule(tmp_path):
 
 
 @pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
+def test_the_generation_ab_of_the_prepared_step_switches_it_off_and_back(tmp_path, monkeypatch):
+    import fastmlstm
+
+    prepare, calls = fastmlstm.ops.prepare_sequence_step, []
+    monkeypatch.setattr(fastmlstm.ops, "prepare_sequence_step", lambda *a: calls.append(a) or prepare(*a))
+    spy = fastmlstm.ops.prepare_sequence_step
+    out = tmp_path / "generate.json"
+    assert cpu_generate.main(["--switch", "prepared", "--H", "16", "--bytes", "2", "--rounds", "1", "--threads", "1",
+                              "--out", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["switch"] == "prepared" and all(v > 0 for v in case["ms_per_byte"].values())
+    assert "rule_applies" not in case and fastmlstm.ops.prepare_sequence_step is spy
+    assert len(calls) == 2  # rounds 0 and 1 with the step on; the off side never reached the door
+
+
+@pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
 def test_the_narrow_probe_times_both_layouts_and_restores_the_choice(tmp_path, monkeypatch):
     from fastmlstm.ops.cpu import layer, recurrence
 

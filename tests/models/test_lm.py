@@ -65,14 +65,19 @@ def test_greedy_generation_continues_the_prefix_state():
 def test_fixed_units_really_hold(monkeypatch):
     model = _model()
     seen = []
-    real = fastmlstm.models.lm.multiplicative_lstm_recurrence
+    real = fastmlstm.models.lm.byte_advance
 
     def spy(*args, **kwargs):
-        result = real(*args, **kwargs)
-        seen.append(result[1][1])  # c after every call; the hold is applied to it in place
-        return result
+        advance = real(*args, **kwargs)
 
-    monkeypatch.setattr(fastmlstm.models.lm, "multiplicative_lstm_recurrence", spy)
+        def recorded(byte_rows, state):
+            last, (h, c) = advance(byte_rows, state)
+            seen.append(c.clone())  # c after every call, the hold applied
+            return last, (h, c)
+
+        return recorded
+
+    monkeypatch.setattr(fastmlstm.models.lm, "byte_advance", spy)
     model.generate("xyz", 12, fixed_units={5: 1.0, 7: -1.0}, seed=0, num_samples=2)
     assert len(seen) == 3 + 11  # every prefix byte, then every sampled byte but the last
     for c in seen:

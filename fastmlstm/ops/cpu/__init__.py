@@ -17,7 +17,7 @@ from __future__ import annotations
 from .buffer_cache import cached_bytes, empty_cache
 from .build import status as is_available
 from .layer import layer_backward, layer_forward, prepare_step, step_key
-from .recurrence import backward, fingerprints, forward, kernel_report
+from .recurrence import backward, fingerprints, forward, kernel_report, prepare_sequence_step
 
-__all__ = ["is_available", "forward", "backward", "layer_forward", "layer_backward", "step_key", "prepare_step",
+__all__ = ["is_available", "forward", "backward", "layer_forward", "layer_backward", "step_key", "prepare_step", "prepare_sequence_step",
            "fingerprints", "kernel_report", "empty_cache", "cached_bytes"]

@@ -37,7 +37,7 @@ from .build import load_library
 
 __all__ = ["forward", "backward", "layout", "native_bf16", "bf16_gemm", "forced_bf16_gemm", "BF16_GEMMS",
            "kernel_isa", "kernel_isas", "forced_kernel_isa", "forced_k_split", "column_block", "kernel_report", "fingerprint",
-           "fingerprints"]
+           "fingerprints", "prepare_sequence_step"]
 
 logger = logging.getLogger("fastmlstm")
 
@@ -328,6 +328,24 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
             _dense(h0, torch.float32), _dense(c0, torch.float32), None if lengths is None else lengths.contiguous(),
             bool(save_for_backward), bool(return_cell_states), interface.POISON_BUFFERS, portable_bf16(),
         ))
+
+
+def prepare_sequence_step(weight_hh, weight_hm, B: int):
+    """:func:`forward` for one step of B rows without autograd, its packed weights bound once:
+    ``step(proj [1, B, 5H], h0, c0) -> (output [1, B, H], c_n [B, H])`` on contiguous inputs (h0
+    and c0 float32; the operator checks shapes and dtypes). Valid while the weights are unchanged:
+    the layout, the bfloat16 GEMM mode and the epilogues are those of the call that prepared it (a
+    generation loop prepares it per call)."""
+    ops = _ops()
+    lay = layout(weight_hm.dtype, B, weight_hm.shape[0])
+    hh, hm = _packed(weight_hh, "hh", lay), _packed(weight_hm, "hm", lay)
+    portable, poison = portable_bf16(), interface.POISON_BUFFERS
+
+    def step(proj, h0, c0):
+        output, c_n, _, _ = ops.forward(proj, hh, hm, h0, c0, None, False, False, poison, portable)
+        return output, c_n
+
+    return step
 
 
 def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0, lengths,

@@ -1,0 +1,87 @@
+"""Byte generation's recurrence (:func:`fastmlstm.models.generation.byte_advance`): one byte from a
+state goes through the backend's prepared step (:func:`fastmlstm.ops.prepare_sequence_step`, the
+CPU's), which must give what the functional recurrence gives, bit for bit, in every dtype, steered or
+not; and the door refuses what it cannot prepare."""
+
+import pytest
+import torch
+
+import fastmlstm
+from fastmlstm import ByteLM, ops
+from fastmlstm.models import generation
+
+CPU = "cpu" in fastmlstm.available_backends("cpu")
+needs_cpu = pytest.mark.skipif(not CPU, reason="the CPU backend's extension does not build here")
+H = 24
+
+
+def _weights(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(0.3 * torch.randn(s, generator=g)).to(dtype) for s in ((4 * H, H), (H, H))]
+
+
+def _recording(monkeypatch, prepared: bool) -> list:
+    """Every advance's (last output, h, c), with the prepared step on or off."""
+    seen, real = [], generation.byte_advance
+    if not prepared:
+        monkeypatch.setattr(ops, "prepare_sequence_step", lambda *args: None)
+
+    def spy(*args, **kwargs):
+        advance = real(*args, **kwargs)
+
+        def recorded(byte_rows, state):
+            last, (h, c) = advance(byte_rows, state)
+            seen.append((last.clone(), h.clone(), c.clone()))
+            return last, (h, c)
+
+        return recorded
+
+    monkeypatch.setattr(fastmlstm.models.lm, "byte_advance", spy)
+    return seen
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("held", [None, {3: 0.5, 20: -1.0}])
+def test_generation_through_the_prepared_step_is_the_functional_recurrence_bit_for_bit(monkeypatch, dtype, held):
+    torch.manual_seed(0)
+    model = ByteLM(hidden_size=H, embed_size=8, backend="cpu").to(dtype)
+    runs, used = {}, []
+    real_prepare = ops.prepare_sequence_step
+    monkeypatch.setattr(ops, "prepare_sequence_step", lambda *a: used.append(real_prepare(*a)) or used[-1])
+    for prepared in (True, False):
+        with monkeypatch.context() as m:
+            seen = _recording(m, prepared)
+            samples = model.generate("ab", 9, seed=5, num_samples=3, fixed_units=held)
+            runs[prepared] = samples, seen
+    assert used and used[0] is not None  # the CPU backend prepared the step: the first run took it
+    (samples_a, seen_a), (samples_b, seen_b) = runs[True], runs[False]
+    assert samples_a == samples_b and len(seen_a) == len(seen_b) == (1 if held is None else 2) + 8
+    for a, b in zip(seen_a, seen_b):
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+@needs_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 3])
+def test_the_prepared_sequence_step_is_the_one_step_sequence(dtype, B):
+    w_hh, w_hm = _weights(dtype)
+    step = ops.prepare_sequence_step("cpu", w_hh, w_hm, B)
+    g = torch.Generator().manual_seed(1)
+    proj = torch.randn(1, B, 5 * H, generator=g).to(dtype)
+    h0, c0 = 0.5 * torch.randn(B, H, generator=g), 0.5 * torch.randn(B, H, generator=g)
+    out, c_n = step(proj, h0, c0)
+    want, want_c, _ = ops.sequence(proj, w_hh, w_hm, h0, c0, None, "cpu", False)
+    assert out.shape == (1, B, H) and out.dtype == dtype and torch.equal(out, want) and torch.equal(c_n, want_c)
+    with pytest.raises(RuntimeError, match="h0"):  # the operator names what does not fit
+        step(proj, h0[:, :-1].contiguous(), c0)
+
+
+def test_the_door_prepares_nothing_it_cannot_run_without_autograd():
+    w_hh, w_hm = _weights(torch.float32)
+    assert ops.prepare_sequence_step("reference", w_hh, w_hm, 2) is None  # no prepared steps there
+    if CPU:
+        assert ops.prepare_sequence_step("cpu", w_hh, w_hm, 0) is None
+        with torch.enable_grad():
+            assert ops.prepare_sequence_step("cpu", w_hh.requires_grad_(), w_hm, 2) is None
