@@ -5,8 +5,10 @@
   past the last-level cache); off, every layout VNNI where the CPU multiplies bfloat16 natively.
 - ``prepared``: each byte through the backend's prepared step (``fastmlstm.ops.prepare_sequence_step``,
   bound once per ``generate`` call); off, through the functional recurrence, as before it.
+- ``sampler``: bytes drawn by ``fastmlstm.models.generation.sample_bytes``; off, by ``torch.multinomial``
+  on the softmax, as before it (the same bytes for the same seed).
 
-    python bench/kernels/cpu_generate.py [--switch stream|prepared] [--H 2048,3072,4096]
+    python bench/kernels/cpu_generate.py [--switch stream|prepared|sampler] [--H 2048,3072,4096]
                                          [--dtype bfloat16] [--bytes 20] [--threads 2] [--rounds 5]
                                          [--out FILE.json]
 
@@ -34,9 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: measure.
 import measure  # noqa: E402
 
 import fastmlstm  # noqa: E402
+from fastmlstm.models import lm as lm_module  # noqa: E402
 from fastmlstm.ops.cpu import recurrence  # noqa: E402
 
 OFF = 1 << 62  # no weights are that large: the rule never applies
+
+
+def _multinomial(logits, temperature, top_k, generator):
+    """How generate drew its bytes before ``sample_bytes``: softmax, then ``torch.multinomial``."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
 
 
 @contextlib.contextmanager
@@ -49,6 +63,13 @@ def _switched(name: str, on: bool):
             yield
         finally:
             recurrence.STREAM_MIN_BYTES = before
+    elif name == "sampler":
+        sample = lm_module.sample_bytes
+        lm_module.sample_bytes = sample if on else _multinomial
+        try:
+            yield
+        finally:
+            lm_module.sample_bytes = sample
     else:
         prepare = fastmlstm.ops.prepare_sequence_step
         fastmlstm.ops.prepare_sequence_step = prepare if on else (lambda *args: None)
@@ -83,7 +104,7 @@ def case(H: int, dtype: torch.dtype, n_bytes: int, rounds: int, switch: str = "s
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--switch", choices=("stream", "prepared"), default="stream")
+    p.add_argument("--switch", choices=("stream", "prepared", "sampler"), default="stream")
     p.add_argument("--H", default="2048,3072,4096")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--bytes", type=int, default=20)

@@ -20,7 +20,7 @@ from ..nn.functional import multiplicative_lstm_recurrence
 from ..nn.precision import linear
 from ..nn.modules import FastMLSTM, MLSTMWeights, autocast_dtype, cast_weights
 from ..options import check
-from .generation import ByteStepper, byte_advance
+from .generation import ByteStepper, byte_advance, sample_bytes
 from .serialization import FORMAT, ModelFileMixin
 
 __all__ = ["ByteLM", "pad_bytes", "to_bytes"]
@@ -172,7 +172,8 @@ class ByteLM(ModelFileMixin, nn.Module):
                 the model's device).
 
         Bad arguments (NaN or inf, a number out of range, a fractional count) raise
-        :class:`~fastmlstm.errors.InputError` (see :mod:`fastmlstm.options`).
+        :class:`~fastmlstm.errors.InputError` (see :mod:`fastmlstm.options`); logits that are not
+        finite (overflowed weights or state) raise ``FloatingPointError``.
 
         Returns:
             ``num_samples`` byte strings, each the sampled continuation (prefix not included). Decode
@@ -206,21 +207,16 @@ class ByteLM(ModelFileMixin, nn.Module):
         else:
             for t in range(start.shape[0]):  # hold the units at every prefix step too
                 last, state = advance(start[t : t + 1], state)
-        samples = torch.empty(num_samples, n_bytes, dtype=torch.long, device=device)
         logits, step = self._generation_steps(advance, last, state, num_samples, units is not None)
+        samples = []
         for i in range(n_bytes):
-            if temperature == 0:
-                byte = logits.argmax(dim=-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                byte = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
-            samples[:, i] = byte
+            byte = sample_bytes(logits, temperature, top_k, generator)
+            samples.append(byte)
             if i + 1 < n_bytes:
                 logits = step(byte)
-        return [bytes(row) for row in samples.cpu().tolist()]
+        if not samples:
+            return [b""] * num_samples
+        return [bytes(row) for row in torch.stack(samples, dim=1).cpu().tolist()]
 
     def _generation_steps(self, advance, last: Tensor, state, batch: int, steered: bool):
         """The first logits [B, 256] (from the prefix's last output) and the per-byte step

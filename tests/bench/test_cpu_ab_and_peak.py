@@ -90,6 +90,20 @@ def test_the_generation_ab_of_the_prepared_step_switches_it_off_and_back(tmp_pat
 
 
 @pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
+def test_the_generation_ab_of_the_sampler_restores_it_and_draws_the_same_bytes(tmp_path):
+    from fastmlstm.models import generation, lm
+
+    out = tmp_path / "generate.json"
+    assert cpu_generate.main(["--switch", "sampler", "--H", "16", "--bytes", "2", "--rounds", "1", "--threads", "1",
+                              "--out", str(out)]) == 0
+    assert lm.sample_bytes is generation.sample_bytes
+    logits = torch.randn(4, 256)
+    for temperature, top_k in ((1.0, None), (0.7, 9), (0, None)):
+        assert torch.equal(cpu_generate._multinomial(logits, temperature, top_k, torch.Generator().manual_seed(2)),
+                           generation.sample_bytes(logits, temperature, top_k, torch.Generator().manual_seed(2)))
+
+
+@pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
 def test_the_narrow_probe_times_both_layouts_and_restores_the_choice(tmp_path, monkeypatch):
     from fastmlstm.ops.cpu import layer, recurrence
 
