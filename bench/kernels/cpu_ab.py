@@ -1,6 +1,6 @@
 """Interleaved A/B of one of the CPU backend's internal switches, at the layer operators.
 
-    python bench/kernels/cpu_ab.py --switch k-split|buffer-cache|bf16-xm [--H 512,1024] [--B 16,64]
+    python bench/kernels/cpu_ab.py --switch k-split|buffer-cache|bf16-xm|weight-grad [--H 512,1024] [--B 16,64]
                                    [--dtypes float32,bfloat16] [--T 64] [--threads 2] [--rounds 7]
                                    [--out FILE.json]
 
@@ -12,6 +12,9 @@ Switches (the "off" side is the behaviour before the change):
   off: ``FASTMLSTM_CPU_CACHE_MB=0``, fresh memory each call.
 - ``bf16-xm``: with VNNI weights, the inputs' xm = x Wmx^T as a bfloat16 GEMM (``csrc/cpu/forward.cpp``),
   off: a float32 GEMM of float32 copies (bfloat16 cases only).
+- ``weight-grad``: the backward's float32 weight gradients as oneDNN micro-kernel tiles on operands
+  laid out for them (``csrc/cpu/backward.cpp``, ``weight_gradient``), off: MKL's GEMM on the operands
+  as they are (float32 cases: bfloat16 with VNNI weights takes bfloat16 GEMMs either way).
 
 Per case, the operators ``layer_forward`` (inference, and training: saving for backward) and
 ``layer_backward`` are timed with the switch on and off in turn, round by round, in one process;
@@ -54,6 +57,10 @@ def _switch(name: str, on: bool):
             yield
         finally:
             layer._packed = real
+        return
+    if name == "weight-grad":
+        with recurrence.forced_weight_grad_gemm("tiles" if on else "mkl"):
+            yield
         return
     if name == "k-split":
         with contextlib.nullcontext() if on else recurrence.forced_k_split(1 << 40, 4096):
@@ -113,7 +120,7 @@ def case(switch: str, T: int, B: int, H: int, dtype: torch.dtype, rounds: int) -
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--switch", choices=("k-split", "buffer-cache", "bf16-xm"), required=True)
+    p.add_argument("--switch", choices=("k-split", "buffer-cache", "bf16-xm", "weight-grad"), required=True)
     p.add_argument("--H", default="512,1024")
     p.add_argument("--B", default="16,64")
     p.add_argument("--T", type=int, default=64)

@@ -26,6 +26,8 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
+#include <cstring>
+
 namespace fastmlstm {
 namespace cpu {
 namespace {
@@ -55,6 +57,60 @@ int64_t chunk_steps(int64_t T, int64_t B, int64_t H) {
   const int64_t by_rows = std::max<int64_t>(1, 1024 / B);
   const int64_t by_memory = std::max<int64_t>(1, (int64_t(16) << 20) / (B * 5 * H * 4));
   return std::max<int64_t>(1, std::min({T, by_rows, by_memory}));
+}
+
+// The weight gradients' GEMM dW [N, H] += dz^T m over R rows, float32 (dz [R, N] with any row stride,
+// m [R, H] and dW dense). Two ways (set_weight_grad_gemm, mlstm_cpu.cpp): MKL's addmm_ on the operands
+// as they are, or oneDNN's micro-kernels on operands laid out for them: m in column blocks
+// [blocks, R, 64] (a copy), and dz^T a slice of kGradSlice rows of dW at a time, transposed into
+// the thread's buffer right before its tiles. On Zen 4 the tiles ran at 207-215 GFLOP/s against
+// MKL's 134-184 at these shapes (bench/kernels/NOTES-cpu.md, "The weight gradients"); they are the
+// default where the AVX-512 epilogues run (whose copy transposes in registers), MKL elsewhere.
+constexpr int64_t kGradColumns = 64;
+constexpr int64_t kGradSlice = 128;
+
+void weight_gradient_tiles(const Tensor& dW, const Tensor& dz, const Tensor& m) {
+  const int64_t R = m.size(0), H = m.size(1), N = dz.size(1), ld_dz = dz.stride(0);
+  const int64_t blocks = ceil_div(H, kGradColumns);
+  Tensor packed = at::empty({blocks, R, kGradColumns}, m.options());
+  const float* m_p = m.data_ptr<float>();
+  float* packed_p = packed.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t width = std::min(kGradColumns, H - j * kGradColumns);
+      for (int64_t r = 0; r < R; ++r) {
+        std::memcpy(packed_p + (j * R + r) * kGradColumns, m_p + r * H + j * kGradColumns, width * sizeof(float));
+      }
+    }
+  });
+  const float* dz_p = dz.data_ptr<float>();
+  float* dw_p = dW.data_ptr<float>();
+  const Transpose transpose = transpose_kernel();
+  const int64_t piece = k_piece(R, sizeof(float));  // the same K pieces as every tile GEMM
+  at::parallel_for(0, ceil_div(N, kGradSlice), 1, [&](int64_t s0, int64_t s1) {
+    std::vector<float> a(kGradSlice * R);  // rows [n0, n0 + rows) of dz^T, [rows, R]
+    for (int64_t s = s0; s < s1; ++s) {
+      const int64_t n0 = s * kGradSlice, rows = std::min(kGradSlice, N - n0);
+      transpose(R, rows, dz_p + n0, ld_dz, a.data(), R);
+      for (int64_t j = 0; j < blocks; ++j) {
+        const int64_t width = std::min(kGradColumns, H - j * kGradColumns);
+        for (int64_t k0 = 0; k0 < R; k0 += piece) {
+          at::native::cpublas::brgemm(rows, width, std::min(piece, R - k0), R, kGradColumns, H, true, a.data() + k0,
+                                      packed_p + (j * R + k0) * kGradColumns, dw_p + n0 * H + j * kGradColumns, false);
+        }
+      }
+    }
+  });
+}
+
+void weight_gradient(const Tensor& dW, const Tensor& dz, const Tensor& m) {
+  const int64_t mode = g_weight_grad_gemm.load(std::memory_order_relaxed);
+  const bool tiles = mode == kWeightGradTiles || (mode == kWeightGradAuto && kernel_isa_in_use() == Isa::kAvx512);
+  if (tiles && m.size(0) > 0) {
+    weight_gradient_tiles(dW, dz, m.contiguous());
+  } else {
+    dW.addmm_(dz.t(), m);
+  }
 }
 
 // rows of a D tensor as float32 [rows, cols]: the tensor itself for float, else widened into scratch.
@@ -268,7 +324,7 @@ void BackwardPass<D, E>::flush_chunk(int64_t t0, int64_t t1) {
   const Tensor dz = gproj.narrow(1, 0, kGates * H);
   Tensor m = m_chunk.narrow(0, 0, R * H).view({R, H});
   recompute_m_kernel<D>()(R, H, act_p + t0 * B * 6 * H, m.data_ptr<float>());
-  r.grad_weight_hh.addmm_(dz.t(), m);
+  weight_gradient(r.grad_weight_hh, dz, m);
   const Tensor dhm = widened<D>(ghm_chunk.narrow(0, 0, steps).view({R, H}), scratch_hm, R, H);
   // h_{t-1} is output[t-1] for t >= 1 and h0 at t = 0.
   int64_t first = 0;
@@ -279,7 +335,7 @@ void BackwardPass<D, E>::flush_chunk(int64_t t0, int64_t t1) {
   if (R > first) {
     const int64_t n = R - first;
     const Tensor h_prev_d = a.output.narrow(0, t0 == 0 ? 0 : t0 - 1, n / B).view({n, H});
-    r.grad_weight_hm.addmm_(dhm.narrow(0, first, n).t(), widened<D>(h_prev_d, scratch_h, n, H));
+    weight_gradient(r.grad_weight_hm, dhm.narrow(0, first, n), widened<D>(h_prev_d, scratch_h, n, H));
   }
   if (fused) {
     grad_weight_in_1.addmm_(gproj.t(), x_1.narrow(0, t0 * B, R));

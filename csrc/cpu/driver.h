@@ -112,6 +112,8 @@ SmallGemm<W> small_gemm_kernel() {
 
 inline VnniGemm vnni_gemm_kernel() { FASTMLSTM_BY_ISA(vnni_gemm()) }
 
+inline Transpose transpose_kernel() { FASTMLSTM_BY_ISA(transpose()) }
+
 inline Fingerprint fingerprint_kernel() { FASTMLSTM_BY_ISA(fingerprint) }
 
 // ------------------------------------------------------------------------------------------------
@@ -283,6 +285,12 @@ void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64
     tile_gemm_range(M, A, lda, w, j, k0, std::min(piece, w.p.K - k0), C, add_C || k0 > 0);
   }
 }
+
+// How the backward computes its weight gradients (backward.cpp, weight_gradient): chosen by the
+// epilogues' instruction set (auto), or forced (set_weight_grad_gemm, mlstm_cpu.cpp) for tests and
+// benchmarks that compare the two in one process.
+constexpr int64_t kWeightGradAuto = 0, kWeightGradMkl = 1, kWeightGradTiles = 2;
+extern std::atomic<int64_t> g_weight_grad_gemm;
 
 constexpr int64_t kTileElems = kRowBlock * kMaxColumns;
 constexpr int64_t kTilesPerThread = 2;

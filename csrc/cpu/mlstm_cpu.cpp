@@ -35,6 +35,7 @@ namespace cpu {
 
 // The K split of the tile GEMMs (driver.h, k_piece).
 std::atomic<int64_t> g_whole_k_bytes{kWholeKBytes};
+std::atomic<int64_t> g_weight_grad_gemm{kWeightGradAuto};
 std::atomic<int64_t> g_k_piece_bytes{kKPieceBytes};
 
 // ------------------------------------------------------------------------------------------------
@@ -210,6 +211,14 @@ std::vector<int64_t> set_k_split(int64_t whole_bytes, int64_t piece_bytes) {
   return previous;
 }
 
+// How the backward computes its float32 weight gradients (driver.h, kWeightGrad*: 0 auto, 1 MKL, 2
+// micro-kernel tiles); returns the previous mode. For tests and benchmarks comparing the two.
+int64_t set_weight_grad_gemm(int64_t mode) {
+  TORCH_CHECK(mode >= kWeightGradAuto && mode <= kWeightGradTiles, kWho,
+              "set_weight_grad_gemm takes 0 (auto), 1 (MKL) or 2 (micro-kernel tiles), got ", mode);
+  return g_weight_grad_gemm.exchange(mode);
+}
+
 // Whether the bfloat16 GEMM on VNNI-packed weights (oneDNN's, or with `portable` its portable twin)
 // runs here and gives the float32 products of the same numbers, with blocks of either width
 // (checked on a small problem with awkward sizes; any exception means no).
@@ -278,6 +287,7 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
   m.def("bf16_gemm_works(bool portable=False) -> bool", &fastmlstm::cpu::bf16_gemm_works);
   m.def("set_k_split(int whole_bytes, int piece_bytes) -> int[]", &fastmlstm::cpu::set_k_split);
   m.def("set_buffer_cache_limit(int bytes) -> int", &fastmlstm::cpu::set_buffer_cache_limit);
+  m.def("set_weight_grad_gemm(int mode) -> int", &fastmlstm::cpu::set_weight_grad_gemm);
   m.def("empty_buffer_cache() -> int", &fastmlstm::cpu::empty_buffer_cache);
   m.def("buffer_cache_bytes() -> int", &fastmlstm::cpu::buffer_cache_bytes);
 }

@@ -95,6 +95,10 @@ using RecomputeM = void (*)(int64_t rows, int64_t H, const D* act, float* m);
 template <typename D>
 using Widen = void (*)(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* out);
 
+// dst [cols, rows] (row stride ld_dst) = the transpose of src [rows, cols] (row stride ld_src):
+// the A operand of the weight gradients' micro-kernel tiles (backward.cpp).
+using Transpose = void (*)(int64_t rows, int64_t cols, const float* src, int64_t ld_src, float* dst, int64_t ld_dst);
+
 // C [M, N] (float32, row stride cols) = A [M, K] (float32, row stride lda) x B, for a block of
 // weights kept in their 16-bit dtype W ([K, cols], zero-padded; cols is kNarrowColumns or
 // kWideColumns): the GEMM of small batches (generation), where reading the weights is the whole
@@ -129,6 +133,7 @@ using Fingerprint = uint64_t (*)(const void* data, int64_t bytes);
   template <typename W>                                                                \
   SmallGemm<W> small_gemm();                                                           \
   VnniGemm vnni_gemm();                                                                \
+  Transpose transpose();                                                               \
   uint64_t fingerprint(const void* data, int64_t bytes);                               \
   }
 

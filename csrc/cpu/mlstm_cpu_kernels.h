@@ -484,6 +484,21 @@ SmallGemm<W> small_gemm() {
 
 VnniGemm vnni_gemm() { return &vnni_gemm_impl; }
 
+// at::vec's transpose: 16 x 16 blocks in registers in the AVX-512 copy, element by element in the
+// others (where the driver keeps MKL's GEMM for the weight gradients: driver.h, wgrad_tiles_default).
+void transpose_impl(int64_t rows, int64_t cols, const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  constexpr int64_t kStrip = 1024;  // int-sized pieces for at::vec's (M, N) arguments
+  for (int64_t r0 = 0; r0 < rows; r0 += kStrip) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kStrip) {
+      at::vec::transpose_mxn<float>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst,
+                                    static_cast<int>(std::min(kStrip, rows - r0)),
+                                    static_cast<int>(std::min(kStrip, cols - c0)));
+    }
+  }
+}
+
+Transpose transpose() { return &transpose_impl; }
+
 uint64_t fingerprint(const void* data, int64_t bytes) {
   // 64 independent 32-bit FNV-1a style lanes over the 4-byte words (enough lanes in flight to run
   // at memory speed), then the tail bytes and the length, folded into 64 bits with a final mix.

@@ -107,6 +107,30 @@ def test_tile_gemms_split_along_k_match_the_float64_truth(dtype, bf16_gemm, isa,
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("gemm", ["mkl", "tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_both_weight_gradient_gemms_match_the_float64_truth(dtype, gemm, split, isa):
+    """The backward's float32 weight gradients (csrc/cpu/backward.cpp, weight_gradient) through MKL
+    or through micro-kernel tiles (m in column blocks, dz^T transposed by each copy's transpose),
+    forced on every machine: the layer (ragged) and the recurrence on projections, a partial column
+    block (H = 130, 70), several chunks of rows (1,200 rows), K in pieces (split), every gradient."""
+    from test_cpu import _contract_failures, _layer_failures
+    from test_recurrence import _ragged_lengths
+
+    recurrence = _recurrence()
+    limits = (64, 128) if split else (1 << 40, 4096)
+    with _isa(isa), recurrence.forced_weight_grad_gemm(gemm), recurrence.forced_k_split(*limits):
+        failures = _layer_failures(dtype, (dtype, 3, 67, 6, 130, _ragged_lengths(3, 67)))
+        failures += _layer_failures(dtype, (dtype, 2, 600, 6, 70, None))
+        failures += _contract_failures(dtype, (4, 67, 130), True)
+    assert not failures, "\n".join(failures)
+    with pytest.raises(ValueError, match="weight-gradient GEMM"):
+        with recurrence.forced_weight_grad_gemm("blas"):
+            pass
+
+
 def test_the_k_split_changes_only_the_summation_order():
     recurrence = _recurrence()
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ from .buffer_cache import apply_limit, limit_bytes
 from .build import load_library
 
 __all__ = ["forward", "backward", "layout", "native_bf16", "bf16_gemm", "forced_bf16_gemm", "BF16_GEMMS",
-           "kernel_isa", "kernel_isas", "forced_kernel_isa", "forced_k_split", "column_block", "kernel_report", "fingerprint",
+           "kernel_isa", "kernel_isas", "forced_kernel_isa", "forced_k_split", "forced_weight_grad_gemm", "WEIGHT_GRAD_GEMMS", "column_block", "kernel_report", "fingerprint",
            "fingerprints", "prepare_sequence_step"]
 
 logger = logging.getLogger("fastmlstm")
@@ -162,6 +162,25 @@ def forced_k_split(whole_bytes: int, piece_bytes: int):
         yield
     finally:
         ops.set_k_split(*previous)
+
+
+WEIGHT_GRAD_GEMMS = ("auto", "mkl", "tiles")
+
+
+@contextlib.contextmanager
+def forced_weight_grad_gemm(mode: str):
+    """Compute the backward's float32 weight gradients with ``mode`` inside the block: ``"mkl"``
+    (MKL's GEMM on the operands as they are), ``"tiles"`` (oneDNN's micro-kernels on operands laid
+    out for them, ``csrc/cpu/backward.cpp``) or ``"auto"`` (tiles where the AVX-512 epilogues run);
+    for tests and benchmarks that compare them in one process."""
+    if mode not in WEIGHT_GRAD_GEMMS:
+        raise ValueError(f"the weight-gradient GEMM must be one of {WEIGHT_GRAD_GEMMS}, got {mode!r}")
+    ops = _ops()
+    previous = ops.set_weight_grad_gemm(WEIGHT_GRAD_GEMMS.index(mode))
+    try:
+        yield
+    finally:
+        ops.set_weight_grad_gemm(previous)
 
 
 def _onednn_cpu_isa() -> str:
