@@ -104,9 +104,7 @@ void weight_gradient_tiles(const Tensor& dW, const Tensor& dz, const Tensor& m) 
 }
 
 void weight_gradient(const Tensor& dW, const Tensor& dz, const Tensor& m) {
-  const int64_t mode = g_weight_grad_gemm.load(std::memory_order_relaxed);
-  const bool tiles = mode == kWeightGradTiles || (mode == kWeightGradAuto && kernel_isa_in_use() == Isa::kAvx512);
-  if (tiles && m.size(0) > 0) {
+  if (weight_grad_tiles() && m.size(0) > 0) {
     weight_gradient_tiles(dW, dz, m.contiguous());
   } else {
     dW.addmm_(dz.t(), m);

@@ -291,6 +291,7 @@ void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64
 // benchmarks that compare the two in one process.
 constexpr int64_t kWeightGradAuto = 0, kWeightGradMkl = 1, kWeightGradTiles = 2;
 extern std::atomic<int64_t> g_weight_grad_gemm;
+bool weight_grad_tiles();  // whether the backward's float32 weight gradients run as tiles now
 
 constexpr int64_t kTileElems = kRowBlock * kMaxColumns;
 constexpr int64_t kTilesPerThread = 2;

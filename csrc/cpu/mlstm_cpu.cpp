@@ -35,8 +35,16 @@ namespace cpu {
 
 // The K split of the tile GEMMs (driver.h, k_piece).
 std::atomic<int64_t> g_whole_k_bytes{kWholeKBytes};
-std::atomic<int64_t> g_weight_grad_gemm{kWeightGradAuto};
 std::atomic<int64_t> g_k_piece_bytes{kKPieceBytes};
+
+// How the backward computes its float32 weight gradients (driver.h, kWeightGrad*): the tiles where
+// the AVX-512 epilogues run (whose copy of the transpose works in registers), MKL elsewhere.
+std::atomic<int64_t> g_weight_grad_gemm{kWeightGradAuto};
+
+bool weight_grad_tiles() {
+  const int64_t mode = g_weight_grad_gemm.load(std::memory_order_relaxed);
+  return mode == kWeightGradTiles || (mode == kWeightGradAuto && kernel_isa_in_use() == Isa::kAvx512);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Instruction set of the epilogues.
@@ -219,6 +227,8 @@ int64_t set_weight_grad_gemm(int64_t mode) {
   return g_weight_grad_gemm.exchange(mode);
 }
 
+std::string weight_grad_gemm() { return weight_grad_tiles() ? "tiles" : "mkl"; }
+
 // Whether the bfloat16 GEMM on VNNI-packed weights (oneDNN's, or with `portable` its portable twin)
 // runs here and gives the float32 products of the same numbers, with blocks of either width
 // (checked on a small problem with awkward sizes; any exception means no).
@@ -288,6 +298,7 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
   m.def("set_k_split(int whole_bytes, int piece_bytes) -> int[]", &fastmlstm::cpu::set_k_split);
   m.def("set_buffer_cache_limit(int bytes) -> int", &fastmlstm::cpu::set_buffer_cache_limit);
   m.def("set_weight_grad_gemm(int mode) -> int", &fastmlstm::cpu::set_weight_grad_gemm);
+  m.def("weight_grad_gemm() -> str", &fastmlstm::cpu::weight_grad_gemm);
   m.def("empty_buffer_cache() -> int", &fastmlstm::cpu::empty_buffer_cache);
   m.def("buffer_cache_bytes() -> int", &fastmlstm::cpu::buffer_cache_bytes);
 }

@@ -131,6 +131,20 @@ def test_both_weight_gradient_gemms_match_the_float64_truth(dtype, gemm, split, 
             pass
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_weight_gradient_tiles_are_the_default_with_the_avx512_epilogues_only(isa):
+    """Auto picks the tiles where the AVX-512 copy transposes in registers, MKL with the others; a
+    forced choice holds with any copy; the report (and ``fastmlstm info``) says which runs."""
+    recurrence = _recurrence()
+    with _isa(isa):
+        assert recurrence.kernel_report()["weight_grad_gemm"] == ("tiles" if isa == "avx512" else "mkl")
+        for mode in ("mkl", "tiles"):
+            with recurrence.forced_weight_grad_gemm(mode):
+                assert recurrence.kernel_report()["weight_grad_gemm"] == mode
+    assert recurrence.kernel_report()["weight_grad_gemm"] == ("tiles" if recurrence.kernel_isa() == "avx512"
+                                                             else "mkl")
+
+
 def test_the_k_split_changes_only_the_summation_order():
     recurrence = _recurrence()
     torch.manual_seed(0)

@@ -198,7 +198,8 @@ def kernel_report() -> dict:
     """What the CPU backend runs on this machine, for ``fastmlstm.diagnostics.environment()`` (and so
     ``fastmlstm info``): the epilogues' instruction set (:func:`kernel_isa`) and the others this CPU
     can run, the packed weights' column blocks, which micro-kernels multiply float32 and bfloat16
-    operands, and the buffer cache's limit and what it holds (:mod:`.buffer_cache`).
+    operands, how the backward's float32 weight gradients run (``"tiles"`` or ``"mkl"``,
+    :func:`forced_weight_grad_gemm`), and the buffer cache's limit and what it holds (:mod:`.buffer_cache`).
 
     Example::
 
@@ -220,6 +221,7 @@ def kernel_report() -> dict:
         "float32_gemm": f"oneDNN brgemm ({isa})" if onednn and isa != "none" else "ATen gemm (BLAS)",
         "bf16_gemm": mode,
         "bf16_gemm_kernels": bf16_kernels,
+        "weight_grad_gemm": str(_ops().weight_grad_gemm()),
         "onednn_isa": isa,
         "streamed_rows": {"max_rows": STREAM_MAX_ROWS, "from_MiB": round(STREAM_MIN_BYTES / 2**20, 1)},
         "buffer_cache_MiB": {"limit": round(limit_bytes() / 2**20, 1),
