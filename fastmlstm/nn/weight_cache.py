@@ -126,23 +126,25 @@ def cached_weights(module: nn.Module, compute: Callable[[], Weights]) -> _Entry 
         # counter sees. The next inference call computes the weights afresh.
         forget(module)
         return None
-    if any(p.device.type != "cpu" for p in params):
-        return None
     mode = weight_cache_mode()
     if mode == "off":
         return None
     sig = signature(params)
     if sig is None:  # tensors without storage (functorch wrappers, fake tensors)
         return None
-    key = (tuple(id(p) for p in params), sig)
+    key = (tuple(map(id, params)), sig)
+    entry = _ENTRIES.get(module)
+    if mode == "on" and entry is not None and entry.key == key and entry.fingerprints is None and entry.intact():
+        return entry  # (the key holds every parameter's device: the entry was built on the CPU)
+    if any(p.device.type != "cpu" for p in params):
+        return None
     prints = None
     if mode == "strict":
         prints = _fingerprints(params)
         if prints is None:
             return None
-    entry = _ENTRIES.get(module)
-    if entry is not None and entry.key == key and entry.fingerprints == prints and entry.intact():
-        return entry
+        if entry is not None and entry.key == key and entry.fingerprints == prints and entry.intact():
+            return entry
     with torch.inference_mode(False), torch.no_grad():  # (inference_mode(False) turns grad mode on)
         weights = compute()
     entry = _ENTRIES[module] = _Entry(key, prints, weights)
