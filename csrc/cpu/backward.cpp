@@ -26,8 +26,6 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
-#include <cstring>
-
 namespace fastmlstm {
 namespace cpu {
 namespace {
@@ -60,29 +58,18 @@ int64_t chunk_steps(int64_t T, int64_t B, int64_t H) {
 }
 
 // The weight gradients' GEMM dW [N, H] += dz^T m over R rows, float32 (dz [R, N] with any row stride,
-// m [R, H] and dW dense). Two ways (set_weight_grad_gemm, mlstm_cpu.cpp): MKL's addmm_ on the operands
-// as they are, or oneDNN's micro-kernels on operands laid out for them: m in column blocks
-// [blocks, R, 64] (a copy), and dz^T a slice of kGradSlice rows of dW at a time, transposed into
-// the thread's buffer right before its tiles. On Zen 4 the tiles ran at 207-215 GFLOP/s against
-// MKL's 134-184 at these shapes (bench/kernels/NOTES-cpu.md, "The weight gradients"); they are the
-// default where the AVX-512 epilogues run (whose copy transposes in registers), MKL elsewhere.
-constexpr int64_t kGradColumns = 64;
+// m [R, H] and dW dense). Two ways (weight_grad_tiles, mlstm_cpu.cpp): MKL's addmm_ on the operands as
+// they are, or oneDNN's micro-kernels on operands laid out for them: m packed as the column blocks of
+// a transposed weight (pack_weight, [blocks, R, 64]), and dz^T a slice of kGradSlice rows of dW at a
+// time, transposed into the thread's buffer right before its tiles (bench/kernels/NOTES-cpu.md, "The
+// weight gradients as micro-kernel tiles").
 constexpr int64_t kGradSlice = 128;
 
 void weight_gradient_tiles(const Tensor& dW, const Tensor& dz, const Tensor& m) {
   const int64_t R = m.size(0), H = m.size(1), N = dz.size(1), ld_dz = dz.stride(0);
-  const int64_t blocks = ceil_div(H, kGradColumns);
-  Tensor packed = at::empty({blocks, R, kGradColumns}, m.options());
-  const float* m_p = m.data_ptr<float>();
-  float* packed_p = packed.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t width = std::min(kGradColumns, H - j * kGradColumns);
-      for (int64_t r = 0; r < R; ++r) {
-        std::memcpy(packed_p + (j * R + r) * kGradColumns, m_p + r * H + j * kGradColumns, width * sizeof(float));
-      }
-    }
-  });
+  const Tensor packed = pack_weight(m, false, kFloat32, std::nullopt, true, kWideColumns);
+  const int64_t blocks = packed.size(0);
+  const float* packed_p = packed.data_ptr<float>();
   const float* dz_p = dz.data_ptr<float>();
   float* dw_p = dW.data_ptr<float>();
   const Transpose transpose = transpose_kernel();
@@ -93,10 +80,10 @@ void weight_gradient_tiles(const Tensor& dW, const Tensor& dz, const Tensor& m) 
       const int64_t n0 = s * kGradSlice, rows = std::min(kGradSlice, N - n0);
       transpose(R, rows, dz_p + n0, ld_dz, a.data(), R);
       for (int64_t j = 0; j < blocks; ++j) {
-        const int64_t width = std::min(kGradColumns, H - j * kGradColumns);
+        const int64_t width = std::min(kWideColumns, H - j * kWideColumns);
         for (int64_t k0 = 0; k0 < R; k0 += piece) {
-          at::native::cpublas::brgemm(rows, width, std::min(piece, R - k0), R, kGradColumns, H, true, a.data() + k0,
-                                      packed_p + (j * R + k0) * kGradColumns, dw_p + n0 * H + j * kGradColumns, false);
+          at::native::cpublas::brgemm(rows, width, std::min(piece, R - k0), R, kWideColumns, H, true, a.data() + k0,
+                                      packed_p + (j * R + k0) * kWideColumns, dw_p + n0 * H + j * kWideColumns, false);
         }
       }
     }

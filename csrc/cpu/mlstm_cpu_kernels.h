@@ -485,7 +485,7 @@ SmallGemm<W> small_gemm() {
 VnniGemm vnni_gemm() { return &vnni_gemm_impl; }
 
 // at::vec's transpose: 16 x 16 blocks in registers in the AVX-512 copy, element by element in the
-// others (where the driver keeps MKL's GEMM for the weight gradients: driver.h, wgrad_tiles_default).
+// others (where the weight gradients keep MKL's GEMM: mlstm_cpu.cpp, weight_grad_tiles).
 void transpose_impl(int64_t rows, int64_t cols, const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
   constexpr int64_t kStrip = 1024;  // int-sized pieces for at::vec's (M, N) arguments
   for (int64_t r0 = 0; r0 < rows; r0 += kStrip) {
