@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: measure.
 import measure  # noqa: E402
 
 import fastmlstm  # noqa: E402
+from fastmlstm.models import generation  # noqa: E402
 from fastmlstm.models import lm as lm_module  # noqa: E402
 from fastmlstm.ops.cpu import recurrence  # noqa: E402
 
@@ -43,40 +44,33 @@ OFF = 1 << 62  # no weights are that large: the rule never applies
 
 
 def _multinomial(logits, temperature, top_k, generator):
-    """How generate drew its bytes before ``sample_bytes``: softmax, then ``torch.multinomial``."""
+    """How generate drew its bytes before ``sample_bytes``: ``torch.multinomial`` on the probabilities."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+    return torch.multinomial(generation.byte_probabilities(logits, temperature, top_k), 1,
+                             generator=generator).squeeze(1)
 
 
 @contextlib.contextmanager
+def _swapped(owner, attr: str, value):
+    """``owner.attr`` set to ``value`` inside the block, restored after it."""
+    before = getattr(owner, attr)
+    setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, before)
+
+
 def _switched(name: str, on: bool):
-    """The switch ``name`` on or off inside the block, restored after it."""
+    """The switch ``name`` on (as it is) or off inside the block."""
+    if on:
+        return contextlib.nullcontext()
     if name == "stream":
-        before = recurrence.STREAM_MIN_BYTES
-        recurrence.STREAM_MIN_BYTES = before if on else OFF
-        try:
-            yield
-        finally:
-            recurrence.STREAM_MIN_BYTES = before
-    elif name == "sampler":
-        sample = lm_module.sample_bytes
-        lm_module.sample_bytes = sample if on else _multinomial
-        try:
-            yield
-        finally:
-            lm_module.sample_bytes = sample
-    else:
-        prepare = fastmlstm.ops.prepare_sequence_step
-        fastmlstm.ops.prepare_sequence_step = prepare if on else (lambda *args: None)
-        try:
-            yield
-        finally:
-            fastmlstm.ops.prepare_sequence_step = prepare
+        return _swapped(recurrence, "STREAM_MIN_BYTES", OFF)
+    if name == "sampler":
+        return _swapped(lm_module, "sample_bytes", _multinomial)
+    return _swapped(fastmlstm.ops, "prepare_sequence_step", lambda *args: None)
 
 
 def case(H: int, dtype: torch.dtype, n_bytes: int, rounds: int, switch: str = "stream") -> dict:

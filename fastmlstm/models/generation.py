@@ -33,7 +33,7 @@ from .. import ops
 from ..nn.functional import multiplicative_lstm_recurrence
 from ..ops import capture, resolve_backend, verdicts
 
-__all__ = ["ByteStepper", "byte_advance", "sample_bytes"]
+__all__ = ["ByteStepper", "byte_advance", "byte_probabilities", "sample_bytes"]
 
 CHECK_STEPS = 3
 TIMING_STEPS = 16
@@ -68,10 +68,20 @@ def byte_advance(table: Tensor, weight_hh: Tensor, weight_hm: Tensor, backend: s
     return advance
 
 
+def byte_probabilities(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """``softmax(logits / temperature)`` [B, 256] over the ``top_k`` most likely bytes of each row if
+    given (the others get probability 0); temperature > 0."""
+    scores = logits / temperature
+    if top_k is not None:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
 def sample_bytes(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None,
                  ) -> Tensor:
     """One byte per row of ``logits`` [B, 256]: the most likely one at temperature 0, else a draw from
-    ``softmax(logits / temperature)``, restricted to the ``top_k`` most likely bytes if given.
+    :func:`byte_probabilities`.
 
     The draw is the one ``torch.multinomial`` makes for one sample, ``argmax(p / E)`` with E ~ Exp(1)
     drawn from ``generator`` (the exponential race: row i wins with probability p_i), without its
@@ -81,11 +91,7 @@ def sample_bytes(logits: Tensor, temperature: float, top_k: int | None, generato
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scores = logits / temperature
-    if top_k is not None:
-        kth = scores.topk(top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
+    p = byte_probabilities(logits, temperature, top_k)
     if torch.isnan(p).any():  # (softmax gives NaN for NaN or +inf logits)
         raise FloatingPointError("the model's next-byte logits are not finite (NaN or inf): the weights or the "
                                  "state overflowed, and nothing can be sampled from them")
