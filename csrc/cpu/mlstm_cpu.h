@@ -96,7 +96,8 @@ template <typename D>
 using Widen = void (*)(int64_t rows, int64_t cols, const D* in, int64_t ld_in, float* out);
 
 // dst [cols, rows] (row stride ld_dst) = the transpose of src [rows, cols] (row stride ld_src):
-// the A operand of the weight gradients' micro-kernel tiles (backward.cpp).
+// the A operand of the weight gradients' micro-kernel tiles (backward.cpp) and the packs (pack.cpp,
+// which also move pairs of bfloat16 values through it as 32-bit words: it copies bits, never values).
 using Transpose = void (*)(int64_t rows, int64_t cols, const float* src, int64_t ld_src, float* dst, int64_t ld_dst);
 
 // C [M, N] (float32, row stride cols) = A [M, K] (float32, row stride lda) x B, for a block of

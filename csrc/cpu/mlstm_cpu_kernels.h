@@ -484,9 +484,50 @@ SmallGemm<W> small_gemm() {
 
 VnniGemm vnni_gemm() { return &vnni_gemm_impl; }
 
-// at::vec's transpose: 16 x 16 blocks in registers in the AVX-512 copy, element by element in the
-// others (where the weight gradients keep MKL's GEMM: mlstm_cpu.cpp, weight_grad_tiles).
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// dst [8, 8] = src [8, 8]^T in registers: pairs of rows interleaved, then pairs of pairs, then the
+// 128-bit halves exchanged. at::vec has no AVX2 float transpose, and its AVX-512 16 x 16 one took
+// 1.1-1.5x as long at the packs' and the weight gradients' shapes (bench/kernels/NOTES-cpu.md,
+// "The packs").
+inline void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm256_loadu_ps(src + i * ld_src);
+  }
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ld_dst, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
+// dst = src^T: 8 x 8 blocks in registers in the AVX2 and AVX-512 copies (the edges element by
+// element), at::vec's element by element loop in the portable copy (where the packs keep their
+// column loop, pack.cpp, and the weight gradients MKL's GEMM, mlstm_cpu.cpp weight_grad_tiles).
 void transpose_impl(int64_t rows, int64_t cols, const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  const int64_t rows8 = rows - rows % 8, cols8 = cols - cols % 8;
+  for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
+    for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
+      transpose_8x8(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {  // the last rows % 8 rows and cols % 8 columns
+    for (int64_t c = r < rows8 ? cols8 : 0; c < cols; ++c) {
+      std::memcpy(dst + c * ld_dst + r, src + r * ld_src + c, sizeof(float));  // bits moved as they are
+    }
+  }
+#else
   constexpr int64_t kStrip = 1024;  // int-sized pieces for at::vec's (M, N) arguments
   for (int64_t r0 = 0; r0 < rows; r0 += kStrip) {
     for (int64_t c0 = 0; c0 < cols; c0 += kStrip) {
@@ -495,6 +536,7 @@ void transpose_impl(int64_t rows, int64_t cols, const float* src, int64_t ld_src
                                     static_cast<int>(std::min(kStrip, cols - c0)));
     }
   }
+#endif
 }
 
 Transpose transpose() { return &transpose_impl; }

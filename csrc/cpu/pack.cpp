@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -45,25 +46,99 @@ inline int64_t packed_index(const Packing& p, int64_t k, int64_t c) {
   return p.layout == kVnni ? (k / 2) * p.cols * 2 + c * 2 + (k % 2) : k * p.cols + c;
 }
 
+// Blocks of W^T: row k of every block is a piece of the source's row k, contiguous. The rows go
+// outermost (each source row read once, in order): block by block, a pack of a wide transposed
+// weight read a short piece of every one of its K rows, a page apart, per block, and missed the TLB
+// on nearly every row (bench/kernels/NOTES-cpu.md, "The packs").
+template <typename In, typename Out>
+void pack_transposed(const Source<In>& src, Out* out, const Packing& p) {
+  const int64_t block_elems = p.K * p.cols;
+  const int64_t pair = p.layout == kVnni ? 2 : 1;  // VNNI rows go in pairs (K is even there)
+  at::parallel_for(0, p.K / pair, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin * pair; k < end * pair; k += pair) {
+      const In* row = src.first + k * src.N;
+      for (int64_t j = 0; j < p.blocks; ++j) {
+        const int64_t width = block_width(p, j);
+        const In* piece = row + j * p.units;
+        Out* dst = out + j * block_elems + k * p.cols;  // VNNI: pair k / 2 starts at (k / 2) * 2 * cols
+        if (pair == 2) {
+          const In* next = piece + src.N;  // row k + 1
+          for (int64_t c = 0; c < width; ++c) {
+            dst[2 * c] = static_cast<Out>(piece[c]);
+            dst[2 * c + 1] = static_cast<Out>(next[c]);
+          }
+        } else {
+          for (int64_t c = 0; c < width; ++c) {
+            dst[c] = static_cast<Out>(piece[c]);
+          }
+        }
+        std::fill(dst + pair * width, dst + pair * p.cols, Out(0));
+      }
+    }
+  });
+}
+
+// Block j of a float32 weight in the float32 layout, or of a bfloat16 one in the VNNI layout
+// (words: the 32-bit pairs of consecutive k, which the VNNI layout keeps side by side): each run of
+// consecutive source rows (a gate's units, or the whole block of a plain weight) is a [rows, K] slab
+// of words written transposed into its columns, 8 x 8 at a time in registers (transpose_kernel, with
+// the AVX2 or AVX-512 epilogues), from W and then from the second weight's columns.
+template <typename T>
+void pack_block_words(const Source<T>& src, T* block, const Packing& p, int64_t j) {
+  constexpr int64_t per_word = sizeof(float) / sizeof(T);  // 1 (float32) or 2 (a VNNI pair)
+  const auto words = [](const T* ptr) { return reinterpret_cast<const float*>(ptr); };
+  float* out = reinterpret_cast<float*>(block);
+  const Transpose transpose = transpose_kernel();
+  const int64_t k_second = p.K - src.k_first;
+  const int64_t first_words = src.k_first / per_word, second_words = k_second / per_word;
+  const int64_t runs = p.gates ? kGates : 1;
+  const int64_t run = p.gates ? block_units(p, j) : block_width(p, j);
+  for (int64_t g = 0; g < runs; ++g) {
+    const int64_t c0 = g * run, n0 = source_row(p, j, c0);
+    transpose(run, first_words, words(src.first + n0 * src.k_first), first_words, out + c0, p.cols);
+    if (src.second != nullptr) {
+      transpose(run, second_words, words(src.second + n0 * k_second), second_words, out + first_words * p.cols + c0,
+                p.cols);
+    }
+  }
+}
+
+// Whether block j can go through pack_block_words: a transpose in registers, and source rows that
+// are whole words (a VNNI pair never straddles W and the second weight).
+template <typename In, typename Out>
+bool packs_by_words(const Source<In>& src, const Packing& p) {
+  if (kernel_isa_in_use() == Isa::kDefault) {
+    return false;
+  }
+  if constexpr (std::is_same_v<In, float> && std::is_same_v<Out, float>) {
+    return p.layout == kFloat32;
+  } else if constexpr (std::is_same_v<In, BFloat16> && std::is_same_v<Out, BFloat16>) {
+    return p.layout == kVnni && src.k_first % 2 == 0;
+  }
+  return false;
+}
+
 template <typename In, typename Out>
 void pack_blocks(const Source<In>& src, Out* out, const Packing& p) {
+  if (src.transposed) {
+    pack_transposed(src, out, p);
+    return;
+  }
   const int64_t block_elems = p.K * p.cols;
   const int64_t k_second = p.K - src.k_first;
+  const bool by_words = packs_by_words<In, Out>(src, p);
   at::parallel_for(0, p.blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       Out* block = out + j * block_elems;
-      std::fill(block, block + block_elems, Out(0));
       const int64_t width = block_width(p, j);
-      if (src.transposed) {
-        // Blocks of W^T: row k of the block is W[k, j*C : j*C + width], contiguous.
-        const int64_t n0 = j * p.units;
-        for (int64_t k = 0; k < p.K; ++k) {
-          const In* row = src.first + k * src.N + n0;
-          for (int64_t c = 0; c < width; ++c) {
-            block[packed_index(p, k, c)] = static_cast<Out>(row[c]);
-          }
+      if (width < p.cols) {
+        std::fill(block, block + block_elems, Out(0));  // the padding columns
+      }
+      if constexpr (std::is_same_v<In, Out>) {
+        if (by_words) {
+          pack_block_words(src, block, p, j);
+          continue;
         }
-        continue;
       }
       for (int64_t c = 0; c < width; ++c) {
         const int64_t n = source_row(p, j, c);

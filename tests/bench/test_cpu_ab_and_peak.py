@@ -1,8 +1,9 @@
-"""Five kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
+"""Six kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
 (bench/kernels/cpu_ab.py) restores what it switched, the batch-1 step loops
 (bench/kernels/cpu_step.py) time every loop and restore the weight-cache mode, the generation A/B
 (bench/kernels/cpu_generate.py) restores its layout rule, the narrow kernel's probe
-(bench/kernels/cpu_narrow.py) times both layouts and restores the layout choice, and the multiply-add peak
+(bench/kernels/cpu_narrow.py) times both layouts and restores the layout choice, the packs' probe
+(bench/kernels/cpu_pack.py) times the four packs of a training step, and the multiply-add peak
 (bench/kernels/cpu_peak.py) counts its FLOPs right, runs its portable kernel on every machine, and
 turns a results file into bounds that are checked by hand."""
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "kernels"
 import cpu_ab  # noqa: E402
 import cpu_generate  # noqa: E402
 import cpu_narrow  # noqa: E402
+import cpu_pack  # noqa: E402
 import cpu_peak  # noqa: E402
 import cpu_step  # noqa: E402
 
@@ -113,6 +115,18 @@ def test_the_narrow_probe_times_both_layouts_and_restores_the_choice(tmp_path, m
     cases = json.loads(out.read_text())["cases"]
     assert [(c["H"], c["B"]) for c in cases] == [(16, 1), (16, 3)] and all(c["narrow_over_vnni"] > 0 for c in cases)
     assert layer.layout is recurrence.layout
+
+
+@pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
+def test_the_pack_probe_times_the_four_packs_of_a_training_step(tmp_path):
+    out = tmp_path / "pack.json"
+    assert cpu_pack.main(["--H", "18", "--dtypes", "float32,bfloat16", "--rounds", "1", "--threads", "1",
+                          "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["package"] == str(Path(fastmlstm.__file__).parent)
+    assert [(c["H"], c["dtype"]) for c in doc["cases"]] == [(18, "float32"), (18, "bfloat16")]
+    for c in doc["cases"]:
+        assert set(c["ms"]) == {"gates", "hm", "hh_t", "hm_t"} and all(v > 0 for v in c["ms"].values())
 
 
 def test_the_flops_count_every_thread_chain_and_lane(monkeypatch):

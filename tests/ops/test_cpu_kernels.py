@@ -216,6 +216,29 @@ def test_packed_blocks_of_either_width_hold_the_weight_and_others_are_refused():
     assert ops.bf16_gemm_works(True)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_copy_packs_every_weight_as_the_layout_says(isa):
+    """The float32 and VNNI packs read runs of weight rows through the copy's transpose (8 x 8 blocks
+    of 32-bit words in registers with AVX2 and AVX-512; the portable copy and the narrow layout loop
+    over columns), the transposed ones row by row: every copy gives the layout's definition, with
+    partial blocks, runs of rows and K that are no multiple of 8."""
+    from test_cpu import _unpack
+
+    ops = _recurrence()._ops()
+    with _isa(isa):
+        for cols in (32, 64):
+            for layout, dtype in ((0, torch.float32), (1, torch.bfloat16), (2, torch.float16)):
+                for k_first in (46, 45):  # VNNI pairs of words: an odd K of W takes the column loop
+                    w_hh, w_ih = torch.randn(4 * 21, k_first).to(dtype), torch.randn(4 * 21, 56 - k_first).to(dtype)
+                    gates = ops.pack_weight(w_hh, True, layout, w_ih, False, cols)
+                    assert torch.equal(_unpack(gates, 84, 56, True), torch.cat([w_hh, w_ih], 1).double())
+                w, w_t = torch.randn(70, 46).to(dtype), torch.randn(46, 70).to(dtype)
+                assert torch.equal(_unpack(ops.pack_weight(w, False, layout, None, False, cols), 70, 46, False),
+                                   w.double())
+                transposed = ops.pack_weight(w_t, False, layout, None, True, cols)
+                assert torch.equal(_unpack(transposed, 70, 46, False), w_t.t().double()), (cols, layout)
+
+
 def test_diagnostics_show_the_kernels_in_use():
     recurrence = _recurrence()
     info = fastmlstm.diagnostics.environment()["cpu_kernels"]
