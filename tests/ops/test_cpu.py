@@ -42,12 +42,13 @@ def _ops():
 
 # ---------------------------------------------------------------------------------------------
 # Parity at shapes that exercise the tiling: rows over several 64-row tiles, hidden units over
-# several 32-column blocks with a partial last one, odd sizes (no VNNI), and batches of at most
-# 4 rows (16-bit weights read as they are).
+# several 32-column blocks with a partial last one, odd sizes (no VNNI), batches of at most 4 rows
+# (16-bit weights read as they are), and more than 64 input features (x's gradient over two column
+# blocks).
 
-LAYER_SHAPES = [(3, 67, 5, 130), (5, 3, 7, 45), (2, 1, 64, 96), (4, 4, 8, 40)]
+LAYER_SHAPES = [(3, 67, 5, 130), (5, 3, 7, 45), (2, 1, 64, 96), (4, 4, 8, 40), (2, 9, 70, 24)]
 # Even sizes only: the bfloat16 GEMMs take VNNI-packed weights (pairs of k) where both K are even.
-VNNI_LAYER_SHAPES = [(3, 67, 6, 130), (2, 1, 64, 96), (4, 4, 8, 40), (1, 70, 2, 66)]
+VNNI_LAYER_SHAPES = [(3, 67, 6, 130), (2, 1, 64, 96), (4, 4, 8, 40), (1, 70, 2, 66), (2, 9, 70, 24)]
 
 
 def _bf16_gemms():
