@@ -58,7 +58,7 @@ AOT_ENV = "FASTMLSTM_BUILD_CPU"
 # also instantiate must resolve to the baseline code (see kernels_avx2.cpp).
 SOURCES = ("mlstm_cpu.cpp", "buffer_cache.cpp", "pack.cpp", "forward.cpp", "backward.cpp", "kernels_default.cpp",
            "kernels_avx2.cpp", "kernels_avx512.cpp")
-HEADERS = ("driver.h", "mlstm_cpu.h", "mlstm_cpu_kernels.h")
+HEADERS = ("driver.h", "mlstm_cpu.h", "mlstm_cpu_kernels.h", "mlstm_cpu_vec.h")
 # On top of torch.utils.cpp_extension's own flags (C++ standard, -fPIC, -O2). No -march: the
 # library must run on any CPU of the architecture; the AVX2 and AVX-512 kernels switch their target
 # themselves.
