@@ -103,7 +103,7 @@ void pack_block_words(const Source<T>& src, T* block, const Packing& p, int64_t 
   }
 }
 
-// Whether block j can go through pack_block_words: a transpose in registers, and source rows that
+// Whether the blocks go through pack_block_words: a transpose in registers, and source rows that
 // are whole words (a VNNI pair never straddles W and the second weight).
 template <typename In, typename Out>
 bool packs_by_words(const Source<In>& src, const Packing& p) {
