@@ -129,32 +129,21 @@ inline Vec round_to(const Vec& v) {
 // is exactly 1 from x = 17 and at most 1 / FLT_MAX below -88.72, tanh exactly +-1 from |x| = 9.
 inline Vec exp_clamped(const Vec& v) {
   constexpr float kCoeffs[] = {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
-  constexpr float kLo = -86.0f, kHi = 88.72f, kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f,
-                  kLn2Lo = -2.12194440e-4f;
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x = _mm512_max_ps(_mm512_set1_ps(kLo), _mm512_min_ps(_mm512_set1_ps(kHi), v));
-  const __m512 n =
-      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  // at::vec's clamps are max(bound, x) and min(bound, x): x second, so a NaN x comes back.
+  const Vec x = at::vec::clamp_min(at::vec::clamp_max(v, Vec(88.72f)), Vec(-86.0f));
+  const Vec n = (x * Vec(kLog2e)).round();  // to nearest
+  const Vec r = at::vec::fmadd(n, Vec(-kLn2Lo), at::vec::fmadd(n, Vec(-kLn2Hi), x));
+  Vec p(1.0f / 720.0f);
   for (const float c : kCoeffs) {
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    p = at::vec::fmadd(p, r, Vec(c));
   }
+#if defined(CPU_CAPABILITY_AVX512)
   return Vec(_mm512_scalef_ps(p, n));
 #else
-  const __m256 x = _mm256_max_ps(_mm256_set1_ps(kLo), _mm256_min_ps(_mm256_set1_ps(kHi), v));
-  const __m256 n =
-      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-  for (const float c : kCoeffs) {
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  }
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
-  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  return Vec(_mm256_add_ps(y, y));
+  const Vec y = p * Vec(_mm256_castsi256_ps(e));
+  return y + y;
 #endif
 }
 
