@@ -132,6 +132,21 @@ def time_interleaved(fns: dict, *, warmup_ms: float, rep_ms: float, min_runs: in
             gc.enable()
 
 
+def loop_medians(fns: dict, *, reps: int, rounds: int, digits: int = 4) -> dict:
+    """The kernel lab's probes' loop timing: each round calls every ``fn()`` ``reps`` times in a row,
+    one after the other; round 0 warms up. Returns ``{name: median ms per call}`` over the other
+    ``rounds`` rounds, rounded to ``digits``."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            if r:
+                times[name].append((time.perf_counter() - t0) / reps * 1e3)
+    return {name: round(statistics.median(v), digits) for name, v in times.items()}
+
+
 _L2_FLUSH: dict[int, torch.Tensor] = {}
 
 

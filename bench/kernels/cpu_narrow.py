@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -48,16 +46,8 @@ def case(H: int, B: int, rounds: int) -> dict:
             steps[side] = layer.prepare_step(*weights, B)
     finally:
         layer.layout = real
-    reps = max(1, 20000 // H)
-    times: dict[str, list[float]] = {side: [] for side in steps}
-    for r in range(rounds + 1):  # round 0 warms up
-        for side, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                step(x, h, h)
-            if r:
-                times[side].append((time.perf_counter() - t0) / reps * 1e3)
-    ms = {k: round(statistics.median(v), 4) for k, v in times.items()}
+    calls = {side: (lambda step=step: step(x, h, h)) for side, step in steps.items()}
+    ms = measure.loop_medians(calls, reps=max(1, 20000 // H), rounds=rounds)
     return {"H": H, "B": B, "dtype": "bfloat16", "ms_per_step": ms, "narrow_over_vnni": round(ms["narrow"] / ms["vnni"], 3)}
 
 

@@ -6,8 +6,8 @@ and Wmh, the backward's transposed Wh and Wmh.
                                      [--rounds 7] [--out FILE.json]
 
 Each dtype is packed in the layout a training step gives it here (``recurrence.layout``: for
-bfloat16, VNNI on CPUs that multiply bfloat16 natively, else float32). Each round times a loop of calls per pack;
-figures are medians over rounds, in ms. The JSON names the package it timed (``package``), so runs of
+bfloat16, VNNI on CPUs that multiply bfloat16 natively, else float32). Each round times a loop of calls per pack
+(`measure.loop_medians`); figures are medians over rounds, in ms. The JSON names the package it timed (``package``), so runs of
 two trees side by side can be told apart.
 """
 
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,16 +41,7 @@ def case(H: int, dtype: torch.dtype, rounds: int) -> dict:
         "hh_t": lambda: ops.pack_weight(w_hh, False, layout, None, True, recurrence.column_block("hh_t")),
         "hm_t": lambda: ops.pack_weight(w_hm, False, layout, None, True, recurrence.column_block("hm_t")),
     }
-    reps = max(2, 4096 // H)
-    times: dict[str, list[float]] = {name: [] for name in packs}
-    for r in range(rounds + 1):  # round 0 warms up
-        for name, pack in packs.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                pack()
-            if r:
-                times[name].append((time.perf_counter() - t0) / reps * 1e3)
-    ms = {name: round(statistics.median(v), 4) for name, v in times.items()}
+    ms = measure.loop_medians(packs, reps=max(2, 4096 // H), rounds=rounds)
     return {"H": H, "I": I, "dtype": str(dtype).removeprefix("torch."), "layout": layout, "ms": ms,
             "total_ms": round(sum(ms.values()), 4)}
 
