@@ -32,8 +32,8 @@ AOT_CPU_ENV = "FASTMLSTM_BUILD_CPU"
 # Keep in step with EXTRA_CFLAGS / EXTRA_CUDA_CFLAGS in fastmlstm/ops/cuda/build.py.
 EXTRA_COMPILE_ARGS = {"cxx": ["-O3"], "nvcc": ["-O3"]}
 # Keep in step with SOURCES (link order) and EXTRA_CFLAGS in fastmlstm/ops/cpu/build.py.
-CPU_SOURCES = ("mlstm_cpu.cpp", "buffer_cache.cpp", "pack.cpp", "forward.cpp", "backward.cpp", "kernels_default.cpp",
-               "kernels_avx2.cpp", "kernels_avx512.cpp")
+CPU_SOURCES = ("mlstm_cpu.cpp", "buffer_cache.cpp", "pack.cpp", "forward.cpp", "backward.cpp", "gemm.cpp",
+               "kernels_default.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")
 # -fopenmp as in fastmlstm/ops/cpu/build.py (at::parallel_for needs it compiled in).
 CPU_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 CPU_COMPILE_ARGS = ["-O3", *CPU_OPENMP]

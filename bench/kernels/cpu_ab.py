@@ -12,9 +12,11 @@ Switches (the "off" side is the behaviour before the change):
   off: ``FASTMLSTM_CPU_CACHE_MB=0``, fresh memory each call.
 - ``bf16-xm``: with VNNI weights, the inputs' xm = x Wmx^T as a bfloat16 GEMM (``csrc/cpu/forward.cpp``),
   off: a float32 GEMM of float32 copies (bfloat16 cases only).
-- ``weight-grad``: the backward's float32 weight gradients as oneDNN micro-kernel tiles on operands
-  laid out for them (``csrc/cpu/backward.cpp``, ``weight_gradient``), off: MKL's GEMM on the operands
-  as they are (float32 cases: bfloat16 with VNNI weights takes bfloat16 GEMMs either way).
+- ``weight-grad``: the float32 GEMMs beside the time loops as oneDNN micro-kernel tiles
+  (``csrc/cpu/gemm.cpp``): the backward's weight gradients (the input weights' and the bias's from
+  the same transposed slices as the recurrent one's) and x's gradient, the forward's xm; off: MKL's
+  GEMMs on the operands as they are (float32 cases: bfloat16 with VNNI weights takes bfloat16 GEMMs
+  either way).
 
 Per case, the operators ``layer_forward`` (inference, and training: saving for backward) and
 ``layer_backward`` are timed with the switch on and off in turn, round by round, in one process;

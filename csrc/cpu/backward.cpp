@@ -57,47 +57,6 @@ int64_t chunk_steps(int64_t T, int64_t B, int64_t H) {
   return std::max<int64_t>(1, std::min({T, by_rows, by_memory}));
 }
 
-// The weight gradients' GEMM dW [N, H] += dz^T m over R rows, float32 (dz [R, N] with any row stride,
-// m [R, H] and dW dense). Two ways (weight_grad_tiles, mlstm_cpu.cpp): MKL's addmm_ on the operands as
-// they are, or oneDNN's micro-kernels on operands laid out for them: m packed as the column blocks of
-// a transposed weight (pack_weight, [blocks, R, 64]), and dz^T a slice of kGradSlice rows of dW at a
-// time, transposed into the thread's buffer right before its tiles (bench/kernels/NOTES-cpu.md, "The
-// weight gradients as micro-kernel tiles").
-constexpr int64_t kGradSlice = 128;
-
-void weight_gradient_tiles(const Tensor& dW, const Tensor& dz, const Tensor& m) {
-  const int64_t R = m.size(0), H = m.size(1), N = dz.size(1), ld_dz = dz.stride(0);
-  const Tensor packed = pack_weight(m, false, kFloat32, std::nullopt, true, kWideColumns);
-  const int64_t blocks = packed.size(0);
-  const float* packed_p = packed.data_ptr<float>();
-  const float* dz_p = dz.data_ptr<float>();
-  float* dw_p = dW.data_ptr<float>();
-  const Transpose transpose = transpose_kernel();
-  const int64_t piece = k_piece(R, sizeof(float));  // the same K pieces as every tile GEMM
-  at::parallel_for(0, ceil_div(N, kGradSlice), 1, [&](int64_t s0, int64_t s1) {
-    std::vector<float> a(kGradSlice * R);  // rows [n0, n0 + rows) of dz^T, [rows, R]
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t n0 = s * kGradSlice, rows = std::min(kGradSlice, N - n0);
-      transpose(R, rows, dz_p + n0, ld_dz, a.data(), R);
-      for (int64_t j = 0; j < blocks; ++j) {
-        const int64_t width = std::min(kWideColumns, H - j * kWideColumns);
-        for (int64_t k0 = 0; k0 < R; k0 += piece) {
-          at::native::cpublas::brgemm(rows, width, std::min(piece, R - k0), R, kWideColumns, H, true, a.data() + k0,
-                                      packed_p + (j * R + k0) * kWideColumns, dw_p + n0 * H + j * kWideColumns, false);
-        }
-      }
-    }
-  });
-}
-
-void weight_gradient(const Tensor& dW, const Tensor& dz, const Tensor& m) {
-  if (weight_grad_tiles() && m.size(0) > 0) {
-    weight_gradient_tiles(dW, dz, m.contiguous());
-  } else {
-    dW.addmm_(dz.t(), m);
-  }
-}
-
 // rows of a D tensor as float32 [rows, cols]: the tensor itself for float, else widened into scratch.
 template <typename D>
 Tensor widened(const Tensor& in, const Tensor& scratch, int64_t rows, int64_t cols) {
@@ -309,7 +268,13 @@ void BackwardPass<D, E>::flush_chunk(int64_t t0, int64_t t1) {
   const Tensor dz = gproj.narrow(1, 0, kGates * H);
   Tensor m = m_chunk.narrow(0, 0, R * H).view({R, H});
   recompute_m_kernel<D>()(R, H, act_p + t0 * B * 6 * H, m.data_ptr<float>());
-  weight_gradient(r.grad_weight_hh, dz, m);
+  const bool tiles = weight_grad_tiles();
+  if (fused && tiles) {  // the input weights' gradient from the same transposed slices of gproj
+    const InputSums sums{grad_weight_in_1.data_ptr<float>(), I + 1, x_1.data_ptr<float>() + t0 * B * (I + 1), I + 1, I};
+    gradient_tiles(gproj, kGates * H, r.grad_weight_hh, m, &sums);
+  } else {
+    weight_gradient(r.grad_weight_hh, dz, m);
+  }
   const Tensor dhm = widened<D>(ghm_chunk.narrow(0, 0, steps).view({R, H}), scratch_hm, R, H);
   // h_{t-1} is output[t-1] for t >= 1 and h0 at t = 0.
   int64_t first = 0;
@@ -323,8 +288,18 @@ void BackwardPass<D, E>::flush_chunk(int64_t t0, int64_t t1) {
     weight_gradient(r.grad_weight_hm, dhm.narrow(0, first, n), widened<D>(h_prev_d, scratch_h, n, H));
   }
   if (fused) {
-    grad_weight_in_1.addmm_(gproj.t(), x_1.narrow(0, t0 * B, R));
-    r.grad_x.narrow(0, t0, steps).view({R, I}).copy_(at::mm(gproj, w_in_f));
+    Tensor grad_x = r.grad_x.narrow(0, t0, steps).view({R, I});
+    if (!tiles) {
+      grad_weight_in_1.addmm_(gproj.t(), x_1.narrow(0, t0 * B, R));
+      grad_x.copy_(at::mm(gproj, w_in_f));
+      return;
+    }
+    Tensor out = wide ? grad_x : at::empty({R, I}, gproj.options());
+    rows_gemm(R, I, 5 * H, gproj.data_ptr<float>(), gproj.stride(0), w_in_f.data_ptr<float>(), w_in_f.stride(0),
+              out.data_ptr<float>(), I);
+    if constexpr (!wide) {
+      grad_x.copy_(out);
+    }
   }
 }
 

@@ -8,6 +8,7 @@
 //   pack.cpp       packed weights: pack_weight and the checks of packed tensors
 //   forward.cpp    the forward time loop (the operators forward and forward_input)
 //   backward.cpp   the backward time loop and the gradients summed over time (backward, backward_input)
+//   gemm.cpp       the float32 GEMMs beside the time loops, as micro-kernel tiles (weight_grad_tiles)
 //   buffer_cache.cpp  memory for the activations saved for backward, reused by the next forward
 // The step epilogues they call are mlstm_cpu_kernels.h (interface and layouts: mlstm_cpu.h),
 // compiled by kernels_default.cpp, kernels_avx2.cpp and kernels_avx512.cpp, which are linked after
@@ -286,12 +287,33 @@ void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64
   }
 }
 
-// How the backward computes its weight gradients (backward.cpp, weight_gradient): chosen by the
-// epilogues' instruction set (auto), or forced (set_weight_grad_gemm, mlstm_cpu.cpp) for tests and
-// benchmarks that compare the two in one process.
+// How the float32 GEMMs beside the time loops run (gemm.cpp): the backward's weight gradients,
+// x's gradient and the forward's xm, as MKL's GEMMs or as oneDNN's micro-kernel tiles. Chosen by
+// the epilogues' instruction set (auto), or forced (set_weight_grad_gemm, mlstm_cpu.cpp) for tests
+// and benchmarks that compare the two in one process.
 constexpr int64_t kWeightGradAuto = 0, kWeightGradMkl = 1, kWeightGradTiles = 2;
 extern std::atomic<int64_t> g_weight_grad_gemm;
-bool weight_grad_tiles();  // whether the backward's float32 weight gradients run as tiles now
+bool weight_grad_tiles();  // whether those GEMMs run as tiles now
+
+// The input weights' gradient that a weight gradient's transposed slices also feed (the input
+// projection in the loop): out [N, cols + 1] (row stride ld_out) += A^T [x | 1], where x [R, cols]
+// has row stride ld_x; the last column, A's column sums, is the bias's gradient.
+struct InputSums {
+  float* out;
+  int64_t ld_out;
+  const float* x;
+  int64_t ld_x, cols;
+};
+
+// As micro-kernel tiles, over A [R, N] (float32, any row stride): dW [n_main, H] += A[:, :n_main]^T m
+// (m [R, H]) and, with `in`, the input weights' gradient of all N columns.
+void gradient_tiles(const Tensor& A, int64_t n_main, const Tensor& dW, const Tensor& m, const InputSums* in);
+// dW [N, H] += dz^T m over dz's R rows (dz [R, N] with any row stride), MKL's or as tiles.
+void weight_gradient(const Tensor& dW, const Tensor& dz, const Tensor& m);
+// C [M, N] = A [M, K] B [K, N], float32, row-major with the given row strides, as micro-kernel
+// tiles of rows over the threads. A row of C depends on that row of A alone, never on M.
+void rows_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+               int64_t ldc);
 
 constexpr int64_t kTileElems = kRowBlock * kMaxColumns;
 constexpr int64_t kTilesPerThread = 2;

@@ -149,7 +149,15 @@ template <typename D, typename E>
 void ForwardLoop<D, E>::xm_chunk_at(int64_t t) {
   const int64_t steps = std::min(Tc, T - t);
   Tensor out = xm_chunk.narrow(0, 0, steps * B);
-  at::mm_out(out, in.x_xm.narrow(0, t * B, steps * B), in.w_im_t);
+  const Tensor x = in.x_xm.narrow(0, t * B, steps * B);
+  const Tensor& w = in.w_im_t;
+  if (x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.stride(1) == 1 && w.stride(1) == 1 &&
+      weight_grad_tiles()) {
+    rows_gemm(steps * B, H, in.I, x.data_ptr<float>(), x.stride(0), w.data_ptr<float>(), w.stride(0),
+              out.data_ptr<float>(), H);
+  } else {
+    at::mm_out(out, x, w);
+  }
 }
 
 template <typename D, typename E>

@@ -219,6 +219,8 @@ std::vector<int64_t> set_k_split(int64_t whole_bytes, int64_t piece_bytes) {
   return previous;
 }
 
+std::vector<int64_t> k_split() { return {g_whole_k_bytes.load(), g_k_piece_bytes.load()}; }
+
 // How the backward computes its float32 weight gradients (driver.h, kWeightGrad*: 0 auto, 1 MKL, 2
 // micro-kernel tiles); returns the previous mode. For tests and benchmarks comparing the two.
 int64_t set_weight_grad_gemm(int64_t mode) {
@@ -296,6 +298,7 @@ TORCH_LIBRARY(fastmlstm_cpu, m) {
   m.def("set_kernel_isa(str name) -> str", &fastmlstm::cpu::set_kernel_isa);
   m.def("bf16_gemm_works(bool portable=False) -> bool", &fastmlstm::cpu::bf16_gemm_works);
   m.def("set_k_split(int whole_bytes, int piece_bytes) -> int[]", &fastmlstm::cpu::set_k_split);
+  m.def("k_split() -> int[]", &fastmlstm::cpu::k_split);
   m.def("set_buffer_cache_limit(int bytes) -> int", &fastmlstm::cpu::set_buffer_cache_limit);
   m.def("set_weight_grad_gemm(int mode) -> int", &fastmlstm::cpu::set_weight_grad_gemm);
   m.def("weight_grad_gemm() -> str", &fastmlstm::cpu::weight_grad_gemm);

@@ -374,7 +374,7 @@ VnniGemm vnni_gemm() { return &vnni_gemm_impl; }
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // dst [8, 8] = src [8, 8]^T in registers: pairs of rows interleaved, then pairs of pairs, then the
 // 128-bit halves exchanged. at::vec has no AVX2 float transpose, and its AVX-512 16 x 16 one took
-// 1.1-1.5x as long at the packs' and the weight gradients' shapes (bench/kernels/NOTES-cpu.md,
+// 1.1-1.5x as long at the packs' and the weight gradients' shapes (bench/kernels/NOTES-cpu-kernels.md,
 // "The packs").
 inline void transpose_8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
   __m256 r[8], t[8];

@@ -49,7 +49,7 @@ inline int64_t packed_index(const Packing& p, int64_t k, int64_t c) {
 // Blocks of W^T: row k of every block is a piece of the source's row k, contiguous. The rows go
 // outermost (each source row read once, in order): block by block, a pack of a wide transposed
 // weight read a short piece of every one of its K rows, a page apart, per block, and missed the TLB
-// on nearly every row (bench/kernels/NOTES-cpu.md, "The packs").
+// on nearly every row (bench/kernels/NOTES-cpu-kernels.md, "The packs").
 template <typename In, typename Out>
 void pack_transposed(const Source<In>& src, Out* out, const Packing& p) {
   const int64_t block_elems = p.K * p.cols;

@@ -47,9 +47,25 @@ def _case(T, B, I, H, seed=0):
     return state, x, h0, c0, loss_w
 
 
-@functools.lru_cache(maxsize=None)
 def _run(backend, dtype, T, B, I, H, lengths):
-    """Run the module; return forward values and gradients as float64 CPU tensors, by name."""
+    """Run the module; return forward values and gradients as float64 CPU tensors, by name. Cached
+    per case and per state of the switches that choose what runs (a test that forces the CPU
+    backend's kernels, GEMMs or K split must run them, not find another setting's results)."""
+    return _run_once(backend, dtype, T, B, I, H, lengths, _switches(backend))
+
+
+def _switches(backend) -> tuple:
+    """The thread count and, for the CPU backend, every forced choice its kernel report shows."""
+    if backend != "cpu":
+        return (torch.get_num_threads(),)
+    from fastmlstm.ops.cpu import recurrence
+
+    r = recurrence.kernel_report()
+    return (torch.get_num_threads(), r["epilogues"], r["bf16_gemm"], r["weight_grad_gemm"], tuple(r["k_split_bytes"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _run_once(backend, dtype, T, B, I, H, lengths, switches):
     state, x, h0, c0, (w_out, w_h, w_c, w_cells) = _case(T, B, I, H)
     rnn = FastMLSTM(I, H, backend=backend).to(DEVICE, dtype)
     rnn.load_state_dict(state)

@@ -56,8 +56,8 @@ AOT_ENV = "FASTMLSTM_BUILD_CPU"
 # Translation units in link order. The driver's come first (mlstm_cpu.cpp, the operators, first of
 # all: source_dir() looks for it): inline functions that the AVX2 and AVX-512 copies of the kernels
 # also instantiate must resolve to the baseline code (see kernels_avx2.cpp).
-SOURCES = ("mlstm_cpu.cpp", "buffer_cache.cpp", "pack.cpp", "forward.cpp", "backward.cpp", "kernels_default.cpp",
-           "kernels_avx2.cpp", "kernels_avx512.cpp")
+SOURCES = ("mlstm_cpu.cpp", "buffer_cache.cpp", "pack.cpp", "forward.cpp", "backward.cpp", "gemm.cpp",
+           "kernels_default.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")
 HEADERS = ("driver.h", "mlstm_cpu.h", "mlstm_cpu_kernels.h", "mlstm_cpu_vec.h")
 # On top of torch.utils.cpp_extension's own flags (C++ standard, -fPIC, -O2). No -march: the
 # library must run on any CPU of the architecture; the AVX2 and AVX-512 kernels switch their target

@@ -169,10 +169,11 @@ WEIGHT_GRAD_GEMMS = ("auto", "mkl", "tiles")
 
 @contextlib.contextmanager
 def forced_weight_grad_gemm(mode: str):
-    """Compute the backward's float32 weight gradients with ``mode`` inside the block: ``"mkl"``
-    (MKL's GEMM on the operands as they are), ``"tiles"`` (oneDNN's micro-kernels on operands laid
-    out for them, ``csrc/cpu/backward.cpp``) or ``"auto"`` (tiles where the AVX-512 epilogues run);
-    for tests and benchmarks that compare them in one process."""
+    """Run the float32 GEMMs beside the time loops (the backward's weight gradients and x's
+    gradient, the forward's xm) with ``mode`` inside the block: ``"mkl"`` (MKL's GEMM on the
+    operands as they are), ``"tiles"`` (oneDNN's micro-kernels, the weight gradients' operands laid
+    out for them, ``csrc/cpu/gemm.cpp``) or ``"auto"`` (tiles where the AVX-512 epilogues run); for
+    tests and benchmarks that compare them in one process."""
     if mode not in WEIGHT_GRAD_GEMMS:
         raise ValueError(f"the weight-gradient GEMM must be one of {WEIGHT_GRAD_GEMMS}, got {mode!r}")
     ops = _ops()
@@ -198,8 +199,10 @@ def kernel_report() -> dict:
     """What the CPU backend runs on this machine, for ``fastmlstm.diagnostics.environment()`` (and so
     ``fastmlstm info``): the epilogues' instruction set (:func:`kernel_isa`) and the others this CPU
     can run, the packed weights' column blocks, which micro-kernels multiply float32 and bfloat16
-    operands, how the backward's float32 weight gradients run (``"tiles"`` or ``"mkl"``,
-    :func:`forced_weight_grad_gemm`), and the buffer cache's limit and what it holds (:mod:`.buffer_cache`).
+    operands, how the float32 GEMMs beside the time loops run (the weight gradients, x's gradient and
+    xm: ``"tiles"`` or ``"mkl"``, :func:`forced_weight_grad_gemm`), the tile GEMMs' K split in bytes
+    of a row of A (``[whole, piece]``, :func:`forced_k_split`), and the buffer cache's limit and what
+    it holds (:mod:`.buffer_cache`).
 
     Example::
 
@@ -222,6 +225,7 @@ def kernel_report() -> dict:
         "bf16_gemm": mode,
         "bf16_gemm_kernels": bf16_kernels,
         "weight_grad_gemm": str(_ops().weight_grad_gemm()),
+        "k_split_bytes": [int(v) for v in _ops().k_split()],
         "onednn_isa": isa,
         "streamed_rows": {"max_rows": STREAM_MAX_ROWS, "from_MiB": round(STREAM_MIN_BYTES / 2**20, 1)},
         "buffer_cache_MiB": {"limit": round(limit_bytes() / 2**20, 1),
