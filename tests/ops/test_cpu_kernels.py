@@ -113,9 +113,11 @@ def test_tile_gemms_split_along_k_match_the_float64_truth(dtype, bf16_gemm, isa,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_both_weight_gradient_gemms_match_the_float64_truth(dtype, gemm, split, isa):
     """The backward's float32 weight gradients (csrc/cpu/backward.cpp, weight_gradient) through MKL
-    or through micro-kernel tiles (m in column blocks, dz^T transposed by each copy's transpose),
-    forced on every machine: the layer (ragged) and the recurrence on projections, a partial column
-    block (H = 130, 70), several chunks of rows (1,200 rows), K in pieces (split), every gradient."""
+    or through micro-kernel tiles (m in column blocks, dz^T transposed by each copy's transpose;
+    with them x's gradient, the input weights' and the bias's, and xm: csrc/cpu/gemm.cpp), forced on
+    every machine: the layer (ragged) and the recurrence on projections, a partial column block
+    (H = 130, 70, 33), several chunks of rows (1,200 rows), more input features than one column
+    block (I = 70), K in pieces (split), every gradient."""
     from test_cpu import _contract_failures, _layer_failures
     from test_recurrence import _ragged_lengths
 
@@ -124,6 +126,7 @@ def test_both_weight_gradient_gemms_match_the_float64_truth(dtype, gemm, split, 
     with _isa(isa), recurrence.forced_weight_grad_gemm(gemm), recurrence.forced_k_split(*limits):
         failures = _layer_failures(dtype, (dtype, 3, 67, 6, 130, _ragged_lengths(3, 67)))
         failures += _layer_failures(dtype, (dtype, 2, 600, 6, 70, None))
+        failures += _layer_failures(dtype, (dtype, 3, 21, 70, 33, None))
         failures += _contract_failures(dtype, (4, 67, 130), True)
     assert not failures, "\n".join(failures)
     with pytest.raises(ValueError, match="weight-gradient GEMM"):
