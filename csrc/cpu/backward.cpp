@@ -287,18 +287,18 @@ void BackwardPass<D, E>::flush_chunk(int64_t t0, int64_t t1) {
     const Tensor h_prev_d = a.output.narrow(0, t0 == 0 ? 0 : t0 - 1, n / B).view({n, H});
     weight_gradient(r.grad_weight_hm, dhm.narrow(0, first, n), widened<D>(h_prev_d, scratch_h, n, H));
   }
-  if (fused) {
+  if (fused) {  // x's gradient, and with MKL the input weights' (the tiles summed it above)
     Tensor grad_x = r.grad_x.narrow(0, t0, steps).view({R, I});
-    if (!tiles) {
+    if (tiles) {
+      Tensor out = wide ? grad_x : at::empty({R, I}, gproj.options());
+      rows_gemm(R, I, 5 * H, gproj.data_ptr<float>(), gproj.stride(0), w_in_f.data_ptr<float>(), w_in_f.stride(0),
+                out.data_ptr<float>(), I);
+      if constexpr (!wide) {
+        grad_x.copy_(out);
+      }
+    } else {
       grad_weight_in_1.addmm_(gproj.t(), x_1.narrow(0, t0 * B, R));
       grad_x.copy_(at::mm(gproj, w_in_f));
-      return;
-    }
-    Tensor out = wide ? grad_x : at::empty({R, I}, gproj.options());
-    rows_gemm(R, I, 5 * H, gproj.data_ptr<float>(), gproj.stride(0), w_in_f.data_ptr<float>(), w_in_f.stride(0),
-              out.data_ptr<float>(), I);
-    if constexpr (!wide) {
-      grad_x.copy_(out);
     }
   }
 }

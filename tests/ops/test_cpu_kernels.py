@@ -112,7 +112,7 @@ def test_tile_gemms_split_along_k_match_the_float64_truth(dtype, bf16_gemm, isa,
 @pytest.mark.parametrize("gemm", ["mkl", "tiles"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_both_weight_gradient_gemms_match_the_float64_truth(dtype, gemm, split, isa):
-    """The backward's float32 weight gradients (csrc/cpu/backward.cpp, weight_gradient) through MKL
+    """The backward's float32 weight gradients (csrc/cpu/gemm.cpp, weight_gradient) through MKL
     or through micro-kernel tiles (m in column blocks, dz^T transposed by each copy's transpose;
     with them x's gradient, the input weights' and the bias's, and xm: csrc/cpu/gemm.cpp), forced on
     every machine: the layer (ragged) and the recurrence on projections, a partial column block
