@@ -388,8 +388,13 @@ def load_average() -> list[float] | None:
 # ------------------------------------------------------------------------------------ probe files
 def probe_doc(script: str, argv: list[str], **fields) -> dict:
     """The start of a kernel-lab probe's results file: the machine, the versions and commit, the
-    command that ran (``python <script> <argv>``), ``fields``, and the load average now."""
+    package it times (``package``: the fastmlstm directory imported, so that runs of two trees,
+    alternated, compare a change), the command that ran (``python <script> <argv>``), ``fields``,
+    and the load average now."""
+    import fastmlstm
+
     return {"device": cpu_name(), "cpu_features": cpu_features(), **versions(), **git_commit(),
+            "package": os.path.dirname(fastmlstm.__file__),
             "command": " ".join(["python", script, *argv]), **fields, "load_average_start": load_average()}
 
 

@@ -20,8 +20,8 @@ For each dtype and (H, B), ``--threads`` torch threads (default 2), interleaved 
   per call, the largest ``--ops`` operators): the forward and backward loops, the weight-gradient
   GEMMs, the weight packs, weight normalization's pointwise operators.
 
-The JSON names the package it timed (``package``), so that runs of two trees, alternated, compare a
-change.
+The JSON names the package it timed (``package``, as every probe's: ``measure.probe_doc``), so that
+runs of two trees, alternated, compare a change.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         print("cpu_breakdown.py: the cpu backend is unavailable here", file=sys.stderr)
         return 1
     doc = measure.probe_doc("bench/kernels/cpu_breakdown.py", sys.argv[1:], torch_threads=torch.get_num_threads(),
-                            package=str(Path(fastmlstm.__file__).parent), cases=[])
+                            cases=[])
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     for d, H, B in itertools.product(args.dtypes.split(","), args.H.split(","), args.B.split(",")):
         doc["cases"].append(case(int(H), int(B), args.T, args.I, args.rounds, dtypes[d], args.ops))

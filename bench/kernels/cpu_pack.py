@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: measure.
 
 import measure  # noqa: E402
 
-import fastmlstm  # noqa: E402
 from fastmlstm.ops.cpu import recurrence  # noqa: E402
 
 I = 64
@@ -56,8 +55,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     doc = measure.probe_doc("bench/kernels/cpu_pack.py", sys.argv[1:] if argv is None else argv,
-                            torch_threads=args.threads, package=str(Path(fastmlstm.__file__).parent),
-                            kernel_isa=recurrence.kernel_isa(), cases=[])
+                            torch_threads=args.threads, kernel_isa=recurrence.kernel_isa(), cases=[])
     for H in (int(h) for h in args.H.split(",")):
         for name in args.dtypes.split(","):
             doc["cases"].append(case(H, getattr(torch, name), args.rounds))

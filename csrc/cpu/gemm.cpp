@@ -124,12 +124,7 @@ void weight_gradient(const Tensor& dW, const Tensor& dz, const Tensor& m) {
 
 void rows_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                int64_t ldc) {
-  if (K == 0) {
-    for (int64_t i = 0; i < M; ++i) {
-      std::fill_n(C + i * ldc, N, 0.0f);
-    }
-    return;
-  }
+  TORCH_CHECK(K > 0, kWho, "rows_gemm: K must be positive (the callers' x has I > 0 features)");
   const int64_t tiles = ceil_div(M, kRowsTile), blocks = ceil_div(N, kWideColumns);
   at::parallel_for(0, tiles * blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
