@@ -66,7 +66,8 @@ def _check_state(initial_state, B: int, H: int, dtype: torch.dtype, device: torc
         if tuple(s.shape) != (B, H):
             raise InputError(f"initial_state {name} must have shape [B, H] = [{B}, {H}], got {list(s.shape)}")
         if s.dtype not in (acc, dtype):
-            raise InputTypeError(f"initial_state {name} has dtype {s.dtype}; it must be {acc} or the input's {dtype}")
+            allowed = f"the input's {dtype}" if acc == dtype else f"{acc} or the input's {dtype}"
+            raise InputTypeError(f"initial_state {name} has dtype {s.dtype}; it must be {allowed}")
         if s.device != device:
             raise InputError(f"initial_state {name} is on {s.device} but the input is on {device}")
         state.append(s if s.dtype == acc else s.to(acc))  # (a call saved per state: steps are short)

@@ -46,7 +46,14 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     Autocast does not reach inside the custom op, so layers cast their inputs and effective weights
     to this dtype themselves.
     """
+    if not _autocast_available(device_type):  # e.g. "meta": shape inference runs without it
+        return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast_available(device_type: str) -> bool:
+    available = getattr(torch.amp, "is_autocast_available", None)
+    return available is None or available(device_type)
 
 
 def cast_weights(weights: MLSTMWeights, dtype: torch.dtype) -> MLSTMWeights:

@@ -9,7 +9,7 @@ from tolerances import rel_err
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_sequence, pad_packed_sequence
 
-from fastmlstm import FastMLSTM, multiplicative_lstm
+from fastmlstm import BackendUnavailableError, FastMLSTM, multiplicative_lstm
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
@@ -23,6 +23,25 @@ def test_shapes_match_nn_lstm(batch_first):
         assert o1.shape == o2.shape and h1.shape == h2.shape and c1.shape == c2.shape
         (o1, (h1, c1)), (o2, (h2, c2)) = ours(x, (h1, c1)), theirs(x, (h2, c2))
         assert o1.shape == o2.shape and h1.shape == h2.shape
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_meta_tensors_give_nn_lstms_shapes(bidirectional):
+    # Shape inference on the meta device (a model built there before its weights exist) runs like
+    # nn.LSTM's: autocast, which has no meta device, is simply off there. The CPU backend, asked for
+    # by name, says it needs CPU tensors.
+    I, H = 5, 12
+    kwargs = dict(num_layers=2, bidirectional=bidirectional, device="meta")
+    ours, theirs = FastMLSTM(I, H, **kwargs), nn.LSTM(I, H, **kwargs)
+    x = torch.randn(7, 3, I, device="meta", requires_grad=True)
+    (o1, (h1, c1)), (o2, (h2, c2)) = ours(x, lengths=[7, 2, 5]), theirs(x)
+    assert (o1.device, o1.shape, h1.shape, c1.shape) == (o2.device, o2.shape, h2.shape, c2.shape)
+    grads = torch.autograd.grad(o1.sum(), [x, *ours.parameters()])
+    assert all(g.device.type == "meta" and g.shape == p.shape for g, p in zip(grads, [x, *ours.parameters()]))
+    out, (h, c) = ours.step(torch.randn(3, I, device="meta"))
+    assert out.shape == (3, ours.num_directions * H) and h.shape == c.shape == (2 * ours.num_directions, 3, H)
+    with pytest.raises(BackendUnavailableError, match="CPU tensors, not meta"):
+        FastMLSTM(I, H, backend="cpu", device="meta")(x)
 
 
 def test_packed_sequence_in_and_out_like_nn_lstm():
