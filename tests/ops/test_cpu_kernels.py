@@ -192,7 +192,8 @@ def test_forcing_a_kernel_copy_is_checked():
     before = recurrence.kernel_isa()
     with recurrence.forced_kernel_isa("default"):
         assert recurrence.kernel_isa() == "default" and recurrence.column_block("hh") == 32
-    assert recurrence.kernel_isa() == before
+        assert str(recurrence._ops().kernel_isa()) == "default"  # (kernel_isa() keeps a copy of it)
+    assert recurrence.kernel_isa() == before == str(recurrence._ops().kernel_isa())
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -121,11 +121,19 @@ def portable_bf16() -> bool:
     return bf16_gemm() == "portable"
 
 
+# The extension's setting as last read (an operator call costs about 2 us, and every forward asks
+# for it per packed weight): only forced_kernel_isa changes it, and it forgets this copy when it does.
+_kernel_isa: str | None = None
+
+
 def kernel_isa() -> str:
     """The instruction set of the fused epilogues in use: ``"avx512"``, ``"avx2"`` or ``"default"``
     (the portable copy): the best one this CPU runs, as far as ATen runs it too
     (``ATEN_CPU_CAPABILITY`` lowers it), unless :func:`forced_kernel_isa` chose another."""
-    return str(_ops().kernel_isa())
+    global _kernel_isa
+    if _kernel_isa is None:
+        _kernel_isa = str(_ops().kernel_isa())
+    return _kernel_isa
 
 
 def kernel_isas() -> tuple[str, ...]:
@@ -137,14 +145,17 @@ def kernel_isas() -> tuple[str, ...]:
 def forced_kernel_isa(isa: str):
     """Run the epilogues with ``isa`` (one of :func:`kernel_isas`) inside the block; for tests and
     benchmarks that compare the copies in one process."""
+    global _kernel_isa
     ops = _ops()
     if isa not in kernel_isas():
         raise ValueError(f"kernel instruction set must be one of {kernel_isas()} on this CPU, got {isa!r}")
     previous = kernel_isa()
-    ops.set_kernel_isa(isa)
     try:
+        _kernel_isa = None
+        ops.set_kernel_isa(isa)
         yield
     finally:
+        _kernel_isa = None
         ops.set_kernel_isa(previous)
 
 
