@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
+from ..errors import InputError
 from ..nn.functional import multiplicative_lstm_recurrence
 from ..ops import capture, resolve_backend, verdicts
 
@@ -90,12 +91,22 @@ def sample_bytes(logits: Tensor, temperature: float, top_k: int | None, generato
     overflowed) raise ``FloatingPointError`` instead of giving bytes.
     """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        best = logits.argmax(dim=-1)  # (argmax picks a NaN or +inf where a row holds one)
+        if not bool(torch.isfinite(logits.gather(1, best.unsqueeze(1))).all()):
+            raise _not_finite()
+        return best
     p = byte_probabilities(logits, temperature, top_k)
-    if torch.isnan(p).any():  # (softmax gives NaN for NaN or +inf logits)
-        raise FloatingPointError("the model's next-byte logits are not finite (NaN or inf): the weights or the "
-                                 "state overflowed, and nothing can be sampled from them")
+    if torch.isnan(p).any():  # (softmax gives NaN for NaN or +inf scores)
+        if bool(torch.isfinite(logits).all()):
+            raise InputError(f"temperature {temperature!r} is too small for these logits: logits / temperature "
+                             "overflows float32; use temperature=0 for the most likely byte")
+        raise _not_finite()
     return (p / torch.empty_like(p).exponential_(generator=generator)).argmax(dim=-1)
+
+
+def _not_finite() -> FloatingPointError:
+    return FloatingPointError("the model's next-byte logits are not finite (NaN or inf): the weights or the "
+                              "state overflowed, and nothing can be sampled from them")
 
 
 class ByteStepper:

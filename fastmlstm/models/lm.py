@@ -31,7 +31,11 @@ def to_bytes(text: str | bytes | bytearray) -> bytes:
     if isinstance(text, (bytes, bytearray)):
         return bytes(text)
     if isinstance(text, str):
-        return text.encode("utf-8")
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"text holds a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}, "
+                             "which has no UTF-8 encoding; pass bytes instead") from None
     raise InputTypeError(f"expected str or bytes, got {type(text).__name__}")
 
 
@@ -191,7 +195,14 @@ class ByteLM(ModelFileMixin, nn.Module):
             fixed = self._check_fixed_units(fixed_units)
             units = torch.tensor(list(fixed), dtype=torch.long, device=device)
             values = torch.tensor(list(fixed.values()), device=device)
-        if generator is None and seed is not None:
+        if generator is not None:
+            if seed is not None:
+                raise InputError("give seed or generator, not both (a seed builds the generator)")
+            if not isinstance(generator, torch.Generator):
+                raise InputTypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            if generator.device.type != device.type:
+                raise InputError(f"generator is on {generator.device} but the model is on {device}")
+        elif seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
 
         weights = self._weights(None, device.type)

@@ -110,5 +110,6 @@ def test_sampling_is_reproducible_and_refuses_non_finite_logits():
     for bad in (float("nan"), float("inf")):
         broken = logits.clone()
         broken[2, 7] = bad
-        with pytest.raises(FloatingPointError, match="not finite"):
-            generation.sample_bytes(broken, 1.0, None, torch.Generator().manual_seed(0))
+        for temperature in (1.0, 0):  # (the most likely byte too: argmax would pick the NaN or inf)
+            with pytest.raises(FloatingPointError, match="not finite"):
+                generation.sample_bytes(broken, temperature, None, torch.Generator().manual_seed(0))

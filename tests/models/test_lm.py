@@ -122,6 +122,10 @@ def test_load_errors_are_clear(tmp_path):
         (lambda m: m.generate("a", 5, fixed_units={24: 1.0}), ValueError, "fixed_units"),
         (lambda m: m.generate("a", 5, temperature=-1), ValueError, "temperature"),
         (lambda m: m.generate(3, 5), TypeError, "str or bytes"),
+        (lambda m: m.generate("a\ud800b", 5), ValueError, "lone surrogate U[+]D800 at character 1"),
+        (lambda m: m.generate("a", 5, generator="x"), TypeError, "torch.Generator, got str"),
+        (lambda m: m.generate("a", 5, seed=1, generator=torch.Generator()), ValueError, "seed or generator"),
+        (lambda m: m.generate("a", 5, temperature=1e-300), ValueError, "temperature 1e-300 is too small"),
     ],
 )
 def test_bad_input(call, error, match):
