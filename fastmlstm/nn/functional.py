@@ -15,6 +15,7 @@ effective weights.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -74,11 +75,21 @@ def _check_state(initial_state, B: int, H: int, dtype: torch.dtype, device: torc
     return tuple(state)
 
 
+def _length(value) -> int:
+    """One entry of a lengths list: an int (numpy's and 0-d integer tensors too), never truncated."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise InputTypeError(f"lengths must hold integers, got {value!r} ({type(value).__name__})") from None
+
+
 def _check_lengths(lengths, T: int, B: int, device: torch.device):
     if lengths is None:
         return None
     if isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
-        lengths = torch.tensor(list(lengths), dtype=torch.int64)
+        lengths = torch.tensor([_length(v) for v in lengths], dtype=torch.int64)
     lengths = _tensor("lengths", lengths)
     if lengths.device.type != "cpu":
         # Checking the values would need a device synchronization; torch's packing API asks the same.

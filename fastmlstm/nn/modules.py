@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..errors import InputError, InputTypeError
 from ..ops import prepare_step, resolve_backend, step_key
-from ..ops.interface import accumulation_dtype
+from ..ops.interface import GATES, accumulation_dtype
 from ..ops.registry import BACKENDS
 from ..options import check
 from .functional import SUPPORTED_DTYPES, _prepared_step, multiplicative_lstm, multiplicative_lstm_step
@@ -75,6 +75,7 @@ def weight_norm(direction: Tensor, gain: Tensor) -> Tensor:
     Computed in float32 (float64 for float64 weights) and returned in ``direction``'s dtype; an
     all-zero row gives zeros, and zero gradients, not NaN.
     """
+    _check_weight_norm_operands(direction, gain)
     if _fused_weight_norm_applies(direction, gain):
         # PyTorch's fused kernel (row norms accumulated in float32, one rounding of the result, and
         # a backward in one pass over the rows): a fraction of the eager formula's time and
@@ -91,6 +92,17 @@ def weight_norm(direction: Tensor, gain: Tensor) -> Tensor:
     # norm instead would send gradients of ~1e38 or inf into the optimizer).
     scale = torch.where(nonzero, gain.to(acc) / torch.where(nonzero, norm, 1), 0)
     return (v * scale.unsqueeze(1)).to(direction.dtype)
+
+
+def _check_weight_norm_operands(direction, gain) -> None:
+    for name, t in (("direction", direction), ("gain", gain)):
+        if not isinstance(t, Tensor):
+            raise InputTypeError(f"weight_norm: {name} must be a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise InputTypeError(f"weight_norm: {name} must be a floating-point tensor, got {t.dtype}")
+    if direction.dim() != 2 or tuple(gain.shape) != (direction.shape[0],):
+        raise InputError(f"weight_norm: direction must be [rows, cols] and gain [rows], got {list(direction.shape)} "
+                         f"and {list(gain.shape)}")
 
 
 def _fused_weight_norm_applies(direction: Tensor, gain: Tensor) -> bool:
@@ -363,7 +375,23 @@ class FastMLSTM(nn.Module):
                 not all(isinstance(w, MLSTMWeights) for w in weights):
             raise InputTypeError(f"weights must be what effective_weights() returns: {count} MLSTMWeights "
                                  f"(one per layer and direction), got {type(weights).__name__}")
+        for (layer, reverse), w in zip(self._layers(), weights):
+            self._check_layer_weights(w, layer, reverse)
         return tuple(weights)
+
+    def _check_layer_weights(self, w: MLSTMWeights, layer: int, reverse: bool) -> None:
+        """``w`` has the shapes of this module's layer ``layer`` (another module's weights are refused)."""
+        H, I = self.hidden_size, self.input_size if layer == 0 else self.num_directions * self.hidden_size
+        want = {"weight_ih": (GATES * H, I), "weight_hh": (GATES * H, H), "weight_im": (H, I), "weight_hm": (H, H),
+                "bias": (GATES * H,) if self.bias else None}
+        for name, shape in want.items():
+            value = getattr(w, name)
+            got = None if value is None else tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            if got != shape:
+                want_text = "absent (bias=False)" if shape is None else list(shape)
+                got_text = "none" if got is None else got if isinstance(got, str) else list(got)
+                raise InputError(f"weights: {name}{_suffix(layer, reverse)} must be {want_text} for this module "
+                                 f"({self.extra_repr()}), got {got_text}")
 
     def _as_time_major(self, input, lengths):
         """(x [T, B, I], lengths or None, packed, batched) from any accepted input form."""

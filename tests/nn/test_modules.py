@@ -9,6 +9,7 @@ from tolerances import rel_err
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_sequence, pad_packed_sequence
 
+import fastmlstm
 from fastmlstm import BackendUnavailableError, FastMLSTM, multiplicative_lstm
 
 
@@ -189,6 +190,16 @@ def _rnn():
         (lambda r: r(torch.randn(5, 2, 4), lengths=[5, 6]), ValueError, r"\[0, T\]"),
         (lambda r: r(torch.randn(5, 2, 4), lengths=[5]), ValueError, r"shape \[B\]"),
         (lambda r: r(torch.randn(5, 2, 4), lengths=torch.tensor([1.0, 2.0])), TypeError, "integers"),
+        (lambda r: r(torch.randn(5, 2, 4), lengths=[2.9, 5]), TypeError, r"integers, got 2.9 \(float\)"),  # not 2
+        (lambda r: r(torch.randn(5, 2, 4), lengths=[True, 5]), TypeError, "integers, got True"),
+        (lambda r: r(torch.randn(5, 2, 4), lengths=["a", "b"]), TypeError, "integers, got 'a'"),
+        (lambda r: r(torch.randn(5, 2, 4), weights=FastMLSTM(4, 8).effective_weights()), ValueError,
+         r"weight_ih must be \[24, 4\] for this module \(4, 6\), got \[32, 4\]"),
+        (lambda r: r.step(torch.randn(2, 4), weights=FastMLSTM(4, 6, bias=False).effective_weights()), ValueError,
+         "bias must be"),
+        (lambda r: fastmlstm.weight_norm(torch.ones(3, 4, dtype=torch.long), torch.ones(3, dtype=torch.long)),
+         TypeError, "floating-point"),  # (not all zeros)
+        (lambda r: fastmlstm.weight_norm(torch.randn(3, 4), torch.ones(5)), ValueError, r"gain \[rows\]"),
         (lambda r: r.step(torch.randn(2, 3, 4)), ValueError, "step input"),
     ],
 )
