@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, MissingInputError
+from ..errors import InputError, InputTypeError, MissingInputError
 
 __all__ = [
     "DATASETS",
@@ -88,14 +88,48 @@ class DatasetNotFoundError(MissingInputError):
     """A dataset file is missing; the message names it, where it was looked for and how to get it."""
 
 
+def _text_list(items, name: str) -> list:
+    """``items`` as a list (a split's texts, ids or groups); a single str or a non-sequence is refused."""
+    if isinstance(items, (str, bytes)):
+        raise InputTypeError(f"{name} must be a list with one entry per example, not a single {type(items).__name__}")
+    if isinstance(items, list):
+        return items
+    if isinstance(items, np.ndarray):
+        return items.tolist()
+    try:
+        return list(items)
+    except TypeError:
+        raise InputTypeError(f"{name} must be a list with one entry per example, got {type(items).__name__}") from None
+
+
+def _same_length(name: str, items: list, other: str, others: list) -> None:
+    if len(items) != len(others):
+        raise InputError(f"a split has {len(others)} {other} but {len(items)} {name}; they must have one length")
+
+
+def _label_array(labels, n: int, what: str) -> np.ndarray:
+    """A split's labels as a 1-D array of ``n`` entries, one per ``what`` (text or pair)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != n:
+        raise InputError(f"a split has {n} {what}s but labels of shape {labels.shape}; it needs one label per {what}")
+    return labels
+
+
 @dataclass
 class TextSplit:
     """Labelled texts: ``texts`` (N str) and ``labels`` [N] int64; ``groups`` optional [N] str
-    (the Blitzer domain)."""
+    (the Blitzer domain). Lengths that differ raise :class:`InputError` here, not at first use."""
 
     texts: list[str]
     labels: np.ndarray
     groups: list[str] | None = None
+
+    def __post_init__(self):
+        self.texts = _text_list(self.texts, "texts")
+        self.labels = _label_array(self.labels, len(self.texts), "text")
+        if self.groups is not None:
+            self.groups = _text_list(self.groups, "groups")
+            _same_length("groups", self.groups, "texts", self.texts)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -109,12 +143,20 @@ class TextSplit:
 @dataclass
 class PairSplit:
     """Text pairs: ``first``, ``second`` (N str each) and ``labels`` [N] (int64 for MSRP, float64
-    relatedness for SICK)."""
+    relatedness for SICK); ``ids`` empty or [N]. Lengths that differ raise :class:`InputError` here."""
 
     first: list[str]
     second: list[str]
     labels: np.ndarray
     ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.first, self.second = _text_list(self.first, "first"), _text_list(self.second, "second")
+        _same_length("second texts", self.second, "first texts", self.first)
+        self.labels = _label_array(self.labels, len(self.first), "pair")
+        self.ids = _text_list(self.ids, "ids")
+        if self.ids:
+            _same_length("ids", self.ids, "pairs", self.first)
 
     def __len__(self) -> int:
         return len(self.first)

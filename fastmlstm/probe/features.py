@@ -16,6 +16,7 @@ prefix), so no step is spent on padding beyond a chunk's tail.
 from __future__ import annotations
 
 import html
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,11 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError, InputTypeError
-from ..models.lm import pad_bytes
+from ..models.lm import ByteLM, pad_bytes
+from ..nn.modules import autocast_dtype
+from ..ops.interface import accumulation_dtype
 from ..ops.registry import REGISTRY, resolve_backend
-from ..options import check
+from ..options import Number, check
 
-__all__ = ["cell_trace", "encode_texts", "featurize", "preprocess"]
+__all__ = ["cell_trace", "check_model", "encode_texts", "featurize", "preprocess"]
 
 START = "\n "  # the paper's start token ("\n") and a space
 END = " "
@@ -92,6 +95,16 @@ def encode_texts(texts: Sequence[str | bytes], *, preprocess_texts: bool = True)
     return out
 
 
+def check_model(model, name: str = "model") -> ByteLM:
+    """``model`` if it is a :class:`~fastmlstm.ByteLM`, else :class:`InputTypeError` saying what to pass."""
+    if isinstance(model, ByteLM):
+        return model
+    hint = ""
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        hint = f"; load the file first: fastmlstm.from_pretrained({str(model)!r})"
+    raise InputTypeError(f"{name} must be a ByteLM, got {type(model).__name__}{hint}")
+
+
 def _model_device(model) -> torch.device:
     return model.readout.weight.device
 
@@ -132,8 +145,10 @@ def _run_sorted(model, seqs: list[bytes], weights, chunk: int, units: torch.Tens
     B, H = len(seqs), model.hidden_size
     lengths = [len(s) for s in seqs]
     batch, _ = pad_bytes(seqs, device)
-    h = torch.zeros(B, H, dtype=torch.float32, device=device)
-    c = torch.zeros(B, H, dtype=torch.float32, device=device)
+    # the state is in the dtype the recurrence accumulates in: float64 for a float64 model, else float32
+    state_dtype = accumulation_dtype(autocast_dtype(device.type) or weights.weight_hh.dtype)
+    h = torch.zeros(B, H, dtype=state_dtype, device=device)
+    c = torch.zeros(B, H, dtype=state_dtype, device=device)
     trace = []
     T = lengths[0] if lengths else 0
     for start in range(0, T, chunk):
@@ -188,6 +203,7 @@ def featurize(
         >>> featurize(model, ["great phone", "awful", ""]).shape
         (3, 64)
     """
+    check_model(model)
     if activation not in ("tanh", None):
         raise InputError(f"activation must be 'tanh' or None, got {activation!r}")
     batch_size, chunk_size = check("batch_size", batch_size), check("chunk_size", chunk_size)
@@ -212,9 +228,50 @@ def featurize(
             _, c, _ = _run_sorted(model, batch, weights, _chunk_steps(model, len(batch), chunk_size))
             if activation == "tanh":
                 c = torch.tanh(c)
-            features[idx] = c.cpu().numpy()
+            features[idx] = c.float().cpu().numpy()
             bar.update(sum(len(s) for s in batch))
     return features
+
+
+def _is_bool(x) -> bool:
+    """Whether ``x`` is a bool tensor or array (``operator.index`` reads a bool tensor as 0 or 1)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype == torch.bool if isinstance(dtype, torch.dtype) else isinstance(dtype, np.dtype) and dtype.kind == "b"
+
+
+def _unit_index(units, H: int) -> list[int]:
+    """``units`` (None, one index, or a sequence / 1-D integer array or tensor of them) as a list of
+    ints in [0, H); bools, floats, strings and anything else raise naming ``units`` and the range."""
+    if units is None:
+        return list(range(H))
+    rule = f"units must be unit indices, integers in [0, {H})"
+    if isinstance(units, (torch.Tensor, np.ndarray)):
+        if units.ndim > 1 or _is_bool(units):
+            raise InputTypeError(f"{rule}: one index or a 1-D integer array of them, got {units!r}")
+        items = [units] if units.ndim == 0 else list(units)
+    elif isinstance(units, (numbers.Number, str, bytes)):
+        items = [units]
+    else:
+        try:
+            items = list(units)
+        except TypeError:
+            raise InputTypeError(f"{rule}: one index or a sequence of them, got {type(units).__name__}") from None
+    if not items:
+        raise InputError(f"{rule}, got none ({units!r})")
+    spec = Number(int, 0, H - 1)
+    index = []
+    for i, u in enumerate(items):
+        where = "" if u is units else f" (units[{i}])"
+        try:
+            if _is_bool(u):
+                raise InputTypeError("a bool")
+            u_index = spec.convert(u)
+        except InputTypeError:
+            raise InputTypeError(f"{rule}, got {u!r}{where}") from None
+        if not spec.in_range(u_index):
+            raise InputError(f"{rule}, got {u_index}{where}")
+        index.append(u_index)
+    return index
 
 
 def cell_trace(
@@ -230,7 +287,8 @@ def cell_trace(
     Args:
         model: a :class:`~fastmlstm.ByteLM`.
         text: one text (``str`` or ``bytes``).
-        units: a unit index, a list of them, or None for all H.
+        units: a unit index (an int), a list of them (or a 1-D integer array or tensor), or None for
+            all H. Bools, floats and strings are refused.
         preprocess: apply the paper's preprocessing first, so row j is the state after byte j of
             ``preprocess(text)`` and ``tanh(trace[-1])`` equals ``featurize(model, [text])[0]``.
         chunk_size: time steps per call (default: sized to a memory budget).
@@ -245,17 +303,10 @@ def cell_trace(
         >>> cell_trace(model, "so good", units=[3, 5]).shape   # "\\n so good " is 10 bytes
         (10, 2)
     """
+    check_model(model)
     chunk_size = check("chunk_size", chunk_size)
     seq = encode_texts([text], preprocess_texts=preprocess)[0]
-    H = model.hidden_size
-    if units is None:
-        index = list(range(H))
-    elif isinstance(units, (int, np.integer)) and not isinstance(units, bool):
-        index = [int(units)]
-    else:
-        index = [int(u) for u in units]
-    if not index or min(index) < 0 or max(index) >= H:
-        raise InputError(f"units must be indices in [0, {H}), got {units!r}")
+    index = _unit_index(units, model.hidden_size)
     if not seq:
         return np.zeros((0, len(index)), dtype=np.float32)
     device = _model_device(model)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from ..errors import InputError, InputTypeError
 from ..options import check
+from .features import check_model
 
 __all__ = ["steer"]
 
@@ -45,6 +46,7 @@ def steer(
         >>> steer(model, unit=2388, prefix="This product", n_bytes=120)   # doctest: +SKIP
         {'positive': ['... is great, I love it ...', ...], 'negative': [...]}
     """
+    check_model(model)
     if unit_sign not in (1, -1) or isinstance(unit_sign, bool):
         raise InputError(f"unit_sign must be +1 or -1, got {unit_sign!r}")
     unit = check("unit", unit)

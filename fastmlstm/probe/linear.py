@@ -7,6 +7,7 @@ Dimension letters: N examples, F features (H, or 2H for pair features), S sizes,
 from __future__ import annotations
 
 import inspect
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,13 +17,16 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError
+from ..options import Number, check
 
 __all__ = [
     "C_GRID",
     "DataEfficiency",
     "LinearProbe",
     "check_features",
+    "check_known_classes",
+    "check_labels",
     "data_efficiency",
     "logistic_regression",
     "stratified_holdout",
@@ -31,6 +35,9 @@ __all__ = [
 ]
 
 C_GRID = tuple(float(c) for c in 2.0 ** np.arange(-8, 1))  # the released demo's sweep, 2^-8 .. 2^0
+
+_C = Number(float, 0, low_open=True)  # an inverse regularization strength
+_CV = Number(int, 2)  # cross-validation folds
 
 _PENALTY_DEPRECATED = inspect.signature(LogisticRegression).parameters["penalty"].default == "deprecated"
 
@@ -43,8 +50,7 @@ def logistic_regression(C: float, *, penalty: str = "l1", seed: int = 0, max_ite
     """
     if penalty not in ("l1", "l2"):
         raise InputError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
-    if not C > 0:
-        raise InputError(f"C must be > 0, got {C}")
+    C = _C.check(C, "C")
     kwargs = {"C": C, "random_state": seed, "max_iter": max_iter, "solver": "liblinear"}
     if _PENALTY_DEPRECATED:
         kwargs["l1_ratio"] = 1.0 if penalty == "l1" else 0.0
@@ -73,29 +79,84 @@ def _fit(clf: LogisticRegression, x: np.ndarray, y: np.ndarray, **kwargs) -> Log
         return clf.fit(x, y, **kwargs)
 
 
-def check_features(x, y=None, *, name: str = "features", binary: bool = True):
-    """Validate a feature matrix [N, F] (finite floats) and, if given, labels [N] of two classes."""
+_LABEL_RULE = "class labels (integers, bools or strings)"
+
+
+def _label_error(name: str, y: np.ndarray, bad: int) -> InputTypeError:
+    value = y[bad]
+    hint = ""
+    if isinstance(value, float):
+        hint = "; map scores to classes first" if np.isfinite(value) else "; drop the examples without a label"
+    return InputTypeError(f"{name} must be {_LABEL_RULE}, got {value!r} at index {bad}{hint}")
+
+
+def check_labels(y, n: int | None = None, *, name: str = "labels", rows: str = "features") -> np.ndarray:
+    """Labels [n] as an array: integers, bools, strings, or whole-valued floats (``1.0``). A
+    fractional, NaN or infinite float, None, or a mix of strings and numbers raises
+    :class:`InputTypeError` naming the first bad entry; another length raises :class:`InputError`."""
+    y = np.asarray(y)
+    if y.ndim != 1 or (n is not None and y.shape[0] != n):
+        what = "a 1-D array" if n is None else f"a 1-D array of {n} entries (one per row of {rows})"
+        raise InputError(f"{name} must be {what}, got shape {y.shape}")
+    if y.dtype.kind in "iubUS":
+        return y
+    if y.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero(~np.isfinite(y) | (y != np.round(y)))
+        if len(bad):
+            raise _label_error(name, y, int(bad[0]))
+        return y
+    if y.dtype.kind == "O":
+        is_text = [isinstance(v, str) for v in y]
+        is_int = [isinstance(v, numbers.Integral) for v in y]  # ints, bools, numpy integers
+        for i, (t, k) in enumerate(zip(is_text, is_int)):
+            if not (t or k):
+                raise _label_error(name, y, i)
+        if any(is_text) and any(is_int):
+            raise InputTypeError(f"{name} mix strings and numbers ({y[is_text.index(True)]!r} at index "
+                                 f"{is_text.index(True)}, {y[is_int.index(True)]!r} at index {is_int.index(True)}); "
+                                 "use one kind of class label")
+        return np.asarray(y.tolist()) if len(y) else y.astype(np.int64)
+    raise InputTypeError(f"{name} must be {_LABEL_RULE}, got an array of dtype {y.dtype}")
+
+
+def check_known_classes(y: np.ndarray, classes: np.ndarray, name: str) -> None:
+    """Raise :class:`InputError` if labels ``y`` hold a class that is not among the training ``classes``."""
+    present = np.unique(y)
+    if (present.dtype.kind in "US") != (np.asarray(classes).dtype.kind in "US"):
+        unseen = present  # strings never equal numbers
+    else:
+        unseen = present[~np.isin(present, classes)]
+    if len(unseen):
+        raise InputError(f"{name} hold classes {unseen.tolist()[:10]} that the training labels do not have "
+                         f"(classes {np.asarray(classes).tolist()}); the probe predicts only the classes it was "
+                         "trained on: use the same label coding in every split")
+
+
+def check_features(x, y=None, *, name: str = "features", binary: bool = True, labels: str = "labels"):
+    """Validate a feature matrix [N, F] (finite floats) and, if given, labels [N] (see
+    :func:`check_labels`) of two classes (any number without ``binary``). ``labels`` names them."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise InputError(f"{name} must be a 2-D array [N, F], got shape {x.shape}")
     if x.shape[0] == 0:
         raise InputError(f"{name} hold no examples (N = 0)")
     if not np.issubdtype(x.dtype, np.floating):
-        x = x.astype(np.float32)
+        try:
+            x = x.astype(np.float32)
+        except (TypeError, ValueError):
+            raise InputTypeError(f"{name} must be numbers, got an array of dtype {x.dtype}") from None
     if not np.all(np.isfinite(x)):
         raise InputError(f"{name} contain NaN or infinite values")
     if y is None:
         return x
-    y = np.asarray(y)
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise InputError(f"labels must be a 1-D array of {x.shape[0]} entries (one per row of {name}), "
-                         f"got shape {y.shape}")
+    y = check_labels(y, x.shape[0], name=labels, rows=name)
     classes = np.unique(y)
     if binary and len(classes) != 2:
         if len(classes) < 2:
-            raise InputError(f"the labels hold one class only ({classes.tolist()}); a probe needs examples "
+            raise InputError(f"the {labels} hold one class only ({classes.tolist()}); a probe needs examples "
                              "of both classes")
-        raise InputError(f"the probe is binary, but the labels hold {len(classes)} classes: {classes.tolist()[:10]}")
+        raise InputError(f"the probe is binary, but the {labels} hold {len(classes)} classes: {classes.tolist()[:10]}")
     return x, y
 
 
@@ -107,7 +168,7 @@ def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         if len(idx) < 2:
-            raise InputError(f"class {c!r} has {len(idx)} example; holding some out needs at least 2 per class")
+            raise InputError(f"class {np.asarray(c).tolist()!r} has {len(idx)} example; holding some out needs at least 2 per class")
         k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
         held.append(rng.choice(idx, size=k, replace=False))
     held = np.sort(np.concatenate(held))
@@ -172,17 +233,28 @@ class LinearProbe:
         """[F] weights of the positive class."""
         return self.classifier.coef_[0]
 
+    def _features(self, x) -> np.ndarray:
+        x = check_features(x)
+        if x.shape[1] != len(self.weights):
+            raise InputError(f"features have {x.shape[1]} columns; the probe was trained on {len(self.weights)}")
+        return x
+
     def predict(self, x) -> np.ndarray:
-        return self.classifier.predict(check_features(x))
+        return self.classifier.predict(self._features(x))
+
+    def _check(self, x, y):
+        x, y = check_features(x, y, binary=False)
+        check_known_classes(y, self.classes, "the labels")
+        return self._features(x), y
 
     def score(self, x, y) -> float:
-        """Accuracy of the full probe."""
-        x, y = check_features(x, y, binary=False)
+        """Accuracy of the full probe; ``y`` must hold only the classes it was trained on."""
+        x, y = self._check(x, y)
         return float(np.mean(self.classifier.predict(x) == y))
 
     def unit_predict(self, x) -> np.ndarray:
         """Labels from thresholding the sentiment unit alone."""
-        x = check_features(x)
+        x = self._features(x)
         if self.sentiment_unit is None:
             raise InputError("this probe has no sentiment unit: every weight is zero at the chosen C")
         above = self.unit_sign * (x[:, self.sentiment_unit] - self.unit_threshold) > 0
@@ -190,7 +262,7 @@ class LinearProbe:
 
     def unit_score(self, x, y) -> float:
         """Accuracy of the single-unit threshold classifier."""
-        x, y = check_features(x, y, binary=False)
+        x, y = self._check(x, y)
         return float(np.mean(self.unit_predict(x) == y))
 
     def summary(self) -> dict:
@@ -225,6 +297,36 @@ def _select_C(train_x, train_y, dev_x, dev_y, Cs, penalty, cv, seed) -> tuple[fl
     return C, selection, scores
 
 
+def _check_Cs(Cs) -> list[float]:
+    """``Cs`` (one number or a sequence of them) as a list of finite floats > 0."""
+    if isinstance(Cs, (str, bytes)) or Cs is None:
+        raise InputTypeError(f"Cs must be a number > 0 or a sequence of them, got {Cs!r}")
+    if isinstance(Cs, np.ndarray) and Cs.ndim == 0:
+        Cs = Cs.item()
+    if not isinstance(Cs, (Sequence, np.ndarray)):
+        return [_C.check(Cs, "Cs")]
+    if not len(Cs):
+        raise InputError("Cs is empty")
+    return [_C.check(c, f"Cs[{i}]") for i, c in enumerate(Cs)]
+
+
+def _check_dev(train_x, train_y, dev_x, dev_y):
+    """The dev split checked against the training data: (dev_x, dev_y), or (None, None)."""
+    if dev_x is None and dev_y is None:
+        return None, None
+    if dev_x is None or dev_y is None:
+        raise InputError("give both dev_x and dev_y, or neither")
+    dev_x, dev_y = check_features(dev_x, dev_y, name="dev features", binary=False, labels="dev labels")
+    if dev_x.shape[1] != train_x.shape[1]:
+        raise InputError(f"dev features have {dev_x.shape[1]} columns, train features {train_x.shape[1]}")
+    check_known_classes(dev_y, np.unique(train_y), "dev labels")
+    if len(np.unique(dev_y)) < 2:
+        raise InputError(f"the dev labels hold one class only ({np.unique(dev_y).tolist()}): every C would "
+                         "score by how often it predicts that class, so C cannot be chosen on them; give dev "
+                         "data of both classes, or none (C by cross-validation)")
+    return dev_x, dev_y
+
+
 def train_probe(
     train_x,
     train_y,
@@ -252,7 +354,10 @@ def train_probe(
         A :class:`LinearProbe`, trained on the training data with the chosen C.
 
     Raises:
-        ValueError: empty or non-finite features, labels of one class (or more than two), shape mismatch.
+        InputError (a ValueError): empty or non-finite features, labels that are not class labels
+            (fractional floats, NaN, None), labels of one class (or more than two), shape mismatch,
+            dev labels of a class the training labels lack or of one class only (the dev accuracy
+            of every C would then say nothing), a C that is not a finite number > 0.
 
     Example::
 
@@ -262,16 +367,12 @@ def train_probe(
         >>> probe.sentiment_unit
         7
     """
-    train_x, train_y = check_features(train_x, train_y, name="train features")
-    if dev_x is not None or dev_y is not None:
-        if dev_x is None or dev_y is None:
-            raise InputError("give both dev_x and dev_y, or neither")
-        dev_x, dev_y = check_features(dev_x, dev_y, name="dev features", binary=False)
-        if dev_x.shape[1] != train_x.shape[1]:
-            raise InputError(f"dev features have {dev_x.shape[1]} columns, train features {train_x.shape[1]}")
-    Cs = [float(c) for c in (Cs if isinstance(Cs, (Sequence, np.ndarray)) else [Cs])]
-    if not Cs:
-        raise InputError("Cs is empty")
+    train_x, train_y = check_features(train_x, train_y, name="train features", labels="train labels")
+    if penalty not in ("l1", "l2"):
+        raise InputError(f"penalty must be 'l1' or 'l2', got {penalty!r}")
+    cv, seed = _CV.check(cv, "cv"), check("seed", seed)
+    dev_x, dev_y = _check_dev(train_x, train_y, dev_x, dev_y)
+    Cs = _check_Cs(Cs)
     if len(Cs) == 1:
         C, selection, scores = Cs[0], "fixed", {}
     else:
@@ -326,6 +427,35 @@ def default_sizes(n: int) -> list[int]:
     return sorted(set(sizes)) + [n]
 
 
+def _check_sizes(sizes, low: int, N: int) -> list[int]:
+    """``sizes`` (None: :func:`default_sizes`) as sorted distinct integers in [low, N]."""
+    if sizes is None:
+        return default_sizes(N)
+    rule = f"integers in [{low}, {N}] (at least one example per class, at most every training example)"
+    if isinstance(sizes, (str, bytes)):
+        raise InputTypeError(f"sizes must be {rule}, got {sizes!r}")
+    if isinstance(sizes, numbers.Integral) or (isinstance(sizes, np.ndarray) and sizes.ndim == 0):
+        sizes = [sizes]
+    try:
+        sizes = list(sizes)
+    except TypeError:
+        raise InputTypeError(f"sizes must be {rule}, got {sizes!r}") from None
+    if not sizes:
+        raise InputError(f"sizes is empty; give the numbers of labelled examples to try, {rule}, or None "
+                         "for 10, 20, 50, ..., N")
+    spec = Number(int, low, N)
+    out = set()
+    for i, s in enumerate(sizes):
+        try:
+            s = spec.convert(s)
+        except InputTypeError:
+            raise InputTypeError(f"sizes must be {rule}, got {s!r} at index {i}") from None
+        if not spec.in_range(s):
+            raise InputError(f"sizes must be {rule}, got {s!r} at index {i}")
+        out.add(s)
+    return sorted(out)
+
+
 def _draw(y: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """``size`` indices at random without replacement, at least one of each class."""
     classes = np.unique(y)
@@ -362,17 +492,18 @@ def data_efficiency(
     Returns:
         :class:`DataEfficiency` with the median and 10th/90th percentiles per size.
     """
-    train_x, train_y = check_features(train_x, train_y, name="train features")
-    test_x, test_y = check_features(test_x, test_y, name="test features", binary=False)
+    train_x, train_y = check_features(train_x, train_y, name="train features", labels="train labels")
+    test_x, test_y = check_features(test_x, test_y, name="test features", binary=False, labels="test labels")
+    if test_x.shape[1] != train_x.shape[1]:
+        raise InputError(f"test features have {test_x.shape[1]} columns, train features {train_x.shape[1]}")
+    check_known_classes(test_y, np.unique(train_y), "test labels")
     if C is None and dev_x is None:
         raise InputError("give dev data (dev_x, dev_y) to choose C for each draw, or a fixed C")
+    C = _C.check(C, "C") if C is not None else None
+    dev_x, dev_y = _check_dev(train_x, train_y, dev_x, dev_y)
     N = len(train_y)
-    sizes = default_sizes(N) if sizes is None else sorted({int(s) for s in sizes})
-    n_classes = len(np.unique(train_y))
-    if sizes[0] < n_classes or sizes[-1] > N:
-        raise InputError(f"sizes must lie in [{n_classes}, {N}] (one example per class at least), got {sizes}")
-    if draws < 1:
-        raise InputError(f"draws must be >= 1, got {draws}")
+    sizes = _check_sizes(sizes, len(np.unique(train_y)), N)
+    draws, seed = check("draws", draws), check("seed", seed)
     rng = np.random.default_rng(seed)
     acc = np.full((len(sizes), draws), np.nan)
     chosen = np.full((len(sizes), draws), np.nan)

@@ -2,6 +2,10 @@
 (Fig. 2), and a text coloured character by character by a unit's value (Fig. 4), as a
 self-contained HTML page and a PNG.
 
+A figure is written in the format its file name's suffix names, as matplotlib writes it (``.png``,
+``.pdf``, ``.svg``, ``.jpg``, ...; PNG for a name without a suffix); a suffix matplotlib has no
+writer for (``.html``, ``.xyz``) raises :class:`~fastmlstm.errors.InputError` before anything is drawn.
+
 matplotlib (the ``plots`` extra) is imported inside the functions with the non-interactive Agg
 backend, so importing this module opens no window, needs no display, and works without matplotlib
 (the HTML page needs none; a PNG without it raises MissingDependencyError saying what to install).
@@ -17,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .._atomic import atomic_write
-from ..errors import InputError, require
+from ..errors import InputError, InputTypeError, require
 from ..options import check
 from .features import END, START, cell_trace, encode_texts
 from .linear import DataEfficiency
@@ -33,13 +37,30 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> Path:
-    """Write ``fig`` as a PNG atomically: ``path`` holds the old picture or the whole new one."""
+def _format(path) -> str:
+    """The image format ``path``'s suffix names (``png`` without a suffix); :class:`InputError` for
+    one that matplotlib cannot write."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in formats:
+        hint = " (the coloured-text page is text_html's)" if suffix in ("html", "htm") else ""
+        raise InputError(f"{path}: matplotlib cannot write .{suffix} figures{hint}; name the file with one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return suffix
+
+
+def _save(fig, path, fmt: str) -> Path:
+    """Write ``fig`` in format ``fmt`` atomically: ``path`` holds the old picture or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_write(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+            fig.savefig(f, format=fmt, dpi=120, bbox_inches="tight")
     finally:
         _pyplot().close(fig)
     return path
@@ -47,20 +68,28 @@ def _save(fig, path) -> Path:
 
 def plot_unit_histogram(values, labels, path, *, unit: int | None = None, class_names: Sequence[str] | None = None,
                         title: str | None = None, bins: int = 50) -> Path:
-    """Histogram of one unit's feature values, one colour per class (paper Fig. 3); writes a PNG.
+    """Histogram of one unit's feature values, one colour per class (paper Fig. 3); writes an image.
 
     Args:
-        values: [N] the unit's feature values (e.g. ``features[:, unit]``).
+        values: [N] the unit's feature values (e.g. ``features[:, unit]``), finite numbers.
         labels: [N] class labels.
-        path: where the PNG goes.
+        path: where the image goes, in the format its suffix names (PNG without one).
         unit: the unit's index, for the title.
         class_names: names of the sorted classes (default "negative", "positive" for two classes).
     """
-    values = np.asarray(values, dtype=np.float64).ravel()
+    fmt = _format(path)
+    try:
+        values = np.asarray(values, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise InputTypeError(f"values must be numbers [N], got {type(values).__name__}") from None
     labels = np.asarray(labels).ravel()
     if values.shape != labels.shape or values.size == 0:
         raise InputError(f"values and labels must be two non-empty [N] arrays of one length, "
                          f"got {values.shape} and {labels.shape}")
+    if not np.all(np.isfinite(values)):
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise InputError(f"values must be finite numbers, got {values[bad]} at index {bad} "
+                         f"({int(np.sum(~np.isfinite(values)))} of {values.size} are NaN or infinite)")
     classes = np.unique(labels)
     if class_names is None:
         class_names = ("negative", "positive") if len(classes) == 2 else [str(c) for c in classes]
@@ -75,15 +104,19 @@ def plot_unit_histogram(values, labels, path, *, unit: int | None = None, class_
     ax.set_ylabel("count")
     ax.set_title(title or ("sentiment unit by class" if unit is None else f"unit {unit} by class"))
     ax.legend()
-    return _save(fig, path)
+    return _save(fig, path, fmt)
 
 
 def plot_data_efficiency(curve: DataEfficiency, path, *, title: str | None = None,
                          reference: dict[str, float] | None = None) -> Path:
     """Accuracy against labelled examples, median with the 10th-90th percentile band (paper Fig. 2).
 
-    ``reference``: optional ``{label: accuracy in percent}`` drawn as horizontal lines.
+    ``reference``: optional ``{label: accuracy in percent}`` drawn as horizontal lines. ``path``: the
+    image, in the format its suffix names (PNG without one).
     """
+    if not isinstance(curve, DataEfficiency):
+        raise InputTypeError(f"curve must be a DataEfficiency (from data_efficiency), got {type(curve).__name__}")
+    fmt = _format(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     sizes = curve.sizes
@@ -97,7 +130,7 @@ def plot_data_efficiency(curve: DataEfficiency, path, *, title: str | None = Non
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "data efficiency of the L1 linear probe")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return _save(fig, path, fmt)
 
 
 def text_values(data: bytes, values: np.ndarray, *, skip_padding: bool = True) -> list[tuple[str, float]]:
@@ -173,7 +206,9 @@ def text_html(chars: Sequence[tuple[str, float]], path=None, *, unit: int | None
 
 def text_png(chars: Sequence[tuple[str, float]], path, *, unit: int | None = None, scale: float | None = None,
              width: int = 80, title: str | None = None) -> Path:
-    """The same colouring as :func:`text_html` drawn as a PNG, ``width`` characters per line."""
+    """The same colouring as :func:`text_html` drawn as an image (in the format ``path``'s suffix
+    names, PNG without one), ``width`` characters per line."""
+    fmt = _format(path)
     vals = np.array([v for _, v in chars], dtype=np.float64)
     scale = float(np.max(np.abs(vals))) if scale is None and len(vals) else (scale or 1.0)
     lines: list[list[tuple[str, float]]] = [[]]
@@ -204,15 +239,15 @@ def text_png(chars: Sequence[tuple[str, float]], path, *, unit: int | None = Non
         for col, (ch, v) in enumerate(line):
             ax.add_patch(plt.Rectangle((col, row), 1, 1, color=_colour(v, scale), linewidth=0))
             ax.text(col + 0.5, row + 0.55, _visible(ch), fontsize=10, family="monospace", ha="center", va="center")
-    return _save(fig, path)
+    return _save(fig, path, fmt)
 
 
 def visualize_text(model, text: str | bytes, unit: int, *, html_path=None, png_path=None,
                    scale: float | None = None, width: int = 80) -> list[tuple[str, float]]:
     """Run ``text`` through the model and colour it by ``unit``'s cell value (paper Fig. 4).
 
-    Writes the HTML page to ``html_path`` and/or the PNG to ``png_path``; returns the
-    (character, value) pairs.
+    Writes the HTML page to ``html_path`` and/or the picture to ``png_path`` (PNG, or the format its
+    suffix names); returns the (character, value) pairs.
 
     Example::
 
@@ -220,6 +255,8 @@ def visualize_text(model, text: str | bytes, unit: int, *, html_path=None, png_p
         ...                html_path="fig4.html", png_path="fig4.png")   # doctest: +SKIP
     """
     scale, width = check("scale", scale), check("width", width)
+    if png_path is not None:
+        _format(png_path)  # before the model runs or the page is written
     data = encode_texts([text])[0]
     values = cell_trace(model, text, units=[unit])[:, 0]
     chars = text_values(data, values)

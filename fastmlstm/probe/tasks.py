@@ -21,7 +21,9 @@ out for evaluation. The paper's numbers are in :data:`PAPER` for comparison.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +32,7 @@ import torch
 from ..data import datasets
 from ..data.datasets import PairSplit, TextSplit
 from ..errors import InputError, InputTypeError
+from ..models.lm import ByteLM
 from ..options import check
 from .features import featurize
 from .linear import (
@@ -38,6 +41,8 @@ from .linear import (
     LinearProbe,
     _fit,
     check_features,
+    check_known_classes,
+    check_labels,
     data_efficiency,
     stratified_holdout,
     train_probe,
@@ -76,11 +81,28 @@ class TaskResult:
 
 
 def _featurizer(model, batch_size, progress):
-    if isinstance(model, torch.nn.Module):
+    if isinstance(model, ByteLM):
         return lambda texts: featurize(model, texts, batch_size=batch_size, progress=progress)
-    if callable(model):
-        return model
+    if callable(model) and not isinstance(model, torch.nn.Module):
+        return _checked(model)
     raise InputTypeError(f"model must be a ByteLM or a callable texts -> features [N, F], got {type(model).__name__}")
+
+
+def _checked(featurize_fn):
+    """``featurize_fn`` with its answer checked: a numeric [N, F] array, one row per text."""
+    def run(texts):
+        out = featurize_fn(texts)
+        try:
+            x = np.asarray(out, dtype=np.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputTypeError(f"the featurizer returned {type(out).__name__}, not a numeric array [N, F]") from None
+        if x.ndim != 2 or x.shape[0] != len(texts):
+            raise InputError(f"the featurizer returned shape {x.shape} for {len(texts)} texts; it must return "
+                             f"[N, F], one row per text: expected {len(texts)} rows, got "
+                             f"{x.shape[0] if x.ndim else 'a scalar'}")
+        return x
+
+    return run
 
 
 def pair_features(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -97,13 +119,12 @@ def _pair_featurize(featurize_fn, split: PairSplit) -> np.ndarray:
     return pair_features(u, v)
 
 
-def _limit(split, limit: int | None, seed: int):
+def _limit(split, limit: int | None, seed: int, stratify: bool):
     if limit is None or len(split) <= limit:
         return split
-    if limit < 2:
-        raise InputError(f"limit must be >= 2, got {limit}")
     labels = split.labels
-    if labels.dtype.kind in "iub" and len(np.unique(labels)) > 1:
+    counts = np.unique(labels, return_counts=True)[1] if stratify else []
+    if len(counts) > 1 and counts.min() >= 2:
         _, index = stratified_holdout(labels, limit / len(labels), seed)
         index = index[:limit]
     else:
@@ -111,9 +132,9 @@ def _limit(split, limit: int | None, seed: int):
     return split.subset(index)
 
 
-def _holdout(split, fraction: float, seed: int):
+def _holdout(split, fraction: float, seed: int, stratify: bool):
     labels = split.labels
-    if labels.dtype.kind in "iub":
+    if stratify:
         kept, held = stratified_holdout(labels, fraction, seed)
     else:
         perm = np.random.default_rng(seed).permutation(len(split))
@@ -122,8 +143,72 @@ def _holdout(split, fraction: float, seed: int):
     return split.subset(kept), split.subset(held)
 
 
-def _plan(splits: dict, seed: int):
-    """(train, selection split, evaluation split, notes) from whatever splits are present."""
+def _check_splits(task: str, splits) -> dict:
+    """``splits`` as a dict after checking its names, each split's kind (text or pair) and that none is empty."""
+    info = datasets.DATASETS[task]
+    if not isinstance(splits, Mapping):
+        raise InputTypeError(f"splits must be a dict {{name: split}} like datasets.load({task!r}) returns, "
+                             f"got {type(splits).__name__}")
+    names = ("all",) if info.protocol == "cv10" else ("train", "dev", "test")
+    for name in splits:
+        if name not in names:
+            raise InputError(f"{task}: unknown split {name!r}; its splits are {', '.join(names)}")
+    if names[0] not in splits:
+        raise InputError(f"{task}: splits has no {names[0]!r} split (got {', '.join(map(repr, splits)) or 'none'})"
+                         + ("" if names[0] == "all" else "; the probe is trained on it, dev and test are optional"))
+    kind = TextSplit if info.kind == "text" else PairSplit
+    for name, split in splits.items():
+        if not isinstance(split, kind):
+            raise InputTypeError(f"{task}: split {name!r} must be a {kind.__name__}, got {type(split).__name__}")
+        if len(split) == 0:
+            raise InputError(f"{task}: the {name} split is empty")
+    return dict(splits)
+
+
+def _check_classes(task: str, splits: dict, limit: int | None) -> dict:
+    """The (limited) splits with their labels checked: class labels; two classes in the training
+    split, as many examples of each as the protocol's holdouts need; dev and test labels of those
+    classes, both present. Relatedness scores: numbers in [1, 5]."""
+    after = "" if limit is None else f" after limit={limit}"
+    protocol = datasets.DATASETS[task].protocol
+    if protocol == "relatedness":
+        for name, split in splits.items():
+            y = split.labels
+            if y.dtype.kind not in "iuf" or not np.all((y >= 1) & (y <= 5)):
+                raise InputError(f"{task}: the {name} labels must be relatedness scores, numbers in [1, 5]")
+        return splits
+    splits = {name: dataclasses.replace(split, labels=check_labels(split.labels, name=f"{task}: the {name} labels"))
+              for name, split in splits.items()}
+    first = "all" if protocol == "cv10" else "train"
+    classes, counts = np.unique(splits[first].labels, return_counts=True)
+    if len(classes) != 2:
+        held = "one class only" if len(classes) < 2 else f"{len(classes)} classes"
+        raise InputError(f"{task}: the {first} split{after} holds {held} ({classes.tolist()[:10]}); the probe is "
+                         "binary: it needs examples of two classes")
+    missing = [name for name in ("dev", "test") if name not in splits]
+    need, why = {0: (1, ""), 1: (2, "holding out 10% of train to choose C on"),
+                 2: (3, "holding out 20% of train to evaluate on and 10% to choose C on")}[len(missing)]
+    if protocol == "cv10":
+        need, why = 3, "10-fold cross-validation with a holdout to choose C in each fold"
+    if counts.min() < need:
+        raise InputError(f"{task}: the {first} split{after} has {counts.min()} example(s) of class "
+                         f"{classes.tolist()[int(np.argmin(counts))]!r}; {why} needs at least {need} of each class"
+                         + ("; raise limit" if limit is not None else ""))
+    for name in ("dev", "test"):
+        if name in splits:
+            y = splits[name].labels
+            check_known_classes(y, classes, f"{task}: the {name} labels")
+            if len(np.unique(y)) < 2:
+                use = ("C cannot be chosen on it" if name == "dev" and "test" in splits
+                       else "accuracy on it cannot tell the probe from one that always answers that class")
+                raise InputError(f"{task}: the {name} split{after} holds one class only ({np.unique(y).tolist()}); "
+                                 f"{use}: give examples of both classes")
+    return splits
+
+
+def _plan(splits: dict, seed: int, stratify: bool = True):
+    """(train, selection split, evaluation split, notes) from whatever splits are present; holdouts
+    keep the class proportions with ``stratify`` (classification)."""
     train, dev, test = splits["train"], splits.get("dev"), splits.get("test")
     notes = {}
     if test is not None:
@@ -131,12 +216,12 @@ def _plan(splits: dict, seed: int):
     elif dev is not None:
         evaluation, dev, notes["evaluated_on"] = dev, None, "dev (no test split here)"
     else:
-        train, evaluation = _holdout(train, 0.2, seed)
+        train, evaluation = _holdout(train, 0.2, seed, stratify)
         notes["evaluated_on"] = "20% of train held out (no dev or test split here)"
     if dev is not None:
         notes["c_selection"] = "dev"
     else:
-        train, dev = _holdout(train, 0.1, seed + 1)
+        train, dev = _holdout(train, 0.1, seed + 1, stratify)
         notes["c_selection"] = "10% of train held out"
     return train, dev, evaluation, notes
 
@@ -237,7 +322,7 @@ def fit_relatedness(x: np.ndarray, scores: np.ndarray, C: float, seed: int = 0):
 def _relatedness(featurize_fn, task, splits, *, seed) -> TaskResult:
     from scipy.stats import pearsonr, spearmanr
 
-    train, dev, evaluation, notes = _plan(splits, seed)
+    train, dev, evaluation, notes = _plan(splits, seed, stratify=False)
     tx, dx, ex = (_pair_featurize(featurize_fn, s) for s in (train, dev, evaluation))
     best = None
     for C in C_RELATEDNESS:
@@ -299,9 +384,10 @@ def evaluate(
     limit, seed, batch_size = check("limit", limit), check("seed", seed), check("batch_size", batch_size)
     curve_draws = check("draws", curve_draws, "curve_draws")
     featurize_fn = _featurizer(model, batch_size, progress)
-    splits = datasets.load(task, root) if splits is None else dict(splits)
-    splits = {name: _limit(s, limit, seed) for name, s in splits.items()}
+    splits = _check_splits(task, datasets.load(task, root) if splits is None else splits)
     protocol = datasets.DATASETS[task].protocol
+    splits = {name: _limit(s, limit, seed, protocol != "relatedness") for name, s in splits.items()}
+    splits = _check_classes(task, splits, limit)
     if protocol == "cv10":
         result = _cross_validation(featurize_fn, task, splits["all"], Cs=Cs, seed=seed)
     elif protocol == "relatedness":

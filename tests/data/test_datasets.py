@@ -253,6 +253,30 @@ def test_unknown_dataset():
         load("trec")
 
 
+def test_splits_check_their_lengths_when_made():
+    from fastmlstm.errors import InputError, InputTypeError
+
+    s = datasets.TextSplit(("a", "b", "c"), [0, 1, 0], groups=np.array(["x", "y", "z"]))
+    assert s.texts == ["a", "b", "c"] and isinstance(s.labels, np.ndarray) and s.groups == ["x", "y", "z"]
+    assert s.subset([2, 0]).labels.tolist() == [0, 0]
+    with pytest.raises(InputError, match=r"3 texts but labels of shape \(2,\)"):
+        datasets.TextSplit(["a", "b", "c"], [0, 1])
+    with pytest.raises(InputError, match=r"labels of shape \(3, 1\)"):
+        datasets.TextSplit(["a", "b", "c"], np.zeros((3, 1)))
+    with pytest.raises(InputError, match="3 texts but 2 groups"):
+        datasets.TextSplit(["a", "b", "c"], [0, 1, 0], groups=["x", "y"])
+    with pytest.raises(InputTypeError, match="not a single str"):
+        datasets.TextSplit("abc", [0, 1, 0])
+    p = datasets.PairSplit(["a", "b"], ["c", "d"], np.array([1, 0]), ["1-2", "3-4"])
+    assert p.subset([1]).ids == ["3-4"] and len(p) == 2
+    with pytest.raises(InputError, match="2 first texts but 1 second texts"):
+        datasets.PairSplit(["a", "b"], ["c"], np.array([1, 0]))
+    with pytest.raises(InputError, match="2 pairs but labels of shape"):
+        datasets.PairSplit(["a", "b"], ["c", "d"], np.array([1, 0, 1]))
+    with pytest.raises(InputError, match="2 pairs but 1 ids"):
+        datasets.PairSplit(["a", "b"], ["c", "d"], np.array([1, 0]), ["1-2"])
+
+
 # ------------------------------------------------------------------------------------------
 # Downloads from a local HTTP server
 
