@@ -28,6 +28,11 @@ from .errors import InputError, InputTypeError
 __all__ = ["OPTIONS", "ArgumentParser", "Number", "argument", "check", "check_all"]
 
 
+def _is_bool_array(value) -> bool:
+    """A bool tensor or NumPy bool (``operator.index`` and ``float`` read them as 0 or 1)."""
+    return str(getattr(value, "dtype", "")) in ("torch.bool", "bool")
+
+
 @dataclass(frozen=True)
 class Number:
     """A numeric option: ``kind`` int or float, within [low, high] (an open end where ``*_open``;
@@ -60,7 +65,7 @@ class Number:
     def convert(self, value):
         """``value`` as an int or a float, or raise InputTypeError (a bool, a str, a fractional
         float for an integer option, anything that is not a number)."""
-        if isinstance(value, (bool, str, bytes)) or value is None:
+        if isinstance(value, (bool, str, bytes)) or value is None or _is_bool_array(value):
             raise InputTypeError(f"must be {self.describe()}, got {value!r}")
         if self.kind is int:
             if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):

@@ -150,6 +150,10 @@ def test_numbers_of_other_types_are_converted():
         check("n_bytes", 5.0)  # a count is an integer, not a float that happens to be whole
     with pytest.raises(InputTypeError):
         check("temperature", torch.ones(2))
+    for flag in (torch.tensor(True), np.bool_(True), np.array(False)):  # (index() reads them as 1 and 0)
+        for name in ("n_bytes", "temperature"):
+            with pytest.raises(InputTypeError, match=f"^{name} must be"):
+                check(name, flag)
 
 
 def test_descriptions():
