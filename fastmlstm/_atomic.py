@@ -42,12 +42,17 @@ try:
 except ImportError:  # Windows has no advisory locks: concurrent writers of one folder are not serialized
     fcntl = None
 
-__all__ = ["FileSet", "atomic_save", "atomic_write", "committed_path", "folder_lock", "fsync_directory",
-           "interrupted", "make_directory", "recover", "TXN_DIR"]
+__all__ = ["DirectoryInTheWayError", "FileSet", "atomic_save", "atomic_write", "committed_path", "folder_lock",
+           "fsync_directory", "interrupted", "make_directory", "recover", "TXN_DIR"]
 
 TXN_DIR = ".fastmlstm-txn"
 _JOURNAL = "journal.json"
 logger = logging.getLogger("fastmlstm")
+
+
+class DirectoryInTheWayError(InputError, IsADirectoryError):
+    """A file was to be written where a directory is. An InputError (the path is the user's), and
+    still the IsADirectoryError (an OSError) that callers catching OSError expect."""
 
 
 def _umask() -> int:
@@ -91,6 +96,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, suffix: str = ".t
             torch.save(state, f)
     """
     path = Path(path)
+    if path.is_dir():  # else the rename fails, naming the temporary file instead of the user's path
+        raise DirectoryInTheWayError(f"cannot write {path}: it is a directory (give a file name)")
     directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=directory)
     try:

@@ -26,7 +26,7 @@ import torch
 from ._atomic import atomic_write
 from .diagnostics import backend_report, environment, parity_tolerance
 from .errors import InputError, MissingInputError
-from .ops.registry import BACKENDS
+from .ops.registry import BACKENDS, BackendUnavailableError, resolve_backend
 from .options import ArgumentParser, argument, check
 
 
@@ -69,10 +69,21 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_model(path: str, *, device: str | None = None, dtype: str | None = None, backend: str = "auto"):
-    """A ByteLM from what --model names (see :func:`fastmlstm.models.serialization.load_model`)."""
+    """A ByteLM from what --model names (see :func:`fastmlstm.models.serialization.load_model`).
+
+    --device is checked first (a device this machine lacks is the flag's fault, not the file's),
+    and --backend against the model's device before any work is done with it."""
+    from .models._checks import check_device
     from .models.serialization import load_model as load
 
-    return load(path, device=device, dtype=_DTYPES[dtype] if dtype else None, backend=backend)
+    check_device(device, "--device")
+    model = load(path, device=device, dtype=_DTYPES[dtype] if dtype else None, backend=backend)
+    if backend != "auto":  # auto always runs (FASTMLSTM_BACKEND naming one that cannot: main says so)
+        try:
+            resolve_backend(backend, next(model.parameters()).device)
+        except BackendUnavailableError as exc:
+            raise InputError(f"--backend {backend}: {exc}") from None
+    return model
 
 
 def _write(path: str, write, mode: str = "wb") -> None:
@@ -531,16 +542,25 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit status. Bad input (a malformed command line, a number
     out of range or not finite, and the :class:`~fastmlstm.errors.InputError` family: a missing or
     foreign file, an unknown split, texts that cannot be encoded, one-class labels...) is reported
-    as one ``fastmlstm <command>: error: ...`` line with exit status 2; anything else is a bug and
-    keeps its traceback."""
+    as one ``fastmlstm <command>: error: ...`` line with exit status 2, and so are a backend that
+    cannot run here (:class:`~fastmlstm.ops.BackendUnavailableError`) and an allocation that fails
+    (out of memory); anything else is a bug and keeps its traceback."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0), or a malformed command line already reported in one line (2)
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
-    except InputError as exc:
+    except (InputError, BackendUnavailableError) as exc:  # the latter: an explicit backend that cannot run here
         print(f"fastmlstm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as exc:  # an allocation that failed: one line too, not a traceback
+        from .training.state import out_of_memory
+
+        if not out_of_memory(exc):
+            raise
+        print(f"fastmlstm {args.command}: error: out of memory: {str(exc).strip().splitlines()[0][:300]}",
+              file=sys.stderr)
         return 2
 
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import fastmlstm
+from fastmlstm import cli
 from fastmlstm.cli import main
+from fastmlstm.ops.registry import REGISTRY, backend_status
 from fastmlstm.probe import featurize
 
 
@@ -173,6 +175,10 @@ def test_visualize_and_generate(models, tmp_path, capsys):
          "argument --temperature: must be a finite number >= 0, got 'nan'"),
         (["generate", "--model", "{small}", "--fix", "3=1", "--fix", "3=2"], "--fix names unit 3 twice"),
         (["generate", "--model", "{small}", "--steer", "99"], "fixed_units must name units in [0, 16)"),
+        # a device flag this machine cannot honour is the flag's fault, not the model file's
+        (["generate", "--model", "{small}", "--device", "foo"], "--device 'foo' is not a device"),
+        (["featurize", "--model", "{small}", "--text", "a", "-o", "{tmp}/x.npy", "--device", "cuda:99"],
+         "--device 'cuda:99' asks for CUDA"),
         (["download", "sst2", "--root", "{tmp}/empty.txt", "--no-progress"], "{tmp}/empty.txt"),
         (["download", "openai-sentiment", "--root", "{tmp}/empty.txt", "--no-progress"], "{tmp}/empty.txt"),
         (["download", "sst2", "--timeout", "0"], "argument --timeout: must be a finite number > 0, got '0'"),
@@ -197,6 +203,45 @@ def test_bad_input_gives_one_line_errors(models, sst, tmp_path, capsys, argv, ma
     assert err.startswith(f"fastmlstm {argv[0]}: error:" if argv and argv[0] != "bogus" else "fastmlstm: error:")
     assert err.count("\n") == 1, err  # one line, no usage block
     assert not (tmp_path / "run").exists()
+
+
+# The test device's backends that cannot run on it ("cuda" on a machine without CUDA).
+UNAVAILABLE = [b for b in REGISTRY
+               if not backend_status(b, "cuda" if torch.cuda.is_available() else "cpu")[0]]
+
+
+@pytest.mark.skipif(not UNAVAILABLE, reason="every backend runs here")
+@pytest.mark.parametrize("command", ["train", "featurize", "generate"])
+def test_a_backend_that_cannot_run_here_is_one_line_and_writes_nothing(command, models, tmp_path, capsys):
+    _, small, _ = models
+    (tmp_path / "corpus.txt").write_bytes(b"a small corpus of review text, good and bad\n" * 100)
+    argv = {"train": ["--preset", "tiny", "--hidden", "8", "--embed", "4", "--batch", "2", "--seq", "8", "--steps", "2",
+                      "--eval-bytes", "1000", "--data", tmp_path / "corpus.txt", "--out", tmp_path / "run"],
+            "featurize": ["--model", small, "--text", "a", "-o", tmp_path / "x.npy"],
+            "generate": ["--model", small, "--n-bytes", "3"]}[command]
+    code, out, err = run(capsys, command, *argv, "--backend", UNAVAILABLE[0])
+    assert code == 2 and err.startswith(f"fastmlstm {command}: error: --backend {UNAVAILABLE[0]}: "), err
+    assert f"backend {UNAVAILABLE[0]!r} is unavailable" in err and err.count("\n") == 1 and not out, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt"]  # train made no --out folder
+
+
+def test_running_out_of_memory_is_one_line(models, capsys, monkeypatch):
+    _, small, _ = models
+
+    def allocate(args):
+        torch.empty(2**62, dtype=torch.uint8)  # more than any machine has: the allocator's own error
+
+    monkeypatch.setattr(cli, "cmd_generate", allocate)
+    code, _, err = run(capsys, "generate", "--model", small)
+    assert code == 2 and err.startswith("fastmlstm generate: error: out of memory: "), err
+    assert "can't allocate memory" in err and err.count("\n") == 1, err
+
+    def bug(args):
+        raise RuntimeError("a bug keeps its traceback")
+
+    monkeypatch.setattr(cli, "cmd_generate", bug)
+    with pytest.raises(RuntimeError, match="a bug keeps its traceback"):
+        main(["generate", "--model", str(small)])
 
 
 def test_info_still_works(capsys):

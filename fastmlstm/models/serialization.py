@@ -17,7 +17,10 @@ transfer is :mod:`fastmlstm.models.hub`); what the files hold is decided here al
 
 Loading never runs code from a file (``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``,
 ``safetensors.safe_open``), and any file that is not a readable model of this library raises
-:class:`~fastmlstm.errors.ModelFileError` naming it and saying why.
+:class:`~fastmlstm.errors.ModelFileError` naming it and saying why. What we write carries the SHA-256
+digest of its content (:mod:`fastmlstm.models._digest`: a ``"digest"`` entry of a ``.pt`` dict, the
+``fastmlstm_digest`` metadata of ``model.safetensors``), checked on load: a file damaged after it was
+written (a flipped byte, which neither format notices) is refused; files without one load unchecked.
 
 The model classes inherit :class:`ModelFileMixin`, which gives them ``save`` and registers them by
 their format name; this module never imports them, so the model code and its file code do not
@@ -41,6 +44,9 @@ import torch
 from .._atomic import FileSet, atomic_save, committed_path, interrupted
 from .._version import __version__
 from ..errors import InputError, InputTypeError, MissingInputError, ModelFileError
+from ._checks import check_device, check_path, load_problem
+from ._checks import first_line as _first_line
+from ._digest import digest, digest_problem, seal
 from .openai_weights import is_openai_dir, read_released, released_arrays, write_released
 
 __all__ = ["CHECKPOINT_FORMAT", "CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "ModelFileMixin", "from_pretrained",
@@ -85,7 +91,8 @@ class ModelFileMixin:
             >>> model.save("model.pt")                                   # doctest: +SKIP
             >>> same = fastmlstm.load("model.pt")                        # doctest: +SKIP
         """
-        atomic_save(self.to_record(), path)
+        # The digest lets a reader tell a damaged file from a good one (torch's zip does not check).
+        atomic_save(seal(self.to_record()), check_path(path, "the path to save the model to"))
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if needed), as one step.
@@ -217,57 +224,19 @@ def _build(config: dict, state: dict, *, fmt: str = FORMAT, backend: str = "auto
     return model.to(device=device, dtype=dtype or stored)
 
 
+def _check_model(model, what: str) -> None:
+    if not isinstance(model, ModelFileMixin):
+        raise InputTypeError(f"{what} takes a fastmlstm model (a fastmlstm.ByteLM), got {type(model).__name__}")
+
+
 def save(model, path: str | os.PathLike) -> None:
     """Write ``model`` (a :class:`~fastmlstm.ByteLM`, config included) to ``path`` atomically."""
+    _check_model(model, "fastmlstm.save")
     model.save(path)
 
 
-# How a file begins tells what it is, to say so when torch cannot read it.
-_SIGNATURES = ((b"\x93NUMPY", ("a NumPy .npy array (the released layout is a folder of them: use "
-                              "fastmlstm.load_openai or fastmlstm.from_pretrained on the folder)")),
-               (b"\x1f\x8b", "a gzip file"), (b"PK\x05\x06", "an empty zip archive"))
-
-
-def _what_it_is(head: bytes) -> str | None:
-    """What a file beginning with ``head`` is, when that shows it is no torch file; else None."""
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return None  # torch's zip archive, or its older pickle format: torch's own error says more
-    for signature, what in _SIGNATURES:
-        if head.startswith(signature):
-            return f"it is {what}, not a model file"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
-        return ("it is a safetensors file, not a model file (load the folder holding it and its config.json "
-                "with fastmlstm.from_pretrained)")
-    for cut in range(4):  # the 64 bytes may end inside a UTF-8 character
-        try:
-            text = head[: len(head) - cut].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        if all(c.isprintable() or c in "\t\n\r" for c in text):
-            return "it holds text, not a model file"
-        break
-    return "it is not a torch file (a model file is what ByteLM.save writes)"
-
-
-def _load_problem(exc: BaseException, head: bytes) -> str:
-    """Why torch could not read a file, said for this library: never torch's advice to turn off the
-    check that refused it."""
-    text = str(exc)
-    name = re.search(r"GLOBAL ([\w.]+)", text)
-    if name:
-        return (f"it asks to run or build the Python object {name[1]}, which a model file never needs; "
-                "it was refused and nothing in it was run")
-    what = _what_it_is(head)
-    if what:
-        return what
-    operand = re.search(r"Unsupported operand \d+", text)
-    if operand or "weights_only" in text:
-        return ("its pickle holds something other than tensors and plain data"
-                f"{f' ({operand[0]})' if operand else ''}; nothing in it was run")
-    return _first_line(exc)
-
-
-def _read_record(path: Path, map_location) -> dict:
+def _read_record(path: Path, map_location) -> tuple[dict, dict]:
+    """(the model's record, the whole record: the checkpoint's for a training checkpoint)."""
     if not path.exists():
         raise MissingInputError(f"no model file at {path}")
     if path.is_dir():
@@ -288,14 +257,15 @@ def _read_record(path: Path, map_location) -> dict:
             warnings.simplefilter("ignore")
             record = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 (truncated, a broken archive, text, a refused pickle: all one answer)
-        raise ModelFileError(f"{path} is not a readable fastmlstm model file: {_load_problem(exc, head)}") from None
+        raise ModelFileError(f"{path} is not a readable fastmlstm model file: {load_problem(exc, head)}") from None
     if not isinstance(record, dict):
         raise ModelFileError(f"{path} is not a fastmlstm model file (it holds a {type(record).__name__})")
+    whole = record
     if record.get("format") == CHECKPOINT_FORMAT:
         record = record.get("model")
         if not isinstance(record, dict):
             raise ModelFileError(f"{path} is a training checkpoint without a model in it")
-    return record
+    return record, whole
 
 
 def load(path: str | os.PathLike, *, map_location="cpu", backend: str = "auto"):
@@ -308,20 +278,26 @@ def load(path: str | os.PathLike, *, map_location="cpu", backend: str = "auto"):
 
     Raises:
         MissingInputError: no file there. ModelFileError: not a readable fastmlstm model (empty,
-        truncated, foreign, a newer version, or unsafe to unpickle; nothing in it is executed).
+        truncated, damaged (its content digest does not match), foreign, a newer version, or unsafe
+        to unpickle; nothing in it is executed). InputError: a device that does not exist here.
 
     Example::
 
         >>> model = fastmlstm.load("runs/demo/model.pt")              # doctest: +SKIP
         >>> model.generate("This movie was", 100, seed=0)[0]          # doctest: +SKIP
     """
-    path = Path(path)
-    record = _read_record(path, map_location)
+    path = check_path(path, "the model file's path")
+    check_device(map_location, "map_location")  # else torch's error would blame the file
+    record, whole = _read_record(path, map_location)
     fmt = record.get("format")
     if not isinstance(fmt, str) or fmt not in _MODEL_CLASSES:
         raise ModelFileError(f"{path} is not a fastmlstm model file (format {fmt!r} where "
                              f"{FORMAT!r} or {CHECKPOINT_FORMAT!r} was expected)")
     _check_version(record.get("version"), str(path))
+    # After the version: a newer version may digest differently. A checkpoint's digest covers all of it.
+    problem = digest_problem(whole)
+    if problem:
+        raise ModelFileError(f"{path} is not a readable fastmlstm model file: {problem}")
     state = record.get("state_dict")
     # The tensors are already where map_location put them; _build keeps them there.
     return _build(record.get("config"), state, fmt=fmt, backend=backend, source=str(path))
@@ -336,11 +312,6 @@ def _check_version(version, source: str) -> None:
                              f"this one reads up to {VERSION}): upgrade fastmlstm")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
-
-
 def save_pretrained(model, directory: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> Path:
     """Write ``model`` as ``config.json`` + ``model.safetensors`` into ``directory``; see
     :meth:`ModelFileMixin.save_pretrained`.
@@ -349,10 +320,12 @@ def save_pretrained(model, directory: str | os.PathLike, *, dtype: torch.dtype |
     (:class:`fastmlstm._atomic.FileSet`): a save that fails at any step leaves the previous model
     in place, byte-identical, and only these two files of the folder are ever written, moved or
     removed. The safetensors metadata repeats the config, so a folder mixing two saves' files (put
-    together by hand) is refused on load.
+    together by hand) is refused on load, and holds the digest of the config and tensors, so a
+    damaged file is too.
     """
+    _check_model(model, "save_pretrained")
     dtype = _parse_dtype(dtype)
-    directory = Path(directory)
+    directory = check_path(directory, "the model folder")
     if directory.exists() and not directory.is_dir():
         raise InputError(f"cannot save into {directory}: it is a file, and save_pretrained writes a folder")
     state = {name: t.detach().to(device="cpu", dtype=dtype if dtype is not None and t.is_floating_point()
@@ -363,12 +336,20 @@ def save_pretrained(model, directory: str | os.PathLike, *, dtype: torch.dtype |
     # "format": "pt" is what other safetensors readers look for; fastmlstm's own keys are prefixed.
     metadata = {"format": "pt", "fastmlstm_format": model.FILE_FORMAT, "fastmlstm_version": str(VERSION),
                 "fastmlstm_config": json.dumps(config, sort_keys=True)}
+    metadata["fastmlstm_digest"] = digest(_weights_record(metadata, state))
     header = {"format": model.FILE_FORMAT, "version": VERSION, "config": config,
               "dtype": stored[0] if len(stored) == 1 else stored, "fastmlstm_version": __version__}
     with FileSet(directory, what="model folder") as files:
         files.write(WEIGHTS_FILE, safetensors.torch.save(state, metadata=metadata))
         files.write(CONFIG_FILE, (json.dumps(header, indent=2) + "\n").encode())
     return directory
+
+
+def _weights_record(metadata: dict, state: dict) -> dict:
+    """What the digest in a safetensors file's metadata covers: the config it was written for and
+    the tensors as stored (safetensors checks neither)."""
+    record = {"config": metadata.get("fastmlstm_config"), "state_dict": state}
+    return {**record, "digest": metadata["fastmlstm_digest"]} if "fastmlstm_digest" in metadata else record
 
 
 def _aligned(tensor: torch.Tensor) -> torch.Tensor:
@@ -436,9 +417,11 @@ def load_pretrained(path: str | os.PathLike, *, device=None, dtype: torch.dtype 
 
     Raises:
         MissingInputError: either file is missing. ModelFileError: not JSON, not a fastmlstm config,
-        a newer version, an unreadable safetensors file, or tensors that do not fit the config.
+        a newer version, an unreadable or damaged (digest) safetensors file, or tensors that do not
+        fit the config. InputError: a device that does not exist here.
     """
-    path = Path(path)
+    path = check_path(path, "the model folder")
+    check_device(device)
     config_file, weights = (_committed(path, name) for name in (CONFIG_FILE, WEIGHTS_FILE))
     for name, file in ((CONFIG_FILE, config_file), (WEIGHTS_FILE, weights)):
         if file is None or not file.is_file():
@@ -448,6 +431,9 @@ def load_pretrained(path: str | os.PathLike, *, device=None, dtype: torch.dtype 
         logger.warning("fastmlstm: the last save into %s did not finish; loading the model it held before", path)
     header = _read_config(config_file)
     metadata, state = _read_safetensors(weights, device)
+    problem = digest_problem(_weights_record(metadata, state))  # files from elsewhere carry none: no check
+    if problem:
+        raise ModelFileError(f"{weights} is not a readable fastmlstm model file: {problem}")
     try:
         written_for = json.loads(metadata["fastmlstm_config"]) if "fastmlstm_config" in metadata else None
     except (ValueError, RecursionError):
@@ -478,7 +464,8 @@ def load_openai(path: str | os.PathLike, *, device=None, dtype: torch.dtype | No
         >>> feats.shape                                                                       # doctest: +SKIP
         (1, 4096)
     """
-    config, state = read_released(path)
+    check_device(device)
+    config, state = read_released(check_path(path, "the released weights' folder"))
     return _build(config, state, backend=backend, device=device, dtype=dtype or torch.float32, source=str(path))
 
 
@@ -495,7 +482,8 @@ def save_openai(model, path: str | os.PathLike) -> None:
         >>> fastmlstm.save_openai(model, "exported/")                          # doctest: +SKIP
         >>> fastmlstm.load_openai("exported/")                                 # doctest: +SKIP
     """
-    write_released(released_arrays(model), path)
+    _check_model(model, "save_openai")
+    write_released(released_arrays(model), check_path(path, "the export folder"))
 
 
 def _load_local(path: Path, *, device, dtype: torch.dtype | None, backend: str):
@@ -540,7 +528,8 @@ def from_pretrained(name_or_path: str | os.PathLike, *, root: str | os.PathLike 
     Raises:
         MissingInputError: nothing by that name or path. ModelFileError: a file or folder that is
         not a readable model. DownloadError / ChecksumError: a failed or mismatching download.
-        MissingDependencyError: a Hub id without huggingface_hub installed.
+        MissingDependencyError: a Hub id without huggingface_hub installed. InputError: an empty
+        name, or a device that does not exist here.
 
     Example::
 
@@ -549,6 +538,9 @@ def from_pretrained(name_or_path: str | os.PathLike, *, root: str | os.PathLike 
         (1, 4096)
     """
     dtype = _parse_dtype(dtype)
+    check_device(device)  # before any download, and so that torch's error does not blame a good file
+    check_path(name_or_path, "from_pretrained's name_or_path",
+               "a model file or folder, a registered name or a Hugging Face Hub id")
     source = os.fspath(name_or_path)
     path = Path(source).expanduser()
     from .pretrained import MODELS, download_model  # lazy: the downloader and its tables are for names only

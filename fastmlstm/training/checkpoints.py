@@ -1,5 +1,11 @@
 """Stage 5, checkpointing: the run directory's checkpoints, written atomically and read back for
-an exact resume."""
+an exact resume.
+
+Every checkpoint carries the SHA-256 digest of its content (:mod:`fastmlstm.models._digest`),
+checked when it is read: torch's zip archive checks nothing, so a flipped byte in a tensor would
+otherwise be resumed from without a word. A checkpoint whose content does not match is unreadable
+like a truncated one: set aside, and the run resumes from the newest good one. Checkpoints of older
+versions, without a digest, are read without the check."""
 
 from __future__ import annotations
 
@@ -12,10 +18,12 @@ import torch
 
 from .._atomic import atomic_save
 from ..errors import InputError
+from ..models._digest import digest_problem, seal
 from ..models.serialization import CHECKPOINT_FORMAT
 from .distributed import Context, gather_rows
 from .metrics import LogWindow
 from .state import TrainState, rng_state
+from .update import diverged, weights_finite
 
 __all__ = ["check_writable", "checkpoint_paths", "find_latest_checkpoint", "move_aside", "remove_stale_temporaries",
            "refuse_unreadable", "save_checkpoint"]
@@ -60,6 +68,9 @@ def _read_checkpoint(path: Path) -> dict:
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or missing:
         raise ValueError(f"not a complete training checkpoint (missing {', '.join(missing) or 'its format'})")
+    problem = digest_problem(ckpt)
+    if problem:
+        raise ValueError(problem)
     return ckpt
 
 
@@ -98,17 +109,23 @@ def move_aside(unreadable: list[tuple[Path, str]]) -> None:
 
 def save_checkpoint(ctx: Context, out: Path, state: TrainState, window: LogWindow, run: dict, epoch: int,
                     keep: int) -> None:
-    """Every rank's carried state gathered, then rank 0 writes ``ckpt-<step>.pt`` and prunes to ``keep``."""
+    """Every rank's carried state gathered, then rank 0 writes ``ckpt-<step>.pt`` and prunes to ``keep``.
+
+    A diverged state (weights or the window's loss not finite) raises TrainingDiverged on every
+    rank instead: a checkpoint of it would replace good ones with one nothing can go on from.
+    """
+    if not ctx.all_ok(weights_finite(state.model)):
+        raise diverged(f"the weights are no longer finite (NaN or inf) after update {state.step}")
     all_h, all_c = gather_rows(ctx, state.h), gather_rows(ctx, state.c)
     # A checkpoint between two log records carries the partial window, so the record after a
     # resume averages the same updates as it would have without the interruption.
-    log_window = window.snapshot(ctx)
+    log_window = window.snapshot(ctx, state.step)
     if not ctx.main:
         return
     written = out / f"ckpt-{state.step:08d}.pt"
-    atomic_save({"format": CHECKPOINT_FORMAT, "version": VERSION, "run": run, "step": state.step, "epoch": epoch,
-                 "model": state.model.to_record(), "optimizer": state.optimizer.state_dict(), "h": all_h,
-                 "c": all_c, "rng": rng_state(), "log_window": log_window}, written)
+    atomic_save(seal({"format": CHECKPOINT_FORMAT, "version": VERSION, "run": run, "step": state.step,
+                      "epoch": epoch, "model": state.model.to_record(), "optimizer": state.optimizer.state_dict(),
+                      "h": all_h, "c": all_c, "rng": rng_state(), "log_window": log_window}), written)
     # Keep the newest `keep` by step, the one just written among them; a file of a later step than
     # this one cannot belong to this run's past (it was set aside at start) and is left alone.
     older = [p for p in checkpoint_paths(out) if _step_of(p) < state.step]

@@ -11,14 +11,15 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..ops.registry import BackendUnavailableError
 from .checkpoints import (check_writable, checkpoint_paths, find_latest_checkpoint, move_aside, refuse_unreadable,
                           remove_stale_temporaries, save_checkpoint)
 from .config import check, parse_args
 from .data import prepare_data
 from .distributed import Context, init_context, run_collectively
 from .metrics import LogWindow, Reporter, evaluate
-from .state import build_state, check_same_run, run_descriptor
-from .update import autocast_for, learning_rate, train_step
+from .state import build_state, check_backend, check_same_run, out_of_memory, run_descriptor
+from .update import autocast_for, diverged, learning_rate, train_step, weights_finite
 
 __all__ = ["main", "train"]
 
@@ -60,7 +61,16 @@ def _loop(args: argparse.Namespace, ctx: Context, out: Path, state, data, run: d
     while state.step < args.steps:
         x, y, new_epoch = data.batcher.batch(state.step)
         lr = learning_rate(args, state.step)
-        window.add(train_step(state, forward, x, y, new_epoch, lr, amp, args.clip))
+        try:
+            loss = train_step(state, forward, x, y, new_epoch, lr, amp, args.clip)
+        except RuntimeError as exc:
+            # Weights gone NaN between two log records can make the optimizer itself fail (Adam's
+            # step size overflowing float32 at a huge --lr): that is the divergence, not a bug.
+            if weights_finite(state.model):
+                raise
+            raise diverged(f"update {state.step + 1} failed with the weights no longer finite "
+                           f"({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+        window.add(loss)
         step, last = state.step, state.step == args.steps
         if _due(args.log_every, step, last):
             reporter.log_updates(step, data.batcher.epoch_and_position(step - 1)[0], lr, window)
@@ -94,9 +104,10 @@ def _new_folders(path: Path) -> list[Path]:
 
 
 def _accept(args: argparse.Namespace, ctx: Context, out: Path):
-    """Check the run before its first update: (data, run descriptor, checkpoint or None, unreadable
-    checkpoints). A run rejected here (an InputError) leaves no folder behind that it created: what
-    it made of --out (the byte streams) goes with it; a folder that was there is left as it was."""
+    """Check the run and build its state before the first update: (data, run descriptor, checkpoint
+    or None, unreadable checkpoints, state). A run rejected here (an InputError, a model too big for
+    memory included) leaves no folder behind that it created: what it made of --out (the byte
+    streams) goes with it; a folder that was there is left as it was."""
     created = _new_folders(out)
     try:
         check_writable(out)
@@ -109,12 +120,13 @@ def _accept(args: argparse.Namespace, ctx: Context, out: Path):
             refuse_unreadable(unreadable, start_over=args.start_over, out=out)
         else:
             check_same_run(ckpt["run"], run, out)
+        state = run_collectively(ctx, lambda: build_state(args, ctx, data, ckpt))
     except InputError:
         # No barrier here: a rank may be rejecting alone. Only local rank 0 writes the streams.
         if ctx.main and created:
             shutil.rmtree(created[0], ignore_errors=True)
         raise
-    return data, run, ckpt, unreadable
+    return data, run, ckpt, unreadable, state
 
 
 def train(args: argparse.Namespace, ctx: Context) -> int:
@@ -125,12 +137,12 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
     held to the command line's rules. Bad input raises :class:`~fastmlstm.errors.InputError`.
     """
     check(args)
+    check_backend(args, ctx)  # before --out is created or anything is written into it
     out = Path(args.out)
-    data, run, ckpt, unreadable = _accept(args, ctx, out)
+    data, run, ckpt, unreadable, state = _accept(args, ctx, out)
     ctx.barrier()  # every rank has read its checkpoint before rank 0 renames anything
     if ctx.main:
         move_aside(unreadable)
-    state = build_state(args, ctx, data, ckpt)
     window = LogWindow(ctx.device, ckpt and ckpt["log_window"], ctx.world)
     reporter = Reporter(out, ctx, args.steps, state.step, args.batch * args.seq)
     if ckpt is not None:
@@ -141,6 +153,9 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
     finally:
         reporter.close()
     if code is None:
+        # The last checkpoint checked the weights, but a run resumed at its last step writes none.
+        if not ctx.all_ok(weights_finite(state.model)):
+            raise diverged(f"the weights are no longer finite (NaN or inf) after update {state.step}")
         if ctx.main:
             state.model.save(out / "model.pt")
             # A run killed between its last checkpoint and the pruning after it resumes at the last
@@ -167,8 +182,13 @@ def main(argv: list[str] | None = None, prog: str = "fastmlstm train") -> int:
         return 2
     try:
         return train(args, ctx)
-    except InputError as exc:
+    except (InputError, BackendUnavailableError) as exc:  # the latter: a backend that fails on first use
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as exc:
+        if not out_of_memory(exc):
+            raise
+        print(f"{prog}: error: out of memory: {str(exc).strip().splitlines()[0][:300]}", file=sys.stderr)
         return 2
     finally:
         ctx.close()

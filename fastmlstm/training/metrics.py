@@ -4,6 +4,7 @@ bar, and held-out bits per byte."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from .._atomic import atomic_write
 from ..data.corpus import RowBatcher
 from .distributed import Context
-from .update import LN2, cross_entropy_sum
+from .update import LN2, cross_entropy_sum, diverged
 
 __all__ = ["LogWindow", "Metrics", "Reporter", "evaluate"]
 
@@ -47,7 +48,11 @@ class Metrics:
 
 
 class LogWindow:
-    """The losses of the updates since the last log record (summed on the device: no host sync)."""
+    """The losses of the updates since the last log record (summed on the device: no host sync).
+
+    Their sum reaches the host only when a record or a checkpoint is written; that is where a loss
+    that stopped being finite (NaN, inf: the run diverged) is caught, at no cost to the updates.
+    """
 
     def __init__(self, device: torch.device, saved: dict | None = None, world: int = 1):
         self.loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -61,13 +66,18 @@ class LogWindow:
         self.loss += loss
         self.steps += 1
 
-    def snapshot(self, ctx: Context) -> dict:
+    def snapshot(self, ctx: Context, step: int = 0) -> dict:
+        """The partial window for a checkpoint of update ``step``; raises TrainingDiverged if its
+        loss is not finite (on every rank alike: the sum is over all of them)."""
         window_sum, = ctx.sum(self.loss.item())
+        self._check(window_sum, step)
         return {"loss_sum": window_sum, "steps": self.steps}
 
-    def close(self, ctx: Context) -> tuple[float, float, int]:
-        """(bits per byte averaged over the window and the ranks, seconds, updates); then reset."""
+    def close(self, ctx: Context, step: int = 0) -> tuple[float, float, int]:
+        """(bits per byte averaged over the window and the ranks, seconds, updates); then reset.
+        Raises TrainingDiverged if the window's loss is not finite (``step``: its last update)."""
         mean_loss, = ctx.sum(self.loss.item() / self.steps)
+        self._check(mean_loss, step)
         elapsed, steps = time.perf_counter() - self.start, self.steps
         self.loss.zero_()
         self.steps = 0
@@ -76,6 +86,12 @@ class LogWindow:
 
     def restart_clock(self) -> None:
         self.start = time.perf_counter()
+
+    def _check(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss):
+            first = step - self.steps + 1
+            updates = f"update {step}" if first == step else f"updates {first}..{step}"
+            raise diverged(f"the loss of {updates} is {loss} (not a finite number)")
 
 
 class Reporter:
@@ -95,7 +111,7 @@ class Reporter:
             print(message, flush=True) if self.progress is None else self.progress.write(message)
 
     def log_updates(self, step: int, epoch: int, lr: float, window: LogWindow) -> None:
-        bits_per_byte, elapsed, steps = window.close(self.ctx)
+        bits_per_byte, elapsed, steps = window.close(self.ctx, step)
         record = {"step": step, "epoch": epoch, "bits_per_byte": bits_per_byte, "lr": lr,
                   "chars_per_s": self.chars_per_update * steps / elapsed}
         if not self.ctx.main:

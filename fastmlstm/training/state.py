@@ -4,6 +4,7 @@ checkpoint so that the resumed run continues exactly where the interrupted one s
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +14,13 @@ import torch
 
 from ..errors import InputError
 from ..models.lm import ByteLM
+from ..ops.registry import ENV_BACKEND, BackendUnavailableError, resolve_backend
 from .config import RUN_KEYS
 from .data import Data
 from .distributed import Context
 
-__all__ = ["TrainState", "build_state", "check_same_run", "rng_state", "run_descriptor", "set_rng_state"]
+__all__ = ["TrainState", "build_state", "check_backend", "check_same_run", "out_of_memory", "rng_state",
+           "run_descriptor", "set_rng_state"]
 
 
 @dataclass
@@ -62,11 +65,48 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def check_backend(args: argparse.Namespace, ctx: Context) -> None:
+    """An explicit ``--backend`` (or ``FASTMLSTM_BACKEND``) that cannot run on this rank's device
+    is refused before anything is written, not at the first update. ``auto`` always runs: it is
+    not resolved here (that could build the CPU extension before a quick rejection of the data)."""
+    if args.backend == "auto" and not os.environ.get(ENV_BACKEND, "").strip():
+        return
+    origin = f"--backend {args.backend}" if args.backend != "auto" else f"{ENV_BACKEND}={os.environ[ENV_BACKEND]}"
+    try:
+        resolve_backend(args.backend, ctx.device)
+    except BackendUnavailableError as exc:
+        raise InputError(f"{origin}: {exc}") from None
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: a MemoryError, torch's OutOfMemoryError (CUDA) or
+    the RuntimeError of its CPU allocator ("can't allocate memory")."""
+    text = str(exc) if isinstance(exc, RuntimeError) else ""
+    return (isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in text
+            or "out of memory" in text)
+
+
+def _new_model(args: argparse.Namespace, ctx: Context) -> ByteLM:
+    """The model on this rank's device; too big for its memory, an InputError saying how big."""
+    try:
+        return ByteLM(args.hidden, args.embed, weight_norm=args.weight_norm, backend=args.backend).to(ctx.device)
+    except (RuntimeError, MemoryError) as exc:
+        if not out_of_memory(exc):
+            raise
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        reason = reason.partition("DefaultCPUAllocator: ")[2] or reason  # without the C++ assertion's text
+    # Counted on the meta device, which allocates nothing.
+    size = sum(p.numel() for p in ByteLM(args.hidden, args.embed, weight_norm=args.weight_norm,
+                                         device="meta").parameters())
+    raise InputError(f"out of memory building the model on {ctx.device} (--hidden {args.hidden}, --embed "
+                     f"{args.embed}: {size:,} parameters, {size * 4 / 2**30:,.1f} GiB in float32 and about four "
+                     f"times that with gradients and Adam's state): {reason}")
+
+
 def build_state(args: argparse.Namespace, ctx: Context, data: Data, ckpt: dict | None) -> TrainState:
     """A fresh model (seeded) and Adam with zero carried state, or all of it as ``ckpt`` left it."""
     torch.manual_seed(args.seed)
-    model = ByteLM(args.hidden, args.embed, weight_norm=args.weight_norm, backend=args.backend)
-    model.to(ctx.device)
+    model = _new_model(args, ctx)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     rows = slice(data.row_start, data.row_start + data.rows)
     if ckpt is None:

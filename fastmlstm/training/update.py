@@ -1,5 +1,6 @@
 """Stage 3, one update: the learning-rate schedule, forward over this rank's rows from their
-carried state, the byte cross entropy, backward, clipping and the Adam step."""
+carried state, the byte cross entropy, backward, clipping and the Adam step; and what is said when
+the updates diverge (a loss or weights that are no longer finite)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..options import check
 from .state import TrainState
 
-__all__ = ["LN2", "autocast_for", "cross_entropy_sum", "learning_rate", "train_step"]
+__all__ = ["LN2", "TrainingDiverged", "autocast_for", "cross_entropy_sum", "diverged", "learning_rate", "train_step",
+           "weights_finite"]
 
 LN2 = math.log(2.0)
 
@@ -61,3 +64,21 @@ def train_step(state: TrainState, forward, x: torch.Tensor, y: torch.Tensor, new
     state.h, state.c = h_n.detach(), c_n.detach()
     state.step += 1
     return loss.detach()
+
+
+class TrainingDiverged(InputError):
+    """The loss or the weights stopped being finite: the run cannot go on, and nothing is written
+    from that state. An InputError: the cure is in the settings (most often a lower ``--lr``)."""
+
+
+def diverged(what: str) -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged: {what}. Nothing was written from that state (the checkpoints and "
+                            "model.pt are as they were); train again with a lower --lr, in a new --out")
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (no NaN, no inf): one host sync, for the points that
+    write the model or the checkpoints, not for every update."""
+    with torch.no_grad():
+        flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True

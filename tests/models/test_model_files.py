@@ -1,13 +1,20 @@
 """Every way a model file can be wrong reaches the user as one clear line: through the API as a
 ModelFileError (an InputError) naming the file, through every CLI command that takes --model as
 ``fastmlstm <command>: error: ...`` and exit status 2; nothing in a file is ever executed. A
-train.py checkpoint is a model file too."""
+train.py checkpoint is a model file too. A file whose bytes changed after it was written is refused
+(its content digest); bad arguments (a path that is not one, a device this machine lacks, something
+that is not a model) are said as such, never blamed on a good file."""
+
+import os
+import struct
+import zipfile
 
 import pytest
 import torch
 
 import fastmlstm
 from fastmlstm.cli import main
+from fastmlstm.errors import InputError, InputTypeError
 
 COMMANDS = {
     "featurize": ["--text", "ok", "-o", "{tmp}/f.npy"],
@@ -23,6 +30,20 @@ def good(tmp_path_factory):
     torch.manual_seed(0)
     fastmlstm.ByteLM(hidden_size=8, embed_size=4).save(path)
     return path
+
+
+def flip_a_tensor_byte(path):
+    """XOR one byte (0x40) in the middle of the largest tensor of a torch.save file, in place: what
+    a bad disk or a bad copy does. torch reads its zip entries without checking them."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(entry.header_offset + 26)  # the local header's name and extra-field lengths
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        f.seek(entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x40]))
 
 
 def _bad_files(folder, good):
@@ -47,13 +68,16 @@ def _bad_files(folder, good):
     newer["version"] = 99
     torch.save(newer, folder / "newer.pt")
     paths["a file from a newer version"] = (folder / "newer.pt", "written by a newer fastmlstm")
+    (folder / "damaged.pt").write_bytes(data)
+    flip_a_tensor_byte(folder / "damaged.pt")  # loads in torch, with one weight changed
+    paths["a file with a flipped byte"] = (folder / "damaged.pt", "the file is damaged")
     (folder / "plain_dir").mkdir()
     paths["a directory that is not a model folder"] = (folder / "plain_dir", "holds neither a saved model")
     return paths, marker
 
 
 @pytest.mark.parametrize("case", ["a text file", "an empty .pt", "a truncated .pt", "a pickle with a disallowed global",
-                                  "a foreign torch file", "a file from a newer version"])
+                                  "a foreign torch file", "a file from a newer version", "a file with a flipped byte"])
 def test_the_api_raises_model_file_error_naming_the_file(case, good, tmp_path):
     paths, marker = _bad_files(tmp_path, good)
     path, match = paths[case]
@@ -90,3 +114,78 @@ def test_a_train_checkpoint_is_a_model_file(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), from_checkpoint.state_dict().values()))
     capsys.readouterr()
     assert main(["generate", "--model", str(out / "ckpt-00000004.pt"), "--n-bytes", "5", "--seed", "0"]) == 0
+    flip_a_tensor_byte(out / "ckpt-00000004.pt")
+    with pytest.raises(fastmlstm.ModelFileError, match="ckpt-00000004.pt is not a readable .* the file is damaged"):
+        fastmlstm.load(out / "ckpt-00000004.pt")
+
+
+def test_a_file_with_flipped_bytes_is_refused_naming_the_digest(good, tmp_path):
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(good.read_bytes())
+    flip_a_tensor_byte(damaged)
+    record = torch.load(damaged, weights_only=True)  # torch itself reads it without a word
+    assert set(record) == {"format", "version", "config", "state_dict", "digest"}
+    with pytest.raises(fastmlstm.ModelFileError) as info:
+        fastmlstm.from_pretrained(damaged)
+    assert str(info.value).startswith(f"{damaged} is not a readable fastmlstm model file: its content's SHA-256 "
+                                      "digest ")
+    assert "the file is damaged" in str(info.value)
+
+
+def test_a_file_without_a_digest_loads_as_before(good, tmp_path):
+    """Files of older versions (or written by hand) carry no digest: nothing to check, they load."""
+    record = torch.load(good, weights_only=True)
+    del record["digest"]
+    torch.save(record, tmp_path / "old.pt")
+    old, new = fastmlstm.load(tmp_path / "old.pt"), fastmlstm.load(good)
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+
+
+def test_a_file_loads_onto_the_meta_device_without_a_check(good):
+    """Shapes only (no bytes to check the digest against): as before the digest, no error."""
+    model = fastmlstm.load(good, map_location="meta")
+    assert all(p.is_meta for p in model.parameters()) and model.config["hidden_size"] == 8
+
+
+def test_bad_arguments_are_named_as_such(good, tmp_path):
+    model = fastmlstm.load(good)
+    with pytest.raises(InputTypeError, match="fastmlstm.save takes a fastmlstm model .*got str"):
+        fastmlstm.save("x", tmp_path / "x.pt")
+    with pytest.raises(InputTypeError, match="save_openai takes a fastmlstm model .*got str"):
+        fastmlstm.save_openai("x", tmp_path / "exported")
+    with pytest.raises(InputTypeError, match="save_pretrained takes a fastmlstm model .*got Linear"):
+        fastmlstm.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "folder")
+    with pytest.raises(InputTypeError, match="the model file's path must be a path .*got NoneType"):
+        fastmlstm.load(None)
+    with pytest.raises(InputError, match="name_or_path is an empty string; give a model file or folder"):
+        fastmlstm.from_pretrained("")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing was written
+    # Saving over a directory names it (not the temporary file beside it) and leaves nothing behind.
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InputError, match=f"cannot write {tmp_path / 'folder'}: it is a directory") as info:
+        model.save(tmp_path / "folder")
+    assert isinstance(info.value, IsADirectoryError)  # what callers catching OSError expect, as before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "'foo' is not a device"),
+    ("cuda:99", "'cuda:99' asks for CUDA"),  # no such device here, with CUDA or without
+])
+def test_a_device_this_machine_lacks_is_not_blamed_on_the_file(device, message, good):
+    with pytest.raises(InputError, match=f"map_location {message}") as info:
+        fastmlstm.load(good, map_location=device)
+    assert not isinstance(info.value, fastmlstm.ModelFileError)
+    for load in (fastmlstm.from_pretrained, fastmlstm.load_openai, fastmlstm.models.serialization.load_pretrained):
+        with pytest.raises(InputError, match=f"device {message}"):
+            load(good, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_says_so(good, capsys):
+    with pytest.raises(InputError, match="device 'cuda' asks for CUDA, which is not available here"):
+        fastmlstm.from_pretrained(good, device="cuda")
+    assert main(["generate", "--model", str(good), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmlstm generate: error: --device 'cuda' asks for CUDA, which is not available") and \
+        "readable" not in err and err.count("\n") == 1, err

@@ -138,6 +138,35 @@ def test_foreign_and_broken_folders_are_refused_with_the_reason(tmp_path):
         model.save_pretrained(tmp_path / "file")
 
 
+def _flip_a_weight_byte(file):
+    """XOR one byte (0x40) in the middle of a safetensors file's tensor data, in place: what a bad
+    disk or a bad copy does; safetensors reads it without a word."""
+    data = bytearray(file.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # the header's length, the header, then the tensors
+    data[(start + len(data)) // 2] ^= 0x40
+    file.write_bytes(bytes(data))
+
+
+def test_a_weights_file_with_a_flipped_byte_is_refused_and_one_without_a_digest_loads(tmp_path):
+    model = small_model()
+    model.save_pretrained(tmp_path / "damaged")
+    weights = tmp_path / "damaged" / "model.safetensors"
+    assert safetensors.safe_open(str(weights), "pt").metadata()["fastmlstm_digest"].startswith("sha256:")
+    _flip_a_weight_byte(weights)
+    safetensors.torch.load_file(weights)  # safetensors itself takes it
+    with pytest.raises(fastmlstm.ModelFileError) as info:
+        fastmlstm.from_pretrained(tmp_path / "damaged")
+    assert str(info.value).startswith(f"{weights} is not a readable fastmlstm model file: its content's SHA-256")
+    assert "the file is damaged" in str(info.value)
+    # Written by an older fastmlstm (or another program): no digest in the metadata, nothing to check.
+    model.save_pretrained(tmp_path / "old")
+    weights = tmp_path / "old" / "model.safetensors"
+    with safetensors.safe_open(str(weights), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != "fastmlstm_digest"}
+    safetensors.torch.save_file(safetensors.torch.load_file(weights), weights, metadata=metadata)
+    assert_bit_exact(fastmlstm.from_pretrained(tmp_path / "old"), model)
+
+
 def test_overwriting_a_save_leaves_no_temporary_file(tmp_path):
     small_model(seed=1).save_pretrained(tmp_path)
     (tmp_path / "README.md").write_text("kept")

@@ -2,19 +2,23 @@
 a metrics line, the final model write, and anywhere at all: the n-th call into the package or the
 n-th file operation, n drawn from a fixed seed), a re-run of the same command always finishes with
 the uninterrupted run's model and metrics; unreadable checkpoints stop a run instead of being
-silently replaced, and pruning never deletes what the run just wrote."""
+silently replaced, checkpoints with flipped bytes are set aside like unreadable ones, and pruning
+never deletes what the run just wrote."""
 
 import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
 from conftest import REPO
 
+import fastmlstm
 from fastmlstm.training import main
 
 ARGS = ["--preset", "tiny", "--hidden", "24", "--embed", "8", "--batch", "4", "--seq", "16", "--lr", "5e-3",
@@ -256,6 +260,57 @@ def test_a_newer_unreadable_checkpoint_is_set_aside_and_the_older_one_resumed(co
     assert "resuming" in captured.out and "at update 10" in captured.out
     assert "ckpt-00000020.pt cannot be read" in captured.err and "kept aside" in captured.err
     assert (tmp_path / "ckpt-00000020.pt.unreadable").read_bytes() == b""
+    resumed = _state(tmp_path / "model.pt")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def flip_a_tensor_byte(path):
+    """XOR one byte (0x40) in the middle of the largest tensor of a torch.save file, in place: what
+    a bad disk or a bad copy does. torch reads its zip entries without checking them."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(entry.header_offset + 26)  # the local header's name and extra-field lengths
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        f.seek(entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x40]))
+
+
+def test_a_checkpoint_with_flipped_bytes_is_set_aside_and_the_one_before_resumed(corpus, tmp_path, capsys):
+    # A finished run whose last checkpoint got damaged: re-running it must not build model.pt from
+    # the damaged one (it used to load silently and replace the good model).
+    assert main(_small(tmp_path, corpus)) == 0
+    final = _state(tmp_path / "model.pt")
+    flip_a_tensor_byte(tmp_path / "ckpt-00000020.pt")
+    damaged = (tmp_path / "ckpt-00000020.pt").read_bytes()
+    capsys.readouterr()
+    assert main(_small(tmp_path, corpus)) == 0
+    captured = capsys.readouterr()
+    assert "ckpt-00000020.pt cannot be read" in captured.err and "the file is damaged" in captured.err
+    assert "SHA-256 digest" in captured.err and "kept aside as ckpt-00000020.pt.unreadable" in captured.err
+    assert "resuming" in captured.out and "at update 10" in captured.out
+    assert (tmp_path / "ckpt-00000020.pt.unreadable").read_bytes() == damaged
+    resumed = _state(tmp_path / "model.pt")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    with pytest.raises(fastmlstm.ModelFileError, match="the file is damaged"):  # nor is it a model file
+        fastmlstm.load(tmp_path / "ckpt-00000020.pt.unreadable")
+
+
+def test_a_checkpoint_without_a_digest_still_resumes(corpus, tmp_path, capsys):
+    """Checkpoints of older versions carry no digest: they are read as before, without the check."""
+    assert main(_small(tmp_path, corpus)) == 0
+    final = _state(tmp_path / "model.pt")
+    old = torch.load(tmp_path / "ckpt-00000010.pt", weights_only=True)
+    assert old.pop("digest").startswith("sha256:")
+    torch.save(old, tmp_path / "ckpt-00000010.pt")
+    (tmp_path / "ckpt-00000020.pt").unlink()
+    (tmp_path / "model.pt").unlink()
+    capsys.readouterr()
+    assert main(_small(tmp_path, corpus)) == 0
+    captured = capsys.readouterr()
+    assert "at update 10" in captured.out and "cannot be read" not in captured.err
     resumed = _state(tmp_path / "model.pt")
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 
