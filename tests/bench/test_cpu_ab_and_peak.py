@@ -1,11 +1,12 @@
-"""Six kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
+"""Seven kernel-lab probes at tiny sizes: the interleaved A/B of the CPU backend's switches
 (bench/kernels/cpu_ab.py) restores what it switched, the batch-1 step loops
 (bench/kernels/cpu_step.py) time every loop and restore the weight-cache mode, the generation A/B
 (bench/kernels/cpu_generate.py) restores its layout rule, the narrow kernel's probe
 (bench/kernels/cpu_narrow.py) times both layouts and restores the layout choice, the packs' probe
 (bench/kernels/cpu_pack.py) times the four packs of a training step, and the multiply-add peak
 (bench/kernels/cpu_peak.py) counts its FLOPs right, runs its portable kernel on every machine, and
-turns a results file into bounds that are checked by hand."""
+turns a results file into bounds that are checked by hand, and the one-thread-and-two forward probe
+(bench/kernels/cpu_threads.py) gets its FLOP ratio and fractions of the peak right."""
 
 import json
 import os
@@ -25,6 +26,7 @@ import cpu_narrow  # noqa: E402
 import cpu_pack  # noqa: E402
 import cpu_peak  # noqa: E402
 import cpu_step  # noqa: E402
+import cpu_threads  # noqa: E402
 
 CPU = fastmlstm.backend_status("cpu", "cpu")[0]
 
@@ -173,3 +175,25 @@ def test_the_bounds_are_flops_over_the_peak_against_the_limit():
     # bfloat16: 1.25 GFLOP at 200 = 6.25 ms <= 1.25 x 8 ms.
     assert got["bfloat16"]["bound_ms"] == 6.25 and got["bfloat16"]["verdict"] == "feasible"
     assert got["bfloat16"]["peak_kernel"] == "avx512-bf16"
+
+
+@pytest.mark.skipif(not CPU, reason="the cpu backend is unavailable")
+def test_the_thread_probe_times_both_sides_at_each_count_and_restores_the_threads(tmp_path):
+    peak = tmp_path / "peak.json"
+    peak.write_text(json.dumps({"peaks": {"avx512-fma": {"threads": 2, "GFLOPs": 200.0},
+                                          "avx512-bf16": {"threads": 2, "GFLOPs": 400.0}}}))
+    out, before = tmp_path / "threads.json", torch.get_num_threads()
+    argv = ["--H", "16", "--B", "3", "--T", "2", "--dtypes", "float32", "--threads", "1,2", "--rounds", "1",
+            "--peak", str(peak), "--out", str(out)]
+    assert cpu_threads.main(argv) == 0 and torch.get_num_threads() == before
+    (case,) = json.loads(out.read_text())["cases"]
+    one, two = case["per_threads"]["1"], case["per_threads"]["2"]
+    for row in (one, two):
+        ms, gflops = row["ms"], row["GFLOPs"]
+        assert row["ratio"] == pytest.approx(ms["fastmlstm"] / ms["nn-lstm"], rel=2e-3)
+        # Equal time would be 1.25x the LSTM's rate: the mLSTM does 5H(H + I) multiply-adds per row, the LSTM 4H(H + I).
+        assert row["efficiency_ratio"] == pytest.approx(1.25 / row["ratio"], rel=2e-2)
+        assert gflops["nn-lstm"] == pytest.approx(2 * 2 * 3 * 4 * 16 * (16 + 64) / ms["nn-lstm"] / 1e6, rel=2e-2)
+    assert "fraction_of_peak" not in one
+    assert two["fraction_of_peak"]["fastmlstm"] == pytest.approx(two["GFLOPs"]["fastmlstm"] / 200.0, rel=2e-2)
+    assert case["speedup"]["fastmlstm"] == pytest.approx(one["ms"]["fastmlstm"] / two["ms"]["fastmlstm"], rel=2e-2)
