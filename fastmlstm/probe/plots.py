@@ -22,7 +22,7 @@ import numpy as np
 
 from .._atomic import atomic_write
 from ..errors import InputError, InputTypeError, require
-from ..options import check
+from ..options import Number, check
 from .features import END, START, cell_trace, encode_texts
 from .linear import DataEfficiency
 
@@ -97,7 +97,7 @@ def plot_unit_histogram(values, labels, path, *, unit: int | None = None, class_
         raise InputError(f"{len(class_names)} class names for {len(classes)} classes")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    edges = np.histogram_bin_edges(values, bins=bins)
+    edges = np.histogram_bin_edges(values, bins=_BINS.check(bins, "bins"))
     for c, name, colour in zip(classes, class_names, ("tab:red", "tab:blue", "tab:green", "tab:orange")):
         ax.hist(values[labels == c], bins=edges, alpha=0.55, color=colour, label=f"{name} ({np.sum(labels == c)})")
     ax.set_xlabel("feature value" if unit is None else f"unit {unit} value")
@@ -152,6 +152,26 @@ def text_values(data: bytes, values: np.ndarray, *, skip_padding: bool = True) -
     return out
 
 
+_BINS = Number(int, 1)  # histogram bins
+
+
+def _scale(chars: Sequence[tuple[str, float]], scale: float | None) -> float:
+    """The value shown at full colour: ``scale`` (a number > 0), else the largest |value| of the
+    pairs (1 where there is none); the pairs' values must be finite numbers."""
+    scale = check("scale", scale)
+    try:
+        vals = np.array([v for _, v in chars], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputTypeError("chars must be (character, value) pairs with numeric values (text_values' result)") \
+            from None
+    if not np.all(np.isfinite(vals)):
+        bad = int(np.flatnonzero(~np.isfinite(vals))[0])
+        raise InputError(f"chars hold a value that is not a finite number: {vals[bad]} at pair {bad}")
+    if scale is None:
+        scale = float(np.max(np.abs(vals))) if len(vals) else 0.0
+    return scale or 1.0
+
+
 def _colour(value: float, scale: float) -> tuple[float, float, float]:
     """Diverging red (negative) - white - green (positive), value clipped to [-scale, scale]."""
     t = float(np.clip(value / scale, -1.0, 1.0)) if scale > 0 else 0.0
@@ -178,8 +198,7 @@ def text_html(chars: Sequence[tuple[str, float]], path=None, *, unit: int | None
     colour (default the largest absolute value). Hovering a character shows its value. Returns the
     page and writes it to ``path`` if given.
     """
-    vals = np.array([v for _, v in chars], dtype=np.float64)
-    scale = float(np.max(np.abs(vals))) if scale is None and len(vals) else (scale or 1.0)
+    scale = _scale(chars, scale)
     heading = title or (f"cell value of unit {unit}" if unit is not None else "cell value")
     spans = []
     for ch, v in chars:
@@ -209,8 +228,8 @@ def text_png(chars: Sequence[tuple[str, float]], path, *, unit: int | None = Non
     """The same colouring as :func:`text_html` drawn as an image (in the format ``path``'s suffix
     names, PNG without one), ``width`` characters per line."""
     fmt = _format(path)
-    vals = np.array([v for _, v in chars], dtype=np.float64)
-    scale = float(np.max(np.abs(vals))) if scale is None and len(vals) else (scale or 1.0)
+    scale = _scale(chars, scale)
+    width = check("width", width)
     lines: list[list[tuple[str, float]]] = [[]]
     for ch, v in chars:  # wrap at spaces where possible
         if ch == "\n":

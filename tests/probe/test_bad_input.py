@@ -19,6 +19,7 @@ from fastmlstm.probe import (
     plot_data_efficiency,
     plot_unit_histogram,
     steer,
+    text_html,
     text_png,
     train_probe,
     visualize_text,
@@ -162,6 +163,20 @@ def test_unit_histogram_refuses_non_finite_values(tmp_path):
         plot_unit_histogram(values, np.array([0, 1, 0, 1]), tmp_path / "h.png")
     with pytest.raises(InputTypeError, match="DataEfficiency"):
         plot_data_efficiency({"sizes": [1]}, tmp_path / "de.png")
+    with pytest.raises(InputError, match="bins must be an integer >= 1, got 0"):
+        plot_unit_histogram(np.linspace(-1, 1, 4), np.array([0, 1, 0, 1]), tmp_path / "h.png", bins=0)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda p: text_html([("a", 0.5), ("b", float("nan"))]), InputError, "not a finite number: nan at pair 1"),
+    (lambda p: text_html([("a", "x")]), InputTypeError, "numeric values"),
+    (lambda p: text_html([("a", 0.5)], scale=-1.0), InputError, "scale must be a finite number > 0"),
+    (lambda p: text_png([("a", 0.5)], p / "t.png", width=0), InputError, "width must be an integer >= 1"),
+])
+def test_the_coloured_text_checks_its_values_scale_and_width(tmp_path, call, error, match):
+    with pytest.raises(error, match=match):
+        call(tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------------------
