@@ -25,7 +25,7 @@ import torch
 
 from ._atomic import atomic_write
 from .diagnostics import backend_report, environment, parity_tolerance
-from .errors import InputError, MissingInputError
+from .errors import InputError, MissingInputError, out_of_memory
 from .ops.registry import BACKENDS, BackendUnavailableError, resolve_backend
 from .options import ArgumentParser, argument, check
 
@@ -555,8 +555,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmlstm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except (RuntimeError, MemoryError) as exc:  # an allocation that failed: one line too, not a traceback
-        from .training.state import out_of_memory
-
         if not out_of_memory(exc):
             raise
         print(f"fastmlstm {args.command}: error: out of memory: {str(exc).strip().splitlines()[0][:300]}",

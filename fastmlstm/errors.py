@@ -51,3 +51,12 @@ def require(module: str, *, extra: str, feature: str):
         raise MissingDependencyError(
             f"{feature} needs {module.split('.')[0]}, which is not installed: pip install 'fastmlstm[{extra}]' "
             f"(or pip install {module.split('.')[0]})") from exc
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: a MemoryError, or the RuntimeError of one of
+    torch's allocators (the CPU's "can't allocate memory", CUDA's OutOfMemoryError: "out of memory")."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc) if isinstance(exc, RuntimeError) else ""
+    return "can't allocate memory" in text or "out of memory" in text

@@ -43,7 +43,7 @@ import torch
 
 from .._atomic import FileSet, atomic_save, committed_path, interrupted
 from .._version import __version__
-from ..errors import InputError, InputTypeError, MissingInputError, ModelFileError
+from ..errors import InputError, InputTypeError, MissingInputError, ModelFileError, out_of_memory
 from ._checks import check_device, check_path, load_problem
 from ._checks import first_line as _first_line
 from ._digest import digest, digest_problem, seal
@@ -257,6 +257,8 @@ def _read_record(path: Path, map_location) -> tuple[dict, dict]:
             warnings.simplefilter("ignore")
             record = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 (truncated, a broken archive, text, a refused pickle: all one answer)
+        if out_of_memory(exc):
+            raise  # the machine's fault, not the file's
         raise ModelFileError(f"{path} is not a readable fastmlstm model file: {load_problem(exc, head)}") from None
     if not isinstance(record, dict):
         raise ModelFileError(f"{path} is not a fastmlstm model file (it holds a {type(record).__name__})")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, out_of_memory
 from ..models.lm import ByteLM
 from ..ops.registry import ENV_BACKEND, BackendUnavailableError, resolve_backend
 from .config import RUN_KEYS
@@ -76,14 +76,6 @@ def check_backend(args: argparse.Namespace, ctx: Context) -> None:
         resolve_backend(args.backend, ctx.device)
     except BackendUnavailableError as exc:
         raise InputError(f"{origin}: {exc}") from None
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocation failure: a MemoryError, torch's OutOfMemoryError (CUDA) or
-    the RuntimeError of its CPU allocator ("can't allocate memory")."""
-    text = str(exc) if isinstance(exc, RuntimeError) else ""
-    return (isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "can't allocate memory" in text
-            or "out of memory" in text)
 
 
 def _new_model(args: argparse.Namespace, ctx: Context) -> ByteLM:

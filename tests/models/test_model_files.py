@@ -189,3 +189,13 @@ def test_cuda_without_cuda_says_so(good, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fastmlstm generate: error: --device 'cuda' asks for CUDA, which is not available") and \
         "readable" not in err and err.count("\n") == 1, err
+
+
+def test_running_out_of_memory_while_reading_is_not_blamed_on_the_file(good, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(RuntimeError, match="can't allocate memory") as caught:
+        fastmlstm.load(good)
+    assert not isinstance(caught.value, InputError)
