@@ -44,8 +44,8 @@ def cmd_info(args) -> int:
     if kernels["available"]:
         grads = "oneDNN micro-kernel tiles" if kernels["weight_grad_gemm"] == "tiles" else "MKL"
         print(f"{'cpu':>10}: epilogues {kernels['epilogues']}; float32 GEMMs {kernels['float32_gemm']}; "
-              f"bfloat16 GEMMs {kernels['bf16_gemm']}: {kernels['bf16_gemm_kernels']}; float32 gradients and xm "
-              f"beside the time loops by {grads}; narrow bfloat16 steps at "
+              f"bfloat16 GEMMs {kernels['bf16_gemm']}: {kernels['bf16_gemm_kernels']}; float32 gradients "
+              f"beside the time loop by {grads}; narrow bfloat16 steps at "
               f"up to {kernels['streamed_rows']['max_rows']} rows from "
               f"{kernels['streamed_rows']['from_MiB']} MiB of weights; buffer cache "
               f"{kernels['buffer_cache_MiB']['held']} of {kernels['buffer_cache_MiB']['limit']} MiB held")

@@ -12,9 +12,10 @@ Switches (the "off" side is the behaviour before the change):
   off: ``FASTMLSTM_CPU_CACHE_MB=0``, fresh memory each call.
 - ``bf16-xm``: with VNNI weights, the inputs' xm = x Wmx^T as a bfloat16 GEMM (``csrc/cpu/forward.cpp``),
   off: a float32 GEMM of float32 copies (bfloat16 cases only).
-- ``weight-grad``: the float32 GEMMs beside the time loops as oneDNN micro-kernel tiles
-  (``csrc/cpu/gemm.cpp``): the backward's weight gradients (the input weights' and the bias's from
-  the same transposed slices as the recurrent one's) and x's gradient, the forward's xm; off: MKL's
+- ``weight-grad``: the backward's float32 GEMMs beside the time loop as oneDNN micro-kernel tiles
+  (``csrc/cpu/gemm.cpp``): the weight gradients (the input weights' and the bias's from the same
+  transposed slices as the recurrent one's) and x's gradient (the forward's xm is tiles either way
+  since 2026-12-07; it was switched too before); off: MKL's
   GEMMs on the operands as they are (float32 cases: bfloat16 with VNNI weights takes bfloat16 GEMMs
   either way).
 

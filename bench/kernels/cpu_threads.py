@@ -79,14 +79,14 @@ def case(H: int, B: int, dtype: str, T: int, threads: list[int], rounds: int, pe
     for t in threads:
         gflops = {n: flops[n] / ms[(n, t)] / 1e6 for n in flops}
         row = {"ms": {n: _sig(ms[(n, t)]) for n in flops},
-               "ratio": round(ms[("fastmlstm", t)] / ms[("nn-lstm", t)], 3),
+               "ratio": _sig(ms[("fastmlstm", t)] / ms[("nn-lstm", t)]),
                "GFLOPs": {n: _sig(g) for n, g in gflops.items()},
-               "efficiency_ratio": round(gflops["fastmlstm"] / gflops["nn-lstm"], 3)}
+               "efficiency_ratio": _sig(gflops["fastmlstm"] / gflops["nn-lstm"])}
         if (t, dtype) in peaks:
             row["fraction_of_peak"] = {n: _sig(g / peaks[(t, dtype)]) for n, g in gflops.items()}
         out["per_threads"][str(t)] = row
     first, last = threads[0], threads[-1]
-    out["speedup"] = {n: round(ms[(n, first)] / ms[(n, last)], 2) for n in flops}
+    out["speedup"] = {n: _sig(ms[(n, first)] / ms[(n, last)]) for n in flops}
     return out
 
 

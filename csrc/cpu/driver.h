@@ -39,9 +39,10 @@
 // oneDNN supports the CPU, else ATen's gemm) on weights packed once per weight
 // (fastmlstm/ops/cpu/recurrence.py keeps the packed copies while a weight is unchanged): float32
 // blocks [K, 32] in general, VNNI-packed bfloat16 blocks where the CPU multiplies bfloat16 natively.
-// Every GEMM accumulates in float32 and writes a float32 tile. A row's result never depends on T,
-// on which rows are computed with it, or on the thread count, so a chunked run repeats the one-shot
-// run bit for bit.
+// Every GEMM accumulates in float32 and writes a float32 tile. A row's forward result never depends
+// on T, on which rows are computed with it, or on the thread count, so a chunked run repeats the
+// one-shot run bit for bit. The backward's gradients are as independent of the thread count where
+// its GEMMs beside the loop run as tiles (weight_grad_tiles()); MKL's may differ in the last bits.
 #pragma once
 
 #include "mlstm_cpu.h"
@@ -287,8 +288,9 @@ void tile_gemm(int64_t M, const E* A, int64_t lda, const PackedView<E>& w, int64
   }
 }
 
-// How the float32 GEMMs beside the time loops run (gemm.cpp): the backward's weight gradients,
-// x's gradient and the forward's xm, as MKL's GEMMs or as oneDNN's micro-kernel tiles. Chosen by
+// How the backward's float32 GEMMs beside the time loops run (gemm.cpp): the weight gradients and
+// x's gradient, as MKL's GEMMs or as oneDNN's micro-kernel tiles (the forward's xm is always tiles:
+// forward.cpp, xm_chunk_at). Chosen by
 // the epilogues' instruction set (auto), or forced (set_weight_grad_gemm, mlstm_cpu.cpp) for tests
 // and benchmarks that compare the two in one process.
 constexpr int64_t kWeightGradAuto = 0, kWeightGradMkl = 1, kWeightGradTiles = 2;

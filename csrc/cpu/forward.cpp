@@ -144,15 +144,18 @@ ForwardLoop<D, E>::ForwardLoop(int64_t T_, int64_t B_, int64_t H_, const Inputs<
   xm_d_p = fused && xm_dtype != at::kFloat ? static_cast<const D*>(xm_chunk.data_ptr()) : nullptr;
 }
 
-// xm = x Wmx^T for the chunk of steps from t: one GEMM (fused inputs), outside the time loop.
+// xm = x Wmx^T for the chunk of steps from t: one GEMM (fused inputs), outside the time loop. In
+// float32 always as row tiles (rows_gemm), whatever weight_grad_tiles() says for the backward's
+// GEMMs: a row's sums then never depend on how many rows the chunk has or on the thread count
+// (MKL's do, in the last bits), so a sequence run in pieces, or step by step, repeats the one-shot
+// run bit for bit on every CPU.
 template <typename D, typename E>
 void ForwardLoop<D, E>::xm_chunk_at(int64_t t) {
   const int64_t steps = std::min(Tc, T - t);
   Tensor out = xm_chunk.narrow(0, 0, steps * B);
   const Tensor x = in.x_xm.narrow(0, t * B, steps * B);
   const Tensor& w = in.w_im_t;
-  if (x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.stride(1) == 1 && w.stride(1) == 1 &&
-      weight_grad_tiles()) {
+  if (x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.stride(1) == 1 && w.stride(1) == 1) {
     rows_gemm(steps * B, H, in.I, x.data_ptr<float>(), x.stride(0), w.data_ptr<float>(), w.stride(0),
               out.data_ptr<float>(), H);
   } else {

@@ -1,9 +1,10 @@
 // The float32 GEMMs beside the time loops of the CPU backend, as oneDNN's micro-kernels
-// (at::native::cpublas::brgemm) where weight_grad_tiles() says so (driver.h): the backward's sums
-// over a chunk of steps (the weight gradients, dW += A^T B, A^T transposed slice by slice into the
-// thread's buffer) and the row-by-row products (x's gradient, the forward's xm). Their shapes are
-// skinny (N is the input features) or transposed, where MKL ran well below its rate on square
-// products (bench/kernels/NOTES-cpu-kernels.md, "The GEMMs beside the loops"). Legend: driver.h.
+// (at::native::cpublas::brgemm): the backward's sums over a chunk of steps (the weight gradients,
+// dW += A^T B, A^T transposed slice by slice into the thread's buffer) and x's gradient where
+// weight_grad_tiles() says so (driver.h), and the forward's xm always (rows_gemm: row by row).
+// Their shapes are skinny (N is the input features) or transposed, where MKL ran well below its
+// rate on square products (bench/kernels/NOTES-cpu-kernels.md, "The GEMMs beside the loops").
+// Legend: driver.h.
 
 #include "driver.h"
 

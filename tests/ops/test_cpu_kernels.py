@@ -286,6 +286,37 @@ def test_amx_tiles_multiply_the_bfloat16_gemms_where_the_cpu_has_them():
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("I, H, B", [(150, 64, 3), (106, 195, 1), (150, 70, 67)])
+@pytest.mark.parametrize("mode", ["tiles", "mkl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_chunked_and_stepped_module_calls_repeat_the_one_shot_call(dtype, mode, I, H, B):
+    """The input projections run inside the loop, and xm as row tiles: a sequence in pieces, or step
+    by step, on two threads repeats the one-shot call on one bit for bit, whichever GEMMs the
+    backward uses (xm through MKL, as the backward's "mkl" once took it, differed in the last bits
+    with the rows of the call and the threads at I ~ 100 and a few rows)."""
+    torch.manual_seed(0)
+    rnn = fastmlstm.FastMLSTM(I, H, backend="cpu").to(dtype)
+    x = torch.randn(9, B, I).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad(), _recurrence().forced_weight_grad_gemm(mode):
+            torch.set_num_threads(1)
+            out, (h, c) = rnn(x)
+            torch.set_num_threads(2)
+            state, pieces = None, []
+            for chunk in (x[:4], x[4:5], x[5:]):
+                piece, state = rnn(chunk, state)
+                pieces.append(piece)
+            step_state, steps = None, []
+            for t in range(3):
+                y, step_state = rnn.step(x[t], step_state)
+                steps.append(y)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(torch.cat(pieces), out) and torch.equal(state[0], h) and torch.equal(state[1], c)
+    assert torch.equal(torch.stack(steps), out[:3])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_parallel_loops_equal_the_column_parallel_ones(dtype):
     """With two threads and enough rows, every thread runs its own rows (every other one) through

@@ -180,8 +180,9 @@ WEIGHT_GRAD_GEMMS = ("auto", "mkl", "tiles")
 
 @contextlib.contextmanager
 def forced_weight_grad_gemm(mode: str):
-    """Run the float32 GEMMs beside the time loops (the backward's weight gradients and x's
-    gradient, the forward's xm) with ``mode`` inside the block: ``"mkl"`` (MKL's GEMM on the
+    """Run the backward's float32 GEMMs beside the time loop (the weight gradients and x's gradient;
+    the forward's xm is always tiles, so that a row never depends on the rows beside it) with
+    ``mode`` inside the block: ``"mkl"`` (MKL's GEMM on the
     operands as they are), ``"tiles"`` (oneDNN's micro-kernels, the weight gradients' operands laid
     out for them, ``csrc/cpu/gemm.cpp``) or ``"auto"`` (tiles where the AVX-512 epilogues run); for
     tests and benchmarks that compare them in one process."""
@@ -210,8 +211,8 @@ def kernel_report() -> dict:
     """What the CPU backend runs on this machine, for ``fastmlstm.diagnostics.environment()`` (and so
     ``fastmlstm info``): the epilogues' instruction set (:func:`kernel_isa`) and the others this CPU
     can run, the packed weights' column blocks, which micro-kernels multiply float32 and bfloat16
-    operands, how the float32 GEMMs beside the time loops run (the weight gradients, x's gradient and
-    xm: ``"tiles"`` or ``"mkl"``, :func:`forced_weight_grad_gemm`), the tile GEMMs' K split in bytes
+    operands, how the backward's float32 GEMMs beside the time loop run (the weight gradients and x's
+    gradient: ``"tiles"`` or ``"mkl"``, :func:`forced_weight_grad_gemm`), the tile GEMMs' K split in bytes
     of a row of A (``[whole, piece]``, :func:`forced_k_split`), and the buffer cache's limit and what
     it holds (:mod:`.buffer_cache`).
 
