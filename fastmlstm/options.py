@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .errors import InputError, InputTypeError
 
-__all__ = ["OPTIONS", "ArgumentParser", "Number", "argument", "check", "check_all"]
+__all__ = ["OPTIONS", "ArgumentParser", "Number", "argument", "check", "check_all", "check_each"]
 
 
 def _is_bool_array(value) -> bool:
@@ -150,6 +150,23 @@ OPTIONS: dict[str, Number] = {
     # the environment ($FASTMLSTM_CPU_CACHE_MB)
     "cpu_cache_mb": Number(int, 0),  # 0 turns the CPU backend's buffer cache off
 }
+
+
+def check_each(values, spec: Number, rule: str, at: str = " at index {i}") -> list:
+    """Each of ``values`` converted by ``spec``; one that is no number of its kind raises
+    :class:`InputTypeError`, one out of its range :class:`InputError`, both as ``"<rule>, got <value>"``
+    and where (``at`` formatted with the index ``i``; ``rule``: e.g. ``"units must be unit indices,
+    integers in [0, 16)"``)."""
+    out = []
+    for i, value in enumerate(values):
+        try:
+            number = spec.convert(value)
+        except InputTypeError:
+            raise InputTypeError(f"{rule}, got {value!r}{at.format(i=i)}") from None
+        if not spec.in_range(number):
+            raise InputError(f"{rule}, got {number!r}{at.format(i=i)}")
+        out.append(number)
+    return out
 
 
 def check(option: str, value, name: str | None = None):

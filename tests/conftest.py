@@ -43,3 +43,12 @@ def _poison_buffers(monkeypatch):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def word_corpus(path: Path, *, seed: int, lines: int) -> Path:
+    """A synthetic review-like corpus of ``lines`` lines of 8 words at ``path``, the same for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    words = b"the a movie film great bad plot acting loved hated it was and but not very".split()
+    text = [b" ".join(words[int(i)] for i in torch.randint(0, len(words), (8,), generator=g)) for _ in range(lines)]
+    path.write_bytes(b"\n".join(text) + b"\n")
+    return path

@@ -4,6 +4,7 @@ and after each failure the previous state must still be there, byte for byte.
 
 :func:`hunt` runs a writer with a failure injected at its 1st step, then its 2nd, ... until it runs
 to completion without reaching the injected step, checking the state after every run.
+:func:`flip_a_tensor_byte` damages a torch.save file as a bad disk would.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import errno
 import hashlib
 import os
 import shutil
+import struct
 import threading
+import zipfile
 from pathlib import Path
 
 import fastmlstm
@@ -114,3 +117,17 @@ def fresh_copy(template: Path, work: Path) -> Path:
         shutil.rmtree(work)
     shutil.copytree(template, work, symlinks=True)
     return work
+
+
+def flip_a_tensor_byte(path):
+    """XOR one byte (0x40) in the middle of the largest tensor of a torch.save file, in place: what
+    a bad disk or a bad copy does. torch reads its zip entries without checking them."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(entry.header_offset + 26)  # the local header's name and extra-field lengths
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        f.seek(entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x40]))

@@ -28,7 +28,7 @@ from ..models.lm import ByteLM, pad_bytes
 from ..nn.modules import autocast_dtype
 from ..ops.interface import accumulation_dtype
 from ..ops.registry import REGISTRY, resolve_backend
-from ..options import Number, check
+from ..options import Number, check, check_each
 
 __all__ = ["cell_trace", "check_model", "encode_texts", "featurize", "preprocess"]
 
@@ -233,12 +233,6 @@ def featurize(
     return features
 
 
-def _is_bool(x) -> bool:
-    """Whether ``x`` is a bool tensor or array (``operator.index`` reads a bool tensor as 0 or 1)."""
-    dtype = getattr(x, "dtype", None)
-    return dtype == torch.bool if isinstance(dtype, torch.dtype) else isinstance(dtype, np.dtype) and dtype.kind == "b"
-
-
 def _unit_index(units, H: int) -> list[int]:
     """``units`` (None, one index, or a sequence / 1-D integer array or tensor of them) as a list of
     ints in [0, H); bools, floats, strings and anything else raise naming ``units`` and the range."""
@@ -246,7 +240,7 @@ def _unit_index(units, H: int) -> list[int]:
         return list(range(H))
     rule = f"units must be unit indices, integers in [0, {H})"
     if isinstance(units, (torch.Tensor, np.ndarray)):
-        if units.ndim > 1 or _is_bool(units):
+        if units.ndim > 1:
             raise InputTypeError(f"{rule}: one index or a 1-D integer array of them, got {units!r}")
         items = [units] if units.ndim == 0 else list(units)
     elif isinstance(units, (numbers.Number, str, bytes)):
@@ -258,20 +252,8 @@ def _unit_index(units, H: int) -> list[int]:
             raise InputTypeError(f"{rule}: one index or a sequence of them, got {type(units).__name__}") from None
     if not items:
         raise InputError(f"{rule}, got none ({units!r})")
-    spec = Number(int, 0, H - 1)
-    index = []
-    for i, u in enumerate(items):
-        where = "" if u is units else f" (units[{i}])"
-        try:
-            if _is_bool(u):
-                raise InputTypeError("a bool")
-            u_index = spec.convert(u)
-        except InputTypeError:
-            raise InputTypeError(f"{rule}, got {u!r}{where}") from None
-        if not spec.in_range(u_index):
-            raise InputError(f"{rule}, got {u_index}{where}")
-        index.append(u_index)
-    return index
+    at = "" if len(items) == 1 and items[0] is units else " (units[{i}])"  # (one index: nothing to point at)
+    return check_each(items, Number(int, 0, H - 1), rule, at)  # (bools, bool tensors included, are refused)
 
 
 def cell_trace(

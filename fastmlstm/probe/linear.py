@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from ..errors import InputError, InputTypeError
-from ..options import Number, check
+from ..options import Number, check, check_each
 
 __all__ = [
     "C_GRID",
@@ -443,17 +443,7 @@ def _check_sizes(sizes, low: int, N: int) -> list[int]:
     if not sizes:
         raise InputError(f"sizes is empty; give the numbers of labelled examples to try, {rule}, or None "
                          "for 10, 20, 50, ..., N")
-    spec = Number(int, low, N)
-    out = set()
-    for i, s in enumerate(sizes):
-        try:
-            s = spec.convert(s)
-        except InputTypeError:
-            raise InputTypeError(f"sizes must be {rule}, got {s!r} at index {i}") from None
-        if not spec.in_range(s):
-            raise InputError(f"sizes must be {rule}, got {s!r} at index {i}")
-        out.add(s)
-    return sorted(out)
+    return sorted(set(check_each(sizes, Number(int, low, N), f"sizes must be {rule}")))
 
 
 def _draw(y: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

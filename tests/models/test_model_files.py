@@ -5,12 +5,10 @@ train.py checkpoint is a model file too. A file whose bytes changed after it was
 (its content digest); bad arguments (a path that is not one, a device this machine lacks, something
 that is not a model) are said as such, never blamed on a good file."""
 
-import os
-import struct
-import zipfile
 
 import pytest
 import torch
+from faults import flip_a_tensor_byte
 
 import fastmlstm
 from fastmlstm.cli import main
@@ -30,20 +28,6 @@ def good(tmp_path_factory):
     torch.manual_seed(0)
     fastmlstm.ByteLM(hidden_size=8, embed_size=4).save(path)
     return path
-
-
-def flip_a_tensor_byte(path):
-    """XOR one byte (0x40) in the middle of the largest tensor of a torch.save file, in place: what
-    a bad disk or a bad copy does. torch reads its zip entries without checking them."""
-    with zipfile.ZipFile(path) as archive:
-        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    with open(path, "r+b") as f:
-        f.seek(entry.header_offset + 26)  # the local header's name and extra-field lengths
-        name_length, extra_length = struct.unpack("<HH", f.read(4))
-        f.seek(entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2)
-        byte = f.read(1)[0]
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte ^ 0x40]))
 
 
 def _bad_files(folder, good):

@@ -286,10 +286,11 @@ def test_amx_tiles_multiply_the_bfloat16_gemms_where_the_cpu_has_them():
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("I, H, B", [(150, 64, 3), (106, 195, 1), (150, 70, 67)])
 @pytest.mark.parametrize("mode", ["tiles", "mkl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_chunked_and_stepped_module_calls_repeat_the_one_shot_call(dtype, mode, I, H, B):
+def test_chunked_and_stepped_module_calls_repeat_the_one_shot_call(dtype, mode, I, H, B, isa):
     """The input projections run inside the loop, and xm as row tiles: a sequence in pieces, or step
     by step, on two threads repeats the one-shot call on one bit for bit, whichever GEMMs the
     backward uses (xm through MKL, as the backward's "mkl" once took it, differed in the last bits
@@ -299,7 +300,7 @@ def test_chunked_and_stepped_module_calls_repeat_the_one_shot_call(dtype, mode, 
     x = torch.randn(9, B, I).to(dtype)
     threads = torch.get_num_threads()
     try:
-        with torch.no_grad(), _recurrence().forced_weight_grad_gemm(mode):
+        with torch.no_grad(), _isa(isa), _recurrence().forced_weight_grad_gemm(mode):
             torch.set_num_threads(1)
             out, (h, c) = rnn(x)
             torch.set_num_threads(2)

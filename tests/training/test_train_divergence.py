@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import word_corpus
 
 from fastmlstm.models.lm import ByteLM
 from fastmlstm.training import loop, main, state
@@ -18,12 +19,7 @@ ARGS = ["--preset", "tiny", "--hidden", "24", "--embed", "8", "--batch", "4", "-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    g = torch.Generator().manual_seed(2)
-    words = b"the a movie film great bad plot acting loved hated it was and but not very".split()
-    lines = [b" ".join(words[int(i)] for i in torch.randint(0, len(words), (8,), generator=g)) for _ in range(300)]
-    path = tmp_path_factory.mktemp("corpus") / "reviews.txt"
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
+    return word_corpus(tmp_path_factory.mktemp("corpus") / "reviews.txt", seed=2, lines=300)
 
 
 def _one_error_line(capsys) -> str:

@@ -9,14 +9,13 @@ import json
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
-import zipfile
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, word_corpus
+from faults import flip_a_tensor_byte
 
 import fastmlstm
 from fastmlstm.training import main
@@ -128,12 +127,7 @@ sys.exit(code)
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    g = torch.Generator().manual_seed(1)
-    words = b"the a movie film great bad plot acting loved hated it was and but not very".split()
-    lines = [b" ".join(words[int(i)] for i in torch.randint(0, len(words), (8,), generator=g)) for _ in range(1200)]
-    path = tmp_path_factory.mktemp("corpus") / "reviews.txt"
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
+    return word_corpus(tmp_path_factory.mktemp("corpus") / "reviews.txt", seed=1, lines=1200)
 
 
 def _run(out, corpus, fault=None, cli=False, events=None):
@@ -262,20 +256,6 @@ def test_a_newer_unreadable_checkpoint_is_set_aside_and_the_older_one_resumed(co
     assert (tmp_path / "ckpt-00000020.pt.unreadable").read_bytes() == b""
     resumed = _state(tmp_path / "model.pt")
     assert all(torch.equal(final[k], resumed[k]) for k in final)
-
-
-def flip_a_tensor_byte(path):
-    """XOR one byte (0x40) in the middle of the largest tensor of a torch.save file, in place: what
-    a bad disk or a bad copy does. torch reads its zip entries without checking them."""
-    with zipfile.ZipFile(path) as archive:
-        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    with open(path, "r+b") as f:
-        f.seek(entry.header_offset + 26)  # the local header's name and extra-field lengths
-        name_length, extra_length = struct.unpack("<HH", f.read(4))
-        f.seek(entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2)
-        byte = f.read(1)[0]
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte ^ 0x40]))
 
 
 def test_a_checkpoint_with_flipped_bytes_is_set_aside_and_the_one_before_resumed(corpus, tmp_path, capsys):
