@@ -7,19 +7,69 @@ where its sources and build go, its compiler flags, its preflight checks and its
 
 from __future__ import annotations
 
+import functools
+import importlib.machinery
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger("fastmlstm")
 
-__all__ = ["ExtensionUnavailable", "load_prebuilt_or_build", "outcome", "library_or_raise"]
+__all__ = [
+    "ExtensionUnavailable",
+    "aot_library",
+    "build_with_torch",
+    "compiler_errors",
+    "entry_points",
+    "library_or_raise",
+    "load_prebuilt_or_build",
+    "outcome",
+]
 
 
 class ExtensionUnavailable(RuntimeError):
     """The extension cannot be loaded or built here; the message says why and what to do."""
+
+
+def aot_library(package_dir: Path, module: str) -> Path | None:
+    """The ahead-of-time build ``package_dir/<module><extension suffix>`` (setup.py's), if there is one."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = package_dir / f"{module}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def compiler_errors(error: BaseException, skip: Callable[[str], bool] = lambda line: False) -> str:
+    """Up to 12 lines of a failed build's output to show: the diagnostics ("file:line: error: ..."), not
+    ninja's echo of every command line (nor lines ``skip`` names); its last lines where none match."""
+    lines = [line.rstrip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"\berror\b", line, re.IGNORECASE)
+              and not line.startswith("Error building extension") and " -c " not in line and not skip(line)]
+    return "\n".join((errors or lines[-12:])[:12]) or type(error).__name__
+
+
+def build_with_torch(name: str, sources: Iterable[Path], build_dir: Path, *, announce: str | None,
+                     failure: Callable[[BaseException, Path], str], **flags) -> str:
+    """Build and load the operator library ``name`` with :func:`torch.utils.cpp_extension.load` into
+    ``build_dir``; ``announce`` (a log line before a build that will compile, or None) and ``flags``
+    (``extra_cflags`` and the like) are the caller's. A failed build logs the compiler's whole output
+    and raises :class:`ExtensionUnavailable` with ``failure(exc, build_dir)``, the reason and the fix."""
+    from torch.utils import cpp_extension
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if announce:
+        logger.warning("%s", announce)
+    try:
+        return str(cpp_extension.load(name=name, sources=[str(p) for p in sources], build_directory=str(build_dir),
+                                      is_python_module=False, verbose=False, **flags))
+    except Exception as exc:
+        reason = failure(exc, build_dir)
+        logger.warning("fastmlstm: %s\nFull compiler output:\n%s", reason, exc)
+        raise ExtensionUnavailable(reason) from exc
 
 
 def load_prebuilt_or_build(kind: str, prebuilt: Path | None, fresh: Callable[[Path], bool],
@@ -53,6 +103,30 @@ def outcome(load: Callable[[], str]) -> tuple[str | None, str]:
         return None, str(exc)
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def entry_points(load: Callable[[], str]):
+    """An extension loader's public pair ``(load_library, status)`` and the cached outcome behind both,
+    for a loader whose ``load()`` returns the loaded library's path or raises. ``load`` runs at most
+    once per process (a failed build is not retried); the outcome has ``cache_clear``."""
+
+    @functools.cache
+    def cached() -> tuple[str | None, str]:
+        return outcome(load)
+
+    def load_library() -> str:
+        """Load the extension (building it on first use) and return the path of the loaded library.
+
+        Raises :class:`ExtensionUnavailable` with the reason and the fix.
+        """
+        return library_or_raise(cached())
+
+    def status() -> tuple[bool, str]:
+        """``(True, "")`` once the extension is loaded, else ``(False, reason)``."""
+        path, reason = cached()
+        return path is not None, reason
+
+    return load_library, status, cached
 
 
 def library_or_raise(result: tuple[str | None, str]) -> str:

@@ -507,7 +507,7 @@ def test_failed_build_reports_the_compiler_error_and_the_fix(monkeypatch, tmp_pa
         (sources / name).write_text("// empty for this test\n")
     monkeypatch.setattr(build, "source_dir", lambda: sources)
     monkeypatch.setattr(build, "build_directory", lambda: tmp_path / "build")
-    monkeypatch.setattr(build, "_aot_library", lambda: None)
+    monkeypatch.setattr(build, "aot_library", lambda *args: None)
     # Another library name: torch.utils.cpp_extension versions its builds by name, and this process
     # must load the real extension under its own name again afterwards.
     monkeypatch.setattr(build, "LIBRARY", "fastmlstm_cpu_broken_for_a_test")

@@ -190,7 +190,7 @@ def test_failed_build_reports_the_compiler_error_and_the_fix(monkeypatch, tmp_pa
     monkeypatch.setattr(build, "source_dir", lambda: sources)
     monkeypatch.setattr(build, "build_directory", lambda: tmp_path / "build")
     monkeypatch.setattr(build, "_preflight", lambda: None)  # pretend this is a CUDA machine
-    monkeypatch.setattr(build, "_aot_library", lambda: None)
+    monkeypatch.setattr(build, "aot_library", lambda *args: None)
     if cpp_extension.CUDA_HOME is None:  # a CPU build of torch: _jit_build asks for a toolkit first
         monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/nonexistent/cuda")
     with caplog.at_level("WARNING", logger="fastmlstm"):

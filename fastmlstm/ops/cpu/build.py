@@ -21,9 +21,7 @@ the reason and the fix; :func:`status` turns that into ``(False, reason)`` so th
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.machinery
 import logging
 import os
 import re
@@ -33,7 +31,14 @@ from pathlib import Path
 
 import torch
 
-from .._extension import ExtensionUnavailable, library_or_raise, load_prebuilt_or_build, outcome
+from .._extension import (
+    ExtensionUnavailable,
+    aot_library,
+    build_with_torch,
+    compiler_errors,
+    entry_points,
+    load_prebuilt_or_build,
+)
 
 __all__ = [
     "AOT_ENV",
@@ -117,14 +122,6 @@ def _newest_source_mtime(directory: Path) -> float:
     return max((directory / name).stat().st_mtime for name in SOURCES + HEADERS)
 
 
-def _aot_library() -> Path | None:
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = _PACKAGE_DIR / f"{AOT_MODULE}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _compiler() -> str | None:
     """The C++ compiler torch.utils.cpp_extension would run ($CXX, else c++), if it exists."""
     name = os.environ.get("CXX", "c++").strip() or "c++"
@@ -146,12 +143,8 @@ def _preflight() -> None:
 
 def _build_failure(error: BaseException, build_dir: Path) -> str:
     """The reason shown for a failed build: the compiler's own error lines, then the fix."""
-    lines = [line.rstrip() for line in str(error).splitlines() if line.strip()]
-    errors = [line for line in lines if re.search(r"\berror\b", line, re.IGNORECASE)
-              and not line.startswith("Error building extension") and " -c " not in line]
-    excerpt = "\n".join((errors or lines[-12:])[:12]) or type(error).__name__
     return (
-        f"building the CPU extension failed:\n{excerpt}\n"
+        f"building the CPU extension failed:\n{compiler_errors(error)}\n"
         f"Fix: use a C++ compiler that builds PyTorch extensions (g++ >= 9 or clang >= 10; set CXX to choose "
         f"one) and ninja (pip install ninja); then delete {build_dir} and retry. Meanwhile backend='auto' uses "
         "the reference loop."
@@ -159,54 +152,23 @@ def _build_failure(error: BaseException, build_dir: Path) -> str:
 
 
 def _jit_build() -> str:
-    from torch.utils import cpp_extension
-
     _preflight()
     src_dir = source_dir()
     build_dir = build_directory()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    library = build_dir / f"{LIBRARY}.so"
-    if not library.is_file():
-        logger.warning("fastmlstm: compiling the CPU extension from %s into %s (first use; about half a minute)",
-                       src_dir, build_dir)
-    try:
-        path = cpp_extension.load(
-            name=LIBRARY,
-            sources=[str(p) for p in sources(src_dir)],
-            extra_cflags=list(EXTRA_CFLAGS),
-            extra_ldflags=list(EXTRA_LDFLAGS),
-            extra_include_paths=[str(src_dir)],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:
-        reason = _build_failure(exc, build_dir)
-        logger.warning("fastmlstm: %s\nFull compiler output:\n%s", reason, exc)
-        raise ExtensionUnavailable(reason) from exc
-    return str(path)
+    announce = None if (build_dir / f"{LIBRARY}.so").is_file() else (
+        f"fastmlstm: compiling the CPU extension from {src_dir} into {build_dir} (first use; about half a minute)")
+    return build_with_torch(LIBRARY, sources(src_dir), build_dir, announce=announce, failure=_build_failure,
+                            extra_cflags=list(EXTRA_CFLAGS), extra_ldflags=list(EXTRA_LDFLAGS),
+                            extra_include_paths=[str(src_dir)])
 
 
 def _load() -> str:
     return load_prebuilt_or_build(
-        "CPU", _aot_library(), lambda lib: lib.stat().st_mtime >= _newest_source_mtime(source_dir()), _jit_build)
+        "CPU", aot_library(_PACKAGE_DIR, AOT_MODULE),
+        lambda lib: lib.stat().st_mtime >= _newest_source_mtime(source_dir()), _jit_build)
 
 
-@functools.lru_cache(maxsize=None)
-def _outcome() -> tuple[str | None, str]:
-    """(path, "") or (None, reason), computed once per process: a failed build is not retried."""
-    return outcome(_load)
-
-
-def load_library() -> str:
-    """Load the extension (building it on first use) and return the path of the loaded library.
-
-    Raises :class:`ExtensionUnavailable` with the reason and the fix.
-    """
-    return library_or_raise(_outcome())
-
-
-def status() -> tuple[bool, str]:
-    """``(True, "")`` once the extension is loaded, else ``(False, reason)``."""
-    path, reason = _outcome()
-    return path is not None, reason
+# load_library() loads the extension, building it on first use, or raises ExtensionUnavailable with
+# the reason and the fix; status() is (True, "") or (False, reason); _outcome() is (path or None,
+# reason), computed once per process.
+load_library, status, _outcome = entry_points(lambda: _load())

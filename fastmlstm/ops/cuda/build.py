@@ -21,8 +21,6 @@ it; :func:`status` turns that into ``(False, reason)`` so that ``backend="auto"`
 
 from __future__ import annotations
 
-import functools
-import importlib.machinery
 import logging
 import os
 import re
@@ -31,7 +29,14 @@ from pathlib import Path
 
 import torch
 
-from .._extension import ExtensionUnavailable, library_or_raise, load_prebuilt_or_build, outcome
+from .._extension import (
+    ExtensionUnavailable,
+    aot_library,
+    build_with_torch,
+    compiler_errors,
+    entry_points,
+    load_prebuilt_or_build,
+)
 
 __all__ = [
     "AOT_ENV",
@@ -104,14 +109,6 @@ def _is_stale(library: Path, src_dir: Path) -> bool:
     return not library.is_file() or library.stat().st_mtime < _newest_source_mtime(src_dir)
 
 
-def _aot_library() -> Path | None:
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = _PACKAGE_DIR / f"{AOT_MODULE}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def _preflight() -> None:
     """Reasons the extension cannot work here at all, found without compiling anything."""
     if torch.version.cuda is None:
@@ -126,12 +123,7 @@ def _build_failure(error: BaseException, build_dir: Path) -> str:
     """The reason shown for a failed build: the compiler's own error lines, then the fix."""
     from torch.utils import cpp_extension
 
-    lines = [line.rstrip() for line in str(error).splitlines() if line.strip()]
-    # The diagnostics ("file:line: error: ..."), not ninja's echo of every command line.
-    errors = [line for line in lines if re.search(r"\berror\b", line, re.IGNORECASE)
-              and not line.startswith("Error building extension") and not line.lstrip().startswith("/usr")
-              and " -c " not in line]
-    excerpt = "\n".join((errors or lines[-12:])[:12]) or type(error).__name__
+    excerpt = compiler_errors(error, skip=lambda line: line.lstrip().startswith("/usr"))
     return (
         f"building the CUDA extension failed:\n{excerpt}\n"
         f"Fix: use an nvcc whose CUDA version matches PyTorch's (torch.version.cuda = {torch.version.cuda}; "
@@ -153,49 +145,20 @@ def _jit_build() -> str:
         )
     src_dir = source_dir()
     build_dir = build_directory()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    library = build_dir / f"{LIBRARY}.so"
-    if _is_stale(library, src_dir):
-        logger.warning("fastmlstm: compiling the CUDA extension from %s into %s (first use; takes a minute or two)",
-                       src_dir, build_dir)
-    try:
-        path = cpp_extension.load(
-            name=LIBRARY,
-            sources=[str(p) for p in sources(src_dir)],
-            extra_cflags=EXTRA_CFLAGS,
-            extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
-            extra_include_paths=[str(src_dir)],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as exc:
-        reason = _build_failure(exc, build_dir)
-        logger.warning("fastmlstm: %s\nFull compiler output:\n%s", reason, exc)
-        raise ExtensionUnavailable(reason) from exc
-    return str(path)
+    announce = None if not _is_stale(build_dir / f"{LIBRARY}.so", src_dir) else (
+        f"fastmlstm: compiling the CUDA extension from {src_dir} into {build_dir} (first use; takes a minute or two)")
+    return build_with_torch(LIBRARY, sources(src_dir), build_dir, announce=announce, failure=_build_failure,
+                            extra_cflags=EXTRA_CFLAGS, extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
+                            extra_include_paths=[str(src_dir)])
 
 
 def _load() -> str:
     _preflight()
-    return load_prebuilt_or_build("CUDA", _aot_library(), lambda lib: not _is_stale(lib, source_dir()), _jit_build)
+    return load_prebuilt_or_build("CUDA", aot_library(_PACKAGE_DIR, AOT_MODULE),
+                                  lambda lib: not _is_stale(lib, source_dir()), _jit_build)
 
 
-@functools.lru_cache(maxsize=None)
-def _outcome() -> tuple[str | None, str]:
-    """(path, "") or (None, reason), computed once per process: a failed build is not retried."""
-    return outcome(_load)
-
-
-def load_library() -> str:
-    """Load the extension (building it on first use) and return the path of the loaded library.
-
-    Raises :class:`ExtensionUnavailable` with the reason and the fix.
-    """
-    return library_or_raise(_outcome())
-
-
-def status() -> tuple[bool, str]:
-    """``(True, "")`` once the extension is loaded, else ``(False, reason)``."""
-    path, reason = _outcome()
-    return path is not None, reason
+# load_library() loads the extension, building it on first use, or raises ExtensionUnavailable with
+# the reason and the fix; status() is (True, "") or (False, reason); _outcome() is (path or None,
+# reason), computed once per process.
+load_library, status, _outcome = entry_points(lambda: _load())
