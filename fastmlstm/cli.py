@@ -222,13 +222,16 @@ def _check_folder(flag: str, path: str | None) -> None:
 
 
 def _check_file(flag: str, path: str | None) -> None:
-    """Refuse, before any work, a file flag that names a directory (or lies under a file)."""
+    """Refuse, before any work, a file flag that names a directory, lies under a file or in a
+    folder that does not exist."""
     if path is None:
         return
     if Path(path).is_dir():
         raise InputError(f"{flag} {path} is a directory; give a file name")
     if (blocking := _blocking_file(Path(path).parent)) is not None:
         raise InputError(f"{flag} {path}: {blocking} is a file, not a folder")
+    if not Path(path).parent.is_dir():  # found before the work, not when its result is to be written
+        raise MissingInputError(f"cannot write {flag} {path}: its folder {Path(path).parent} does not exist")
 
 
 def _probe_plots(args, result, metrics: dict) -> dict:

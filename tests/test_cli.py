@@ -134,7 +134,7 @@ def test_visualize_and_generate(models, tmp_path, capsys):
         (["featurize", "--model", "{small}", "--dataset", "sst2:test", "--data-dir", "{sst}", "-o", "{tmp}/x.npy"],
          "not 'test'"),
         (["probe", "--model", "{small}", "--task", "mr", "--data-dir", "{tmp}"], "rt-polarity.pos"),
-        (["probe", "--model", "{small}", "--task", "mpqa", "--data-dir", "{onecls}"], "one class"),
+        (["probe", "--model", "{small}", "--task", "mpqa", "--data-dir", "{onecls}"], "mpqa.neg holds no examples"),
         (["visualize", "--model", "{small}", "--text", "a", "--html", "{tmp}/v.html"], "which unit"),
         (["visualize", "--model", "{small}", "--unit", "99", "--text", "a", "--html", "{tmp}/v.html"], "outside"),
         (["visualize", "--model", "{small}", "--unit", "1", "--text", "a"], "where to write"),
@@ -142,6 +142,11 @@ def test_visualize_and_generate(models, tmp_path, capsys):
         (["generate", "--model", "{small}", "--fix", "99=1"], "fixed_units"),
         (["featurize", "--model", "{small}", "--text", "\ud800", "-o", "{tmp}/x.npy"], "surrogate"),
         (["featurize", "--model", "{small}", "--text", "a", "-o", "{tmp}/no/such/dir/x.npy"], "cannot write"),
+        # refused before the model is even loaded, not after the features are computed
+        (["featurize", "--model", "{tmp}/missing.pt", "--text", "a", "-o", "{tmp}/no/dir/x.npy"],
+         "cannot write --output {tmp}/no/dir/x.npy: its folder {tmp}/no/dir does not exist"),
+        (["probe", "--model", "{tmp}/missing.pt", "--task", "sst2", "--data-dir", "{sst}", "--output", "{tmp}/no/o.json"],
+         "cannot write --output {tmp}/no/o.json: its folder {tmp}/no does not exist"),
         (["featurize", "--model", "{small}", "--input", "{tmp}/none.txt", "-o", "{tmp}/x.npy"], "no such file"),
         (["featurize", "--model", "{small}", "--input", "{tmp}", "-o", "{tmp}/x.npy"], "--input {tmp} is a directory"),
         (["featurize", "--model", "{small}", "--input", "{tmp}/empty.txt", "-o", "{tmp}/x.npy"],
@@ -194,7 +199,7 @@ def test_bad_input_gives_one_line_errors(models, sst, tmp_path, capsys, argv, ma
     onecls = tmp_path / "mpqa"
     onecls.mkdir()
     (onecls / "mpqa.pos").write_text("good\nfine\nnice\n")
-    (onecls / "mpqa.neg").write_text("\n")  # only blank lines: no negative example
+    (onecls / "mpqa.neg").write_text("\n")  # only blank lines: no negative example, refused by the loader
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "bad_unit.json").write_text('{"sentiment_unit": "two"}')
     argv = [a.format(tmp=tmp_path, small=small, sst=sst, onecls=onecls) for a in argv]

@@ -135,7 +135,8 @@ class Source:
                     return written
                 # surrogateescape keeps every byte: invalid UTF-8 passes through unchanged.
                 text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
-                reader = csv.reader(text, delimiter=self.delimiter)
+                # strict: a quote that never closes is an error, not the rest of the file read as one field
+                reader = csv.reader(text, delimiter=self.delimiter, strict=True)
                 header = next(reader, None)
                 if header is None:
                     return 0
@@ -148,7 +149,10 @@ class Source:
                 index = header.index(column)
                 for row in reader:
                     if len(row) <= index:
-                        continue
+                        if not row:  # a blank line
+                            continue
+                        raise InputError(f"{self.path}, line {reader.line_num}: {len(row)} field(s), no column "
+                                         f"{column!r} (field {index + 1} of the header's {len(header)})")
                     record = row[index].replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
                     data = record.encode("utf-8", errors="surrogateescape") + b"\n"
                     out.write(data)
@@ -156,7 +160,9 @@ class Source:
         except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: a damaged gzip stream
             raise InputError(f"cannot read corpus file {self.path}: {exc}") from exc
         except csv.Error as exc:
-            raise InputError(f"{self.path}: malformed {'CSV' if self.delimiter == ',' else 'TSV'}: {exc}") from exc
+            kind = "CSV" if self.delimiter == "," else "TSV"
+            raise InputError(f"{self.path}, line {reader.line_num}: malformed {kind}: {exc} "
+                             "(a quote that is not closed?)") from exc
         return written
 
 

@@ -38,18 +38,17 @@ What the loaders do with the originals' quirks (all tested):
   keeps them); HTML entities in the Blitzer reviews (``&quot;``, ``&amp;``) are unescaped. Yelp's
   escaped ``\\n`` becomes a newline. Other control bytes (a few 0x1A in Blitzer) are kept: the
   byte model reads them like any byte.
+* Damage (:mod:`._files`): each of these is one :class:`InputError` naming the file (and line), never
+  rows dropped or merged in silence: a file with no example; a CSV row whose quotes never close, or
+  whose field count differs from the header's; a TSV row with too few or too many fields; a UTF-16
+  or UTF-32 file; a folder where a file should be. Line endings may be LF, CRLF or a lone CR.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
-import gzip
 import html
-import io
 import os
 import re
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +56,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, InputTypeError, MissingInputError
+from ._files import csv_rows as _csv_rows
+from ._files import decode
+from ._files import label as _label
+from ._files import lines as _lines
+from ._files import read_text as _read_text
+from ._files import tsv_rows as _tsv_rows
 
 __all__ = [
     "DATASETS",
@@ -194,10 +199,18 @@ def _missing(name: str, root: Path, wanted: str) -> DatasetNotFoundError:
 
 
 def _first_existing(root: Path, candidates: Sequence[str]) -> Path | None:
+    """The first candidate that is a file. A candidate that is there but is not a file (a folder of
+    that name) is an error rather than skipped: the loader would report the file as missing, or
+    quietly leave out an optional split."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root} is a file; give the dataset's folder")
     for rel in candidates:
         p = root / rel
         if p.is_file():
             return p
+        if p.exists():
+            raise InputError(f"{p} is {'a folder' if p.is_dir() else 'not a regular file'}; expected the "
+                             f"dataset file {p.name}")
     return None
 
 
@@ -208,92 +221,11 @@ def _find(name: str, root: Path, candidates: Sequence[str], *, required: bool = 
     return p
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading bytes and text
-
-
-def _latin1_fallback(err: UnicodeDecodeError):
-    # Windows-1252 leaves 0x81, 0x8D, 0x8F, 0x90, 0x9D undefined: read those as Latin-1 (C1 controls).
-    return err.object[err.start : err.end].decode("latin-1"), err.end
-
-
-codecs.register_error("fastmlstm.latin1", _latin1_fallback)
-
-_BOM = b"\xef\xbb\xbf"
-
-
-def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:2] == b"\x1f\x8b":  # gzip magic, whatever the name says
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise InputError(f"{path} is a damaged gzip file ({exc})") from None
-    return data
-
-
-def decode(data: bytes) -> str:
-    """Text of a distributed file: UTF-8 when the whole file is valid UTF-8; otherwise UTF-8 line
-    by line with Windows-1252 for lines that are not. A leading byte-order mark is dropped.
-
-    Example::
-
-        >>> decode(b"caf\\xe9 ok\\nna\\xc3\\xafve")   # a Windows-1252 line and a UTF-8 line
-        'café ok\\nnaïve'
-    """
-    data = data.removeprefix(_BOM)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    lines = []
-    for line in data.split(b"\n"):
-        try:
-            lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            lines.append(line.decode("cp1252", errors="fastmlstm.latin1"))
-    return "\n".join(lines)
-
-
-def _read_text(path: Path) -> str:
-    return decode(_read_bytes(path))
-
-
-def _lines(path: Path) -> list[str]:
-    """Non-blank lines, each without its line ending."""
-    text = _read_text(path)
-    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
-
-
-def _csv_rows(path: Path, *, header: Sequence[str] | None) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of a CSV file; checks and drops the header row if ``header``."""
-    limit = csv.field_size_limit()
-    csv.field_size_limit(max(limit, 1 << 26))
-    try:
-        reader = csv.reader(io.StringIO(_read_text(path), newline=""))
-        rows = [(reader.line_num, row) for row in reader if row]
-    finally:
-        csv.field_size_limit(limit)
-    if header is not None:
-        if not rows or [c.strip().lower() for c in rows[0][1][: len(header)]] != list(header):
-            got = rows[0][1][: len(header)] if rows else "an empty file"
-            raise InputError(f"{path}: expected a header row {','.join(header)}, got {got}")
-        rows = rows[1:]
-    return rows
-
-
-def _label(value: str, path: Path, line: int, mapping: dict[str, int]) -> int:
-    try:
-        return mapping[value.strip()]
-    except KeyError:
-        raise InputError(f"{path}, line {line}: label {value!r} is not one of {sorted(mapping)}") from None
-
-
 def _labelled_csv(path: Path, label_col: int, text_col: int, header: Sequence[str] | None,
                   mapping: dict[str, int], clean: Callable[[str], str] = lambda s: s) -> TextSplit:
     texts, labels = [], []
-    for line, row in _csv_rows(path, header=header):
+    fields = None if header else max(label_col, text_col) + 1  # a headerless file: exactly these columns
+    for line, row in _csv_rows(path, header=header, fields=fields):
         if len(row) <= max(label_col, text_col):
             raise InputError(f"{path}, line {line}: expected at least {max(label_col, text_col) + 1} fields, "
                              f"got {len(row)}")
@@ -413,21 +345,6 @@ def load_mpqa(root: str | os.PathLike | None = None) -> dict[str, TextSplit]:
     return {"all": _two_files("mpqa", root, ["mpqa.pos"], ["mpqa.neg"])}
 
 
-def _tsv_rows(path: Path, n_fields: int, header_first: str) -> list[tuple[int, list[str]]]:
-    rows = []
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        fields = line.split("\t")  # no quoting: MSRP's sentences contain bare quotes
-        if number == 1 and fields[0].strip() == header_first:
-            continue
-        if len(fields) < n_fields:
-            raise InputError(f"{path}, line {number}: expected {n_fields} tab-separated fields, got {len(fields)}")
-        rows.append((number, fields))
-    return rows
-
-
 def load_msrp(root: str | os.PathLike | None = None) -> dict[str, PairSplit]:
     """Microsoft Research Paraphrase Corpus: ``msr_paraphrase_{train,test}.txt``, TSV with a
     byte-order mark (``Quality, #1 ID, #2 ID, #1 String, #2 String``; header optional). Label 1 =
@@ -461,7 +378,7 @@ def load_sick(root: str | os.PathLike | None = None) -> dict[str, PairSplit]:
         if path is None:
             continue
         first, second, scores, ids = [], [], [], []
-        for number, f in _tsv_rows(path, 4, "pair_ID"):
+        for number, f in _tsv_rows(path, 4, "pair_ID", 5):
             try:
                 score = float(f[3])
             except ValueError:
@@ -522,10 +439,12 @@ def load_multidomain(root: str | os.PathLike | None = None) -> dict[str, TextSpl
     for d in domains:
         for label, fname in ((1, "positive.review"), (0, "negative.review")):
             f = _find("multidomain", root / d, [fname])
-            for match in _REVIEW_TEXT.finditer(_read_text(f)):
-                texts.append(html.unescape(re.sub(r"\s+", " ", match.group(1))))
-                labels.append(label)
-                groups.append(d)
+            reviews = [html.unescape(re.sub(r"\s+", " ", m.group(1))) for m in _REVIEW_TEXT.finditer(_read_text(f))]
+            if not reviews:
+                raise InputError(f"{f} holds no <review_text> element: not a Blitzer .review file, or an empty one")
+            texts += reviews
+            labels += [label] * len(reviews)
+            groups += [d] * len(reviews)
     return {"all": TextSplit(texts, np.asarray(labels, dtype=np.int64), groups)}
 
 

@@ -56,6 +56,22 @@ def test_bad_sources_give_clear_errors(tmp_path):
         build_stream([Source.parse(tmp_path / "bad.gz")], tmp_path / "o.bin")
 
 
+@pytest.mark.parametrize("body, error", [
+    # non-strict csv read the rest of the file into the open field: three records became one
+    (b'label,text\n1,"hello\n0,bad\n1,bye\n', r"t.csv, line 4: malformed CSV: unexpected end of data"),
+    # a row without the column was skipped in silence
+    (b"label,text\n1,hello\n0\n1,bye\n", r"t.csv, line 3: 1 field\(s\), no column 'text'"),
+])
+def test_a_damaged_csv_row_is_an_error_not_dropped(tmp_path, body, error):
+    (tmp_path / "t.csv").write_bytes(body)
+    with pytest.raises(ValueError, match=error):
+        build_stream([Source.parse(tmp_path / "t.csv")], tmp_path / "out" / "corpus.bin")
+    assert not (tmp_path / "out" / "corpus.bin").exists()
+    (tmp_path / "t.csv").write_bytes(b"label,text\r\n1,hello\r\n\r\n0,bye\r\n")  # CRLF and a blank line: fine
+    build_stream([Source.parse(tmp_path / "t.csv")], tmp_path / "out" / "corpus.bin")
+    assert bytes(open_stream(tmp_path / "out" / "corpus.bin")) == b"hello\nbye\n"
+
+
 def test_a_directory_of_documents_is_one_record_per_file(tmp_path):
     docs = tmp_path / "aclImdb" / "train" / "unsup"
     docs.mkdir(parents=True)
