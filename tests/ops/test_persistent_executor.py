@@ -241,3 +241,28 @@ def test_results_do_not_depend_on_the_order_ctas_run_in():
 
         runs.append(_run(fwd, bwd, proj, w_hh, w_hm, h0, c0, lengths, upstream))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_the_kernels_get_row_major_lengths_and_gradients():
+    """The kernels index lengths and the carried dc row-major: a strided lengths view (a column of a
+    [B, 2] tensor) and a transposed gradient of c_n reach them as contiguous buffers."""
+    T, B, H = 2, 5, 16
+    proj, w_hh, w_hm, h0, c0, _, (grad_out, grad_c_n, _) = _inputs(T, B, H, torch.bfloat16, seed=5)
+    lengths = torch.tensor([[2, 9], [0, 9], [1, 9], [2, 9], [1, 9]])[:, 0]
+    seen = []
+
+    def run(direction):
+        inner = executor.runner(direction)
+
+        def runner(sched, bufs):
+            seen.append((direction, bufs.lengths.is_contiguous(), getattr(bufs, "dc", c0).is_contiguous()))
+            inner(sched, bufs)
+
+        return runner
+
+    device, tiles = Device(4, (9, 0)), {"block_m": 16, "block_k": 8}
+    out, _, cells, act = launch.forward("cluster", device, run("forward"), proj, w_hh, w_hm, h0, c0, lengths, True,
+                                        False, tiles=tiles)
+    launch.backward("cluster", device, run("backward"), grad_out, grad_c_n.t().contiguous().t(), None, w_hh, w_hm,
+                    h0, c0, lengths, out, cells, act, tiles=tiles)
+    assert seen == [("forward", True, True), ("backward", True, True)]

@@ -275,3 +275,30 @@ def test_reference_weight_caches_see_in_place_updates(dtype):
     changed, _ = multiplicative_lstm_recurrence(proj, w_hh, w_hm, backend="reference")
     fresh, _ = multiplicative_lstm_recurrence(proj, w_hh.clone(), w_hm.clone(), backend="reference")
     assert torch.equal(changed, fresh) and not torch.equal(changed, first)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_strided_lengths_and_state_are_read_by_their_strides(backend):
+    """A column of a [B, 2] lengths tensor, a transposed (h0, c0) and a transposed gradient of c_n:
+    views that a kernel indexing its operands row-major would read at the wrong rows (the Triton
+    backend once did, for the lengths and for c0 in the forward that saves nothing)."""
+    T, B, H = 6, 4, 8
+    g = torch.Generator().manual_seed(3)
+    proj = torch.randn(T, B, 5 * H, generator=g).to(DEVICE)
+    w_hh = (torch.randn(4 * H, H, generator=g) / H ** 0.5).to(DEVICE)
+    w_hm = (torch.randn(H, H, generator=g) / H ** 0.5).to(DEVICE)
+    lengths = torch.tensor([[6, 9], [1, 9], [3, 9], [0, 9]], device=DEVICE)[:, 0]
+    state_t = [(s * torch.randn(H, B, generator=g)).to(DEVICE) for s in (0.5, 1.0)]
+    w_c = torch.randn(H, B, generator=g).to(DEVICE)
+    results = {}
+    for name in ("reference", backend):
+        with torch.no_grad():
+            out, (_, c) = multiplicative_lstm_recurrence(proj, w_hh, w_hm, initial_state=(state_t[0].t(), state_t[1].t()),
+                                                         lengths=lengths, backend=name)
+        leaves = [t.clone().requires_grad_() for t in (proj, *state_t)]
+        out_g, (_, c_g) = multiplicative_lstm_recurrence(leaves[0], w_hh, w_hm, lengths=lengths, backend=name,
+                                                         initial_state=(leaves[1].t(), leaves[2].t()))
+        grads = torch.autograd.grad(out_g.sum() + (c_g.t() * w_c).sum(), leaves)
+        results[name] = (out, c, out_g, c_g, *grads)
+    for got, want in zip(results[backend], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -75,6 +75,12 @@ def _check_devices(where: str, device: torch.device, **tensors) -> None:
                              f"runs on {device}; every tensor must be on that device")
 
 
+def _row_major(lengths):
+    """lengths as the kernels read them: one int per row at consecutive addresses (a strided view,
+    e.g. a column of a [B, k] tensor, would otherwise be read at the wrong rows)."""
+    return None if lengths is None else lengths.contiguous()
+
+
 class _Launcher:
     """One call's kernel configs, split-K workspace and tickets, and the launch of each kernel."""
 
@@ -141,6 +147,7 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
     _check_sizes(B, H)
     dtype, device = proj.dtype, proj.device
     _check_devices("forward", device, weight_hh=weight_hh, weight_hm=weight_hm, h0=h0, c0=c0, lengths=lengths)
+    lengths = _row_major(lengths)
     with _guard(device):
         return _forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, return_cell_states,
                         T, B, H, dtype, device)
@@ -159,7 +166,8 @@ def _forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, ret
     m = new_buffer((B, H), dtype, device)
     # Without stored cell states, c is updated in place: each element is read and rewritten by the
     # one program that runs its tile's epilogue.
-    c_state = None if keep_cells else c0.float().clone()
+    # (contiguous first: clone() keeps a transposed c0's strides, and the kernels index it row-major)
+    c_state = None if keep_cells else c0.float().contiguous().clone()
 
     launcher = _Launcher(B, H, dtype, device)
     has_len = lengths is not None
@@ -191,6 +199,7 @@ def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, 
     _check_devices("backward", device, grad_output=grad_output, grad_c_n=grad_c_n,
                    grad_cell_states=grad_cell_states, weight_hh=weight_hh, weight_hm=weight_hm, h0=h0, c0=c0,
                    lengths=lengths, cell_states=cell_states, act=act)
+    lengths = _row_major(lengths)
     with _guard(device):
         return _backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0, lengths, output,
                          cell_states, act, T, B, H, device)

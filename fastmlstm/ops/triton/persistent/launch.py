@@ -89,6 +89,11 @@ def _plan(design: str, direction: str, B: int, H: int, dtype: torch.dtype, devic
     return sched
 
 
+def _row_major(lengths):
+    """lengths as the kernels read them: one int per row at consecutive addresses."""
+    return None if lengths is None else lengths.contiguous()
+
+
 def forward(design: str, device: Device | None, runner: Runner, proj, weight_hh, weight_hm, h0, c0, lengths,
             save_for_backward, return_cell_states, *, tiles: dict | None = None):
     """The forward contract through ``design``'s schedule for ``device``, run by ``runner``
@@ -96,6 +101,7 @@ def forward(design: str, device: Device | None, runner: Runner, proj, weight_hh,
     T, B, H5 = proj.shape
     H = H5 // 5
     dtype, dev = proj.dtype, proj.device
+    lengths = _row_major(lengths)
     keep_cells = save_for_backward or return_cell_states
     h = new_buffer((T + 1, B, H), dtype, dev)
     h[0] = h0.to(dtype)
@@ -119,11 +125,13 @@ def backward(design: str, device: Device | None, runner: Runner, grad_output, gr
     """The backward contract through ``design``'s schedule for ``device``, run by ``runner``."""
     T, B, H = output.shape
     dtype, dev = output.dtype, output.device
+    lengths = _row_major(lengths)
     grad_proj = new_buffer((T, B, 5 * H), dtype, dev)
     ghm = new_buffer((T + 1, B, H), dtype, dev)
     ghm[T] = 0
     dh = torch.zeros(B, H, dtype=torch.float32, device=dev)
-    dc = grad_c_n.float().clone() if grad_c_n is not None else torch.zeros_like(dh)
+    # (contiguous first: clone() keeps the strides of a transposed gradient, which autograd may pass)
+    dc = grad_c_n.float().contiguous().clone() if grad_c_n is not None else torch.zeros_like(dh)
     if T > 0:
         bufs = BackwardBuffers(
             w_hh=weight_hh.contiguous(), w_hm=weight_hm.contiguous(), ghm=ghm, grad_proj=grad_proj, dh=dh, dc=dc,
