@@ -63,6 +63,9 @@ def build_with_torch(name: str, sources: Iterable[Path], build_dir: Path, *, ann
     build_dir.mkdir(parents=True, exist_ok=True)
     if announce:
         logger.warning("%s", announce)
+    if (build_dir / "lock").exists():  # torch's FileBaton: another process is building it; load() waits, silently
+        logger.warning("fastmlstm: another process is building the %s library in %s; waiting for it (if none is, "
+                       "delete %s)", name, build_dir, build_dir / "lock")
     try:
         return str(cpp_extension.load(name=name, sources=[str(p) for p in sources], build_directory=str(build_dir),
                                       is_python_module=False, verbose=False, **flags))
