@@ -3,6 +3,7 @@ state goes through the backend's prepared step (:func:`fastmlstm.ops.prepare_seq
 CPU's), which must give what the functional recurrence gives, bit for bit, in every dtype, steered or
 not; and the door refuses what it cannot prepare."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,62 @@ def test_sampling_is_reproducible_and_refuses_non_finite_logits():
         for temperature in (1.0, 0):  # (the most likely byte too: argmax would pick the NaN or inf)
             with pytest.raises(FloatingPointError, match="not finite"):
                 generation.sample_bytes(broken, temperature, None, torch.Generator().manual_seed(0))
+
+
+def _released_step(arrays, held: dict, hold_before_h: bool = False):
+    """One step of the released encoder's equations (float64 NumPy, from the 15 released arrays),
+    then each held cell unit overwritten with its value. fastmlstm's convention: the overwrite comes
+    after the step, so that step's h is o * tanh(c) of the unheld c, and the next step reads the held
+    c (``hold_before_h`` is the other reading, kept to show this test tells them apart)."""
+    p = [a.astype(np.float64) for a in arrays]
+
+    def l2n(w, g):  # TensorFlow's l2_normalize(w, dim=0) * g
+        return w / np.sqrt(np.maximum((w * w).sum(axis=0, keepdims=True), 1e-12)) * g
+
+    wx, wh = l2n(p[1], p[9]), l2n(np.concatenate(p[2:6], axis=1), p[10])
+    wmx, wmh = l2n(p[6], p[11]), l2n(p[7], p[12])
+    sig = lambda z: 1 / (1 + np.exp(-z))
+
+    def step(byte, h, c):
+        x = p[0][byte]
+        z = x @ wx + ((x @ wmx) * (h @ wmh)) @ wh + p[8]
+        i, f, o, u = np.split(z, 4, axis=1)
+        c = sig(f) * c + sig(i) * np.tanh(u)
+        h = sig(o) * np.tanh(c)
+        c = c.copy()
+        for unit, value in held.items():
+            c[:, unit] = value
+        return (sig(o) * np.tanh(c) if hold_before_h else h), c
+
+    return step
+
+
+def test_held_units_are_overwritten_in_c_after_each_step_as_documented(monkeypatch):
+    """Steered generation against the released equations: every prefix and sampled byte, the
+    held cells are set after the step (h of that step from the unheld c)."""
+    from fastmlstm.models.openai_weights import released_arrays
+
+    torch.manual_seed(2)
+    model = ByteLM(hidden_size=H, embed_size=8, backend="reference")
+    held = {3: 1.5, 20: -1.0}
+    seen = _recording(monkeypatch, prepared=True)
+    calls = []
+    recording = fastmlstm.models.lm.byte_advance
+
+    def spy(*args, **kwargs):
+        advance = recording(*args, **kwargs)
+        return lambda byte_rows, state: calls.append(byte_rows.clone()) or advance(byte_rows, state)
+
+    monkeypatch.setattr(fastmlstm.models.lm, "byte_advance", spy)
+    model.generate("ab", 12, seed=4, num_samples=2, fixed_units=held)
+    arrays = released_arrays(model)
+    for hold_before_h, should_match in ((False, True), (True, False)):
+        step = _released_step(arrays, held, hold_before_h)
+        h, c = np.zeros((2, H)), np.zeros((2, H))
+        worst = 0.0
+        for byte_rows, (_, got_h, got_c) in zip(calls, seen):
+            h, c = step(byte_rows[0].numpy(), h, c)
+            worst = max(worst, np.abs(got_h.numpy() - h).max(), np.abs(got_c.numpy() - c).max())
+            h, c = got_h.double().numpy(), got_c.double().numpy()  # stay on fastmlstm's path
+        assert len(calls) == 2 + 11
+        assert (worst < 1e-5) == should_match, (hold_before_h, worst)
