@@ -20,7 +20,7 @@ from .._atomic import atomic_save
 from ..errors import InputError
 from ..models._digest import digest_problem, seal
 from ..models.serialization import CHECKPOINT_FORMAT
-from .distributed import Context, gather_rows
+from .distributed import Context, gather_rows, write_on_main
 from .metrics import LogWindow
 from .state import TrainState, rng_state
 from .update import diverged, weights_finite
@@ -29,16 +29,22 @@ __all__ = ["check_writable", "checkpoint_paths", "find_latest_checkpoint", "move
            "refuse_unreadable", "save_checkpoint"]
 
 VERSION = 1
+OUTPUTS = ("metrics.jsonl", "model.pt")  # the run's files besides its checkpoints and byte streams
 CHECKPOINT_KEYS = ("format", "run", "step", "model", "optimizer", "h", "c", "rng", "log_window")
 
 
 def check_writable(out: Path) -> None:
+    """``out`` is a folder this process can write into, and no directory sits where the run's own
+    files go (found now, not after the last update)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as exc:
         raise InputError(f"cannot write to --out {out}: {exc.strerror or exc}") from exc
+    for name in OUTPUTS:
+        if (out / name).is_dir():
+            raise InputError(f"cannot write {out / name}: it is a directory; move it out of --out {out}")
 
 
 def _step_of(path: Path) -> int | None:
@@ -120,14 +126,17 @@ def save_checkpoint(ctx: Context, out: Path, state: TrainState, window: LogWindo
     # A checkpoint between two log records carries the partial window, so the record after a
     # resume averages the same updates as it would have without the interruption.
     log_window = window.snapshot(ctx, state.step)
-    if not ctx.main:
-        return
     written = out / f"ckpt-{state.step:08d}.pt"
-    atomic_save(seal({"format": CHECKPOINT_FORMAT, "version": VERSION, "run": run, "step": state.step,
-                      "epoch": epoch, "model": state.model.to_record(), "optimizer": state.optimizer.state_dict(),
-                      "h": all_h, "c": all_c, "rng": rng_state(), "log_window": log_window}), written)
-    # Keep the newest `keep` by step, the one just written among them; a file of a later step than
-    # this one cannot belong to this run's past (it was set aside at start) and is left alone.
-    older = [p for p in checkpoint_paths(out) if _step_of(p) < state.step]
-    for old in older[: max(0, len(older) - (keep - 1))]:
-        old.unlink(missing_ok=True)
+
+    def write() -> None:
+        atomic_save(seal({"format": CHECKPOINT_FORMAT, "version": VERSION, "run": run, "step": state.step,
+                          "epoch": epoch, "model": state.model.to_record(),
+                          "optimizer": state.optimizer.state_dict(), "h": all_h, "c": all_c, "rng": rng_state(),
+                          "log_window": log_window}), written)
+        # Keep the newest `keep` by step, the one just written among them; a file of a later step than
+        # this one cannot belong to this run's past (it was set aside at start) and is left alone.
+        older = [p for p in checkpoint_paths(out) if _step_of(p) < state.step]
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            old.unlink(missing_ok=True)
+
+    write_on_main(ctx, f"the checkpoint {written}", write)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from ..errors import InputError
 from ..ops.registry import BACKENDS
 from ..options import ArgumentParser, argument, check_all
 
-__all__ = ["DESCRIPTION", "NUMERIC", "PRESETS", "RUN_KEYS", "add_arguments", "build_parser", "check", "parse_args",
-           "resolve"]
+__all__ = ["DESCRIPTION", "MAX_LR", "NUMERIC", "PRESETS", "RUN_KEYS", "add_arguments", "build_parser", "check",
+           "parse_args", "resolve"]
 
 DESCRIPTION = """\
 Train the byte-level multiplicative-LSTM language model of Radford et al. (2017).
@@ -39,6 +41,10 @@ PRESETS = {
 # Settings that define the run: a checkpoint made with other values belongs to another run.
 RUN_KEYS = ("hidden", "embed", "weight_norm", "batch", "seq", "lr", "steps", "clip", "seed", "precision",
             "corpus", "eval")
+
+# The largest --lr Adam can take: its first step, lr / (1 - beta1) = 10 lr, is applied to the
+# float32 weights as a float32 number; above this torch fails inside the optimizer.
+MAX_LR = float(torch.finfo(torch.float32).max) * (1 - 0.9)
 
 # The job's numeric settings; their ranges are fastmlstm.options.OPTIONS's.
 NUMERIC = ("steps", "hidden", "embed", "batch", "seq", "lr", "clip", "eval_every", "ckpt_every", "log_every",
@@ -109,6 +115,9 @@ def check(args: argparse.Namespace) -> argparse.Namespace:
                          "fastmlstm.training.parse_args([...])")
     for key, value in check_all({key: getattr(args, key) for key in NUMERIC}, flags=True).items():
         setattr(args, key, value)
+    if args.lr > MAX_LR:
+        raise InputError(f"--lr must be at most {MAX_LR:.3g}, got {args.lr!r}: Adam's first update moves each "
+                         "weight by up to 10 x --lr, and that step must fit in float32 (the weights' type)")
     return args
 
 

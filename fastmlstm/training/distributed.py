@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "gather_rows", "init_context", "run_collectively"]
+from ..errors import InputError
+
+__all__ = ["Context", "gather_rows", "init_context", "run_collectively", "write_on_main"]
 
 
 @dataclass
@@ -78,6 +80,30 @@ def run_collectively(ctx: Context, fn):
     if not ctx.all_ok(error is None):
         raise error if error is not None else RuntimeError("another rank failed (see its error)")
     return result
+
+
+def write_on_main(ctx: Context, what: str, write) -> None:
+    """Run ``write`` on rank 0 (the rank that writes the run's files); every rank learns how it went.
+
+    An OSError there (a full disk, a read-only file system, a directory in the way) becomes, on
+    every rank, an InputError naming ``what`` and the cause, instead of a traceback on rank 0 while
+    the other ranks wait for it. The atomic writes leave the files before it as they were.
+    """
+    error = None
+    if ctx.main:
+        try:
+            write()
+        except Exception as exc:  # re-raised below, after the other ranks have heard
+            error = exc
+    if ctx.all_ok(error is None):
+        return
+    if error is None:
+        raise InputError(f"rank 0 could not write {what} (see its error)")
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error)
+        raise InputError(f"cannot write {what}: {reason}. The files written before it are intact: free the space "
+                         "or fix the folder, then re-run the same command to resume") from error
+    raise error
 
 
 def gather_rows(ctx: Context, t: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from .checkpoints import (check_writable, checkpoint_paths, find_latest_checkpoi
                           remove_stale_temporaries, save_checkpoint)
 from .config import check, parse_args
 from .data import prepare_data
-from .distributed import Context, init_context, run_collectively
+from .distributed import Context, init_context, run_collectively, write_on_main
 from .metrics import LogWindow, Reporter, evaluate
 from .state import build_state, check_backend, check_same_run, out_of_memory, run_descriptor
 from .update import autocast_for, diverged, learning_rate, train_step, weights_finite
@@ -129,6 +129,15 @@ def _accept(args: argparse.Namespace, ctx: Context, out: Path):
     return data, run, ckpt, unreadable, state
 
 
+def _write_model(out: Path, state, keep: int) -> None:
+    """The final model.pt (rank 0), then the checkpoints pruned to ``keep``."""
+    state.model.save(out / "model.pt")
+    # A run killed between its last checkpoint and the pruning after it resumes at the last
+    # step and writes no checkpoint, so nothing would prune again: keep --keep here too.
+    for old in checkpoint_paths(out)[: -keep]:
+        old.unlink(missing_ok=True)
+
+
 def train(args: argparse.Namespace, ctx: Context) -> int:
     """Train (or resume) the run ``args`` describes on this rank; returns the process's exit code.
 
@@ -156,12 +165,8 @@ def train(args: argparse.Namespace, ctx: Context) -> int:
         # The last checkpoint checked the weights, but a run resumed at its last step writes none.
         if not ctx.all_ok(weights_finite(state.model)):
             raise diverged(f"the weights are no longer finite (NaN or inf) after update {state.step}")
+        write_on_main(ctx, f"the model {out / 'model.pt'}", lambda: _write_model(out, state, args.keep))
         if ctx.main:
-            state.model.save(out / "model.pt")
-            # A run killed between its last checkpoint and the pruning after it resumes at the last
-            # step and writes no checkpoint, so nothing would prune again: keep --keep here too.
-            for old in checkpoint_paths(out)[: -args.keep]:
-                old.unlink(missing_ok=True)
             print(f"fastmlstm: done, {args.steps} updates; model written to {out / 'model.pt'}", flush=True)
         code = 0
     # Leave together: a rank that tears its process group down while another still works can make

@@ -13,7 +13,7 @@ import torch
 
 from .._atomic import atomic_write
 from ..data.corpus import RowBatcher
-from .distributed import Context
+from .distributed import Context, write_on_main
 from .update import LN2, cross_entropy_sum, diverged
 
 __all__ = ["LogWindow", "Metrics", "Reporter", "evaluate"]
@@ -99,7 +99,13 @@ class Reporter:
 
     def __init__(self, out: Path, ctx: Context, total: int, start: int, chars_per_update: int):
         self.ctx, self.total, self.chars_per_update = ctx, total, chars_per_update
-        self.metrics = Metrics(out / "metrics.jsonl", start) if ctx.main else None
+        self.path = out / "metrics.jsonl"
+        self.metrics = None
+
+        def open_metrics() -> None:
+            self.metrics = Metrics(self.path, start)
+
+        write_on_main(ctx, f"the metrics file {self.path}", open_metrics)
         self.progress = None
         if ctx.main and sys.stdout.isatty():
             from tqdm import tqdm
@@ -114,18 +120,22 @@ class Reporter:
         bits_per_byte, elapsed, steps = window.close(self.ctx, step)
         record = {"step": step, "epoch": epoch, "bits_per_byte": bits_per_byte, "lr": lr,
                   "chars_per_s": self.chars_per_update * steps / elapsed}
+        self._write(record)
         if not self.ctx.main:
             return
-        self.metrics.write(record)
         if self.progress is not None:
             self.progress.set_postfix(bpb=f"{bits_per_byte:.3f}", chars_s=f"{record['chars_per_s']:,.0f}")
         else:
             self.say(f"step {step}/{self.total}  bits/byte {bits_per_byte:.4f}  lr {lr:.2e}  "
                      f"chars/s {record['chars_per_s']:,.0f}")
 
+    def _write(self, record: dict) -> None:
+        """One record, on rank 0; a write that fails (a full disk) stops every rank with one error line."""
+        write_on_main(self.ctx, f"the metrics file {self.path}", lambda: self.metrics.write(record))
+
     def log_evaluation(self, step: int, bits_per_byte: float) -> None:
+        self._write({"step": step, "eval_bits_per_byte": bits_per_byte})
         if self.ctx.main:
-            self.metrics.write({"step": step, "eval_bits_per_byte": bits_per_byte})
             self.say(f"step {step}/{self.total}  held-out bits/byte {bits_per_byte:.4f}")
 
     def tick(self) -> None:

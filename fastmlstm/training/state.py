@@ -96,8 +96,12 @@ def _new_model(args: argparse.Namespace, ctx: Context) -> ByteLM:
 
 
 def build_state(args: argparse.Namespace, ctx: Context, data: Data, ckpt: dict | None) -> TrainState:
-    """A fresh model (seeded) and Adam with zero carried state, or all of it as ``ckpt`` left it."""
+    """A fresh model and Adam with zero carried state, or all of it as ``ckpt`` left it. Every random
+    generator a checkpoint records (torch's, NumPy's, Python's) starts from ``--seed``, so that two
+    runs of one command write the same checkpoints."""
     torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
     model = _new_model(args, ctx)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     rows = slice(data.row_start, data.row_start + data.rows)
