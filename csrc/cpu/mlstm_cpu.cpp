@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -233,17 +234,21 @@ std::string weight_grad_gemm() { return weight_grad_tiles() ? "tiles" : "mkl"; }
 
 // Whether the bfloat16 GEMM on VNNI-packed weights (oneDNN's, or with `portable` its portable twin)
 // runs here and gives the float32 products of the same numbers, with blocks of either width
-// (checked on a small problem with awkward sizes; any exception means no).
+// (checked on a small problem with awkward sizes; any exception means no). Its numbers come from a
+// generator of its own: a check run on first use must not move torch's global one (a training run
+// resumed in a fresh process would otherwise record another random state than an uninterrupted one).
 bool bf16_gemm_works(bool portable) {
   try {
+    const at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(/*seed_in=*/1);
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
     for (const int64_t cols : {kNarrowColumns, kWideColumns}) {
       const int64_t M = 5, N = 2 * cols + 24, K = 96;
-      const Tensor a = at::randn({M, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
-      const Tensor w = at::randn({N, K}, at::TensorOptions().dtype(at::kFloat)).to(at::kBFloat16);
+      const Tensor a = at::randn({M, K}, gen, f32).to(at::kBFloat16);
+      const Tensor w = at::randn({N, K}, gen, f32).to(at::kBFloat16);
       const Tensor packed = pack_weight(w, false, kVnni, std::nullopt, false, cols);
       const PackedView<BFloat16> view =
           view_of<BFloat16>(packed, check_packed(packed, "w", kVnni, at::kBFloat16, N, K, false), portable);
-      Tensor out = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
+      Tensor out = at::empty({M, N}, f32);
       std::vector<float> tiles = tile_buffers();
       for_each_tile<BFloat16>(view.p.blocks, M, tiles, [&](int64_t j, int64_t row0, int64_t rows, float* tile) {
         tile_gemm(rows, a.data_ptr<BFloat16>() + row0 * K, K, view, j, tile, false);

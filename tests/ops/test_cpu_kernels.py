@@ -217,7 +217,11 @@ def test_packed_blocks_of_either_width_hold_the_weight_and_others_are_refused():
                 assert torch.equal(_unpack(packed, N, K, gates), w.double()), (cols, gates, layout)
     with pytest.raises(RuntimeError, match="blocks of 32 or 64 columns, got 48"):
         ops.pack_weight(torch.randn(8, 8), False, 0, None, False, 48)
+    # The first-use check draws from its own generator: torch's global one does not move (a training
+    # run resumed in a fresh process would otherwise record another random state).
+    before = torch.get_rng_state()
     assert ops.bf16_gemm_works(True)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("isa", ISAS)
