@@ -7,6 +7,7 @@ where its sources and build go, its compiler flags, its preflight checks and its
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.machinery
 import logging
@@ -52,27 +53,60 @@ def compiler_errors(error: BaseException, skip: Callable[[str], bool] = lambda l
     return "\n".join((errors or lines[-12:])[:12]) or type(error).__name__
 
 
-def build_with_torch(name: str, sources: Iterable[Path], build_dir: Path, *, announce: str | None,
+@contextlib.contextmanager
+def _build_guard(name: str, build_dir: Path):
+    """Hold ``build_dir``'s build for this process, and clear a lock a killed build left behind.
+
+    torch's own lock (``build_dir/lock``, a file that exists while a build runs) stays behind when the
+    building process is killed, and every later load then waits for it forever. Beside it, every
+    build here holds an advisory lock (``flock``) on ``build_dir/fastmlstm.build-lock``, which the
+    operating system releases when its holder dies: once this process holds it, no live build of
+    fastmlstm's is under way, so a torch lock found then was left by a dead process and is removed.
+    Where ``fcntl`` does not exist (Windows) only torch's lock is used, as before."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here: torch's lock alone
+        yield
+        return
+    torch_lock = build_dir / "lock"
+    with open(build_dir / "fastmlstm.build-lock", "a") as guard:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # torch's load() would wait in silence
+            logger.warning("fastmlstm: another process is building the %s library in %s; waiting for it",
+                           name, build_dir)
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            if torch_lock.exists():
+                logger.warning("fastmlstm: removing %s, left by a build that was killed", torch_lock)
+                torch_lock.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
+
+
+def build_with_torch(name: str, sources: Iterable[Path], build_dir: Path, *, announce: Callable[[], str | None],
                      failure: Callable[[BaseException, Path], str], **flags) -> str:
     """Build and load the operator library ``name`` with :func:`torch.utils.cpp_extension.load` into
-    ``build_dir``; ``announce`` (a log line before a build that will compile, or None) and ``flags``
-    (``extra_cflags`` and the like) are the caller's. A failed build logs the compiler's whole output
-    and raises :class:`ExtensionUnavailable` with ``failure(exc, build_dir)``, the reason and the fix."""
+    ``build_dir``, one process at a time (:func:`_build_guard`); ``announce()`` (asked once this
+    process holds the build: a log line if the build will compile, else None) and ``flags``
+    (``extra_cflags`` and the like) are the caller's.
+    A failed build logs the compiler's whole output and raises :class:`ExtensionUnavailable` with
+    ``failure(exc, build_dir)``, the reason and the fix."""
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    if announce:
-        logger.warning("%s", announce)
-    if (build_dir / "lock").exists():  # torch's FileBaton: another process is building it; load() waits, silently
-        logger.warning("fastmlstm: another process is building the %s library in %s; waiting for it (if none is, "
-                       "delete %s)", name, build_dir, build_dir / "lock")
-    try:
-        return str(cpp_extension.load(name=name, sources=[str(p) for p in sources], build_directory=str(build_dir),
-                                      is_python_module=False, verbose=False, **flags))
-    except Exception as exc:
-        reason = failure(exc, build_dir)
-        logger.warning("fastmlstm: %s\nFull compiler output:\n%s", reason, exc)
-        raise ExtensionUnavailable(reason) from exc
+    with _build_guard(name, build_dir):
+        if (line := announce()) is not None:
+            logger.warning("%s", line)
+        try:
+            return str(cpp_extension.load(name=name, sources=[str(p) for p in sources],
+                                          build_directory=str(build_dir), is_python_module=False, verbose=False,
+                                          **flags))
+        except Exception as exc:
+            reason = failure(exc, build_dir)
+            logger.warning("fastmlstm: %s\nFull compiler output:\n%s", reason, exc)
+            raise ExtensionUnavailable(reason) from exc
 
 
 def load_prebuilt_or_build(kind: str, prebuilt: Path | None, fresh: Callable[[Path], bool],

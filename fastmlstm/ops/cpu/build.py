@@ -155,8 +155,10 @@ def _jit_build() -> str:
     _preflight()
     src_dir = source_dir()
     build_dir = build_directory()
-    announce = None if (build_dir / f"{LIBRARY}.so").is_file() else (
-        f"fastmlstm: compiling the CPU extension from {src_dir} into {build_dir} (first use; about half a minute)")
+    def announce() -> str | None:
+        return None if (build_dir / f"{LIBRARY}.so").is_file() else (
+            f"fastmlstm: compiling the CPU extension from {src_dir} into {build_dir} (first use; about half a minute)")
+
     return build_with_torch(LIBRARY, sources(src_dir), build_dir, announce=announce, failure=_build_failure,
                             extra_cflags=list(EXTRA_CFLAGS), extra_ldflags=list(EXTRA_LDFLAGS),
                             extra_include_paths=[str(src_dir)])

@@ -145,8 +145,10 @@ def _jit_build() -> str:
         )
     src_dir = source_dir()
     build_dir = build_directory()
-    announce = None if not _is_stale(build_dir / f"{LIBRARY}.so", src_dir) else (
-        f"fastmlstm: compiling the CUDA extension from {src_dir} into {build_dir} (first use; takes a minute or two)")
+    def announce() -> str | None:
+        return None if not _is_stale(build_dir / f"{LIBRARY}.so", src_dir) else (
+            f"fastmlstm: compiling the CUDA extension from {src_dir} into {build_dir} (first use; takes a minute or two)")
+
     return build_with_torch(LIBRARY, sources(src_dir), build_dir, announce=announce, failure=_build_failure,
                             extra_cflags=EXTRA_CFLAGS, extra_cuda_cflags=EXTRA_CUDA_CFLAGS,
                             extra_include_paths=[str(src_dir)])
