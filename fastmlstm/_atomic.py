@@ -354,6 +354,7 @@ class FileSet:
 
     def _commit(self) -> None:
         try:
+            self._refuse_folders_in_the_way()
             for directory in {(self._stage / n).parent for n in self.names}:
                 fsync_directory(directory)
             if self._fresh and self._rename_fresh():
@@ -362,6 +363,15 @@ class FileSet:
         except BaseException:
             self._abort()
             raise
+
+    def _refuse_folders_in_the_way(self) -> None:
+        """A folder (not a link) of the user's where a file of the set goes is theirs: the swap would
+        move it aside with the replaced files and delete it. Refused before anything changes."""
+        for name in self.names:
+            path = self.folder / name
+            if path.is_dir() and not path.is_symlink():
+                raise InputError(f"cannot write {path}: a folder of that name is in the way; move it out of "
+                                 f"{self.folder}")
 
     def _rename_fresh(self) -> bool:
         """Rename the staged folder into place; False when the folder appeared meanwhile (another

@@ -181,3 +181,20 @@ def test_a_new_folder_that_appears_while_it_is_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert (target / "a.bin").read_bytes() == b"new" and (target / "theirs.txt").read_bytes() == b"kept"
     assert sorted(p.name for p in target.iterdir()) == ["a.bin", "theirs.txt"]
+
+
+def test_a_users_folder_where_a_file_of_the_set_goes_is_refused_not_deleted(tmp_path):
+    """The swap moves what a set's name replaces aside and deletes it once committed: a folder of
+    that name (a user's folder called corpus.bin or model.safetensors) went with its contents."""
+    from fastmlstm._atomic import FileSet
+    from fastmlstm.errors import InputError
+
+    target = tmp_path / "m"
+    (target / "a.bin").mkdir(parents=True)
+    (target / "a.bin" / "notes.txt").write_text("the user's")
+    (target / "b.bin").write_bytes(b"old")
+    with pytest.raises(InputError, match=r"a.bin: a folder of that name is in the way"), FileSet(target) as files:
+        files.write("b.bin", b"new")
+        files.write("a.bin", b"new")
+    assert (target / "a.bin" / "notes.txt").read_text() == "the user's" and (target / "b.bin").read_bytes() == b"old"
+    assert sorted(p.name for p in target.iterdir()) == ["a.bin", "b.bin"]
