@@ -42,8 +42,8 @@ try:
 except ImportError:  # Windows has no advisory locks: concurrent writers of one folder are not serialized
     fcntl = None
 
-__all__ = ["DirectoryInTheWayError", "FileSet", "atomic_save", "atomic_write", "committed_path", "folder_lock",
-           "fsync_directory", "interrupted", "make_directory", "recover", "TXN_DIR"]
+__all__ = ["DirectoryInTheWayError", "FileSet", "UnwritableError", "atomic_save", "atomic_write", "committed_path",
+           "folder_lock", "fsync_directory", "interrupted", "make_directory", "recover", "TXN_DIR"]
 
 TXN_DIR = ".fastmlstm-txn"
 _JOURNAL = "journal.json"
@@ -53,6 +53,38 @@ logger = logging.getLogger("fastmlstm")
 class DirectoryInTheWayError(InputError, IsADirectoryError):
     """A file was to be written where a directory is. An InputError (the path is the user's), and
     still the IsADirectoryError (an OSError) that callers catching OSError expect."""
+
+
+class UnwritableError(InputError, OSError):
+    """A file could not be written: a full disk, a read-only file system, no permission. An
+    InputError (the user's to fix, reported in one line), and still the OSError, with the cause's
+    ``errno`` and ``strerror``, that callers catching OSError expect."""
+
+    def __init__(self, message: str, cause: OSError | None = None):
+        super().__init__(message)
+        if cause is not None:
+            self.errno, self.strerror = cause.errno, cause.strerror
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class _Recording:
+    """A file whose ``write`` keeps the OSError it raised: ``torch.save`` turns a failed write (a
+    full disk) into a RuntimeError of its own ("unexpected pos ...") that does not say why."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _umask() -> int:
@@ -121,7 +153,13 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     if not directory.is_dir():
         raise MissingInputError(f"cannot save {path}: directory {directory} does not exist")
     with atomic_write(path) as f:
-        torch.save(obj, f)
+        recording = _Recording(f)
+        try:
+            torch.save(obj, recording)
+        except RuntimeError:
+            if recording.error is None:
+                raise
+            raise recording.error from None  # the OSError (e.g. ENOSPC) that made torch's write fail
 
 
 def make_directory(path: str | os.PathLike, what: str = "folder") -> list[Path]:
@@ -169,6 +207,8 @@ def interrupted(folder: str | os.PathLike) -> bool:
 def _journal(folder: Path) -> list[str]:
     try:
         names = json.loads((folder / TXN_DIR / _JOURNAL).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:  # committed (or rolled back) since the caller saw it: no replacement is unfinished
+        return []
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{folder / TXN_DIR / _JOURNAL} (the record of an unfinished write) cannot be read "
                          f"({exc}); remove {folder / TXN_DIR} after checking the folder by hand") from None
@@ -231,20 +271,23 @@ def recover(folder: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, waiting: str | None = None):
-    """Hold an exclusive advisory lock on ``folder`` itself (no lock file is left behind). If another
-    process holds it, log ``waiting`` (when given) and wait. Where the system has no such locks
-    (Windows, some network file systems) this does nothing."""
+def folder_lock(folder: str | os.PathLike, waiting: str | None = None, *, shared: bool = False):
+    """Hold an exclusive advisory lock on ``folder`` itself (no lock file is left behind), or with
+    ``shared`` a shared one: what a reader of a :class:`FileSet`'s files holds, so that it reads
+    them before or after a replacement, never while one is halfway (a writer holds the exclusive
+    lock from start to commit). If another process holds it, log ``waiting`` (when given) and
+    wait. Where the system has no such locks (Windows, some network file systems) this does nothing."""
     fd = None
     if fcntl is not None:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         with contextlib.suppress(OSError):
             fd = os.open(folder, os.O_RDONLY)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 if waiting:
                     logger.warning("%s", waiting)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, mode)
     try:
         yield
     finally:
@@ -283,6 +326,9 @@ class FileSet:
                 raise InputError(f"cannot write the {self.what} {folder}: it is a file, not a folder")
             self._enter_existing()
             return self
+        if folder.is_symlink():  # else the staged folder's rename onto the link fails (NotADirectoryError)
+            raise InputError(f"cannot write the {self.what} {folder}: it is a symbolic link to "
+                             f"{os.readlink(folder)}, which does not exist")
         self._created = make_directory(folder.parent, self.what) if str(folder.parent) else []
         try:
             self._stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.fastmlstm-new-", dir=folder.parent))

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import InputError, InputTypeError
 
-__all__ = ["check_device", "check_path", "first_line", "load_problem"]
+__all__ = ["check_device", "check_path", "first_line", "foreign_record", "load_problem"]
 
 
 def first_line(exc: BaseException) -> str:
@@ -104,4 +104,18 @@ def load_problem(exc: BaseException, head: bytes) -> str:
     if operand or "weights_only" in text:
         return ("its pickle holds something other than tensors and plain data"
                 f"{f' ({operand[0]})' if operand else ''}; nothing in it was run")
+    if head.startswith(b"PK\x03\x04"):  # torch's own words for a cut file are "Invalid argument" and the like
+        return f"it is a truncated or damaged torch archive ({first_line(exc).split('. This is an internal')[0]})"
     return first_line(exc)
+
+
+def foreign_record(record: dict, head: bytes) -> str | None:
+    """What a dict that torch read but that has no ``"format"`` is, when that can be said: torch
+    reads a safetensors file too, and a bare state dict is the commonest foreign ``.pt``."""
+    what = _what_it_is(head)
+    if what and "safetensors" in what:
+        return what
+    if record and all(isinstance(k, str) for k in record) and all(isinstance(v, torch.Tensor) for v in record.values()):
+        return (f"it holds a bare state dict ({len(record)} tensors, no config), not a model file (what "
+                "ByteLM.save writes); build the ByteLM and call load_state_dict on it")
+    return None

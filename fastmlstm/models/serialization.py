@@ -29,10 +29,10 @@ depend on each other in a circle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -41,12 +41,13 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .._atomic import FileSet, atomic_save, committed_path, interrupted
+from .._atomic import FileSet, UnwritableError, atomic_save, committed_path, folder_lock, interrupted
 from .._version import __version__
 from ..errors import InputError, InputTypeError, MissingInputError, ModelFileError, out_of_memory
-from ._checks import check_device, check_path, load_problem
+from ._checks import check_device, check_path, foreign_record, load_problem
 from ._checks import first_line as _first_line
 from ._digest import digest, digest_problem, seal
+from ._state import load_state_problems, misfit, tensor_problems
 from .openai_weights import is_openai_dir, read_released, released_arrays, write_released
 
 __all__ = ["CHECKPOINT_FORMAT", "CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "ModelFileMixin", "from_pretrained",
@@ -92,7 +93,9 @@ class ModelFileMixin:
             >>> same = fastmlstm.load("model.pt")                        # doctest: +SKIP
         """
         # The digest lets a reader tell a damaged file from a good one (torch's zip does not check).
-        atomic_save(seal(self.to_record()), check_path(path, "the path to save the model to"))
+        path = check_path(path, "the path to save the model to")
+        with _writing(path):
+            atomic_save(seal(self.to_record()), path)
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | str | None = None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if needed), as one step.
@@ -141,6 +144,20 @@ class ModelFileMixin:
                                  revision=revision)
 
 
+@contextlib.contextmanager
+def _writing(path: Path):
+    """A model save's OSError (a full disk, a read-only file system, no permission) as one
+    :class:`~fastmlstm._atomic.UnwritableError` naming the user's path, not a temporary file beside
+    it; the atomic writes have left what was there as it was."""
+    try:
+        yield
+    except InputError:
+        raise
+    except OSError as exc:
+        raise UnwritableError(f"cannot write {path}: {exc.strerror or exc} (what was there is unchanged)",
+                              exc) from exc
+
+
 def _parse_dtype(dtype) -> torch.dtype | None:
     """None, a torch floating dtype, or its name ("bfloat16", "torch.bfloat16")."""
     if dtype is None or dtype in DTYPES.values():
@@ -158,45 +175,6 @@ def _model_class(fmt: str, source: str) -> type:
                              f"(known: {', '.join(sorted(_MODEL_CLASSES))})") from None
 
 
-def _tensor_problems(model, state: dict) -> list[str]:
-    """What is wrong with the entries of ``state`` that ``model`` has under the same names: a
-    non-tensor, a tensor that is not floating point, or one of another shape."""
-    expected = model.state_dict()
-    problems = []
-    for name, got in state.items():
-        if not isinstance(got, torch.Tensor):
-            problems.append(f"{name!r:.80} is a {type(got).__name__}, not a tensor")
-        elif not got.is_floating_point():
-            problems.append(f"tensor {name!r} holds {str(got.dtype).removeprefix('torch.')}, not floating point")
-        elif name in expected and got.shape != expected[name].shape:
-            problems.append(f"tensor {name!r} has shape {list(got.shape)} where the config needs "
-                            f"{list(expected[name].shape)}")
-    return problems
-
-
-def _load_state_problems(exc: RuntimeError) -> list[str]:
-    """torch's load_state_dict error (keys missing or unexpected after the model's own renames of
-    older names, shapes that differ), one short phrase per problem."""
-    problems = []
-    for line in str(exc).splitlines():
-        line = line.strip()
-        keys = re.findall(r'"([^"]+)"', line)
-        if line.startswith("Missing key(s)"):
-            problems.append(f"it lacks the tensor(s) {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
-        elif line.startswith("Unexpected key(s)"):
-            problems.append(f"it holds unexpected tensor(s) {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
-        elif m := re.match(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from "
-                           r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)", line):
-            problems.append(f"tensor {m[1]!r} has shape {m[2]} where the config needs {m[3]}")
-    return problems
-
-
-def _misfit(source: str, config: dict, problems: list[str]) -> ModelFileError:
-    described = ", ".join(f"{k}={v!r}" for k, v in config.items())
-    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-    return ModelFileError(f"{source} does not fit its config ({described}): {problems[0]}{more}")
-
-
 def _build(config: dict, state: dict, *, fmt: str = FORMAT, backend: str = "auto", device=None,
            dtype: torch.dtype | None = None, source: str):
     """A model of format ``fmt`` from its config and state dict, without a throw-away initialization."""
@@ -208,20 +186,21 @@ def _build(config: dict, state: dict, *, fmt: str = FORMAT, backend: str = "auto
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError, OverflowError) as exc:
         raise ModelFileError(f"{source} holds a config that does not make a {fmt} model ({config!r:.200}): "
                              f"{_first_line(exc)}") from None
-    problems = _tensor_problems(model, state)
+    problems = tensor_problems(model, state)
     if problems:
-        raise _misfit(source, config, problems)
+        raise misfit(source, config, problems)
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as exc:
-        problems = _load_state_problems(exc)
+        problems = load_state_problems(exc)
         if problems:
-            raise _misfit(source, config, problems) from None
+            raise misfit(source, config, problems) from None
         raise ModelFileError(f"{source} does not hold a valid {fmt} model: {_first_line(exc)}") from None
     except (TypeError, KeyError, AttributeError) as exc:
         raise ModelFileError(f"{source} does not hold a valid {fmt} model: {_first_line(exc)}") from None
-    stored = next(iter(state.values())).dtype if state else torch.float32
-    return model.to(device=device, dtype=dtype or stored)
+    # assign=True gave every parameter the stored tensor itself, in its stored dtype: a model saved
+    # with tensors of different dtypes comes back as it was (casting all to one would round some).
+    return model.to(device=device) if dtype is None else model.to(device=device, dtype=dtype)
 
 
 def _check_model(model, what: str) -> None:
@@ -262,6 +241,8 @@ def _read_record(path: Path, map_location) -> tuple[dict, dict]:
         raise ModelFileError(f"{path} is not a readable fastmlstm model file: {load_problem(exc, head)}") from None
     if not isinstance(record, dict):
         raise ModelFileError(f"{path} is not a fastmlstm model file (it holds a {type(record).__name__})")
+    if "format" not in record and (foreign := foreign_record(record, head)):
+        raise ModelFileError(f"{path} is not a fastmlstm model file: {foreign}")
     whole = record
     if record.get("format") == CHECKPOINT_FORMAT:
         record = record.get("model")
@@ -341,7 +322,7 @@ def save_pretrained(model, directory: str | os.PathLike, *, dtype: torch.dtype |
     metadata["fastmlstm_digest"] = digest(_weights_record(metadata, state))
     header = {"format": model.FILE_FORMAT, "version": VERSION, "config": config,
               "dtype": stored[0] if len(stored) == 1 else stored, "fastmlstm_version": __version__}
-    with FileSet(directory, what="model folder") as files:
+    with _writing(directory), FileSet(directory, what="model folder") as files:
         files.write(WEIGHTS_FILE, safetensors.torch.save(state, metadata=metadata))
         files.write(CONFIG_FILE, (json.dumps(header, indent=2) + "\n").encode())
     return directory
@@ -409,6 +390,22 @@ def _read_safetensors(weights: Path, device) -> tuple[dict, dict]:
     return metadata, state
 
 
+def _read_folder(path: Path, device) -> tuple[dict, Path, dict, dict]:
+    """(config.json's header, the weights file read, its metadata, its tensors) of a model folder,
+    read under the folder's shared lock: a save into it (which holds the exclusive lock from start
+    to commit) is never seen halfway, with one file of the new model and one of the old."""
+    with folder_lock(path, f"fastmlstm: waiting for a save into {path} to finish", shared=True):
+        config_file, weights = (_committed(path, name) for name in (CONFIG_FILE, WEIGHTS_FILE))
+        for name, file in ((CONFIG_FILE, config_file), (WEIGHTS_FILE, weights)):
+            if file is None or not file.is_file():
+                raise MissingInputError(f"{path} has no {name} (a saved model folder holds {CONFIG_FILE} and "
+                                        f"{WEIGHTS_FILE})")
+        if interrupted(path):
+            logger.warning("fastmlstm: the last save into %s did not finish; loading the model it held before", path)
+        header = _read_config(config_file)
+        return (header, weights, *_read_safetensors(weights, device))
+
+
 def load_pretrained(path: str | os.PathLike, *, device=None, dtype: torch.dtype | str | None = None,
                     backend: str = "auto"):
     """Load a folder written by :meth:`ModelFileMixin.save_pretrained` (``config.json`` + ``model.safetensors``).
@@ -424,15 +421,7 @@ def load_pretrained(path: str | os.PathLike, *, device=None, dtype: torch.dtype 
     """
     path = check_path(path, "the model folder")
     check_device(device)
-    config_file, weights = (_committed(path, name) for name in (CONFIG_FILE, WEIGHTS_FILE))
-    for name, file in ((CONFIG_FILE, config_file), (WEIGHTS_FILE, weights)):
-        if file is None or not file.is_file():
-            raise MissingInputError(f"{path} has no {name} (a saved model folder holds {CONFIG_FILE} and "
-                                    f"{WEIGHTS_FILE})")
-    if interrupted(path):
-        logger.warning("fastmlstm: the last save into %s did not finish; loading the model it held before", path)
-    header = _read_config(config_file)
-    metadata, state = _read_safetensors(weights, device)
+    header, weights, metadata, state = _read_folder(path, device)
     problem = digest_problem(_weights_record(metadata, state))  # files from elsewhere carry none: no check
     if problem:
         raise ModelFileError(f"{weights} is not a readable fastmlstm model file: {problem}")
@@ -467,7 +456,9 @@ def load_openai(path: str | os.PathLike, *, device=None, dtype: torch.dtype | No
         (1, 4096)
     """
     check_device(device)
-    config, state = read_released(check_path(path, "the released weights' folder"))
+    path = check_path(path, "the released weights' folder")
+    with folder_lock(path, f"fastmlstm: waiting for a save into {path} to finish", shared=True):  # see _read_folder
+        config, state = read_released(path)
     return _build(config, state, backend=backend, device=device, dtype=dtype or torch.float32, source=str(path))
 
 
@@ -485,7 +476,10 @@ def save_openai(model, path: str | os.PathLike) -> None:
         >>> fastmlstm.load_openai("exported/")                                 # doctest: +SKIP
     """
     _check_model(model, "save_openai")
-    write_released(released_arrays(model), check_path(path, "the export folder"))
+    path = check_path(path, "the export folder")
+    arrays = released_arrays(model)
+    with _writing(path):
+        write_released(arrays, path)
 
 
 def _load_local(path: Path, *, device, dtype: torch.dtype | None, backend: str):

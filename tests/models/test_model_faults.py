@@ -198,3 +198,84 @@ def test_a_users_folder_where_a_file_of_the_set_goes_is_refused_not_deleted(tmp_
         files.write("a.bin", b"new")
     assert (target / "a.bin" / "notes.txt").read_text() == "the user's" and (target / "b.bin").read_bytes() == b"old"
     assert sorted(p.name for p in target.iterdir()) == ["a.bin", "b.bin"]
+
+
+class _FullDisk:
+    """A file on a disk with ``room`` bytes left: a longer write raises ENOSPC."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def _saved_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() if p.is_file() else None for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("room", [0, 600])
+def test_a_full_disk_is_one_error_naming_the_file_and_the_model_is_kept(tmp_path, monkeypatch, room):
+    # torch.save reports a failed write as its own RuntimeError ("[enforce fail at
+    # inline_container.cc] unexpected pos 704 vs 598"), which said neither the file nor why.
+    import errno
+    import os
+
+    import fastmlstm._atomic as atomic
+    from fastmlstm._atomic import UnwritableError
+
+    OLD.save(tmp_path / "m.pt")
+    OLD.save_pretrained(tmp_path / "m")
+    before = _saved_files(tmp_path), _saved_files(tmp_path / "m")
+    fdopen, real_open = os.fdopen, open
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: _FullDisk(fdopen(*a, **k), room))
+    monkeypatch.setattr(atomic, "open", lambda file, mode="r", *a, **k: _FullDisk(real_open(file, mode, *a, **k), room)
+                        if "w" in mode else real_open(file, mode, *a, **k), raising=False)
+    for save, name in ((lambda: NEW.save(tmp_path / "m.pt"), "m.pt"), (lambda: NEW.save_pretrained(tmp_path / "m"), "m"),
+                       (lambda: fastmlstm.save(NEW, tmp_path / "new.pt"), "new.pt")):
+        with pytest.raises(UnwritableError, match=rf"cannot write {tmp_path / name}: No space left on device") as info:
+            save()
+        assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert (_saved_files(tmp_path), _saved_files(tmp_path / "m")) == before
+    assert same_weights(fastmlstm.load(tmp_path / "m.pt"), OLD)
+    assert same_weights(fastmlstm.from_pretrained(tmp_path / "m"), OLD)
+
+
+def test_a_read_only_file_system_names_the_model_file_not_a_temporary_one(tmp_path, monkeypatch):
+    # It was an OSError traceback naming the temporary file beside it (.m.pt.wfs7afrs.tmp).
+    import errno
+
+    import fastmlstm._atomic as atomic
+    from fastmlstm._atomic import UnwritableError
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".m.pt.x.tmp"))
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", read_only)
+    with pytest.raises(UnwritableError, match=rf"cannot write {tmp_path / 'm.pt'}: Read-only file system"):
+        OLD.save(tmp_path / "m.pt")
+
+
+def test_a_dangling_link_where_the_folder_goes_is_refused(tmp_path):
+    # It was a NotADirectoryError traceback from renaming the staged folder onto the link.
+    from fastmlstm.errors import InputError
+
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with pytest.raises(InputError, match=r"link: it is a symbolic link to .*gone, which does not exist"):
+        OLD.save_pretrained(tmp_path / "link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]

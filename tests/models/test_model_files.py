@@ -183,3 +183,23 @@ def test_running_out_of_memory_while_reading_is_not_blamed_on_the_file(good, mon
     with pytest.raises(RuntimeError, match="can't allocate memory") as caught:
         fastmlstm.load(good)
     assert not isinstance(caught.value, InputError)
+
+
+def test_foreign_torch_files_say_what_they_are(good, tmp_path):
+    # torch.load reads a safetensors file and a bare state dict without complaint; both were
+    # "format None where 'fastmlstm.ByteLM' ... was expected", and a cut archive "OSError: [Errno 22]
+    # Invalid argument".
+    model = fastmlstm.load(good)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    model.save_pretrained(tmp_path / "folder")
+    data = good.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    cases = {
+        "weights.pt": r"weights.pt is not a fastmlstm model file: it holds a bare state dict \(\d+ tensors, no config\)",
+        "folder/model.safetensors": r"model.safetensors is not a fastmlstm model file: it is a safetensors file",
+        "cut.pt": r"cut.pt is not a readable fastmlstm model file: it is a truncated or damaged torch archive",
+    }
+    for name, match in cases.items():
+        path = tmp_path / name
+        with pytest.raises(fastmlstm.ModelFileError, match=match):
+            fastmlstm.from_pretrained(path)

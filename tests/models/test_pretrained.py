@@ -289,3 +289,51 @@ def test_released_folder_through_cli_model(tmp_path, capsys):
     code = cli.main(["featurize", "--model", str(tmp_path / "released"), "--text", "ok", "--device", "cpu",
                      "-o", str(tmp_path / "f.npy"), "--no-progress"])
     assert code == 0, capsys.readouterr().err
+
+
+def test_a_model_of_mixed_dtypes_comes_back_as_it_was(tmp_path):
+    # Loading used to cast every tensor to the dtype of the first one stored (the embedding's): a
+    # bfloat16 embedding made the whole model bfloat16, rounding its float32 weights.
+    model = small_model()
+    model.embedding.to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    model.save(tmp_path / "m.pt")
+    for loaded in (fastmlstm.from_pretrained(tmp_path / "m"), fastmlstm.load(tmp_path / "m.pt")):
+        assert_bit_exact(loaded, model)
+        assert loaded.readout.weight.dtype == torch.float32
+        with torch.no_grad():
+            assert torch.equal(loaded(BYTES)[0], model(BYTES)[0])
+
+
+@pytest.mark.parametrize("tensor, match", [
+    (torch.zeros(256, dtype=torch.float8_e5m2), "holds float8_e5m2, which model weights are never stored in"),
+    (torch.zeros(256).to_sparse(), "is sparse_coo, not dense"),
+])
+def test_tensors_no_model_is_stored_in_are_refused(tmp_path, tensor, match):
+    # They loaded, and the model failed later inside torch.
+    model = small_model()
+    record = model.to_record()
+    record["state_dict"]["readout.bias"] = tensor
+    torch.save(record, tmp_path / "odd.pt")
+    with pytest.raises(fastmlstm.ModelFileError, match=rf"odd.pt does not fit its config .*{match}"):
+        fastmlstm.load(tmp_path / "odd.pt")
+
+
+def test_a_reader_waits_for_a_save_in_progress(tmp_path):
+    # A reader used to read the folder while a save swapped its files: it could pair the new
+    # config.json with the old weights ("the folder mixes two different saves") or find a file
+    # moved away. A save holds the folder's lock from start to commit; a reader now waits for it.
+    import threading
+
+    from fastmlstm._atomic import folder_lock
+
+    small_model().save_pretrained(tmp_path / "m")
+    fastmlstm.save_openai(small_model(), tmp_path / "released")
+    for folder in (tmp_path / "m", tmp_path / "released"):
+        done = threading.Event()
+        with folder_lock(folder):  # what a save into it holds
+            reader = threading.Thread(target=lambda f=folder, d=done: (fastmlstm.from_pretrained(f), d.set()))
+            reader.start()
+            assert not done.wait(0.5), f"{folder.name} was read during a save"
+        reader.join(30)
+        assert done.is_set()
