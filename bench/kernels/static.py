@@ -181,7 +181,8 @@ def compile_one(job: dict) -> dict:
         with contextlib.redirect_stdout(log):
             target = GPUTarget("cuda", ARCHS[job["arch"]], 32)
             compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=target,
-                                      options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                                      options={"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                               "enable_fp_fusion": _configs.FP_FUSION})
         entry.update(ok=True, **_parse_ptxas(log.getvalue()), shared_bytes=int(compiled.metadata.shared),
                      mma=_mma(compiled.asm["ptx"]), loads_before_loop=_loads_before_loop(compiled.asm["ptx"]))
     except Exception as exc:  # a compile error is a result, reported (and failed by the test)
@@ -194,7 +195,7 @@ def compile_one(job: dict) -> dict:
 
 # Bumped when what a Triton compile job produces changes (its flags, signature or parsing above):
 # a new cache key, without recompiling everything on any other edit of this file.
-SCHEME = "triton-2"
+SCHEME = "triton-3"
 
 
 def source_key() -> str:

@@ -19,7 +19,7 @@ PERSISTENT_DIR = REPO / "fastmlstm" / "ops" / "triton" / "persistent"
 DTYPES = ("bf16", "fp16")
 SMEM_LIMIT = 227 * 1024  # one block on sm_90 (CUDA programming guide, compute capability 9.0)
 # Bumped when what a compile job produces changes (its options, what is parsed): a new cache key.
-SCHEME = "gluon-2"
+SCHEME = "gluon-3"
 
 
 def parse_ptxas(log: str) -> dict:
@@ -96,6 +96,8 @@ def compile_job(job: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    from fastmlstm.ops.triton.configs import FP_FUSION
+
     knobs.compilation.always_compile = True  # ptxas must run (and report) every time
     knobs.nvidia.dump_ptxas_log = True
     entry = {k: job[k] for k in ("kind", "kernel", "dtype", "arch", "config", "expected_ptx", "schedule")}
@@ -103,7 +105,8 @@ def compile_job(job: dict) -> dict:
     log = io.StringIO()
     try:
         target = next(t for t in targets(job["dtype"]) if t.name == job["kernel"])
-        options = {"num_warps": target.num_warps, "num_ctas": target.num_ctas, **getattr(target, "options", {})}
+        options = {"num_warps": target.num_warps, "num_ctas": target.num_ctas, "enable_fp_fusion": FP_FUSION,
+                   **getattr(target, "options", {})}
         source = GluonASTSource(target.fn, target.signature, target.constexprs, getattr(target, "attrs", None))
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(source, target=GPUTarget("cuda", target.arch, 32), options=options)

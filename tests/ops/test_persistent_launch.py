@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 
-from fastmlstm.ops.triton.configs import Device
+from fastmlstm.ops.triton.configs import FP_FUSION, Device
 from fastmlstm.ops.triton.persistent import gluon_backward, gluon_forward, launch, schedule, targets
 
 HOPPER = Device(132, (9, 0), "NVIDIA H100 80GB HBM3")
@@ -51,7 +51,8 @@ def test_launch_arguments_match_the_kernels_and_the_compile_targets(monkeypatch,
         sched = schedule.plan(design, direction, B, H, 2, HOPPER)
         target = targets.target_for(sched, "bf16")
         params = list(inspect.signature(stub.fn.fn).parameters)
-        assert set(kwargs) == set(params) | {"num_warps", "num_ctas"}
+        assert set(kwargs) == set(params) | {"num_warps", "num_ctas", "enable_fp_fusion"}
+        assert kwargs["enable_fp_fusion"] is FP_FUSION  # as the ahead-of-time compiles (static_gluon.py) ask
         assert grid == (sched.clusters,) and kwargs["num_ctas"] == target.num_ctas
         assert kwargs["num_warps"] == target.num_warps
         assert set(target.signature) | set(target.constexprs) == set(params)

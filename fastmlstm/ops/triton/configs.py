@@ -36,6 +36,10 @@ GATE_KERNELS = ("fwd_z",)
 K_OF = {"fwd_m": 1, "fwd_z": 1, "bwd_h": 1, "bwd_m": 4}
 PRECISIONS = ("ieee", "tf32")
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# Every launch and ahead-of-time compile asks for floating-point contraction (a * b + c as one FMA)
+# explicitly: the kernels were tested with it, Triton 3.9's default, and Triton 3.10 turns the
+# default off (3.9 warns about the change on every compile that leaves it unset).
+FP_FUSION = True
 
 
 @dataclasses.dataclass(frozen=True)

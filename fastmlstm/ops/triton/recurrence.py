@@ -120,7 +120,8 @@ class _Launcher:
         keywords = {"BB": config.BB, "BN": config.BN, "BK": config.BK, "USE_PDL": use_pdl, **self.common,
                     "SPLIT": _configs.uses_workspace(kernel_name, launched),
                     "GATHER": _configs.gather_unroll(kernel_name, launched),
-                    "num_warps": config.num_warps, "num_stages": config.num_stages}
+                    "num_warps": config.num_warps, "num_stages": config.num_stages,
+                    "enable_fp_fusion": _configs.FP_FUSION}
         if kernel_name == "bwd_h":
             keywords["EPI_BN"] = _configs.epilogue_width(kernel_name, launched)
         if use_pdl:

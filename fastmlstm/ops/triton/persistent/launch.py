@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..configs import Device
+from ..configs import FP_FUSION, Device
 from ...interface import empty_like_none, new_buffer, recurrent_weight_grads
 from . import schedule as _schedule
 
@@ -203,7 +203,8 @@ def _launch(kernel, sched: _schedule.Schedule, args: dict, err: torch.Tensor, T:
 
     const = constexprs(sched, heaviest=False)
     const.update({k: args.pop(k) for k in list(args) if k in const})
-    kernel[(sched.clusters,)](**args, **const, num_warps=NUM_WARPS, num_ctas=sched.cluster)
+    kernel[(sched.clusters,)](**args, **const, num_warps=NUM_WARPS, num_ctas=sched.cluster,
+                                enable_fp_fusion=FP_FUSION)
     code = int(err.item())  # waits for the launch: the results are not used before this check
     if code:
         raise RuntimeError(error_message(sched, code, T))
