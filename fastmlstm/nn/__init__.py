@@ -6,6 +6,7 @@ functional forms, weight normalization and the effective-weight cache.
   ``multiplicative_lstm_recurrence`` (precomputed input projections) and ``multiplicative_lstm_step``
   (one step, for generation loops), with their input checks.
 - :mod:`.weight_cache`: effective weights kept while a module's parameters are unchanged.
+- :mod:`.packing`: the reverse direction's reading order and PackedSequence outputs.
 - :mod:`.precision`: 16-bit products on CPUs without native 16-bit GEMMs.
 """
 

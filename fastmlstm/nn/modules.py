@@ -10,7 +10,7 @@ from typing import NamedTuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ..errors import InputError, InputTypeError
 from ..ops import prepare_step, resolve_backend, step_key
@@ -18,6 +18,7 @@ from ..ops.interface import GATES, accumulation_dtype
 from ..ops.registry import BACKENDS
 from ..options import check
 from .functional import SUPPORTED_DTYPES, _prepared_step, multiplicative_lstm, multiplicative_lstm_step
+from .packing import repack, run_reversed
 from .weight_cache import ENV_WEIGHT_CACHE, cached_weights, forget  # noqa: F401  (ENV_WEIGHT_CACHE: documented here)
 
 __all__ = ["FastMLSTM", "MLSTMWeights", "weight_norm"]
@@ -40,13 +41,14 @@ class MLSTMWeights(NamedTuple):
 EffectiveWeights = Union[MLSTMWeights, tuple[MLSTMWeights, ...]]
 
 
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast would run matmuls in on ``device_type``, or None when it is off.
+def autocast_dtype(device_type: str, dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype autocast would run matmuls on ``device_type`` in, or None when it is off, or when
+    ``dtype`` (the input's) is float64, which autocast leaves alone (as nn.LSTM's inputs).
 
     Autocast does not reach inside the custom op, so layers cast their inputs and effective weights
     to this dtype themselves.
     """
-    if not _autocast_available(device_type):  # e.g. "meta": shape inference runs without it
+    if not _autocast_available(device_type) or dtype == torch.float64:  # "meta": no autocast there
         return None
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
@@ -276,8 +278,12 @@ class FastMLSTM(nn.Module):
 
     def __getattr__(self, name: str):
         params = self.__dict__.get("_parameters", {})
-        if name.startswith(_MATRICES) and f"{name}_v" in params:
-            return weight_norm(params[f"{name}_v"], params[f"{name}_g"])
+        if name.startswith(_MATRICES) and not name.endswith(("_v", "_g")):
+            v, g = params.get(f"{name}_v"), params.get(f"{name}_g")
+            if v is None or g is None:  # pruned or parametrized (torch.nn.utils.prune, .parametrize)
+                v, g = (getattr(self, f"{name}{part}", None) for part in ("_v", "_g"))
+            if v is not None and g is not None:
+                return weight_norm(v, g)
         if "_l0" in name and "_l0_reverse" not in name and name.startswith((*_MATRICES, "bias_ih")):
             return getattr(self, name.replace("_l0", "", 1))  # nn.LSTM's name for layer 0
         return super().__getattr__(name)
@@ -322,6 +328,12 @@ class FastMLSTM(nn.Module):
     def _weight_cache_entry(self):
         if not self.weight_norm:
             return None  # the parameters are the effective weights: nothing to compute
+        names = self.__dict__.get("_weight_names")  # (fixed by the constructor's arguments)
+        if names is None:
+            names = frozenset(name for layer in self._layers() for name in self._parameter_shapes(*layer))
+            self.__dict__["_weight_names"] = names
+        if not self._parameters.keys() >= names:
+            return None  # one pruned or parametrized: computed from more than the cache's key sees
         return cached_weights(self, self._all_weights)
 
     def extra_repr(self) -> str:
@@ -432,15 +444,15 @@ class FastMLSTM(nn.Module):
         if x.shape[-1] != self.input_size:
             raise InputError(f"input has {x.shape[-1]} features per step but input_size is {self.input_size}")
         states = self._initial_state(hx, batched, x.shape[1])
-        dtype = autocast_dtype(x.device.type)
+        dtype = autocast_dtype(x.device.type, x.dtype)
         if dtype is not None:
             x = x.to(dtype)
             weights = _cast_all(weights, dtype) if entry is None else entry.cast(dtype, _cast_all)
         output, h_n, c_n, cells = self._run_layers(x, weights, states, lengths, return_cell_states)
 
         if packed:
-            output = _repack(output, lengths, input)
-            cells = _repack(cells, lengths, input) if return_cell_states else None
+            output = repack(output, lengths, input)
+            cells = repack(cells, lengths, input) if return_cell_states else None
             # h_n, c_n rows follow the padded tensor's batch order, the original one, as nn.LSTM's do.
         elif not batched:
             output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
@@ -462,8 +474,8 @@ class FastMLSTM(nn.Module):
                 k = layer * self.num_directions + reverse
                 keep_cells = return_cell_states and layer == self.num_layers - 1
                 if reverse:
-                    out, state, *cell = _run_reversed(layer_input, weights[k], states[k], lengths, self.backend,
-                                                      keep_cells)
+                    out, state, *cell = run_reversed(layer_input, weights[k], states[k], lengths, self.backend,
+                                                     keep_cells)
                 else:
                     out, state, *cell = multiplicative_lstm(layer_input, *weights[k], initial_state=states[k],
                                                             lengths=lengths, return_cell_states=keep_cells,
@@ -508,7 +520,7 @@ class FastMLSTM(nn.Module):
             output, state = self.forward(input.view(1, -1), hx, weights=weights)
             return output[0], state
         if not self.bidirectional and not (self.dropout and self.training) and \
-                autocast_dtype(input.device.type) is None:
+                autocast_dtype(input.device.type, input.dtype) is None:
             # One direction needs none of the sequence machinery: the functional step, layer by
             # layer. In a generation loop the Python around the kernels is a good part of a step.
             if input.shape[-1] != self.input_size:
@@ -554,37 +566,3 @@ class FastMLSTM(nn.Module):
         if None in keys:
             return None
         return entry.memo(keys, lambda: tuple(prepare_step(backend, *w, B) for w in entry.weights))
-
-
-def _reverse_index(T: int, lengths, device) -> Tensor | None:
-    """[T, B] time index that reverses each row within its length (positions past it stay put);
-    None when every row is full length (a plain flip)."""
-    if lengths is None:
-        return None
-    lengths = torch.as_tensor(lengths, dtype=torch.int64).to(device)
-    t = torch.arange(T, device=device).unsqueeze(1)
-    return torch.where(t < lengths, lengths - 1 - t, t)
-
-
-def _reorder(x: Tensor, index: Tensor | None) -> Tensor:
-    if index is None:
-        return x.flip(0)
-    return x.gather(0, index.unsqueeze(-1).expand_as(x))
-
-
-def _run_reversed(x, weights, state, lengths, backend, return_cell_states):
-    """The reverse direction: each row read backwards from its last valid step. The same
-    permutation (an involution) puts the outputs back in input order."""
-    index = _reverse_index(x.shape[0], lengths, x.device)
-    out, state, *cells = multiplicative_lstm(_reorder(x, index), *weights, initial_state=state, lengths=lengths,
-                                             return_cell_states=return_cell_states, backend=backend)
-    return _reorder(out, index), state, *(_reorder(c, index) for c in cells)
-
-
-def _repack(padded: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
-    """Pack a time-major padded tensor (rows in the original order) with ``like``'s layout."""
-    if like.sorted_indices is not None:
-        padded = padded.index_select(1, like.sorted_indices)
-        lengths = lengths.index_select(0, like.sorted_indices.cpu())
-    data = pack_padded_sequence(padded, lengths, enforce_sorted=True).data
-    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)

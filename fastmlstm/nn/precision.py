@@ -35,7 +35,8 @@ def native_16bit_gemm(dtype: torch.dtype) -> bool:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)`` with autocast's dtype rules; a 16-bit product on a CPU without
     native 16-bit GEMMs runs as a float32 GEMM of the 16-bit values, rounded once to 16 bits."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    autocast = torch.is_autocast_enabled("cpu") and x.dtype != torch.float64  # (autocast keeps float64)
+    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
     if x.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or native_16bit_gemm(dtype):
         return F.linear(x, weight, bias)
     with torch.autocast("cpu", enabled=False):

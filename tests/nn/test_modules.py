@@ -164,6 +164,70 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert rnn.weight_hm_v.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_autocast_leaves_a_float64_module_in_float64_like_nn_lstm(bidirectional):
+    # Autocast never casts float64 tensors; nn.LSTM's float64 outputs stay float64 under it. The
+    # layer once cast a float64 input and weights down to the autocast dtype, silently.
+    torch.manual_seed(0)
+    rnn = FastMLSTM(3, 6, 2, bidirectional=bidirectional).double().to(DEVICE)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE)
+    expected, (h_e, c_e) = rnn(x)
+    lstm = nn.LSTM(3, 6, 2, bidirectional=bidirectional).double().to(DEVICE)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast(DEVICE.type, dtype=dtype):
+            out, (h, c) = rnn(x)
+            step, (h_s, _) = rnn.step(x[0])
+            theirs = lstm(x)[0]
+        assert out.dtype == h.dtype == c.dtype == step.dtype == h_s.dtype == theirs.dtype == torch.float64
+        assert torch.equal(out, expected) and torch.equal(h, h_e) and torch.equal(c, c_e)
+        assert torch.equal(step, rnn.step(x[0])[0])
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, w):
+        return w * self.factor
+
+
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+@pytest.mark.parametrize("name", ["weight_hm_g", "weight_ih_l1_v", "bias_ih"])
+def test_pruned_and_parametrized_parameters_work_as_with_nn_lstm(how, name):
+    # torch.nn.utils.prune and .parametrize replace a parameter by a computed attribute, as they do
+    # on nn.LSTM's. The weight-normalized matrices once read _v and _g from the parameter dict only
+    # (a KeyError), and the weight cache, keyed on the parameters, missed a new mask or factor.
+    from torch.nn.utils import parametrize, prune
+
+    torch.manual_seed(0)
+    rnn = FastMLSTM(3, 6, 2).to(DEVICE)
+    plain = FastMLSTM(3, 6, 2).to(DEVICE)
+    x = torch.randn(4, 2, 3, device=DEVICE)
+
+    def replace(amount):  # prune `amount` of the entries, or scale by it; -> the new value
+        if how == "prune":
+            prune.l1_unstructured(rnn, name, amount=amount)
+        elif parametrize.is_parametrized(rnn, name):
+            rnn.parametrizations[name][0].factor = amount
+        else:
+            parametrize.register_parametrization(rnn, name, _Scale(amount))
+        return getattr(rnn, name).detach()
+
+    with torch.no_grad():
+        rnn(x)  # (cached weights, which a new mask or factor must replace)
+    for amount in (0.3, 0.6):
+        value = replace(amount)
+        plain.load_state_dict({**{k.removesuffix("_orig"): v for k, v in rnn.state_dict().items()
+                                  if "_mask" not in k and "parametrizations" not in k}, name: value})
+        with torch.no_grad():
+            expected = plain(x)[0]
+            assert torch.equal(rnn(x)[0], expected) and torch.equal(rnn.step(x[0])[0], plain.step(x[0])[0])
+    out = rnn(x)[0]
+    assert torch.equal(out, expected)
+    out.sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the problem, raised before any kernel runs.
 

@@ -43,6 +43,15 @@ def test_under_autocast_it_follows_autocasts_dtype_and_gradients_flow(no_native)
     torch.testing.assert_close(x.grad, w.detach().bfloat16().float().sum(0).expand_as(x), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_under_autocast_float64_stays_float64_as_with_f_linear(no_native, dtype):
+    # Autocast never casts float64 operands; this once rounded them to the autocast dtype.
+    x, w, b = _operands(torch.float64)
+    with torch.autocast("cpu", dtype=dtype):
+        got, expected = precision.linear(x, w, b), F.linear(x, w, b)
+    assert got.dtype == expected.dtype == torch.float64 and torch.equal(got, expected)
+
+
 def test_float32_and_native_cpus_are_plain_linear(monkeypatch):
     x, w, b = _operands(torch.float32)
     assert torch.equal(precision.linear(x, w, b), F.linear(x, w, b))
