@@ -86,7 +86,7 @@ class ByteLM(ModelFileMixin, nn.Module):
 
     def _weights(self, weights: MLSTMWeights | None, device_type: str) -> MLSTMWeights:
         weights = self.rnn.effective_weights() if weights is None else weights
-        dtype = autocast_dtype(device_type)
+        dtype = autocast_dtype(device_type, weights.weight_hh.dtype)
         return weights if dtype is None else cast_weights(weights, dtype)
 
     def input_tables(self, weights: MLSTMWeights | None = None) -> Tensor:

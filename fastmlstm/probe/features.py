@@ -146,7 +146,7 @@ def _run_sorted(model, seqs: list[bytes], weights, chunk: int, units: torch.Tens
     lengths = [len(s) for s in seqs]
     batch, _ = pad_bytes(seqs, device)
     # the state is in the dtype the recurrence accumulates in: float64 for a float64 model, else float32
-    state_dtype = accumulation_dtype(autocast_dtype(device.type) or weights.weight_hh.dtype)
+    state_dtype = accumulation_dtype(autocast_dtype(device.type, weights.weight_hh.dtype) or weights.weight_hh.dtype)
     h = torch.zeros(B, H, dtype=state_dtype, device=device)
     c = torch.zeros(B, H, dtype=state_dtype, device=device)
     trace = []

@@ -1,6 +1,7 @@
 """ByteLM: the gathered input tables equal the per-step projection, generation is seedable and can
 hold units fixed, save/load round-trips, bad input is refused."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import BACKENDS, DEVICE
@@ -144,3 +145,19 @@ def test_continuing_from_the_final_state_is_bit_exact():
             piece, state = model.hidden(x[:, cut[0]:cut[1]], state)
             pieces.append(piece)
     assert torch.equal(torch.cat(pieces, 1), whole) and torch.equal(state[0], h) and torch.equal(state[1], c)
+
+
+def test_a_float64_model_ignores_autocast_as_torch_does():
+    """Autocast never casts float64: a float64 ByteLM's logits and features under it are the ones
+    without it (the readout used to meet bfloat16 activations: a dtype error deep in the matmul)."""
+    from fastmlstm import probe
+
+    torch.manual_seed(0)
+    model = ByteLM(hidden_size=12, embed_size=4, backend="reference").double()
+    x = torch.tensor([list(b"autocast"), list(b"float64!")], dtype=torch.uint8)
+    texts = ["a float64 model", "autocast"]
+    plain, features = model(x)[0], probe.featurize(model, texts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, cast_features = model(x)[0], probe.featurize(model, texts)
+    assert cast.dtype == torch.float64 and torch.equal(cast, plain)
+    assert np.array_equal(cast_features, features)
