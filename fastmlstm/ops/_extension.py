@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.machinery
 import logging
 import re
@@ -28,6 +29,7 @@ __all__ = [
     "library_or_raise",
     "load_prebuilt_or_build",
     "outcome",
+    "place_key",
 ]
 
 
@@ -42,6 +44,14 @@ def aot_library(package_dir: Path, module: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def place_key(src_dir: Path) -> str:
+    """A short hash of where a build's inputs live: the sources' folder and this torch's installation
+    (its headers and libraries). torch's ninja file names both, so two checkouts, or two environments,
+    sharing a build folder rebuilt it each in turn, every process waiting on the other's build."""
+    where = f"{src_dir.resolve()}|{Path(torch.__file__).resolve().parent}"
+    return hashlib.sha256(where.encode()).hexdigest()[:8]
 
 
 def compiler_errors(error: BaseException, skip: Callable[[str], bool] = lambda line: False) -> str:

@@ -453,9 +453,12 @@ def test_build_directory_is_keyed_by_the_sources(monkeypatch, tmp_path):
     copy = tmp_path / "csrc"
     shutil.copytree(build.source_dir(), copy)
     monkeypatch.setattr(build, "source_dir", lambda: copy)
-    assert build.build_directory() == first  # same contents, same place
+    # same contents elsewhere: its own folder (ninja's file names the sources' paths, so two checkouts
+    # sharing one rebuilt it each in turn); the same place again: the same folder
+    assert build.build_directory() != first and build.build_directory() == build.build_directory()
+    same_place = build.build_directory()
     (copy / "mlstm_cpu.h").write_text((copy / "mlstm_cpu.h").read_text() + "\n// changed\n")
-    assert build.build_directory() != first  # another version of the sources never reuses the library
+    assert build.build_directory() != same_place  # another version of the sources never reuses the library
 
 
 def test_without_a_compiler_auto_falls_back_with_one_log_line(tmp_path):

@@ -7,9 +7,11 @@ The extension registers the operators ``torch.ops.fastmlstm_cpu.*`` (``TORCH_LIB
    ``FASTMLSTM_BUILD_CPU=1 pip install --no-build-isolation .`` (see ``setup.py``); skipped when the
    sources beside it are newer (an editable checkout that changed since);
 2. a build on first use with :func:`torch.utils.cpp_extension.load` (ninja and a C++ compiler; about
-   half a minute on two cores), cached in ``$TORCH_EXTENSIONS_DIR/fastmlstm_cpu/<python>-<torch>-<hash>/``
-   (default root ``~/.cache/torch_extensions``), where the hash covers the sources and the flags:
-   two checkouts, or two versions of the sources, never share or overwrite a build.
+   half a minute on two cores), cached in
+   ``$TORCH_EXTENSIONS_DIR/fastmlstm_cpu/<python>-<torch>-<hash>-<place>/`` (default root
+   ``~/.cache/torch_extensions``), where the hash covers the sources and the flags, and the place
+   the sources' folder and torch's installation: two checkouts, two environments, or two versions
+   of the sources, never share or overwrite a build.
 
 The sources are ``fastmlstm/ops/cpu/csrc/`` in an installed wheel (``setup.py`` copies them there)
 and ``csrc/cpu/`` in an editable install or a checkout.
@@ -38,6 +40,7 @@ from .._extension import (
     compiler_errors,
     entry_points,
     load_prebuilt_or_build,
+    place_key,
 )
 
 __all__ = [
@@ -110,11 +113,13 @@ def source_hash(directory: Path | None = None) -> str:
 
 
 def build_directory() -> Path:
-    """Where the first-use build goes (one directory per Python, torch and source hash)."""
+    """Where the first-use build goes: one directory per Python, torch, source hash and place (the
+    sources' folder and torch's installation, :func:`~fastmlstm.ops._extension.place_key`)."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    key = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{source_hash()}"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    key = f"{python}-torch{torch.__version__}-{source_hash()}-{place_key(source_dir())}"
     return Path(root) / LIBRARY / re.sub(r"[^0-9A-Za-z.+_-]+", "_", key)
 
 

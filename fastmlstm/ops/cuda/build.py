@@ -7,10 +7,11 @@ The extension registers two operators, ``torch.ops.fastmlstm_cuda.forward`` and 
    ``FASTMLSTM_BUILD_CUDA=1 pip install --no-build-isolation .`` (see ``setup.py``); skipped when the
    sources beside it are newer (an editable checkout that changed since);
 2. a build on first use with :func:`torch.utils.cpp_extension.load` (ninja), cached in
-   ``$TORCH_EXTENSIONS_DIR/fastmlstm_cuda/<python>-<torch>-<cuda>-<archs>/`` (default root
+   ``$TORCH_EXTENSIONS_DIR/fastmlstm_cuda/<python>-<torch>-<cuda>-<archs>-<place>/`` (default root
    ``~/.cache/torch_extensions``). The architectures are those of the visible GPUs, or
    ``TORCH_CUDA_ARCH_LIST`` when it is set; each combination gets its own directory, so switching
-   GPUs never loads a library built for another one.
+   GPUs never loads a library built for another one; the place (the sources' folder and torch's
+   installation) keeps two checkouts or environments from rebuilding one directory in turn.
 
 The sources are ``fastmlstm/ops/cuda/csrc/`` in an installed wheel (``setup.py`` copies them there)
 and ``csrc/`` at the top of the repository in an editable install or a checkout.
@@ -36,6 +37,7 @@ from .._extension import (
     compiler_errors,
     entry_points,
     load_prebuilt_or_build,
+    place_key,
 )
 
 __all__ = [
@@ -91,12 +93,13 @@ def _arch_tag() -> str:
 
 
 def build_directory() -> Path:
-    """Where the first-use build goes (one directory per Python, torch, CUDA and GPU architectures)."""
+    """Where the first-use build goes: one directory per Python, torch, CUDA, GPU architectures and
+    place (the sources' folder and torch's installation, :func:`~fastmlstm.ops._extension.place_key`)."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    key = f"{python}-torch{torch.__version__}-cu{torch.version.cuda}-{_arch_tag()}"
+    key = f"{python}-torch{torch.__version__}-cu{torch.version.cuda}-{_arch_tag()}-{place_key(source_dir())}"
     return Path(root) / LIBRARY / re.sub(r"[^0-9A-Za-z.+_-]+", "_", key)
 
 
