@@ -120,13 +120,22 @@ def _interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-@functools.lru_cache(maxsize=None)
+_STATUS: dict[str, tuple[bool, str]] = {}
+
+
 @torch.compiler.assume_constant_result  # torch.compile runs it eagerly and keeps its value: no import traced
 def _package_status(name: str) -> tuple[bool, str]:
-    try:
-        return REGISTRY[name].load().is_available()
-    except Exception as exc:  # ImportError, or a broken install raising anything else
-        return False, f"{type(exc).__name__}: {exc}"
+    """Whether backend ``name``'s package loads here, and why not; found once per process. (A dict,
+    not functools.lru_cache: Dynamo looks through an lru_cache wrapper, warning, whatever its mark.)"""
+    if name not in _STATUS:
+        try:
+            _STATUS[name] = REGISTRY[name].load().is_available()
+        except Exception as exc:  # ImportError, or a broken install raising anything else
+            _STATUS[name] = False, f"{type(exc).__name__}: {exc}"
+    return _STATUS[name]
+
+
+_package_status.cache_clear = _STATUS.clear  # as an lru_cache's: tests start from a fresh process's state
 
 
 def _pretty(device_type: str) -> str:
