@@ -124,6 +124,12 @@ def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def row_major_lengths(lengths: torch.Tensor | None) -> torch.Tensor | None:
+    """``lengths`` as a kernel reads them: one int per row at consecutive addresses (a strided view,
+    e.g. a column of a [B, 2] tensor, would otherwise be read at the wrong rows)."""
+    return None if lengths is None else lengths.contiguous()
+
+
 def empty_like_none(ref: torch.Tensor) -> torch.Tensor:
     """The placeholder for an output that was not asked for."""
     return ref.new_empty(0)

@@ -33,7 +33,7 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
         output, c_n, cell_states, act = ops.forward(
             proj.contiguous(), weight_hh.contiguous(), weight_hm.contiguous(),
             h0.float().contiguous(), c0.float().contiguous(),
-            None if lengths is None else lengths.contiguous(),
+            interface.row_major_lengths(lengths),
             bool(save_for_backward), bool(return_cell_states), interface.POISON_BUFFERS,
         )
     return output, c_n, cell_states, act
@@ -48,7 +48,7 @@ def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, 
             _optional(grad_output, dtype), _optional(grad_c_n, torch.float32),
             _optional(grad_cell_states, torch.float32),
             weight_hh.contiguous(), weight_hm.contiguous(), h0.float().contiguous(), c0.float().contiguous(),
-            None if lengths is None else lengths.contiguous(),
+            interface.row_major_lengths(lengths),
             output.contiguous(), cell_states.contiguous(), act.contiguous(), interface.POISON_BUFFERS,
         )
     return grad_proj, grad_weight_hh, grad_weight_hm, grad_h0, grad_c0

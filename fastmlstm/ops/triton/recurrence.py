@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from ..interface import empty_like_none, new_buffer, recurrent_weight_grads
+from ..interface import empty_like_none, new_buffer, recurrent_weight_grads, row_major_lengths
 from . import configs as _configs
 from .fused_step import HAS_GDC, bwd_h_kernel, bwd_m_kernel, fwd_m_kernel, fwd_z_kernel
 
@@ -74,11 +74,6 @@ def _check_devices(where: str, device: torch.device, **tensors) -> None:
             raise ValueError(f"fastmlstm triton backend ({where}): {name} is on {tensor.device} but the recurrence "
                              f"runs on {device}; every tensor must be on that device")
 
-
-def _row_major(lengths):
-    """lengths as the kernels read them: one int per row at consecutive addresses (a strided view,
-    e.g. a column of a [B, k] tensor, would otherwise be read at the wrong rows)."""
-    return None if lengths is None else lengths.contiguous()
 
 
 class _Launcher:
@@ -148,7 +143,7 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
     _check_sizes(B, H)
     dtype, device = proj.dtype, proj.device
     _check_devices("forward", device, weight_hh=weight_hh, weight_hm=weight_hm, h0=h0, c0=c0, lengths=lengths)
-    lengths = _row_major(lengths)
+    lengths = row_major_lengths(lengths)
     with _guard(device):
         return _forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, return_cell_states,
                         T, B, H, dtype, device)
@@ -200,7 +195,7 @@ def backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, 
     _check_devices("backward", device, grad_output=grad_output, grad_c_n=grad_c_n,
                    grad_cell_states=grad_cell_states, weight_hh=weight_hh, weight_hm=weight_hm, h0=h0, c0=c0,
                    lengths=lengths, cell_states=cell_states, act=act)
-    lengths = _row_major(lengths)
+    lengths = row_major_lengths(lengths)
     with _guard(device):
         return _backward(grad_output, grad_c_n, grad_cell_states, weight_hh, weight_hm, h0, c0, lengths, output,
                          cell_states, act, T, B, H, device)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..configs import FP_FUSION, Device
-from ...interface import empty_like_none, new_buffer, recurrent_weight_grads
+from ...interface import empty_like_none, new_buffer, recurrent_weight_grads, row_major_lengths
 from . import schedule as _schedule
 
 # Longest any single wait of a launch may take before the launch gives up (a step's wait is
@@ -89,10 +89,6 @@ def _plan(design: str, direction: str, B: int, H: int, dtype: torch.dtype, devic
     return sched
 
 
-def _row_major(lengths):
-    """lengths as the kernels read them: one int per row at consecutive addresses."""
-    return None if lengths is None else lengths.contiguous()
-
 
 def forward(design: str, device: Device | None, runner: Runner, proj, weight_hh, weight_hm, h0, c0, lengths,
             save_for_backward, return_cell_states, *, tiles: dict | None = None):
@@ -101,7 +97,7 @@ def forward(design: str, device: Device | None, runner: Runner, proj, weight_hh,
     T, B, H5 = proj.shape
     H = H5 // 5
     dtype, dev = proj.dtype, proj.device
-    lengths = _row_major(lengths)
+    lengths = row_major_lengths(lengths)
     keep_cells = save_for_backward or return_cell_states
     h = new_buffer((T + 1, B, H), dtype, dev)
     h[0] = h0.to(dtype)
@@ -125,7 +121,7 @@ def backward(design: str, device: Device | None, runner: Runner, grad_output, gr
     """The backward contract through ``design``'s schedule for ``device``, run by ``runner``."""
     T, B, H = output.shape
     dtype, dev = output.dtype, output.device
-    lengths = _row_major(lengths)
+    lengths = row_major_lengths(lengths)
     grad_proj = new_buffer((T, B, 5 * H), dtype, dev)
     ghm = new_buffer((T + 1, B, H), dtype, dev)
     ghm[T] = 0
