@@ -90,7 +90,7 @@ def test_bf16_vnni_layer_matches_float64_truth(gemm, shape, ragged):
     if gemm not in _bf16_gemms():
         pytest.skip("no native bfloat16 GEMM on this CPU; the portable twin of the same path ran")
     T, B, I, H = shape
-    assert recurrence.layout(torch.bfloat16, B, H, I) in (recurrence.VNNI, recurrence.FLOAT32)
+    # Not the default layout's check: without bfloat16 dot products a batch of a few rows is NARROW.
     with recurrence.forced_bf16_gemm(gemm):
         assert recurrence.layout(torch.bfloat16, B, H, I) == recurrence.VNNI
         key = (torch.bfloat16, T, B, I, H, _ragged_lengths(T, B) if ragged else None)
