@@ -178,7 +178,9 @@ def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 
 def unit_threshold(values: np.ndarray, y: np.ndarray, sign: int, positive) -> tuple[float, float]:
     """The threshold t maximizing the accuracy of ``sign * (v - t) > 0 -> positive`` on (values, y),
-    and that accuracy. Thresholds are midpoints between sorted distinct values (or beyond the ends)."""
+    and that accuracy. Thresholds are midpoints between sorted distinct values (or beyond the ends);
+    among equally accurate ones, the (lower) median, so that the same data coded the other way
+    round (the other class positive, the opposite sign) gives the same threshold."""
     v = sign * np.asarray(values, dtype=np.float64)
     is_pos = np.asarray(y) == positive
     order = np.argsort(v, kind="stable")
@@ -191,14 +193,10 @@ def unit_threshold(values: np.ndarray, y: np.ndarray, sign: int, positive) -> tu
     correct = neg_below + pos_above  # k = 0 .. n
     valid = np.ones(n + 1, dtype=bool)
     valid[1:n] = v[1:] > v[:-1]  # a cut between equal values is not realizable
-    k = int(np.argmax(np.where(valid, correct, -1)))
-    if k == 0:
-        t = v[0] - 1.0
-    elif k == n:
-        t = v[-1] + 1.0
-    else:
-        t = (v[k - 1] + v[k]) / 2
-    return float(sign * t), float(correct[k] / n)
+    cuts = np.concatenate([[v[0] - 1.0], (v[:-1] + v[1:]) / 2, [v[-1] + 1.0]])  # the threshold of cut k
+    best = np.flatnonzero(valid & (correct == correct[valid].max()))
+    tied = np.sort(sign * cuts[best])  # in the unit's own values, which do not depend on the coding
+    return float(tied[(len(tied) - 1) // 2]), float(correct[best[0]] / n)
 
 
 @dataclass
@@ -257,7 +255,10 @@ class LinearProbe:
         x = self._features(x)
         if self.sentiment_unit is None:
             raise InputError("this probe has no sentiment unit: every weight is zero at the chosen C")
-        above = self.unit_sign * (x[:, self.sentiment_unit] - self.unit_threshold) > 0
+        # in float64, as the threshold was chosen: a float32 difference rounds a threshold between two
+        # adjacent float32 values onto one of them, and that value lands on the wrong side
+        values = x[:, self.sentiment_unit].astype(np.float64)
+        above = self.unit_sign * (values - self.unit_threshold) > 0
         return np.where(above, self.classes[1], self.classes[0])
 
     def unit_score(self, x, y) -> float:
@@ -292,9 +293,15 @@ def _select_C(train_x, train_y, dev_x, dev_y, Cs, penalty, cv, seed) -> tuple[fl
                 accs.append(np.mean(clf.predict(train_x[val_idx]) == train_y[val_idx]))
             scores[C] = float(np.mean(accs))
         selection = f"cv{k}"
+    return _best_C(scores), selection, scores
+
+
+def _best_C(scores: dict[float, float]) -> float:
+    """The C of the best score; of tied ones the smallest (the strongest regularization), whatever
+    the order of the grid: the released demo's ``argmax`` over its ascending grid. Scores within
+    1e-9 tie: a mean of fold accuracies sums the same numbers in another order to another float."""
     best = max(scores.values())
-    C = next(c for c in Cs if scores[c] == best)  # ties: the strongest regularization, as the released demo
-    return C, selection, scores
+    return min(c for c, s in scores.items() if s >= best - 1e-9)
 
 
 def _check_Cs(Cs) -> list[float]:
@@ -345,7 +352,7 @@ def train_probe(
         dev_x, dev_y: optional dev split to choose C on (else ``cv``-fold stratified
             cross-validation on the training data).
         Cs: inverse regularization strengths to try (default 2^-8 .. 2^0, the released demo's);
-            a single value skips the search.
+            a single value skips the search. Of equally good ones the smallest is chosen.
         penalty: ``"l1"`` (the paper) or ``"l2"``.
         cv: folds for choosing C without dev data.
         seed: for the folds and the solver.

@@ -39,6 +39,7 @@ from .linear import (
     C_GRID,
     DataEfficiency,
     LinearProbe,
+    _best_C,
     _fit,
     check_features,
     check_known_classes,
@@ -120,16 +121,22 @@ def _pair_featurize(featurize_fn, split: PairSplit) -> np.ndarray:
 
 
 def _limit(split, limit: int | None, seed: int, stratify: bool):
+    """``split`` cut to ``limit`` examples at random; with ``stratify``, each class in proportion
+    (largest remainders) and at least one of each: exactly ``limit`` of them."""
     if limit is None or len(split) <= limit:
         return split
-    labels = split.labels
-    counts = np.unique(labels, return_counts=True)[1] if stratify else []
-    if len(counts) > 1 and counts.min() >= 2:
-        _, index = stratified_holdout(labels, limit / len(labels), seed)
-        index = index[:limit]
-    else:
-        index = np.sort(np.random.default_rng(seed).choice(len(split), size=limit, replace=False))
-    return split.subset(index)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(split.labels, return_counts=True)
+    if not stratify or len(classes) > limit:
+        return split.subset(np.sort(rng.choice(len(split), size=limit, replace=False)))
+    share = counts * limit / len(split)
+    take = np.floor(share).astype(int)
+    take[np.argsort(take - share, kind="stable")[:limit - take.sum()]] += 1  # the largest remainders
+    for c in np.flatnonzero(take == 0):  # a class too small for a share of its own: one example, from the largest
+        take[np.argmax(take)] -= 1
+        take[c] = 1
+    index = [rng.choice(np.flatnonzero(split.labels == c), size=k, replace=False) for c, k in zip(classes, take)]
+    return split.subset(np.sort(np.concatenate(index)))
 
 
 def _holdout(split, fraction: float, seed: int, stratify: bool):
@@ -176,6 +183,10 @@ def _check_classes(task: str, splits: dict, limit: int | None) -> dict:
             y = split.labels
             if y.dtype.kind not in "iuf" or not np.all((y >= 1) & (y <= 5)):
                 raise InputError(f"{task}: the {name} labels must be relatedness scores, numbers in [1, 5]")
+            if np.all(y == y[0]):
+                raise InputError(f"{task}: the {name} split{after} has one relatedness score only ({y[0]:g}): "
+                                 "a model cannot learn from it, and Pearson r and Spearman rho on it are "
+                                 "undefined; give scores that vary")
         return splits
     splits = {name: dataclasses.replace(split, labels=check_labels(split.labels, name=f"{task}: the {name} labels"))
               for name, split in splits.items()}
@@ -291,6 +302,22 @@ def _cross_validation(featurize_fn, task, split: TextSplit, *, Cs, seed, folds: 
     return TaskResult(metrics, full, x, y, x, y)
 
 
+def _check_scores(scores, n: int) -> np.ndarray:
+    """``scores`` as [n] float64 relatedness scores in [1, 5], not all equal."""
+    scores = np.asarray(scores)
+    if scores.shape != (n,):
+        raise InputError(f"scores must be {n} relatedness scores, one per row of x; got shape {scores.shape}")
+    if scores.dtype.kind not in "iuf":
+        raise InputTypeError(f"scores must be numbers (relatedness scores in [1, 5]), got dtype {scores.dtype}")
+    outside = np.flatnonzero(~((scores >= 1) & (scores <= 5)))
+    if len(outside):
+        raise InputError(f"scores must be relatedness scores in [1, 5], got {scores[outside[0]].item()!r} at index "
+                         f"{outside[0]}")
+    if np.all(scores == scores[0]):
+        raise InputError(f"the scores are all {scores[0]:g}: the model cannot learn from one score")
+    return scores.astype(np.float64)
+
+
 def fit_relatedness(x: np.ndarray, scores: np.ndarray, C: float, seed: int = 0):
     """Fit the SICK relatedness model; returns ``predict(x) -> expected score``.
 
@@ -302,11 +329,12 @@ def fit_relatedness(x: np.ndarray, scores: np.ndarray, C: float, seed: int = 0):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    x = check_features(x, name="relatedness features")
+    scores = _check_scores(scores, len(x))
     # |u - v| and u * v differ in scale by orders of magnitude; standardizing them keeps L-BFGS
     # from crawling at weak regularization.
     scaler = StandardScaler().fit(x)
     x = scaler.transform(x)
-    scores = np.asarray(scores, dtype=np.float64)
     low = np.clip(np.floor(scores), 1, 4).astype(int)
     w_high = scores - low
     rows = np.concatenate([np.arange(len(scores)), np.arange(len(scores))])
@@ -323,13 +351,13 @@ def _relatedness(featurize_fn, task, splits, *, seed) -> TaskResult:
     from scipy.stats import pearsonr, spearmanr
 
     train, dev, evaluation, notes = _plan(splits, seed, stratify=False)
-    tx, dx, ex = (_pair_featurize(featurize_fn, s) for s in (train, dev, evaluation))
-    best = None
+    tx, dx, ex = (check_features(_pair_featurize(featurize_fn, s), name=f"{name} pair features")
+                  for s, name in ((train, "train"), (dev, "dev"), (evaluation, "evaluation")))
+    scores = {}
     for C in C_RELATEDNESS:
         r = pearsonr(fit_relatedness(tx, train.labels, C, seed)(dx), dev.labels)[0]
-        if best is None or r > best[0]:
-            best = (r, C)
-    C = best[1]
+        scores[C] = -np.inf if np.isnan(r) else float(r)  # NaN: constant predictions
+    C = _best_C(scores)
     pred = fit_relatedness(tx, train.labels, C, seed)(ex)
     y = evaluation.labels
     metrics = {"pearson": float(pearsonr(pred, y)[0]), "spearman": float(spearmanr(pred, y)[0]),

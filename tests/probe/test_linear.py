@@ -1,12 +1,28 @@
-"""The linear probe finds a planted informative unit; C selection; the single-unit classifier;
-the data-efficiency curve; the paper's evaluation protocols on synthetic data; bad labels."""
+"""The linear probe finds a planted informative unit; C selection (against a hand-written
+sklearn sweep, ties); the single-unit classifier; the data-efficiency curve; the paper's
+evaluation protocols on synthetic data, their metrics recomputed; bad labels."""
+
+import warnings
 
 import numpy as np
 import pytest
+from scipy.optimize import minimize
+from scipy.stats import pearsonr, spearmanr
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
 
 from fastmlstm.data.datasets import PairSplit, TextSplit
-from fastmlstm.probe import data_efficiency, evaluate, train_probe, unit_threshold
-from fastmlstm.probe.linear import default_sizes, stratified_holdout
+from fastmlstm.errors import InputError
+from fastmlstm.probe import (
+    data_efficiency,
+    evaluate,
+    fit_relatedness,
+    linear,
+    pair_features,
+    train_probe,
+    unit_threshold,
+)
+from fastmlstm.probe.linear import C_GRID, default_sizes, stratified_holdout
 
 F, UNIT = 48, 29
 
@@ -224,3 +240,201 @@ def test_evaluate_rejects_unknown_tasks_and_one_class_data():
         evaluate(fake_featurizer, "mr", splits={"all": one})
     with pytest.raises(TypeError, match="callable"):
         evaluate("not a model", "mr", splits={"all": split})
+
+
+# ------------------------------------------------------------------------------------------
+# C, the unit and its threshold, checked against independent computations.
+
+
+def sweep(n, seed):
+    """Features where several C of the grid reach the same dev accuracy."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 40)).astype(np.float32)
+    return x, (x[:, 5] + 0.5 * rng.normal(size=n) > 0).astype(int)
+
+
+def test_C_is_the_released_demos_choice():
+    """The released demo's train_with_reg_cv: liblinear L1 at each C (seed + i), argmax of the
+    dev accuracy over the ascending grid (first, i.e. smallest, of ties), refit at seed + len(C)."""
+    (x, y), (dx, dy) = sweep(300, 0), sweep(100, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = [LogisticRegression(C=c, penalty="l1", solver="liblinear", random_state=i, max_iter=1000)
+                  .fit(x, y).score(dx, dy) for i, c in enumerate(C_GRID)]
+        C = C_GRID[int(np.argmax(scores))]
+        ref = LogisticRegression(C=C, penalty="l1", solver="liblinear", random_state=len(C_GRID), max_iter=1000)
+        ref.fit(x, y)
+    probe = train_probe(x, y, dx, dy)
+    assert list(probe.scores.values()) == scores and probe.C == C
+    np.testing.assert_array_equal(probe.weights, ref.coef_[0])
+    assert probe.sentiment_unit == int(np.argmax(np.abs(ref.coef_[0]))) == 5
+    assert sorted(scores).count(max(scores)) > 1  # the data has ties, so the next test means something
+
+
+def test_ties_go_to_the_smallest_C_in_any_grid_order():
+    (x, y), (dx, dy) = sweep(300, 0), sweep(100, 1)
+    asc = train_probe(x, y, dx, dy)
+    assert train_probe(x, y, dx, dy, Cs=C_GRID[::-1]).C == asc.C == 2.0 ** -6
+    assert train_probe(x, y, dx, dy, Cs=[0.5, 2.0 ** -6, 1.0, 2.0 ** -4]).C == 2.0 ** -6
+    # a mean of fold accuracies that sums the same numbers in another order is still a tie
+    from fastmlstm.probe.linear import _best_C
+
+    assert _best_C({0.5: 0.1 + 0.2, 0.25: 0.3}) == 0.25 and _best_C({0.5: 0.31, 0.25: 0.3}) == 0.5
+
+
+def test_unit_predictions_use_the_threshold_chosen_on_train():
+    """The best cut lies between two adjacent float32 values; compared in float32, the threshold
+    rounded onto the upper one and misclassified it."""
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    x = (0.01 * rng.normal(size=(200, 6))).astype(np.float32)
+    x[:, 2] = np.where(y == 1, rng.uniform(0.25, 1, 200), rng.uniform(-0.5, 0.25, 200))
+    x[0, 2] = np.nextafter(np.float32(0.25), np.float32(1))  # a negative ...
+    x[1, 2] = np.nextafter(x[0, 2], np.float32(1))           # ... and the next float32 up, a positive
+    probe = train_probe(x, y, Cs=[1.0])
+    assert probe.sentiment_unit == 2 and probe.unit_train_accuracy == 1.0
+    assert probe.unit_score(x, y) == 1.0
+    np.testing.assert_array_equal(probe.unit_predict(x[:2]), [0, 1])
+
+
+def test_unit_threshold_does_not_depend_on_the_label_coding():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        v = np.round(rng.normal(size=30), 1)  # ties of values and of accuracies
+        y = rng.integers(0, 2, 30)
+        for sign in (1, -1):
+            assert unit_threshold(v, y, sign, 1) == unit_threshold(v, 1 - y, -sign, 1)
+            assert unit_threshold(v, y, sign, 1) == unit_threshold(v, np.array(["a", "b"])[y], sign, "b")
+    # the 10-fold protocol scores the unit the same with labels coded 0/1 and 1/0
+    split = text_split(300, 0)
+    flipped = TextSplit(split.texts, 1 - split.labels)
+    a, b = (evaluate(fake_featurizer, "mr", splits={"all": s}).metrics for s in (split, flipped))
+    assert a["unit_accuracy"] == b["unit_accuracy"] and a["unit_sign"] == -b["unit_sign"]
+    assert a["unit_threshold"] == b["unit_threshold"] and a["accuracy"] == b["accuracy"]
+
+
+def test_curve_draws_only_training_rows_and_is_reproducible(monkeypatch):
+    x, y = planted(200, 0)
+    x[:, 0] = np.arange(200)  # row ids
+    dx, dy = planted(80, 1)
+    tx, ty = planted(100, 2)
+    drawn = []
+    fit = linear.train_probe
+    def spy(a, b, *args, **kw):
+        drawn.append(a[:, 0])
+        return fit(a, b, *args, **kw)
+
+    monkeypatch.setattr(linear, "train_probe", spy)
+    curve = data_efficiency(x[:150], y[:150], tx, ty, dev_x=dx, dev_y=dy, sizes=[5, 40, 150], draws=4, seed=3)
+    assert [len(d) for d in drawn] == [5] * 4 + [40] * 4 + [150]
+    for d in drawn:
+        assert len(np.unique(d)) == len(d) and d.max() < 150  # without replacement, from the pool only
+        assert len(np.unique(y[d.astype(int)])) == 2
+    assert len({tuple(np.sort(d)) for d in drawn[:4]}) == 4  # the draws differ
+    again = data_efficiency(x[:150], y[:150], tx, ty, dev_x=dx, dev_y=dy, sizes=[5, 40, 150], draws=4, seed=3)
+    np.testing.assert_array_equal(again.accuracies, curve.accuracies)
+    np.testing.assert_array_equal(np.concatenate(drawn[9:18]), np.concatenate(drawn[:9]))
+
+
+def test_limit_keeps_every_class_and_exactly_limit_examples():
+    """A stratified cut of 5 from 60 + 2 kept 6 and dropped the last by position: here the
+    minority class, which then was missing from the training split."""
+    y = np.array([0] * 60 + [1] * 2)
+    splits = {"train": TextSplit([f"item {i} was {'good' if v else 'bad'}" for i, v in enumerate(y)], y),
+              "dev": text_split(20, 1), "test": text_split(20, 2)}
+    m = evaluate(fake_featurizer, "sst2", splits=splits, limit=5).metrics
+    assert m["n_train"] == 5 and m["n_dev"] == 5 and m["n_eval"] == 5  # (the property: test_properties.py)
+
+
+def test_pair_features_and_the_msrp_metrics():
+    u, v = np.array([[1.0, -2.0], [0.5, 0.0]]), np.array([[3.0, 1.0], [0.5, -1.0]])
+    np.testing.assert_array_equal(pair_features(u, v), [[2, 3, 3, -2], [0, 1, 0.25, 0]])
+    np.testing.assert_array_equal(pair_features(u, v), pair_features(v, u))  # a pair has no order
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    first = [f"s{i} good" for i in range(300)]
+    second = [f"t{i} {'good' if label else ('awful' if i % 3 else 'good')}" for i, label in enumerate(y)]
+    splits = {"train": PairSplit(first[:200], second[:200], y[:200]),
+              "test": PairSplit(first[200:], second[200:], y[200:])}
+    def words(texts):  # deterministic, unlike fake_featurizer, so the pair features can be recomputed
+        return np.array([[sum(WORDS.get(w, 0.0) for w in t.split()), len(t) % 7, t.count("a")] for t in texts])
+
+    r = evaluate(words, "msrp", splits=splits)
+    np.testing.assert_array_equal(r.eval_features, pair_features(words(first[200:]), words(second[200:])))
+    pred = r.probe.predict(r.eval_features)
+    assert 60 < r.metrics["accuracy"] < 100 and r.metrics["accuracy"] == pytest.approx(100 * np.mean(pred == y[200:]))
+    assert r.metrics["f1"] == pytest.approx(100 * f1_score(y[200:], pred))
+
+
+def soft_target_regression(x, scores, C):
+    """Tai et al. (2015)'s sparse target distribution, fit by a multinomial logistic regression with
+    sklearn's L2 objective on standardized features, written out in NumPy: the expected score."""
+    mu, sd = x.mean(0), x.std(0)
+    z = (x - mu) / sd
+    low = np.minimum(np.floor(scores).astype(int), 4)
+    p = np.zeros((len(scores), 5))
+    p[np.arange(len(scores)), low - 1] = low + 1 - scores
+    p[np.arange(len(scores)), low] = scores - low
+    d = z.shape[1]
+
+    def loss(theta):
+        w, b = theta[:5 * d].reshape(d, 5), theta[5 * d:]
+        logits = z @ w + b
+        top = logits.max(1, keepdims=True)
+        logq = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+        g = C * (np.exp(logq) - p)
+        return -C * np.sum(p * logq) + 0.5 * np.sum(w ** 2), np.concatenate([(z.T @ g + w).ravel(), g.sum(0)])
+
+    theta = minimize(loss, np.zeros(5 * d + 5), jac=True, method="L-BFGS-B", options={"gtol": 1e-10, "maxiter": 5000}).x
+
+    def predict(t):
+        logits = (t - mu) / sd @ theta[:5 * d].reshape(d, 5) + theta[5 * d:]
+        q = np.exp(logits - logits.max(1, keepdims=True))
+        return (q / q.sum(1, keepdims=True)) @ np.arange(1, 6)
+
+    return predict
+
+
+def test_relatedness_model_and_metrics_match_an_independent_computation():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(300, 5))
+    v = u + rng.normal(scale=rng.uniform(0.1, 2, size=(300, 1)), size=(300, 5))
+    x = pair_features(u, v)
+    s = np.clip(5 - 1.5 * np.abs(u - v).mean(1) + rng.normal(scale=0.2, size=300), 1, 5)
+    ours = fit_relatedness(x[:200], s[:200], 0.25)(x[200:])
+    np.testing.assert_allclose(ours, soft_target_regression(x[:200].astype(np.float64), s[:200], 0.25)(x[200:]),
+                               atol=0.02)
+    r = evaluate(fake_featurizer, "sick", splits=relatedness_splits())
+    m, y = r.metrics, r.eval_labels
+    pred = fit_relatedness(r.train_features, r.train_labels, m["C"])(r.eval_features)
+    assert m["pearson"] == pytest.approx(pearsonr(pred, y)[0]) and m["spearman"] == pytest.approx(spearmanr(pred, y)[0])
+    assert m["mse"] == pytest.approx(np.mean((pred - y) ** 2))
+
+
+def relatedness_splits(n=200):
+    rng = np.random.default_rng(1)
+    k = rng.integers(0, 3, n)
+    second = [f"b{i} " + " ".join(["good"] * int(3 * j)) for i, j in enumerate(k)]
+    scores = np.clip(1.0 + 2.0 * k + rng.uniform(-0.3, 0.3, n), 1, 5)
+    first = [f"a{i}" for i in range(n)]
+    return {"train": PairSplit(first[:120], second[:120], scores[:120]),
+            "dev": PairSplit(first[120:160], second[120:160], scores[120:160]),
+            "test": PairSplit(first[160:], second[160:], scores[160:])}
+
+
+def test_relatedness_refuses_what_it_cannot_fit_or_score():
+    splits = relatedness_splits()
+    with pytest.raises(InputError, match="train pair features contain NaN"):
+        evaluate(lambda texts: np.full((len(texts), 4), np.nan), "sick", splits=splits)
+    for name in ("train", "test"):
+        one = PairSplit(splits[name].first, splits[name].second, np.full(len(splits[name]), 3.0))
+        bad = dict(splits, **{name: one})
+        with pytest.raises(InputError, match=f"the {name} split has one relatedness score only"):
+            evaluate(fake_featurizer, "sick", splits=bad)
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    with pytest.raises(InputError, match=r"in \[1, 5\], got 6.0 at index 2"):
+        fit_relatedness(x, [1.0, 2.0, 6.0, 3.0, 4.0, 5.0], 1.0)
+    with pytest.raises(InputError, match="all 3"):
+        fit_relatedness(x, np.full(6, 3.0), 1.0)
+    with pytest.raises(InputError, match="NaN"):
+        fit_relatedness(np.full((6, 3), np.nan), np.arange(1.0, 7.0) % 5 + 1, 1.0)

@@ -1,5 +1,6 @@
 """Property tests: featurize takes any byte string and any Unicode text without a crash, and the
-command line featurizes exactly the bytes the Python API does."""
+command line featurizes exactly the bytes the Python API does; the single-unit threshold is the
+best cut whichever way the labels are coded; ``limit`` keeps every class, in proportion."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,9 @@ from hypothesis import strategies as st
 
 import fastmlstm
 from fastmlstm.cli import main
-from fastmlstm.probe import featurize, preprocess
+from fastmlstm.data.datasets import TextSplit
+from fastmlstm.probe import featurize, preprocess, unit_threshold
+from fastmlstm.probe.tasks import _limit
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -56,3 +59,32 @@ def test_the_cli_featurizes_the_bytes_the_api_does(model, tmp_path_factory, line
     assert code == 0
     expected = featurize(model[0], [line.removesuffix(b"\r") for line in lines])
     np.testing.assert_array_equal(np.load(folder / "out.npy"), expected)
+
+
+VALUES = [-1.0, -0.5, 0.0, 0.25, float(np.nextafter(np.float32(0.25), np.float32(1))), 0.5, 2.0]  # ties on purpose
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.sampled_from(VALUES), st.booleans()), min_size=1, max_size=30), st.sampled_from([1, -1]))
+def test_unit_threshold_is_the_best_cut_whichever_way_the_labels_are_coded(pairs, sign):
+    v = np.array([p[0] for p in pairs])
+    y = np.array([p[1] for p in pairs]).astype(int)
+    t, acc = unit_threshold(v, y, sign, 1)
+    assert acc == np.mean((sign * (v - t) > 0) == (y == 1))
+    cuts = np.concatenate([[v.min() - 1], (np.unique(v)[1:] + np.unique(v)[:-1]) / 2, [v.max() + 1]])
+    assert acc == max(np.mean((sign * (v - c) > 0) == (y == 1)) for c in cuts)
+    assert unit_threshold(v, 1 - y, -sign, 1) == (t, acc)  # 1/0 instead of 0/1: the same classifier
+    assert unit_threshold(v, np.array(["neg", "pos"])[y], sign, "pos") == (t, acc)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.integers(1, 60), st.integers(1, 60), st.integers(2, 120), st.integers(0, 2**32 - 1), st.booleans())
+def test_limit_cuts_to_limit_examples_keeping_every_class_in_proportion(n0, n1, limit, seed, shuffle):
+    labels = np.repeat([0, 1], [n0, n1])
+    if shuffle:
+        labels = np.random.default_rng(seed).permutation(labels)
+    cut = _limit(TextSplit([str(i) for i in range(n0 + n1)], labels), limit, seed, True)
+    counts = np.bincount(cut.labels, minlength=2)
+    assert len(cut) == min(limit, n0 + n1) and len(set(cut.texts)) == len(cut) and counts.min() >= 1
+    share = np.array([n0, n1]) * len(cut) / (n0 + n1)
+    assert np.all(np.abs(counts - share) < 1) or share.min() < 1  # a class under one share gets one
