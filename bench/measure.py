@@ -68,7 +68,8 @@ def _summarize(times_ms: list[float]) -> Timing:
 
 
 def _call_count(estimate_ms: float, budget_ms: float, lo: int, hi: int) -> int:
-    return int(min(hi, max(lo, budget_ms / max(estimate_ms, 1e-3))))
+    """Calls that fill ``budget_ms``, at least ``lo`` (``min_runs`` wins over the cap ``hi``)."""
+    return int(max(lo, min(hi, budget_ms / max(estimate_ms, 1e-3))))
 
 
 def time_calls(fn, device: torch.device, *, warmup_ms: float, rep_ms: float, min_runs: int,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import posixpath
 import sys
 from collections import defaultdict
@@ -30,6 +31,18 @@ MODE_UNITS = {"fwd": "B x T", "fwd+bwd": "B x T", "step": "B", "featurize": "tex
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+def write_atomic(path: Path, content) -> None:
+    """``content`` (text, or a function writing the file it is given) into a file beside ``path``, then
+    renamed over it: a crash or a full disk leaves the old file whole, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        tmp.write_text(content) if isinstance(content, str) else content(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
 
 def baseline_name(doc: dict) -> str:
     return "cudnn-lstm" if doc.get("device_type") == "cuda" else "nn-lstm"
@@ -57,24 +70,31 @@ def _rate(x: float) -> str:
     return f"{x:.0f}"
 
 
+def beside_limit(value: float, limit: float, *, at_most=True, digits=2, unit="x", scale=1) -> str:
+    """``value * scale`` with ``digits`` decimals, or more, so that it passes or fails ``limit`` (a lower
+    bound unless ``at_most``) as the value does: 1.2503 against <= 1.25 reads 1.2503x, not 1.25x."""
+    shown_limit, side = round(limit * scale, 9), value <= limit if at_most else value >= limit
+    for d in range(digits, digits + 8):
+        text = f"{value * scale:.{d}f}"
+        if (float(text) <= shown_limit if at_most else float(text) >= shown_limit) == side:
+            break
+    return text + unit
+
+
 def _mem(x) -> str:
     return "n/a" if x is None else f"{x:,.1f}"
-
-
-def _key(r: dict) -> tuple:
-    return (r["mode"], r["dtype"], r["H"], r["B"])
 
 
 def index(doc: dict) -> dict:
     """(mode, dtype, H, B) -> {impl: record}."""
     table = defaultdict(dict)
     for r in doc["results"]:
-        table[_key(r)][r["impl"]] = r
+        table[(r["mode"], r["dtype"], r["H"], r["B"])][r["impl"]] = r
     return table
 
 
 def _cases(doc: dict, mode: str):
-    keys = {_key(r) for r in doc["results"] if r["mode"] == mode}
+    keys = {(r["mode"], r["dtype"], r["H"], r["B"]) for r in doc["results"] if r["mode"] == mode}
     return sorted(keys, key=lambda k: (DTYPE_ORDER.index(k[1]) if k[1] in DTYPE_ORDER else 9, k[2], k[3]))
 
 
@@ -98,23 +118,14 @@ def _commit(doc: dict) -> str:
 
 
 def _device_line(doc: dict) -> str:
-    kind = "GPU" if doc.get("device_type") == "cuda" else "CPU"
-    return f"{doc['device']} ({kind})"
+    return f"{doc['device']} ({'GPU' if doc.get('device_type') == 'cuda' else 'CPU'})"
 
 
 # ------------------------------------------------------------------------------------------ targets
 
-def _find(doc, impl, mode, dtype, H, B):
-    for r in doc["results"]:
-        if (r["impl"], r["mode"], r["dtype"], r["H"], r["B"]) == (impl, mode, dtype, H, B):
-            return r
-    return None
-
-
 def _fast(doc, mode, dtype, H, B):
-    rows = [r for r in doc["results"] if r["impl"] in ("fastmlstm-triton", "fastmlstm-cuda")
-            and (r["mode"], r["dtype"], r["H"], r["B"]) == (mode, dtype, H, B)]
-    return min(rows, key=lambda r: r["median_ms"]) if rows else None
+    gpu = ("fastmlstm-triton", "fastmlstm-cuda")
+    return _fastest_fastmlstm({i: r for i, r in index(doc).get((mode, dtype, H, B), {}).items() if i in gpu})
 
 
 GPU_TARGETS = (
@@ -141,19 +152,17 @@ def _gpu_targets(doc: dict) -> list[tuple[str, str, str]]:
     out = []
 
     def judge(name, fast, other, ok_fn, text_fn):
-        if fast is None or other is False:
-            out.append((name, "not measured", "not measured"))
-        else:
-            out.append((name, text_fn(), "met" if ok_fn() else "missed"))
+        unmeasured = (name, "not measured", "not measured")
+        out.append(unmeasured if fast is None or other is False else (name, text_fn(), "met" if ok_fn() else "missed"))
 
     f = _fast(doc, "fwd+bwd", "bfloat16", 4096, 128)
     for name, other, factor in zip(GPU_TARGETS[:3], ("cudnn-lstm", "mlstm-eager", "mlstm-compile"), (1.0, 5.0, 2.0)):
-        o = _find(doc, other, "fwd+bwd", "bfloat16", 4096, 128)
+        o = index(doc).get(("fwd+bwd", "bfloat16", 4096, 128), {}).get(other)
         judge(name, f, o or False, lambda o=o, factor=factor: o["median_ms"] >= factor * f["median_ms"],
-              lambda o=o: f"{f['impl']} {_ms(f['median_ms'])} ms vs {_ms(o['median_ms'])} ms "
-                          f"({o['median_ms'] / f['median_ms']:.2f}x)")
+              lambda o=o, factor=factor: f"{f['impl']} {_ms(f['median_ms'])} ms vs {_ms(o['median_ms'])} ms "
+                          f"({beside_limit(o['median_ms'] / f['median_ms'], factor, at_most=False)})")
     f = _fast(doc, "fwd+bwd", "bfloat16", 1024, 64)
-    o = _find(doc, "cudnn-lstm", "fwd+bwd", "float16", 1024, 64)
+    o = index(doc).get(("fwd+bwd", "float16", 1024, 64), {}).get("cudnn-lstm")
     judge(GPU_TARGETS[3], f, o or False, lambda: f["median_ms"] <= o["median_ms"],
           lambda: f"{f['impl']} {_ms(f['median_ms'])} ms vs {_ms(o['median_ms'])} ms")
     feats = [r for r in doc["results"] if r["impl"] in ("fastmlstm-triton", "fastmlstm-cuda")
@@ -163,41 +172,38 @@ def _gpu_targets(doc: dict) -> list[tuple[str, str, str]]:
           lambda: f"{f['impl']} {f['dtype']} B={f['B']}: {f['chars_per_s']:,.0f} chars/s")
     f = _fast(doc, "step", "bfloat16", 4096, 1)
     judge(GPU_TARGETS[5], f, None, lambda: f["median_ms"] <= 0.061,
-          lambda: f"{f['impl']} {f['median_ms'] * 1e3:.1f} us")
+          lambda: f"{f['impl']} {beside_limit(f['median_ms'], 0.061, digits=1, unit=' us', scale=1e3)}")
     f = _fast(doc, "train", "bfloat16", 4096, 128)
     judge(GPU_TARGETS[6], f, None, lambda: f["chars_per_s"] >= 5e5,
           lambda: f"{f['impl']} {f['chars_per_s']:,.0f} chars/s")
     f = _fast(doc, "fwd+bwd", "bfloat16", 4096, 128)
-    o = _find(doc, "cudnn-lstm", "fwd+bwd", "bfloat16", 4096, 128)
+    o = index(doc).get(("fwd+bwd", "bfloat16", 4096, 128), {}).get("cudnn-lstm")
     ok = f is not None and o is not None and f["activation_mem_mb"] is not None and bool(o["activation_mem_mb"])
     judge(GPU_TARGETS[7], f, o if ok else False, lambda: f["activation_mem_mb"] <= 1.5 * o["activation_mem_mb"],
           lambda: f"{f['impl']} {_mem(f['activation_mem_mb'])} MiB vs {_mem(o['activation_mem_mb'])} MiB "
-                  f"({f['activation_mem_mb'] / o['activation_mem_mb']:.2f}x)")
+                  f"({beside_limit(f['activation_mem_mb'] / o['activation_mem_mb'], 1.5)})")
     return out
 
 
-def _cpu_fast(row: dict):
-    """The CPU path's record in a row: fastmlstm-cpu, else the fastest other fastmlstm backend."""
-    return row.get("fastmlstm-cpu") or _fastest_fastmlstm(row)
-
-
-def _judge_ratios(name: str, pairs: list, limit: float, applies: bool = True, why_not: str = "") -> tuple:
-    """(target, measured, status) for time ratios fast/other <= limit over (fast, other) pairs."""
+def _judge_ratios(name: str, pairs: list, limit: float, applies: bool = True, why_not: str = "",
+                  raised: int = 0) -> tuple:
+    """(target, measured, status) for time ratios fast/other <= limit over (fast, other) pairs;
+    ``raised`` cases of the target raised instead of being timed, so it cannot be met."""
+    lost = f"; {raised} case(s) raised (see the Errors of the full table)" if raised else ""
     if not pairs:
         return (name, f"not measured: {why_not}", "not applicable") if not applies else \
-            (name, "not measured", "not measured")
+            (name, "not measured" + lost, "incomplete" if raised else "not measured")
     ratios = sorted(((f["median_ms"] / o["median_ms"], f) for f, o in pairs), key=lambda t: t[0])
     met = sum(q <= limit for q, _ in ratios)
-
-    def where(r):
-        return f"{r['mode']} {r['dtype']} H={r['H']} B={r['B']}"
-
+    where = "{mode} {dtype} H={H} B={B}".format_map
     (best_q, best), (worst_q, worst) = ratios[0], ratios[-1]
-    text = (f"{ratios[0][1]['impl']} time / other: {best_q:.2f}x ({where(best)}) to {worst_q:.2f}x "
-            f"({where(worst)}); within {limit:g}x in {met} of {len(ratios)} cases")
+    timed = "/".join(_order({f["impl"] for _, f in ratios}, IMPL_ORDER))
+    text = (f"{timed} time / other: {beside_limit(best_q, limit)} ({where(best)}) to "
+            f"{beside_limit(worst_q, limit)} ({where(worst)}); within {limit:g}x in {met} of {len(ratios)} cases"
+            + lost)
     if not applies:
         return name, f"{text}; {why_not}", "not applicable"
-    return name, text, "met" if met == len(ratios) else "missed"
+    return name, text, "missed" if met < len(ratios) else "incomplete" if raised else "met"
 
 
 def _cpu_targets(doc: dict) -> list[tuple[str, str, str]]:
@@ -205,32 +211,43 @@ def _cpu_targets(doc: dict) -> list[tuple[str, str, str]]:
     seq_modes = ("fwd", "fwd+bwd", "featurize", "train")
     grid = {(H, B) for H in (256, 512, 1024) for B in (16, 64)}
 
+    def cpu_fast(row):  # the CPU path's record in a row: fastmlstm-cpu, else the fastest other fastmlstm backend
+        return row.get("fastmlstm-cpu") or _fastest_fastmlstm(row)
+
     def pairs(modes, dtype, other, on_grid=True):
         out = []
         for (mode, dt, H, B), row in table.items():
             if mode in modes and dt == dtype and (not on_grid or (H, B) in grid):
-                f = _cpu_fast(row)
+                f = cpu_fast(row)
                 if f is not None and other in row:
                     out.append((f, row[other]))
         return out
+
+    def raised(modes, dtypes, other, shapes=None, B=None):  # cases that raised for fastmlstm-cpu or other
+        return len({(e["mode"], e["dtype"], e["H"], e["B"]) for e in doc.get("errors") or ()
+                    if e["mode"] in modes and e["dtype"] in dtypes and e["impl"] in ("fastmlstm-cpu", other)
+                    and (shapes is None or (e["H"], e["B"]) in shapes) and (B is None or e["B"] == B)})
 
     native_bf16 = (doc.get("cpu_features") or {}).get("onednn_native_bf16")
     self_pairs = []
     for (mode, dt, H, B), row in table.items():
         fp32 = table.get((mode, "float32", H, B), {})
-        if dt == "bfloat16" and _cpu_fast(row) and _cpu_fast(fp32):
-            self_pairs.append((_cpu_fast(row), _cpu_fast(fp32)))
+        if dt == "bfloat16" and cpu_fast(row) and cpu_fast(fp32):
+            self_pairs.append((cpu_fast(row), cpu_fast(fp32)))
     return [
-        _judge_ratios(CPU_TARGETS[0], pairs(seq_modes, "float32", "nn-lstm"), 1.25),
+        _judge_ratios(CPU_TARGETS[0], pairs(seq_modes, "float32", "nn-lstm"), 1.25,
+                      raised=raised(seq_modes, ("float32",), "nn-lstm", shapes=grid)),
         _judge_ratios(CPU_TARGETS[1], pairs(seq_modes, "bfloat16", "nn-lstm"), 1.25, native_bf16 is not False,
-                      "nn.LSTM has no native bfloat16 path on this CPU (oneDNN without AVX-512 BF16)"),
+                      "nn.LSTM has no native bfloat16 path on this CPU (oneDNN without AVX-512 BF16)",
+                      raised=raised(seq_modes, ("bfloat16",), "nn-lstm", shapes=grid)),
         _judge_ratios(CPU_TARGETS[2], [p for dt in DTYPE_ORDER for p in pairs(("step",), dt, "nn-lstm", False)
-                                       if p[0]["B"] == 1], 1.0),
-        _judge_ratios(CPU_TARGETS[3], self_pairs, 1.1),
+                                       if p[0]["B"] == 1], 1.0, raised=raised(("step",), DTYPE_ORDER, "nn-lstm", B=1)),
+        _judge_ratios(CPU_TARGETS[3], self_pairs, 1.1, raised=raised(MODE_ORDER, ("float32", "bfloat16"), None)),
         _judge_ratios(CPU_TARGETS[4], [p for dt in DTYPE_ORDER
-                                       for p in pairs(("featurize",), dt, "fastmlstm-cpu-forward")], 1.1),
+                                       for p in pairs(("featurize",), dt, "fastmlstm-cpu-forward")], 1.1,
+                      raised=raised(("featurize",), DTYPE_ORDER, "fastmlstm-cpu-forward", shapes=grid)),
         _judge_ratios(CPU_TARGETS[5], [p for dt in DTYPE_ORDER for p in pairs(seq_modes, dt, "nn-lstm-matched")],
-                      1.0),
+                      1.0, raised=raised(seq_modes, DTYPE_ORDER, "nn-lstm-matched", shapes=grid)),
     ]
 
 
@@ -244,21 +261,18 @@ def targets(doc: dict) -> list[tuple[str, str, str]]:
 
 # ------------------------------------------------------------------------------------------ markdown
 
-def _pivot(doc: dict, mode: str, impls: list[str], with_chars: bool = True) -> list[str]:
+def _pivot(doc: dict, mode: str, impls: list[str]) -> list[str]:
     base = baseline_name(doc)
-    head = ["dtype", "H", "B"] + [f"{i} ms" for i in impls]
-    if with_chars:
-        head += ["fastmlstm chars/s", f"fastmlstm vs {base}"]
+    head = ["dtype", "H", "B"] + [f"{i} ms" for i in impls] + ["fastmlstm chars/s", f"fastmlstm vs {base}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table = index(doc)
     for key in _cases(doc, mode):
         row = table[key]
         cells = [key[1], str(key[2]), str(key[3])]
         cells += [_ms(row[i]["median_ms"]) if i in row else "-" for i in impls]
-        if with_chars:
-            f = _fastest_fastmlstm(row)
-            cells.append(_rate(f["chars_per_s"]) if f else "-")
-            cells.append(f"{row[base]['median_ms'] / f['median_ms']:.2f}x" if f and base in row else "-")
+        f = _fastest_fastmlstm(row)
+        cells.append(_rate(f["chars_per_s"]) if f else "-")
+        cells.append(f"{row[base]['median_ms'] / f['median_ms']:.2f}x" if f and base in row else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -268,6 +282,22 @@ def _targets_table(doc: dict, measurable_only: bool = False) -> list[str]:
     lines = ["| target | measured | status |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {s} |" for t, m, s in targets(doc)
               if not (measurable_only and m.startswith("not measured ("))]
+    return lines
+
+
+def judged_table(judged: list[dict]) -> list[str]:
+    """The preset's targets as bench/run.py judged them (``targets_judged``), each case's ratio or
+    fraction shown on the side of the limit it was judged on."""
+    lines = ["", "## This preset's targets (judged by bench/run.py)", "",
+             "| target | cases (H, B: ratio or fraction) | status |", "|---|---|---|"]
+    for t in judged:
+        cells = [(f"{c['dtype']} " if "dtype" in c else "") + f"H={c['H']} B={c['B']}: "
+                 + (beside_limit(c["ratio"], t["limit"]) if "ratio" in c else
+                    beside_limit(c["fraction"], t["limit"], at_most=False, digits=0, unit="%", scale=100)
+                    if "fraction" in c else "raised (see Errors)") for c in t["cases"] + t.get("missing", [])]
+        status = "incomplete: a case raised" if t["met"] is None and t.get("missing") else \
+            {True: "met", False: "missed", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {', '.join(cells) or 'not measured'} | {status} |")
     return lines
 
 
@@ -295,8 +325,7 @@ def markdown(doc: dict, json_name: str) -> str:
              f"end {doc.get('load_average_end')}",
              f"- timing: {doc['timing_method']}",
              f"- memory: {doc['memory_method']}"]
-    if doc.get("featurize_data"):
-        fd = doc["featurize_data"]
+    if fd := doc.get("featurize_data"):
         lines.append(f"- featurize texts: {fd['source']}; {fd['bytes']:,} bytes, median {fd['median_bytes']}, "
                      f"max {fd['max_bytes']}")
     lines += ["", "## Correctness gate", "",
@@ -333,13 +362,14 @@ def markdown(doc: dict, json_name: str) -> str:
                 r = row[impl]
                 speed = f"{row[base]['median_ms'] / r['median_ms']:.2f}x" if base in row else "-"
                 rf = r["roofline"]
-                name = impl if r["hidden_size"] == r["H"] else f"{impl} (H={r['hidden_size']})"
+                name = (impl if r["hidden_size"] == r["H"] else f"{impl} (H={r['hidden_size']})") + \
+                    (" (not interleaved)" if r.get("interleaved") is False else "")
                 lines.append(
                     f"| {r['dtype']} | {r['H']} | {r['B']} | {name} | {_ms(r['median_ms'])} "
                     f"({_ms(r['p10_ms'])}-{_ms(r['p90_ms'])}) | {_rate(r['chars_per_s'])} | {speed} | "
                     f"{_mem(r['peak_mem_mb'])} ({_mem(r['activation_mem_mb'])}) | {rf['frac_roofline']:.1%} "
                     f"({rf['frac_bandwidth']:.1%}, {rf['frac_compute']:.1%}) |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + (judged_table(doc["targets_judged"]) if doc.get("targets_judged") else [])) + "\n"
 
 
 DOC = "docs/benchmarks.md"
@@ -356,7 +386,6 @@ def doc_section(doc: dict, json_path: str, doc_path: str = DOC) -> str:
     """The benchmark section (between the markers) for the results file ``json_path``, to stand in
     the document ``doc_path`` (both relative to the repository, or absolute)."""
     stem = json_path.removesuffix(".json")
-    gpu = doc.get("device_type") == "cuda"
     lines = [f"Measured on **{_device_line(doc)}** on {doc['date']} (commit {_commit(doc)}, torch {doc['torch']}) "
              f"with `{doc['command']}`; every cell below comes from `{json_path}`. Full table with spreads, "
              f"memory and roofline fractions: [`{stem}.md`]({_link(stem + '.md', doc_path)}). Regenerate this "
@@ -365,7 +394,7 @@ def doc_section(doc: dict, json_path: str, doc_path: str = DOC) -> str:
     lines += ["", f"{doc['torch_threads']} torch thread(s); 1-minute load average {load[0] if load else 'n/a'} at "
                   f"the start and {(doc.get('load_average_end') or ['n/a'])[0]} at the end of the run (the machine "
                   "may be shared: the full table gives each median's 10th-90th percentile spread)."]
-    if not gpu:
+    if doc.get("device_type") != "cuda":
         cpu = doc.get("cpu_features") or {}
         isa = ", ".join(cpu.get("vector_extensions", [])) or "not recorded"
         lines += ["", f"These are CPU numbers (vector extensions: {isa}; PyTorch kernels: "
@@ -381,11 +410,13 @@ def doc_section(doc: dict, json_path: str, doc_path: str = DOC) -> str:
         rs = [r for r in doc["results"] if r["mode"] == mode]
         Ts = ", ".join(str(t) for t in sorted({r["T"] for r in rs}))
         Is = ", ".join(str(i) for i in sorted({r["I"] for r in rs}))
-        n_texts = doc.get("featurize_data", {}).get("n_texts", "?")
+        data = doc.get("featurize_data") or {}
+        texts = ("synthetic texts with SST-2's lengths (the SST-2 file was absent)"
+                 if data.get("source", "").startswith("synthetic") else "preprocessed SST-2 sentences")
         what = {"fwd": f"inference forward, T = {Ts}, I = {Is}",
                 "fwd+bwd": f"forward + input and weight gradients, T = {Ts}, I = {Is}",
                 "step": f"one time step, I = {Is}",
-                "featurize": f"{n_texts} preprocessed SST-2 sentences, B texts per batch, byte embedding E = {Is}",
+                "featurize": f"{data.get('n_texts', '?')} {texts}, B texts per batch, byte embedding E = {Is}",
                 "train": f"one Adam step of the byte LM, T = {Ts}, E = {Is}"}[mode]
         lines += ["", f"**{mode}** ({what})", ""]
         lines += _pivot(doc, mode, _impls(doc, mode))
@@ -404,121 +435,41 @@ def update_doc(path: Path, doc: dict, json_path: str, doc_path: str | None = Non
         raise SystemExit(f"{path}: expected one '{BEGIN} ...' line followed by one '{END}' line "
                          f"(the benchmark section lives in {DOC})")
     section = doc_section(doc, json_path, doc_path or _display_path(path))
+    if BEGIN in section or END in section:  # the next regeneration could not find the section again
+        raise SystemExit(f"report.py: the results file's text holds a bench marker; {path} left as it was")
     new = "\n".join(lines[: begins[0] + 1] + section.split("\n") + lines[ends[0]:])
     if new != text:
-        path.write_text(new)
+        write_atomic(path, new)
         return True
     return False
-
-
-# ------------------------------------------------------------------------------------------ plots
-
-def _color(impl: str) -> str:
-    """One color per implementation in every plot (nn-lstm shares cudnn-lstm's)."""
-    if impl.startswith("nn-lstm"):
-        impl = "cudnn-" + impl.removeprefix("nn-")
-    return f"C{IMPL_ORDER.index(impl) % 10}" if impl in IMPL_ORDER else "C9"
-
-
-def plots(doc: dict, stem: Path) -> list[Path]:
-    """PNG plots beside the results: time vs H, time vs B, speed-up over the nn.LSTM baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    results = doc["results"]
-    panels = [(m, d) for m in _order({r["mode"] for r in results}, MODE_ORDER)
-              for d in _order({r["dtype"] for r in results if r["mode"] == m}, DTYPE_ORDER)]
-    title = f"{doc['device']} - {doc['date']}"
-    metadata = {"Description": json.dumps(provenance(doc, stem.name + ".json"))}
-
-    for axis, fixed, name in (("H", "B", "time-vs-H"), ("B", "H", "time-vs-B")):
-        series = []  # (mode, dtype, fixed value, {impl: [(x, ms)]})
-        for mode, dtype in panels:
-            rs = [r for r in results if r["mode"] == mode and r["dtype"] == dtype]
-            by_fixed = defaultdict(set)
-            for r in rs:
-                by_fixed[r[fixed]].add(r[axis])
-            candidates = [v for v, xs in by_fixed.items() if len(xs) >= 2]
-            if not candidates:
-                continue
-            value = max(candidates, key=lambda v: (len(by_fixed[v]), v))
-            lines = defaultdict(list)
-            for r in rs:
-                if r[fixed] == value:
-                    lines[r["impl"]].append((r[axis], r["median_ms"]))
-            series.append((mode, dtype, value, lines))
-        if not series:
-            continue
-        cols = min(3, len(series))
-        rows = (len(series) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
-        for ax, (mode, dtype, value, lines) in zip(axes.flat, series):
-            for impl in _order(lines, IMPL_ORDER):
-                pts = sorted(lines[impl])
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl, color=_color(impl))
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel(axis)
-            ax.set_ylabel("median ms")
-            ax.set_title(f"{mode} {dtype}, {fixed}={value}", fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(series):]:
-            ax.axis("off")
-        fig.suptitle(title, fontsize=11)
-        fig.tight_layout()
-        path = stem.with_name(f"{stem.name}-{name}.png")
-        fig.savefig(path, dpi=90, metadata=metadata)
-        plt.close(fig)
-        written.append(path)
-
-    base = baseline_name(doc)
-    table = index(doc)
-    rows = [(m, [k for k in _cases(doc, m) if base in table[k]]) for m in MODE_ORDER]
-    rows = [(m, keys) for m, keys in rows if keys]
-    impls = [i for i in _impls(doc) if i != base]
-    if rows and impls:
-        widest = max(len(keys) for _, keys in rows)
-        fig, axes = plt.subplots(len(rows), 1, figsize=(max(7.0, 0.25 * widest * len(impls) + 2), 2.6 * len(rows)),
-                                 squeeze=False)
-        width = 0.8 / len(impls)
-        short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-        for ax, (mode, keys) in zip(axes[:, 0], rows):
-            for j, impl in enumerate(impls):
-                xs, ys = [], []
-                for i, k in enumerate(keys):
-                    if impl in table[k]:
-                        xs.append(i + (j - (len(impls) - 1) / 2) * width)
-                        ys.append(table[k][base]["median_ms"] / table[k][impl]["median_ms"])
-                ax.bar(xs, ys, width, label=impl, color=_color(impl))
-            ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_yscale("log")
-            ax.set_xticks(range(len(keys)))
-            ax.set_xticklabels([f"{short.get(d, d)} H={h} B={b}" for _, d, h, b in keys], fontsize=7)
-            ax.set_ylabel(f"x {base}", fontsize=8)
-            ax.set_title(mode, fontsize=9, loc="left")
-            ax.grid(True, axis="y", which="both", alpha=0.3)
-        axes[0, 0].legend(fontsize=7, ncol=len(impls), loc="upper left", bbox_to_anchor=(0, 1.45))
-        fig.suptitle(f"speed-up over {base} at the same case (> 1: faster) - {title}", fontsize=10, y=1.0)
-        fig.tight_layout()
-        path = stem.with_name(f"{stem.name}-speedup.png")
-        fig.savefig(path, dpi=90, bbox_inches="tight", metadata=metadata)
-        plt.close(fig)
-        written.append(path)
-    return written
 
 
 # ------------------------------------------------------------------------------------------ CLI
 
 def _display_path(path: Path) -> str:
     path = path.resolve()
+    return (path.relative_to(REPO) if path.is_relative_to(REPO) else path).as_posix()
+
+
+HEADER_KEYS = ("device", "date", "command", "torch", "triton", "cuda", "torch_threads", "tf32", "ceilings",
+               "timing_method", "memory_method", "checks", "results")
+RECORD_KEYS = ("impl", "mode", "dtype", "H", "B", "T", "I", "median_ms", "p10_ms", "p90_ms", "chars_per_s",
+               "peak_mem_mb", "activation_mem_mb", "hidden_size", "roofline")
+
+
+def load(path: Path) -> dict:
+    """The results file ``path`` of bench/run.py; a one-line error (SystemExit) for anything else."""
     try:
-        return path.relative_to(REPO).as_posix()
-    except ValueError:
-        return path.as_posix()
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"report.py: {path}: cannot read a results file: {exc}") from None
+    records = doc.get("results") if isinstance(doc, dict) else None
+    missing = [k for k in HEADER_KEYS if k not in doc] if isinstance(records, list) else ["results list"]
+    missing += [f"{k} in record {i}" for i, r in enumerate(records or ()) for k in RECORD_KEYS
+                if not isinstance(r, dict) or k not in r][:1]
+    if missing:
+        raise SystemExit(f"report.py: {path}: not a results file of bench/run.py (no {', '.join(missing)})")
+    return doc
 
 
 def main(argv=None) -> int:
@@ -529,14 +480,18 @@ def main(argv=None) -> int:
     p.add_argument("--md", action="store_true", help="rewrite <results>.md")
     p.add_argument("--plots", action="store_true", help="rewrite the PNG plots beside the results")
     args = p.parse_args(argv)
-    doc = json.loads(args.results.read_text())
+    doc = load(args.results)
     stem = args.results.with_suffix("")
     if args.md:
-        stem.with_suffix(".md").write_text(markdown(doc, args.results.name))
+        write_atomic(stem.with_suffix(".md"), markdown(doc, args.results.name))
         print(f"wrote {stem.with_suffix('.md')}")
     if args.plots:
+        from plots import plots  # matplotlib only when asked
+
         for path in plots(doc, stem):
             print(f"wrote {path}")
+    if args.doc and not args.doc.is_file():
+        raise SystemExit(f"report.py: --doc {args.doc}: no such file")
     if args.doc:
         changed = update_doc(args.doc, doc, _display_path(args.results))
         print(f"{args.doc}: benchmark section {'regenerated' if changed else 'already up to date'}")

@@ -21,6 +21,7 @@ import datetime
 import gc
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -35,6 +36,7 @@ import costmodel  # noqa: E402  (bench/kernels/costmodel.py: the prediction prin
 import gate  # noqa: E402
 import impls as implementations  # noqa: E402
 import measure  # noqa: E402
+import plots  # noqa: E402
 import registry  # noqa: E402
 import report  # noqa: E402
 import workload  # noqa: E402
@@ -42,9 +44,32 @@ import workload  # noqa: E402
 SCHEMA_VERSION = 1
 
 
-def _csv(kind):
+def _number(kind, smallest, what):
+    """An argparse type: ``kind`` of ``text``, at least ``smallest``, else a one-line usage error."""
     def parse(text):
-        return [kind(v) for v in text.split(",") if v.strip()]
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value >= smallest:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+_POSITIVE = _number(int, 1, "a positive integer")
+_NON_NEGATIVE_MS = _number(float, 0.0, "a number of milliseconds >= 0")
+
+
+def _csv(kind):
+    """An argparse type: a comma-separated list of ``kind``, not empty."""
+    def parse(text):
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} lists no value")
+        return values
+    parse.__name__ = "comma-separated list"
     return parse
 
 
@@ -57,23 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--impls", type=_csv(str), help=f"comma-separated subset of {', '.join(implementations.IMPLS)}")
     p.add_argument("--modes", type=_csv(str), help=f"comma-separated subset of {', '.join(registry.MODES)}")
     p.add_argument("--dtypes", type=_csv(str), help=f"comma-separated subset of {', '.join(registry.DTYPES)}")
-    p.add_argument("--H", type=_csv(int), help="hidden sizes (replaces the preset grid, crossed with --B)")
-    p.add_argument("--B", type=_csv(int), help="batch sizes (texts per batch for featurize)")
-    p.add_argument("--T", type=int, help="time steps (fwd, fwd+bwd, train)")
-    p.add_argument("--I", type=int, help="input size (byte-embedding size for featurize and train)")
-    p.add_argument("--featurize-texts", type=int, help="number of SST-2 sentences featurized per call")
+    p.add_argument("--H", type=_csv(_POSITIVE), help="hidden sizes (replaces the preset grid, crossed with --B)")
+    p.add_argument("--B", type=_csv(_POSITIVE), help="batch sizes (texts per batch for featurize)")
+    p.add_argument("--T", type=_POSITIVE, help="time steps (fwd, fwd+bwd, train)")
+    p.add_argument("--I", type=_POSITIVE, help="input size (byte-embedding size for featurize and train)")
+    p.add_argument("--featurize-texts", type=_POSITIVE, help="number of SST-2 sentences featurized per call")
     p.add_argument("--tf32", choices=("default", "on", "off"), default=None,
                    help="TF32 for float32 matmuls and cuDNN on CUDA: 'default' leaves PyTorch's settings (matmul "
                         "off, cuDNN on); the GPU presets say 'off' so float32 rows compare IEEE float32 with itself")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--threads", type=_POSITIVE,
                    help="torch CPU threads (default: the preset's; cpu presets use 1 because the cores are shared)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor)")
     p.add_argument("--interleave", action="store_true",
                    help="CPU: time the implementations of each case call by call in turn (the cpu-targets preset "
                         "always does), so that their ratios see the same load")
-    p.add_argument("--warmup-ms", type=float)
-    p.add_argument("--rep-ms", type=float, help="time budget of the timed calls per case")
-    p.add_argument("--min-runs", type=int, help="timed calls per case, at least")
+    p.add_argument("--warmup-ms", type=_NON_NEGATIVE_MS)
+    p.add_argument("--rep-ms", type=_NON_NEGATIVE_MS, help="time budget of the timed calls per case")
+    p.add_argument("--min-runs", type=_POSITIVE, help="timed calls per case, at least")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                    help="folder for <device>-<date>.json, .md and plots")
     p.add_argument("--name", help="file stem instead of <device>-<date>")
@@ -166,13 +191,23 @@ def run_case(impl: implementations.Impl, case: registry.Case, device: torch.devi
 
 
 def run_case_interleaved(impls: list, case: registry.Case, device: torch.device, ctx: dict, ceilings: dict,
-                         timing: dict) -> list[dict]:
+                         timing: dict) -> tuple[list[dict], list[dict]]:
     """Every implementation of one case built first, then timed call by call in turn
-    (measure.time_interleaved): the ratios between them see the same load."""
-    built = {impl.name: (impl, *build_case(impl, case, device, ctx)) for impl in impls}
+    (measure.time_interleaved): the ratios between them see the same load. One that raises while
+    being built (or in its first call) is an error; the others are still timed in turn.
+    Returns (records, errors)."""
+    built, errors = {}, []
+    for impl in impls:
+        try:
+            built[impl.name] = (impl, *build_case(impl, case, device, ctx))
+        except Exception as exc:
+            errors.append(_error(impl, case, device, exc))
+    if not built:
+        return [], errors
     times = measure.time_interleaved({name: b[1].call for name, b in built.items()}, **timing)
-    return [case_record(impl, case, b, times[name], first, device, ctx, ceilings)
-            for name, (impl, b, first) in built.items()]
+    records = [case_record(impl, case, b, times[name], first, device, ctx, ceilings)
+               for name, (impl, b, first) in built.items()]
+    return records, errors
 
 
 def step_gemm_roofline(record: dict, family: str, case: registry.Case, ctx: dict) -> dict:
@@ -193,40 +228,46 @@ def step_gemm_roofline(record: dict, family: str, case: registry.Case, ctx: dict
     return gemm
 
 
+def _verdict(passes: list[bool], missing: list) -> bool | None:
+    """met (True) only when every case was measured and passes; missed (False) as soon as one
+    measured case fails; otherwise not judged (None: nothing measured, or a case raised)."""
+    if not all(passes):
+        return False
+    return True if passes and not missing else None
+
+
 def judge_targets(doc: dict, preset: dict) -> list[dict]:
     """The preset's ratio and roofline targets over the run's results: for each, every case's
-    ratio (time of the first (impl, dtype) over the second's at the same mode, H, B) or fraction."""
+    ratio (time of the first (impl, dtype) over the second's at the same mode, H, B; only at the
+    (H, B) of the preset's grid, which the targets are about) or fraction. A case either side of
+    which raised (``doc["errors"]``) is listed as ``missing``: such a target is never "met"."""
     by_key = {(r["impl"], r["mode"], r["dtype"], r["H"], r["B"]): r for r in doc["results"]}
+    failed = {(e["impl"], e["mode"], e["dtype"], e["H"], e["B"]) for e in doc.get("errors", ())}
     judged = []
     for name, mode, (impl, dtype), (other, other_dtype), limit in preset.get("ratio_targets", ()):
-        cases = []
-        for (i, m, dt, H, B), r in sorted(by_key.items(), key=lambda kv: (kv[0][3], kv[0][4])):
-            o = by_key.get((other, m, other_dtype, H, B))
-            if i == impl and m == mode and dt == dtype and o is not None and H < 4096:
+        sides = ((impl, dtype), (other, other_dtype))
+        grid = set(preset["grid"].get(mode, ()))
+        shapes = sorted({(H, B) for i, m, dt, H, B in [*by_key, *failed] if m == mode and (i, dt) in sides
+                         and (H, B) in grid})
+        cases, missing = [], []
+        for H, B in shapes:
+            r, o = (by_key.get((i, mode, dt, H, B)) for i, dt in sides)
+            if r is not None and o is not None:
                 cases.append({"H": H, "B": B, "ratio": r["median_ms"] / o["median_ms"]})
-        judged.append({"target": name, "limit": limit, "cases": cases,
-                       "met": all(c["ratio"] <= limit for c in cases) if cases else None})
+            elif any((i, mode, dt, H, B) in failed for i, dt in sides):
+                missing.append({"H": H, "B": B})
+        judged.append({"target": name, "limit": limit, "cases": cases, "missing": missing,
+                       "met": _verdict([c["ratio"] <= limit for c in cases], missing)})
     for name, mode, H, limit in preset.get("roofline_targets", ()):
         cases = [{"impl": r["impl"], "dtype": r["dtype"], "H": r["H"], "B": r["B"],
                   "fraction": r["step_gemm"]["fraction"]}
                  for r in doc["results"] if r["mode"] == mode and r["H"] == H and "step_gemm" in r
                  and r["impl"].startswith("fastmlstm")]
-        judged.append({"target": name, "limit": limit, "cases": cases,
-                       "met": all(c["fraction"] >= limit for c in cases) if cases else None})
+        missing = [{"impl": i, "dtype": dt, "H": h, "B": b} for i, m, dt, h, b in sorted(failed)
+                   if m == mode and h == H and i.startswith("fastmlstm")]
+        judged.append({"target": name, "limit": limit, "cases": cases, "missing": missing,
+                       "met": _verdict([c["fraction"] >= limit for c in cases], missing)})
     return judged
-
-
-_STATUS = {True: "met", False: "missed", None: "not measured"}
-
-
-def targets_markdown(judged: list[dict]) -> str:
-    lines = ["", "## This preset's targets (judged by bench/run.py)", "",
-             "| target | cases (H, B: ratio or fraction) | status |", "|---|---|---|"]
-    for t in judged:
-        cells = ", ".join((f"{c['dtype']} " if "dtype" in c else "") + f"H={c['H']} B={c['B']}: "
-                          + (f"{c['ratio']:.2f}x" if "ratio" in c else f"{c['fraction']:.0%}") for c in t["cases"])
-        lines.append(f"| {t['target']} | {cells or 'not measured'} | {_STATUS[t['met']]} |")
-    return "\n".join(lines) + "\n"
 
 
 class UsageError(Exception):
@@ -237,23 +278,49 @@ def select(args: argparse.Namespace) -> tuple[str, dict, torch.device, list, lis
     """(preset name, preset, device, implementations, cases, timing) from the command line."""
     preset_name = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     preset = registry.PRESETS[preset_name]
-    device = torch.device(args.device or preset["device"])
+    try:
+        device = torch.device(args.device or preset["device"])
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {args.device!r}; choose cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("CUDA is not available here; use --preset cpu (or --device cpu)")
     for kind, values, known in (("mode", args.modes, registry.MODES), ("dtype", args.dtypes, registry.DTYPES)):
         bad = [v for v in values or () if v not in known]
         if bad:
             raise UsageError(f"unknown {kind} {bad}; choose from {list(known)}")
-    names = [implementations.ALIASES.get(n, n) for n in (args.impls or preset["impls"])]
+    # Once each (nn-lstm is cudnn-lstm's name on a CPU): a second copy would give the same case two records.
+    names = list(dict.fromkeys(implementations.ALIASES.get(n, n) for n in (args.impls or preset["impls"])))
     bad = [n for n in names if n not in implementations.IMPLS]
     if bad:
         raise UsageError(f"unknown implementation {bad}; choose from {list(implementations.IMPLS)}")
     cases = registry.expand(preset, args.modes, args.dtypes, args.H, args.B, args.T, args.I)
+    if not cases:
+        raise UsageError(f"nothing to time: preset {preset_name} has no {', '.join(args.modes or preset['grid'])} case "
+                         "(give --H and --B, or see --list)")
+    if not any(c.mode in implementations.IMPLS[n].modes for c in cases for n in names):
+        raise UsageError("nothing to time: " + "; ".join(f"{n} times {', '.join(implementations.IMPLS[n].modes)} only"
+                                                         for n in names))
+    check_output(args)
     timing = dict(preset["timing"])
     for key, value in (("warmup_ms", args.warmup_ms), ("rep_ms", args.rep_ms), ("min_runs", args.min_runs)):
         if value is not None:
             timing[key] = value
     return preset_name, preset, device, [implementations.IMPLS[n] for n in names], cases, timing
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Before any timing: --name is a file stem and --out a folder this process can write, so a run
+    of many minutes is not lost at its end."""
+    if args.name is not None and (not args.name or args.name != Path(args.name).name or args.name in (".", "..")):
+        raise UsageError(f"--name {args.name!r} must be a file stem without a folder (the folder is --out)")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: cannot create the folder ({exc.strerror})") from None
+    if not args.out.is_dir() or not os.access(args.out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {args.out}: not a writable folder")
 
 
 def describe_run(args, argv, preset_name: str, preset: dict, device: torch.device, timing: dict) -> dict:
@@ -268,7 +335,7 @@ def describe_run(args, argv, preset_name: str, preset: dict, device: torch.devic
         "cpu_features": measure.cpu_features() if device.type == "cpu" else None,
         **measure.versions(), **measure.git_commit(), "date": started.date().isoformat(),
         "started": started.isoformat(timespec="seconds"),
-        "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python bench/run.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "preset": preset_name, "torch_threads": torch.get_num_threads(), "tf32": tf32,
         "load_average_start": measure.load_average(),
         "timing_method": ("CUDA events per call, L2 flushed between calls" if device.type == "cuda"
@@ -333,10 +400,11 @@ def _error(impl, case, device, exc: Exception) -> dict:
 
 
 def time_cases(active: list, cases: list, device: torch.device, ctx: dict, ceilings: dict,
-               timing: dict, device_name: str, interleave: bool = False) -> tuple[list, list]:
+               timing: dict, device_name: str, interleave: bool = False) -> tuple[list, list, list]:
     """Every case, every implementation in turn within it (same load, same minute; with
     ``interleave``, call by call): (results, errors, the cases an implementation does not time,
-    with why)."""
+    with why). Where the interleaved timing itself raises, the case's implementations are timed
+    one after another instead and their records say ``"interleaved": false``."""
     results, errors, skipped_cases = [], [], []
     for case in cases:
         impls = []
@@ -348,16 +416,19 @@ def time_cases(active: list, cases: list, device: torch.device, ctx: dict, ceili
                 impls.append(impl)
             else:
                 skipped_cases.append({"impl": impl.label(device), **case.__dict__, "reason": why})
-        records = []
+        records, alone = [], {}
         if interleave and len(impls) > 1:
             try:
-                records = run_case_interleaved(impls, case, device, ctx, ceilings, timing)
+                records, failed = run_case_interleaved(impls, case, device, ctx, ceilings, timing)
+                errors += failed
                 impls = []
-            except Exception:  # time them one by one, which says which one failed
-                records = []
+            except Exception as exc:  # time them one by one, which says which one failed
+                print(f"   interleaved timing raised ({type(exc).__name__}): timing {case.mode} {case.dtype} "
+                      f"H={case.H} B={case.B} one implementation after another", flush=True)
+                alone = {"interleaved": False}
         for impl in impls:
             try:
-                records.append(run_case(impl, case, device, ctx, ceilings, timing))
+                records.append({**run_case(impl, case, device, ctx, ceilings, timing), **alone})
             except Exception as exc:
                 errors.append(_error(impl, case, device, exc))
             finally:
@@ -375,14 +446,11 @@ def write_results(doc: dict, args, device: torch.device) -> list[Path]:
     stem = args.name or f"{measure.slug(('cpu-' if device.type == 'cpu' else '') + doc['device'])}-{doc['date']}"
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{stem}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    text = report.markdown(doc, path.name)
-    if doc.get("targets_judged"):
-        text += targets_markdown(doc["targets_judged"])
-    (args.out / f"{stem}.md").write_text(text)
+    report.write_atomic(path, json.dumps(doc, indent=1) + "\n")
+    report.write_atomic(args.out / f"{stem}.md", report.markdown(doc, path.name))
     written = [path, args.out / f"{stem}.md"]
     if not args.no_plots:
-        written += report.plots(doc, args.out / stem)
+        written += plots.plots(doc, args.out / stem)
     return written
 
 
@@ -420,7 +488,7 @@ def main(argv=None) -> int:
                finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     if preset.get("ratio_targets") or preset.get("roofline_targets"):
         doc["targets_judged"] = judge_targets(doc, preset)
-        print(targets_markdown(doc["targets_judged"]), flush=True)
+        print("\n".join(report.judged_table(doc["targets_judged"])), flush=True)
     written = write_results(doc, args, device)
     print("== wrote " + ", ".join(str(p) for p in written), flush=True)
     if doc["refused"]:

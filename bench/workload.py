@@ -58,10 +58,12 @@ def cost(family: str, mode: str, H: int, B: int, T: int, I: int, elem_bytes: int
     Recurrent weights per step: 5H^2 (multiplicative LSTM: W_hh 4H^2 + W_hm H^2) or 4H^2 (LSTM);
     they do not stay on chip at these sizes, so every step reads them once (forward) and once more
     in the backward. FLOPs: 2 per weight per batch row per step; the backward does the forward's
-    work twice (input and weight gradients). Bytes otherwise count each input and output once;
-    saved activations are not counted (they are the implementation's choice), so the byte floor is
-    a lower bound. featurize: per batch of b rows and t steps. train: fwd+bwd, plus the readout
-    (3 x 2*T*B*H*256 FLOPs) and Adam over float32 parameters (28 bytes per parameter).
+    work twice (input and weight gradients). Bytes otherwise count each input and output once (step:
+    x, h, c in, h, c out; fwd+bwd: x and the output gradient in, the output and the gradients of the
+    input and of every weight out); saved activations are not counted (they are the implementation's
+    choice), so the byte floor is a lower bound. featurize: per batch of b rows and t steps. train:
+    fwd+bwd, plus the readout (3 x 2*T*B*H*256 FLOPs) and Adam over float32 parameters (28 bytes per
+    parameter).
     """
     w_rec = (5 if family == "mlstm" else 4) * H * H
     w_in = (5 if family == "mlstm" else 4) * H * I
@@ -69,9 +71,9 @@ def cost(family: str, mode: str, H: int, B: int, T: int, I: int, elem_bytes: int
     if mode == "fwd":
         return 2.0 * T * B * (w_rec + w_in), s * (T * w_rec + w_in + T * B * (I + H))
     if mode == "fwd+bwd":
-        return 6.0 * T * B * (w_rec + w_in), s * (2 * T * w_rec + 2 * w_in + 2 * T * B * (I + H))
+        return 6.0 * T * B * (w_rec + w_in), s * (2 * T * w_rec + 2 * w_in + (w_rec + w_in) + 2 * T * B * (I + H))
     if mode == "step":
-        return 2.0 * B * (w_rec + w_in), s * (w_rec + w_in + B * (I + 2 * H))
+        return 2.0 * B * (w_rec + w_in), s * (w_rec + w_in + B * (I + 4 * H))
     if mode == "featurize":
         flops = sum(2.0 * b * t * w_rec for b, t in batches)
         nbytes = sum(s * t * w_rec + b * t for b, t in batches)
