@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from report import write_atomic
 
 from fastmlstm.nn.precision import native_16bit_gemm
 
@@ -403,4 +404,4 @@ def finish_probe_doc(doc: dict, out) -> None:
     """Adds the load average at the end and writes ``doc`` as JSON to ``out`` (a Path) if given."""
     doc["load_average_end"] = load_average()
     if out:
-        out.write_text(json.dumps(doc, indent=1) + "\n")
+        write_atomic(out, json.dumps(doc, indent=1) + "\n")

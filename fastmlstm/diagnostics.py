@@ -7,13 +7,14 @@ import it.
 
 from __future__ import annotations
 
+import math
 import platform
 
 import torch
 
+from .nn.modules import FastMLSTM
 from .ops import registry
 from .ops.registry import BACKENDS, backend_status
-from .nn.modules import FastMLSTM
 
 __all__ = ["environment", "cpu_kernels", "parity_tolerance", "self_check", "backend_report"]
 
@@ -67,7 +68,10 @@ def self_check(device: torch.device | str, backend: str, dtype: torch.dtype = to
     worst = 0.0
     for a, b in zip(*results):
         scale = b.float().abs().max().clamp_min(1.0)
-        worst = max(worst, ((a.float() - b.float()).abs().max() / scale).item())
+        difference = ((a.float() - b.float()).abs().max() / scale).item()
+        if not math.isfinite(difference):  # a NaN or inf on either side: max() would drop a NaN
+            return math.inf
+        worst = max(worst, difference)
     return worst
 
 

@@ -176,3 +176,27 @@ def test_backends_are_not_found_by_import_strings():
     for path in sorted((PACKAGE / "ops").rglob("*.py")):
         source = path.read_text()
         assert "import_module" not in source and "__import__(" not in source, path
+
+
+def test_self_check_reports_a_nan_as_an_infinite_difference(monkeypatch):
+    """A backend whose output holds a NaN fails the self-check (``max(0.0, nan)`` is 0.0: it passed)."""
+    import math
+
+    from fastmlstm import diagnostics
+
+    class Poisoned(FastMLSTM):
+        def __init__(self, *args, backend, **kwargs):
+            super().__init__(*args, backend="reference", **kwargs)
+            self.poisoned = backend != "reference"
+
+        def forward(self, *args, **kwargs):
+            out, state = super().forward(*args, **kwargs)
+            if self.poisoned:
+                out = out.clone()
+                out[-1, 0, 0] = float("nan")
+            return out, state
+
+    monkeypatch.setattr(diagnostics, "FastMLSTM", Poisoned)
+    assert diagnostics.self_check("cpu", "cpu") == math.inf
+    monkeypatch.setattr(diagnostics, "FastMLSTM", FastMLSTM)
+    assert diagnostics.self_check("cpu", "reference") == 0.0
