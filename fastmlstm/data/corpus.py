@@ -5,7 +5,10 @@ Sources are text files, gzip text files, columns of CSV/TSV files (plain or gzip
 ``aclImdb/train/unsup``). They are turned into one byte stream on disk: text files are copied as
 they are (any bytes: it is a byte model); each CSV row's field and each file of a directory becomes
 one record with its internal newlines replaced by spaces; sources and records are joined with a
-newline, as in the paper's corpus of one review per line.
+newline, as in the paper's corpus of one review per line. A file is decompressed when its name ends
+in ``.gz``; gzip content under another name is refused rather than trained on as compressed bytes.
+A directory's hidden files and folders (``.git``, ``.ipynb_checkpoints``) are not documents. A CSV/TSV
+row must have the header's number of fields (a stray delimiter would cut the text short or shift it).
 
 Layout of a training run (:class:`RowBatcher`): the stream is cut into ``rows`` contiguous regions
 of equal length, one per batch row of the *global* batch; update ``s`` gives every row the next
@@ -46,18 +49,28 @@ import torch
 from .._atomic import FileSet
 from ..errors import InputError, MissingInputError
 
-__all__ = ["Source", "build_stream", "content_digest", "open_stream", "RowBatcher"]
+__all__ = ["RowBatcher", "Source", "build_stream", "content_digest", "open_stream"]
 
 _CHUNK = 1 << 20
 _HASH_CHUNK = 16 << 20  # the unit of the content hashes: chunks are hashed in parallel, then their digests
 _RECORD_FORMAT = 2  # corpus.json with content hashes (1: names and sizes only)
+_GZIP_MAGIC = b"\x1f\x8b"
 logger = logging.getLogger("fastmlstm")
+
+
+def _refuse_misnamed_gzip(path: Path, head: bytes) -> None:
+    """A gzip file is decompressed by its name (.gz); one named otherwise would be trained on as its
+    compressed bytes."""
+    if head.startswith(_GZIP_MAGIC) and path.suffix != ".gz":
+        raise InputError(f"corpus file {path} is gzip-compressed but its name does not end in .gz, so its "
+                         "compressed bytes would be the corpus: give it a .gz ending (lower case), or gunzip it")
 
 
 @dataclass(frozen=True)
 class Source:
     """One corpus source: a file (text, .gz, .csv, .tsv, .csv.gz, .tsv.gz; for tables, a column) or
-    a directory whose files (recursively, in sorted order) are one record each."""
+    a directory whose files (recursively, in sorted order, hidden ones skipped) are one record each.
+    ``parse("reviews.csv#body")`` names a column; a path that itself holds a "#" is that path."""
 
     path: Path
     column: str | None = None
@@ -66,7 +79,8 @@ class Source:
     def parse(cls, spec: str | os.PathLike) -> Source:
         spec = str(spec)
         column = None
-        if "#" in spec:
+        # A file name may hold a "#" (reviews#2.txt): a spec that names a path as it is is that path.
+        if "#" in spec and not os.path.lexists(os.path.expanduser(spec)):
             spec, column = spec.rsplit("#", 1)
             if not column:
                 raise InputError(f"empty column name in corpus source {spec + '#'!r}")
@@ -78,14 +92,33 @@ class Source:
                 raise InputError(f"corpus directory {source.path} holds no files")
             return source
         if not source.path.is_file():
+            if source.path.is_symlink():
+                raise MissingInputError(f"corpus file {source.path} is a symbolic link to nothing (its target is "
+                                        "missing, or the links form a loop)")
+            if source.path.exists():
+                raise InputError(f"corpus file {source.path} is not a regular file or a directory")
             raise MissingInputError(f"corpus file {source.path} does not exist")
         if column is not None and source.delimiter is None:
             raise InputError(f"{source.path}: a #column applies to .csv/.tsv files only")
+        try:
+            with open(source.path, "rb") as f:
+                _refuse_misnamed_gzip(source.path, f.read(len(_GZIP_MAGIC)))
+        except OSError as exc:
+            raise InputError(f"cannot read corpus file {source.path}: {exc.strerror or exc}") from None
         return source
 
     def files(self) -> list[Path]:
-        """A directory's files, sorted (hidden files skipped)."""
-        return sorted(p for p in self.path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        """A directory's files, sorted; hidden files and whatever is in hidden folders (.git,
+        .ipynb_checkpoints) skipped. A folder that cannot be listed is an error, not fewer documents."""
+
+        def refuse(exc: OSError):
+            raise InputError(f"cannot list corpus folder {exc.filename}: {exc.strerror or exc}")
+
+        found = []
+        for folder, subfolders, names in os.walk(self.path, onerror=refuse):  # symlinked folders not followed
+            subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+            found.extend(Path(folder, n) for n in names if not n.startswith("."))
+        return sorted(p for p in found if p.is_file())
 
     @property
     def compressed(self) -> bool:
@@ -113,9 +146,11 @@ class Source:
                 opener = gzip.open if path.suffix == ".gz" else open
                 try:
                     with opener(path, "rb") as f:
-                        record = f.read().replace(b"\r\n", b" ").replace(b"\n", b" ").replace(b"\r", b" ")
+                        record = f.read()
                 except (OSError, EOFError, zlib.error) as exc:
                     raise InputError(f"cannot read corpus file {path}: {exc}") from exc
+                _refuse_misnamed_gzip(path, record[: len(_GZIP_MAGIC)])
+                record = record.replace(b"\r\n", b" ").replace(b"\n", b" ").replace(b"\r", b" ")
                 if record:
                     out.write(record + b"\n")
                     written += len(record) + 1
@@ -148,11 +183,10 @@ class Source:
                                      f"{', ...' if len(header) > 20 else ''}); name one as {self.path}#COLUMN")
                 index = header.index(column)
                 for row in reader:
-                    if len(row) <= index:
-                        if not row:  # a blank line
-                            continue
-                        raise InputError(f"{self.path}, line {reader.line_num}: {len(row)} field(s), no column "
-                                         f"{column!r} (field {index + 1} of the header's {len(header)})")
+                    if not row:  # a blank line
+                        continue
+                    if len(row) != len(header):
+                        self._refuse_row(row, header, index, reader.line_num)
                     record = row[index].replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
                     data = record.encode("utf-8", errors="surrogateescape") + b"\n"
                     out.write(data)
@@ -164,6 +198,15 @@ class Source:
             raise InputError(f"{self.path}, line {reader.line_num}: malformed {kind}: {exc} "
                              "(a quote that is not closed?)") from exc
         return written
+
+    def _refuse_row(self, row: list[str], header: list[str], index: int, line: int) -> None:
+        """A row whose field count is not the header's: its text could be cut short at a stray
+        delimiter, or another field's text taken for the column's."""
+        if len(row) <= index:
+            raise InputError(f"{self.path}, line {line}: {len(row)} field(s), no column {header[index]!r} "
+                             f"(field {index + 1} of the header's {len(header)})")
+        raise InputError(f"{self.path}, line {line}: {len(row)} fields where the header has {len(header)} "
+                         f"(an unquoted {'comma' if self.delimiter == ',' else 'tab'} in a field?)")
 
 
 def _chunk_digest(path: Path, offset: int) -> bytes:
@@ -327,7 +370,7 @@ class RowBatcher:
     """
 
     def __init__(self, stream: np.ndarray, rows: int, seq: int, row_start: int = 0, row_count: int | None = None,
-                 what: str = "corpus"):
+                 what: str = "corpus", advice: str = "use a larger corpus, --batch or --seq smaller"):
         row_count = rows - row_start if row_count is None else row_count
         if not (0 <= row_start and row_count > 0 and row_start + row_count <= rows):
             raise InputError(f"rows [{row_start}, {row_start + row_count}) do not fit in {rows} rows")
@@ -337,8 +380,8 @@ class RowBatcher:
         self.steps_per_epoch = (self.region - 1) // seq if self.region > 0 else 0
         if self.steps_per_epoch < 1:
             raise InputError(
-                f"the {what} has {len(stream):,} bytes, too few for one batch: {rows} rows of "
-                f"{seq} + 1 bytes need at least {rows * (seq + 1):,}; use a larger corpus, --batch or --seq smaller"
+                f"the {what} has {len(stream):,} byte{'' if len(stream) == 1 else 's'}, too few for one batch: "
+                f"{rows} rows of {seq} + 1 bytes need at least {rows * (seq + 1):,}; {advice}"
             )
         self.offsets = (np.arange(row_start, row_start + row_count, dtype=np.int64) * self.region)[:, None]
         self._window = np.arange(seq + 1, dtype=np.int64)[None, :]
@@ -348,7 +391,7 @@ class RowBatcher:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(inputs [rows, seq] uint8, targets [rows, seq] uint8, starts_epoch) for update ``step``."""
-        epoch, position = self.epoch_and_position(step)
+        _, position = self.epoch_and_position(step)
         window = np.asarray(self.stream[self.offsets + position * self.seq + self._window])
         window = torch.from_numpy(window)
         return window[:, :-1], window[:, 1:], position == 0

@@ -25,16 +25,36 @@ class Data:
     row_start: int  # the first of them
 
 
+def _refuse_overlap(sources: list[Source], eval_sources: list[Source], records: tuple[dict, dict] | None = None
+                    ) -> None:
+    """Held-out sources that are also training sources (the same path, or one inside the other's
+    folder; given both streams' ``records``, also the same content) would be evaluated after being
+    trained on: refused, naming both."""
+    digests = [[None] * len(sources), [None] * len(eval_sources)]
+    if records is not None:
+        # (an empty source has every empty source's digest, and holds nothing to leak)
+        digests = [[r.get("sha256") if r.get("size") else None for r in record["sources"]] for record in records]
+    for held, held_digest in zip(eval_sources, digests[1]):
+        for trained, digest in zip(sources, digests[0]):
+            a, b = held.path.resolve(), trained.path.resolve()
+            if a == b or b in a.parents or a in b.parents or (digest is not None and digest == held_digest):
+                raise InputError(f"--eval-data {held.path} is also trained on (--data {trained.path}): held-out "
+                                 "data must not be in --data; leave --eval-data out to hold out the last "
+                                 "--eval-bytes of --data instead")
+
+
 def _write_streams(args: argparse.Namespace, ctx: Context, out: Path) -> bool:
     """Parse the sources and, on each node's local rank 0, join them into ``corpus.bin``
     (and ``eval.bin``); returns whether held-out sources were given."""
     sources = [Source.parse(s) for s in args.data]
     eval_sources = [Source.parse(s) for s in args.eval_data or []]
+    _refuse_overlap(sources, eval_sources)
     if ctx.local_rank == 0:
         try:
-            build_stream(sources, out / "corpus.bin")
+            record = build_stream(sources, out / "corpus.bin")
             if eval_sources:
-                build_stream(eval_sources, out / "eval.bin")
+                eval_record = build_stream(eval_sources, out / "eval.bin")
+                _refuse_overlap(sources, eval_sources, (record, eval_record))
         except OSError as exc:  # e.g. a full disk under --out
             raise InputError(f"cannot write the byte stream into {out}: {exc}") from exc
     return bool(eval_sources)
@@ -63,10 +83,16 @@ def prepare_data(args: argparse.Namespace, ctx: Context, out: Path) -> Data:
     ctx.barrier()
     corpus = json.loads((out / "corpus.json").read_text())["fingerprint"]
     train_stream, eval_stream, eval_desc = _split(args, out, has_eval_data)
-    batcher = RowBatcher(train_stream, args.batch, args.seq, row_start, rows)
+    held = eval_desc.get("last_bytes")
+    # Where the bytes come short, the advice names the flags that change them.
+    batcher = RowBatcher(train_stream, args.batch, args.seq, row_start, rows,
+                         what=f"corpus less its last {held:,} bytes (--eval-bytes)" if held else "corpus",
+                         advice=f"use a larger corpus, {'--eval-bytes, ' if held else ''}--batch or --seq smaller")
     eval_batcher = None
     if eval_stream is not None and len(eval_stream):
-        eval_batcher = RowBatcher(eval_stream, args.batch, args.seq, row_start, rows, what="held-out part")
+        eval_batcher = RowBatcher(eval_stream, args.batch, args.seq, row_start, rows, what="held-out part",
+                                  advice=("use --eval-bytes larger (0: no evaluation)" if held else
+                                          "use a larger --eval-data") + ", --batch or --seq smaller")
     if args.steps is None:
         args.steps = batcher.steps_per_epoch  # one epoch, as in the paper
     return Data(batcher, eval_batcher, corpus, eval_desc, rows, row_start)

@@ -3,7 +3,9 @@ never overlap across rows or ranks."""
 
 import gzip
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +63,10 @@ def test_bad_sources_give_clear_errors(tmp_path):
     (b'label,text\n1,"hello\n0,bad\n1,bye\n', r"t.csv, line 4: malformed CSV: unexpected end of data"),
     # a row without the column was skipped in silence
     (b"label,text\n1,hello\n0\n1,bye\n", r"t.csv, line 3: 1 field\(s\), no column 'text'"),
+    # an unquoted comma cut the text short in silence: "hello" trained on, " world" dropped
+    (b"label,text\n1,hello, world\n0,bye\n", r"t.csv, line 2: 3 fields where the header has 2 \(an unquoted comma"),
+    # a row short of a field took another field for the text in silence (here the label, "1")
+    (b"id,text,label\n7,fine film,1\nawful,0\n", r"t.csv, line 3: 2 fields where the header has 3"),
 ])
 def test_a_damaged_csv_row_is_an_error_not_dropped(tmp_path, body, error):
     (tmp_path / "t.csv").write_bytes(body)
@@ -83,6 +89,66 @@ def test_a_directory_of_documents_is_one_record_per_file(tmp_path):
     assert bytes(open_stream(tmp_path / "c.bin")) == b"second \xe9 review\nfirst review<br />with a newline\n"
     assert [{k: v for k, v in d.items() if k != "sha256"} for d in meta["sources"]] == [
         {"directory": "train", "files": 3, "size": 47}]  # 31 + 16 + 0 bytes
+
+
+def test_hidden_folders_of_a_directory_are_skipped_and_an_unlistable_one_is_an_error(tmp_path, monkeypatch):
+    docs = tmp_path / "unsup"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "0_0.txt").write_bytes(b"a review")
+    (docs / "sub" / "1_0.txt").write_bytes(b"another")
+    # a notebook's checkpoint copy (a document trained on twice) and a git object: not documents
+    (docs / ".ipynb_checkpoints").mkdir()
+    (docs / ".ipynb_checkpoints" / "0_0-checkpoint.txt").write_bytes(b"a review")
+    (docs / "sub" / ".git" / "objects").mkdir(parents=True)
+    (docs / "sub" / ".git" / "objects" / "ab").write_bytes(b"\x78\x01binary")
+    meta = build_stream([Source.parse(docs)], tmp_path / "c.bin")
+    assert bytes(open_stream(tmp_path / "c.bin")) == b"a review\nanother\n"
+    assert meta["sources"][0]["files"] == 2
+    # a subfolder that cannot be listed was skipped in silence (its documents missing from the corpus)
+    scandir = os.scandir
+
+    def refusing(path):
+        if os.fspath(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(ValueError, match=r"cannot list corpus folder .*sub: Permission denied"):
+        Source.parse(docs)
+
+
+def test_a_file_name_with_a_hash_is_that_file_not_a_column(tmp_path):
+    (tmp_path / "reviews#2.txt").write_bytes(b"second batch of reviews\n")
+    assert Source.parse(tmp_path / "reviews#2.txt") == Source(tmp_path / "reviews#2.txt")
+    (tmp_path / "t#1.csv").write_bytes(b"label,body\n1,x\n")
+    assert Source.parse(f"{tmp_path / 't#1.csv'}#body") == Source(tmp_path / "t#1.csv", "body")
+    build_stream([Source.parse(tmp_path / "reviews#2.txt")], tmp_path / "c.bin")
+    assert bytes(open_stream(tmp_path / "c.bin")) == b"second batch of reviews\n"
+
+
+def test_a_gzip_file_not_named_gz_is_refused_not_trained_on_compressed(tmp_path):
+    zipped = gzip.compress(b"a review\n" * 100)
+    for name in ("reviews.txt", "reviews.TXT.GZ", "reviews.csv"):
+        (tmp_path / name).write_bytes(zipped)
+        with pytest.raises(ValueError, match=f"{name} is gzip-compressed but its name does not end in .gz"):
+            Source.parse(tmp_path / name)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "0_0.txt").write_bytes(zipped)
+    with pytest.raises(ValueError, match=r"0_0.txt is gzip-compressed"):
+        build_stream([Source.parse(tmp_path / "docs")], tmp_path / "c.bin")
+    (tmp_path / "docs" / "0_0.txt").rename(tmp_path / "docs" / "0_0.txt.gz")  # named for what it is: read
+    build_stream([Source.parse(tmp_path / "docs")], tmp_path / "c.bin")
+    assert bytes(open_stream(tmp_path / "c.bin")) == b"a review " * 100 + b"\n"
+
+
+def test_a_path_that_is_no_file_says_what_it_is(tmp_path):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    with pytest.raises(FileNotFoundError, match="loop1 is a symbolic link to nothing"):
+        Source.parse(tmp_path / "loop1")
+    if Path("/dev/null").exists():
+        with pytest.raises(ValueError, match="/dev/null is not a regular file or a directory"):
+            Source.parse("/dev/null")
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
