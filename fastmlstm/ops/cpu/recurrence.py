@@ -36,7 +36,7 @@ from .buffer_cache import apply_limit, limit_bytes
 from .build import load_library
 
 __all__ = ["forward", "backward", "layout", "native_bf16", "bf16_gemm", "forced_bf16_gemm", "BF16_GEMMS",
-           "kernel_isa", "kernel_isas", "forced_kernel_isa", "forced_k_split", "forced_weight_grad_gemm", "WEIGHT_GRAD_GEMMS", "column_block", "kernel_report", "fingerprint",
+           "float32_micro_kernels", "kernel_isa", "kernel_isas", "forced_kernel_isa", "forced_k_split", "forced_weight_grad_gemm", "WEIGHT_GRAD_GEMMS", "column_block", "kernel_report", "fingerprint",
            "fingerprints", "prepare_sequence_step"]
 
 logger = logging.getLogger("fastmlstm")
@@ -196,15 +196,42 @@ def forced_weight_grad_gemm(mode: str):
         ops.set_weight_grad_gemm(previous)
 
 
+# oneDNN's instruction sets, lowest first, as far as the micro-kernels here tell them apart, and
+# how its ONEDNN_MAX_CPU_ISA (formerly DNNL_MAX_CPU_ISA) names cap them.
+_ONEDNN_ISAS = ("none", "avx2", "avx512_core", "avx512_core_bf16", "avx512_core_amx")
+_ONEDNN_CAPS = {"SSE41": "none", "AVX": "none", "AVX2": "avx2", "AVX2_VNNI": "avx2", "AVX2_VNNI_2": "avx2",
+                "AVX512_CORE": "avx512_core", "AVX512_CORE_VNNI": "avx512_core",
+                "AVX512_CORE_BF16": "avx512_core_bf16", "AVX512_CORE_FP16": "avx512_core_bf16"}
+
+
 def _onednn_cpu_isa() -> str:
-    """The instruction set oneDNN's micro-kernels use here, from what the CPU reports (the one
-    oneDNN itself picks: AMX tiles, then AVX-512 with bfloat16 dot products, then AVX-512, AVX2)."""
+    """The instruction set oneDNN's micro-kernels use here (the one oneDNN itself picks: AMX tiles,
+    then AVX-512 with bfloat16 dot products, then AVX-512, AVX2; capped by ONEDNN_MAX_CPU_ISA), or
+    ``"none"`` where ATen's ``cpublas::brgemm`` does not call them: no x86-64 CPU with AVX2, or
+    oneDNN not built in or disabled (``torch.backends.mkldnn``). Then its float32 tile GEMMs fall
+    back to ATen's gemm (BLAS)."""
     cpu = torch.cpu
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and getattr(cpu, "_is_avx2_supported", lambda: False)()):
+        return "none"
     if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
-        return "avx512_core_amx"
-    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
-        return "avx512_core_bf16"
-    return {"AVX512": "avx512_core", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "none")
+        found = "avx512_core_amx"
+    elif getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        found = "avx512_core_bf16"
+    else:
+        found = "avx512_core" if getattr(cpu, "_is_avx512_supported", lambda: False)() else "avx2"
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    cap = _ONEDNN_CAPS.get(cap, found) if not cap.startswith("AVX512_CORE_AMX") else found
+    return min(found, cap, key=_ONEDNN_ISAS.index)
+
+
+def float32_micro_kernels() -> bool:
+    """Whether the loops' float32 tile GEMMs run on oneDNN's micro-kernels (:func:`_onednn_cpu_isa`).
+    Their sums run over k in an order that does not depend on the rows of a tile, so results do not
+    change with the thread count or with how a sequence is cut into calls, bit for bit; ATen's gemm
+    fallback (BLAS: other CPUs, or oneDNN disabled) may choose its kernels by the rows, and then such
+    results agree to float32 rounding only."""
+    return _onednn_cpu_isa() != "none"
 
 
 def kernel_report() -> dict:
@@ -221,7 +248,6 @@ def kernel_report() -> dict:
         >>> kernel_report()["epilogues"] in ("avx512", "avx2", "default")
         True
     """
-    onednn = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
     isa = _onednn_cpu_isa()
     mode = bf16_gemm()
     bf16_kernels = {
@@ -233,7 +259,7 @@ def kernel_report() -> dict:
         "epilogues": kernel_isa(),
         "epilogues_available": list(kernel_isas()),
         "column_block": {"gates": column_block("hh"), "other": column_block("hm")},
-        "float32_gemm": f"oneDNN brgemm ({isa})" if onednn and isa != "none" else "ATen gemm (BLAS)",
+        "float32_gemm": f"oneDNN brgemm ({isa})" if isa != "none" else "ATen gemm (BLAS)",
         "bf16_gemm": mode,
         "bf16_gemm_kernels": bf16_kernels,
         "weight_grad_gemm": str(_ops().weight_grad_gemm()),
