@@ -75,8 +75,8 @@ def _loop(args: argparse.Namespace, ctx: Context, out: Path, state, data, run: d
         if _due(args.log_every, step, last):
             reporter.log_updates(step, data.batcher.epoch_and_position(step - 1)[0], lr, window)
         if data.eval_batcher is not None and _due(args.eval_every, step, last):
-            reporter.log_evaluation(step, evaluate(state.model, data.eval_batcher, ctx, amp))
-            window.restart_clock()  # evaluation time is not training throughput
+            with window.paused():  # evaluation time is not training throughput
+                reporter.log_evaluation(step, evaluate(state.model, data.eval_batcher, ctx, amp))
         reporter.tick()
         # Ranks agree on stopping through a collective; across ranks it is polled only on log
         # steps, which synchronize anyway, so the hot loop gains no per-update host sync.
@@ -84,7 +84,8 @@ def _loop(args: argparse.Namespace, ctx: Context, out: Path, state, data, run: d
         if not ctx.distributed or step % args.log_every == 0 or last:
             stopping = not ctx.all_ok(stop.signal is None)
         if _due(args.ckpt_every, step, last) or stopping:
-            save_checkpoint(ctx, out, state, window, run, data.batcher.epoch_and_position(step)[0], args.keep)
+            with window.paused():  # nor is checkpointing
+                save_checkpoint(ctx, out, state, window, run, data.batcher.epoch_and_position(step)[0], args.keep)
         if stopping:
             if ctx.main:
                 print(f"fastmlstm: interrupted at update {step}; checkpoint written. Re-run the same command "

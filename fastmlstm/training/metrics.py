@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,44 +49,59 @@ class Metrics:
 
 
 class LogWindow:
-    """The losses of the updates since the last log record (summed on the device: no host sync).
+    """The losses of the updates since the last log record (summed on the device: no host sync), and
+    the time those updates took.
 
     Their sum reaches the host only when a record or a checkpoint is written; that is where a loss
     that stopped being finite (NaN, inf: the run diverged) is caught, at no cost to the updates.
+    The clock counts only the updates this process ran since the last record: :meth:`paused`
+    leaves out what happens between them (evaluations, checkpoint writes), and the updates of an
+    interrupted run, which a checkpoint's partial window brings back for the loss, are not timed.
     """
 
     def __init__(self, device: torch.device, saved: dict | None = None, world: int = 1):
         self.loss = torch.zeros((), device=device, dtype=torch.float64)
-        self.steps = 0
+        self.steps = 0  # updates in the loss
+        self.timed = 0  # updates in the time
         self.start = time.perf_counter()
         if saved is not None:  # the partial window a checkpoint carried
-            self.loss += saved["loss_sum"] / world  # summed back over ranks when logged
+            # Summed over the ranks that wrote it (checkpoints before "world" was recorded: as many as
+            # now); each rank takes the mean over them, which close() sums back over the ranks.
+            self.loss += saved["loss_sum"] / saved.get("world", world)
             self.steps = saved["steps"]
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss += loss
         self.steps += 1
+        self.timed += 1
 
     def snapshot(self, ctx: Context, step: int = 0) -> dict:
         """The partial window for a checkpoint of update ``step``; raises TrainingDiverged if its
         loss is not finite (on every rank alike: the sum is over all of them)."""
         window_sum, = ctx.sum(self.loss.item())
         self._check(window_sum, step)
-        return {"loss_sum": window_sum, "steps": self.steps}
+        return {"loss_sum": window_sum, "steps": self.steps, "world": ctx.world}
 
     def close(self, ctx: Context, step: int = 0) -> tuple[float, float, int]:
-        """(bits per byte averaged over the window and the ranks, seconds, updates); then reset.
-        Raises TrainingDiverged if the window's loss is not finite (``step``: its last update)."""
+        """(bits per byte averaged over the window and the ranks, seconds of the timed updates, timed
+        updates); then reset. Raises TrainingDiverged if the window's loss is not finite (``step``:
+        its last update)."""
         mean_loss, = ctx.sum(self.loss.item() / self.steps)
         self._check(mean_loss, step)
-        elapsed, steps = time.perf_counter() - self.start, self.steps
+        elapsed, timed = time.perf_counter() - self.start, self.timed
         self.loss.zero_()
-        self.steps = 0
-        self.restart_clock()
-        return mean_loss / ctx.world / LN2, elapsed, steps
-
-    def restart_clock(self) -> None:
+        self.steps = self.timed = 0
         self.start = time.perf_counter()
+        return mean_loss / ctx.world / LN2, elapsed, timed
+
+    @contextmanager
+    def paused(self):
+        """Leave the time spent inside out of the window's (evaluations, checkpoints: not updates)."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - begin
 
     def _check(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):
@@ -117,9 +133,9 @@ class Reporter:
             print(message, flush=True) if self.progress is None else self.progress.write(message)
 
     def log_updates(self, step: int, epoch: int, lr: float, window: LogWindow) -> None:
-        bits_per_byte, elapsed, steps = window.close(self.ctx, step)
+        bits_per_byte, elapsed, timed = window.close(self.ctx, step)
         record = {"step": step, "epoch": epoch, "bits_per_byte": bits_per_byte, "lr": lr,
-                  "chars_per_s": self.chars_per_update * steps / elapsed}
+                  "chars_per_s": self.chars_per_update * timed / elapsed}
         self._write(record)
         if not self.ctx.main:
             return
@@ -151,7 +167,8 @@ class Reporter:
 
 @torch.no_grad()
 def evaluate(model, batcher: RowBatcher, ctx: Context, amp) -> float:
-    """Held-out bits per byte over the whole held-out stream, state carried across updates."""
+    """Held-out bits per byte: the mean cross entropy / ln 2 over every byte predicted of the held-out
+    stream, read as the training stream is (this rank's rows, state carried from zero), summed over ranks."""
     model.eval()
     state, total, count = None, 0.0, 0
     for step in range(batcher.steps_per_epoch):

@@ -1,6 +1,7 @@
 """train.py: loss falls, distributed runs, exact resume after an interruption, clear errors."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ from conftest import DATA_DIR, REPO
 
 import fastmlstm
 from fastmlstm._atomic import atomic_save
+from fastmlstm.training import loop
 
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402
@@ -76,6 +78,105 @@ def test_loss_falls_on_a_real_corpus(tmp_path):
     assert model.config == {"hidden_size": 48, "embed_size": 16, "weight_norm": True}
 
 
+def _reference_forward(p, x, h, c):
+    """The documented byte LM in float64 (MODEL.md): weight-normalized multiplicative LSTM, gates i, f, o, u."""
+    def wn(name):  # each output row scaled to norm g
+        v = p[f"rnn.{name}_v"]
+        return p[f"rnn.{name}_g"][:, None] * v / v.norm(dim=1, keepdim=True)
+
+    w_ih, w_hh, w_im, w_hm = wn("weight_ih"), wn("weight_hh"), wn("weight_im"), wn("weight_hm")
+    H, outputs = h.shape[1], []
+    for e in p["embedding.weight"][x.long()].unbind(1):
+        z = e @ w_ih.T + ((e @ w_im.T) * (h @ w_hm.T)) @ w_hh.T + p["rnn.bias_ih"]
+        i, f, o = (torch.sigmoid(z[:, k * H:(k + 1) * H]) for k in range(3))
+        c = f * c + i * torch.tanh(z[:, 3 * H:])
+        h = o * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs, 1) @ p["readout.weight"].T + p["readout.bias"], h, c
+
+
+def _reference_bits(p, x, y, h, c):
+    logits, h, c = _reference_forward(p, x, h, c)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1).long()), h, c
+
+
+def _reference_run(init, batches, *, lr, clip, eval_batcher, eval_at):
+    """docs/training.md's updates, written out: mean loss over every byte, state carried (detached) and
+    zeroed at an epoch's start, global norm clipped, Adam (0.9, 0.999, 1e-8) at lr (1 - (k - 1) / N)."""
+    p = {k: v.double().clone().requires_grad_(True) for k, v in init.items()}
+    m = {k: torch.zeros_like(v) for k, v in p.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in p.items()}
+    h = c = torch.zeros(batches[0][0].shape[0], init["rnn.weight_hm_v"].shape[0], dtype=torch.float64)
+    losses, lrs, evals = [], [], {}
+    for k, (x, y, new_epoch) in enumerate(batches, 1):
+        if new_epoch:
+            h = c = torch.zeros_like(h)
+        loss, h, c = _reference_bits(p, x, y, h, c)
+        grads = torch.autograd.grad(loss, list(p.values()))
+        h, c = h.detach(), c.detach()
+        scale = min(1.0, clip / (float(torch.cat([g.reshape(-1) for g in grads]).norm()) + 1e-6))
+        lrs.append(lr * (1 - (k - 1) / len(batches)))
+        with torch.no_grad():
+            for (name, w), g in zip(p.items(), grads):
+                m[name].mul_(0.9).add_(0.1 * scale * g)
+                v2[name].mul_(0.999).add_(0.001 * (scale * g) ** 2)
+                w -= lrs[-1] * (m[name] / (1 - 0.9 ** k)) / ((v2[name] / (1 - 0.999 ** k)).sqrt() + 1e-8)
+            losses.append(float(loss))
+            if k in eval_at:
+                eh = ec = torch.zeros_like(h)
+                total = 0.0
+                for s in range(eval_batcher.steps_per_epoch):
+                    ex, ey, _ = eval_batcher.batch(s)
+                    bits, eh, ec = _reference_bits(p, ex, ey, eh, ec)
+                    total += float(bits)
+                evals[k] = total / eval_batcher.steps_per_epoch / math.log(2)
+    return {k: w.detach() for k, w in p.items()}, losses, lrs, evals
+
+
+def test_updates_metrics_and_model_are_the_documented_recipe(tmp_path, monkeypatch):
+    # The training loop against an independent float64 implementation of docs/training.md's updates,
+    # fed the batches the run read (the byte stream is the data's business, not this test's).
+    (tmp_path / "c.txt").write_bytes(b"".join(b"review %d: the plot was not very good, %d\n" % (i, i * i)
+                                              for i in range(7)))
+    seen, evaluated = [], []
+    train_step, evaluate = loop.train_step, loop.evaluate
+
+    def record_step(state, forward, x, y, new_epoch, *args):
+        if not seen:
+            seen.append({k: v.detach().clone() for k, v in state.model.state_dict().items()})
+        seen.append((x.clone(), y.clone(), new_epoch))
+        return train_step(state, forward, x, y, new_epoch, *args)
+
+    def record_evaluate(model, batcher, *args):
+        evaluated.append(batcher)
+        return evaluate(model, batcher, *args)
+
+    monkeypatch.setattr(loop, "train_step", record_step)
+    monkeypatch.setattr(loop, "evaluate", record_evaluate)
+    out = tmp_path / "run"
+    assert train.main(["--preset", "tiny", "--hidden", "8", "--embed", "4", "--batch", "4", "--seq", "8", "--lr", "0.01",
+                       "--clip", "0.05", "--steps", "8", "--log-every", "2", "--eval-every", "4", "--eval-bytes", "150",
+                       "--data", str(tmp_path / "c.txt"), "--out", str(out)]) == 0
+    init, batches = seen[0], seen[1:]
+    assert [b[2] for b in batches].count(True) >= 2  # the rows started over at least once
+    weights, losses, lrs, evals = _reference_run(init, batches, lr=0.01, clip=0.05, eval_batcher=evaluated[0],
+                                                 eval_at={4, 8})
+    model = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    for name, w in weights.items():
+        moved = (w - init[name].double()).abs().max()  # by about 8 steps of 0.01 / (1 - 0.9)
+        assert (model[name].double() - w).abs().max() <= 1e-3 * moved, name
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "lr" in r] == [2, 4, 6, 8]
+    for r in logged:
+        k = r["step"]
+        if "lr" in r:
+            assert r["lr"] == pytest.approx(lrs[k - 1], rel=1e-12)
+            assert r["bits_per_byte"] == pytest.approx((losses[k - 2] + losses[k - 1]) / 2 / math.log(2), abs=1e-5)
+        else:
+            assert r["eval_bits_per_byte"] == pytest.approx(evals[k], abs=1e-5)
+    assert sorted(evals) == sorted(r["step"] for r in logged if "eval_bits_per_byte" in r)
+
+
 RESUME_ARGS = ["--steps", "150", "--ckpt-every", "20", "--eval-every", "50", "--log-every", "10",
                "--eval-bytes", "3000", "--keep", "2"]
 
@@ -126,6 +227,9 @@ def test_two_process_gloo_run_through_torchrun(corpus, tmp_path):
     single = records(tmp_path / "single", "bits_per_byte")
     for (_, a), (_, b) in zip(ddp, single):
         assert abs(a - b) < 1e-3, (ddp, single)
+    # The ranks average their gradients: 2 x 2 rows update the model as 4 rows do, to float rounding.
+    a, b = (torch.load(tmp_path / run / "model.pt", weights_only=True)["state_dict"] for run in ("ddp", "single"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
 
 
 def test_a_checkpoint_from_a_different_run_is_refused(corpus, tmp_path, capsys):

@@ -4,6 +4,7 @@ checkpoints themselves are the same for two runs of one command (every random ge
 
 import errno
 import json
+import math
 import random
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import word_corpus
 
-from fastmlstm.training import main, metrics
+from fastmlstm.training import loop, main, metrics
 
 ARGS = ["--preset", "tiny", "--hidden", "16", "--embed", "8", "--batch", "4", "--seq", "16", "--lr", "5e-3",
         "--steps", "8", "--ckpt-every", "2", "--log-every", "2", "--eval-every", "4", "--eval-bytes", "1000",
@@ -40,9 +41,12 @@ def _weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+def _raw_records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def _records(out):
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "chars_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if k != "chars_per_s"} for r in _raw_records(out)]
 
 
 def _disk_full():
@@ -132,3 +136,69 @@ def test_two_runs_of_one_command_write_the_same_random_states(corpus, tmp_path):
         rng = torch.load(tmp_path / run / "ckpt-00000002.pt", weights_only=True)["rng"]
         states.append((rng["numpy"], rng["python"]))
     assert states[0] == states[1]
+
+
+class _Clock:
+    """Stands in for the time module in fastmlstm.training.metrics: its time moves only when told."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _taking(clock: _Clock, seconds: float, fn):
+    def run(*args, **kwargs):
+        clock.now += seconds
+        return fn(*args, **kwargs)
+    return run
+
+
+def test_chars_per_s_counts_the_updates_timed_and_only_their_time(corpus, tmp_path, monkeypatch):
+    # An evaluation in the middle of a log window restarted the clock but kept the updates before it
+    # in the count (chars/s twice too high here), a checkpoint write counted as training time, and the
+    # first record after a resume divided the interrupted run's updates by the resumed run's time.
+    clock = _Clock()
+    monkeypatch.setattr(metrics, "time", clock)
+    monkeypatch.setattr(loop, "train_step", _taking(clock, 1.0, loop.train_step))  # each update: 1 s
+    monkeypatch.setattr(loop, "evaluate", _taking(clock, 100.0, loop.evaluate))
+    monkeypatch.setattr(loop, "save_checkpoint", _taking(clock, 50.0, loop.save_checkpoint))
+    argv = [*ARGS, "--log-every", "4", "--eval-every", "2", "--ckpt-every", "3", "--keep", "5", "--data", str(corpus),
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    per_update = 4 * 16  # --batch x --seq bytes, in 1 s
+    assert [r["chars_per_s"] for r in _raw_records(tmp_path) if "chars_per_s" in r] == [per_update] * 2
+    # Resumed from update 6, halfway through the window that update 8 logs.
+    (tmp_path / "ckpt-00000008.pt").unlink()
+    (tmp_path / "model.pt").unlink()
+    assert main(argv) == 0
+    assert [r["chars_per_s"] for r in _raw_records(tmp_path) if "chars_per_s" in r] == [per_update] * 2
+
+
+class _IdenticalRanks:
+    """The collectives of ``world`` ranks that all hold this rank's numbers."""
+
+    def __init__(self, world: int):
+        self.world = world
+
+    def sum(self, *values: float) -> list[float]:
+        return [value * self.world for value in values]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 2), (None, 2)], ids=["2-to-1", "1-to-2", "2-to-2",
+                                                                                   "older-checkpoint"])
+def test_a_log_window_resumed_on_another_number_of_ranks_keeps_its_mean(before, after):
+    # A checkpoint's partial window held the loss summed over the ranks, and the resumed run divided
+    # it by its own number of ranks: a run of 2 ranks resumed as one process logged 1.5 x the loss.
+    loss = torch.tensor(3.0, dtype=torch.float64)
+    window = metrics.LogWindow(torch.device("cpu"))
+    for _ in range(2):
+        window.add(loss)
+    saved = window.snapshot(_IdenticalRanks(before or after), step=2)
+    if before is None:  # written before checkpoints said how many ranks summed it: the same as now
+        saved = {k: v for k, v in saved.items() if k != "world"}
+    resumed = metrics.LogWindow(torch.device("cpu"), saved, after)
+    for _ in range(2):
+        resumed.add(loss)
+    assert resumed.close(_IdenticalRanks(after), step=4)[0] == pytest.approx(3.0 / math.log(2), rel=1e-12)
