@@ -8,20 +8,26 @@ recomputes the weight norm on every forward, under autograd, so that it is diffe
 
 ``FASTMLSTM_WEIGHT_CACHE`` picks how a change is detected:
 
-- ``on`` (default): every parameter's identity, version counter, storage pointer, dtype, device,
-  shape and strides. This sees every change PyTorch tracks: in-place updates (optimizer steps,
-  ``load_state_dict``, ``p.mul_()`` under ``no_grad``), ``.data`` assignment, ``.to()`` /
-  ``.half()`` / ``swap_tensors``, replaced parameters (``load_state_dict(assign=True)``). The
-  version counters of the cached tensors themselves are checked too (a caller writing into them).
-  Besides, the cache is dropped by every forward under autograd (a training step: whatever the
-  optimizer then does, even ``p.data.add_()``, is seen) and by ``train()`` / ``eval()``.
+- ``on`` (default): every parameter's identity, version counter, data pointer, dtype, device, shape
+  and strides, and its storage (an entry goes when a storage it was computed from dies, so a new
+  storage at a freed address is not taken for the old one). This sees every change PyTorch tracks:
+  in-place updates (optimizer steps, ``load_state_dict``, ``p.mul_()`` under ``no_grad``), ``.data``
+  assignment, ``.to()`` / ``.half()`` / ``swap_tensors``, replaced parameters
+  (``load_state_dict(assign=True)``). The version counters of the cached tensors themselves are
+  checked too (a caller writing into them). Besides, the cache is dropped by every forward under
+  autograd, compiled or not (a training step: whatever the optimizer then does, even
+  ``p.data.add_()``, is seen), by ``train()`` / ``eval()``, and by every ``torch.optim`` optimizer
+  step over one of its parameters (the fused CPU optimizers, ``fused=True``, write the parameters
+  without bumping their version counters). Parameters in shared memory (``share_memory()``,
+  Hogwild training) are fingerprinted on every call as in ``strict``: other processes write them,
+  which no counter here sees.
 - ``strict``: also a fingerprint of every parameter's bytes on every call, which sees writes that
   bypass the version counter between two inference calls with neither of the above in between
   (``p.data.mul_()``, a NumPy view of a parameter, a ``vector_to_parameters`` buffer written
   later). Autograd does not track those writes either (its saved-tensor checks use the same
   counters), so the default does not pay for them: the fingerprint reads every parameter on
   every call, more than a batch-1 step costs (``bench/kernels/cpu_step.py`` measures it).
-- ``off``: the weight norm on every call.
+- ``off``: the weight norm on every call (and nothing kept).
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import InputError
 from ..ops import fingerprints
-from ..ops.weight_cache import signature
+from ..ops.weight_cache import signature, watch
 
 __all__ = ["ENV_WEIGHT_CACHE", "WEIGHT_CACHE_MODES", "cached_weights", "forget"]
 
@@ -50,21 +57,24 @@ Weights = tuple
 
 
 class _Entry:
-    """One module's cached weights, the key they were computed under, their autocast casts, and
-    what else is derived from them (``memo``: the prepared steps of ``FastMLSTM.step``)."""
+    """One module's cached weights, what they were computed from (the parameters' ids and signature,
+    weak references to their storages, their fingerprints where those are checked), their autocast
+    casts, and what else is derived from them (``memo``: the prepared steps of ``FastMLSTM.step``)."""
 
-    __slots__ = ("key", "fingerprints", "weights", "versions", "casts", "memos")
+    __slots__ = ("casts", "fingerprints", "key", "memos", "refs", "versions", "weights")
 
-    def __init__(self, key, fingerprints, weights: Weights):
-        self.key = key
+    def __init__(self, key: tuple, refs: tuple, fingerprints, weights: Weights):
+        self.key, self.refs = key, refs
         self.fingerprints = fingerprints
         self.weights = weights
         self.versions = _versions(weights)
         self.casts: dict[torch.dtype, tuple[Weights, tuple]] = {}
         self.memos: dict = {}
 
-    def intact(self) -> bool:
-        return _versions(self.weights) == self.versions
+    def valid(self, key: tuple) -> bool:
+        """Computed from the parameters ``key`` describes, and not written into since. (The entry
+        goes when a storage it was computed from dies: a data pointer in ``key`` names a storage.)"""
+        return self.key == key and _versions(self.weights) == self.versions
 
     def cast(self, dtype: torch.dtype, cast: Callable[[Weights, torch.dtype], Weights]) -> Weights:
         """The weights cast to ``dtype`` (for autocast), cast once and kept while intact."""
@@ -118,34 +128,69 @@ def cached_weights(module: nn.Module, compute: Callable[[], Weights]) -> _Entry 
     where caching does not apply: under autograd through the weights, while compiling, off the CPU,
     or with ``FASTMLSTM_WEIGHT_CACHE=off``."""
     params = [p for p in module._parameters.values() if p is not None]
-    if torch.compiler.is_compiling():
-        return None
     if torch.is_grad_enabled() and any(p.requires_grad for p in params):
         # A forward under autograd is a training step: the parameters are about to change, maybe
         # through ``.data`` (PyTorch's word_language_model example updates them so), which no version
-        # counter sees. The next inference call computes the weights afresh.
+        # counter sees. The next inference call computes the weights afresh. (Inside torch.compile
+        # too: the compiled forward replays the drop, and an eager inference call may come next.)
         forget(module)
         return None
-    mode = weight_cache_mode()
-    if mode == "off":
+    if torch.compiler.is_compiling():
         return None
+    mode = weight_cache_mode()
     sig = signature(params)
     if sig is None:  # tensors without storage (functorch wrappers, fake tensors)
         return None
     key = (tuple(map(id, params)), sig)
     entry = _ENTRIES.get(module)
-    if mode == "on" and entry is not None and entry.key == key and entry.fingerprints is None and entry.intact():
+    valid = entry is not None and entry.valid(key)
+    if valid and mode == "on" and entry.fingerprints is None:
         return entry  # (the key holds every parameter's device: the entry was built on the CPU)
-    if any(p.device.type != "cpu" for p in params):
+    if mode == "off" or any(p.device.type != "cpu" for p in params):
+        forget(module)  # (an entry kept would hold its weights and packed copies for nothing)
         return None
     prints = None
-    if mode == "strict":
+    if mode == "strict" or any(p.is_shared() for p in params):
         prints = _fingerprints(params)
         if prints is None:
+            forget(module)
             return None
-        if entry is not None and entry.key == key and entry.fingerprints == prints and entry.intact():
+        if valid and entry.fingerprints == prints:
             return entry
+    refs = watch(params, _dropper(module))
+    if refs is None:
+        return None
     with torch.inference_mode(False), torch.no_grad():  # (inference_mode(False) turns grad mode on)
         weights = compute()
-    entry = _ENTRIES[module] = _Entry(key, prints, weights)
+    entry = _ENTRIES[module] = _Entry(key, refs, prints, weights)
     return entry
+
+
+def _dropper(module: nn.Module) -> Callable[[weakref.ref], None]:
+    """What drops ``module``'s entry when a storage it was computed from dies (without keeping the
+    module alive): the storage's address may come back under a parameter whose version did not move."""
+    owner = weakref.ref(module)
+
+    def drop(ref: weakref.ref) -> None:
+        module = owner()
+        entry = None if module is None else _ENTRIES.get(module)
+        if entry is not None and any(r is ref for r in entry.refs):
+            _ENTRIES.pop(module, None)
+
+    return drop
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Drop the entries computed from parameters an optimizer has just stepped: the fused CPU
+    optimizers (``fused=True``) write them without bumping their version counters."""
+    if not _ENTRIES:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    # (A snapshot taken in one step: another thread may add an entry meanwhile.)
+    for owner, entry in list(_ENTRIES.data.items()):
+        module = owner()
+        if module is not None and not stepped.isdisjoint(entry.key[0]):
+            _ENTRIES.pop(module, None)
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)

@@ -2,15 +2,17 @@
 cache of the backends.
 
 A backend that derives something from a weight on every call (a packed copy for its GEMMs, a
-transposed or widened copy) asks :func:`derived` instead. An entry is keyed by the identities of
-the tensors it was derived from and a name for what was derived, and it is valid while every one
-of those tensors is alive and unchanged: same version counter (every in-place update PyTorch tracks:
-optimizer steps, ``load_state_dict``, ``mul_`` under ``no_grad``), same storage, dtype, device,
-shape and strides. An entry goes away with its tensors (weak references), so a cache never keeps a
-weight alive.
+transposed or widened copy) asks :func:`derived` instead. An entry is keyed by what the tensors it
+was derived from read (their addresses and layouts) and a name for what was derived, and it is valid
+while those same tensors are unchanged: same version counter (every in-place update PyTorch
+tracks: optimizer steps, ``load_state_dict``, ``mul_`` under ``no_grad``), same storage (the
+storage itself, not only its address), dtype, device, shape and strides. An entry goes away with
+the storages of its tensors (weak references), so a cache never keeps a weight alive, nor what was
+derived from a storage a tensor no longer has. Tensors in shared memory (``share_memory_()``,
+Hogwild training) are never cached: other processes write them, which no counter here sees.
 
-:func:`signature` is that notion of "unchanged", for callers that keep their own entries (the
-module-level effective-weight cache, :mod:`fastmlstm.nn.weight_cache`).
+:func:`signature` and :func:`watch` are that notion of "unchanged", for callers that keep their
+own entries (the module-level effective-weight cache, :mod:`fastmlstm.nn.weight_cache`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["derived", "signature", "clear"]
+__all__ = ["clear", "derived", "signature", "watch"]
 
-# key -> (weak references to the source tensors, their signature, the derived value)
-_ENTRIES: dict[tuple, tuple[tuple[weakref.ref, ...], tuple, Any]] = {}
+# key -> (weak references to the source tensors' storages, the tensors' ids and versions, the derived value)
+_ENTRIES: dict[tuple, tuple[tuple, tuple, Any]] = {}
 
 
 def signature(tensors: Sequence[torch.Tensor | None]) -> tuple | None:
@@ -37,19 +39,57 @@ def signature(tensors: Sequence[torch.Tensor | None]) -> tuple | None:
         return None
 
 
+def watch(tensors: Sequence[torch.Tensor | None], drop: Callable[[weakref.ref], None]) -> tuple | None:
+    """Weak references to the storages of ``tensors``, ``drop(reference)`` called as one dies; None
+    for tensors without storage.
+
+    What is derived from a tensor must go when its storage does: while a storage lives, no other
+    takes its address, so a signature's data pointer names it; once it is freed, a new storage may
+    come at the same address under a tensor whose version did not move (``.data`` assignment keeps
+    the counter: ``p.data = p.data * 2`` twice, or ``.half()`` then ``.float()``, may give ``p`` its
+    first pointer back). Storages keep their Python object while they live, so its weak reference
+    dies with the storage itself. (Not the tensors: ``torch.utils.swap_tensors``, and so
+    ``module.to()`` under ``torch.__future__.set_swap_module_params_on_conversion(True)``, refuses
+    a tensor with a weak reference to it.)
+    """
+    try:
+        return tuple(None if t is None else weakref.ref(t.untyped_storage(), drop) for t in tensors)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+
+
+def _shared(tensors: Sequence[torch.Tensor]) -> bool:
+    return any(t.device.type == "cpu" and t.is_shared() for t in tensors)
+
+
 def derived(tensors: Sequence[torch.Tensor], kind: Any, make: Callable[[], Any]) -> Any:
     """``make()``, computed once while ``tensors`` live unchanged; ``kind`` names what is derived
     (two kinds from the same tensors are two entries)."""
-    key = (*(id(t) for t in tensors), kind)
     sig = signature(tensors)
+    if sig is None:
+        return make()
+    # Keyed by what the tensors read (address, dtype, device, shape, strides), valid for the same
+    # tensors at the same versions: one region holds one entry however many tensor objects are
+    # made to read it (a view taken per call), and the entry goes with its storages.
+    key = (*(s[1:] for s in sig), kind)
+    state = (tuple(map(id, tensors)), tuple(s[0] for s in sig))
     hit = _ENTRIES.get(key)
-    if hit is not None and sig is not None and hit[1] == sig and all(r() is t for r, t in zip(hit[0], tensors)):
+    if hit is not None and hit[1] == state:
         return hit[2]
     value = make()
-    if sig is not None:
-        refs = tuple(weakref.ref(t, lambda _, key=key: _ENTRIES.pop(key, None)) for t in tensors)
-        _ENTRIES[key] = (refs, sig, value)
+    if not _shared(tensors):
+        refs = watch(tensors, lambda ref, key=key: _drop(key, ref))
+        if refs is not None:
+            _ENTRIES[key] = (refs, state, value)
     return value
+
+
+def _drop(key: tuple, ref: weakref.ref) -> None:
+    """A source storage of the entry at ``key`` died: drop the entry if it is the one that referred
+    to it."""
+    hit = _ENTRIES.get(key)
+    if hit is not None and any(r is ref for r in hit[0]):
+        _ENTRIES.pop(key, None)
 
 
 def clear() -> None:

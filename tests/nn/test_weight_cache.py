@@ -5,6 +5,8 @@ Each change is followed by a forward pass that must equal the same pass on weigh
 (bit for bit: the same numbers through the same kernels)."""
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -289,9 +291,8 @@ def test_off_mode_computes_every_call(rnn, x, monkeypatch, count_weight_norm):
         rnn(x)
     assert len(count_weight_norm) == 8
     monkeypatch.setenv(modules.ENV_WEIGHT_CACHE, "sometimes")
-    with pytest.raises(ValueError, match=modules.ENV_WEIGHT_CACHE):
-        with torch.no_grad():
-            rnn(x)
+    with pytest.raises(ValueError, match=modules.ENV_WEIGHT_CACHE), torch.no_grad():
+        rnn(x)
 
 
 def test_byte_lm_generation_and_featurize_reuse_the_cache(count_weight_norm):
@@ -355,3 +356,159 @@ def test_a_parent_modules_mode_switch_reaches_the_cache(x):
         fresh = fastmlstm.ByteLM(hidden_size=H, embed_size=I)
         fresh.load_state_dict(lm.state_dict())
         assert torch.equal(after, fresh(seq)[0]) and not torch.equal(after, before)
+
+
+def _needs_cpu_extension():
+    if not fastmlstm.backend_status("cpu", "cpu")[0]:
+        pytest.skip("the CPU extension is unavailable")
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad])
+def test_fused_optimizer_steps_are_seen(rnn, x, optimizer):
+    """The fused CPU optimizers write the parameters without bumping their version counters: an
+    evaluation between backward and step used to keep serving the weights from before the step."""
+    opt = optimizer(rnn.parameters(), lr=0.1, fused=True)
+    rnn(x)[0].pow(2).sum().backward()
+    before = _assert_current(rnn, x)  # e.g. a validation pass before the step
+    version = rnn.weight_hh_v._version
+    opt.step()
+    assert rnn.weight_hh_v._version == version  # (what made it stale)
+    _assert_current(rnn, x, before)
+
+
+def test_a_compiled_training_step_drops_the_cache(rnn, x):
+    """A forward under autograd inside torch.compile drops the cache as an eager one does, so an
+    update through .data after it (PyTorch's word_language_model example) is seen by the next
+    eager inference call."""
+    compiled = torch.compile(rnn, backend="eager", fullgraph=True)
+    before = _assert_current(rnn, x)
+    for _ in range(2):  # (the second call runs the compiled graph without tracing it again)
+        compiled(x)[0].pow(2).sum().backward()
+        for p in rnn.parameters():
+            p.data.add_(p.grad, alpha=-0.5)
+            p.grad = None
+        before = _assert_current(rnn, x, before)
+
+
+def _add_one_in_place(param):
+    with torch.no_grad():
+        param.add_(1.0)
+
+
+def test_parameters_in_shared_memory_written_by_another_process(rnn, x):
+    """Hogwild training (PyTorch's mnist_hogwild example): processes update share_memory()
+    parameters in place, which no version counter of this process sees; they are fingerprinted."""
+    mp = pytest.importorskip("torch.multiprocessing")
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork start method here")
+    rnn.share_memory()
+    before = _assert_current(rnn, x)
+    child = mp.get_context("fork").Process(target=_add_one_in_place, args=(rnn.weight_hm_g,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    _assert_current(rnn, x, before)
+
+
+def test_a_new_storage_at_a_freed_address_is_not_taken_for_the_old_one(rnn, x):
+    """.data assignment keeps a parameter's version counter, so a storage freed and a new one at
+    the same address (the allocator reusing it: ``p.data = p.data * 0.5`` twice between two calls
+    did so 5 times in 20 at H = 64) looked unchanged. The same address is reused here on purpose."""
+    buf = torch.rand(H).numpy()
+    rnn.weight_hm_g.data = torch.from_numpy(buf)
+    before = _assert_current(rnn, x)
+    version = rnn.weight_hm_g._version
+    rnn.weight_hm_g.data = torch.ones(H)  # the first storage dies
+    torch.from_numpy(buf).mul_(2.0)  # new values where it was, written through another tensor
+    rnn.weight_hm_g.data = torch.from_numpy(buf)  # a new storage at the same address
+    assert rnn.weight_hm_g._version == version and rnn.weight_hm_g.data_ptr() == buf.ctypes.data
+    _assert_current(rnn, x, before)
+
+
+def test_packed_copies_of_a_freed_storage_are_not_reused(x):
+    """The backends' cache (ops.weight_cache.derived) had the same hole: without weight norm the
+    parameters themselves are packed."""
+    from fastmlstm.ops import weight_cache
+
+    _needs_cpu_extension()
+    rnn = FastMLSTM(I, H, weight_norm=False, backend="cpu")
+    buf = torch.rand(H, H).numpy()
+    rnn.weight_hm.data = torch.from_numpy(buf)
+    first = _cached_output(rnn, x)
+    rnn.weight_hm.data = torch.zeros(H, H)
+    torch.from_numpy(buf).mul_(-1.0)
+    rnn.weight_hm.data = torch.from_numpy(buf)
+    out = _cached_output(rnn, x)
+    weight_cache.clear()
+    assert torch.equal(out, _cached_output(rnn, x)) and not torch.equal(out, first)
+
+
+@pytest.mark.parametrize("weight_norm", [True, False])
+def test_swapping_parameters_after_a_forward(x, weight_norm):
+    """The caches hold no weak reference to a parameter: torch.utils.swap_tensors (and module.to()
+    under set_swap_module_params_on_conversion) refuses a tensor that has one."""
+    _needs_cpu_extension()
+    rnn = FastMLSTM(I, H, weight_norm=weight_norm, backend="cpu")
+    with torch.no_grad():
+        rnn(x)
+        rnn.step(x[0])
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        rnn.to(torch.bfloat16)
+        _assert_current(rnn, x.bfloat16())
+        rnn.float()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    name = "weight_hm_v" if weight_norm else "weight_hm"
+    torch.utils.swap_tensors(getattr(rnn, name), nn.Parameter(torch.randn(H, H)))
+    _assert_current(rnn, x)
+
+
+def _cached_weight_ref(rnn):
+    with torch.no_grad():
+        ref = weakref.ref(rnn.effective_weights().weight_hh)
+    gc.collect()
+    assert ref() is not None  # (kept by the cache)
+    return ref
+
+
+def _collected(ref) -> bool:
+    gc.collect()
+    return ref() is None
+
+
+def test_nothing_is_kept_for_parameters_that_moved_or_were_replaced(rnn, x, monkeypatch):
+    """The cache holds nothing computed from storages the module no longer has (moved off the
+    CPU, converted, replaced), nor anything once it is turned off."""
+    ref = _cached_weight_ref(rnn)
+    rnn.to("meta")  # (as to("cuda"): the CPU copies stay until the module dies otherwise)
+    assert _collected(ref)
+    rnn = FastMLSTM(I, H)
+    ref = _cached_weight_ref(rnn)
+    rnn.weight_hm_g = nn.Parameter(torch.ones(H))
+    assert _collected(ref)
+    ref = _cached_weight_ref(rnn)
+    rnn.half()
+    assert _collected(ref)
+    ref = _cached_weight_ref(rnn)
+    monkeypatch.setenv(modules.ENV_WEIGHT_CACHE, "off")
+    _cached_output(rnn, x.half())
+    assert _collected(ref)
+
+
+def test_views_taken_per_call_do_not_pile_up_packed_copies(x):
+    """The backends' cache keys an entry by what its tensors read, so a view taken per call (a new
+    tensor object every time) replaces the last entry instead of adding one per call."""
+    from fastmlstm.ops import weight_cache
+
+    _needs_cpu_extension()
+    weight_cache.clear()
+    torch.manual_seed(0)
+    stacked = FastMLSTM(I, H, weight_norm=False).effective_weights()
+    layers = [w.detach().unsqueeze(0).repeat(2, *([1] * w.dim())) for w in stacked]
+    outs = []
+    with torch.no_grad():
+        for _ in range(6):
+            outs.append(fastmlstm.multiplicative_lstm(x, *(w[1] for w in layers), backend="cpu")[0])
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert len(weight_cache._ENTRIES) <= 4  # the packed copies of one call
