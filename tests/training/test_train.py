@@ -185,7 +185,8 @@ RESUME_ARGS = ["--steps", "150", "--ckpt-every", "20", "--eval-every", "50", "--
 def uninterrupted(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     proc = run_script([*SMALL, *RESUME_ARGS, "--data", str(corpus), "--out", str(out)])
-    assert proc.wait() == 0, proc.stdout.read()
+    output = proc.communicate()[0]  # (waits, and closes the pipe)
+    assert proc.returncode == 0, output
     return out
 
 
@@ -195,9 +196,9 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(how, corpus, 
     proc = run_script(args)
     wait_for(tmp_path / "ckpt-00000040.pt", proc)
     proc.send_signal(how)
-    code = proc.wait()
+    output = proc.communicate()[0]
     # The shell's convention: killed by a signal -> 128 + its number (130 Ctrl-C, 143 SIGTERM).
-    assert code == (-signal.SIGKILL if how == signal.SIGKILL else 128 + how), proc.stdout.read()
+    assert proc.returncode == (-signal.SIGKILL if how == signal.SIGKILL else 128 + how), output
     interrupted_at = max(int(p.stem.split("-")[1]) for p in tmp_path.glob("ckpt-*.pt"))
     assert 40 <= interrupted_at < 150
     assert len(list(tmp_path.glob("ckpt-*.pt"))) <= 2  # --keep
