@@ -227,8 +227,7 @@ class ByteStepper:
                 for _ in range(TIMING_STEPS):
                     graph({"byte": byte})
 
-            step_ms = verdicts.time_ms(eager, self.device) / TIMING_STEPS
-            graph_ms = verdicts.time_ms(replay, self.device) / TIMING_STEPS
+            step_ms, graph_ms = (ms / TIMING_STEPS for ms in verdicts.compare_ms(eager, replay, self.device))
         built.append(graph)
         return verdicts.Verdict("passed", errors=errors, step_ms={"step": step_ms}, candidate_ms={"step": graph_ms},
                                 checked=dict(self.describe, dtype=str(self.describe["dtype"])))

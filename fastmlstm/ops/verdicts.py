@@ -5,7 +5,10 @@ blindly: on first use for a key (device name, driver, CUDA runtime, torch, Trito
 versions, the kernel's own source, dtype, shape class) it is checked against the tested path and
 timed, and the outcome, a :class:`Verdict`, is written as one JSON file per key in
 :func:`cache_dir`. A changed key part names another file, so the check runs again; a corrupt file
-is ignored (one log line) and rewritten.
+is ignored (one log line) and rewritten. A verdict under another key for the same candidate,
+device and case (an older driver; or another environment sharing the folder: another torch,
+another source tree) is removed only once it is :data:`STALE_S` old, so that two environments
+taking turns do not delete each other's verdicts.
 
 What "checked" means is the library's accuracy rule (:func:`parity`): against a float64 run, the
 candidate's error may be at most ``FACTOR`` times the tested path's error in the same dtype plus
@@ -13,10 +16,13 @@ candidate's error may be at most ``FACTOR`` times the tested path's error in the
 
 Three protections against a kernel that misbehaves while it is checked:
 
-- the check runs under a time bound (:func:`bounded`): past it the verdict is "failed";
+- the check runs under a time bound (:func:`bounded`): past it the verdict is "failed", and while
+  that check's thread still runs (it cannot be stopped) no other check starts in this process: it
+  would share the GPU with it, and be timed or bounded wrongly;
 - a "running" marker is written before the check starts: a process that dies or is killed while
   checking leaves it behind, and the next process records "failed" instead of trying again;
-- the verdict is written atomically (:func:`fastmlstm._atomic.atomic_write`).
+- the verdict is written atomically (:func:`fastmlstm._atomic.atomic_write`); a check interrupted
+  in this process (Ctrl-C in a notebook) removes its marker and records nothing.
 
 ``FASTMLSTM_KERNEL`` (:func:`kernel_choice`) forces a choice: ``auto`` (default), ``persistent``,
 ``graph`` or ``step`` (the tested path, nothing checked).
@@ -31,6 +37,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import statistics
@@ -44,7 +51,7 @@ import torch
 from .._atomic import atomic_write
 from ..errors import InputError
 
-__all__ = ["ABS", "ENV_KERNEL", "FACTOR", "KERNEL_CHOICES", "Verdict", "bounded", "cache_dir", "decide",
+__all__ = ["ABS", "ENV_KERNEL", "FACTOR", "KERNEL_CHOICES", "Verdict", "bounded", "cache_dir", "compare_ms", "decide",
            "kernel_choice", "parity", "rel_err", "site_of", "source_hash", "tested_only", "tested_path", "time_ms"]
 
 logger = logging.getLogger("fastmlstm")
@@ -60,6 +67,10 @@ ABS = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 MIN_SPEEDUP = 1.03
 # A check that takes longer than this (seconds) fails: a hung kernel, or one far too slow to use.
 BOUND_S = 120.0
+# A verdict under another key for the same candidate, device and case is removed once it is this
+# old (seconds): soon enough to keep the folder small, late enough that environments sharing the
+# folder do not delete each other's verdicts at every start.
+STALE_S = 30 * 86400.0
 
 
 class BoundExceeded(RuntimeError):
@@ -204,7 +215,8 @@ class Verdict:
 
     ``status``: "passed" (accurate), "failed" (inaccurate, raised, or past its bound; ``reason``
     says which) or "running" (a check in progress, or one that never finished). ``step_ms`` and
-    ``candidate_ms``: median milliseconds per direction ("forward", "backward", or "step").
+    ``candidate_ms``: milliseconds per timed call ("forward", "backward", or "step"), as
+    :func:`compare_ms` measures them (the candidate's on the tested path's scale).
     """
 
     status: str
@@ -235,24 +247,47 @@ class Verdict:
 def _read(path: Path, key: dict) -> Verdict | None:
     """The verdict stored for ``key``, or None (none yet, or a corrupt file: logged, then rewritten)."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         log_once(f"fastmlstm: cannot read the kernel verdict {path} ({exc}); checking again", logging.WARNING)
         return None
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))
         if data.get("format") != FORMAT or data.get("key") != key:
             raise ValueError("written for another key or format")
         fields = {f.name for f in dataclasses.fields(Verdict)}
         verdict = Verdict(**{k: v for k, v in data["verdict"].items() if k in fields})
-        if verdict.status not in ("passed", "failed", "running"):
-            raise ValueError(f"unknown status {verdict.status!r}")
+        _validate(verdict)
         return verdict
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        log_once(f"fastmlstm: ignoring the corrupt kernel verdict {path} ({exc}); checking again", logging.WARNING)
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, RecursionError) as exc:
+        log_once(f"fastmlstm: ignoring the corrupt kernel verdict {path} ({type(exc).__name__}: "
+                 f"{_first_line(exc)}); checking again", logging.WARNING)
         return None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate(verdict: Verdict) -> None:
+    """Raise TypeError or ValueError unless every field has the type (and range) this module writes:
+    a field of another type would raise later, in the caller's forward."""
+    if verdict.status not in ("passed", "failed", "running"):
+        raise ValueError(f"unknown status {verdict.status!r}")
+    for name, kind in (("reason", str), ("host", str), ("errors", dict), ("checked", dict)):
+        if not isinstance(getattr(verdict, name), kind):
+            raise TypeError(f"{name} is a {type(getattr(verdict, name)).__name__}, not a {kind.__name__}")
+    if not isinstance(verdict.pid, int) or isinstance(verdict.pid, bool) or not 0 <= verdict.pid < 2**31:
+        raise ValueError(f"pid {verdict.pid!r} is not a process id")
+    for name in ("started", "finished"):
+        if not _number(getattr(verdict, name)):
+            raise ValueError(f"{name} {getattr(verdict, name)!r} is not a time")
+    for name in ("step_ms", "candidate_ms"):
+        times = getattr(verdict, name)
+        if not isinstance(times, dict) or not all(_number(t) and t >= 0 for t in times.values()):
+            raise ValueError(f"{name} {times!r} is not a map of milliseconds")
 
 
 def _write(path: Path, key: dict, verdict: Verdict) -> None:
@@ -289,13 +324,31 @@ def _unfinished(verdict: Verdict, bound_s: float) -> bool:
 _SEEN: dict[Path, Verdict] = {}
 _CHECKING: set[Path] = set()
 _LOCK = threading.Lock()
+# The checks given up on (past their bound, or interrupted), by the event their thread sets when it
+# ends: no check starts while one runs (it would share the GPU with a kernel that may be spinning
+# on all of it). An event, not Thread.is_alive(): after an interrupted join() Python 3.11 reports
+# a running thread as stopped.
+_ABANDONED: list[threading.Event] = []
+
+
+def _abandon(done: threading.Event) -> None:
+    if not done.is_set():
+        with _LOCK:
+            _ABANDONED.append(done)
+
+
+def _abandoned_check_running() -> bool:
+    with _LOCK:
+        _ABANDONED[:] = [done for done in _ABANDONED if not done.is_set()]
+        return bool(_ABANDONED)
 
 
 def decide(key: dict, check: Callable[[], Verdict], bound_s: float = BOUND_S) -> Verdict | None:
     """The verdict for ``key``: from this process's memory, else the cache file, else by running
     ``check()`` under ``bound_s`` seconds (an exception or the bound is a "failed" verdict) and
     writing what it found. None while the key is being checked (by another process, or another
-    thread of this one): the caller takes the tested path meanwhile."""
+    thread of this one), or a check given up on still runs (:func:`bounded`): the caller takes the
+    tested path meanwhile and asks again later."""
     path = verdict_path(key)
     with _LOCK:
         verdict = _SEEN.get(path)
@@ -313,6 +366,11 @@ def decide(key: dict, check: Callable[[], Verdict], bound_s: float = BOUND_S) ->
                                         "died or hung while checking)", finished=time.time())
             _write(path, key, verdict)
         if verdict is None:
+            if _abandoned_check_running():
+                log_once("fastmlstm: a kernel check that ran past its time bound (or was interrupted) is still "
+                         "running; no other kernel is checked until it ends, the per-step path runs meanwhile",
+                         logging.WARNING)
+                return None
             verdict = _check(path, key, check, bound_s)
         _SEEN[path] = verdict
         return verdict
@@ -335,16 +393,29 @@ def _check(path: Path, key: dict, check: Callable[[], Verdict], bound_s: float) 
         verdict, keep = Verdict("failed", "out of memory while checking (not kept: checked again next time)"), False
     except Exception as exc:  # a candidate that raises is refused, whatever it raised
         verdict = Verdict("failed", f"raised {type(exc).__name__}: {_first_line(exc)}")
+    except BaseException:  # interrupted here (Ctrl-C): nothing was found out; checked again later
+        _remove_marker(path, key, marker)
+        raise
     verdict.pid, verdict.host, verdict.started = marker.pid, marker.host, marker.started
     verdict.finished = time.time()
     if keep:
         _write(path, key, verdict)
     else:
-        try:
-            path.unlink()
-        except OSError:
-            pass
+        _remove_marker(path, key, marker)
     return verdict
+
+
+def _remove_marker(path: Path, key: dict, marker: Verdict) -> None:
+    """Remove this check's "running" marker, unless another process has written over it since (its
+    verdict, or its own marker)."""
+    found = _read(path, key)
+    if found is None or (found.status, found.pid, found.host, found.started) != (
+            "running", marker.pid, marker.host, marker.started):
+        return
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def _first_line(exc: BaseException) -> str:
@@ -353,13 +424,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _forget_stale(path: Path) -> None:
-    """Remove verdicts for the same candidate, device and case under an older key (another
-    driver or version): they can never be read again."""
+    """Remove verdicts for the same candidate, device and case under another key that were written
+    :data:`STALE_S` ago or earlier (an older driver or version). Younger ones stay: another
+    environment sharing this folder (another torch, Triton or source tree, TF32 on) reads them."""
     stem = path.name.rsplit("-", 1)[0]
     for other in path.parent.glob(f"{stem}-*.json") if path.parent.is_dir() else ():
         if other != path and other.name.rsplit("-", 1)[0] == stem:
             try:
-                other.unlink()
+                if time.time() - other.stat().st_mtime >= STALE_S:
+                    other.unlink()
             except OSError:
                 pass
 
@@ -374,8 +447,10 @@ def forget_process_memory() -> None:
 
 def bounded(fn: Callable[[], Verdict], seconds: float):
     """``fn()`` in a worker thread, waited for at most ``seconds``: its result, its exception, or
-    :class:`BoundExceeded` (the thread is abandoned; it cannot be stopped from outside)."""
+    :class:`BoundExceeded` (the thread is abandoned, it cannot be stopped from outside; until it
+    ends :func:`decide` starts no other check)."""
     result: dict = {}
+    done = threading.Event()
 
     def run():
         try:
@@ -383,11 +458,18 @@ def bounded(fn: Callable[[], Verdict], seconds: float):
                 result["value"] = fn()
         except BaseException as exc:  # handed to the caller below
             result["error"] = exc
+        finally:
+            done.set()
 
     worker = threading.Thread(target=run, name="fastmlstm-kernel-check", daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
+    try:
+        worker.start()
+        finished = done.wait(seconds)
+    except BaseException:  # the wait interrupted (Ctrl-C): the thread runs on, as past the bound
+        _abandon(done)
+        raise
+    if not finished:
+        _abandon(done)
         raise BoundExceeded(f"did not finish within {seconds:g} s (a hang, or far too slow)")
     if "error" in result:
         raise result["error"]
@@ -437,3 +519,28 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 5, warmu
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def compare_ms(tested: Callable[[], object], candidate: Callable[[], object], device: torch.device,
+               rounds: int = 5) -> tuple[float, float]:
+    """Milliseconds of ``tested()`` and of ``candidate()`` on one scale: after one warm-up call of
+    each, ``rounds`` rounds of one call of each, the order swapped every round, so that a change of
+    the machine's speed while measuring (clocks ramping up, another process's load coming or
+    going) weighs on both alike. Returns the median time of ``tested`` and that time over the median
+    of the rounds' ratios (so ``tested_ms / candidate_ms`` is the median speedup); the candidate's
+    is 0.0 (no speedup known) where no round timed both above zero."""
+    tested()
+    candidate()
+    tested_ms, ratios = [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            a, b = time_ms(tested, device, reps=1, warmup=0), time_ms(candidate, device, reps=1, warmup=0)
+        else:
+            b, a = time_ms(candidate, device, reps=1, warmup=0), time_ms(tested, device, reps=1, warmup=0)
+        tested_ms.append(a)
+        if a > 0 and b > 0:
+            ratios.append(a / b)
+    median = statistics.median(tested_ms)
+    if not ratios or median <= 0:
+        return median, 0.0
+    return median, median / statistics.median(ratios)

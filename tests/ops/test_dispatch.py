@@ -8,6 +8,8 @@ The rule's designs come from the persistent schedules (pure functions of the sha
 import json
 import logging
 import os
+import signal
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -18,12 +20,13 @@ import tolerances
 
 from fastmlstm import InputError
 from fastmlstm.ops import reference, verdicts
-from fastmlstm.ops.triton import dispatch
+from fastmlstm.ops.triton import dispatch, recurrence
 from fastmlstm.ops.triton.configs import Device
 from fastmlstm.ops.triton.persistent import schedule
 
 H100 = Device(132, (9, 0), "NVIDIA H100 80GB HBM3")
 B, H = 3, 8
+TIMED = ("forward", "backward")
 
 
 def _site(capability=(8, 0), driver="driver-1"):
@@ -64,11 +67,36 @@ def stand_in(monkeypatch, tmp_path):
     monkeypatch.setattr(dispatch, "_LOADED", [True])
     dispatch.reset()
     yield tmp_path / "cache" / "fastmlstm" / "kernels"
+    _join_abandoned()
     dispatch.reset()
+
+
+def _quick_checks(monkeypatch):
+    """Checks without sleeps: the reference backend as the per-step path; the candidate timed 2x as fast."""
+    monkeypatch.setattr(dispatch, "STEP", dispatch.Candidate("step", lambda *a: True, reference.forward,
+                                                             reference.backward))
+    monkeypatch.setattr(dispatch, "_timings", lambda *a: (dict.fromkeys(TIMED, 2.0), dict.fromkeys(TIMED, 1.0)))
+
+
+def _mark_running(path: Path, pid: int) -> str:
+    """Make the verdict at ``path`` the marker of a check by process ``pid`` here; returns the verdict."""
+    stored = json.loads(text := path.read_text())
+    stored["verdict"].update(status="running", pid=pid, host=os.uname().nodename, started=time.time())
+    path.write_text(json.dumps(stored))
+    return text
 
 
 def _files(cache: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))]
+
+
+def _statuses(cache: Path) -> dict:
+    return {f["key"]["candidate"]: f["verdict"]["status"] for f in _files(cache)}
+
+
+def _join_abandoned():
+    for done in list(verdicts._ABANDONED):  # checks given up on: let them end (a test released them)
+        done.wait(30)
 
 
 def _choose(direction="forward", b=B, h=H):
@@ -146,12 +174,15 @@ def test_a_correct_faster_candidate_is_checked_once_kept_and_used(stand_in, capl
     [stored] = _files(stand_in)
     assert stored["verdict"]["status"] == "passed" and stored["key"]["candidate"] == "graph"
     assert stored["key"]["driver"] == "driver-1" and stored["key"]["B_class"] == 4 and stored["key"]["H"] == H
-    assert set(stored["verdict"]["step_ms"]) == {"forward", "backward"}
+    assert set(stored["verdict"]["step_ms"]) == set(TIMED)
     errors = stored["verdict"]["errors"]["T=4 with lengths and cell states"]
     assert {"output", "c_n", "cell_states", "act", "grad_proj", "grad_weight_hh", "grad_weight_hm", "grad_h0",
             "grad_c0", "output (no saves)"} <= set(errors)
     assert sum("runs the forward and backward" in r.message for r in caplog.records) == 1
     assert any("checking the 'graph' kernel" in r.message for r in caplog.records)
+    # The key's sources include those every candidate and the check run on (fastmlstm/ops, the reference).
+    covered = set(dispatch._sources(candidate))
+    assert {str(Path(m.__file__).parent) for m in (recurrence, verdicts, reference)} <= covered
     # The same shape class again, then a new process (memory dropped): no second check.
     assert dispatch.choose(4, H, torch.float32, torch.device("cpu")) == "graph"
     dispatch.reset()
@@ -213,43 +244,101 @@ def test_running_out_of_memory_while_checking_is_not_kept(stand_in):
     dispatch.register(_candidate()[0])  # the next process (and a candidate that fits) checks again
     dispatch.reset()
     assert _choose() == "graph"
+    # Out of memory while another process checking the same key finishes: its verdict stays.
+    [path] = stand_in.glob("*.json")
+    passed, _ = path.read_text(), path.unlink()
+    dispatch.register(_candidate(forward=lambda *args: path.write_text(passed) and oom())[0])
+    dispatch.reset()
+    assert _choose() == "step" and path.read_text() == passed
+    dispatch.reset()
+    assert _choose() == "graph"
 
 
 def test_a_candidate_faster_in_one_direction_runs_only_there(stand_in):
     dispatch.register(_candidate(backward=_slow(reference.backward, 0.06))[0])
     assert _choose("forward") == "graph" and _choose("backward") == "step"
+    # Faster without saving for backward (inference), slower saving (training): not the forward.
+    next(stand_in.glob("*.json")).unlink()
+    dispatch.reset()
+    dispatch.register(_candidate(forward=lambda *a: _slow(reference.forward, 0.06 if a[6] else 0.0)(*a))[0])
+    assert _choose("forward") == "step" and _choose("backward") == "graph"
+    [stored] = _files(stand_in)
+    assert stored["verdict"]["candidate_ms"]["forward"] > stored["verdict"]["step_ms"]["forward"]
 
 
-def test_a_changed_key_part_checks_again_and_drops_the_old_verdict(stand_in, monkeypatch):
+def test_a_machine_getting_faster_while_timing_favours_neither_kernel(stand_in, monkeypatch):
+    """The same kernels as both, timed while the machine gets faster (clocks ramping up, a load going
+    away: each call 0.02 ms quicker, from 2 ms): timed one after the other, the later one was "faster"."""
+    monkeypatch.setattr(dispatch, "STEP", dispatch.Candidate("step", lambda *a: True, reference.forward,
+                                                             reference.backward))
+    timed = []
+
+    def time_ms(fn, device, reps=5, warmup=1):
+        samples = []
+        for _ in range(warmup + reps):
+            fn()
+            timed.append(max(1.0, 2.0 - 0.02 * len(timed)))
+            samples.append(timed[-1])
+        return statistics.median(samples[warmup:])
+
+    monkeypatch.setattr(verdicts, "time_ms", time_ms)
+    dispatch.register(_candidate()[0])
+    assert _choose("forward") == "step" and _choose("backward") == "step"
+    assert _statuses(stand_in) == {"graph": "passed"}
+
+
+def test_a_changed_key_part_checks_again_and_an_old_verdict_goes_once_stale(stand_in, monkeypatch):
+    """Environments sharing ~/.cache (torch 2.13 and 2.14 taking turns) check once each (each used to
+    delete the other's verdict: every start checked again); another key's verdict goes once STALE_S old."""
+    _quick_checks(monkeypatch)
     candidate, calls = _candidate()
     dispatch.register(candidate)
-    _choose()
-    first = len(calls)
-    [old] = list(stand_in.glob("*.json"))
+    real, checked = verdicts.software(), []
+    for version in ("2.13", "2.14", "2.13", "2.14"):
+        monkeypatch.setattr(verdicts, "software", lambda version=version: {**real, "torch": version})
+        dispatch.reset()
+        before = len(calls)
+        assert _choose() == "graph"
+        checked.append(len(calls) > before)
+    assert checked == [True, True, False, False] and len(list(stand_in.glob("*.json"))) == 2
+    for old in stand_in.glob("*.json"):
+        os.utime(old, (time.time() - verdicts.STALE_S - 60,) * 2)
     monkeypatch.setattr(dispatch, "_site", lambda device: _site(driver="driver-2"))
     dispatch.reset()
+    before = len(calls)
     _choose()
-    assert len(calls) > first
-    [new] = list(stand_in.glob("*.json"))
-    assert new != old and json.loads(new.read_text())["key"]["driver"] == "driver-2"
-    # Another dtype or shape class is another key, kept beside it.
+    assert len(calls) > before and [f["key"]["driver"] for f in _files(stand_in)] == ["driver-2"]
+    # Another shape class is another key, kept beside it; so is TF32 switched on (used to be missed).
     dispatch.choose(9, H, torch.float32, torch.device("cpu"))
-    assert len(list(stand_in.glob("*.json"))) == 2
+    monkeypatch.setattr(recurrence, "_dot_precision", lambda dtype: "tf32")
+    assert _choose() == "graph" and sorted(f["key"]["precision"] for f in _files(stand_in)) == ["ieee", "ieee", "tf32"]
 
 
-def test_a_corrupt_verdict_is_ignored_with_one_log_line_and_rewritten(stand_in, caplog):
-    candidate, _ = _candidate()
-    dispatch.register(candidate)
+def test_a_corrupt_verdict_is_ignored_with_one_log_line_and_rewritten(stand_in, caplog, monkeypatch):
+    """Also bytes that are not UTF-8, JSON nested too deep, fields of another type (these used to
+    raise in the forward: UnicodeDecodeError, RecursionError, AttributeError, TypeError, OverflowError)."""
+    _quick_checks(monkeypatch)
+    dispatch.register(_candidate()[0])
     _choose()
     [path] = list(stand_in.glob("*.json"))
-    for garbage in ("{not json", json.dumps({"format": 1, "key": {}, "verdict": {"status": "passed"}}),
-                    path.read_text().replace('"passed"', '"maybe"')):
-        path.write_text(garbage)
+    good, here = json.loads(path.read_text()), {"host": os.uname().nodename, "started": time.time()}
+
+    def edited(**fields):
+        return json.dumps({**good, "verdict": {**good["verdict"], **fields}}).encode()
+
+    for garbage in (b"{not json", json.dumps({"format": 1, "key": {}, "verdict": {"status": "passed"}}).encode(),
+                    edited(status="maybe"), b"\xff\xfe not text", b"[" * 100_000, edited(step_ms="fast"),
+                    edited(candidate_ms={"forward": 10**400}), edited(step_ms={"forward": "10"}),
+                    edited(status="running", pid="1234", **here), edited(status="running", pid=2**70, **here),
+                    edited(status="running", pid=os.getppid(), host=here["host"], started="yesterday"),
+                    edited(status="running", pid=1, host="elsewhere", started=float("nan")),
+                    edited(status="failed", reason=["a list"])):
+        path.write_bytes(garbage)
         dispatch.reset()
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="fastmlstm"):
-            assert _choose() == "graph"
-        assert sum("ignoring the corrupt kernel verdict" in r.message for r in caplog.records) == 1
+            assert _choose() == "graph" and _choose("backward") == "graph", garbage[:80]
+        assert sum("ignoring the corrupt kernel verdict" in r.message for r in caplog.records) == 1, garbage[:80]
         assert json.loads(path.read_text())["verdict"]["status"] == "passed"
 
 
@@ -258,19 +347,68 @@ def test_an_unfinished_check_is_a_failure_and_a_live_one_is_waited_for(stand_in)
     dispatch.register(candidate)
     _choose()
     [path] = list(stand_in.glob("*.json"))
-    stored = json.loads(path.read_text())
     # Another live process is checking: the step path meanwhile, and nothing is run or remembered.
-    stored["verdict"].update(status="running", pid=os.getppid(), host=os.uname().nodename, started=time.time())
-    path.write_text(json.dumps(stored))
+    _mark_running(path, os.getppid())
     dispatch.reset()
     before = len(calls)
     assert _choose() == "step" and len(calls) == before
     # That process died (no such pid): the check never finished, so the candidate failed.
-    stored["verdict"]["pid"] = 2**22 + 12345
-    path.write_text(json.dumps(stored))
+    _mark_running(path, 2**22 + 12345)
     assert _choose() == "step"
     verdict = json.loads(path.read_text())["verdict"]
     assert verdict["status"] == "failed" and "did not finish" in verdict["reason"] and len(calls) == before
+
+
+def test_no_check_starts_while_one_past_its_bound_still_runs(stand_in, monkeypatch, caplog):
+    """A check past its bound runs on (spinning on the GPU); another check started meanwhile shared
+    the GPU (here: a lock), ran past its bound too and was kept as "failed". Now it waits."""
+    _hopper(monkeypatch)
+    _quick_checks(monkeypatch)
+    monkeypatch.setattr(verdicts, "BOUND_S", 1.0)
+    gpu, release = threading.Lock(), threading.Event()
+
+    def hangs(*args):
+        with gpu:
+            release.wait(30)
+        raise RuntimeError("released")
+
+    def shares_the_gpu(fn):
+        return lambda *args: gpu.acquire() and (gpu.release(), fn(*args))[1]
+
+    dispatch.register(_candidate("stationary", forward=hangs)[0])
+    dispatch.register(_candidate("graph", shares_the_gpu(reference.forward), shares_the_gpu(reference.backward))[0])
+    try:
+        with caplog.at_level(logging.WARNING, logger="fastmlstm"):
+            assert _bf16() == "step" and _bf16() == "step"
+        statuses = _statuses(stand_in)
+    finally:
+        release.set()
+    assert statuses == {"stationary": "failed"}
+    assert sum("still running; no other kernel is checked" in r.message for r in caplog.records) == 1
+    _join_abandoned()
+    monkeypatch.setattr(verdicts, "BOUND_S", 60.0)  # (then the other is checked, and runs)
+    assert _bf16() == "graph" and _statuses(stand_in) == {"stationary": "failed", "graph": "passed"}
+
+
+def test_a_check_interrupted_in_a_living_process_records_nothing(stand_in, monkeypatch):
+    """Ctrl-C during the first check, the process living on (a notebook): its marker used to stay,
+    read next as a check that died: "failed" for good."""
+    _quick_checks(monkeypatch)
+
+    def forward(*args):
+        if len(calls) == 1:  # the check's first call: Ctrl-C, and it goes on meanwhile
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.5)
+        return reference.forward(*args)
+
+    candidate, calls = _candidate(forward=forward)
+    dispatch.register(candidate)
+    with pytest.raises(KeyboardInterrupt):
+        _choose()
+    assert _choose() == "step" and verdicts._ABANDONED  # its thread runs on: no other check meanwhile
+    _join_abandoned()
+    assert not _files(stand_in)
+    assert _choose() == "graph" and [f["verdict"]["status"] for f in _files(stand_in)] == ["passed"]
 
 
 def test_a_read_only_cache_still_decides_for_this_process(stand_in, caplog):
@@ -337,6 +475,23 @@ def _bf16(direction="forward"):
     return dispatch.choose(4, 64, torch.bfloat16, torch.device("cpu"), direction)
 
 
+def test_kernel_persistent_decides_for_good_only_once_every_candidate_has_its_verdict(stand_in, monkeypatch):
+    """One failed, the other being checked by another process: the failed one runs for now, the
+    other once it has passed (the failed one used to run for the rest of the process)."""
+    _hopper(monkeypatch)
+    _quick_checks(monkeypatch)
+    dispatch.register(_candidate("cluster")[0])
+    assert _bf16() == "cluster"
+    [path] = stand_in.glob("cluster-*.json")
+    passed = _mark_running(path, os.getppid())
+    dispatch.register(_candidate("stationary", forward=lambda *a: (_ for _ in ()).throw(RuntimeError("broken")))[0])
+    dispatch.reset()
+    monkeypatch.setenv(verdicts.ENV_KERNEL, "persistent")
+    assert _bf16() == "stationary"
+    path.write_text(passed)  # that process finished
+    assert _bf16() == "cluster"
+
+
 def test_kernel_persistent_runs_the_fastest_persistent_candidate(stand_in, monkeypatch):
     _hopper(monkeypatch)
     monkeypatch.setenv(verdicts.ENV_KERNEL, "persistent")
@@ -376,8 +531,7 @@ def test_a_failed_fastest_candidate_leaves_the_next_fastest(stand_in, monkeypatc
     dispatch.register(_candidate("cluster", wrong_forward)[0])
     dispatch.register(_candidate("graph", _slow(reference.forward, 0.005), _slow(reference.backward, 0.005))[0])
     assert _bf16() == "graph"
-    assert {f["key"]["candidate"]: f["verdict"]["status"] for f in _files(stand_in)} == {"cluster": "failed",
-                                                                                       "graph": "passed"}
+    assert _statuses(stand_in) == {"cluster": "failed", "graph": "passed"}
 
 
 def test_the_rule_takes_the_fastest_design_that_applies():

@@ -3,13 +3,14 @@
 :mod:`.persistent` package) or the CUDA-graphed step loop ("graph"; :mod:`.graphs`).
 
 A candidate is never trusted blindly. On first use for a key (device, driver, versions, the
-kernels' sources, dtype, shape class: H exact, B rounded up to a power of two) it is checked
-against the per-step path and a float64 run (outputs, final states, saved activations, every
-gradient; :func:`fastmlstm.ops.verdicts.parity`) and both are timed; the verdict is kept on disk
-(:mod:`fastmlstm.ops.verdicts`). Every candidate that applies is checked; per direction the fastest
-of those that passed and beat the per-step path runs (:func:`design_for` on the checks' timings),
-otherwise the per-step path; one log line per candidate says what it does and why. Once decided,
-a call costs one dict lookup.
+kernels' and the check's sources, dtype, float32 dot precision, shape class: H exact, B rounded up
+to a power of two) it is checked against the per-step path and a float64 run (outputs, final
+states, saved activations, every gradient; :func:`fastmlstm.ops.verdicts.parity`) and both are
+timed in alternating rounds (the forward both saving for backward and not: it must be faster at
+both); the verdict is kept on disk (:mod:`fastmlstm.ops.verdicts`). Every candidate that applies
+is checked; per direction the fastest of those that passed and beat the per-step path runs
+(:func:`design_for` on the checks' timings), otherwise the per-step path; one log line per
+candidate says what it does and why. Once decided, a call costs one dict lookup.
 
 ``FASTMLSTM_KERNEL`` forces a choice: ``step`` (nothing checked), ``persistent`` or ``graph`` (the
 candidate runs even if it failed its check, with a warning; one that does not apply to the shape
@@ -83,7 +84,8 @@ STEP = Candidate("step", lambda B, H, dtype, device: True, recurrence.forward, r
 _CANDIDATES: dict[str, Candidate] = {}
 _LOADERS: list[Callable[[], list[Candidate]]] = []
 _LOADED: list[bool] = [False]
-# (FASTMLSTM_KERNEL's raw value, B, H, dtype, device, direction) -> the name that runs.
+# (FASTMLSTM_KERNEL's raw value, B, H, dtype, device, direction, float32 dot precision) -> the name
+# that runs (the precision is part of the verdict's key: TF32 switched on checks again).
 _MEMO: dict[tuple, str] = {}
 
 
@@ -200,7 +202,7 @@ def choose(B: int, H: int, dtype: torch.dtype, device: torch.device, direction: 
     tensors' torch device): "step" or the name of a checked candidate. Non-CUDA devices (Triton's
     interpreter) always get "step". The first call for a key may run the candidate's check."""
     raw = os.environ.get(verdicts.ENV_KERNEL)
-    memo_key = (raw, B, H, dtype, device, direction)
+    memo_key = (raw, B, H, dtype, device, direction, recurrence._dot_precision(dtype))
     name = _MEMO.get(memo_key)
     if name is not None:
         return name
@@ -289,14 +291,16 @@ def _forced(mode, wanted, B, H, dtype, site, direction) -> tuple[str, bool]:
         return applying[0].name, False
     checked = [(c, _verdict(c, B, H, dtype, site)) for c in applying]
     passed = {c.name: 1.0 / max(v.speedup(direction), 1e-9) for c, v in checked if v is not None and v.passed}
+    # Final only once every candidate of the group has its verdict: one being checked elsewhere may pass.
+    final = all(v is not None for _, v in checked)
     if passed:
-        return min(passed, key=lambda n: (passed[n], DESIGNS.index(n))), all(v is not None for _, v in checked)
+        return min(passed, key=lambda n: (passed[n], DESIGNS.index(n))), final
     candidate, verdict = checked[0]
     if verdict is not None:
         verdicts.log_once(f"fastmlstm: {verdicts.ENV_KERNEL}={mode} runs the {candidate.name!r} kernel for "
                           f"{_case(B, H, dtype)} on {site.name} although it failed its check: {verdict.reason}",
                           logging.WARNING)
-    return candidate.name, verdict is not None
+    return candidate.name, final
 
 
 def _verdict(candidate: Candidate, B: int, H: int, dtype: torch.dtype, site: verdicts.Site):
@@ -316,6 +320,11 @@ def _sources(candidate: Candidate) -> tuple[str, ...]:
         except (TypeError, OSError):  # a builtin or generated function: its name stands for it
             pass
     found.add(str(Path(__file__).parent))  # the per-step path it is measured against
+    # The modules every candidate and the check run on: fastmlstm/ops (capture.py, the graphs' capture
+    # and static inputs; interface.py, the buffers and the weight gradients; verdicts.py, the
+    # accuracy rule and the timing) and the reference backend (the float64 truth).
+    found.add(str(Path(verdicts.__file__).parent))
+    found.add(str(Path(inspect.getsourcefile(reference.forward)).parent))
     return tuple(sorted(found))
 
 
@@ -388,8 +397,9 @@ def _run(impl, x: dict) -> dict:
 def check(candidate: Candidate, B: int, H: int, dtype: torch.dtype, device: torch.device,
           announce: str | None = None) -> verdicts.Verdict:
     """Check ``candidate`` at ``(B, H, dtype)`` on ``device``: parity with :data:`STEP` against a
-    float64 run of the reference backend at each of :data:`CASES`, then the median time of each
-    direction of both at T = :data:`TIMING_T`. A failed parity case stops the check (no timing)."""
+    float64 run of the reference backend at each of :data:`CASES`, then the time of each direction
+    of both at T = :data:`TIMING_T` (:func:`_timings`). A failed parity case stops the check (no
+    timing)."""
     if announce:
         verdicts.log_once(f"fastmlstm: checking the {candidate.name!r} kernel for {_case(B, H, dtype)} on {announce} "
                           f"against the per-step path (first use; the verdict is kept in {verdicts.cache_dir()})",
@@ -412,14 +422,28 @@ def check(candidate: Candidate, B: int, H: int, dtype: torch.dtype, device: torc
 
 
 def _timings(candidate: Candidate, B: int, H: int, dtype: torch.dtype, device: torch.device):
+    """(per-step path's ms, candidate's ms) by direction, each pair measured in alternating rounds
+    (:func:`fastmlstm.ops.verdicts.compare_ms`): timing one after the other would credit a
+    candidate with whatever slowed the machine down while the other ran. The forward is timed
+    saving nothing (as inference runs it) and saving for backward (as training does); the one the
+    candidate gains less at stands for it: it must be faster at both."""
     x = _inputs(TIMING_T, B, H, dtype, device, False, False, seed=1)
     state = (x["proj"], x["weight_hh"], x["weight_hm"], x["h0"], x["c0"], None)
-    result = ({}, {})
-    for impl, times in zip((STEP, candidate), result):
-        times["forward"] = verdicts.time_ms(lambda impl=impl: impl.forward(*state, False, False), device)
+
+    def calls(impl):
         saved = impl.forward(*state, True, False)
-        times["backward"] = verdicts.time_ms(
-            lambda impl=impl, saved=saved: impl.backward(x["grad_output"], x["grad_c_n"], None, x["weight_hh"],
-                                                         x["weight_hm"], x["h0"], x["c0"], None, saved[0], saved[2],
-                                                         saved[3]), device)
-    return result
+        return {"forward": lambda: impl.forward(*state, False, False),
+                "forward (saves)": lambda: impl.forward(*state, True, False),
+                "backward": lambda: impl.backward(x["grad_output"], x["grad_c_n"], None, x["weight_hh"],
+                                                  x["weight_hm"], x["h0"], x["c0"], None, saved[0], saved[2],
+                                                  saved[3])}
+
+    step_calls, candidate_calls = calls(STEP), calls(candidate)
+    pairs = {name: verdicts.compare_ms(step_calls[name], candidate_calls[name], device) for name in step_calls}
+    pairs["forward"] = min(pairs.pop("forward"), pairs.pop("forward (saves)"), key=_gain)
+    return {d: ms[0] for d, ms in pairs.items()}, {d: ms[1] for d, ms in pairs.items()}
+
+
+def _gain(pair: tuple[float, float]) -> float:
+    step_ms, candidate_ms = pair
+    return step_ms / candidate_ms if step_ms > 0 and candidate_ms > 0 else 0.0

@@ -50,7 +50,9 @@ def _shape_key(direction: str, inputs: dict, flags: tuple) -> tuple:
     device = next(v.device for v in inputs.values() if v is not None)
     # The plan the capture bakes in: an override (tests, the sweep) makes another graph.
     override = id(_configs._OVERRIDE[-1]) if _configs._OVERRIDE else None
-    return direction, device, shapes, flags, override
+    # And the float32 dot precision the kernels were launched with (TF32 switched on: another graph).
+    dtype = next(v.dtype for v in inputs.values() if v is not None and v.is_floating_point())
+    return direction, device, shapes, flags, override, recurrence._dot_precision(dtype)
 
 
 def _run_graphed(direction: str, inputs: dict, flags: tuple, run, direct):
