@@ -8,7 +8,8 @@ one record with its internal newlines replaced by spaces; sources and records ar
 newline, as in the paper's corpus of one review per line. A file is decompressed when its name ends
 in ``.gz``; gzip content under another name is refused rather than trained on as compressed bytes.
 A directory's hidden files and folders (``.git``, ``.ipynb_checkpoints``) are not documents. A CSV/TSV
-row must have the header's number of fields (a stray delimiter would cut the text short or shift it).
+row must have the header's number of fields (a stray delimiter would cut the text short or shift it);
+CSV fields may be quoted, TSV ones are not (a quote is part of the text).
 
 Layout of a training run (:class:`RowBatcher`): the stream is cut into ``rows`` contiguous regions
 of equal length, one per batch row of the *global* batch; update ``s`` gives every row the next
@@ -170,8 +171,11 @@ class Source:
                     return written
                 # surrogateescape keeps every byte: invalid UTF-8 passes through unchanged.
                 text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
-                # strict: a quote that never closes is an error, not the rest of the file read as one field
-                reader = csv.reader(text, delimiter=self.delimiter, strict=True)
+                # CSV, strict: a quote that never closes is an error, not the rest of the file read as one
+                # field. TSV has no quoting (IANA's text/tab-separated-values, as the Amazon review dumps
+                # and the evaluation loaders read it): a quote is a character of the text.
+                quoting = {"quoting": csv.QUOTE_NONE} if self.delimiter == "\t" else {}
+                reader = csv.reader(text, delimiter=self.delimiter, strict=True, **quoting)
                 header = next(reader, None)
                 if header is None:
                     return 0

@@ -37,6 +37,14 @@ def test_sources_are_joined_one_record_per_line(tmp_path):
     assert (tmp_path / "out" / "corpus.bin").stat().st_mtime_ns == before
 
 
+def test_tsv_fields_are_not_quoted(tmp_path):
+    """TSV has no quoting: a review that starts with a quote (common in the Amazon review dumps) is
+    its text, quotes included, not a malformed quoted field; CSV keeps its quoting."""
+    (tmp_path / "r.tsv").write_text('id\ttext\n1\t"Great" movie, really\n2\tsaid "fine\n3\tlast\n')
+    build_stream([Source.parse(tmp_path / "r.tsv")], tmp_path / "out" / "corpus.bin")
+    assert bytes(open_stream(tmp_path / "out" / "corpus.bin")) == b'"Great" movie, really\nsaid "fine\nlast\n'
+
+
 def test_bad_sources_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Source.parse(tmp_path / "missing.txt")
