@@ -267,6 +267,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward(const Tensor& proj, const Ten
   TORCH_CHECK(proj.size(2) > 0 && proj.size(2) % 5 == 0, kWho,
               "proj's last dimension must be 5 * hidden_size, got ", proj.size(2));
   const int64_t T = proj.size(0), B = proj.size(1), H = proj.size(2) / 5;
+  // (The loops share rows among threads: an empty batch goes to the reference backend.)
+  TORCH_CHECK(B > 0, kWho, "proj must have B > 0 rows, got shape ", proj.sizes());
   const at::ScalarType dtype = proj.scalar_type();
   const Layout layout = layout_of(packed_hh, "packed_hh", dtype);
   const at::ScalarType e = operand_dtype(layout);
@@ -295,7 +297,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_input(
     bool save_for_backward, bool return_cell_states, bool poison_buffers, bool portable_bf16) {
   check_activations(x, "x", 3, "[T, B, I]");
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
-  TORCH_CHECK(I > 0, kWho, "x must have at least one feature, got shape ", x.sizes());
+  TORCH_CHECK(I > 0 && B > 0, kWho, "x must have B > 0 rows and at least one feature, got shape ", x.sizes());
   const at::ScalarType dtype = x.scalar_type();
   TORCH_CHECK(weight_im_t.defined() && weight_im_t.dim() == 2, kWho, "weight_im_t must be a [I, H] tensor");
   const int64_t H = weight_im_t.size(1);

@@ -10,7 +10,8 @@ Per step, with x_t the input and (h, c) the carried state (gate order i, f, o, u
 Weights use torch's [out, in] layout: ``weight_ih`` [4H, I], ``weight_hh`` [4H, H] (applied to m),
 ``weight_im`` [H, I], ``weight_hm`` [H, H], ``bias`` [4H]. Weight normalization, if any, is the
 caller's business (:class:`fastmlstm.FastMLSTM` applies it once per forward); these functions see
-effective weights.
+effective weights. Under ``torch.autocast`` they run in the autocast dtype, as the layer does: the
+input (or projections) and weights are cast to it after the checks (float64 is left alone).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _tensor(name: str, value) -> Tensor:
 
 def _check_matrix(name: str, w, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     w = _tensor(name, w)
-    if tuple(w.shape) != shape:
+    if w.shape != shape:  # (torch.Size is a tuple)
         raise InputError(f"{name} must have shape {list(shape)}, got {list(w.shape)}")
     if w.dtype != dtype:
         raise InputTypeError(f"{name} has dtype {w.dtype} but the input has dtype {dtype}; they must match")
@@ -63,8 +64,9 @@ def _check_state(initial_state, B: int, H: int, dtype: torch.dtype, device: torc
         raise InputTypeError("initial_state must be a pair (h0, c0) of [B, H] tensors")
     state = []
     for name, s in zip(("h0", "c0"), initial_state):
-        s = _tensor(f"initial_state {name}", s)
-        if tuple(s.shape) != (B, H):
+        if not isinstance(s, Tensor):  # (as _tensor, without formatting the name on every call)
+            raise InputTypeError(f"initial_state {name} must be a torch.Tensor, got {type(s).__name__}")
+        if s.shape != (B, H):
             raise InputError(f"initial_state {name} must have shape [B, H] = [{B}, {H}], got {list(s.shape)}")
         if s.dtype not in (acc, dtype):
             allowed = f"the input's {dtype}" if acc == dtype else f"{acc} or the input's {dtype}"
@@ -85,11 +87,24 @@ def _length(value) -> int:
         raise InputTypeError(f"lengths must hold integers, got {value!r} ({type(value).__name__})") from None
 
 
+# Integer dtypes whose min and max PyTorch does not compute: their lengths are read as Python ints.
+_WIDE_UNSIGNED = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
+
+
+def _lengths_tensor(values: list[int], T: int) -> Tensor:
+    """Python ints as an int64 tensor; one beyond int64's range is out of [0, T] and said so."""
+    try:
+        return torch.tensor(values, dtype=torch.int64)
+    except (OverflowError, RuntimeError, ValueError):
+        raise InputError(f"lengths must lie in [0, T] = [0, {T}], got values in [{min(values)}, {max(values)}]") \
+            from None
+
+
 def _check_lengths(lengths, T: int, B: int, device: torch.device):
     if lengths is None:
         return None
     if isinstance(lengths, Sequence) and not isinstance(lengths, (str, bytes)):
-        lengths = torch.tensor([_length(v) for v in lengths], dtype=torch.int64)
+        lengths = _lengths_tensor([_length(v) for v in lengths], T)
     lengths = _tensor("lengths", lengths)
     if lengths.device.type != "cpu":
         # Checking the values would need a device synchronization; torch's packing API asks the same.
@@ -98,6 +113,8 @@ def _check_lengths(lengths, T: int, B: int, device: torch.device):
         raise InputTypeError(f"lengths must hold integers, got {lengths.dtype}")
     if tuple(lengths.shape) != (B,):
         raise InputError(f"lengths must have shape [B] = [{B}], got {list(lengths.shape)}")
+    if lengths.dtype in _WIDE_UNSIGNED:
+        lengths = _lengths_tensor(lengths.tolist(), T)
     if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
         raise InputError(f"lengths must lie in [0, T] = [0, {T}], got values in "
                          f"[{int(lengths.min())}, {int(lengths.max())}]")
@@ -120,8 +137,8 @@ def multiplicative_lstm_recurrence(
     table gathered by byte (:class:`fastmlstm.ByteLM`).
 
     Args:
-        proj: [T, B, 5H], float32/float16/bfloat16. Columns [0, 4H) are ``x W_ih^T + bias`` (gates
-            i, f, o, u), columns [4H, 5H) are ``x W_im^T``.
+        proj: [T, B, 5H], float32/float16/bfloat16 (float64 on ``reference``). Columns [0, 4H) are
+            ``x W_ih^T + bias`` (gates i, f, o, u), columns [4H, 5H) are ``x W_im^T``.
         weight_hh: [4H, H], same dtype and device as ``proj``.
         weight_hm: [H, H], same dtype and device.
         initial_state: optional ``(h0, c0)``, each [B, H], float32 or ``proj``'s dtype. Zeros if None.
@@ -133,7 +150,7 @@ def multiplicative_lstm_recurrence(
     Returns:
         ``(output, (h_n, c_n))``, or ``(output, (h_n, c_n), cell_states)`` with
         ``return_cell_states``: output [T, B, H] in ``proj``'s dtype; h_n, c_n [B, H] float32;
-        cell_states [T, B, H] float32.
+        cell_states [T, B, H] float32 (float64 for float64 ``proj``, here and below).
 
     Example::
 
@@ -156,18 +173,40 @@ def multiplicative_lstm_recurrence(
     _check_matrix("weight_hm", weight_hm, (H, H), dtype, device)
     h0, c0 = _check_state(initial_state, B, H, dtype, device)
     lengths = _check_lengths(lengths, T, B, device)
-    name = _backend_for(backend, proj)
+    autocast = _autocast_dtype(proj)
+    if autocast is not None:
+        proj, weight_hh, weight_hm = _cast(autocast, proj, weight_hh, weight_hm)
+    name = _backend_for(backend, B, device, proj.dtype)
     output, c_n, cell_states = ops.sequence(proj, weight_hh, weight_hm, h0, c0, lengths, name, return_cell_states)
     return _returned(output, h0, c_n, cell_states, return_cell_states)
 
 
-def _backend_for(backend: str, x: Tensor) -> str:
-    if x.shape[1] == 0:
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast multiplies in on x's device, where it is on and x is not float64 (which
+    autocast leaves alone); else None. The functional forms run in it, casting their input and
+    weights after the checks (whose errors then name the caller's dtypes), as
+    :class:`fastmlstm.FastMLSTM` does: autocast does not reach inside the custom ops, and left
+    alone it rounded the input projections of some backends only (the GEMM before the op)."""
+    if not torch._C._is_any_autocast_enabled() or x.dtype == torch.float64:  # (as nn.LSTM asks; 0.1 us)
+        return None
+    device_type = x.device.type
+    available = getattr(torch.amp, "is_autocast_available", None)  # ("meta" has no autocast)
+    if (available is not None and not available(device_type)) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(dtype: torch.dtype, *tensors):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def _backend_for(backend: str, rows: int, device: torch.device, dtype: torch.dtype) -> str:
+    if rows == 0:
         # An empty batch (nn.LSTM accepts one): nothing to fuse, and kernels would launch empty
         # grids; the reference loop gives the empty outputs and zero weight gradients.
-        ops.resolve_backend(backend, x.device, x.dtype)  # still refuse what cannot run
+        ops.resolve_backend(backend, device, dtype)  # still refuse what cannot run
         return "reference"
-    return ops.resolve_backend(backend, x.device, x.dtype)
+    return ops.resolve_backend(backend, device, dtype)
 
 
 def _returned(output: Tensor, h0: Tensor, c_n: Tensor, cell_states: Tensor, return_cell_states: bool):
@@ -196,7 +235,8 @@ def multiplicative_lstm(
     """The multiplicative LSTM over a whole sequence: one input GEMM, then the fused recurrence.
 
     Args:
-        input: [T, B, I] (or [B, T, I] with ``batch_first``), float32/float16/bfloat16.
+        input: [T, B, I] (or [B, T, I] with ``batch_first``), float32/float16/bfloat16 (float64 on
+            ``reference``).
         weight_ih: [4H, I]; weight_hh: [4H, H]; weight_im: [H, I]; weight_hm: [H, H]; bias: [4H] or
             None. All in the input's dtype and on its device.
         initial_state, lengths, return_cell_states, backend: as in
@@ -265,9 +305,13 @@ def multiplicative_lstm_step(
         raise InputError(f"step input must be 2-D [B, I], got {input.dim()}-D with shape {list(input.shape)}")
     x = input.unsqueeze(0)
     h0, c0, _ = _checked(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, None)
+    autocast = _autocast_dtype(input)
+    if autocast is not None:
+        input, weight_ih, weight_hh, weight_im, weight_hm, bias = _cast(autocast, input, weight_ih, weight_hh,
+                                                                        weight_im, weight_hm, bias)
     output, c_n = ops.layer_step(input, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0,
-                                 _backend_for(backend, x))
-    return output, _returned(output.unsqueeze(0), h0, c_n, None, False)[1]
+                                 _backend_for(backend, input.shape[0], input.device, input.dtype))
+    return output, (output.to(h0.dtype, copy=True), c_n)  # (as _returned, without a time axis to index)
 
 
 def _prepared_step(step, input: Tensor, initial_state, H: int):
@@ -283,8 +327,12 @@ def _layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, l
            return_cell_states):
     """:func:`multiplicative_lstm` on time-major x [T, B, I]."""
     h0, c0, lengths = _checked(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, lengths)
+    autocast = _autocast_dtype(x)
+    if autocast is not None:
+        x, weight_ih, weight_hh, weight_im, weight_hm, bias = _cast(autocast, x, weight_ih, weight_hh, weight_im,
+                                                                    weight_hm, bias)
     output, c_n, cell_states = ops.layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0, lengths,
-                                         _backend_for(backend, x), return_cell_states)
+                                         _backend_for(backend, x.shape[1], x.device, x.dtype), return_cell_states)
     return _returned(output, h0, c_n, cell_states, return_cell_states)
 
 
@@ -297,13 +345,14 @@ def _checked(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state,
     if weight_hm.dim() != 2:
         raise InputError(f"weight_hm must be 2-D [H, H], got shape {list(weight_hm.shape)}")
     H = weight_hm.shape[0]
+    if H == 0:
+        raise InputError(f"weight_hm must be [H, H] with H > 0, got shape {list(weight_hm.shape)}")
     dtype, device = x.dtype, x.device
+    _check_matrix("weight_hm", weight_hm, (H, H), dtype, device)
     _check_matrix("weight_ih", weight_ih, (GATES * H, I), dtype, device)
     _check_matrix("weight_im", weight_im, (H, I), dtype, device)
     if bias is not None:
         _check_matrix("bias", bias, (GATES * H,), dtype, device)
-    if H == 0:
-        raise InputError("weight_hm must be [H, H] with H > 0, got shape [0, 0]")
     _check_matrix("weight_hh", weight_hh, (GATES * H, H), dtype, device)
     h0, c0 = _check_state(initial_state, x.shape[1], H, dtype, device)
     return h0, c0, _check_lengths(lengths, x.shape[0], x.shape[1], device)

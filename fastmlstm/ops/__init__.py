@@ -55,16 +55,21 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 def _direct(tensors) -> bool:
     """Whether the backend can be called without the custom op: nothing to differentiate, no
-    tracing, plain tensors. That skips the op's Python dispatch (tens of microseconds, a good part
-    of a generation step at small sizes)."""
-    return not _needs_grad(tensors) and not torch.compiler.is_compiling() and \
+    tracing, plain tensors, not on the meta device (whose shapes the op's fake gives; a backend
+    there would enter autocast on "meta", which has none). That skips the op's Python dispatch
+    (tens of microseconds, a good part of a generation step at small sizes)."""
+    return not _needs_grad(tensors) and not torch.compiler.is_compiling() and not tensors[0].is_meta and \
         all(t is None or type(t) in _PLAIN for t in tensors)
 
 
 def sequence(proj: Tensor, weight_hh: Tensor, weight_hm: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None,
              backend: str, return_cell_states: bool):
     """The recurrence on checked inputs (:mod:`.interface`'s ``forward``) with a concrete backend:
-    ``(output [T, B, H], c_n [B, H], cell_states [T, B, H] or [0])``, differentiable."""
+    ``(output [T, B, H], c_n [B, H], cell_states [T, B, H] when asked for or kept for the backward,
+    else [0])``, differentiable. An empty batch (B = 0) runs on ``reference``: the kernels have no
+    rows to divide among threads (the CPU backend's divide by B)."""
+    if proj.shape[1] == 0:
+        backend = "reference"
     tensors = (proj, weight_hh, weight_hm, h0, c0, lengths)
     if _direct(tensors):
         with no_autocast(proj.device.type), torch.no_grad():
@@ -106,10 +111,15 @@ def layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_im: Tensor, we
             output, c_n, cell_states, _ = layer_forward(*tensors, backend, _needs_grad(tensors), return_cell_states)
         return output, c_n, cell_states
     H = weight_hm.shape[0]
-    # All input projections of all steps in one GEMM: [T*B, I] x [I, 5H].
+    # All input projections of all steps in one GEMM: [T*B, I] x [I, 5H], in the weights' dtype
+    # (the interface's contract) even under autocast, which would round them alone to 16 bits.
     weight = torch.cat([weight_ih, weight_im], dim=0)
     full_bias = None if bias is None else torch.cat([bias, bias.new_zeros(H)])
-    proj = torch.nn.functional.linear(x, weight, full_bias)
+    if torch._C._is_any_autocast_enabled() and not x.is_meta:  # (nn.LSTM asks the same; "meta" has no autocast)
+        with no_autocast(x.device.type):
+            proj = torch.nn.functional.linear(x, weight, full_bias)
+    else:
+        proj = torch.nn.functional.linear(x, weight, full_bias)
     return sequence(proj, weight_hh, weight_hm, h0, c0, lengths, backend, return_cell_states)
 
 
