@@ -110,7 +110,8 @@ class Source:
 
     def files(self) -> list[Path]:
         """A directory's files, sorted; hidden files and whatever is in hidden folders (.git,
-        .ipynb_checkpoints) skipped. A folder that cannot be listed is an error, not fewer documents."""
+        .ipynb_checkpoints) skipped. A folder that cannot be listed, or a link to nothing, is an
+        error, not fewer documents."""
 
         def refuse(exc: OSError):
             raise InputError(f"cannot list corpus folder {exc.filename}: {exc.strerror or exc}")
@@ -119,6 +120,10 @@ class Source:
         for folder, subfolders, names in os.walk(self.path, onerror=refuse):  # symlinked folders not followed
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]
             found.extend(Path(folder, n) for n in names if not n.startswith("."))
+        dangling = [p for p in found if p.is_symlink() and not p.exists()]
+        if dangling:  # a document that went missing, not one fewer document
+            raise MissingInputError(f"corpus folder {self.path} holds a symbolic link to nothing: {dangling[0]} "
+                                    f"(its target is missing{f'; {len(dangling)} such links' if len(dangling) > 1 else ''})")
         return sorted(p for p in found if p.is_file())
 
     @property

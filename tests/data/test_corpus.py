@@ -125,6 +125,15 @@ def test_hidden_folders_of_a_directory_are_skipped_and_an_unlistable_one_is_an_e
         Source.parse(docs)
 
 
+def test_a_link_to_nothing_in_a_folder_is_an_error_not_one_document_fewer(tmp_path):
+    docs = tmp_path / "unsup"
+    docs.mkdir()
+    (docs / "0_0.txt").write_bytes(b"a review")
+    (docs / "1_0.txt").symlink_to(tmp_path / "moved" / "1_0.txt")  # its target went elsewhere
+    with pytest.raises(FileNotFoundError, match=r"holds a symbolic link to nothing: .*1_0.txt"):
+        Source.parse(docs)
+
+
 def test_a_file_name_with_a_hash_is_that_file_not_a_column(tmp_path):
     (tmp_path / "reviews#2.txt").write_bytes(b"second batch of reviews\n")
     assert Source.parse(tmp_path / "reviews#2.txt") == Source(tmp_path / "reviews#2.txt")
