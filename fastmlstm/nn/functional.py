@@ -181,19 +181,25 @@ def multiplicative_lstm_recurrence(
     return _returned(output, h0, c_n, cell_states, return_cell_states)
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast multiplies in on x's device, where it is on and x is not float64 (which
-    autocast leaves alone); else None. The functional forms run in it, casting their input and
-    weights after the checks (whose errors then name the caller's dtypes), as
-    :class:`fastmlstm.FastMLSTM` does: autocast does not reach inside the custom ops, and left
-    alone it rounded the input projections of some backends only (the GEMM before the op)."""
-    if not torch._C._is_any_autocast_enabled() or x.dtype == torch.float64:  # (as nn.LSTM asks; 0.1 us)
+def autocast_dtype(device_type: str, dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype autocast would run matmuls on ``device_type`` in, or None when it is off, or when
+    ``dtype`` (the input's) is float64, which autocast leaves alone (as nn.LSTM's inputs).
+
+    Autocast does not reach inside the custom op, so the layer and the functional forms cast their
+    inputs and (effective) weights to this dtype themselves, after their checks (whose errors then
+    name the caller's dtypes); left alone, it rounded the input projections of some backends only
+    (the GEMM before the op).
+    """
+    if not torch._C._is_any_autocast_enabled() or dtype == torch.float64:  # (as nn.LSTM asks; 0.1 us)
         return None
-    device_type = x.device.type
     available = getattr(torch.amp, "is_autocast_available", None)  # ("meta" has no autocast)
     if (available is not None and not available(device_type)) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    return autocast_dtype(x.device.type, x.dtype)
 
 
 def _cast(dtype: torch.dtype, *tensors):

@@ -17,7 +17,7 @@ from ..ops import prepare_step, resolve_backend, step_key
 from ..ops.interface import GATES, accumulation_dtype
 from ..ops.registry import BACKENDS
 from ..options import check
-from .functional import SUPPORTED_DTYPES, _prepared_step, multiplicative_lstm, multiplicative_lstm_step
+from .functional import SUPPORTED_DTYPES, _prepared_step, autocast_dtype, multiplicative_lstm, multiplicative_lstm_step
 from .packing import repack, run_reversed
 from .weight_cache import ENV_WEIGHT_CACHE, cached_weights, forget  # noqa: F401  (ENV_WEIGHT_CACHE: documented here)
 
@@ -39,23 +39,6 @@ class MLSTMWeights(NamedTuple):
 # What ``effective_weights()`` returns and ``weights=`` takes: one MLSTMWeights for a one-layer,
 # one-direction module, else one per layer and direction in nn.LSTM's order (l0, l0_reverse, l1, ...).
 EffectiveWeights = Union[MLSTMWeights, tuple[MLSTMWeights, ...]]
-
-
-def autocast_dtype(device_type: str, dtype: torch.dtype | None = None) -> torch.dtype | None:
-    """The dtype autocast would run matmuls on ``device_type`` in, or None when it is off, or when
-    ``dtype`` (the input's) is float64, which autocast leaves alone (as nn.LSTM's inputs).
-
-    Autocast does not reach inside the custom op, so layers cast their inputs and effective weights
-    to this dtype themselves.
-    """
-    if not _autocast_available(device_type) or dtype == torch.float64:  # "meta": no autocast there
-        return None
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
-def _autocast_available(device_type: str) -> bool:
-    available = getattr(torch.amp, "is_autocast_available", None)
-    return available is None or available(device_type)
 
 
 def cast_weights(weights: MLSTMWeights, dtype: torch.dtype) -> MLSTMWeights:
