@@ -176,7 +176,7 @@ def multiplicative_lstm_recurrence(
     autocast = _autocast_dtype(proj)
     if autocast is not None:
         proj, weight_hh, weight_hm = _cast(autocast, proj, weight_hh, weight_hm)
-    name = _backend_for(backend, B, device, proj.dtype)
+    name = ops.resolve_backend(backend, device, proj.dtype)  # (an empty batch: ops.sequence takes reference)
     output, c_n, cell_states = ops.sequence(proj, weight_hh, weight_hm, h0, c0, lengths, name, return_cell_states)
     return _returned(output, h0, c_n, cell_states, return_cell_states)
 
@@ -204,15 +204,6 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 
 def _cast(dtype: torch.dtype, *tensors):
     return tuple(None if t is None else t.to(dtype) for t in tensors)
-
-
-def _backend_for(backend: str, rows: int, device: torch.device, dtype: torch.dtype) -> str:
-    if rows == 0:
-        # An empty batch (nn.LSTM accepts one): nothing to fuse, and kernels would launch empty
-        # grids; the reference loop gives the empty outputs and zero weight gradients.
-        ops.resolve_backend(backend, device, dtype)  # still refuse what cannot run
-        return "reference"
-    return ops.resolve_backend(backend, device, dtype)
 
 
 def _returned(output: Tensor, h0: Tensor, c_n: Tensor, cell_states: Tensor, return_cell_states: bool):
@@ -316,7 +307,7 @@ def multiplicative_lstm_step(
         input, weight_ih, weight_hh, weight_im, weight_hm, bias = _cast(autocast, input, weight_ih, weight_hh,
                                                                         weight_im, weight_hm, bias)
     output, c_n = ops.layer_step(input, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0,
-                                 _backend_for(backend, input.shape[0], input.device, input.dtype))
+                                 ops.resolve_backend(backend, input.device, input.dtype))
     return output, (output.to(h0.dtype, copy=True), c_n)  # (as _returned, without a time axis to index)
 
 
@@ -338,7 +329,7 @@ def _layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, initial_state, l
         x, weight_ih, weight_hh, weight_im, weight_hm, bias = _cast(autocast, x, weight_ih, weight_hh, weight_im,
                                                                     weight_hm, bias)
     output, c_n, cell_states = ops.layer(x, weight_ih, weight_hh, weight_im, weight_hm, bias, h0, c0, lengths,
-                                         _backend_for(backend, x.shape[1], x.device, x.dtype), return_cell_states)
+                                         ops.resolve_backend(backend, x.device, x.dtype), return_cell_states)
     return _returned(output, h0, c_n, cell_states, return_cell_states)
 
 

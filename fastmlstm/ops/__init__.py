@@ -18,6 +18,8 @@ and the registry's functions); nothing outside imports a backend's internals.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -115,10 +117,8 @@ def layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_im: Tensor, we
     # (the interface's contract) even under autocast, which would round them alone to 16 bits.
     weight = torch.cat([weight_ih, weight_im], dim=0)
     full_bias = None if bias is None else torch.cat([bias, bias.new_zeros(H)])
-    if torch._C._is_any_autocast_enabled() and not x.is_meta:  # (nn.LSTM asks the same; "meta" has no autocast)
-        with no_autocast(x.device.type):
-            proj = torch.nn.functional.linear(x, weight, full_bias)
-    else:
+    autocast = torch._C._is_any_autocast_enabled() and not x.is_meta  # (nn.LSTM asks the same; "meta" has none)
+    with no_autocast(x.device.type) if autocast else contextlib.nullcontext():
         proj = torch.nn.functional.linear(x, weight, full_bias)
     return sequence(proj, weight_hh, weight_hm, h0, c0, lengths, backend, return_cell_states)
 
