@@ -186,10 +186,8 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
     if not _ENTRIES:
         return
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    # (A snapshot taken in one step: another thread may add an entry meanwhile.)
-    for owner, entry in list(_ENTRIES.data.items()):
-        module = owner()
-        if module is not None and not stepped.isdisjoint(entry.key[0]):
+    for module, entry in list(_ENTRIES.items()):  # (a snapshot: another thread may add an entry meanwhile)
+        if not stepped.isdisjoint(entry.key[0]):
             _ENTRIES.pop(module, None)
 
 
