@@ -99,6 +99,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left unset from the preset, then check every value; raises InputError."""
     if args.preset not in PRESETS:
         raise InputError(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {args.preset!r}")
+    if getattr(args, "eval_data", None) and getattr(args, "eval_bytes", None) is not None:
+        raise InputError("--eval-bytes and --eval-data exclude each other: --eval-bytes holds out the end of "
+                         "--data, --eval-data evaluates on other files instead")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

@@ -43,11 +43,26 @@ def _refuse_overlap(sources: list[Source], eval_sources: list[Source], records: 
                                  "--eval-bytes of --data instead")
 
 
+def _refuse_repeats(sources: list[Source], flag: str) -> None:
+    """A source named twice (the same file and column, or a file or folder inside another source's
+    folder) would be read twice, its text weighted double in the stream: refused, naming both."""
+    for i, later in enumerate(sources):
+        for earlier in sources[:i]:
+            a, b = earlier.path.resolve(), later.path.resolve()
+            same = a == b and earlier.column == later.column
+            if same or (a != b and (a in b.parents or b in a.parents)):
+                raise InputError(f"{flag} {later.path} repeats {flag} {earlier.path}"
+                                 f"{'' if same else ' (one holds the other)'}: each source is read once; "
+                                 "name it once")
+
+
 def _write_streams(args: argparse.Namespace, ctx: Context, out: Path) -> bool:
     """Parse the sources and, on each node's local rank 0, join them into ``corpus.bin``
     (and ``eval.bin``); returns whether held-out sources were given."""
     sources = [Source.parse(s) for s in args.data]
     eval_sources = [Source.parse(s) for s in args.eval_data or []]
+    _refuse_repeats(sources, "--data")
+    _refuse_repeats(eval_sources, "--eval-data")
     _refuse_overlap(sources, eval_sources)
     if ctx.local_rank == 0:
         try:

@@ -89,3 +89,40 @@ def test_a_training_part_too_short_after_the_held_out_bytes_says_so(tmp_path, ca
     assert err == ("fastmlstm train: error: the corpus less its last 90 bytes (--eval-bytes) has 10 bytes, too few "
                    "for one batch: 2 rows of 8 + 1 bytes need at least 18; use a larger corpus, --eval-bytes, "
                    "--batch or --seq smaller\n")
+
+
+@pytest.mark.parametrize("flag", ["--data", "--eval-data"])
+@pytest.mark.parametrize("case", ["same-file", "same-file-other-spelling", "file-in-folder", "folder-in-folder"])
+def test_a_source_named_twice_is_refused(tmp_path, capsys, flag, case):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.txt").write_bytes(b"one review, read once\n" * 50)
+    (docs / "sub" / "b.txt").write_bytes(b"another one\n" * 50)
+    (tmp_path / "train.txt").write_bytes(b"the training text\n" * 50)
+    first, second = {"same-file": (docs / "a.txt", docs / "a.txt"),
+                     "same-file-other-spelling": (docs / "a.txt", docs / "sub" / ".." / "a.txt"),
+                     "file-in-folder": (docs, docs / "sub" / "b.txt"), "folder-in-folder": (docs / "sub", docs)}[case]
+    other = ["--data", str(tmp_path / "train.txt")] if flag == "--eval-data" else []
+    argv = [*TINY, *other, flag, str(first), flag, str(second), "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    # each was read twice: its text weighted double in the stream, without a word
+    assert err.startswith(f"fastmlstm train: error: {flag} {second} repeats {flag} {first}"), err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_two_columns_of_one_table_are_two_sources(tmp_path):
+    (tmp_path / "t.csv").write_text("title,text\n" + "a title,a longer text of the review\n" * 40)
+    d, _ = _data(tmp_path, 1, 0, "--data", f"{tmp_path / 't.csv'}#title", "--data", f"{tmp_path / 't.csv'}#text",
+                 "--batch", "2", "--seq", "8", "--eval-bytes", "0")
+    assert d.batcher.steps_per_epoch > 0
+
+
+def test_eval_bytes_and_eval_data_exclude_each_other(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes(b"text to train on\n" * 50)
+    (tmp_path / "b.txt").write_bytes(b"text to evaluate on\n" * 50)
+    argv = [*TINY, "--data", str(tmp_path / "a.txt"), "--eval-data", str(tmp_path / "b.txt"), "--eval-bytes", "100",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 2  # --eval-bytes was ignored without a word
+    assert capsys.readouterr().err.startswith("fastmlstm train: error: --eval-bytes and --eval-data exclude each other")
+    assert not (tmp_path / "run").exists()
