@@ -53,6 +53,15 @@ __all__ = [
 ]
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jacrev, ...) is running. Those refuse the
+    custom ops (their autograd formulas come from ``register_autograd``, which the transforms do
+    not accept in torch 2.13), and no kernel reads their wrapped tensors: the recurrence runs as
+    the reference backend's plain loop of PyTorch operators, which every transform handles."""
+    return _functorch_active()
 
 
 def _direct(tensors) -> bool:
@@ -61,7 +70,7 @@ def _direct(tensors) -> bool:
     there would enter autocast on "meta", which has none). That skips the op's Python dispatch
     (tens of microseconds, a good part of a generation step at small sizes)."""
     return not _needs_grad(tensors) and not torch.compiler.is_compiling() and not tensors[0].is_meta and \
-        all(t is None or type(t) in _PLAIN for t in tensors)
+        all(t is None or type(t) in _PLAIN for t in tensors) and not _transformed()
 
 
 def sequence(proj: Tensor, weight_hh: Tensor, weight_hm: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None,
@@ -69,11 +78,15 @@ def sequence(proj: Tensor, weight_hh: Tensor, weight_hm: Tensor, h0: Tensor, c0:
     """The recurrence on checked inputs (:mod:`.interface`'s ``forward``) with a concrete backend:
     ``(output [T, B, H], c_n [B, H], cell_states [T, B, H] when asked for or kept for the backward,
     else [0])``, differentiable. An empty batch (B = 0) runs on ``reference``: the kernels have no
-    rows to divide among threads (the CPU backend's divide by B)."""
+    rows to divide among threads (the CPU backend's divide by B). Under a ``torch.func`` transform
+    the reference's loop runs outside the custom op (:func:`_transformed`)."""
     if proj.shape[1] == 0:
         backend = "reference"
     tensors = (proj, weight_hh, weight_hm, h0, c0, lengths)
-    if _direct(tensors):
+    if _transformed():
+        with no_autocast(proj.device.type):
+            output, c_n, cell_states, _ = registry.module("reference").forward(*tensors, False, return_cell_states)
+    elif _direct(tensors):
         with no_autocast(proj.device.type), torch.no_grad():
             output, c_n, cell_states, _ = registry.module(backend).forward(*tensors, False, return_cell_states)
     else:
@@ -104,7 +117,7 @@ def layer(x: Tensor, weight_ih: Tensor, weight_hh: Tensor, weight_im: Tensor, we
     backend's own layer where it has one (input projections inside its time loop), else one GEMM
     for every step's projections and :func:`sequence`. Returns what :func:`sequence` returns."""
     module = registry.module(backend)
-    if x.shape[1] > 0 and x.shape[2] > 0 and has_layer(module):
+    if x.shape[1] > 0 and x.shape[2] > 0 and has_layer(module) and not _transformed():
         tensors = (x, weight_ih, weight_im, bias, weight_hh, weight_hm, h0, c0, lengths)
         if _direct(tensors):
             with no_autocast(x.device.type), torch.no_grad():

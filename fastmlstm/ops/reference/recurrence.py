@@ -32,9 +32,9 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
     H, G = H5 // 5, GATES * H5 // 5
     dtype, device, acc = proj.dtype, proj.device, accumulation_dtype(proj.dtype)
     keep_cells = save_for_backward or return_cell_states
-    output = new_buffer((T, B, H), dtype, device)
-    cell_states = new_buffer((T, B, H), acc, device) if keep_cells else empty_like_none(c0)
-    act = new_buffer((T, B, 6 * H), dtype, device) if save_for_backward else empty_like_none(proj)
+    # Each step's values are collected and stacked, never written into a buffer in place: so the
+    # loop is also what torch.func's transforms (grad, vmap, jacrev) differentiate and batch.
+    outputs, cells, saved = [], [], []
     W_h, W_mh = weight_hh.to(acc), weight_hm.to(acc)
     h, c = h0.to(dtype), c0.to(acc)
     for t in range(T):
@@ -49,12 +49,19 @@ def forward(proj, weight_hh, weight_hm, h0, c0, lengths, save_for_backward, retu
         if lengths is not None:
             running = (t < lengths).unsqueeze(1)
             c_new, h_new = torch.where(running, c_new, c), torch.where(running, h_new, h)
-        output[t] = h_new
+        outputs.append(h_new)
         if keep_cells:
-            cell_states[t] = c_new
+            cells.append(c_new)
         if save_for_backward:
-            act[t] = torch.cat([gates, xm, hm], dim=1)
+            saved.append(torch.cat([gates, xm, hm], dim=1).to(dtype))
         h, c = h_new, c_new
+
+    def stacked(steps, width, dtype_):
+        return torch.stack(steps) if steps else new_buffer((0, B, width), dtype_, device)
+
+    output = stacked(outputs, H, dtype)
+    cell_states = stacked(cells, H, acc) if keep_cells else empty_like_none(c0)
+    act = stacked(saved, 6 * H, dtype) if save_for_backward else empty_like_none(proj)
     return output, c.clone() if c is c0 else c, cell_states, act
 
 
