@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 from ..errors import InputError, InputTypeError
 from ..nn.functional import multiplicative_lstm_recurrence
-from ..nn.precision import linear
 from ..nn.modules import FastMLSTM, MLSTMWeights, autocast_dtype, cast_weights
+from ..nn.precision import linear
+from ..ops.interface import accumulation_dtype
 from ..options import check
 from .generation import ByteStepper, byte_advance, sample_bytes
 from .serialization import FORMAT, ModelFileMixin
@@ -97,14 +98,22 @@ class ByteLM(ModelFileMixin, nn.Module):
         bias = None if weights.bias is None else torch.cat([weights.bias, weights.bias.new_zeros(H)])
         return linear(self.embedding.weight.to(matrix.dtype), matrix, bias)
 
-    def _check_fixed_units(self, fixed_units) -> dict[int, float]:
-        """``{unit: value}`` with every unit an int in [0, H) and every value finite."""
+    def _check_fixed_units(self, fixed_units, state_dtype: torch.dtype = torch.float32) -> dict[int, float]:
+        """``{unit: value}`` with every unit an int in [0, H), named once, and every value finite in
+        ``state_dtype`` (the cell state's: a value beyond float32's range would be held at inf)."""
         if not isinstance(fixed_units, Mapping):
             raise InputTypeError(f"fixed_units must be a mapping {{unit: value}}, got {type(fixed_units).__name__}")
-        H = self.rnn.hidden_size
-        fixed = {check("unit", u, "a unit of fixed_units"): check("cell_value", v, f"fixed_units[{u!r}]")
-                 for u, v in fixed_units.items()}
-        if max(fixed) >= H:
+        H, largest = self.rnn.hidden_size, torch.finfo(state_dtype).max
+        fixed = {}
+        for u, v in fixed_units.items():
+            unit, value = check("unit", u, "a unit of fixed_units"), check("cell_value", v, f"fixed_units[{u!r}]")
+            if unit in fixed:  # (keys that differ but name one unit: 1 and torch.tensor(1))
+                raise InputError(f"fixed_units names unit {unit} twice")
+            if abs(value) > largest:
+                raise InputError(f"fixed_units[{u!r}] = {value!r} does not fit the {str(state_dtype)[6:]} cell state "
+                                 f"(|value| <= {largest:.4g})")
+            fixed[unit] = value
+        if fixed and max(fixed) >= H:
             raise InputError(f"fixed_units must name units in [0, {H}), got {sorted(fixed)}")
         return fixed
 
@@ -170,7 +179,9 @@ class ByteLM(ModelFileMixin, nn.Module):
             temperature: softmax temperature, a finite number >= 0; 0 picks the most likely byte.
             num_samples: independent samples, run as one batch (an int >= 1).
             fixed_units: ``{unit: value}`` cell-state units held at a finite value at every step,
-                prefix included (the paper's steered generation, e.g. ``{sentiment_unit: 1.0}``).
+                prefix included (the paper's steered generation, e.g. ``{sentiment_unit: 1.0}``);
+                each unit named once, each value within the cell state's range (float32's; float64's
+                for a float64 model). ``{}`` or None holds nothing.
             top_k: sample only among the k most likely bytes (1 <= k <= 256).
             seed / generator: make sampling reproducible (a seed, an int >= 0, builds a generator on
                 the model's device).
@@ -190,11 +201,13 @@ class ByteLM(ModelFileMixin, nn.Module):
         temperature, top_k = check("temperature", temperature), check("top_k", top_k)
         seed = None if seed is None else check("seed", seed)
         device = self.readout.weight.device
+        weights = self._weights(None, device.type)
+        state_dtype = accumulation_dtype(weights.weight_hh.dtype)  # the held values are written into the state
         units, values = None, None
-        if fixed_units:
-            fixed = self._check_fixed_units(fixed_units)
+        fixed = {} if fixed_units is None else self._check_fixed_units(fixed_units, state_dtype)
+        if fixed:
             units = torch.tensor(list(fixed), dtype=torch.long, device=device)
-            values = torch.tensor(list(fixed.values()), device=device)
+            values = torch.tensor(list(fixed.values()), dtype=state_dtype, device=device)
         if generator is not None:
             if seed is not None:
                 raise InputError("give seed or generator, not both (a seed builds the generator)")
@@ -205,7 +218,6 @@ class ByteLM(ModelFileMixin, nn.Module):
         elif seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
 
-        weights = self._weights(None, device.type)
         table = self.input_tables(weights)
 
         advance = byte_advance(table, weights.weight_hh, weights.weight_hm, self.rnn.backend, num_samples,
