@@ -9,7 +9,11 @@ Checksums: where a published checksum exists it is pinned below (MD5s published 
 dataset definitions for aclImdb_v1.tar.gz and the MSRP files). For the others the SHA-256 of the
 first download is recorded in ``<data>/downloads/SHA256SUMS`` and every later download of that
 file must match it (trust on first use); ``checksums=`` pins any file by hand. A mismatch deletes
-the download and raises :class:`ChecksumError`.
+the download and raises :class:`ChecksumError`. A first download is trusted only once the dataset
+it makes loads (checked in a scratch folder before anything is extracted or recorded): a server
+that answers with something else (a login page) gets an error, the download is deleted, and the
+next call fetches it again. SHA256SUMS is read as ``sha256sum`` writes it; a line that is not
+``<sha256>  <filename>`` is an error naming the line, not skipped (which would trust the file anew).
 
 Pretrained models have their own registry and download (:mod:`fastmlstm.models.pretrained`).
 
@@ -22,7 +26,9 @@ The dataset's folder is written as one set (:class:`fastmlstm._atomic.FileSet`):
 extracted in full first, then all of them replace their predecessors in one step, so a failed or
 interrupted download leaves the folder as it was (a partly extracted folder could otherwise load
 with part of its examples). Files in it that the download does not write are left alone. One
-download at a time writes into a data folder (a lock on ``<data>/downloads``).
+download at a time writes into a data folder (a lock on ``<data>/downloads``). An archive member
+the dataset would use must be a plain file whose name neither is absolute nor climbs out with
+``..``; a link or such a name is refused with an error naming it.
 
 ``mirror=`` fetches every file from ``<mirror>/<filename>`` instead of its canonical URL (for a
 local copy, or where a canonical host has gone offline: the SemEval 2014 SICK host is old).
@@ -30,16 +36,19 @@ local copy, or where a canonical host has gone offline: the SemEval 2014 SICK ho
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import stat
 import tarfile
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from zlib import error as zlib_error
 
-from .._atomic import FileSet, atomic_write, folder_lock, make_directory, recover
+from .._atomic import FileSet, UnwritableError, atomic_write, folder_lock, make_directory, recover
 from ..errors import InputError
 from .datasets import DATASETS, data_dir
 from .fetch import (
@@ -116,15 +125,27 @@ _MANIFEST = "SHA256SUMS"
 
 
 
+_MANIFEST_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")  # sha256sum's text ("  ") and binary (" *") forms
+
+
 def _read_manifest(folder: Path) -> dict[str, str]:
+    """``{filename: sha256}`` from ``folder/SHA256SUMS``; a line that is not ``<sha256>  <filename>``
+    is an InputError naming the file and line (dropping it would quietly trust the file anew)."""
     path = folder / _MANIFEST
     if not path.is_file():
         return {}
-    entries = {}
-    for line in path.read_text().splitlines():
-        digest, _, name = line.strip().partition("  ")
-        if digest and name:
-            entries[name] = digest
+    entries: dict[str, str] = {}
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        line = raw.decode("utf-8", "backslashreplace").strip()
+        m = _MANIFEST_LINE.fullmatch(line) if line.isprintable() else None
+        if not line:
+            continue
+        if m is None or entries.get(m[2], m[1].lower()) != m[1].lower():
+            what = f"got {line[:80]!r}" if m is None else f"a second, different digest for {m[2]}"
+            raise InputError(f"{path}, line {number}: expected '<sha256>  <filename>' (as sha256sum writes it), "
+                             f"{what}; fix or delete the line (a file without one is trusted anew when next "
+                             "downloaded)")
+        entries[m[2]] = m[1].lower()
     return entries
 
 
@@ -141,16 +162,29 @@ def _member_name(folder: Path, relative: str) -> str:
     return target.relative_to(folder.resolve()).as_posix()
 
 
-def _extract(archive: Path, members: tuple[tuple[str, str], ...], folder: Path, files: FileSet) -> int:
-    """Write the archive's members that match ``members`` into the set ``files``; returns how many."""
+def _refuse_unsafe_member(archive: Path, name: str, link: bool) -> None:
+    """A member the dataset would use must be a plain file with a relative name that stays inside
+    the archive's tree: a link, an absolute name or one that climbs out with '..' is refused."""
+    posix = name.replace("\\", "/")
+    why = ("is a symbolic or hard link" if link else
+           "has an absolute name" if posix.startswith("/") or re.match(r"[A-Za-z]:", posix) else
+           "climbs out of the archive with '..'" if ".." in posix.split("/") else None)
+    if why:
+        raise InputError(f"archive member {name!r} of {archive} {why}; refused (an unsafe or damaged archive)")
+
+
+def _extract(archive: Path, members: tuple[tuple[str, str], ...], folder: Path, open_file) -> int:
+    """Write the archive's members that match ``members`` through ``open_file`` (the dataset folder's
+    path -> a binary file to write); returns how many."""
     patterns = [(re.compile(p), dest) for p, dest in members]
     written = 0
 
-    def place(name: str, read) -> None:
+    def place(name: str, read, link: bool = False) -> None:
         nonlocal written
         for pattern, dest in patterns:
             if pattern.search(name):
-                with files.open(_member_name(folder, pattern.sub(dest, name))) as out:
+                _refuse_unsafe_member(archive, name, link)
+                with open_file(_member_name(folder, pattern.sub(dest, name))) as out:
                     shutil.copyfileobj(read(), out)
                 written += 1
                 return
@@ -160,12 +194,13 @@ def _extract(archive: Path, members: tuple[tuple[str, str], ...], folder: Path, 
             with zipfile.ZipFile(archive) as z:
                 for info in z.infolist():
                     if not info.is_dir():
-                        place(info.filename, lambda info=info: z.open(info))
+                        place(info.filename, lambda info=info: z.open(info),
+                              stat.S_ISLNK(info.external_attr >> 16))
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive, "r:*") as t:
                 for member in t:
-                    if member.isfile():
-                        place(member.name, lambda member=member: t.extractfile(member))
+                    if member.isfile() or member.issym() or member.islnk():
+                        place(member.name, lambda member=member: t.extractfile(member), not member.isfile())
         else:
             raise InputError(f"{archive} is neither a zip nor a tar archive")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib_error) as exc:
@@ -174,8 +209,9 @@ def _extract(archive: Path, members: tuple[tuple[str, str], ...], folder: Path, 
 
 
 def _fetch_checked(remote: Remote, cache: Path, manifest: dict[str, str], *, force: bool, mirror: str | None,
-                   checksums: dict[str, str] | None, deadline, progress: bool) -> Path:
-    """The remote's file in ``cache``, fetched (or, if already there, checked again) and recorded."""
+                   checksums: dict[str, str] | None, deadline, progress: bool) -> tuple[Path, str, bool]:
+    """The remote's file in ``cache``, fetched (or, if already there, checked again): (path, its
+    SHA-256, whether nothing vouches for it yet: no pinned checksum and none recorded)."""
     archive = cache / remote.filename
     pinned = (checksums or {}).get(remote.filename) or remote.checksum
     recorded = manifest.get(remote.filename)
@@ -193,9 +229,49 @@ def _fetch_checked(remote: Remote, cache: Path, manifest: dict[str, str], *, for
         elif recorded and sha != recorded:
             raise ChecksumError(f"{archive}: sha256 is {sha}, but {recorded} was recorded when it was first "
                                 f"downloaded ({cache / _MANIFEST}); delete it and retry")
-    manifest[remote.filename] = sha
-    _write_manifest(cache, manifest)
-    return archive
+    return archive, sha, not pinned and not recorded
+
+
+def _lay_out(name: str, archives: list[tuple[Remote, Path]], folder: Path, open_file) -> None:
+    """Write the dataset's files from ``archives`` through ``open_file(name)`` (a binary file to write
+    that path of ``folder``)."""
+    for remote, archive in archives:
+        if remote.members is None:
+            with open(archive, "rb") as src, open_file(_member_name(folder, remote.destination_file
+                                                                    or remote.filename)) as out:
+                shutil.copyfileobj(src, out)
+        elif not _extract(archive, remote.members, folder, open_file):
+            raise InputError(f"{archive} holds none of the files {name} needs "
+                             f"({', '.join(p for p, _ in remote.members)})")
+
+
+def _check_first_use(name: str, archives: list[tuple[Remote, Path]], untrusted: list[Path], folder: Path,
+                     cache: Path) -> None:
+    """Trust on first use, but only what loads: lay the dataset out in a scratch folder and load it.
+    If that fails, the files nothing vouched for are deleted (the next call fetches them again)
+    and the error names them; the dataset folder and SHA256SUMS are left as they were."""
+
+    @contextlib.contextmanager
+    def scratch_file(relative: str):
+        path = scratch / relative
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as out:
+                yield out
+        except OSError as exc:  # a full disk: the writes into ``out`` fail through the yield
+            raise UnwritableError(f"cannot write {path}: {exc.strerror or exc}", exc) from None
+
+    with tempfile.TemporaryDirectory(prefix=".check-", dir=cache) as where:
+        scratch = Path(where)
+        try:
+            _lay_out(name, archives, folder, scratch_file)
+            DATASETS[name].loader(scratch)
+        except InputError as exc:
+            for path in untrusted:
+                path.unlink(missing_ok=True)
+            reason = " ".join(str(exc).replace(f"{scratch}{os.sep}", "").replace(str(scratch), folder.name).split())
+            raise InputError(f"{name}: what was downloaded ({', '.join(p.name for p in untrusted)}) does not load "
+                             f"({reason[:300]}); it was deleted, and nothing was recorded or extracted") from None
 
 
 def download(
@@ -259,16 +335,24 @@ def download(
     make_directory(cache, "download folder")
     with folder_lock(cache, f"fastmlstm: waiting for another process that is downloading into {base}"):
         manifest = _read_manifest(cache)
-        archives = [(remote, _fetch_checked(remote, cache, manifest, force=force, mirror=mirror, checksums=checksums,
-                                            deadline=deadline, progress=progress)) for remote in SOURCES[name]]
-        with FileSet(folder, what="dataset folder") as files:
-            for remote, archive in archives:
-                if remote.members is None:
-                    with open(archive, "rb") as src, files.open(
-                            _member_name(folder, remote.destination_file or remote.filename)) as out:
-                        shutil.copyfileobj(src, out)
-                elif not _extract(archive, remote.members, folder, files):
-                    raise InputError(f"{archive} holds none of the files {name} needs "
-                                     f"({', '.join(p for p, _ in remote.members)})")
+        archives, untrusted = [], []
+        for remote in SOURCES[name]:
+            archive, sha, first_use = _fetch_checked(remote, cache, manifest, force=force, mirror=mirror,
+                                                     checksums=checksums, deadline=deadline, progress=progress)
+            archives.append((remote, archive))
+            if first_use and archive not in untrusted:
+                untrusted.append(archive)
+            manifest[remote.filename] = sha
+        if untrusted:
+            _check_first_use(name, archives, untrusted, folder, cache)
+        _write_manifest(cache, manifest)  # what is recorded is checked: pinned, recorded before, or it loads
+        try:
+            with FileSet(folder, what="dataset folder") as files:
+                _lay_out(name, archives, folder, files.open)
+        except OSError as exc:  # a full disk while extracting (the folder is as it was: FileSet)
+            if isinstance(exc, InputError):
+                raise
+            raise UnwritableError(f"cannot write the dataset folder {folder}: {exc.strerror or exc}; nothing in it "
+                                  "was changed", exc) from None
     DATASETS[name].loader(folder)  # what was fetched must load
     return folder

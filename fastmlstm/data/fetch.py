@@ -6,9 +6,12 @@ git's blob id), and renames the file into place only once it matches.
 Every transfer ends: an overall deadline (``timeout``, default :data:`DEFAULT_TIMEOUT`) bounds the
 whole call, retries included, and a minimum-progress rule ends a stalled transfer (fewer than
 ``stall_bytes`` received in any ``stall_seconds``; no byte at all for ``stall_seconds`` is one
-too). The body is read in pieces of at most 64 KiB as they arrive, so every byte received is on
-disk when a transfer stops; a stall is retried from where it stopped (HTTP Range), and what a
-checked transfer received is kept in ``<file>.part`` for the next call to resume.
+too). Both apply to every byte a connection reads, the status line and headers as well as the
+body, so a server that trickles its headers cannot hold a call past its deadline. The body is read
+in pieces of at most 64 KiB as they arrive, so every byte received is on disk when a transfer
+stops; a stall is retried from where it stopped (HTTP Range), and what a checked transfer received
+is kept in ``<file>.part`` for the next call to resume. Two calls for one destination (threads or
+processes) take turns (a lock file beside it, removed afterwards).
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import io
 import math
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +32,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .._atomic import fsync_directory, make_directory
+try:
+    import fcntl
+except ImportError:  # Windows has no advisory file locks
+    fcntl = None
+
+from .._atomic import DirectoryInTheWayError, UnwritableError, fsync_directory, make_directory
 from ..errors import InputError
 
 __all__ = ["DEFAULT_TIMEOUT", "STALL_BYTES", "STALL_SECONDS", "ChecksumError", "DownloadError", "Deadline", "fetch",
@@ -146,88 +156,179 @@ class _Interrupted(Exception):
         self.reason, self.received, self.final = reason, received, final
 
 
-def _set_read_timeout(response, seconds: float) -> None:
-    """Bound the next socket read of ``response`` (http.client keeps its socket at fp.raw._sock)."""
-    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.settimeout(seconds)
+class _Stalled(TimeoutError):
+    """A connection that broke the minimum-progress rule or ran into the deadline (the message says which)."""
+
+
+class _MeteredReader(io.RawIOBase):
+    """The reading side of one connection, every byte of it (status line, headers, body): each read
+    waits at most :meth:`Deadline.wait_limit`, none starts after the deadline, and a read that ends
+    a ``stall_seconds`` window with fewer than ``stall_bytes`` in it raises :class:`_Stalled`."""
+
+    def __init__(self, sock, deadline: Deadline):
+        super().__init__()
+        self._sock, self._raw, self._deadline = sock, sock.makefile("rb", buffering=0), deadline
+        self._window_start, self._window_bytes = time.monotonic(), 0
+        self._stalled: str | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        deadline = self._deadline
+        if self._stalled:  # found by the last read, whose bytes went to the caller first
+            raise _Stalled(self._stalled)
+        if deadline.passed():
+            raise _Stalled(deadline.describe())
+        self._sock.settimeout(deadline.wait_limit())
+        try:
+            n = self._raw.readinto(buffer)
+        except (TimeoutError, socket.timeout):  # socket.timeout: not yet a TimeoutError on Python 3.9
+            raise _Stalled(deadline.describe() if deadline.passed() else
+                           f"stalled: no byte for {deadline.stall_seconds:g} s") from None
+        now = time.monotonic()
+        self._window_bytes += n or 0
+        if n and now - self._window_start >= deadline.stall_seconds:
+            if self._window_bytes < deadline.stall_bytes:
+                self._stalled = (f"stalled: {self._window_bytes} bytes in {round(now - self._window_start, 1):g} s, "
+                                 f"fewer than the {deadline.stall_bytes} in {deadline.stall_seconds:g} s required")
+            self._window_start, self._window_bytes = now, 0
+        return n
+
+    def close(self) -> None:
+        self._raw.close()  # the socket closes once http.client has let go of it too
+        super().close()
+
+
+class _MeteredSocket:
+    """A connected socket whose reader is a :class:`_MeteredReader`; everything else is the socket's."""
+
+    def __init__(self, sock, deadline: Deadline):
+        self._sock, self._deadline = sock, deadline
+
+    def makefile(self, mode: str = "r", *args, **kwargs):
+        if mode != "rb":
+            return self._sock.makefile(mode, *args, **kwargs)
+        return io.BufferedReader(_MeteredReader(self._sock, self._deadline))
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+
+class _Metering:
+    """Mixed into urllib's HTTP(S) handlers: every connection they open reads through a meter."""
+
+    deadline: Deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        def connection(*args, **kw):
+            conn = http_class(*args, **kw)
+            plain_connect = conn.connect
+
+            def connect():
+                plain_connect()
+                conn.sock = _MeteredSocket(conn.sock, self.deadline)
+
+            conn.connect = connect
+            return conn
+
+        return super().do_open(connection, req, **kwargs)
+
+
+class _HTTPHandler(_Metering, urllib.request.HTTPHandler):
+    pass
+
+
+_HANDLERS = [_HTTPHandler]
+if hasattr(urllib.request, "HTTPSHandler"):  # Python built with ssl
+    class _HTTPSHandler(_Metering, urllib.request.HTTPSHandler):
+        pass
+
+    _HANDLERS.append(_HTTPSHandler)
+
+
+def _one_line(reason) -> str:
+    """A server's text (a reason phrase, a bad status line) as one line of at most 300 characters."""
+    return " ".join(str(reason).split())[:300]
 
 
 def _open(url: str, offset: int, deadline: Deadline):
     """The response for ``url`` from byte ``offset`` on (a Range request when ``offset`` > 0), or None
-    when the server cannot serve that range."""
+    when the server cannot serve that range. Every read, headers included, obeys ``deadline``."""
     headers = {"User-Agent": "fastmlstm-download"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+    handlers = [cls() for cls in _HANDLERS]
+    for handler in handlers:
+        handler.deadline = deadline
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=deadline.wait_limit())
+        return urllib.request.build_opener(*handlers).open(urllib.request.Request(url, headers=headers),
+                                                           timeout=deadline.wait_limit())
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and offset:
             return None  # the partial file is no prefix of what the server has now: start over
-        raise DownloadError(f"could not fetch {url}: HTTP {exc.code} {exc.reason}") from None
+        raise DownloadError(f"could not fetch {url}: HTTP {exc.code} {_one_line(exc.reason)}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # no route, refused, timed out
-        raise DownloadError(f"could not fetch {url}: {getattr(exc, 'reason', None) or exc}") from None
+        raise DownloadError(f"could not fetch {url}: {_one_line(getattr(exc, 'reason', None) or exc)}") from None
 
 
 def _body_range(response, offset: int) -> tuple[int, int | None]:
     """(the file offset the body starts at, the whole file's size if the server says)."""
-    if offset and response.status == 206:
+    if response.status == 206:  # a part of the file: it must start at the byte asked for (0 without Range)
         m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "").strip())
         if m and int(m[1]) == offset:
             return offset, None if m[2] == "*" else int(m[2])
-        raise DownloadError(f"could not fetch {response.url}: asked for bytes {offset}- and the server sent "
+        asked = f"bytes {offset}-" if offset else "the whole file"
+        raise DownloadError(f"could not fetch {response.url}: asked for {asked} and the server sent "
                             f"{response.headers.get('Content-Range')!r}")
     # 200: the whole file (a server that ignores Range sends all of it again, and the partial file restarts)
     length = response.headers.get("Content-Length", "")
     return 0, int(length) if length.isdigit() else None
 
 
-def _stream(response, out, *, start: int, total: int | None, size: int | None, progress: bool, label: str,
-            deadline: Deadline):
+def _stream(response, out, *, start: int, total: int | None, size: int | None, progress: bool, label: str):
     """Copy the body into ``out`` from file offset ``start``: (bytes received, why it stopped short
     (an exception) or None, whether it ran past ``size``). Reads what has arrived, at most 64 KiB at a
     time, so that nothing received is lost when the transfer stops."""
     out.seek(start)
     out.truncate()
     received = 0
-    window_start, window_bytes = time.monotonic(), 0
     with tqdm(total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
               disable=not progress, leave=False) as bar:
         try:
             while True:
-                if deadline.passed():
-                    return received, TimeoutError(deadline.describe()), False
-                _set_read_timeout(response, deadline.wait_limit())
-                block = response.read1(_PIECE)
+                block = response.read1(_PIECE)  # bounded by the deadline and the stall rule (_MeteredReader)
                 if not block:
                     break
                 if size is not None and start + received + len(block) > size:
                     return received, None, True  # stop early: no point fetching more of a file that cannot match
-                out.write(block)
+                _write(out, block)
                 received += len(block)
-                window_bytes += len(block)
                 bar.update(len(block))
-                now = time.monotonic()
-                if now - window_start >= deadline.stall_seconds:
-                    if window_bytes < deadline.stall_bytes:
-                        return received, TimeoutError(
-                            f"stalled: {window_bytes} bytes in {now - window_start:.0f} s, fewer than the "
-                            f"{deadline.stall_bytes} in {deadline.stall_seconds:g} s required"), False
-                    window_start, window_bytes = now, 0
-        except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, reset, timed out
-            if isinstance(exc, TimeoutError) or "timed out" in str(exc):
-                exc = TimeoutError(deadline.describe() if deadline.passed() else
-                                   f"stalled: no byte for {deadline.stall_seconds:g} s")
+        except UnwritableError:
+            raise
+        except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, reset, a stall, the deadline
             return received, exc, False
         finally:
-            out.flush()
-            os.fsync(out.fileno())
+            _write(out, None)  # flush and fsync: a full disk may only show here
     if total is not None and start + received < total:
         # http.client ends a body that stops short of its Content-Length as if it were complete
         return received, ConnectionError("the server closed the connection early"), False
     return received, None, False
+
+
+def _write(out, block: bytes | None) -> None:
+    """Write ``block`` to the partial file ``out`` (None: flush and fsync it); a failure (a full
+    disk, a read-only file system) is an :class:`UnwritableError` naming the file, not a network error."""
+    try:
+        if block is None:
+            out.flush()
+            os.fsync(out.fileno())
+        else:
+            out.write(block)
+    except OSError as exc:
+        raise UnwritableError(f"cannot write {out.name}: {exc.strerror or exc}", exc) from None
 
 
 def _transfer(url: str, part: Path, *, size: int | None, deadline: Deadline, progress: bool, label: str) -> None:
@@ -246,9 +347,13 @@ def _transfer(url: str, part: Path, *, size: int | None, deadline: Deadline, pro
             part.unlink(missing_ok=True)
             raise ChecksumError(f"{label} from {url}: the server has {total} bytes where {size} were expected; "
                                 "nothing was kept")
-        with open(part, "r+b" if part.exists() else "wb") as out:
+        try:
+            out = open(part, "r+b" if part.exists() else "wb")  # noqa: SIM115 (closed by the with below)
+        except OSError as exc:
+            raise UnwritableError(f"cannot write {part}: {exc.strerror or exc}", exc) from None
+        with out:
             received, cut, too_long = _stream(response, out, start=start, total=total, size=size,
-                                              progress=progress, label=label, deadline=deadline)
+                                              progress=progress, label=label)
     got = start + received
     if too_long or (cut is None and size is not None and got != size):
         part.unlink()
@@ -294,10 +399,14 @@ def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = No
             it replaces ``timeout``, ``stall_bytes`` and ``stall_seconds``.
 
     Raises:
-        DownloadError: no connection, an HTTP error (404...), a transfer cut too often, a stall, or
-            the deadline; the message names the URL and the bytes received. ChecksumError: wrong
-            size or checksum. InputError: not an http(s) URL, a bad rule, or a destination folder
-            that cannot be created or written.
+        DownloadError: no connection, an HTTP error (404...; not retried, a Retry-After is not
+            waited for), a transfer cut too often, a stall, the deadline (also while another call
+            for the same destination holds it), or a 206 answer that does not start at the byte
+            asked for; the message names the URL and the bytes received. ChecksumError: wrong size
+            or checksum. InputError: not an http(s) URL, a bad rule or ``retries``, a destination
+            that is a folder, or a destination folder that cannot be created or written;
+            UnwritableError (an InputError) when writing the file fails (a full disk), with the
+            bytes of a resumable transfer kept.
 
     Example::
 
@@ -306,33 +415,90 @@ def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = No
     """
     if not isinstance(url, str) or not re.match(r"^https?://", url):
         raise InputError(f"only http(s) URLs are fetched, got {url!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InputError(f"retries must be a whole number >= 0, got {retries!r}")
     deadline = deadline or Deadline.starting_now(timeout, stall_bytes, stall_seconds)
     destination = Path(destination)
+    if destination.is_dir():
+        raise DirectoryInTheWayError(f"cannot write {destination}: it is a directory (give a file name)")
     make_directory(destination.parent, "download folder")
     algorithm, expected = parse_checksum(checksum) if checksum else (None, None)
     resumable = expected is not None if resume is None else resume
     part = partial_path(destination)
-    for attempt in range(retries + 1):
-        if not resumable:
-            part.unlink(missing_ok=True)  # only a checked file may be stitched together from two transfers
-        try:
-            if deadline.passed():
-                raise _Interrupted(f"{deadline.describe()} before the transfer began", 0, final=True)
-            _transfer(url, part, size=size, deadline=deadline, progress=progress, label=destination.name)
-            break
-        except _Interrupted as cut:
-            if cut.received and attempt < retries and not cut.final:
-                continue  # it was moving: pick up where it stopped
-            _give_up(url, part, cut.reason, resumable)
-    digests = file_digests(part, {"sha256", *([algorithm] if algorithm else [])})
-    if expected is not None and digests[algorithm] != expected:
-        got = part.stat().st_size
-        part.unlink()
-        raise ChecksumError(f"{destination.name} from {url}: {algorithm} is {digests[algorithm]} ({got} bytes), "
-                            f"expected {expected}; the download was deleted")
-    os.replace(part, destination)
-    fsync_directory(destination.parent)
+    with _exclusive(destination, url, deadline), _unwritable(part, resumable):
+        for attempt in range(retries + 1):
+            if not resumable:
+                part.unlink(missing_ok=True)  # only a checked file may be stitched together from two transfers
+            try:
+                if deadline.passed():
+                    raise _Interrupted(f"{deadline.describe()} before the transfer began", 0, final=True)
+                _transfer(url, part, size=size, deadline=deadline, progress=progress, label=destination.name)
+                break
+            except _Interrupted as cut:
+                if cut.received and attempt < retries and not cut.final:
+                    continue  # it was moving: pick up where it stopped
+                _give_up(url, part, cut.reason, resumable)
+        digests = file_digests(part, {"sha256", *([algorithm] if algorithm else [])})
+        if expected is not None and digests[algorithm] != expected:
+            got = part.stat().st_size
+            part.unlink()
+            raise ChecksumError(f"{destination.name} from {url}: {algorithm} is {digests[algorithm]} ({got} bytes), "
+                                f"expected {expected}; the download was deleted")
+        os.replace(part, destination)
+        fsync_directory(destination.parent)
     return digests["sha256"]
+
+
+@contextlib.contextmanager
+def _unwritable(part: Path, resumable: bool):
+    """On an :class:`UnwritableError`, keep what a resumable transfer wrote (a prefix of the file,
+    for the next call) and remove anything else."""
+    try:
+        yield
+    except UnwritableError:
+        if not resumable:
+            with contextlib.suppress(OSError):
+                part.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def _exclusive(destination: Path, url: str, deadline: Deadline):
+    """One :func:`fetch` of ``destination`` at a time (threads or processes): an advisory lock on
+    ``.<destination's name>.fastmlstm-lock`` beside it, removed again when the call ends. A call
+    that waits for another one waits within its own deadline."""
+    if fcntl is None:  # no advisory locks (Windows): two calls at once are caught by the checks only
+        yield
+        return
+    lock = destination.with_name(f".{destination.name}.fastmlstm-lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise InputError(f"cannot write into the download folder {lock.parent}: {exc.strerror or exc}") from None
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if deadline.passed():
+                        raise DownloadError(f"could not fetch {url}: another download of {destination} is still "
+                                            f"under way ({lock} is locked) and {deadline.describe()}") from None
+                    time.sleep(min(0.05, deadline.wait_limit()))
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break  # else the holder removed the file before we locked it: lock the new one
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still locked, so that a waiter on this file sees it is gone and retries
+        os.close(fd)
 
 
 def _give_up(url: str, part: Path, reason: str, resumable: bool) -> None:

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from ..data.fetch import DownloadError
-from ..errors import InputError, require
+from ..errors import InputError, MissingInputError, require
 
 __all__ = ["UploadError", "download_files", "hub_module", "is_repo_id", "upload_folder"]
 
@@ -68,10 +68,18 @@ def download_files(repo_id: str, filenames: list[str], *, revision: str | None =
         The local snapshot folder holding them.
 
     Raises:
+        InputError: ``repo_id`` is not ``user/name``, or ``filenames`` is not a non-empty list of
+            relative file names (checked before huggingface_hub is needed).
         MissingDependencyError: huggingface_hub is not installed (the message says what to install).
         DownloadError: the repository, revision or a file is not there, access is refused, or the
             network fails; the message names the repository.
     """
+    if not isinstance(repo_id, str) or not is_repo_id(repo_id):
+        raise InputError(f"a Hugging Face Hub repository id looks like 'user/name', got {repo_id!r}")
+    if (not isinstance(filenames, (list, tuple)) or not filenames
+            or not all(isinstance(f, str) and f and not f.startswith("/") and ".." not in f.split("/")
+                       for f in filenames)):
+        raise InputError(f"filenames must be a non-empty list of file names inside {repo_id!r}, got {filenames!r}")
     hf = hub_module(f"loading {repo_id!r} from the Hugging Face Hub")
     folders = set()
     for filename in filenames:
@@ -95,11 +103,14 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | No
         The URL of the commit (or of the repository, for versions that do not report it).
 
     Raises:
+        InputError: ``repo_id`` is not ``user/name``; MissingInputError: ``folder`` is not a folder.
         MissingDependencyError: huggingface_hub is not installed.
         UploadError: the Hub refused the upload (no token, no write access) or the network failed.
     """
-    if not is_repo_id(repo_id):
+    if not isinstance(repo_id, str) or not is_repo_id(repo_id):
         raise InputError(f"a Hugging Face Hub repository id looks like 'user/name', got {repo_id!r}")
+    if not Path(folder).is_dir():
+        raise MissingInputError(f"no folder to upload at {folder}")
     hf = hub_module("push_to_hub")
     try:
         hf.create_repo(repo_id, private=private, token=token, exist_ok=True)

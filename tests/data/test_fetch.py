@@ -1,21 +1,30 @@
 """Downloads that end: the overall deadline, the minimum-progress rule, what a stopped transfer
 keeps and how the next call resumes it (with Range), exact byte counts, and the download folders'
-errors. Against a loopback server that can send slowly or stop sending."""
+errors. Against a loopback server that can send slowly or stop sending. Then the datasets' and
+models' downloads against the misbehaving server of test_fetch_audit.py: SHA256SUMS edited or
+damaged, a first download that does not load, unsafe archives, unwritable folders, two at once."""
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import math
 import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from test_fetch_audit import Bad, _hard_limit, bad, file_size_limit, listing, one_line, serve, sha256, trickle
 
 import fastmlstm
 from fastmlstm.data import download as datasets_download
-from fastmlstm.data.fetch import Deadline, DownloadError, fetch, partial_path
+from fastmlstm.data.download import download
+from fastmlstm.data.fetch import ChecksumError, Deadline, DownloadError, fetch, partial_path
+from fastmlstm.errors import MissingDependencyError, MissingInputError
 from fastmlstm.models.pretrained import download_model
+
+assert Bad and _hard_limit and bad and file_size_limit  # the misbehaving server, its fixture, and the 20 s limit on every test here
 
 BODY = bytes(range(256)) * 64  # 16 KiB
 
@@ -193,3 +202,253 @@ def test_a_root_that_cannot_be_a_folder_is_named(call, tmp_path, monkeypatch):
     monkeypatch.setattr("os.access", lambda p, mode: False if "locked" in str(p) else real_access(p, mode))
     with pytest.raises(fastmlstm.InputError, match=rf"cannot write into the .* {tmp_path / 'locked'}.*permission"):
         run(tmp_path / "locked")
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets: SHA256SUMS, what a failed download leaves, archives
+
+
+def sst2_files(tag: str) -> dict[str, bytes]:
+    return {f"{split}_binary_sent.csv": f"label,sentence\n1,{tag} {split} good\n0,{tag} bad\n".encode()
+            for split in ("train", "dev", "test")}
+
+
+def put(bad, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        bad.routes[f"/{name}"] = serve(data)
+
+
+def test_a_manifest_edited_by_hand(bad, tmp_path):
+    """SHA256SUMS as sha256sum writes it (text or binary mode, any case) is read; a line that is not
+    '<sha256>  <name>' is an error naming the file and the line, and nothing is changed."""
+    files = sst2_files("a")
+    put(bad, files)
+    root = tmp_path / "data"
+    download("sst2", root=root, mirror=bad.url, progress=False)
+    sums = root / "downloads" / "SHA256SUMS"
+    lines = sums.read_text().splitlines()
+    digest, name = lines[0].split("  ")
+    sums.write_text("\n".join([f"{digest.upper()} *{name}"] + lines[1:]) + "\n\n")
+    bad.log.clear()
+    download("sst2", root=root, mirror=bad.url, progress=False, force=True)  # all three recorded: all checked
+    assert len(bad.log) == 3 and sums.read_text().splitlines() == lines
+    before = listing(root)
+    for damaged in (b"\xff\xfe garbage\n", lines[0].encode()[:40] + b"\n", b"not a digest  train_binary_sent.csv\n"):
+        sums.write_bytes(damaged + "\n".join(lines[1:]).encode())
+        with pytest.raises(fastmlstm.InputError, match=rf"{sums}, line 1: .*fix or delete") as info:
+            download("sst2", root=root, mirror=bad.url, progress=False, force=True)
+        one_line(info.value)
+        assert listing(root) == {**before, "downloads/SHA256SUMS": sums.read_bytes()}
+
+
+def test_a_recorded_digest_edited_by_hand_refuses_the_file(bad, tmp_path):
+    files = sst2_files("a")
+    put(bad, files)
+    root = tmp_path / "data"
+    download("sst2", root=root, mirror=bad.url, progress=False)
+    sums = root / "downloads" / "SHA256SUMS"
+    sums.write_text(sums.read_text().replace(hashlib.sha256(files["dev_binary_sent.csv"]).hexdigest(), "0" * 64))
+    before = listing(root)
+    with pytest.raises(ChecksumError, match=r"dev_binary_sent.csv.*expected 0{64}") as info:
+        download("sst2", root=root, mirror=bad.url, progress=False, force=True)
+    one_line(info.value)
+    assert listing(root) == before
+
+
+def test_a_first_download_that_does_not_load_is_not_trusted(bad, tmp_path):
+    """A server (a captive portal, a moved host) that answers with something other than the file:
+    the first download fails to load, and neither its digest nor its files are kept, so that the
+    next call, against the right file, succeeds."""
+    good = sst2_files("a")
+    put(bad, {**good, "train_binary_sent.csv": b"<html>please log in</html>\n"})
+    root = tmp_path / "data"
+    with pytest.raises(fastmlstm.InputError, match=r"^sst2: what was downloaded \(train_binary_sent.csv, "
+                       r"dev_binary_sent.csv, test_binary_sent.csv\) does not load \(train_binary_sent.csv: expected "
+                       r"a header row .*\); it was deleted, and nothing was recorded or extracted$") as info:
+        download("sst2", root=root, mirror=bad.url, progress=False)
+    one_line(info.value)
+    assert listing(root) == {}
+    put(bad, good)
+    folder = download("sst2", root=root, mirror=bad.url, progress=False)
+    assert listing(folder) == good
+
+
+def zip_bytes(members) -> bytes:
+    """A zip of (name, data, unix mode) members."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data, mode in members:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            z.writestr(info, data)
+    return buf.getvalue()
+
+
+MPQA = [("data/mpqa/mpqa.pos", b"good\n", 0o100644), ("data/mpqa/mpqa.neg", b"bad\n", 0o100644)]
+
+
+@pytest.mark.parametrize("member, mode, match", [
+    ("../../mpqa.pos", 0o100644, r"'../../mpqa.pos' of .* climbs out of the archive with '..'; refused"),
+    ("/etc/mpqa.pos", 0o100644, r"'/etc/mpqa.pos' of .* has an absolute name"),
+    ("data/mpqa/mpqa.pos", 0o120777, r"'data/mpqa/mpqa.pos' of .* is a symbolic or hard link"),
+])
+def test_archive_members_that_escape_or_link_are_refused(bad, tmp_path, member, mode, match):
+    """A member that would be written (it matches what the dataset needs) must be a plain file
+    with a relative name inside the archive; the data folder is left as it was."""
+    root = tmp_path / "data"
+    bad.routes["/datasmall_NB_ACL12.zip"] = serve(zip_bytes(MPQA))
+    download("mpqa", root=root, mirror=bad.url, progress=False)
+    before = listing(root)
+    archive = zip_bytes([(member, b"/etc/passwd" if mode == 0o120777 else b"evil\n", mode), MPQA[1]])
+    bad.routes["/datasmall_NB_ACL12.zip"] = serve(archive)
+    pins = {"datasmall_NB_ACL12.zip": sha256(archive)}
+    with pytest.raises(fastmlstm.InputError, match=match) as info:
+        download("mpqa", root=root, mirror=bad.url, progress=False, force=True, checksums=pins)
+    one_line(info.value)
+    after = listing(root)
+    assert after.pop("downloads/datasmall_NB_ACL12.zip") == archive  # it met its pinned checksum: kept, recorded
+    assert after.pop("downloads/SHA256SUMS") == f"{sha256(archive)[7:]}  datasmall_NB_ACL12.zip\n".encode()
+    assert after == {k: v for k, v in before.items() if k.startswith("mpqa/")}  # the dataset is as it was
+    assert not list(tmp_path.glob("*.pos")) and not (tmp_path / "etc").exists()
+
+
+def tar_bytes(members) -> bytes:
+    """A tar.gz of (name, data or None, link target or None) members."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for name, data, link in members:
+            info = tarfile.TarInfo(name)
+            if link is not None:
+                info.type, info.linkname = tarfile.SYMTYPE, link
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                t.addfile(info, __import__("io").BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_tar_symlink_member_and_a_truncated_tar(bad, tmp_path):
+    root = tmp_path / "data"
+    train = ("yelp_review_polarity_csv/train.csv", b'"1","meh"\n"2","yum"\n', None)
+    test = ("yelp_review_polarity_csv/test.csv", b'"2","wow"\n', None)
+    linked = tar_bytes([("yelp_review_polarity_csv/train.csv", None, "../../../etc/passwd"), test])
+    bad.routes["/yelp_review_polarity_csv.tgz"] = serve(linked)
+    with pytest.raises(fastmlstm.InputError, match=r"train.csv' of .* is a symbolic or hard link") as info:
+        download("yelp", root=root, mirror=bad.url, progress=False)
+    one_line(info.value)
+    assert listing(root) == {}  # nothing vouched for the archive: it is deleted with the error
+    good = tar_bytes([train, test])
+    bad.routes["/yelp_review_polarity_csv.tgz"] = serve(good[:len(good) // 2])
+    with pytest.raises(fastmlstm.InputError, match=r"damaged archive|neither a zip nor a tar") as info:
+        download("yelp", root=root, mirror=bad.url, progress=False)
+    one_line(info.value)
+    assert listing(root) == {}
+    bad.routes["/yelp_review_polarity_csv.tgz"] = serve(good)
+    assert sorted(listing(download("yelp", root=root, mirror=bad.url, progress=False))) == ["test.csv", "train.csv"]
+
+
+
+def test_an_unwritable_data_folder_changes_nothing(bad, tmp_path, monkeypatch):
+    """Permissions are simulated (the tests may run as root): os.access says no for the folder."""
+    put(bad, sst2_files("a"))
+    root = tmp_path / "data"
+    download("sst2", root=root, mirror=bad.url, progress=False)
+    before = listing(root)
+    real = __import__("os").access
+    for locked in (root / "downloads", root / "sst2"):
+        monkeypatch.setattr("os.access", lambda p, mode, locked=locked: False if Path(p) == locked else real(p, mode))
+        with pytest.raises(fastmlstm.InputError, match=rf"cannot write into the .*{locked}: permission denied"):
+            download("sst2", root=root, mirror=bad.url, progress=False, force=True)
+        assert listing(root) == before
+
+
+def test_a_dataset_download_ends_at_its_deadline(bad, tmp_path):
+    files = sst2_files("a")
+    for name, data in files.items():
+        bad.routes[f"/{name}"] = trickle(data, 1, 0.05, headers_too=True)
+    root = tmp_path / "data"
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"the 0.6 s time limit") as info:
+        download("sst2", root=root, mirror=bad.url, progress=False, timeout=0.6, stall_bytes=1, stall_seconds=0.4)
+    assert time.monotonic() - started < 1.6
+    one_line(info.value)
+    assert listing(root) == {}
+
+
+def test_two_threads_download_one_model_at_once(bad, tmp_path):
+    from fastmlstm.models.pretrained import MARKER, download_model
+
+    table = {}
+    for i in range(15):
+        data = bytes([i]) * 2000
+        bad.routes[f"/{i}.npy"] = trickle(data, 500, 0.002)
+        table[f"{i}.npy"] = (len(data), hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
+    errors, folders = [], []
+
+    def one():
+        try:
+            folders.append(download_model("openai-sentiment", root=tmp_path, mirror=bad.url, checksums=table,
+                                          progress=False))
+        except Exception as exc:  # noqa: BLE001 (checked below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert errors == [] and len(folders) == 2
+    names = sorted(p.name for p in folders[0].iterdir())
+    assert names == sorted([*table, MARKER]) and len(bad.log) == 15  # the second found it done
+
+
+# ------------------------------------------------------------------------------------------------
+# The Hub: arguments are checked before huggingface_hub is needed
+
+
+def test_hub_arguments_are_checked_first(monkeypatch, tmp_path):
+    import sys
+
+    from fastmlstm.models import hub
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    for repo, files, match in [("not a repo", ["config.json"], "looks like 'user/name'"),
+                               ("me/model", "config.json", "filenames must be a non-empty list of file names"),
+                               ("me/model", [], "filenames must be a non-empty list"),
+                               ("me/model", ["config.json", 3], "filenames must be"),
+                               ("me/model", ["../x"], "filenames must be")]:
+        with pytest.raises(fastmlstm.InputError, match=match) as info:
+            hub.download_files(repo, files)
+        assert not isinstance(info.value, MissingDependencyError)
+    with pytest.raises(MissingInputError, match=rf"no folder to upload at {tmp_path / 'absent'}"):
+        hub.upload_folder(tmp_path / "absent", "me/model")
+    with pytest.raises(MissingDependencyError, match=r"pip install 'fastmlstm\[hub\]'"):
+        hub.download_files("me/model", ["config.json"])
+
+
+def test_a_full_disk_while_extracting_changes_nothing(bad, tmp_path, file_size_limit):
+    files = {name: data * 300 for name, data in sst2_files("a").items()}  # about 10 kB each
+    root = tmp_path / "data"
+    (root / "downloads").mkdir(parents=True)
+    for name, data in files.items():
+        (root / "downloads" / name).write_bytes(data)
+    pins = {name: sha256(data) for name, data in files.items()}
+    before = listing(root)
+    file_size_limit(4096)
+    try:
+        with pytest.raises(fastmlstm.InputError, match=rf"cannot write the dataset folder {root / 'sst2'}: File too "
+                                                       r"large; nothing in it was changed") as info:
+            download("sst2", root=root, mirror=bad.url, checksums=pins, progress=False)
+    finally:
+        file_size_limit(-1)
+    assert isinstance(info.value, OSError) and bad.log == []
+    one_line(info.value)
+    after = listing(root)
+    assert after.pop("downloads/SHA256SUMS").count(b"\n") == 3  # the three checked files are recorded
+    assert after == before and sorted(p.name for p in root.iterdir()) == ["downloads"]
