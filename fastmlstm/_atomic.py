@@ -295,6 +295,10 @@ def folder_lock(folder: str | os.PathLike, waiting: str | None = None, *, shared
             os.close(fd)
 
 
+# What a write into an open file fails with for want of room (never a read of the caller's).
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 class FileSet:
     """Replace a set of files in ``folder`` (created if needed) as one atomic step.
 
@@ -370,11 +374,19 @@ class FileSet:
 
     @contextlib.contextmanager
     def open(self, name: str):
-        """A binary file to write ``name`` (a path relative to the folder) into; fsynced on close."""
-        with open(self._target(name), "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        """A binary file to write ``name`` (a path relative to the folder) into; fsynced on close. A
+        write that fails for want of room (a full disk, a quota, a file size limit, a read-only file
+        system) is an :class:`UnwritableError` naming the file, not a bare OSError."""
+        try:
+            with open(self._target(name), "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            if isinstance(exc, InputError) or exc.errno not in _NO_ROOM:
+                raise  # (a read error of the caller's source, say: not this file's to report)
+            raise UnwritableError(f"cannot write {self.folder / name}: {exc.strerror or exc} (what was there is "
+                                  "unchanged)", exc) from None
 
     def write(self, name: str, data: bytes) -> None:
         """Write ``data`` as file ``name`` of the set."""

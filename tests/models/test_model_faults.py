@@ -15,6 +15,7 @@ from test_model_download import NAME, same_weights, server, standins  # noqa: F4
 import fastmlstm
 from fastmlstm._atomic import TXN_DIR, committed_path
 from fastmlstm.models.pretrained import MARKER, download_model
+from fastmlstm.models.serialization import WEIGHTS_FILE
 
 
 def model(seed: int) -> fastmlstm.ByteLM:
@@ -245,7 +246,9 @@ def test_a_full_disk_is_one_error_naming_the_file_and_the_model_is_kept(tmp_path
     monkeypatch.setattr(os, "fdopen", lambda *a, **k: _FullDisk(fdopen(*a, **k), room))
     monkeypatch.setattr(atomic, "open", lambda file, mode="r", *a, **k: _FullDisk(real_open(file, mode, *a, **k), room)
                         if "w" in mode else real_open(file, mode, *a, **k), raising=False)
-    for save, name in ((lambda: NEW.save(tmp_path / "m.pt"), "m.pt"), (lambda: NEW.save_pretrained(tmp_path / "m"), "m"),
+    # (a model folder's error names the file of the set that did not fit)
+    for save, name in ((lambda: NEW.save(tmp_path / "m.pt"), "m.pt"),
+                       (lambda: NEW.save_pretrained(tmp_path / "m"), f"m/{WEIGHTS_FILE}"),
                        (lambda: fastmlstm.save(NEW, tmp_path / "new.pt"), "new.pt")):
         with pytest.raises(UnwritableError, match=rf"cannot write {tmp_path / name}: No space left on device") as info:
             save()
@@ -279,3 +282,34 @@ def test_a_dangling_link_where_the_folder_goes_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"link: it is a symbolic link to .*gone, which does not exist"):
         OLD.save_pretrained(tmp_path / "link")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
+def test_a_file_set_that_runs_out_of_room_names_its_file(tmp_path):
+    """Every FileSet user (a model folder, the released layout's export, the corpus stream, a
+    dataset's folder) got a bare OSError without a path from a write past the room left."""
+    import errno
+    import resource
+    import signal
+
+    from fastmlstm._atomic import FileSet, UnwritableError
+
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "a.bin").write_bytes(b"old")
+    previous_signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, previous[1]))  # writes past 4 KiB of a file fail: EFBIG
+    try:
+        with pytest.raises(UnwritableError, match=rf"cannot write {tmp_path / 'set' / 'a.bin'}: File too large "
+                                                  r"\(what was there is unchanged\)$") as info:
+            with FileSet(tmp_path / "set") as files, files.open("a.bin") as f:
+                for _ in range(4):
+                    f.write(bytes(2048))
+                    f.flush()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, previous_signal)
+    assert info.value.errno == errno.EFBIG and (tmp_path / "set" / "a.bin").read_bytes() == b"old"
+    # an error of the caller's own (a read of its source) passes as it was
+    with pytest.raises(FileNotFoundError), FileSet(tmp_path / "set") as files, files.open("b.bin"):
+        open(tmp_path / "missing", "rb")
+
