@@ -300,16 +300,16 @@ def test_a_file_set_that_runs_out_of_room_names_its_file(tmp_path):
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, previous[1]))  # writes past 4 KiB of a file fail: EFBIG
     try:
         with pytest.raises(UnwritableError, match=rf"cannot write {tmp_path / 'set' / 'a.bin'}: File too large "
-                                                  r"\(what was there is unchanged\)$") as info:
-            with FileSet(tmp_path / "set") as files, files.open("a.bin") as f:
-                for _ in range(4):
-                    f.write(bytes(2048))
-                    f.flush()
+                                                  r"\(what was there is unchanged\)$") as info, \
+                FileSet(tmp_path / "set") as files, files.open("a.bin") as f:
+            for _ in range(4):
+                f.write(bytes(2048))
+                f.flush()
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, previous)
         signal.signal(signal.SIGXFSZ, previous_signal)
     assert info.value.errno == errno.EFBIG and (tmp_path / "set" / "a.bin").read_bytes() == b"old"
     # an error of the caller's own (a read of its source) passes as it was
     with pytest.raises(FileNotFoundError), FileSet(tmp_path / "set") as files, files.open("b.bin"):
-        open(tmp_path / "missing", "rb")
+        (tmp_path / "missing").read_bytes()
 
