@@ -23,11 +23,27 @@ from pathlib import Path
 
 import torch
 
-from ._atomic import atomic_write
+from .cli_common import (
+    INPUT_ENCODINGS,
+    check_file,
+    check_folder,
+    encoding_arg,
+    finite,
+    load_model,
+    model_args,
+    read_texts,
+    to_json,
+    unit_from_probe,
+    write_file,
+)
+from .cli_generate import add_parser as add_generate_parser
+from .cli_generate import cmd_generate
 from .diagnostics import backend_report, environment, parity_tolerance
-from .errors import InputError, MissingInputError, out_of_memory
-from .ops.registry import BACKENDS, BackendUnavailableError, resolve_backend
-from .options import ArgumentParser, argument, check
+from .errors import InputError, out_of_memory
+from .ops.registry import BackendUnavailableError
+from .options import ArgumentParser, argument
+
+__all__ = ["INPUT_ENCODINGS", "build_parser", "load_model", "main"]
 
 
 def cmd_info(args) -> int:
@@ -36,7 +52,7 @@ def cmd_info(args) -> int:
     info["self_check_tolerance"] = parity_tolerance(torch.float32)
     ok_all = all(entry.get("check", "pass") == "pass" for entry in info["backends"].values())
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(finite(info), indent=2, allow_nan=False))
         return 0 if ok_all else 1
     for key in ("fastmlstm", "python", "torch", "triton", "cuda", "device"):
         print(f"{key:>10}: {info[key]}")
@@ -65,110 +81,24 @@ def cmd_info(args) -> int:
 # The probe toolkit's commands. Their imports stay inside the functions: `fastmlstm info` must not
 # pay for scikit-learn and matplotlib.
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def _dataset_texts(args) -> list:
+    """The texts of --dataset NAME[:SPLIT] (default: the set's first split)."""
+    from .data import datasets
 
-
-def load_model(path: str, *, device: str | None = None, dtype: str | None = None, backend: str = "auto"):
-    """A ByteLM from what --model names (see :func:`fastmlstm.models.serialization.load_model`).
-
-    --device is checked first (a device this machine lacks is the flag's fault, not the file's),
-    and --backend against the model's device before any work is done with it."""
-    from .models._checks import check_device
-    from .models.serialization import load_model as load
-
-    check_device(device, "--device")
-    model = load(path, device=device, dtype=_DTYPES[dtype] if dtype else None, backend=backend)
-    if backend != "auto":  # auto always runs (FASTMLSTM_BACKEND naming one that cannot: main says so)
-        try:
-            resolve_backend(backend, next(model.parameters()).device)
-        except BackendUnavailableError as exc:
-            raise InputError(f"--backend {backend}: {exc}") from None
-    return model
-
-
-def _write(path: str, write, mode: str = "wb") -> None:
-    """Write ``path`` atomically with ``write(file)`` (a reader, or a crash, sees the old file or the
-    whole new one); an unwritable destination is the user's input, reported in one line."""
-    if Path(path).is_dir():
-        raise InputError(f"cannot write {path}: it is a directory (give a file name)")
-    try:
-        with atomic_write(path, mode) as f:
-            write(f)
-    except OSError as exc:
-        raise InputError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _read_file(flag: str, path: str) -> bytes:
-    """The bytes of the file a flag names; a missing file, a directory or an unreadable file is one line."""
-    file = Path(path)
-    if file.is_dir():
-        raise InputError(f"{flag} {path} is a directory; give a file")
-    if not file.exists():
-        raise MissingInputError(f"{flag} {path}: no such file")
-    try:
-        return file.read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
-
-
-# How --input lines become the model's bytes. "bytes" is what the Python API does with bytes: the
-# line exactly as stored, invalid UTF-8 included (a byte model reads any byte).
-INPUT_ENCODINGS = ("bytes", "utf-8", "utf-8-or-cp1252")
-
-
-def _decode_line(line: bytes, number: int, encoding: str, source: str) -> bytes | str:
-    if encoding == "bytes":
-        return line
-    try:
-        return line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if encoding == "utf-8":
-            raise InputError(f"{source}, line {number}: not valid UTF-8 (byte {exc.start}); use "
-                             "--input-encoding bytes to featurize the bytes as they are") from None
-    from .data.datasets import decode  # the evaluation sets' rule: such a line is Windows-1252
-
-    return decode(line)
-
-
-def _argument_bytes(text: str) -> bytes:
-    """A command-line text as the bytes the shell passed (Python decoded them with surrogateescape)."""
-    try:
-        return os.fsencode(text)
-    except UnicodeEncodeError as exc:
-        raise InputError(f"--text holds a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}, "
-                         "which no bytes encode") from None
-
-
-def _read_texts(args) -> list:
-    """Texts from --text (repeatable) and --input (one text per line, '-' for stdin).
-
-    Both give the model the bytes the user gave: --text values as the command line's bytes
-    (``os.fsencode``), --input lines per ``--input-encoding`` (default: their bytes as stored).
-    """
-    texts = [_argument_bytes(t) for t in args.text or []]
-    if args.input is not None:
-        data = sys.stdin.buffer.read() if args.input == "-" else _read_file("--input", args.input)
-        if not data:
-            raise InputError(f"--input {'(stdin)' if args.input == '-' else args.input} is empty: it holds "
-                             "no texts (one text per line)")
-        if args.input_encoding != "bytes":
-            data = data.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is the file's, not the text's
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()  # the final line ending
-        source = "stdin" if args.input == "-" else args.input
-        texts += [_decode_line(line.removesuffix(b"\r"), n, args.input_encoding, source)
-                  for n, line in enumerate(lines, 1)]
-    return texts
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="model file/checkpoint, model folder (config.json + model.safetensors, or the released "
-                   "layout), registered name (openai-sentiment) or Hugging Face Hub id (user/repo)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast the model (default: as stored)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="recurrence backend")
+    if args.text or args.input is not None:
+        raise InputError("give the texts either with --dataset or with --text/--input, not both")
+    if args.input_encoding is not None:
+        raise InputError("--input-encoding says how to read --input's lines; --dataset files have their own rule")
+    name, colon, split = args.dataset.partition(":")
+    if not name or (colon and not split):
+        raise InputError(f"--dataset takes NAME or NAME:SPLIT (e.g. sst2:dev), got {args.dataset!r}")
+    splits = datasets.load(name, args.data_dir)
+    split = split or next(iter(splits))
+    if split not in splits:
+        raise InputError(f"{name} has splits {', '.join(splits)}, not {split!r}")
+    if not hasattr(splits[split], "texts"):
+        raise InputError(f"{name} is a dataset of text pairs; featurize its sentences with --input")
+    return splits[split].texts
 
 
 def cmd_featurize(args) -> int:
@@ -178,20 +108,10 @@ def cmd_featurize(args) -> int:
 
     from .probe import featurize
 
-    if args.dataset:
-        from .data import datasets
-
-        name, _, split = args.dataset.partition(":")
-        splits = datasets.load(name, args.data_dir)
-        split = split or next(iter(splits))
-        if split not in splits:
-            raise InputError(f"{name} has splits {', '.join(splits)}, not {split!r}")
-        if not hasattr(splits[split], "texts"):
-            raise InputError(f"{name} is a dataset of text pairs; featurize its sentences with --input")
-        texts = splits[split].texts
-    else:
-        texts = _read_texts(args)
-    _check_file("--output", args.output)
+    if args.data_dir is not None and args.dataset is None:
+        raise InputError("--data-dir is the folder of --dataset's files; give --dataset NAME[:SPLIT] too")
+    check_file("--output", args.output)
+    texts = _dataset_texts(args) if args.dataset is not None else read_texts(args)
     if not texts:
         raise InputError("no texts: give --text, --input FILE (one text per line) or --dataset NAME[:SPLIT]")
     model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
@@ -199,39 +119,12 @@ def cmd_featurize(args) -> int:
     features = featurize(model, texts, batch_size=args.batch_size, activation=None if args.raw else "tanh",
                          progress=False if args.no_progress else None)
     seconds = time.perf_counter() - start
-    _write(args.output, lambda f: np.save(f, features))
+    write_file(args.output, lambda f: np.save(f, features))
     chars = sum(len(t.encode("utf-8", errors="surrogateescape")) if isinstance(t, str) else len(t) for t in texts)
-    print(json.dumps({"output": args.output, "shape": list(features.shape), "dtype": str(features.dtype),
+    print(to_json({"output": args.output, "shape": list(features.shape), "dtype": str(features.dtype),
                       "texts": len(texts), "chars": chars, "seconds": round(seconds, 3),
                       "chars_per_s": round(chars / seconds, 1) if seconds > 0 else None}))
     return 0
-
-
-def _blocking_file(path: Path) -> Path | None:
-    """The file that stands where ``path`` or one of its folders should be, if any."""
-    for folder in (path, *path.parents):
-        if folder.exists():
-            return None if folder.is_dir() else folder
-    return None
-
-
-def _check_folder(flag: str, path: str | None) -> None:
-    """Refuse, before any work, a folder flag that names a file (or lies under one)."""
-    if path is not None and (blocking := _blocking_file(Path(path))) is not None:
-        raise InputError(f"{flag} {path}: {blocking} is a file, not a folder")
-
-
-def _check_file(flag: str, path: str | None) -> None:
-    """Refuse, before any work, a file flag that names a directory, lies under a file or in a
-    folder that does not exist."""
-    if path is None:
-        return
-    if Path(path).is_dir():
-        raise InputError(f"{flag} {path} is a directory; give a file name")
-    if (blocking := _blocking_file(Path(path).parent)) is not None:
-        raise InputError(f"{flag} {path}: {blocking} is a file, not a folder")
-    if not Path(path).parent.is_dir():  # found before the work, not when its result is to be written
-        raise MissingInputError(f"cannot write {flag} {path}: its folder {Path(path).parent} does not exist")
 
 
 def _probe_plots(args, result, metrics: dict) -> dict:
@@ -254,14 +147,28 @@ def _probe_plots(args, result, metrics: dict) -> dict:
     return written
 
 
+def _check_curve(args) -> None:
+    """--curve where the task's protocol draws no curve, and --draws without --curve, would be ignored."""
+    from .data.datasets import DATASETS
+
+    protocol = DATASETS[args.task].protocol
+    if args.curve and protocol in ("cv10", "relatedness"):
+        raise InputError(f"--curve: {args.task} is evaluated by {'cross-validation' if protocol == 'cv10' else 'regression'}"
+                         f" ({protocol}), which draws no data-efficiency curve; the tasks with one: "
+                         + ", ".join(k for k, v in DATASETS.items() if v.protocol not in ("cv10", "relatedness")))
+    if args.draws is not None and not args.curve:
+        raise InputError("--draws is the number of random draws per size of --curve's curve; give --curve too")
+
+
 def cmd_probe(args) -> int:
     from .probe import evaluate
 
-    _check_folder("--plots", args.plots)
-    _check_file("--output", args.output)
+    _check_curve(args)
+    check_folder("--plots", args.plots)
+    check_file("--output", args.output)
     model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     result = evaluate(model, args.task, root=args.data_dir, limit=args.limit, seed=args.seed, curve=args.curve,
-                      curve_draws=args.draws, batch_size=args.batch_size,
+                      curve_draws=10 if args.draws is None else args.draws, batch_size=args.batch_size,
                       progress=False if args.no_progress else None)
     metrics = dict(result.metrics)
     if args.plots:
@@ -269,27 +176,33 @@ def cmd_probe(args) -> int:
             metrics["plots"] = _probe_plots(args, result, metrics)
         except OSError as exc:
             raise InputError(f"cannot write the plots into {args.plots}: {exc.strerror or exc}") from None
-    text = json.dumps(metrics)
+    text = to_json(metrics)
     if args.output:
-        _write(args.output, lambda f: f.write(text + "\n"), mode="w")
+        write_file(args.output, lambda f: f.write(text + "\n"), mode="w")
     print(text)
     return 0
 
 
-def _unit_from_probe(path: str) -> tuple[int, int]:
-    """(sentiment unit, its sign) from the JSON that ``fastmlstm probe`` printed."""
-    data = _read_file("--probe", path)
-    try:
-        record = json.loads(data)
-        unit, sign = record["sentiment_unit"], record.get("unit_sign") or 1
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"--probe {path}: expected the JSON that `fastmlstm probe` prints, with a "
-                         f"sentiment_unit ({type(exc).__name__}: {exc})") from None
-    if unit is None:
-        raise InputError(f"--probe {path}: that probe found no sentiment unit (it used no feature); give --unit")
-    if sign not in (1, -1) or isinstance(sign, bool):
-        raise InputError(f"--probe {path}: unit_sign must be 1 or -1, got {sign!r}")
-    return check("unit", unit, f"--probe {path}: sentiment_unit"), int(sign)
+def _check_destinations(args) -> None:
+    """--html / --png: at least one, not the same file, each writable; --width only with --png."""
+    if not (args.html or args.png):
+        raise InputError("say where to write: --html FILE and/or --png FILE")
+    if args.html and args.png and os.path.realpath(args.html) == os.path.realpath(args.png):
+        raise InputError(f"--html and --png name the same file {args.html}; the picture would replace the page")
+    if args.width is not None and not args.png:
+        raise InputError("--width sets the PNG's characters per line; give --png FILE too")
+    check_file("--html", args.html)
+    check_file("--png", args.png)
+
+
+def _destination(args, filename) -> str:
+    """The flag and path a failed write was for (the error names the temporary file beside it)."""
+    for flag, path in (("--html", args.html), ("--png", args.png)):
+        if path and filename:
+            name, target = Path(filename), Path(path)
+            if name == target or (name.parent == target.parent and name.name.startswith(f".{target.name}.")):
+                return f"{flag} {path}"
+    return str(filename) if filename else "the picture"
 
 
 def cmd_visualize(args) -> int:
@@ -297,83 +210,27 @@ def cmd_visualize(args) -> int:
 
     if args.unit is None and args.probe is None:
         raise InputError("say which unit: --unit U, or --probe RESULTS.json from `fastmlstm probe`")
-    unit = args.unit if args.unit is not None else _unit_from_probe(args.probe)[0]
-    if not (args.html or args.png):
-        raise InputError("say where to write: --html FILE and/or --png FILE")
-    _check_file("--html", args.html)
-    _check_file("--png", args.png)
-    texts = _read_texts(args)
+    if args.unit is not None and args.probe is not None:
+        raise InputError("use either --unit U or --probe RESULTS.json (which names the unit), not both")
+    unit = args.unit if args.unit is not None else unit_from_probe(args.probe)[0]
+    _check_destinations(args)
+    texts = read_texts(args)
     if len(texts) != 1:
         raise InputError(f"visualize takes one text (--text or a one-line --input), got {len(texts)}")
+    if not texts[0]:
+        raise InputError("the text is empty: there is nothing to colour")
     model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     if not 0 <= unit < model.hidden_size:
         raise InputError(f"unit {unit} is outside [0, {model.hidden_size})")
     try:
         chars = visualize_text(model, texts[0], unit, html_path=args.html, png_path=args.png, scale=args.scale,
-                               width=args.width)
+                               width=80 if args.width is None else args.width)
     except OSError as exc:  # an --html/--png destination that cannot be written
-        raise InputError(f"cannot write {exc.filename or 'the picture'}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot write {_destination(args, exc.filename)}: {exc.strerror or exc}") from None
     values = [v for _, v in chars]
-    print(json.dumps({"unit": unit, "chars": len(chars), "html": args.html, "png": args.png,
-                      "min": min(values, default=None), "max": max(values, default=None),
-                      "final": values[-1] if values else None}))
-    return 0
-
-
-def _fixed_unit(text: str) -> tuple[int, float]:
-    """argparse's ``type=`` for ``--fix UNIT=VALUE``: a unit >= 0 and a finite cell value."""
-    unit, sep, value = text.partition("=")
-    form = f"takes UNIT=VALUE (e.g. 2388=1.0), got {text!r}"
-    if not sep:
-        raise argparse.ArgumentTypeError(form)
-    try:
-        return argument("unit")(unit.strip()), argument("cell_value")(value.strip())
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"{form}: {'UNIT' if not _is_unit(unit) else 'VALUE'} {exc}") from None
-
-
-def _is_unit(text: str) -> bool:
-    try:
-        argument("unit")(text.strip())
-    except argparse.ArgumentTypeError:
-        return False
-    return True
-
-
-def _parse_fixed(items: list[tuple[int, float]] | None) -> dict[int, float]:
-    fixed = {}
-    for unit, value in items or []:
-        if unit in fixed:
-            raise InputError(f"--fix names unit {unit} twice")
-        fixed[unit] = value
-    return fixed
-
-
-def cmd_generate(args) -> int:
-    from .probe import steer
-
-    fixed = _parse_fixed(args.fix)
-    model = load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
-    steer_unit, sign = args.steer, args.unit_sign
-    if args.probe is not None:
-        steer_unit, sign = _unit_from_probe(args.probe)
-    common = {"num_samples": args.num_samples, "top_k": args.top_k, "seed": args.seed}
-    if steer_unit is not None:
-        if fixed:
-            raise InputError("use either --fix or --steer/--probe, not both")
-        samples = steer(model, steer_unit, unit_sign=sign, prefix=args.prefix, n_bytes=args.n_bytes,
-                        temperature=args.temperature, **common)
-    else:
-        raw = model.generate(args.prefix, args.n_bytes, args.temperature, fixed_units=fixed or None, **common)
-        samples = {"samples": [s.decode("utf-8", errors="replace") for s in raw]}
-    if args.json:
-        print(json.dumps({"prefix": args.prefix, "fixed_units": {str(k): v for k, v in fixed.items()},
-                          "steer_unit": steer_unit, **samples}))
-    else:
-        for name, group in samples.items():
-            for i, text in enumerate(group):
-                print(f"--- {name} {i + 1}")
-                print(args.prefix + text)
+    print(to_json({"unit": unit, "chars": len(chars), "html": args.html, "png": args.png,
+                 "min": min(values, default=None), "max": max(values, default=None),
+                 "final": values[-1] if values else None}))
     return 0
 
 
@@ -381,6 +238,8 @@ def cmd_download(args) -> int:
     from .data.download import download
     from .models.pretrained import MODELS, download_model, model_files
 
+    if args.mirror is not None and not args.mirror.strip():
+        raise InputError("--mirror is empty: give the base URL to fetch <mirror>/<filename> from")
     common = {"root": args.root, "mirror": args.mirror, "force": args.force, "progress": not args.no_progress,
               "timeout": args.timeout}
     try:
@@ -388,14 +247,14 @@ def cmd_download(args) -> int:
             folder = download_model(args.name, **common)
             files = [{"file": f.filename, "url": MODELS[args.name].url(f.filename, args.mirror), "size": f.size,
                       "blob_id": f.blob_id} for f in model_files(args.name)]
-            print(json.dumps({"model": args.name, "folder": str(folder), "files": files}))
+            print(to_json({"model": args.name, "folder": str(folder), "files": files}))
             return 0
         folder = download(args.name, **common)
     except OSError as exc:  # e.g. a --root that is a file or unwritable, a full disk
         where = f"{exc.filename}: " if exc.filename else ""
         raise InputError(f"cannot download {args.name} (--root {args.root or 'default'}): {where}"
                          f"{exc.strerror or exc}") from None
-    print(json.dumps({"dataset": args.name, "folder": str(folder)}))
+    print(to_json({"dataset": args.name, "folder": str(folder)}))
     return 0
 
 
@@ -410,13 +269,6 @@ def cmd_train(args) -> int:
         return train(args, ctx)
     finally:
         ctx.close()
-
-
-def _encoding_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-encoding", choices=INPUT_ENCODINGS, default="bytes",
-                   help="bytes (default): each line's bytes as stored, as the Python API treats bytes; utf-8: "
-                        "an invalid line is an error; utf-8-or-cp1252: such a line is read as Windows-1252 "
-                        "(the evaluation sets' rule)")
 
 
 def _add_info(sub) -> None:
@@ -439,11 +291,12 @@ def _add_featurize(sub) -> None:
     p = sub.add_parser("featurize", help="the paper's features of texts -> .npy [N, H] float32",
                        description="Features: tanh of the final cell state after the paper's preprocessing. "
                        "Prints a JSON summary (shape, characters/s).")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--text", action="append", help="a text (repeatable)")
     p.add_argument("--input", help="file with one text per line (every line is a row), '-' for stdin")
-    _encoding_arg(p)
-    p.add_argument("--dataset", help="NAME[:SPLIT] of an evaluation set, e.g. sst2:dev")
+    encoding_arg(p)
+    p.add_argument("--dataset", help="NAME[:SPLIT] of an evaluation set, e.g. sst2:dev (default: its first split); "
+                   "instead of --text/--input")
     p.add_argument("--data-dir", help="the dataset's folder (default $FASTMLSTM_DATA/<folder>)")
     p.add_argument("--output", "-o", required=True, help="where the .npy goes")
     p.add_argument("--batch-size", type=argument("batch_size"), default=None, help="texts per fused pass (default 512)")
@@ -458,14 +311,16 @@ def _add_probe(sub) -> None:
     p = sub.add_parser("probe", help="one of the paper's evaluations; prints one JSON object",
                        description="Featurize a task's data, fit the L1 linear probe (C on dev), and print "
                        "task, accuracy, C, features used, sentiment unit and its accuracy as one JSON object.")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--task", required=True, choices=list(DATASETS))
     p.add_argument("--data-dir", help="the dataset's folder (default $FASTMLSTM_DATA/<folder>)")
     p.add_argument("--limit", type=argument("limit"), default=None,
                    help="at most this many examples per split (quick runs)")
     p.add_argument("--seed", type=argument("seed"), default=0)
-    p.add_argument("--curve", action="store_true", help="also the data-efficiency curve (splits tasks)")
-    p.add_argument("--draws", type=argument("draws"), default=10, help="random draws per size for --curve")
+    p.add_argument("--curve", action="store_true",
+                   help="also the data-efficiency curve (the tasks with train/dev/test splits and msrp)")
+    p.add_argument("--draws", type=argument("draws"), default=None,
+                   help="random draws per size for --curve (default 10)")
     p.add_argument("--plots", help="folder for the PNGs (unit histogram; data efficiency with --curve)")
     p.add_argument("--output", help="also write the JSON here")
     p.add_argument("--batch-size", type=argument("batch_size"), default=None, help="texts per fused pass")
@@ -475,37 +330,23 @@ def _add_probe(sub) -> None:
 
 def _add_visualize(sub) -> None:
     p = sub.add_parser("visualize", help="colour a text by a unit's cell value (HTML/PNG)")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--unit", type=argument("unit"), help="the unit (e.g. 2388 for the released model)")
-    p.add_argument("--probe", help="JSON from `fastmlstm probe`: use its sentiment unit")
+    p.add_argument("--probe", help="JSON from `fastmlstm probe`: use its sentiment unit (instead of --unit)")
     p.add_argument("--text", action="append", help="the text")
     p.add_argument("--input", help="a file holding the text on one line, '-' for stdin")
-    _encoding_arg(p)
+    encoding_arg(p)
     p.add_argument("--html", help="write the self-contained HTML page here")
-    p.add_argument("--png", help="write the PNG here")
+    p.add_argument("--png", help="write the PNG here (or the format the suffix names: .pdf, .svg, ...)")
     p.add_argument("--scale", type=argument("scale"), default=None,
                    help="value at full colour, > 0 (default: largest |value|)")
-    p.add_argument("--width", type=argument("width"), default=80, help="characters per line in the PNG")
+    p.add_argument("--width", type=argument("width"), default=None,
+                   help="characters per line in the PNG (default 80)")
     p.set_defaults(func=cmd_visualize)
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="sample text; --fix / --steer hold units (steered generation)")
-    _model_args(p)
-    p.add_argument("--prefix", default="\n ", help="text to continue (default: the paper's start token)")
-    p.add_argument("--n-bytes", type=argument("n_bytes"), default=200, help="bytes to sample (default 200)")
-    p.add_argument("--num-samples", type=argument("num_samples"), default=1)
-    p.add_argument("--temperature", type=argument("temperature"), default=1.0,
-                   help="softmax temperature, >= 0 (0: the most likely byte)")
-    p.add_argument("--top-k", type=argument("top_k"), default=None, help="sample among the k most likely bytes")
-    p.add_argument("--seed", type=argument("seed"), default=None)
-    p.add_argument("--fix", action="append", type=_fixed_unit, metavar="UNIT=VALUE",
-                   help="hold a unit's cell value (repeatable)")
-    p.add_argument("--steer", type=argument("unit"), metavar="UNIT", help="samples with UNIT held at +1 and at -1")
-    p.add_argument("--unit-sign", type=int, choices=(1, -1), default=1, help="flip --steer's values")
-    p.add_argument("--probe", help="JSON from `fastmlstm probe`: steer its sentiment unit (and sign)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_generate)
+    add_generate_parser(sub, model_args).set_defaults(func=cmd_generate)
 
 
 def _add_download(sub) -> None:
@@ -541,19 +382,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone, so that the interpreter's final flush of
+    what is still buffered does not fail again ("Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stdout with no file descriptor (a test's capture)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command and return its exit status. Bad input (a malformed command line, a number
     out of range or not finite, and the :class:`~fastmlstm.errors.InputError` family: a missing or
     foreign file, an unknown split, texts that cannot be encoded, one-class labels...) is reported
     as one ``fastmlstm <command>: error: ...`` line with exit status 2, and so are a backend that
     cannot run here (:class:`~fastmlstm.ops.BackendUnavailableError`) and an allocation that fails
-    (out of memory); anything else is a bug and keeps its traceback."""
+    (out of memory); anything else is a bug and keeps its traceback. Ctrl-C is one line too, with
+    exit status 130 (training checkpoints first), and a closed stdout (``| head``) ends the command
+    quietly with 141, the shell's statuses for SIGINT and SIGPIPE."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0), or a malformed command line already reported in one line (2)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away is found here, not in the interpreter's exit
+        return code
+    except KeyboardInterrupt:
+        print(f"fastmlstm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _detach_stdout()
+        return 141
     except (InputError, BackendUnavailableError) as exc:  # the latter: an explicit backend that cannot run here
         print(f"fastmlstm {args.command}: error: {exc}", file=sys.stderr)
         return 2
