@@ -347,20 +347,30 @@ def fit_relatedness(x: np.ndarray, scores: np.ndarray, C: float, seed: int = 0):
     return lambda z: clf.predict_proba(scaler.transform(z)) @ classes
 
 
-def _relatedness(featurize_fn, task, splits, *, seed) -> TaskResult:
-    from scipy.stats import pearsonr, spearmanr
+def _correlation(kind: str, a, b) -> float:
+    """Pearson's or Spearman's r of ``a`` and ``b``: NaN where one is constant (undefined), without
+    scipy's warning about it."""
+    import warnings
 
+    from scipy import stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", getattr(stats, "ConstantInputWarning", RuntimeWarning))
+        return float((stats.pearsonr if kind == "pearson" else stats.spearmanr)(a, b)[0])
+
+
+def _relatedness(featurize_fn, task, splits, *, seed) -> TaskResult:
     train, dev, evaluation, notes = _plan(splits, seed, stratify=False)
     tx, dx, ex = (check_features(_pair_featurize(featurize_fn, s), name=f"{name} pair features")
                   for s, name in ((train, "train"), (dev, "dev"), (evaluation, "evaluation")))
     scores = {}
     for C in C_RELATEDNESS:
-        r = pearsonr(fit_relatedness(tx, train.labels, C, seed)(dx), dev.labels)[0]
+        r = _correlation("pearson", fit_relatedness(tx, train.labels, C, seed)(dx), dev.labels)
         scores[C] = -np.inf if np.isnan(r) else float(r)  # NaN: constant predictions
     C = _best_C(scores)
     pred = fit_relatedness(tx, train.labels, C, seed)(ex)
     y = evaluation.labels
-    metrics = {"pearson": float(pearsonr(pred, y)[0]), "spearman": float(spearmanr(pred, y)[0]),
+    metrics = {"pearson": _correlation("pearson", pred, y), "spearman": _correlation("spearman", pred, y),
                "mse": float(np.mean((pred - y) ** 2)), "C": C, **notes,
                "n_train": len(train), "n_dev": len(dev), "n_eval": len(evaluation)}
     return TaskResult(metrics, None, tx, train.labels, ex, y)
@@ -393,13 +403,14 @@ def evaluate(
             quick run.
         Cs: the C grid of the probe.
         seed: for holdouts, folds, subsets and the solver.
-        curve: also compute the data-efficiency curve (``splits`` tasks), ``curve_draws`` random
+        curve: also compute the data-efficiency curve (tasks with train/dev/test splits; an error
+            for the cross-validated and relatedness ones), ``curve_draws`` random
             draws per size in ``curve_sizes`` (default 10, 20, 50, ..., all).
         batch_size, progress: passed to :func:`featurize`.
 
     Returns:
         :class:`TaskResult`; ``metrics`` holds ``task``, ``accuracy`` (percent; Pearson/Spearman/MSE
-        for SICK), ``C``, ``features_used``, ``sentiment_unit``, ``unit_accuracy``, how C was chosen
+        for SICK, the correlations NaN where the predictions are constant), ``C``, ``features_used``, ``sentiment_unit``, ``unit_accuracy``, how C was chosen
         and what was evaluated on, and ``paper`` (the paper's number) where there is one.
 
     Example::
@@ -411,6 +422,9 @@ def evaluate(
         raise InputError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
     limit, seed, batch_size = check("limit", limit), check("seed", seed), check("batch_size", batch_size)
     curve_draws = check("draws", curve_draws, "curve_draws")
+    if curve and datasets.DATASETS[task].protocol in ("cv10", "relatedness"):
+        raise InputError(f"curve: {task} is evaluated by {datasets.DATASETS[task].protocol}, which draws no "
+                         "data-efficiency curve (the tasks with train/dev/test splits do)")
     featurize_fn = _featurizer(model, batch_size, progress)
     splits = _check_splits(task, datasets.load(task, root) if splits is None else splits)
     protocol = datasets.DATASETS[task].protocol

@@ -297,3 +297,21 @@ def test_other_train_probe_arguments_are_checked():
         data_efficiency(x, y, x, y, C=1.0, sizes=[10], seed=-1)
     with pytest.raises(InputError, match="seed must be an integer"):
         train_probe(x, y, seed=1.5)
+
+
+def test_a_curve_where_the_protocol_draws_none_is_refused():
+    # the curve was skipped in silence (cross-validated and relatedness tasks have no train split to subsample)
+    with pytest.raises(InputError, match="curve: mpqa is evaluated by cv10, which draws no data-efficiency curve"):
+        evaluate(featurizer, "mpqa", splits={"all": text_split(40)}, curve=True)
+    pairs = PairSplit(["a"] * 4, ["b"] * 4, [1.0, 2.0, 4.0, 3.0])
+    with pytest.raises(InputError, match="curve: sick is evaluated by relatedness"):
+        evaluate(featurizer, "sick", splits={"train": pairs, "dev": pairs, "test": pairs}, curve=True)
+
+
+def test_constant_relatedness_predictions_give_nan_correlations_without_warnings(recwarn):
+    pairs = PairSplit([f"a{i}" for i in range(12)], [f"b{i}" for i in range(12)], [1.0 + (i % 5) for i in range(12)])
+    metrics = evaluate(lambda texts: np.zeros((len(texts), 4), np.float32), "sick",
+                       splits={"train": pairs, "dev": pairs, "test": pairs}).metrics
+    assert np.isnan(metrics["pearson"]) and np.isnan(metrics["spearman"]) and np.isfinite(metrics["mse"])
+    assert not [w for w in recwarn if "constant" in str(w.message).lower()]  # scipy printed one per C
+
