@@ -170,6 +170,17 @@ def _weights(model):
     return model.rnn.effective_weights()
 
 
+def _check_finite(model, values: np.ndarray, what: str) -> np.ndarray:
+    """``values`` if every one is finite; else an InputError blaming the model's non-finite
+    parameters (the cell state of finite weights grows by at most 1 a byte, so cannot overflow)."""
+    if np.isfinite(values).all():
+        return values
+    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    why = (f"the model's parameters hold NaN or inf ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})"
+           if broken else "the model's computation overflowed")
+    raise InputError(f"{what} are not finite numbers: {why}")
+
+
 def featurize(
     model,
     texts: Sequence[str | bytes],
@@ -195,7 +206,8 @@ def featurize(
         chunk_size: time steps per call (default: sized to a memory budget).
 
     Returns:
-        ``np.ndarray`` [N, H] float32, row i for ``texts[i]``, whatever the model's dtype.
+        ``np.ndarray`` [N, H] float32, row i for ``texts[i]``, whatever the model's dtype. A model
+        whose parameters hold NaN or inf gets an InputError naming them, not NaN features.
 
     Example::
 
@@ -230,7 +242,7 @@ def featurize(
                 c = torch.tanh(c)
             features[idx] = c.float().cpu().numpy()
             bar.update(sum(len(s) for s in batch))
-    return features
+    return _check_finite(model, features, "the features")
 
 
 def _unit_index(units, H: int) -> list[int]:
@@ -295,4 +307,4 @@ def cell_trace(
     with torch.no_grad():
         unit_index = torch.tensor(index, dtype=torch.long, device=device)
         _, _, trace = _run_sorted(model, [seq], _weights(model), _chunk_steps(model, 1, chunk_size), unit_index)
-    return torch.cat(trace).cpu().numpy().astype(np.float32, copy=False)
+    return _check_finite(model, torch.cat(trace).cpu().numpy().astype(np.float32, copy=False), "the cell states")

@@ -315,3 +315,20 @@ def test_constant_relatedness_predictions_give_nan_correlations_without_warnings
     assert np.isnan(metrics["pearson"]) and np.isnan(metrics["spearman"]) and np.isfinite(metrics["mse"])
     assert not [w for w in recwarn if "constant" in str(w.message).lower()]  # scipy printed one per C
 
+
+
+def test_a_model_with_non_finite_weights_is_blamed_not_featurized_into_nan():
+    # featurize returned NaN features (and `fastmlstm featurize` wrote them, exit 0); cell_trace's
+    # NaN reached the plots' internal check ("chars hold a value that is not a finite number")
+    torch.manual_seed(0)
+    broken = fastmlstm.ByteLM(H, 8)
+    with torch.no_grad():
+        broken.rnn.weight_hh_v[3, 2] = float("nan")
+    with pytest.raises(InputError, match=r"the features are not finite numbers: the model's parameters hold NaN "
+                                         r"or inf \(rnn.weight_hh_v\)"):
+        featurize(broken, ["a fine review", "another"])
+    with pytest.raises(InputError, match=r"the cell states are not finite numbers: .*\(rnn.weight_hh_v\)"):
+        cell_trace(broken, "a fine review", units=[0, 1])
+    with torch.no_grad():
+        broken.rnn.weight_hh_v[3, 2] = 0.0
+    assert np.isfinite(featurize(broken, ["a fine review"])).all()
