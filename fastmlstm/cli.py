@@ -374,7 +374,7 @@ COMMANDS = (_add_info, _add_train, _add_featurize, _add_probe, _add_visualize, _
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="fastmlstm", description=__doc__,
+    parser = ArgumentParser(prog="fastmlstm", description=__doc__.replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:

@@ -189,3 +189,10 @@ def test_ctrl_c_is_one_line_and_status_130(small, monkeypatch, capsys):
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped main() with its traceback")
     assert code == 130 and err == "fastmlstm featurize: interrupted\n" and not out
+
+
+def test_the_help_is_plain_text(capsys):
+    # the module docstring's reST markup reached --help ("The ``fastmlstm`` command line.")
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "The fastmlstm command line." in out and "``" not in out
