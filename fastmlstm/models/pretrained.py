@@ -294,24 +294,30 @@ def download_model(
     files = model_files(name, checksums)
     whole_call = Deadline.starting_now(timeout, stall_bytes, stall_seconds)  # the rules are checked up front
     folder = models_dir(root) / name
-    make_directory(folder, "models folder")
-    with _folder_lock(folder):
-        problem = None if force or recheck else _marker_problem(folder, name, files)
-        if not force and not recheck and problem is None:
-            return folder
-        if problem is not None and problem != "it has no marker":
-            logger.warning("fastmlstm: checking %s again: %s", folder, problem)
-        if force:
-            (folder / MARKER).unlink(missing_ok=True)
-        todo = list(files) if force else _recheck(folder, files, progress)
-        if todo:
-            (folder / MARKER).unlink(missing_ok=True)
-        for f in todo:
-            deadline = whole_call if timeout is not None else Deadline.starting_now(DEFAULT_TIMEOUT, stall_bytes,
-                                                                                     stall_seconds)
-            fetch(model.url(f.filename, mirror), folder / f.filename, checksum=f"git-blob:{f.blob_id}",
-                  size=f.size if f.size_exact else None, progress=progress, deadline=deadline)
-        if todo or _marker_problem(folder, name, files) is not None:
-            with atomic_write(folder / MARKER, "w") as out:
-                json.dump({"model": name, "files": _marker_entries(folder, files)}, out, indent=1)
+    created = make_directory(folder, "models folder")
+    try:
+        with _folder_lock(folder):
+            problem = None if force or recheck else _marker_problem(folder, name, files)
+            if not force and not recheck and problem is None:
+                return folder
+            if problem is not None and problem != "it has no marker":
+                logger.warning("fastmlstm: checking %s again: %s", folder, problem)
+            if force:
+                (folder / MARKER).unlink(missing_ok=True)
+            todo = list(files) if force else _recheck(folder, files, progress)
+            if todo:
+                (folder / MARKER).unlink(missing_ok=True)
+            for f in todo:
+                deadline = whole_call if timeout is not None else Deadline.starting_now(DEFAULT_TIMEOUT, stall_bytes,
+                                                                                         stall_seconds)
+                fetch(model.url(f.filename, mirror), folder / f.filename, checksum=f"git-blob:{f.blob_id}",
+                      size=f.size if f.size_exact else None, progress=progress, deadline=deadline)
+            if todo or _marker_problem(folder, name, files) is not None:
+                with atomic_write(folder / MARKER, "w") as out:
+                    json.dump({"model": name, "files": _marker_entries(folder, files)}, out, indent=1)
+    except BaseException:
+        if folder in created:  # a first download that failed with nothing to resume leaves no empty folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return folder

@@ -290,6 +290,7 @@ def test_a_missing_file_is_a_404_naming_the_url(server, published, tmp_path):
 def test_no_server_at_all(tmp_path):
     with pytest.raises(DownloadError, match=r"could not fetch http://127.0.0.1:9/0.npy"):
         download_model(NAME, root=tmp_path, mirror="http://127.0.0.1:9", progress=False, timeout=5)
+    assert not (tmp_path / NAME).exists()  # the first download left an empty model folder behind
 
 
 @needs_release
