@@ -87,8 +87,9 @@ def sample_bytes(logits: Tensor, temperature: float, top_k: int | None, generato
     The draw is the one ``torch.multinomial`` makes for one sample, ``argmax(p / E)`` with E ~ Exp(1)
     drawn from ``generator`` (the exponential race: row i wins with probability p_i), without its
     input checks, several operators that took about a third of a byte's time at small sizes. The
-    one check that matters here is kept: logits that are NaN or infinite (weights or a state that
-    overflowed) raise ``FloatingPointError`` instead of giving bytes.
+    one check that matters here is kept: logits that are NaN or +inf (weights or a state that
+    overflowed) raise ``FloatingPointError`` instead of giving bytes; a -inf logit is a byte of
+    probability 0, as in ``torch.multinomial``.
     """
     if temperature == 0:
         best = logits.argmax(dim=-1)  # (argmax picks a NaN or +inf where a row holds one)
