@@ -58,6 +58,7 @@ from .fetch import (
     ChecksumError,
     Deadline,
     DownloadError,
+    check_mirror,
     fetch,
     file_digest,
     parse_checksum,
@@ -315,6 +316,7 @@ def download(
     if name not in SOURCES:
         known = ", ".join(SOURCES)
         raise InputError(f"no download source for {name!r}; downloadable: {known}")
+    mirror = check_mirror(mirror)
     whole_call = Deadline.starting_now(timeout, stall_bytes, stall_seconds)  # the rules are checked up front
 
     def deadline() -> Deadline:  # the call's one clock, or each file its own default one

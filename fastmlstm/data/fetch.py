@@ -40,8 +40,8 @@ except ImportError:  # Windows has no advisory file locks
 from .._atomic import DirectoryInTheWayError, UnwritableError, fsync_directory, make_directory
 from ..errors import InputError
 
-__all__ = ["DEFAULT_TIMEOUT", "STALL_BYTES", "STALL_SECONDS", "ChecksumError", "DownloadError", "Deadline", "fetch",
-           "file_digest", "file_digests", "parse_checksum", "partial_path", "fsync_directory"]
+__all__ = ["DEFAULT_TIMEOUT", "STALL_BYTES", "STALL_SECONDS", "ChecksumError", "Deadline", "DownloadError",
+           "check_mirror", "fetch", "file_digest", "file_digests", "fsync_directory", "parse_checksum", "partial_path"]
 
 # One file's default deadline: a 67 MB file (the released model's largest) needs 19 kB/s to make it.
 DEFAULT_TIMEOUT = 3600.0
@@ -247,6 +247,17 @@ if hasattr(urllib.request, "HTTPSHandler"):  # Python built with ssl
     _HANDLERS.append(_HTTPSHandler)
 
 
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Redirects as urllib follows them, but never from https to plain http (a first download that
+    no checksum vouches for would then travel unencrypted)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if req.full_url.lower().startswith("https://") and not newurl.lower().startswith("https://"):
+            raise DownloadError(f"could not fetch {req.full_url}: the server redirected it from https to "
+                                f"{_one_line(newurl)}; refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _one_line(reason) -> str:
     """A server's text (a reason phrase, a bad status line) as one line of at most 300 characters."""
     return " ".join(str(reason).split())[:300]
@@ -262,8 +273,8 @@ def _open(url: str, offset: int, deadline: Deadline):
     for handler in handlers:
         handler.deadline = deadline
     try:
-        return urllib.request.build_opener(*handlers).open(urllib.request.Request(url, headers=headers),
-                                                           timeout=deadline.wait_limit())
+        opener = urllib.request.build_opener(*handlers, _NoDowngrade)
+        return opener.open(urllib.request.Request(url, headers=headers), timeout=deadline.wait_limit())
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 416 and offset:
@@ -273,15 +284,32 @@ def _open(url: str, offset: int, deadline: Deadline):
         raise DownloadError(f"could not fetch {url}: {_one_line(getattr(exc, 'reason', None) or exc)}") from None
 
 
-def _body_range(response, offset: int) -> tuple[int, int | None]:
-    """(the file offset the body starts at, the whole file's size if the server says)."""
+def _respond(url: str, offset: int, deadline: Deadline):
+    """(response, the file offset its body starts at, the whole file's size if the server says):
+    from byte ``offset``, or from byte 0 where the server cannot serve that range (416, or a 206
+    that starts elsewhere: the partial file then restarts, and the checksum judges the result)."""
+    response = _open(url, offset, deadline) if offset else None
+    if response is not None:
+        where = _body_range(response, offset)
+        if where is not None:
+            return (response, *where)
+        response.close()
+    response = _open(url, 0, deadline)
+    return (response, *_body_range(response, 0))
+
+
+def _body_range(response, offset: int) -> tuple[int, int | None] | None:
+    """(the file offset the body starts at, the whole file's size if the server says); None for a
+    206 to a Range request that starts elsewhere."""
     if response.status == 206:  # a part of the file: it must start at the byte asked for (0 without Range)
         m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "").strip())
         if m and int(m[1]) == offset:
             return offset, None if m[2] == "*" else int(m[2])
-        asked = f"bytes {offset}-" if offset else "the whole file"
-        raise DownloadError(f"could not fetch {response.url}: asked for {asked} and the server sent "
-                            f"{response.headers.get('Content-Range')!r}")
+        if offset:
+            return None
+        response.close()
+        raise DownloadError(f"could not fetch {response.url}: asked for the whole file and the server sent "
+                            f"{_one_line(response.headers.get('Content-Range'))!r}")
     # 200: the whole file (a server that ignores Range sends all of it again, and the partial file restarts)
     length = response.headers.get("Content-Length", "")
     return 0, int(length) if length.isdigit() else None
@@ -338,11 +366,8 @@ def _transfer(url: str, part: Path, *, size: int | None, deadline: Deadline, pro
         if offset == size:
             return  # complete already (an earlier call stopped between its last byte and the check)
         offset = 0
-    response = _open(url, offset, deadline)
-    if response is None:
-        offset, response = 0, _open(url, 0, deadline)
+    response, start, total = _respond(url, offset, deadline)
     with response:
-        start, total = _body_range(response, offset)
         if size is not None and total is not None and total != size:  # the server says so up front
             part.unlink(missing_ok=True)
             raise ChecksumError(f"{label} from {url}: the server has {total} bytes where {size} were expected; "
@@ -365,6 +390,17 @@ def _transfer(url: str, part: Path, *, size: int | None, deadline: Deadline, pro
         stopped = "stopped" if isinstance(cut, TimeoutError) else "the connection broke"
         raise _Interrupted(f"{stopped} after {got} of {total if total is not None else '?'} bytes "
                            f"({what[:200]})", received, final=deadline.passed())
+
+
+def check_mirror(mirror) -> str | None:
+    """``mirror=`` of the downloads: None (the canonical URLs) or an http(s) base URL; an empty or
+    other value is an InputError (an empty one fetched from the canonical hosts in silence)."""
+    if mirror is None:
+        return None
+    if not isinstance(mirror, str) or not re.match(r"^https?://[^/\s]", mirror.strip()):
+        raise InputError(f"mirror must be an http(s) base URL (files are fetched from <mirror>/<filename>), "
+                         f"got {mirror!r}")
+    return mirror.strip()
 
 
 def fetch(url: str, destination: str | os.PathLike, *, checksum: str | None = None, size: int | None = None,

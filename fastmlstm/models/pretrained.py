@@ -35,6 +35,7 @@ from ..data.fetch import (
     ChecksumError,
     Deadline,
     DownloadError,
+    check_mirror,
     fetch,
     file_digest,
 )
@@ -292,6 +293,7 @@ def download_model(
     """
     model = registered_model(name)
     files = model_files(name, checksums)
+    mirror = check_mirror(mirror)
     whole_call = Deadline.starting_now(timeout, stall_bytes, stall_seconds)  # the rules are checked up front
     folder = models_dir(root) / name
     created = make_directory(folder, "models folder")

@@ -141,17 +141,18 @@ def test_200_to_a_range_request_restarts_the_partial_file(bad, tmp_path):
     assert listing(tmp_path) == {"f": BODY}
 
 
-def test_206_that_does_not_start_where_asked(bad, tmp_path):
+def test_206_that_does_not_start_where_asked_starts_over(bad, tmp_path):
+    # a server that answers every request with the whole file as a 206 from byte 0: the resume
+    # starts over without Range (the checksum judges the result); it failed every call while the
+    # .part was there, and appending the body would have doubled its first 1000 bytes
     def route(h, start):
         raw(h, "206 Partial Content", {"Content-Range": f"bytes 0-{len(BODY) - 1}/{len(BODY)}",
                                        "Content-Length": len(BODY)}, BODY)
     bad.routes["/f"] = route
     dest = tmp_path / "f"
     partial_path(dest).write_bytes(BODY[:1000])
-    with pytest.raises(DownloadError, match=r"asked for bytes 1000- and the server sent 'bytes 0-4095/4096'") as info:
-        get(bad, dest, checksum=sha256(BODY))
-    one_line(info.value)
-    assert listing(tmp_path) == {"f.part": BODY[:1000]}  # nothing appended
+    get(bad, dest, checksum=sha256(BODY))
+    assert listing(tmp_path) == {"f": BODY} and bad.log == [("/f", "bytes=1000-"), ("/f", None)]
 
 
 def test_206_to_a_request_without_range_is_refused(bad, tmp_path):
@@ -545,3 +546,32 @@ def test_waiting_for_another_download_of_the_file_ends_at_the_deadline(bad, tmp_
         os.close(fd)
     get(bad, tmp_path / "f")  # the holder is gone: its lock file is taken over, then removed
     assert listing(tmp_path) == {"f": BODY}
+
+
+def test_a_redirect_from_https_to_plain_http_is_refused():
+    # urllib follows it: a first download that nothing vouches for then travelled unencrypted
+    import urllib.request
+
+    from fastmlstm.data.fetch import _NoDowngrade
+
+    handler = _NoDowngrade()
+    request = urllib.request.Request("https://example.org/a.zip")
+    with pytest.raises(DownloadError, match=r"redirected it from https to http://example.org/a.zip; refused"):
+        handler.redirect_request(request, None, 302, "Found", {}, "http://example.org/a.zip")
+    followed = handler.redirect_request(request, None, 302, "Found", {}, "https://mirror.example.org/a.zip")
+    assert followed.full_url == "https://mirror.example.org/a.zip"
+    plain = urllib.request.Request("http://example.org/a.zip")  # http to http, or up to https: followed
+    assert handler.redirect_request(plain, None, 301, "Moved", {}, "http://127.0.0.1/a.zip").full_url.endswith("a.zip")
+
+
+@pytest.mark.parametrize("mirror", ["", "  ", "ftp://host/x", "/a/local/folder", 7])
+def test_a_mirror_that_is_no_http_url_is_refused(tmp_path, mirror):
+    # mirror="" fetched from the canonical hosts in silence
+    from fastmlstm.data.download import download
+    from fastmlstm.models.pretrained import download_model
+
+    for call in (lambda: download("sst2", root=tmp_path, mirror=mirror, progress=False),
+                 lambda: download_model("openai-sentiment", root=tmp_path, mirror=mirror, progress=False)):
+        with pytest.raises(fastmlstm.InputError, match=r"mirror must be an http\(s\) base URL"):
+            call()
+    assert list(tmp_path.iterdir()) == []
