@@ -71,7 +71,8 @@ def byte_advance(table: Tensor, weight_hh: Tensor, weight_hm: Tensor, backend: s
 
 def byte_probabilities(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
     """``softmax(logits / temperature)`` [B, 256] over the ``top_k`` most likely bytes of each row if
-    given (the others get probability 0); temperature > 0."""
+    given (the others get probability 0; bytes tied with the k-th are kept, so a tie can let more
+    than k through, as the usual top-k filters do); temperature > 0."""
     scores = logits / temperature
     if top_k is not None:
         kth = scores.topk(top_k, dim=-1).values[:, -1:]

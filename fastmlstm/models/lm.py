@@ -182,7 +182,8 @@ class ByteLM(ModelFileMixin, nn.Module):
                 prefix included (the paper's steered generation, e.g. ``{sentiment_unit: 1.0}``);
                 each unit named once, each value within the cell state's range (float32's; float64's
                 for a float64 model). ``{}`` or None holds nothing.
-            top_k: sample only among the k most likely bytes (1 <= k <= 256).
+            top_k: sample only among the k most likely bytes (1 <= k <= 256; bytes tied with the
+                k-th are kept).
             seed / generator: make sampling reproducible (a seed, an int >= 0, builds a generator on
                 the model's device).
 
