@@ -120,18 +120,21 @@ inline Vec round_to(const Vec& v) {
 // (e.g. from an infinite input) must propagate as it does in the reference loop, never become a
 // plausible finite value.
 #if defined(FASTMLSTM_VEC16)
-// The AVX2 and AVX-512 copies: exp(x) for x clamped to [-86, 88.72] (exp(88.72) is 0.4% under
-// FLT_MAX), where a NaN stays NaN (min and max return their second operand when either is NaN, so
-// no blend is needed): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite's
-// reduction), exp(r) by its Taylor polynomial to r^6 / 6! (truncation under 1.3e-7 relative), times
-// 2^n: AVX-512's scalef, or 2^(n - 1) written into the exponent field and doubled (n - 1 in
-// [-125, 127]: always a normal float; a NaN's p makes the product NaN whatever n became). So sigmoid
-// is exactly 1 from x = 17 and at most 1 / FLT_MAX below -88.72, tanh exactly +-1 from |x| = 9.
+// The AVX2 and AVX-512 copies: exp(x) for x clamped to [-86, 89], where a NaN stays NaN (min and
+// max return their second operand when either is NaN, so no blend is needed): x = n ln2 + r with
+// |r| <= ln2 / 2 (ln2 in two parts, Cody and Waite's reduction), exp(r) by its Taylor polynomial to
+// r^6 / 6! (truncation under 1.3e-7 relative), times 2^n: AVX-512's scalef, or 2^(n - 1) written
+// into the exponent field and doubled (n - 1 in [-125, 127]: always a normal float; a NaN's p makes
+// the product NaN whatever n became). Above ln(FLT_MAX) = 88.7228 the product overflows to +inf, as
+// std::exp (and the reference's torch.sigmoid) does, so 1 / (1 + inf) is exactly 0: a gate
+// saturated shut (z below -88.73, or -inf) is 0, never 1 / FLT_MAX, which would turn a 0 * inf
+// further on (an infinite weight, or c) into a finite value where the reference has NaN. So sigmoid
+// is exactly 1 from x = 17 and exactly 0 below -88.73, tanh exactly +-1 from |x| = 9.
 inline Vec exp_clamped(const Vec& v) {
   constexpr float kCoeffs[] = {1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f};
   constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   // at::vec's clamps are max(bound, x) and min(bound, x): x second, so a NaN x comes back.
-  const Vec x = at::vec::clamp_min(at::vec::clamp_max(v, Vec(88.72f)), Vec(-86.0f));
+  const Vec x = at::vec::clamp_min(at::vec::clamp_max(v, Vec(89.0f)), Vec(-86.0f));
   const Vec n = (x * Vec(kLog2e)).round();  // to nearest
   const Vec r = at::vec::fmadd(n, Vec(-kLn2Lo), at::vec::fmadd(n, Vec(-kLn2Hi), x));
   Vec p(1.0f / 720.0f);
@@ -152,17 +155,18 @@ inline Vec sigmoid(const Vec& x) { return Vec(1.0f) / (Vec(1.0f) + exp_clamped(V
 // 1 - 2 / (1 + exp(2x)): +-1 at the ends.
 inline Vec tanh(const Vec& x) { return Vec(1.0f) - Vec(2.0f) / (Vec(1.0f) + exp_clamped(x + x)); }
 #else
-// The portable copy: ATen's exp_u20 (a degree-5 polynomial, relative error under 2e-7, its
-// argument clamped to float's range so it never overflows). Its clamp turns a NaN argument into a
-// bound, so both put NaN back where x is NaN.
+// The portable copy: ATen's exp_u20 (std::exp on x86's baseline; on other CPUs a degree-5
+// polynomial, relative error under 2e-7, whose argument may be clamped to float's range, and the
+// clamp may turn a NaN argument into a bound: so both put NaN back where x is NaN).
 inline Vec sigmoid(const Vec& x) {
-  // exp(-x) is at most FLT_MAX (clamped) for very negative x: 1 / (1 + FLT_MAX) ~ 0.
+  // Exactly 0 where exp(-x) overflows (as in the reference), also where an exp_u20 clamps its
+  // result to FLT_MAX (1 / (1 + FLT_MAX) is not 0; see exp_clamped above for why that matters).
   const Vec r = (Vec(1.0f) + (Vec(0.0f) - x).exp_u20()).reciprocal();
-  return Vec::blendv(r, x, x.isnan());
+  return Vec::blendv(Vec::blendv(r, Vec(0.0f), x < Vec(-88.7228394f)), x, x.isnan());
 }
 
 inline Vec tanh(const Vec& x) {
-  // 1 - 2 / (1 + exp(2x)): +-1 at the ends (exp clamped to [0, FLT_MAX]).
+  // 1 - 2 / (1 + exp(2x)): +-1 at the ends (2 / (1 + FLT_MAX) rounds away against 1).
   const Vec r = Vec(1.0f) - Vec(2.0f) / (Vec(1.0f) + (x + x).exp_u20());
   return Vec::blendv(r, x, x.isnan());
 }

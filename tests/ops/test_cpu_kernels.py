@@ -424,9 +424,10 @@ def test_every_copy_computes_the_gates_to_float32_accuracy_and_saturates_exactly
     exp_u20 in the portable one) against float64, on
     pre-activations from -1e4 to 1e4: within 4e-7 relative error (a few float32 roundings) plus an
     absolute 2.5e-7 (tanh's 1 - 2 / (1 + exp(2z)) cancels near 0); and, once saturated, finite and
-    exactly 1 or -1 (a forget gate a float32 step short of 1 slowly leaks), or within 1 / FLT_MAX of
-    0, also where exp overflows at the top of its range (1 / (1 + inf) is 0; a reciprocal
-    estimate refined by r (2 - d r) gives inf * 0 there, and stalls a float32 step short of 1)."""
+    exactly 1 or -1 (a forget gate a float32 step short of 1 slowly leaks), or under 4e-39, and
+    exactly 0 where exp overflows (below -88.73: 1 / (1 + inf) is 0, as torch's sigmoid gives; an
+    exp capped at FLT_MAX gave 1 / FLT_MAX, which hid a 0 * inf further on; a reciprocal estimate
+    refined by r (2 - d r) gives inf * 0 there, and stalls a float32 step short of 1)."""
     H = 997  # a partial vector in every copy
     z = torch.cat([torch.linspace(-30, 30, 4 * H - 8), torch.tensor([-1e4, -89.0, -88.5, -44.0, 44.0, 88.5, 89.0, 1e4])])
     z = z[torch.randperm(4 * H, generator=torch.Generator().manual_seed(0))].view(1, 1, 4 * H)
@@ -446,7 +447,10 @@ def test_every_copy_computes_the_gates_to_float32_accuracy_and_saturates_exactly
     saturated = zd.abs() > 40
     ones = saturated & (want.abs() > 0.5)
     assert torch.equal(act[ones], want[ones].sign())  # 1 or -1 exactly
-    assert (act[saturated & ~ones].abs() <= 4e-39).all()  # 0, or 1 / FLT_MAX where exp was capped
+    assert (act[saturated & ~ones].abs() <= 4e-39).all()
+    shut = torch.zeros_like(saturated)
+    shut[:3 * H] = zd[:3 * H] < -88.73  # sigmoid's exp(-z) overflows: exactly 0
+    assert shut.sum() >= 2 and (act[shut] == 0).all()
 
 
 @pytest.mark.parametrize("gemm", ["portable", "native"])
