@@ -15,6 +15,11 @@
 // A training loop thus holds between iterations the one block its next forward takes: no more
 // memory than the loop already had at its peak. The tensors' storage cannot be resized (from_blob);
 // they never reach the user.
+//
+// Fork: a thread of the parent may hold the cache's lock when another forks, and the child, where
+// that thread does not exist, would wait for it forever at its first training forward (or when a
+// tensor from the cache dies). pthread_atfork handlers take the lock around fork() and release it
+// in both processes, so the child starts with the cache as it was, unlocked.
 
 #include "driver.h"
 
@@ -23,6 +28,10 @@
 #include <limits>
 #include <mutex>
 #include <vector>
+
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
 
 #include <ATen/ops/from_blob.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -112,6 +121,10 @@ class BufferCache {
     return static_cast<int64_t>(cached_);
   }
 
+  // pthread_atfork: the forking thread holds the lock across fork() and releases it on both sides.
+  void lock_for_fork() { mu_.lock(); }
+  void unlock_after_fork() { mu_.unlock(); }
+
  private:
   // Takes the oldest blocks out while the cache holds more than its limit; the caller frees them
   // outside the lock.
@@ -136,8 +149,19 @@ class BufferCache {
 };
 
 // Never destroyed: tensors may die after static destructors have run.
+BufferCache* g_cache = nullptr;
+
+void lock_for_fork() { g_cache->lock_for_fork(); }
+void unlock_after_fork() { g_cache->unlock_after_fork(); }
+
 BufferCache& cache() {
-  static BufferCache* instance = new BufferCache();
+  static BufferCache* instance = [] {
+    g_cache = new BufferCache();
+#if !defined(_WIN32)  // (no fork there)
+    pthread_atfork(&lock_for_fork, &unlock_after_fork, &unlock_after_fork);
+#endif
+    return g_cache;
+  }();
   return *instance;
 }
 

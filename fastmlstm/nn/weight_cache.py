@@ -91,13 +91,20 @@ class _Entry:
         whatever else the value depends on."""
         hit = self.memos.get(key)
         if hit is None:
-            if len(self.memos) >= MAX_MEMOS:  # e.g. a step per batch size seen: keep the latest
-                del self.memos[next(iter(self.memos))]
-            hit = self.memos[key] = make()
+            hit = make()
+            # e.g. a step per batch size seen: keep the latest. (Threads may evict at once: the keys
+            # are read in one step and popped without failing where another thread was first.)
+            for old in tuple(self.memos)[:max(0, len(self.memos) + 1 - MAX_MEMOS)]:
+                self.memos.pop(old, None)
+            self.memos[key] = hit
         return hit
 
 
 _ENTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# Moves at the end of every optimizer step (before _after_optimizer_step drops the entries): an entry
+# whose computation spans a step may hold the weights from before it, and is not kept.
+_STEPS = [0]
 
 
 def _versions(weights: Weights) -> tuple:
@@ -160,10 +167,23 @@ def cached_weights(module: nn.Module, compute: Callable[[], Weights]) -> _Entry 
     refs = watch(params, _dropper(module))
     if refs is None:
         return None
+    steps = _STEPS[0]
     with torch.inference_mode(False), torch.no_grad():  # (inference_mode(False) turns grad mode on)
         weights = compute()
     entry = _ENTRIES[module] = _Entry(key, refs, prints, weights)
+    now = [p for p in module._parameters.values() if p is not None]
+    if _STEPS[0] != steps or (tuple(map(id, now)), signature(now)) != key:
+        # Changed meanwhile (in another thread): an optimizer step ended (the weights may predate
+        # it, and a fused optimizer leaves no version counter to tell), or a parameter was replaced
+        # or written (compute may have read the new one: kept under the old one's key, the weights
+        # came back when it did). Stored first, checked after: a step ending later drops the entry.
+        _forget_entry(module, entry)
     return entry
+
+
+def _forget_entry(module: nn.Module, entry: _Entry) -> None:
+    if _ENTRIES.get(module) is entry:
+        _ENTRIES.pop(module, None)
 
 
 def _dropper(module: nn.Module) -> Callable[[weakref.ref], None]:
@@ -183,12 +203,17 @@ def _dropper(module: nn.Module) -> Callable[[weakref.ref], None]:
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Drop the entries computed from parameters an optimizer has just stepped: the fused CPU
     optimizers (``fused=True``) write them without bumping their version counters."""
+    _STEPS[0] += 1  # (two steps ending at once may move it by one: moved all the same)
     if not _ENTRIES:
         return
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for module, entry in list(_ENTRIES.items()):  # (a snapshot: another thread may add an entry meanwhile)
-        if not stepped.isdisjoint(entry.key[0]):
-            _ENTRIES.pop(module, None)
+    # A copy of the underlying dictionary (weak references to the modules), made in one step: the
+    # WeakKeyDictionary's own items() iterates in Python, and failed when another thread added or
+    # dropped an entry meanwhile.
+    for owner, entry in _ENTRIES.data.copy().items():
+        module = owner()
+        if module is not None and not stepped.isdisjoint(entry.key[0]):
+            _forget_entry(module, entry)
 
 
 register_optimizer_step_post_hook(_after_optimizer_step)

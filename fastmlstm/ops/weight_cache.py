@@ -6,7 +6,12 @@ transposed or widened copy) asks :func:`derived` instead. An entry is keyed by w
 was derived from read (their addresses and layouts) and a name for what was derived, and it is valid
 while those same tensors are unchanged: same version counter (every in-place update PyTorch
 tracks: optimizer steps, ``load_state_dict``, ``mul_`` under ``no_grad``), same storage (the
-storage itself, not only its address), dtype, device, shape and strides. An entry goes away with
+storage itself, not only its address), dtype, device, shape and strides. Two kinds of training
+update bump no version counter: the fused CPU optimizers (``fused=True``) and writes through
+``.data`` (PyTorch's word_language_model example); a ``weight_norm=False`` module trained either way
+ran every forward after the first on the weights packed before it. So an optimizer step drops the
+entries derived from the parameters it stepped, and a backend's backward pass (a training step is
+under way) calls :func:`forget_trainable`. An entry goes away with
 the storages of its tensors (weak references), so a cache never keeps a weight alive, nor what was
 derived from a storage a tensor no longer has. Tensors in shared memory (``share_memory_()``,
 Hogwild training) are never cached: other processes write them, which no counter here sees.
@@ -22,11 +27,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["clear", "derived", "signature", "watch"]
+__all__ = ["clear", "derived", "forget_trainable", "signature", "watch"]
 
-# key -> (weak references to the source tensors' storages, the tensors' ids and versions, the derived value)
+# key -> (weak references to the source tensors' storages, (the tensors' ids, versions, whether one
+# requires grad), the derived value)
 _ENTRIES: dict[tuple, tuple[tuple, tuple, Any]] = {}
+# Moves at the end of every optimizer step (before _after_optimizer_step drops entries): an entry
+# whose computation spans a step may be derived from the weights before it, and is not kept.
+_STEPS = [0]
 
 
 def signature(tensors: Sequence[torch.Tensor | None]) -> tuple | None:
@@ -72,15 +82,20 @@ def derived(tensors: Sequence[torch.Tensor], kind: Any, make: Callable[[], Any])
     # tensors at the same versions: one region holds one entry however many tensor objects are
     # made to read it (a view taken per call), and the entry goes with its storages.
     key = (*(s[1:] for s in sig), kind)
-    state = (tuple(map(id, tensors)), tuple(s[0] for s in sig))
+    state = (tuple(map(id, tensors)), tuple(s[0] for s in sig), any(t.requires_grad for t in tensors))
     hit = _ENTRIES.get(key)
     if hit is not None and hit[1] == state:
         return hit[2]
+    steps = _STEPS[0]
     value = make()
     if not _shared(tensors):
         refs = watch(tensors, lambda ref, key=key: _drop(key, ref))
         if refs is not None:
-            _ENTRIES[key] = (refs, state, value)
+            entry = _ENTRIES[key] = (refs, state, value)
+            if _STEPS[0] != steps and _ENTRIES.get(key) is entry:
+                # An optimizer step ended meanwhile (in another thread): stored first, checked after,
+                # so that a step ending later drops the entry itself.
+                _ENTRIES.pop(key, None)
     return value
 
 
@@ -95,3 +110,36 @@ def _drop(key: tuple, ref: weakref.ref) -> None:
 def clear() -> None:
     """Drop every entry."""
     _ENTRIES.clear()
+
+
+def forget_trainable() -> None:
+    """Drop every entry derived from a tensor that requires grad: called by a backward pass, after
+    which an optimizer may write the weights where no version counter sees it (through ``.data``).
+    (A weight that keeps requiring grad changes with every training step anyway: nothing derived
+    from it would be used again.)"""
+    for key, (refs, state, _) in _ENTRIES.copy().items():  # (a copy: entries go as storages die, meanwhile too)
+        if state[2]:
+            _pop(key, refs)
+
+
+def _pop(key: tuple, refs: tuple) -> None:
+    hit = _ENTRIES.get(key)
+    if hit is not None and hit[0] is refs:
+        _ENTRIES.pop(key, None)
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Drop the entries derived from the storages of the parameters an optimizer has just stepped."""
+    _STEPS[0] += 1  # (two steps ending at once may move it by one: moved all the same)
+    if not _ENTRIES:
+        return
+    try:
+        stepped = {id(p.untyped_storage()) for group in optimizer.param_groups for p in group["params"]}
+    except (RuntimeError, TypeError, NotImplementedError):  # tensors without storage: drop everything
+        stepped = None
+    for key, (refs, _, _) in _ENTRIES.copy().items():  # (a copy: entries go as storages die, meanwhile too)
+        if stepped is None or any(r is not None and id(r()) in stepped for r in refs):
+            _pop(key, refs)
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)

@@ -31,7 +31,7 @@ import torch
 
 from ...errors import InputError
 from .. import interface
-from ..weight_cache import derived
+from ..weight_cache import derived, forget_trainable
 from .buffer_cache import apply_limit, limit_bytes
 from .build import load_library
 
@@ -45,7 +45,34 @@ logger = logging.getLogger("fastmlstm")
 def _ops():
     load_library()
     apply_limit()
+    if not _fork_guard:
+        _guard_forks()
     return torch.ops.fastmlstm_cpu
+
+
+# Whether _one_thread_after_fork is registered (once, on the backend's first use in this process).
+_fork_guard = False
+
+
+def _guard_forks() -> None:
+    """Have every child this process forks from now on run torch's loops on one thread (see
+    :func:`_one_thread_after_fork`), where torch's parallel backend is OpenMP."""
+    global _fork_guard
+    _fork_guard = True
+    if hasattr(os, "register_at_fork") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        os.register_at_fork(after_in_child=_one_thread_after_fork)
+
+
+def _one_thread_after_fork() -> None:
+    """In a child forked after this backend ran (``multiprocessing``'s 'fork' start method, a
+    DataLoader worker): one thread for torch's parallel loops, as the DataLoader sets in its workers.
+    GNU OpenMP's threads do not survive a fork, and it does not notice: the child's first parallel
+    loop (this backend's, or any torch operator's) waited forever for the parent's threads. The
+    results are the same on one thread, bit for bit (driver.h, "RowGroup")."""
+    if torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+        logger.info("fastmlstm: a process forked after the cpu backend ran uses one thread (torch.set_num_threads"
+                    "(1)): OpenMP's threads do not survive a fork; the 'spawn' start method keeps them all")
 
 
 @functools.lru_cache(maxsize=None)
@@ -349,9 +376,13 @@ def _packed(weight: torch.Tensor, kind: str, layout: int = FLOAT32,
     backward ``"hh_t"``, ``"hm_t"`` (the transposed weights: rec = dhm Wmh, dm = dz Wh), and
     ``"xm"``: Wmx^T [I, H] for the xm GEMMs, float32, or bfloat16 in the VNNI layout (the loops'
     GEMMs multiply bfloat16 natively there, and so does the xm GEMM). Packed once while the weights
-    are unchanged."""
+    are unchanged. A backward's packs (``"hh_t"``, ``"hm_t"``) first drop whatever was derived from
+    weights that require grad: the optimizer step that follows may write them through ``.data``,
+    which no version counter sees (:func:`fastmlstm.ops.weight_cache.forget_trainable`)."""
     weights = (weight,) if input_weight is None else (weight, input_weight)
     cols = column_block(kind)
+    if kind.endswith("_t") and weight.requires_grad:
+        forget_trainable()
 
     def pack() -> torch.Tensor:
         ops = _ops()
