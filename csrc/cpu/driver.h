@@ -324,12 +324,27 @@ inline std::vector<float> tile_buffers() {
   return std::vector<float>(at::get_num_threads() * kTilesPerThread * kTileElems);
 }
 
+// This thread's kTilesPerThread tile buffers in `buffers` (tile_buffers()). A parallel region may
+// hold more threads than there were when the buffers were sized: torch.set_num_threads in another
+// Python thread moves the count a thread reads (torch sets each thread's OpenMP count from the last
+// one set, process-wide, when it first asks), and a thread index past the buffers wrote into the
+// heap beyond them. Such a thread takes buffers of its own, kept for its next call.
+inline float* thread_tiles(std::vector<float>& buffers) {
+  constexpr int64_t kPerThread = kTilesPerThread * kTileElems;
+  const int64_t tid = at::get_thread_num();
+  if ((tid + 1) * kPerThread <= static_cast<int64_t>(buffers.size())) {
+    return buffers.data() + tid * kPerThread;
+  }
+  thread_local std::vector<float> own(kPerThread);
+  return own.data();
+}
+
 // body(j, row0, rows, tiles) for every column block j < blocks and row tile of rows [0, M), the
 // column blocks spread over threads; tiles: this thread's kTilesPerThread tile buffers.
 template <typename E, typename Body>
 void for_each_tile(int64_t blocks, int64_t M, std::vector<float>& buffers, const Body& body) {
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    float* tiles = buffers.data() + at::get_thread_num() * kTilesPerThread * kTileElems;
+    float* tiles = thread_tiles(buffers);
     for (int64_t j = begin; j < end; ++j) {
       for (int64_t row0 = 0; row0 < M; row0 += kRowBlock) {
         body(j, row0, std::min(kRowBlock, M - row0), tiles);
@@ -344,7 +359,7 @@ void for_each_tile(int64_t blocks, int64_t M, std::vector<float>& buffers, const
 // The same in the calling thread alone (the row-parallel loops below, one thread per row group).
 template <typename Body>
 void for_each_tile_here(int64_t blocks, int64_t M, std::vector<float>& buffers, const Body& body) {
-  float* tiles = buffers.data() + at::get_thread_num() * kTilesPerThread * kTileElems;
+  float* tiles = thread_tiles(buffers);
   for (int64_t j = 0; j < blocks; ++j) {
     for (int64_t row0 = 0; row0 < M; row0 += kRowBlock) {
       body(j, row0, std::min(kRowBlock, M - row0), tiles);
