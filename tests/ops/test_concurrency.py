@@ -393,7 +393,9 @@ def train_and_infer():
     out = m(xx)[0]
     out.pow(2).sum().backward()
     with torch.no_grad():
-        torch.randn(512, 512).exp().sum()  # (and one of torch's own parallel loops)
+        # (and one of torch's own parallel loops; not torch.randn: a fork while another thread holds
+        # torch's default generator's lock deadlocks the child in torch itself)
+        torch.full((512, 512), 0.5).exp().sum()
         return out.detach(), xx.grad, m(x)[0]
 
 expected = train_and_infer()
