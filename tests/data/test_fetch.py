@@ -15,7 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-from test_fetch_audit import Bad, _hard_limit, bad, file_size_limit, listing, one_line, serve, sha256, trickle
+from test_fetch_audit import (
+    Bad,
+    _hard_limit,
+    bad,
+    file_size_limit,
+    listing,
+    one_line,
+    serve,
+    serving,
+    sha256,
+    trickle,
+)
 
 import fastmlstm
 from fastmlstm.data import download as datasets_download
@@ -83,15 +94,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def slow():
-    httpd = Slow()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(Slow()) as httpd:
         yield httpd
-    finally:
-        httpd.stop.set()
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def checksum(data: bytes) -> str:

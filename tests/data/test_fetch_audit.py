@@ -6,6 +6,7 @@ data folder as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import re
@@ -83,9 +84,9 @@ def serve(data: bytes, *, ranges: bool = True):
     return route
 
 
-@pytest.fixture
-def bad():
-    httpd = Bad()
+@contextlib.contextmanager
+def serving(httpd):
+    """``httpd`` (a server with a ``stop`` event) serving from a thread until the block ends."""
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -94,6 +95,12 @@ def bad():
         httpd.stop.set()
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.fixture
+def bad():
+    with serving(Bad()) as httpd:
+        yield httpd
 
 
 def listing(folder: Path) -> dict[str, bytes]:
