@@ -121,8 +121,7 @@ class BufferCache {
     return static_cast<int64_t>(cached_);
   }
 
-  // pthread_atfork: the forking thread holds the lock across fork() and releases it on both sides.
-  void lock_for_fork() { mu_.lock(); }
+  void lock_for_fork() { mu_.lock(); }  // around fork() (see "Fork" above), in the forking thread
   void unlock_after_fork() { mu_.unlock(); }
 
  private:
