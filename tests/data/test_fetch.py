@@ -26,6 +26,7 @@ from test_fetch_audit import (
     serving,
     sha256,
     trickle,
+    twice_at_once,
 )
 
 import fastmlstm
@@ -393,20 +394,8 @@ def test_two_threads_download_one_model_at_once(bad, tmp_path):
         data = bytes([i]) * 2000
         bad.routes[f"/{i}.npy"] = trickle(data, 500, 0.002)
         table[f"{i}.npy"] = (len(data), hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
-    errors, folders = [], []
-
-    def one():
-        try:
-            folders.append(download_model("openai-sentiment", root=tmp_path, mirror=bad.url, checksums=table,
-                                          progress=False))
-        except Exception as exc:  # noqa: BLE001 (checked below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(15)
+    folders, errors = twice_at_once(lambda: download_model("openai-sentiment", root=tmp_path, mirror=bad.url,
+                                                          checksums=table, progress=False))
     assert errors == [] and len(folders) == 2
     names = sorted(p.name for p in folders[0].iterdir())
     assert names == sorted([*table, MARKER]) and len(bad.log) == 15  # the second found it done

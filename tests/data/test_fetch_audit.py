@@ -461,15 +461,14 @@ def test_a_reset_before_any_byte(bad, tmp_path):
 # Two downloads of one file at once
 
 
-def test_two_threads_fetch_one_file_at_once(bad, tmp_path):
-    data = bytes(range(256)) * 256  # 64 KiB, sent in pieces so that the two transfers overlap
-    bad.routes["/f"] = trickle(data, 4096, 0.005)
-    errors, digests = [], []
+def twice_at_once(call) -> tuple[list, list]:
+    """``call()`` in two threads at once: (what the calls returned, what they raised)."""
+    results, errors = [], []
 
     def one():
         try:
-            digests.append(get(bad, tmp_path / "f", checksum=sha256(data)))
-        except Exception as exc:  # noqa: BLE001 (collected and checked below)
+            results.append(call())
+        except Exception as exc:  # noqa: BLE001 (collected for the caller to check)
             errors.append(exc)
 
     threads = [threading.Thread(target=one) for _ in range(2)]
@@ -477,6 +476,13 @@ def test_two_threads_fetch_one_file_at_once(bad, tmp_path):
         t.start()
     for t in threads:
         t.join(15)
+    return results, errors
+
+
+def test_two_threads_fetch_one_file_at_once(bad, tmp_path):
+    data = bytes(range(256)) * 256  # 64 KiB, sent in pieces so that the two transfers overlap
+    bad.routes["/f"] = trickle(data, 4096, 0.005)
+    digests, errors = twice_at_once(lambda: get(bad, tmp_path / "f", checksum=sha256(data)))
     assert all(isinstance(e, fastmlstm.InputError) for e in errors), errors
     assert digests and listing(tmp_path) == {"f": data}
 
